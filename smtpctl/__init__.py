@@ -1,0 +1,1 @@
+"""pysmtpd: smtpctl."""

@@ -1,0 +1,1 @@
+"""pysmtpd: smtpd."""
