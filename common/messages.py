@@ -1,0 +1,394 @@
+"""The contract between pysmtpd's processes.
+
+Every message that crosses a channel is one of the Structs below, encoded with
+msgpack and tagged with its OpenSMTPD-style IMSG name (``queue_message_commit``,
+``sched_envelope_transfer``...).  Nothing else goes on the wire, so this module
+is the whole inter-process protocol; bump PROTOCOL_VERSION when it changes
+incompatibly (processes are always started from the same install, but smtpctl
+checks it against control).
+
+Conventions: ``reqid`` correlates a request with its reply (unique per sender),
+``evpid``/``msgid`` are the envelope/message ids, and a reply carries ``ok`` and
+an ``error`` text rather than raising across processes.
+"""
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+from common.envelope import Envelope
+
+PROTOCOL_VERSION = 1
+
+
+class Msg(msgspec.Struct, tag_field="type", kw_only=True, array_like=False):
+    """Base of every message.  Subclasses set ``tag`` to their IMSG name."""
+
+
+def _m(name: str):
+    return dict(tag=name)
+
+
+# --- parent <-> every child -------------------------------------------------------------
+
+class SetupDone(Msg, **_m("setup_done")):
+    proc: str
+    pid: int
+
+
+class ConfEnd(Msg, **_m("conf_end")):
+    """Parent -> child: every process is up; start serving (pony starts listening)."""
+
+
+class CtlVerbose(Msg, **_m("ctl_verbose")):
+    """Broadcast: new trace/debug mask (later issue: smtpctl trace / log verbose)."""
+    mask: int
+
+
+class MdaFork(Msg, **_m("mda_fork")):
+    """pony -> parent: deliver one message locally as a user (the parent can switch uid)."""
+    reqid: int
+    evpid: int
+    method: str          # "maildir"
+    path: str            # expanded maildir path
+    junk: bool
+    uid: int
+    gid: int
+    home: str
+    message: bytes       # with Return-Path/Delivered-To already prepended
+
+
+class MdaDone(Msg, **_m("mda_done")):
+    reqid: int
+    status: str          # "ok" | "tempfail" | "permfail"
+    error: str = ""
+
+
+# --- inbound SMTP: pony <-> queue, pony <-> lka, lka -> queue -----------------------------
+
+class SmtpMessageCreate(Msg, **_m("smtp_message_create")):
+    reqid: int
+
+
+class SmtpMessageCreateReply(Msg, **_m("smtp_message_create_reply")):
+    reqid: int
+    ok: bool
+    msgid: int = 0
+
+
+class SmtpExpandRcpt(Msg, **_m("smtp_expand_rcpt")):
+    """pony -> lka: match rules for one recipient and expand it into envelopes.
+
+    ``envelope`` carries what the session knows (sender, rcpt, helo, hostname,
+    sockaddr, smtpname, tag, username, flags); lka fills dispatcher, type, dest,
+    mda_user and submits the results to the queue itself.
+    """
+    reqid: int
+    msgid: int
+    envelope: Envelope
+    rdns: str = ""
+    tls: bool = False
+    local_listener: bool = False
+
+
+class SmtpExpandRcptReply(Msg, **_m("smtp_expand_rcpt_reply")):
+    """lka -> pony, only on failure (success is answered by the queue's commit)."""
+    reqid: int
+    code: int            # 550, 451, 524...
+    text: str            # full SMTP reply text after the code
+
+
+class LkaEnvelopeSubmit(Msg, **_m("lka_envelope_submit")):
+    reqid: int
+    msgid: int
+    envelope: Envelope
+
+
+class LkaEnvelopeCommit(Msg, **_m("lka_envelope_commit")):
+    reqid: int
+    msgid: int
+    count: int
+
+
+class QueueEnvelopeSubmitReply(Msg, **_m("queue_envelope_submit_reply")):
+    reqid: int
+    ok: bool
+    evpid: int = 0
+
+
+class QueueEnvelopeCommitReply(Msg, **_m("queue_envelope_commit_reply")):
+    reqid: int
+    ok: bool
+
+
+class SmtpMessageData(Msg, **_m("smtp_message_data")):
+    """pony -> queue: one chunk of a message body, in order (see docs/ipc.md)."""
+    msgid: int
+    chunk: bytes
+
+
+class SmtpMessageCommit(Msg, **_m("smtp_message_commit")):
+    reqid: int
+    msgid: int
+
+
+class SmtpMessageCommitReply(Msg, **_m("smtp_message_commit_reply")):
+    reqid: int
+    ok: bool
+    code: int = 250
+    text: str = ""
+
+
+class SmtpMessageRollback(Msg, **_m("smtp_message_rollback")):
+    msgid: int
+
+
+# --- queue <-> scheduler -----------------------------------------------------------------
+
+class SchedEntry(msgspec.Struct, array_like=True):
+    """What the scheduler keeps of an envelope: no addresses, no text."""
+    evpid: int
+    type: str            # "mda" | "mta" | "bounce"
+    ctime: int
+    expire: int
+    retry: int
+
+
+class QueueEnvelopeSubmit(Msg, **_m("queue_envelope_submit")):
+    entry: SchedEntry
+
+
+class QueueMessageCommit(Msg, **_m("queue_message_commit")):
+    msgid: int
+
+
+class QueueMessageRollback(Msg, **_m("queue_message_rollback")):
+    msgid: int
+
+
+class SchedEnvelopeDeliver(Msg, **_m("sched_envelope_deliver")):
+    evpid: int
+
+
+class SchedEnvelopeTransfer(Msg, **_m("sched_envelope_transfer")):
+    evpid: int
+
+
+class SchedEnvelopeRemove(Msg, **_m("sched_envelope_remove")):
+    evpid: int
+
+
+class SchedEnvelopeExpire(Msg, **_m("sched_envelope_expire")):
+    evpid: int
+
+
+class QueueDeliveryOk(Msg, **_m("queue_delivery_ok")):
+    evpid: int
+
+
+class QueueDeliveryTempfail(Msg, **_m("queue_delivery_tempfail")):
+    entry: SchedEntry
+
+
+class QueueDeliveryPermfail(Msg, **_m("queue_delivery_permfail")):
+    evpid: int
+
+
+class QueueDeliveryLoop(Msg, **_m("queue_delivery_loop")):
+    evpid: int
+
+
+class QueueEnvelopeAck(Msg, **_m("queue_envelope_ack")):
+    """queue -> scheduler: a remove/expire order was carried out (or the envelope is gone)."""
+    evpid: int
+
+
+# --- queue <-> pony: delivery ------------------------------------------------------------
+
+class QueueDeliver(Msg, **_m("queue_deliver")):
+    """queue -> pony: deliver this envelope locally (MDA)."""
+    envelope: Envelope
+
+
+class QueueTransfer(Msg, **_m("queue_transfer")):
+    """queue -> pony: relay this envelope (MTA)."""
+    envelope: Envelope
+
+
+class MessageOpen(Msg, **_m("message_open")):
+    """pony -> queue: the body of a queued message, for delivery."""
+    reqid: int
+    msgid: int
+
+
+class MessageContent(Msg, **_m("message_content")):
+    reqid: int
+    ok: bool
+    data: bytes = b""
+    error: str = ""
+
+
+class DeliveryResult(Msg, **_m("delivery_result")):
+    """pony -> queue: IMSG_{MTA,MDA}_DELIVERY_{OK,TEMPFAIL,PERMFAIL,LOOP} in one type."""
+    evpid: int
+    agent: str           # "mta" | "mda"
+    status: str          # "ok" | "tempfail" | "permfail" | "loop"
+    errorline: str = ""
+    esc_code: int = 0
+
+
+# --- pony <-> lka: lookups at delivery time ------------------------------------------------
+
+class MdaLookupUserinfo(Msg, **_m("mda_lookup_userinfo")):
+    reqid: int
+    table: str           # userbase table name, "" for the system password db
+    user: str
+
+
+class MdaLookupUserinfoReply(Msg, **_m("mda_lookup_userinfo_reply")):
+    reqid: int
+    status: str          # "ok" | "notfound" | "tempfail"
+    uid: int = 0
+    gid: int = 0
+    home: str = ""
+
+
+class MtaDnsLookup(Msg, **_m("mta_dns_lookup")):
+    """pony -> lka: MX lookup for a domain (``mx``) or an address lookup (``host``)."""
+    reqid: int
+    kind: str            # "mx" | "host"
+    name: str
+
+
+class MtaDnsReply(Msg, **_m("mta_dns_reply")):
+    reqid: int
+    status: str          # "ok" | "tempfail" | "permfail"
+    hosts: list[tuple[int, str, str]] = []   # (preference, name, address)
+    error: str = ""
+
+
+# --- control <-> the others ---------------------------------------------------------------
+
+class CtlRequest(Msg, **_m("ctl_request")):
+    """control -> a process: one smtpctl command to carry out (pause, schedule, list...)."""
+    reqid: int
+    command: str
+    id: int = 0          # evpid or msgid argument, 0 for "all"
+    after: int = 0       # listing cursor
+    limit: int = 0
+
+
+class CtlReply(Msg, **_m("ctl_reply")):
+    reqid: int
+    ok: bool
+    text: str = ""
+    count: int = 0
+
+
+class QueueListEntry(msgspec.Struct, kw_only=True):
+    """One `show queue` line's worth of data (formatted by smtpctl)."""
+    evpid: int
+    runstate: str        # "pending" | "inflight" | "offline"
+    runtime: int | None
+    suspended: bool = False
+    held: bool = False
+    expire: int = 0      # ctime + the ttl that applies (filled by the queue)
+    envelope: Envelope | None = None
+
+
+class SchedListReply(Msg, **_m("sched_list_reply")):
+    """scheduler -> queue: a batch of envelopes to describe to control."""
+    reqid: int
+    entries: list[QueueListEntry]
+    more: bool
+    last: int            # listing cursor: the last evpid the scheduler looked at
+
+
+class CtlListReply(Msg, **_m("ctl_list_reply")):
+    """queue -> control: the batch with envelopes loaded from disk."""
+    reqid: int
+    entries: list[QueueListEntry]
+    more: bool
+    last: int
+
+
+Message = Union[
+    SetupDone, ConfEnd, CtlVerbose, MdaFork, MdaDone,
+    SmtpMessageCreate, SmtpMessageCreateReply, SmtpExpandRcpt, SmtpExpandRcptReply,
+    LkaEnvelopeSubmit, LkaEnvelopeCommit, QueueEnvelopeSubmitReply, QueueEnvelopeCommitReply,
+    SmtpMessageData, SmtpMessageCommit, SmtpMessageCommitReply, SmtpMessageRollback,
+    QueueEnvelopeSubmit, QueueMessageCommit, QueueMessageRollback,
+    SchedEnvelopeDeliver, SchedEnvelopeTransfer, SchedEnvelopeRemove, SchedEnvelopeExpire,
+    QueueDeliveryOk, QueueDeliveryTempfail, QueueDeliveryPermfail, QueueDeliveryLoop,
+    QueueEnvelopeAck, QueueDeliver, QueueTransfer, MessageOpen, MessageContent, DeliveryResult,
+    MdaLookupUserinfo, MdaLookupUserinfoReply, MtaDnsLookup, MtaDnsReply,
+    CtlRequest, CtlReply, SchedListReply, CtlListReply,
+]
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(msg: Msg) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(data: bytes) -> Msg:
+    """Raises msgspec.DecodeError / ValidationError on anything not in the contract."""
+    return _decoder.decode(data)
+
+
+def type_name(msg: Msg) -> str:
+    return msg.__struct_config__.tag  # type: ignore[return-value]
+
+
+def ids_of(msg: Msg) -> str:
+    """The ids a message carries, for `trace mproc` lines."""
+    parts = []
+    for field in ("reqid", "msgid", "evpid"):
+        value = getattr(msg, field, None)
+        if value:
+            parts.append(f"{field}={value:016x}" if field != "msgid" else f"msgid={value:08x}")
+    env = getattr(msg, "envelope", None)
+    if isinstance(env, Envelope) and env.id:
+        parts.append(f"evpid={env.id:016x}")
+    entry = getattr(msg, "entry", None)
+    if isinstance(entry, SchedEntry):
+        parts.append(f"evpid={entry.evpid:016x}")
+    return " ".join(parts)
+
+
+# --- smtpctl <-> control (the control socket) ------------------------------------------------
+
+class ClientRequest(msgspec.Struct, tag="client_request", kw_only=True):
+    version: int
+    command: str                 # canonical command path, e.g. "show queue"
+    args: dict[str, object] = {}
+
+
+class ClientResult(msgspec.Struct, tag="client_result", kw_only=True):
+    ok: bool
+    text: str = ""
+    count: int = 0
+    data: dict[str, object] = {}
+
+
+class ClientQueueBatch(msgspec.Struct, tag="client_queue_batch", kw_only=True):
+    entries: list[QueueListEntry]
+
+
+class ClientEnd(msgspec.Struct, tag="client_end", kw_only=True):
+    """Ends a streamed reply."""
+
+
+ClientMessage = Union[ClientRequest, ClientResult, ClientQueueBatch, ClientEnd]
+_client_decoder = msgspec.msgpack.Decoder(ClientMessage)
+
+
+def encode_client(msg) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_client(data: bytes):
+    return _client_decoder.decode(data)

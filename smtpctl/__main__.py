@@ -1,0 +1,3 @@
+from smtpctl.main import main
+
+main()

@@ -1,0 +1,131 @@
+"""``smtpctl`` (also ``mailq``): control the mail server through control.
+
+The command words are parsed by smtpctl.parser (OpenSMTPD's grammar, with
+unique-prefix abbreviations such as ``sh q``); typer handles the options around
+them.  Output formats are OpenSMTPD's (smtpctl.format).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Optional
+
+import typer
+
+from common.messages import ClientEnd, ClientQueueBatch, ClientResult
+from smtpctl import format as fmt
+from smtpctl.client import Connection, NotRunning, WireError, socket_path
+from smtpctl.parser import CommandError, parse_command
+
+app = typer.Typer(add_completion=False, context_settings={"help_option_names": ["-h", "--help"]})
+
+
+def _die(text: str, code: int = 1) -> None:
+    print(f"smtpctl: {text}" if not text.startswith("possibilities") and text != "invalid command" else text,
+          file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def _entry_dict(entry) -> dict:
+    env = entry.envelope
+    return {
+        "evpid": entry.evpid, "sockaddr": env.sockaddr, "type": env.type, "flags": env.flags,
+        "suspended": entry.suspended, "held": entry.held, "sender": env.sender, "rcpt": env.rcpt,
+        "dest": env.dest, "ctime": env.ctime, "expire": entry.expire, "lasttry": env.last_try,
+        "retry": env.retry, "runstate": entry.runstate, "runtime": entry.runtime,
+        "errorline": env.errorline,
+    }
+
+
+def show_queue(conn: Connection, as_json: bool) -> None:
+    first = conn.request("show queue")
+    out = sys.stdout
+    reply = first
+    for _ in range(10_000_000):
+        if isinstance(reply, ClientEnd):
+            return
+        if isinstance(reply, ClientResult):
+            _die(fmt.command_result(False, reply.text))
+        if isinstance(reply, ClientQueueBatch):
+            for entry in reply.entries:
+                e = _entry_dict(entry)
+                out.write((fmt.format_queue_json(e) if as_json else fmt.format_queue_line(e)) + "\n")
+        reply = conn.next()
+
+
+def run(words: list[str], sock: Optional[str], as_json: bool) -> None:
+    try:
+        cmd = parse_command(words)
+    except CommandError as exc:
+        print(exc.text, file=sys.stderr)
+        raise typer.Exit(exc.exit_status)
+    try:
+        with Connection(socket_path(sock)) as conn:
+            dispatch(conn, cmd, as_json)
+    except NotRunning:
+        _die("smtpd doesn't seem to be running")
+    except (WireError, OSError) as exc:
+        _die(f"lost connection to smtpd: {exc}")
+
+
+def dispatch(conn: Connection, cmd, as_json: bool) -> None:
+    name = cmd.name
+    if name == "show queue":
+        return show_queue(conn, as_json)
+    if name == "show status":
+        reply = conn.request("show status")
+        if not reply.ok:
+            _die(fmt.command_result(False, reply.text))
+        print("\n".join(fmt.format_status(reply.data)))
+        return
+    if name in ("pause mda", "pause mta", "pause smtp", "resume mda", "resume mta",
+                "resume smtp", "stop"):
+        reply = conn.request(name)
+        print(fmt.command_result(reply.ok, reply.text or None))
+        if not reply.ok:
+            raise typer.Exit(1)
+        return
+    if name.split()[0] in ("schedule", "remove"):
+        verb = name.split()[0]
+        kind, ident = cmd.target
+        reply = conn.request(verb, id=ident or 0)
+        if not reply.ok:
+            _die(fmt.command_result(False, reply.text))
+        if kind == "evpid":
+            print(fmt.command_result(reply.count > 0))
+            if not reply.count:
+                raise typer.Exit(1)
+        else:
+            print(fmt.format_bulk_result("scheduled" if verb == "schedule" else "removed", reply.count))
+        return
+    _die(f"command not supported yet: {name}")
+
+
+@app.command()
+def main_command(
+    words: list[str] = typer.Argument(None, help="command, e.g. 'show queue', 'sh q', 'pause mta'"),
+    sock: Optional[str] = typer.Option(None, "--socket", "-s", help="control socket (default $SMTPD_SOCKET or /var/run/smtpd.sock)"),
+    as_json: bool = typer.Option(False, "--json", help="show queue: one JSON object per envelope"),
+) -> None:
+    """Control the pysmtpd mail server (see smtpctl(8))."""
+    if not words:
+        print("possibilities are:\n" + "\n".join(sorted({p.split()[0] for p in _patterns()})), file=sys.stderr)
+        raise typer.Exit(255)
+    run(list(words), sock, as_json)
+
+
+def _patterns() -> list[str]:
+    from smtpctl.parser import GRAMMAR
+    return GRAMMAR.patterns()
+
+
+def main() -> None:
+    prog = os.path.basename(sys.argv[0])
+    if prog == "mailq":
+        sys.argv[1:1] = ["show", "queue"]
+    app(prog_name="smtpctl", args=sys.argv[1:], standalone_mode=True)
+
+
+if __name__ == "__main__":
+    main()

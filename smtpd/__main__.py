@@ -1,0 +1,3 @@
+from smtpd.main import main
+
+main()

@@ -1,0 +1,147 @@
+"""The lookup agent (``smtpd: lka``): tables, rules, expansion, DNS.
+
+For each RCPT pony asks lka which rule matches; lka expands the recipient into
+envelopes and submits them straight to the queue (as OpenSMTPD does), or answers
+pony with the SMTP error.  At delivery time it answers user and DNS lookups.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+import dns.asyncresolver
+import dns.exception
+import dns.resolver
+
+from common.messages import (
+    LkaEnvelopeCommit, LkaEnvelopeSubmit, MdaLookupUserinfo, MdaLookupUserinfoReply,
+    MtaDnsLookup, MtaDnsReply, SmtpExpandRcpt, SmtpExpandRcptReply,
+)
+from smtpd import expand
+from smtpd.ruleset import TableSet
+
+log = logging.getLogger("smtpd")
+
+
+def prepare(opts, config):
+    return None
+
+
+class Process:
+    def __init__(self, ctx) -> None:
+        self.ctx = ctx
+        self.config = ctx.config
+        self.tables = TableSet(ctx.config)
+        self.resolver = dns.asyncresolver.Resolver()
+        self.tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        pass
+
+    async def on_conf_end(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def handle(self, peer: str, msg) -> None:
+        match msg:
+            case SmtpExpandRcpt():
+                await self._expand(msg)
+            case MdaLookupUserinfo():
+                await self.ctx.mesh.send(peer, self._userinfo(msg))
+            case MtaDnsLookup():
+                self._spawn(self._dns(peer, msg))
+            case _:
+                log.warning("warn: lka: unexpected %s from %s", type(msg).__name__, peer)
+
+    async def _expand(self, req: SmtpExpandRcpt) -> None:
+        send = self.ctx.mesh.send
+        result = expand.expand_recipient(self.config, self.tables, req)
+        if result.error is not None:
+            code, text = result.error
+            await send("pony", SmtpExpandRcptReply(reqid=req.reqid, code=code, text=text))
+            return
+        for env in result.envelopes:
+            await send("queue", LkaEnvelopeSubmit(reqid=req.reqid, msgid=req.msgid, envelope=env))
+        await send("queue", LkaEnvelopeCommit(reqid=req.reqid, msgid=req.msgid,
+                                              count=len(result.envelopes)))
+
+    def _userinfo(self, req: MdaLookupUserinfo) -> MdaLookupUserinfoReply:
+        status, info = expand.lookup_userinfo(self.tables, req.table, req.user)
+        if info is None:
+            return MdaLookupUserinfoReply(reqid=req.reqid, status=status)
+        uid, gid, home = info
+        return MdaLookupUserinfoReply(reqid=req.reqid, status="ok", uid=uid, gid=gid, home=home)
+
+    async def _dns(self, peer: str, req: MtaDnsLookup) -> None:
+        try:
+            if req.kind == "ptr":
+                hosts = [(0, await self._ptr(req.name), req.name)]
+            elif req.kind == "mx":
+                hosts = await self._mx(req.name)
+            else:
+                hosts = [(0, req.name, a) for a in await self._addresses(req.name)]
+            reply = MtaDnsReply(reqid=req.reqid, status="ok" if hosts else "tempfail", hosts=hosts,
+                                error="" if hosts else ("No MX found for domain" if req.kind == "mx" else "Host not found"))
+        except dns.resolver.NXDOMAIN:
+            reply = MtaDnsReply(reqid=req.reqid, status="permfail", error="Domain does not exist")
+        except NullMx:
+            reply = MtaDnsReply(reqid=req.reqid, status="permfail", error="Domain does not accept mail")
+        except (dns.exception.DNSException, OSError) as exc:
+            log.info("smtp-out: Failed to resolve %s for %s: %s", req.kind.upper(), req.name, exc)
+            reply = MtaDnsReply(reqid=req.reqid, status="tempfail",
+                                error="Temporary failure in MX lookup" if req.kind == "mx" else "Host not found")
+        await self.ctx.mesh.send(peer, reply)
+
+    async def _mx(self, domain: str) -> list[tuple[int, str, str]]:
+        if domain.startswith("[") and domain.endswith("]"):
+            literal = domain[1:-1]
+            if literal.lower().startswith("ipv6:"):
+                literal = literal[5:]
+            return [(-1, domain, literal)]
+        try:
+            answer = await self.resolver.resolve(domain, "MX", lifetime=30)
+            records = sorted((r.preference, r.exchange.to_text(omit_final_dot=True)) for r in answer)
+        except dns.resolver.NoAnswer:
+            records = [(0, domain)]          # implicit MX: the domain's own addresses
+        if records and all(name in ("", ".", "localhost") for _, name in records):
+            raise NullMx()
+        hosts = []
+        for pref, name in records:
+            if name in ("", ".", "localhost"):
+                continue
+            try:
+                for addr in await self._addresses(name):
+                    hosts.append((pref, name, addr))
+            except (OSError, dns.exception.DNSException):
+                continue
+        return hosts
+
+    async def _ptr(self, ip: str) -> str:
+        loop = asyncio.get_running_loop()
+        host, _ = await asyncio.wait_for(
+            loop.getnameinfo((ip, 0), socket.NI_NAMEREQD), 10)
+        return host
+
+    async def _addresses(self, name: str) -> list[str]:
+        loop = asyncio.get_running_loop()
+        infos = await asyncio.wait_for(
+            loop.getaddrinfo(name, None, type=socket.SOCK_STREAM), 30)
+        seen: list[str] = []
+        for info in infos:
+            addr = info[4][0]
+            if addr not in seen:
+                seen.append(addr)
+        return seen
+
+
+class NullMx(Exception):
+    pass

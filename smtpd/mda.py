@@ -1,0 +1,83 @@
+"""The MDA side of pony: local delivery of queued envelopes.
+
+pony prepares everything that needs no privilege (the user's home from lka, the
+message from the queue, the loop check, the delivery headers, the expanded
+Maildir path) and asks the parent to write it as the user.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from common.durations import duration_to_text
+from common.envelope import Envelope
+from common.ipc import PeerTimeout
+from common.messages import (
+    DeliveryResult, MdaDone, MdaFork, MdaLookupUserinfo, MdaLookupUserinfoReply,
+    MessageContent, MessageOpen,
+)
+from smtpd.maildir import has_delivered_to_loop, prepend_delivery_headers
+from smtpd.mda_variables import FormatError, expand_format
+
+log = logging.getLogger("smtpd")
+
+MAX_SESSIONS = 50
+DEFAULT_MAILDIR = "~/Maildir"
+
+
+class Mda:
+    def __init__(self, pony) -> None:
+        self.pony = pony
+        self.config = pony.config
+        self.slots = asyncio.Semaphore(MAX_SESSIONS)
+
+    def add(self, env: Envelope) -> None:
+        self.pony.spawn(self._run(env))
+
+    async def _run(self, env: Envelope) -> None:
+        async with self.slots:
+            try:
+                status, stat = await self._deliver(env)
+            except PeerTimeout as exc:
+                status, stat = "tempfail", f"Timeout: {exc}"
+            except Exception as exc:
+                log.exception("warn: mda: delivery of %016x failed", env.id)
+                status, stat = "tempfail", f"Internal error: {exc}"
+        word = {"ok": "Ok", "tempfail": "TempFail", "permfail": "PermFail", "loop": "PermFail"}[status]
+        log.info("%016x mda delivery evpid=%016x from=<%s> to=<%s> rcpt=<%s> user=%s delay=%s "
+                 "result=%s stat=%s", self.pony.ctx.new_id(), env.id, env.sender, env.dest,
+                 env.rcpt if env.rcpt != env.dest else "-", env.mda_user,
+                 duration_to_text(int(time.time()) - env.ctime), word, stat)
+        await self.pony.mesh.send("queue", DeliveryResult(
+            evpid=env.id, agent="mda", status=status, errorline=stat, esc_code=30 if status != "ok" else 0))
+
+    async def _deliver(self, env: Envelope) -> tuple[str, str]:
+        action = self.config.actions.get(env.dispatcher)
+        if action is None:
+            return "tempfail", f"action {env.dispatcher!r} not found in the configuration"
+        if action.method != "maildir":
+            return "tempfail", f"delivery method {action.method} is not supported yet"
+        mesh, new_id = self.pony.mesh, self.pony.ctx.new_id
+        user = await mesh.request("lka", MdaLookupUserinfo(
+            reqid=new_id(), table=action.userbase or "", user=env.mda_user), (MdaLookupUserinfoReply,))
+        if user.status == "notfound":
+            return "permfail", "Permanent failure in user lookup"
+        if user.status != "ok":
+            return "tempfail", "Temporary failure in user lookup"
+        content = await mesh.request("queue", MessageOpen(reqid=new_id(), msgid=env.msgid), (MessageContent,))
+        if not content.ok:
+            return "tempfail", f"Cannot read message: {content.error}"
+        if has_delivered_to_loop(content.data, env.dest):
+            return "loop", "Loop detected"
+        try:
+            path = expand_format(action.target or DEFAULT_MAILDIR, sender=env.sender, rcpt=env.rcpt,
+                                 dest=env.dest, user=env.mda_user, home=user.home,
+                                 sub_addr_delim=self.config.sub_addr_delim)
+        except FormatError as exc:
+            return "permfail", f"Bad maildir path: {exc}"
+        message = prepend_delivery_headers(content.data, sender=env.sender, dest=env.dest)
+        done = await mesh.request("parent", MdaFork(
+            reqid=new_id(), evpid=env.id, method="maildir", path=path, junk=action.junk,
+            uid=user.uid, gid=user.gid, home=user.home, message=message), (MdaDone,), timeout=330)
+        return done.status, "Delivered" if done.status == "ok" else done.error

@@ -1,0 +1,148 @@
+"""The MTA side of pony: relaying queued envelopes over SMTP.
+
+Envelopes arrive one by one from the queue; those of one message going to the
+same relay (smarthost, or the recipient domain's MXs) are gathered for a moment
+and sent in one transaction.  The session itself is mta_session (one connection,
+one transaction); this module picks the hosts and reports each recipient's
+result to the queue.  TLS, AUTH and route penalties come with later issues.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+
+from common.durations import duration_to_text
+from common.envelope import Envelope
+from common.ipc import PeerTimeout
+from common.messages import DeliveryResult, MessageContent, MessageOpen, MtaDnsLookup, MtaDnsReply
+from smtpd.mta_session import send_message
+from smtpd.relay_url import RelayUrlError, parse_relay_url
+
+log = logging.getLogger("smtpd")
+
+GATHER_DELAY = 0.02      # seconds to wait for the other envelopes of a message
+MAX_SESSIONS = 100
+
+
+class Mta:
+    def __init__(self, pony) -> None:
+        self.pony = pony
+        self.config = pony.config
+        self.pending: dict[tuple, list[Envelope]] = {}
+        self.slots = asyncio.Semaphore(MAX_SESSIONS)
+
+    def add(self, env: Envelope) -> None:
+        action = self.config.actions.get(env.dispatcher)
+        domain = env.dest.rpartition("@")[2].lower()
+        relay_key = (action.host if action is not None and action.host else domain)
+        key = (env.msgid, env.dispatcher, relay_key)
+        batch = self.pending.get(key)
+        if batch is None:
+            self.pending[key] = [env]
+            asyncio.get_running_loop().call_later(GATHER_DELAY, self._flush, key)
+        else:
+            batch.append(env)
+
+    def _flush(self, key: tuple) -> None:
+        envelopes = self.pending.pop(key, [])
+        if envelopes:
+            self.pony.spawn(self._run(envelopes))
+
+    async def _run(self, envelopes: list[Envelope]) -> None:
+        async with self.slots:
+            try:
+                await self._deliver(envelopes)
+            except Exception as exc:
+                log.exception("warn: mta: delivery of %08x failed", envelopes[0].msgid)
+                await self._report(envelopes, "tempfail", f"Internal error: {exc}", "-", 0)
+
+    async def _deliver(self, envelopes: list[Envelope]) -> None:
+        first = envelopes[0]
+        action = self.config.actions.get(first.dispatcher)
+        if action is None or action.method != "relay":
+            await self._report(envelopes, "tempfail",
+                               f"action {first.dispatcher!r} is not a relay action in the configuration", "-", 0)
+            return
+        hosts, error, status, port = await self._hosts(action, first.dest.rpartition("@")[2])
+        if not hosts:
+            await self._report(envelopes, status, error, "-", 0)
+            return
+        message = await self._message(first.msgid)
+        if message is None:
+            await self._report(envelopes, "tempfail", "Cannot read message from the queue", "-", 0)
+            return
+        helo = action.helo or self.config.hostname
+        session_id = self.pony.ctx.new_id()
+        last_error = "No MX found for destination"
+        for name, address in hosts:
+            log.info("%016x mta connecting address=smtp://%s:%d host=%s", session_id, address, port, name)
+            result = await send_message(address, port, helo=helo, mail_from=first.sender,
+                                        rcpts=[e.dest for e in envelopes], message=message,
+                                        size_hint=len(message))
+            relay = f"{name} [{address}]:{port}" if name != address else f"[{address}]:{port}"
+            if not result.connected:
+                last_error = result.results[0].reply if result.results else "Connection failed"
+                continue
+            for env, res in zip(envelopes, result.results):
+                await self._report([env], res.status, res.reply, relay, session_id)
+            return
+        await self._report(envelopes, "tempfail", last_error, "-", session_id)
+
+    async def _hosts(self, action, domain: str):
+        """[(name, address)], error text, failure status, port."""
+        port = 25
+        if action.host:
+            try:
+                url = parse_relay_url(action.host)
+            except RelayUrlError as exc:
+                return [], str(exc), "permfail", port
+            port = url.port
+            try:
+                ipaddress.ip_address(url.host)
+                return [(url.host, url.host)], "", "ok", port
+            except ValueError:
+                kind, name = "host", url.host
+        else:
+            kind, name = "mx", domain
+        try:
+            reply = await self.pony.mesh.request(
+                "lka", MtaDnsLookup(reqid=self.pony.ctx.new_id(), kind=kind, name=name),
+                (MtaDnsReply,), timeout=60)
+        except PeerTimeout:
+            return [], "Temporary failure in MX lookup", "tempfail", port
+        if reply.status != "ok":
+            return [], reply.error, reply.status, port
+        return [(n, a) for _, n, a in sorted(reply.hosts)], "", "ok", port
+
+    async def _message(self, msgid: int) -> bytes | None:
+        try:
+            reply = await self.pony.mesh.request(
+                "queue", MessageOpen(reqid=self.pony.ctx.new_id(), msgid=msgid), (MessageContent,))
+        except PeerTimeout:
+            return None
+        return reply.data if reply.ok else None
+
+    async def _report(self, envelopes, status: str, stat: str, relay: str, session_id: int) -> None:
+        now = int(time.time())
+        word = {"ok": "Ok", "tempfail": "TempFail", "permfail": "PermFail"}.get(status, "TempFail")
+        for env in envelopes:
+            log.info('%016x mta delivery evpid=%016x from=<%s> to=<%s> rcpt=<%s> source="%s" '
+                     'relay="%s" delay=%s result="%s" stat="%s"', session_id, env.id, env.sender,
+                     env.dest, env.rcpt if env.rcpt != env.dest else "-", "-", relay,
+                     duration_to_text(now - env.ctime), word, stat)
+            esc = _esc_code(stat)
+            await self.pony.mesh.send("queue", DeliveryResult(
+                evpid=env.id, agent="mta", status=status if status in ("ok", "permfail") else "tempfail",
+                errorline=stat, esc_code=esc))
+
+
+def _esc_code(reply: str) -> int:
+    """The subject*10+detail of an enhanced status code in a reply, 0 if none."""
+    parts = reply.split()
+    if len(parts) > 1:
+        esc = parts[1].split(".")
+        if len(esc) == 3 and all(p.isdigit() for p in esc):
+            return int(esc[1]) * 10 + int(esc[2])
+    return 0

@@ -1,0 +1,83 @@
+"""What every child process does around its own logic.
+
+A child is started as ``smtpd -x NAME``; it sets its title, lets its module do
+the few things that need root (bind the control socket, create the spool), drops
+privileges, connects its channels, tells the parent it is ready, and serves until
+SIGTERM or the parent's death.  Everything is imported before the drop (no lazy
+imports after start, so a later chroot stays possible).
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from setproctitle import setproctitle
+
+from common import log as logsetup
+from common import privsep
+from common.ids import UidGenerator
+from common.ipc import Mesh
+from common.messages import ConfEnd, CtlVerbose, Msg, SetupDone
+
+log = logging.getLogger("smtpd")
+
+
+@dataclass
+class Context:
+    name: str
+    opts: Any
+    config: Any
+    mesh: Mesh
+    prepared: Any = None
+    new_id: UidGenerator = field(default_factory=UidGenerator)
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def run_child(opts, config) -> int:
+    name = opts.proc
+    setproctitle(f"smtpd: {name}")
+    logsetup.setup(foreground=opts.debug, verbose=bool(opts.verbose), proc=name)
+    module = importlib.import_module(f"smtpd.{name}")
+    try:
+        prepared = module.prepare(opts, config)
+        privsep.drop(name)
+    except (OSError, privsep.PrivsepError) as exc:
+        log.error("fatal: %s: %s", name, exc)
+        return 1
+    privsep.die_with_parent(opts.parent_pid)
+    return asyncio.run(_serve(name, module, opts, config, prepared))
+
+
+async def _serve(name, module, opts, config, prepared) -> int:
+    loop = asyncio.get_running_loop()
+    mesh = Mesh(name, Path(opts.rundir))
+    ctx = Context(name=name, opts=opts, config=config, mesh=mesh, prepared=prepared)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, ctx.stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)   # reload is the parent's business
+    mesh.open()
+    process = module.Process(ctx)
+
+    async def handle(peer: str, msg: Msg):
+        if isinstance(msg, ConfEnd):
+            return await process.on_conf_end()
+        if isinstance(msg, CtlVerbose):
+            logsetup.set_verbose(bool(msg.mask & 1))
+            return None
+        return await process.handle(peer, msg)
+
+    mesh.start(handle)
+    await process.start()
+    await mesh.send("parent", SetupDone(proc=name, pid=__import__("os").getpid()))
+    await ctx.stopping.wait()
+    try:
+        await asyncio.wait_for(process.stop(), 3)
+    except Exception:
+        log.exception("%s: error while stopping", name)
+    mesh.close()
+    return 0

@@ -1,0 +1,290 @@
+"""The queue process: the only one that reads or writes the spool.
+
+It creates messages for pony, stores the envelopes lka expands, commits them
+durably, feeds the scheduler, hands envelopes and bodies to pony for delivery,
+and applies delivery results to disk.  Blocking disk work that matters for
+latency (the fsyncs of a commit, envelope rewrites) runs in worker threads so
+that several messages are committed at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+
+from common import privsep
+from common.durations import duration_to_text
+from common.envelope import EnvelopeError
+from common.messages import (
+    CtlListReply, DeliveryResult, LkaEnvelopeCommit, LkaEnvelopeSubmit, MessageContent,
+    MessageOpen, QueueDeliver, QueueDeliveryLoop, QueueDeliveryOk, QueueDeliveryPermfail,
+    QueueDeliveryTempfail, QueueEnvelopeAck, QueueEnvelopeCommitReply, QueueEnvelopeSubmit,
+    QueueEnvelopeSubmitReply, QueueMessageCommit, QueueMessageRollback, QueueTransfer,
+    SchedEntry, SchedEnvelopeDeliver, SchedEnvelopeExpire, SchedEnvelopeRemove,
+    SchedEnvelopeTransfer, SchedListReply, SmtpMessageCommit, SmtpMessageCommitReply,
+    SmtpMessageCreate, SmtpMessageCreateReply, SmtpMessageData, SmtpMessageRollback,
+)
+from smtpd.queue_fs import Spool, SpoolError, is_disk_error
+
+log = logging.getLogger("smtpd")
+
+
+def prepare(opts, config) -> Spool:
+    spool = Spool(opts.spool)
+    ids = privsep.ids_for("queue")
+    spool.setup(ids.uid, ids.gid, privsep.privileged())
+    return spool
+
+
+class Incoming:
+    """A message being received: its open body and the envelopes written so far."""
+    __slots__ = ("body", "entries", "failed")
+
+    def __init__(self) -> None:
+        self.body = None
+        self.entries: list[SchedEntry] = []
+        self.failed: str = ""
+
+
+class Process:
+    def __init__(self, ctx) -> None:
+        self.ctx = ctx
+        self.spool: Spool = ctx.prepared
+        self.config = ctx.config
+        self.incoming: dict[int, Incoming] = {}
+        self.tasks: set[asyncio.Task] = set()
+        self.started = time.time()
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.spool.purge_unfinished)
+
+    async def on_conf_end(self) -> None:
+        self._spawn(self._load_queue())
+
+    async def stop(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception():
+            log.error("warn: queue: %r", task.exception(), exc_info=task.exception())
+
+    def expire_of(self, env) -> int:
+        action = self.config.actions.get(env.dispatcher)
+        ttl = action.ttl if action is not None and action.ttl else self.config.queue_ttl
+        return env.ctime + ttl
+
+    def entry_of(self, env) -> SchedEntry:
+        return SchedEntry(evpid=env.id, type=env.type, ctime=env.ctime,
+                          expire=self.expire_of(env), retry=env.retry)
+
+    # -- start-up: feed the scheduler with what the spool holds ------------------------------
+
+    async def _load_queue(self) -> None:
+        count = 0
+        send = self.ctx.mesh.send
+        for msgid, evpids in self.spool.walk():
+            loaded = 0
+            for evpid in evpids:
+                try:
+                    env = self.spool.load_envelope(evpid)
+                    if os.stat(self.spool.envelope_path(evpid)).st_mtime > self.started:
+                        continue      # committed by this run: the scheduler has it already
+                except FileNotFoundError:
+                    continue
+                except (OSError, EnvelopeError) as exc:
+                    self._corrupt(msgid, f"envelope {evpid:016x}: {exc}")
+                    break
+                await send("scheduler", QueueEnvelopeSubmit(entry=self.entry_of(env)))
+                loaded += 1
+            else:
+                if loaded:
+                    await send("scheduler", QueueMessageCommit(msgid=msgid))
+                    count += loaded
+            if count % 512 == 0:
+                await asyncio.sleep(0)
+        log.debug("debug: queue: done loading queue into scheduler (%d envelopes)", count)
+
+    def _corrupt(self, msgid: int, why: str) -> None:
+        try:
+            dest = self.spool.move_to_corrupt(msgid)
+            log.error("warn: queue: corrupt message %08x moved to %s: %s", msgid, dest, why)
+        except OSError as exc:
+            log.error("warn: queue: corrupt message %08x (%s), and could not move it: %s",
+                      msgid, why, exc)
+
+    # -- messages --------------------------------------------------------------------------
+
+    async def handle(self, peer: str, msg) -> None:
+        send = self.ctx.mesh.send
+        match msg:
+            case SmtpMessageCreate(reqid=reqid):
+                try:
+                    msgid = self.spool.create_message()
+                    self.incoming[msgid] = Incoming()
+                    await send(peer, SmtpMessageCreateReply(reqid=reqid, ok=True, msgid=msgid))
+                except (OSError, SpoolError) as exc:
+                    log.error("warn: queue: cannot create message: %s", exc)
+                    await send(peer, SmtpMessageCreateReply(reqid=reqid, ok=False))
+            case LkaEnvelopeSubmit(reqid=reqid, msgid=msgid, envelope=env):
+                await self._envelope_submit(reqid, msgid, env)
+            case LkaEnvelopeCommit(reqid=reqid, msgid=msgid):
+                inc = self.incoming.get(msgid)
+                ok = inc is not None and not inc.failed
+                await send("pony", QueueEnvelopeCommitReply(reqid=reqid, ok=ok))
+            case SmtpMessageData(msgid=msgid, chunk=chunk):
+                self._append(msgid, chunk)
+            case SmtpMessageCommit(reqid=reqid, msgid=msgid):
+                self._spawn(self._commit(peer, reqid, msgid))
+            case SmtpMessageRollback(msgid=msgid):
+                self._rollback(msgid)
+            case SchedEnvelopeDeliver(evpid=evpid) | SchedEnvelopeTransfer(evpid=evpid):
+                await self._dispatch(evpid, isinstance(msg, SchedEnvelopeTransfer))
+            case SchedEnvelopeRemove(evpid=evpid):
+                self._remove(evpid, "Remove", "Removed by administrator")
+                await send("scheduler", QueueEnvelopeAck(evpid=evpid))
+            case SchedEnvelopeExpire(evpid=evpid):
+                self._remove(evpid, "Expire", "Envelope expired")
+            case MessageOpen(reqid=reqid, msgid=msgid):
+                try:
+                    data = await asyncio.to_thread(self.spool.read_message, msgid)
+                    await send(peer, MessageContent(reqid=reqid, ok=True, data=data))
+                except OSError as exc:
+                    await send(peer, MessageContent(reqid=reqid, ok=False, error=str(exc)))
+            case DeliveryResult():
+                self._spawn(self._delivery_result(msg))
+            case SchedListReply():
+                await self._describe(msg)
+            case _:
+                log.warning("warn: queue: unexpected %s from %s", type(msg).__name__, peer)
+
+    async def _envelope_submit(self, reqid: int, msgid: int, env) -> None:
+        inc = self.incoming.get(msgid)
+        if inc is None:
+            await self.ctx.mesh.send("pony", QueueEnvelopeSubmitReply(reqid=reqid, ok=False))
+            return
+        try:
+            evpid = self.spool.write_incoming_envelope(msgid, env)
+            inc.entries.append(self.entry_of(env))
+            await self.ctx.mesh.send("pony", QueueEnvelopeSubmitReply(reqid=reqid, ok=True, evpid=evpid))
+        except (OSError, SpoolError) as exc:
+            inc.failed = str(exc)
+            log.error("warn: queue: cannot write envelope of %08x: %s", msgid, exc)
+            await self.ctx.mesh.send("pony", QueueEnvelopeSubmitReply(reqid=reqid, ok=False))
+
+    def _append(self, msgid: int, chunk: bytes) -> None:
+        inc = self.incoming.get(msgid)
+        if inc is None or inc.failed:
+            return
+        try:
+            if inc.body is None:
+                inc.body = self.spool.open_body(msgid)
+            inc.body.write(chunk)
+        except OSError as exc:
+            inc.failed = str(exc)
+            log.error("warn: queue: cannot write message %08x: %s", msgid, exc)
+
+    async def _commit(self, peer: str, reqid: int, msgid: int) -> None:
+        send = self.ctx.mesh.send
+        inc = self.incoming.pop(msgid, None)
+        error = "unknown message" if inc is None else inc.failed or ("no envelope" if not inc.entries else "")
+        if not error:
+            try:
+                if inc.body is None:
+                    inc.body = self.spool.open_body(msgid)
+                await asyncio.to_thread(self.spool.commit, msgid, inc.body)
+            except OSError as exc:
+                error = exc.strerror or str(exc)
+        if error:
+            log.error("warn: queue: commit of %08x failed: %s", msgid, error)
+            if inc is not None and inc.body is not None and not inc.body.closed:
+                inc.body.close()
+            await asyncio.to_thread(self.spool.rollback, msgid)
+            disk = inc is not None and "No space" in error
+            await send(peer, SmtpMessageCommitReply(
+                reqid=reqid, ok=False, code=452 if disk else 451,
+                text="4.3.1 Insufficient system storage" if disk else "4.3.0 Temporary failure"))
+            return
+        for entry in inc.entries:
+            await send("scheduler", QueueEnvelopeSubmit(entry=entry))
+        await send("scheduler", QueueMessageCommit(msgid=msgid))
+        await send(peer, SmtpMessageCommitReply(reqid=reqid, ok=True))
+
+    def _rollback(self, msgid: int) -> None:
+        inc = self.incoming.pop(msgid, None)
+        if inc is not None and inc.body is not None:
+            inc.body.close()
+        self.spool.rollback(msgid)
+
+    # -- delivery ----------------------------------------------------------------------------
+
+    async def _dispatch(self, evpid: int, transfer: bool) -> None:
+        try:
+            env = self.spool.load_envelope(evpid)
+        except (OSError, EnvelopeError) as exc:
+            if isinstance(exc, FileNotFoundError):
+                log.error("warn: queue: envelope %016x vanished from the spool", evpid)
+            else:
+                self._corrupt(evpid >> 32, f"envelope {evpid:016x}: {exc}")
+            await self.ctx.mesh.send("scheduler", QueueDeliveryPermfail(evpid=evpid))
+            return
+        env.last_try = int(time.time())
+        order = QueueTransfer(envelope=env) if transfer else QueueDeliver(envelope=env)
+        await self.ctx.mesh.send("pony", order)
+
+    async def _delivery_result(self, res: DeliveryResult) -> None:
+        send = self.ctx.mesh.send
+        if res.status == "ok":
+            await asyncio.to_thread(self.spool.delete_envelope, res.evpid)
+            await send("scheduler", QueueDeliveryOk(evpid=res.evpid))
+            return
+        if res.status in ("permfail", "loop"):
+            # Bounces come with the queue issue; the failure is logged by pony.
+            await asyncio.to_thread(self.spool.delete_envelope, res.evpid)
+            reply = QueueDeliveryLoop if res.status == "loop" else QueueDeliveryPermfail
+            await send("scheduler", reply(evpid=res.evpid))
+            return
+        try:
+            env = self.spool.load_envelope(res.evpid)
+            env.retry += 1
+            env.last_try = int(time.time())
+            env.errorline = res.errorline[:1000]
+            env.esc_class = 4
+            env.esc_code = res.esc_code
+            await asyncio.to_thread(self.spool.update_envelope, env)
+            await send("scheduler", QueueDeliveryTempfail(entry=self.entry_of(env)))
+        except (OSError, EnvelopeError) as exc:
+            log.error("warn: queue: cannot update envelope %016x: %s", res.evpid, exc)
+            await send("scheduler", QueueDeliveryPermfail(evpid=res.evpid))
+
+    def _remove(self, evpid: int, event: str, stat: str) -> None:
+        try:
+            env = self.spool.load_envelope(evpid)
+            delay = duration_to_text(int(time.time()) - env.ctime)
+            log.info("%s: %s for %016x: from=<%s>, to=<%s>, rcpt=<%s>, delay=%s, stat=%s",
+                     "relay" if env.type == "mta" else "delivery", event, evpid, env.sender,
+                     env.dest, env.rcpt or "-", delay, stat)
+        except (OSError, EnvelopeError):
+            pass
+        self.spool.delete_envelope(evpid)
+
+    # -- smtpctl show queue ------------------------------------------------------------------
+
+    async def _describe(self, batch: SchedListReply) -> None:
+        entries = []
+        for entry in batch.entries:
+            try:
+                entry.envelope = self.spool.load_envelope(entry.evpid)
+                entry.expire = self.expire_of(entry.envelope)
+            except (OSError, EnvelopeError):
+                continue
+            entries.append(entry)
+        await self.ctx.mesh.send("control", CtlListReply(reqid=batch.reqid, entries=entries,
+                                                         more=batch.more, last=batch.last))

@@ -1,0 +1,119 @@
+"""The scheduler process: decides when each envelope is tried.
+
+It never touches disk or network: the queue tells it about envelopes, it tells
+the queue what to deliver, relay, expire or remove.  The model itself lives in
+scheduler_ram (pure); this module is its event loop and message handling.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from common.messages import (
+    CtlReply, CtlRequest, QueueDeliveryLoop, QueueDeliveryOk, QueueDeliveryPermfail,
+    QueueDeliveryTempfail, QueueEnvelopeAck, QueueEnvelopeSubmit, QueueListEntry,
+    QueueMessageCommit, QueueMessageRollback, SchedEnvelopeDeliver, SchedEnvelopeExpire,
+    SchedEnvelopeRemove, SchedEnvelopeTransfer, SchedListReply,
+)
+from smtpd.scheduler_ram import RamQueue
+
+log = logging.getLogger("smtpd")
+
+MAX_SCHEDULE = 100          # actions per batch (OpenSMTPD: 10; we batch ZeroMQ sends)
+_ORDERS = {"deliver": SchedEnvelopeDeliver, "transfer": SchedEnvelopeTransfer,
+           "expire": SchedEnvelopeExpire, "remove": SchedEnvelopeRemove}
+
+
+def prepare(opts, config):
+    return None
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Process:
+    def __init__(self, ctx) -> None:
+        self.ctx = ctx
+        self.ramqueue = RamQueue()
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task | None = None
+        for agent in ctx.opts.pause:
+            if agent in ("mta", "mda"):
+                self.ramqueue.pause(agent)
+
+    async def start(self) -> None:
+        self.task = asyncio.create_task(self._run())
+
+    async def on_conf_end(self) -> None:
+        self.wake.set()
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+
+    async def _run(self) -> None:
+        while True:
+            actions = self.ramqueue.next_batch(now(), MAX_SCHEDULE)
+            for action in actions:
+                await self.ctx.mesh.send("queue", _ORDERS[action.kind](evpid=action.evpid))
+            if actions:
+                await asyncio.sleep(0)
+                continue
+            wakeup = self.ramqueue.next_wakeup()
+            timeout = None if wakeup is None else max(0.0, wakeup - time.time())
+            self.wake.clear()
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    async def handle(self, peer: str, msg) -> None:
+        rq = self.ramqueue
+        match msg:
+            case QueueEnvelopeSubmit(entry=e):
+                rq.stage(e.evpid, e.type, e.ctime, e.expire, e.retry)
+            case QueueMessageCommit(msgid=msgid):
+                rq.commit(msgid, now())
+                self.wake.set()
+            case QueueMessageRollback(msgid=msgid):
+                rq.rollback(msgid)
+            case QueueDeliveryOk(evpid=evpid) | QueueDeliveryPermfail(evpid=evpid) | QueueDeliveryLoop(evpid=evpid):
+                rq.delivered(evpid)
+                self.wake.set()
+            case QueueDeliveryTempfail(entry=e):
+                rq.tempfail(e.evpid, e.retry, now())
+                self.wake.set()
+            case QueueEnvelopeAck(evpid=evpid):
+                rq.removed_done(evpid)
+            case CtlRequest():
+                await self._control(peer, msg)
+            case _:
+                log.warning("warn: scheduler: unexpected %s from %s", type(msg).__name__, peer)
+
+    async def _control(self, peer: str, req: CtlRequest) -> None:
+        rq = self.ramqueue
+        cmd = req.command
+        count = 0
+        if cmd == "list":
+            rows = rq.listing(req.after, req.limit, now())
+            entries = [QueueListEntry(evpid=e, runstate=s, runtime=t) for e, s, t in rows]
+            more = len(rows) == req.limit
+            last = rows[-1][0] if rows else req.after
+            await self.ctx.mesh.send("queue", SchedListReply(reqid=req.reqid, entries=entries,
+                                                             more=more, last=last))
+            return
+        if cmd in ("pause mta", "pause mda"):
+            rq.pause(cmd.split()[1])
+        elif cmd in ("resume mta", "resume mda"):
+            rq.resume(cmd.split()[1], now())
+        elif cmd == "schedule":
+            count = rq.schedule(req.id, now())
+        elif cmd == "remove":
+            count = rq.remove(req.id)
+        else:
+            await self.ctx.mesh.send(peer, CtlReply(reqid=req.reqid, ok=False, text=f"unknown command {cmd}"))
+            return
+        self.wake.set()
+        await self.ctx.mesh.send(peer, CtlReply(reqid=req.reqid, ok=True, count=count))

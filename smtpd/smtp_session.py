@@ -1,0 +1,284 @@
+"""Inbound SMTP sessions: aiosmtpd does the wire protocol, this module the policy.
+
+``Session`` adapts aiosmtpd's SMTP protocol to OpenSMTPD's behaviour (replies
+with enhanced status codes, log lines, session ids); ``Handler`` carries each
+command to the other processes: MAIL creates a message in the queue, RCPT asks
+lka (which submits the envelopes to the queue), DATA streams the body to the
+queue and answers 250 only once the queue has committed it to disk.
+
+aiosmtpd only ends DATA on <CRLF>.<CRLF>, so a bare LF or CR never does (no SMTP
+smuggling); it reads commands line by line, so pipelined clients work, and we
+advertise PIPELINING (OpenSMTPD refuses it; RFC 2920 clients expect it).
+"""
+from __future__ import annotations
+
+import email.utils
+import logging
+import re
+import time
+
+from aiosmtpd.smtp import SMTP
+
+from common.envelope import Envelope
+from common.ipc import PeerTimeout
+from common.messages import (
+    QueueEnvelopeCommitReply, SmtpExpandRcpt, SmtpExpandRcptReply, SmtpMessageCommit,
+    SmtpMessageCommitReply, SmtpMessageCreate, SmtpMessageCreateReply, SmtpMessageData,
+    SmtpMessageRollback,
+)
+
+log = logging.getLogger("smtpd")
+
+CHUNK = 256 * 1024
+MAX_RECEIVED = 100
+COMMIT_TIMEOUT = 120.0
+
+# aiosmtpd's own replies, said the way OpenSMTPD says them.
+_REWRITE = {
+    "503 Error: need MAIL command": "503 5.5.1 Invalid command: Command not allowed at this point.",
+    "503 Error: need RCPT command": "503 5.5.1 Invalid command: Command not allowed at this point.",
+    "503 Error: nested MAIL command": "503 5.5.1 Invalid command: Command not allowed at this point.",
+    "503 Error: send HELO first": "503 5.5.1 Invalid command: Command not allowed at this point.",
+    "503 Error: send EHLO first": "503 5.5.1 Invalid command: Command not allowed at this point.",
+    "552 Error: Too much mail data":
+        "554 5.3.4 Message too big for system: Transaction failed, message too big",
+    "354 End data with <CR><LF>.<CR><LF>": '354 Enter mail, end with "." on a line by itself',
+    "221 Bye": "221 2.0.0 Bye",
+    "250 OK": "250 2.0.0 Ok",
+    "500 Command line too long": "500 5.5.1 Line too long",
+    "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.1 Line too long",
+}
+_UNRECOGNIZED = re.compile(r'^500 Error: command ".*" not recognized$')
+_HAS_ESC = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
+_ESC_CLASS = {"2": "2.0.0", "3": "", "4": "4.0.0", "5": "5.5.1"}
+
+# RFC 5321 mailbox, deliberately strict: dot-atom local part (or a quoted string
+# without control characters), a domain name or address literal.  No shell
+# metacharacter can pass into an envelope through here.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LOCAL = rf"(?:{_ATOM}(?:\.{_ATOM})*|\"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*\")"
+_DOMAIN = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?|\[[0-9A-Fa-f:.IPv]+\])"
+_MAILBOX = re.compile(rf"^{_LOCAL}@{_DOMAIN}$")
+
+
+def valid_mailbox(addr: str) -> bool:
+    return len(addr) <= 254 and bool(_MAILBOX.match(addr)) and len(addr.rpartition("@")[0]) <= 64
+
+
+def with_esc(status: str) -> str:
+    """Every reply carries an enhanced status code (RFC 2034)."""
+    status = _REWRITE.get(status, status)
+    if _UNRECOGNIZED.match(status):
+        return "500 5.5.1 Invalid command: Command unrecognized"
+    if len(status) < 4 or _HAS_ESC.match(status) or status[0] == "3" or status.startswith("220 "):
+        return status
+    code, sep, text = status[:3], status[3:4], status[4:]
+    if sep not in (" ", "-") or not code.isdigit() or sep == "-":
+        return status
+    esc = _ESC_CLASS.get(code[0], "")
+    return f"{code} {esc} {text}" if esc else status
+
+
+class Session(SMTP):
+    """One inbound connection."""
+
+    def __init__(self, handler, *, pony, listener, **kwargs) -> None:
+        super().__init__(handler, **kwargs)
+        self.pony = pony
+        self.listener = listener
+        self.session_id = pony.ctx.new_id()
+        self.msgid = 0
+        self.rcpt_count = 0
+        self.peer_ip = ""
+        self.rdns = ""
+        self.quit = False
+
+    async def push(self, status):
+        if isinstance(status, str) and not status.startswith("250-"):
+            status = with_esc(status)
+        await super().push(status)
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = peer[0] if peer else "local"
+        self.pony.sessions_open += 1
+
+    async def _handle_client(self) -> None:
+        self.rdns = await self.pony.reverse_dns(self.peer_ip)
+        log.info("%016x smtp connected address=%s host=%s", self.session_id, self.peer_ip, self.rdns)
+        await super()._handle_client()
+
+    def connection_lost(self, exc) -> None:
+        reason = "quit" if self.quit else "disconnect"
+        log.info("%016x smtp disconnected reason=%s", self.session_id, reason)
+        self.pony.sessions_open -= 1
+        if self.msgid:
+            self.pony.spawn(self.pony.mesh.send("queue", SmtpMessageRollback(msgid=self.msgid)))
+            self.msgid = 0
+        super().connection_lost(exc)
+
+    def failed(self, command: str, result: str) -> str:
+        log.info('%016x smtp failed-command command="%s" result="%s"', self.session_id, command, result)
+        return result
+
+
+class Handler:
+    def __init__(self, pony) -> None:
+        self.pony = pony
+        self.config = pony.config
+
+    def name(self, server: Session) -> str:
+        return server.listener.hostname or self.config.hostname
+
+    def greeting(self, server: Session, helo: str) -> str:
+        return f"{self.name(server)} Hello {helo} [{server.peer_ip}], pleased to meet you"
+
+    async def handle_HELO(self, server: Session, session, envelope, hostname: str) -> str:
+        session.host_name = hostname
+        return f"250 {self.greeting(server, hostname)}"
+
+    async def handle_EHLO(self, server: Session, session, envelope, hostname: str, responses) -> list[str]:
+        session.host_name = hostname
+        return [f"250-{self.greeting(server, hostname)}", "250-8BITMIME",
+                "250-ENHANCEDSTATUSCODES", f"250-SIZE {self.config.max_message_size}",
+                "250-PIPELINING", "250 HELP"]
+
+    async def handle_NOOP(self, server, session, envelope, arg) -> str:
+        return "250 2.0.0 Ok"
+
+    async def handle_QUIT(self, server: Session, session, envelope) -> str:
+        server.quit = True
+        return "221 2.0.0 Bye"
+
+    async def handle_RSET(self, server: Session, session, envelope) -> str:
+        await self._rollback(server)
+        return "250 2.0.0 Reset state"
+
+    async def handle_VRFY(self, server, session, envelope, address) -> str:
+        return "252 2.5.2 Cannot VRFY user; try RCPT to attempt delivery"
+
+    async def _rollback(self, server: Session) -> None:
+        if server.msgid:
+            await self.pony.mesh.send("queue", SmtpMessageRollback(msgid=server.msgid))
+            server.msgid = 0
+        server.rcpt_count = 0
+
+    async def handle_MAIL(self, server: Session, session, envelope, address: str, options) -> str:
+        if self.pony.smtp_paused:
+            return "421 4.3.0 Temporary Error"
+        if address.startswith("@") and ":" in address:       # source route: <@a,@b:user@d>
+            address = address.split(":", 1)[1]
+        if address and "@" not in address:
+            address = f"{address}@{self.name(server)}"
+        if address and not valid_mailbox(address):
+            return server.failed(f"MAIL FROM:<{address}>", "553 5.1.0 Sender address syntax error")
+        for option in options:
+            key = option.split("=", 1)[0].upper()
+            if key not in ("SIZE", "BODY", "AUTH"):
+                return f"503 5.5.4 Invalid command arguments: Unsupported option {option}"
+        try:
+            reply = await self.pony.mesh.request(
+                "queue", SmtpMessageCreate(reqid=self.pony.ctx.new_id()), (SmtpMessageCreateReply,))
+        except PeerTimeout:
+            reply = None
+        if reply is None or not reply.ok:
+            return server.failed("MAIL", "421 4.3.0 Temporary failure")
+        server.msgid = reply.msgid
+        server.rcpt_count = 0
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.0.0 Ok"
+
+    async def handle_RCPT(self, server: Session, session, envelope, address: str, options) -> str:
+        if not server.msgid:
+            return "503 5.5.1 Invalid command: Command not allowed at this point."
+        if not valid_mailbox(address):
+            return server.failed(f"RCPT TO:<{address}>", "501 5.1.3 Recipient address syntax error")
+        if server.rcpt_count >= self.config.smtp_max_rcpt:
+            return "451 4.5.3 Too many recipients: Too many recipients"
+        for option in options:
+            return f"503 5.5.4 Invalid command arguments: Unsupported option {option}"
+        env = Envelope(
+            smtpname=self.name(server), helo=session.host_name or "", hostname=server.rdns,
+            sockaddr=_sockaddr_text(server.peer_ip), sender=envelope.mail_from, rcpt=address,
+            dest=address, tag=server.listener.tag or "", ctime=int(time.time()))
+        reqid = self.pony.ctx.new_id()
+        self.pony.evpids[reqid] = []
+        try:
+            reply = await self.pony.mesh.request(
+                "lka", SmtpExpandRcpt(reqid=reqid, msgid=server.msgid, envelope=env, rdns=server.rdns,
+                                      local_listener=self.pony.is_local_listener(server.listener)),
+                (SmtpExpandRcptReply, QueueEnvelopeCommitReply))
+        except PeerTimeout:
+            reply = None
+        finally:
+            evpids = self.pony.evpids.pop(reqid, [])
+        if isinstance(reply, SmtpExpandRcptReply):
+            return server.failed(f"RCPT TO:<{address}>", f"{reply.code} {reply.text}")
+        if reply is None or not reply.ok:
+            return server.failed(f"RCPT TO:<{address}>", "451 4.3.0 Temporary failure")
+        for evpid in evpids:
+            log.info("%016x smtp envelope evpid=%016x from=<%s> to=<%s>",
+                     server.session_id, evpid, envelope.mail_from, address)
+        server.rcpt_count += 1
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Destination address valid: Recipient ok"
+
+    async def handle_DATA(self, server: Session, session, envelope) -> str:
+        msgid = server.msgid
+        content: bytes = envelope.original_content or b""
+        body = content.replace(b"\r\n", b"\n")
+        if _count_received(body) >= MAX_RECEIVED:
+            await self._rollback(server)
+            return server.failed("DATA", "554 5.4.6 Routing loop detected: Loop detected")
+        data = self._received(server, session, envelope, msgid) + body
+        send = self.pony.mesh.send
+        for start in range(0, len(data), CHUNK):
+            await send("queue", SmtpMessageData(msgid=msgid, chunk=data[start:start + CHUNK]))
+        try:
+            reply = await self.pony.mesh.request(
+                "queue", SmtpMessageCommit(reqid=self.pony.ctx.new_id(), msgid=msgid),
+                (SmtpMessageCommitReply,), timeout=COMMIT_TIMEOUT)
+        except PeerTimeout:
+            reply = None
+        server.msgid = 0
+        server.rcpt_count = 0
+        if reply is None or not reply.ok:
+            if reply is None:
+                await send("queue", SmtpMessageRollback(msgid=msgid))
+            text = f"{reply.code} {reply.text}" if reply is not None else "451 4.3.0 Temporary failure"
+            return server.failed("DATA", text)
+        proto = "ESMTP" if session.extended_smtp else "SMTP"
+        log.info("%016x smtp message msgid=%08x size=%d nrcpt=%d proto=%s",
+                 server.session_id, msgid, len(data), len(envelope.rcpt_tos), proto)
+        return f"250 2.0.0 {msgid:08x} Message accepted for delivery"
+
+    def _received(self, server: Session, session, envelope, msgid: int) -> bytes:
+        helo = session.host_name or server.peer_ip
+        proto = "ESMTP" if session.extended_smtp else "SMTP"
+        lines = [f"Received: from {helo} ({server.rdns} [{server.peer_ip}])",
+                 f"\tby {self.name(server)} (pysmtpd) with {proto} id {msgid:08x}"]
+        date = email.utils.format_datetime(email.utils.localtime())
+        if len(envelope.rcpt_tos) == 1:
+            lines.append(f"\tfor <{envelope.rcpt_tos[0]}>;")
+        else:
+            lines[-1] += ";"
+        lines.append(f"\t{date}")
+        return ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape")
+
+
+def _sockaddr_text(ip: str) -> str:
+    if ip == "local":
+        return "local"
+    return f"[{ip}]" if ":" in ip else ip
+
+
+def _count_received(body: bytes) -> int:
+    count = 0
+    for line in body.split(b"\n"):
+        if not line:
+            break
+        if line[:9].lower() == b"received:":
+            count += 1
+    return count
