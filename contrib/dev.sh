@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# pysmtpd developer entry point: sets up a virtualenv on a Python >= 3.12, then
+#   contrib/dev.sh run    runs the daemon in the foreground on a working default
+#                         config (127.0.0.1:2525, unprivileged, everything under ./dev-run)
+#   contrib/dev.sh test   runs the whole test suite (installs the test tools it needs)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=$ROOT/.venv
+
+python_ok() { "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' 2>/dev/null; }
+
+find_python() {
+    local c candidates=("${PYTHON:-}" python3.13 python3.12 python3)
+    if command -v pyenv >/dev/null 2>&1; then
+        for c in "$(pyenv root)"/versions/3.1[2-9]*/bin/python3; do candidates+=("$c"); done
+    fi
+    for c in /usr/local/bin/python3.1[2-9] /usr/bin/python3.1[2-9] "$HOME"/.pyenv/versions/3.1[2-9]*/bin/python3; do
+        candidates+=("$c")
+    done
+    for c in "${candidates[@]}"; do
+        [ -n "$c" ] || continue
+        if command -v "$c" >/dev/null 2>&1 && python_ok "$c"; then command -v "$c"; return 0; fi
+    done
+    echo "pysmtpd needs Python >= 3.12 (3.11's stdlib has its own smtpd module)." >&2
+    echo "Install one (python3.12 from your distribution, pyenv, or python.org) or set PYTHON=/path/to/python3.12." >&2
+    return 1
+}
+
+setup_venv() {
+    if [ ! -x "$VENV/bin/python" ] || ! python_ok "$VENV/bin/python"; then
+        rm -rf "$VENV"
+        "$(find_python)" -m venv "$VENV"
+    fi
+    local stamp=$VENV/.pysmtpd-installed
+    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+        "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+        "$VENV/bin/python" -m pip install -q -e ".[test]"
+        touch "$stamp"
+    fi
+}
+
+dev_config() {
+    local dir=$ROOT/dev-run
+    mkdir -p "$dir/home/alice" "$dir/home/bob" "$dir/spool"
+    chmod 700 "$dir"
+    if [ ! -f "$dir/smtpd.conf" ]; then
+        local ids; ids="$(id -u):$(id -g)"
+        cat > "$dir/smtpd.conf" <<CONF
+# pysmtpd development configuration, made by contrib/dev.sh (edit freely).
+# Mail for alice@example.test and bob@example.test goes to dev-run/home/<user>/Maildir;
+# other mail from this machine is relayed to a smarthost on 127.0.0.1:2526.
+listen on 127.0.0.1 port 2525 hostname mail.example.test
+
+table users { alice = "$ids:$dir/home/alice", bob = "$ids:$dir/home/bob" }
+
+action "local" maildir "~/Maildir" userbase <users>
+action "outbound" relay host "smtp://127.0.0.1:2526"
+
+match from any for domain "example.test" action "local"
+match from local for any action "outbound"
+CONF
+    fi
+}
+
+install_test_tools() {
+    # swaks is one of the real clients the end-to-end tests talk with.
+    if ! command -v swaks >/dev/null 2>&1; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            apt-get update -qq >/dev/null
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq swaks >/dev/null
+        else
+            echo "swaks is not installed; install it (apt-get install swaks) to run the tests" >&2
+            exit 1
+        fi
+    fi
+}
+
+case "${1:-}" in
+    run)
+        setup_venv
+        dev_config
+        echo "pysmtpd on 127.0.0.1:2525; try: $VENV/bin/smtpctl --socket dev-run/smtpd.sock show status" >&2
+        exec "$VENV/bin/smtpd" -d -f dev-run/smtpd.conf --spool dev-run/spool --socket dev-run/smtpd.sock
+        ;;
+    test)
+        shift
+        install_test_tools
+        setup_venv
+        exec "$VENV/bin/python" -m pytest -q "$@"
+        ;;
+    *)
+        echo "usage: contrib/dev.sh run|test [pytest args]" >&2
+        exit 2
+        ;;
+esac

@@ -1,0 +1,62 @@
+"""Configurations and mail helpers for the end-to-end tests."""
+from __future__ import annotations
+
+import os
+import smtplib
+from pathlib import Path
+
+
+def userbase(base: Path, users=("alice", "bob")) -> str:
+    """An inline userbase table: the test users live under ``base`` and map to the
+    current uid/gid (unprivileged) or to nobody's ids when the daemon runs as root."""
+    uid, gid = os.getuid(), os.getgid()
+    if uid == 0:
+        import pwd
+        nobody = pwd.getpwnam("nobody")
+        uid, gid = nobody.pw_uid, nobody.pw_gid
+    homes = base / "home"
+    entries = []
+    for user in users:
+        home = homes / user
+        home.mkdir(parents=True, exist_ok=True)
+        os.chown(home, uid, gid) if os.getuid() == 0 else None
+        entries.append(f'{user} = "{uid}:{gid}:{home}"')
+    return "{ " + ", ".join(entries) + " }"
+
+
+def config(base: Path, port: int, *, relay: str | None = None, extra: str = "",
+           relay_rule: str = "match from local for any action \"outbound\"") -> str:
+    lines = [
+        "# pysmtpd end-to-end test configuration",
+        f"listen on 127.0.0.1 port {port}",
+        f"table users {userbase(base)}",
+        'action "local" maildir "~/Maildir" userbase <users>',
+        'match from any for domain "example.test" action "local"',
+    ]
+    if relay:
+        lines.insert(3, f'action "outbound" relay host "{relay}"')
+        lines.append(relay_rule)
+    if extra:
+        lines.append(extra)
+    return "\n".join(lines) + "\n"
+
+
+def maildir_messages(base: Path, user: str) -> list[bytes]:
+    new = base / "home" / user / "Maildir" / "new"
+    if not new.is_dir():
+        return []
+    return [p.read_bytes() for p in sorted(new.iterdir())]
+
+
+def send(port: int, sender: str, rcpts: list[str], body: str = "Subject: test\n\nhello\n") -> str:
+    """Send one message; returns the DATA reply text (raises on refusal)."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+        s.ehlo("client.test")
+        code, text = s.mail(sender)
+        assert code == 250, (code, text)
+        for rcpt in rcpts:
+            code, text = s.rcpt(rcpt)
+            assert code == 250, (rcpt, code, text)
+        code, text = s.data(body.encode())
+        assert code == 250, (code, text)
+        return text.decode()

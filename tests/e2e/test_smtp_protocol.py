@@ -1,0 +1,87 @@
+"""What an SMTP client sees: EHLO, enhanced status codes, DATA framing."""
+from __future__ import annotations
+
+import socket
+import time
+
+from tests.conftest import free_port, wait_for
+from tests.e2e.helpers import config, maildir_messages
+
+
+class Client:
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.buf = b""
+
+    def reply(self) -> list[str]:
+        lines = []
+        while True:
+            while b"\r\n" not in self.buf:
+                data = self.sock.recv(65536)
+                assert data, "connection closed"
+                self.buf += data
+            line, self.buf = self.buf.split(b"\r\n", 1)
+            lines.append(line.decode())
+            if line[3:4] == b" ":
+                return lines
+
+    def cmd(self, line: str) -> list[str]:
+        self.sock.sendall(line.encode() + b"\r\n")
+        return self.reply()
+
+
+def test_ehlo_and_replies_carry_enhanced_status_codes(make_daemon, tmp_path):
+    port = free_port()
+    make_daemon(config(tmp_path / "d", port)).start()
+    c = Client(port)
+    assert c.reply()[0].startswith("220 ")
+    ehlo = c.cmd("EHLO client.test")
+    assert ehlo[0].startswith("250-") and "Hello client.test [127.0.0.1]" in ehlo[0]
+    for ext in ("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"):
+        assert f"250-{ext}" in ehlo, ehlo
+    assert any(l.startswith("250-SIZE ") for l in ehlo)
+    assert c.cmd("RCPT TO:<alice@example.test>")[0].startswith("503 5.5.1 ")
+    assert c.cmd("MAIL FROM:<bad address>")[0][:4] in ("501 ", "553 ")
+    assert c.cmd("FOO")[0] == "500 5.5.1 Invalid command: Command unrecognized"
+    assert c.cmd("NOOP")[0] == "250 2.0.0 Ok"
+    assert c.cmd("MAIL FROM:<a@remote.test>")[0] == "250 2.0.0 Ok"
+    assert c.cmd("RCPT TO:<alice@example.test>")[0].startswith("250 2.1.5 ")
+    assert c.cmd("RSET")[0] == "250 2.0.0 Reset state"
+    assert c.cmd("QUIT")[0] == "221 2.0.0 Bye"
+
+
+def test_pipelined_session_and_bare_lf_never_ends_data(make_daemon, tmp_path):
+    port = free_port()
+    make_daemon(config(tmp_path / "d", port)).start()
+    c = Client(port)
+    c.reply()
+    c.cmd("EHLO client.test")
+    # all at once: the server must answer each command in order
+    c.sock.sendall(b"MAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+    assert c.reply()[0].startswith("250 ")
+    assert c.reply()[0].startswith("250 ")
+    assert c.reply()[0].startswith("354 ")
+    # a smuggling attempt: <LF>.<LF> and <CR>.<CR> must stay message content
+    c.sock.sendall(b"Subject: smuggle\r\n\r\nbody\n.\nMAIL FROM:<evil@x.test>\r\n"
+                   b"x\r.\rRCPT TO:<bob@example.test>\r\nend\r\n.\r\n")
+    final = c.reply()[0]
+    assert final.startswith("250 2.0.0 ") and "Message accepted" in final
+    assert c.cmd("QUIT")[0].startswith("221")
+    msgs = wait_for(lambda: maildir_messages(tmp_path / "d", "alice"), 20, "delivery")
+    assert b"MAIL FROM:<evil@x.test>" in msgs[0] and b"RCPT TO:<bob@example.test>" in msgs[0]
+    time.sleep(0.5)
+    assert maildir_messages(tmp_path / "d", "bob") == []
+
+
+def test_message_size_limit(make_daemon, tmp_path):
+    port = free_port()
+    conf = config(tmp_path / "d", port, extra="smtp max-message-size 10K")
+    make_daemon(conf).start()
+    c = Client(port)
+    c.reply()
+    assert "250-SIZE 10240" in c.cmd("EHLO client.test")
+    c.cmd("MAIL FROM:<a@remote.test>")
+    c.cmd("RCPT TO:<alice@example.test>")
+    assert c.cmd("DATA")[0].startswith("354")
+    c.sock.sendall(b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 20 + b".\r\n")
+    assert c.reply()[0].startswith("554 5.3.4 ")

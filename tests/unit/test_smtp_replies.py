@@ -1,0 +1,48 @@
+import pytest
+
+from smtpd.relay_url import RelayUrlError, parse_relay_url
+from smtpd.smtp_session import _count_received, valid_mailbox, with_esc
+
+
+@pytest.mark.parametrize("raw, said", [
+    ("503 Error: need MAIL command", "503 5.5.1 Invalid command: Command not allowed at this point."),
+    ('500 Error: command "FOO" not recognized', "500 5.5.1 Invalid command: Command unrecognized"),
+    ("501 Syntax: HELO hostname", "501 5.5.1 Syntax: HELO hostname"),
+    ("221 Bye", "221 2.0.0 Bye"),
+    ("250 2.0.0 Ok", "250 2.0.0 Ok"),
+    ("354 End data with <CR><LF>.<CR><LF>", '354 Enter mail, end with "." on a line by itself'),
+    ("552 Error: Too much mail data",
+     "554 5.3.4 Message too big for system: Transaction failed, message too big"),
+    ("421 4.3.0 Temporary failure", "421 4.3.0 Temporary failure"),
+    ("220 mx.test ESMTP pysmtpd", "220 mx.test ESMTP pysmtpd"),
+])
+def test_every_reply_gets_an_enhanced_status_code(raw, said):
+    assert with_esc(raw) == said
+
+
+@pytest.mark.parametrize("addr", ["a@b.test", "first.last+tag@example.org", '"quoted str"@x.test',
+                                  "u@[127.0.0.1]", "x@sub-domain.example"])
+def test_valid_mailboxes(addr):
+    assert valid_mailbox(addr)
+
+
+@pytest.mark.parametrize("addr", ["", "no-at", "a@", "@b", "a b@c.test", "a@b..c", "a;rm -rf /@x.test",
+                                  "a@-bad.test", "`id`@x.test" + "x" * 300, "a\n@b.test", "a@b.test\r"])
+def test_invalid_mailboxes(addr):
+    assert not valid_mailbox(addr)
+
+
+def test_received_headers_are_counted_in_the_header_block_only():
+    msg = b"Received: a\nreceived: b\nSubject: s\n\nReceived: body\n"
+    assert _count_received(msg) == 2
+
+
+def test_relay_urls():
+    assert str(parse_relay_url("smtp://127.0.0.1:2526")) == "smtp://127.0.0.1:2526"
+    u = parse_relay_url("smtp+tls://bob@mail.example.org:587")
+    assert (u.scheme, u.label, u.host, u.port) == ("smtp+tls", "bob", "mail.example.org", 587)
+    assert parse_relay_url("mx.example.org").port == 25
+    assert parse_relay_url("smtps://[::1]").port == 465 and parse_relay_url("smtps://[::1]").host == "::1"
+    for bad in ("lmtp://host", "ftp://x", "smtp://bob@x", "smtp://x:99999", "smtp://[::1"):
+        with pytest.raises(RelayUrlError):
+            parse_relay_url(bad)
