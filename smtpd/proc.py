@@ -38,11 +38,32 @@ class Context:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+# Modules the standard library and our dependencies import lazily, on first use.
+# After the privilege drop the interpreter's own files may be unreadable (a Python
+# under /root, a future chroot), so everything is imported while we still can.
+PRELOAD = (
+    "concurrent.futures.thread", "encodings.idna", "encodings.ascii", "encodings.latin_1",
+    "encodings.utf_8", "email.utils", "email._parseaddr", "logging.handlers", "_strptime",
+)
+DNS_TYPES = ("MX", "A", "AAAA", "PTR", "CNAME", "NS", "SOA", "TXT", "TLSA", "SRV")
+
+
+def preload() -> None:
+    for name in PRELOAD:
+        importlib.import_module(name)
+    import dns.rdata
+    import dns.rdataclass
+    import dns.rdatatype
+    for rdtype in DNS_TYPES:
+        dns.rdata.get_rdata_class(dns.rdataclass.IN, dns.rdatatype.from_text(rdtype))
+
+
 def run_child(opts, config) -> int:
     name = opts.proc
     setproctitle(f"smtpd: {name}")
     logsetup.setup(foreground=opts.debug, verbose=bool(opts.verbose), proc=name)
     module = importlib.import_module(f"smtpd.{name}")
+    preload()
     try:
         prepared = module.prepare(opts, config)
         privsep.drop(name)

@@ -39,12 +39,13 @@ def prepare(opts, config) -> Spool:
 
 class Incoming:
     """A message being received: its open body and the envelopes written so far."""
-    __slots__ = ("body", "entries", "failed")
+    __slots__ = ("body", "entries", "failed", "disk_full")
 
     def __init__(self) -> None:
         self.body = None
         self.entries: list[SchedEntry] = []
         self.failed: str = ""
+        self.disk_full = False
 
 
 class Process:
@@ -176,6 +177,7 @@ class Process:
             await self.ctx.mesh.send("pony", QueueEnvelopeSubmitReply(reqid=reqid, ok=True, evpid=evpid))
         except (OSError, SpoolError) as exc:
             inc.failed = str(exc)
+            inc.disk_full = isinstance(exc, OSError) and is_disk_error(exc)
             log.error("warn: queue: cannot write envelope of %08x: %s", msgid, exc)
             await self.ctx.mesh.send("pony", QueueEnvelopeSubmitReply(reqid=reqid, ok=False))
 
@@ -189,12 +191,14 @@ class Process:
             inc.body.write(chunk)
         except OSError as exc:
             inc.failed = str(exc)
+            inc.disk_full = is_disk_error(exc)
             log.error("warn: queue: cannot write message %08x: %s", msgid, exc)
 
     async def _commit(self, peer: str, reqid: int, msgid: int) -> None:
         send = self.ctx.mesh.send
         inc = self.incoming.pop(msgid, None)
         error = "unknown message" if inc is None else inc.failed or ("no envelope" if not inc.entries else "")
+        disk_full = inc is not None and inc.disk_full
         if not error:
             try:
                 if inc.body is None:
@@ -202,15 +206,15 @@ class Process:
                 await asyncio.to_thread(self.spool.commit, msgid, inc.body)
             except OSError as exc:
                 error = exc.strerror or str(exc)
+                disk_full = is_disk_error(exc)
         if error:
             log.error("warn: queue: commit of %08x failed: %s", msgid, error)
             if inc is not None and inc.body is not None and not inc.body.closed:
                 inc.body.close()
             await asyncio.to_thread(self.spool.rollback, msgid)
-            disk = inc is not None and "No space" in error
             await send(peer, SmtpMessageCommitReply(
-                reqid=reqid, ok=False, code=452 if disk else 451,
-                text="4.3.1 Insufficient system storage" if disk else "4.3.0 Temporary failure"))
+                reqid=reqid, ok=False, code=452 if disk_full else 451,
+                text="4.3.1 Insufficient system storage" if disk_full else "4.3.0 Temporary failure"))
             return
         for entry in inc.entries:
             await send("scheduler", QueueEnvelopeSubmit(entry=entry))
