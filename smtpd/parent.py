@@ -223,6 +223,7 @@ def run(opts, argv, config) -> int:
         _daemonize()
     setproctitle("smtpd: [priv]")
     logsetup.setup(foreground=opts.debug, verbose=bool(opts.verbose))
+    ipc.TRACE.mproc = "mproc" in opts.trace or "all" in opts.trace
     try:
         if privsep.privileged():
             privsep.check_users()

@@ -19,7 +19,7 @@ from typing import Any
 from setproctitle import setproctitle
 
 from common import log as logsetup
-from common import privsep
+from common import ipc, privsep
 from common.ids import UidGenerator
 from common.ipc import Mesh
 from common.messages import ConfEnd, CtlVerbose, Msg, SetupDone
@@ -64,6 +64,7 @@ def run_child(opts, config) -> int:
     logsetup.setup(foreground=opts.debug, verbose=bool(opts.verbose), proc=name)
     module = importlib.import_module(f"smtpd.{name}")
     preload()
+    ipc.TRACE.mproc = "mproc" in opts.trace or "all" in opts.trace
     try:
         prepared = module.prepare(opts, config)
         privsep.drop(name)

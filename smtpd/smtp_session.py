@@ -165,8 +165,6 @@ class Handler:
         server.rcpt_count = 0
 
     async def handle_MAIL(self, server: Session, session, envelope, address: str, options) -> str:
-        if self.pony.smtp_paused:
-            return "421 4.3.0 Temporary Error"
         if address.startswith("@") and ":" in address:       # source route: <@a,@b:user@d>
             address = address.split(":", 1)[1]
         if address and "@" not in address:

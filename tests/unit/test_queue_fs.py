@@ -1,0 +1,74 @@
+import os
+
+import pytest
+
+from common.envelope import Envelope
+from smtpd.queue_fs import Spool
+
+
+@pytest.fixture
+def spool(tmp_path):
+    s = Spool(tmp_path / "spool")
+    s.setup(os.getuid(), os.getgid(), privileged=False)
+    return s
+
+
+def receive(spool, rcpts=("a@b.test",), body=b"Subject: x\n\nhi\n"):
+    msgid = spool.create_message()
+    evpids = [spool.write_incoming_envelope(msgid, Envelope(dispatcher="local", type="mda", rcpt=r, dest=r))
+              for r in rcpts]
+    f = spool.open_body(msgid)
+    f.write(body)
+    return msgid, evpids, f
+
+
+def test_commit_moves_the_message_into_its_bucket(spool):
+    msgid, evpids, f = receive(spool, ("a@b.test", "c@d.test"))
+    assert all(e >> 32 == msgid for e in evpids) and len(set(evpids)) == 2
+    spool.commit(msgid, f)
+    d = spool.message_dir(msgid)
+    assert d.parent.name == f"{msgid >> 24:02x}" and d.name == f"{msgid:08x}"
+    assert sorted(os.listdir(d)) == sorted(["message"] + [f"{e:016x}" for e in evpids])
+    assert spool.read_message(msgid) == b"Subject: x\n\nhi\n"
+    assert os.listdir(spool.incoming) == [] and os.listdir(spool.temporary) == []
+    assert list(spool.walk()) == [(msgid, sorted(evpids))]
+    assert spool.load_envelope(evpids[0]).rcpt in ("a@b.test", "c@d.test")
+
+
+def test_rollback_leaves_nothing(spool):
+    msgid, _, f = receive(spool)
+    f.close()
+    spool.rollback(msgid)
+    assert os.listdir(spool.incoming) == [] and os.listdir(spool.temporary) == []
+    assert list(spool.walk()) == []
+
+
+def test_unfinished_messages_are_purged_at_start(spool):
+    msgid, _, f = receive(spool)
+    f.close()
+    spool.purge_unfinished()
+    assert os.listdir(spool.incoming) == [] and os.listdir(spool.temporary) == []
+    assert os.listdir(spool.purge) == []
+
+
+def test_update_and_delete_envelopes(spool):
+    msgid, evpids, f = receive(spool, ("a@b.test", "c@d.test"))
+    spool.commit(msgid, f)
+    env = spool.load_envelope(evpids[0])
+    env.retry, env.errorline = 3, "421 4.0.0 later"
+    spool.update_envelope(env)
+    assert spool.load_envelope(evpids[0]).retry == 3
+    assert [n for n in os.listdir(spool.message_dir(msgid)) if n.startswith(".")] == []
+    spool.delete_envelope(evpids[0])
+    assert spool.message_dir(msgid).exists()
+    spool.delete_envelope(evpids[1])
+    assert not spool.message_dir(msgid).exists()        # the message goes with its last envelope
+
+
+def test_corrupt_message_is_moved_aside(spool):
+    msgid, evpids, f = receive(spool)
+    spool.commit(msgid, f)
+    spool.envelope_path(evpids[0]).write_bytes(b"garbage")
+    dest = spool.move_to_corrupt(msgid)
+    assert dest.parent == spool.corrupt and (dest / "message").exists()
+    assert list(spool.walk()) == []
