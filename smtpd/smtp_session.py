@@ -82,6 +82,9 @@ def with_esc(status: str) -> str:
 class Session(SMTP):
     """One inbound connection."""
 
+    # RFC 5321 says 1000; real mail breaks it, and OpenSMTPD accepts lines up to 64 KiB.
+    line_length_limit = 65535
+
     def __init__(self, handler, *, pony, listener, **kwargs) -> None:
         super().__init__(handler, **kwargs)
         self.pony = pony
