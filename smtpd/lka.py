@@ -24,15 +24,16 @@ from smtpd.ruleset import TableSet
 log = logging.getLogger("smtpd")
 
 
-def prepare(opts, config):
-    return None
+def prepare(opts, config) -> TableSet:
+    """Open the tables while still privileged (their files need not be readable later)."""
+    return TableSet(config)
 
 
 class Process:
     def __init__(self, ctx) -> None:
         self.ctx = ctx
         self.config = ctx.config
-        self.tables = TableSet(ctx.config)
+        self.tables: TableSet = ctx.prepared
         self.resolver = dns.asyncresolver.Resolver()
         self.tasks: set[asyncio.Task] = set()
 

@@ -31,10 +31,14 @@ log = logging.getLogger("smtpd")
 
 
 def prepare(opts, config) -> Spool:
+    """Create the spool and move into it while still root: from then on every path is
+    relative to it, so the queue needs no access to the directories above (and a chroot
+    into the spool, as OpenSMTPD does, changes nothing)."""
     spool = Spool(opts.spool)
     ids = privsep.ids_for("queue")
     spool.setup(ids.uid, ids.gid, privsep.privileged())
-    return spool
+    os.chdir(spool.root)
+    return Spool(".")
 
 
 class Incoming:

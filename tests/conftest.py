@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -139,3 +140,6 @@ def make_daemon(tmp_path):
     for d in started:
         d.stop()
         assert not d.children(), "processes left behind"
+        homes = d.base / "home"
+        if homes.is_symlink():              # see tests/e2e/helpers.py userbase()
+            shutil.rmtree(homes.resolve(), ignore_errors=True)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import pwd
 import smtplib
+import tempfile
 from pathlib import Path
 
 
@@ -10,17 +12,22 @@ def userbase(base: Path, users=("alice", "bob")) -> str:
     """An inline userbase table: the test users live under ``base`` and map to the
     current uid/gid (unprivileged) or to nobody's ids when the daemon runs as root."""
     uid, gid = os.getuid(), os.getgid()
+    homes = base / "home"
     if uid == 0:
-        import pwd
+        # Delivery runs as the user: the homes must be reachable by nobody, which
+        # pytest's private temporary directory is not.
         nobody = pwd.getpwnam("nobody")
         uid, gid = nobody.pw_uid, nobody.pw_gid
-    homes = base / "home"
+        if not homes.exists():
+            real = Path(tempfile.mkdtemp(prefix="pysmtpd-homes-"))
+            os.chmod(real, 0o711)
+            homes.symlink_to(real)
     entries = []
     for user in users:
         home = homes / user
         home.mkdir(parents=True, exist_ok=True)
         os.chown(home, uid, gid) if os.getuid() == 0 else None
-        entries.append(f'{user} = "{uid}:{gid}:{home}"')
+        entries.append(f'{user} = "{uid}:{gid}:{home.resolve()}"')
     return "{ " + ", ".join(entries) + " }"
 
 

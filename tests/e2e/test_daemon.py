@@ -81,8 +81,6 @@ def test_privilege_separation_as_root(make_daemon, tmp_path):
     port = free_port()
     base = tmp_path / "d"
     base.mkdir()
-    os.chmod(tmp_path, 0o755)
-    os.chmod(base, 0o755)
     d = make_daemon(config(base, port)).start()
     procs = d.children()
     assert proc_ids(procs["smtpd: [priv]"])[0] == 0
