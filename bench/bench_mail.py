@@ -1,0 +1,839 @@
+#!/usr/bin/env python3
+"""End-to-end mail benchmark of pysmtpd.
+
+Boots the real daemon (every process, in its own process group, with a temporary
+spool, on a free 127.0.0.1 port), sends N messages of SIZE bytes over S concurrent
+SMTP sessions, and measures:
+
+* accepted msg/s: first connect -> last ``250`` to the end of DATA;
+* delivered msg/s: first connect -> last message seen by the relay sink
+  (``--mode relay``) or in the Maildir's ``new/`` (``--mode maildir``);
+* peak RSS summed over every process of the daemon's process group (parent,
+  children and the short-lived delivery processes), sampled every 100 ms from
+  /proc/PID/status (VmRSS).
+
+The load generator is a small asyncio SMTP client (``--client asyncio``, default:
+it pipelines MAIL/RCPT/DATA when PIPELINING is advertised) or Postfix's smtp-source
+(``--client smtp-source``).  The relay sink is Postfix's smtp-sink when
+``bench/get-postfix-tools.sh`` can fetch it, else an aiosmtpd sink in a separate
+process (``--sink auto|postfix|aiosmtpd``).
+
+Bounded: after ``--timeout`` seconds (default 600) it stops waiting and reports what
+it got.  It always stops every process it started (by PID and process group) and
+removes its temporary directory (unless ``--keep``).  Works unprivileged and as root
+(then the Maildir user is ``nobody`` and the spool is made reachable for the
+daemon's users).
+
+    python bench/bench_mail.py --mode relay -n 2000 -s 10 --size 5120
+
+Prints a one-line summary, then one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as _dt
+import json
+import os
+import platform
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+POSTFIX_DIR = BENCH / ".postfix"
+SENDER = "bench@local.test"
+RELAY_RCPT = "user@remote.test"
+MAILDIR_USER = "alice"
+MAILDIR_RCPT = "alice@example.test"
+BOOT_TIMEOUT = 60.0
+
+
+class BenchError(Exception):
+    pass
+
+
+class Interrupted(BaseException):
+    """SIGTERM/SIGINT: unwind through every ``finally`` so cleanup runs."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, deadline: float, interval: float = 0.05) -> bool:
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+def pgrp_pids(pgid: int) -> list[tuple[int, str]]:
+    """(pid, title) of every live process whose process group is ``pgid``."""
+    out = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+            fields = stat.rsplit(b")", 1)[1].split()
+            if int(fields[2]) != pgid or fields[0] == b"Z":
+                continue
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                title = f.read().split(b"\0")[0].decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+        out.append((int(entry.name), title))
+    return out
+
+
+def vmrss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmRSS:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def kill_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_process_group(proc: subprocess.Popen | None, grace: float = 5.0) -> None:
+    """SIGTERM the leader, wait, then SIGKILL the whole group and reap."""
+    if proc is None:
+        return
+    pgid = proc.pid
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+    kill_group(pgid, signal.SIGKILL)
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        pass
+    wait_until(lambda: not pgrp_pids(pgid), time.monotonic() + 5)
+
+
+# --------------------------------------------------------------------------- RSS sampling
+
+class RssSampler(threading.Thread):
+    """Every ``interval`` seconds, sum VmRSS over the process group."""
+
+    def __init__(self, pgid: int, interval: float = 0.1) -> None:
+        super().__init__(daemon=True, name="rss-sampler")
+        self.pgid = pgid
+        self.interval = interval
+        self.stop_event = threading.Event()
+        self.peak_kib = 0
+        self.peak_procs = 0
+        self.peak_by_title: dict[str, int] = {}
+        self.last_kib = 0
+        self.samples = 0
+        self.max_procs = 0
+
+    def sample(self) -> int:
+        total = 0
+        procs = pgrp_pids(self.pgid)
+        by_title: dict[str, int] = {}
+        for pid, title in procs:
+            rss = vmrss_kib(pid)
+            total += rss
+            by_title[title] = by_title.get(title, 0) + rss
+        for title, rss in by_title.items():
+            if rss > self.peak_by_title.get(title, 0):
+                self.peak_by_title[title] = rss
+        if total > self.peak_kib:
+            self.peak_kib = total
+            self.peak_procs = len(procs)
+        self.max_procs = max(self.max_procs, len(procs))
+        self.last_kib = total
+        self.samples += 1
+        return total
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            self.sample()
+            self.stop_event.wait(self.interval)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(2)
+
+
+# --------------------------------------------------------------------------- sinks
+
+class Counter:
+    """A count of delivered messages and the monotonic time of its last increase."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.count = 0
+        self.first_at: float | None = None
+        self.last_at: float | None = None
+        self.times: list[float] = []
+
+    def set(self, count: int, at: float) -> None:
+        with self.lock:
+            if count > self.count:
+                if self.first_at is None:
+                    self.first_at = at
+                self.times.extend([at] * (count - self.count))
+                self.count = count
+                self.last_at = at
+
+    def time_of(self, n: int) -> float | None:
+        """When the n-th message (1-based) was seen."""
+        with self.lock:
+            return self.times[n - 1] if 0 < n <= len(self.times) else None
+
+
+class PostfixSink:
+    """Postfix's smtp-sink; its ``-c`` counters (``... mesg=N\\r``) are read as they come."""
+
+    name = "postfix smtp-sink"
+
+    def __init__(self, tools: Path, port: int, logdir: Path) -> None:
+        self.tools = tools
+        self.port = port
+        self.counter = Counter()
+        self.proc: subprocess.Popen | None = None
+        self.errlog = open(logdir / "sink.err", "wb")
+
+    def start(self) -> None:
+        env = dict(os.environ, LD_LIBRARY_PATH=str(self.tools / "usr/lib/postfix"))
+        cmd = [str(self.tools / "usr/sbin/smtp-sink"), "-c", "-m", "1024"]
+        if os.getuid() == 0:
+            cmd += ["-u", "nobody"]          # smtp-sink refuses to run as root
+        cmd += [f"127.0.0.1:{self.port}", "1024"]
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=self.errlog,
+                                     start_new_session=True)
+        threading.Thread(target=self._read, daemon=True, name="sink-reader").start()
+        if not wait_until(self._listening, time.monotonic() + 10):
+            raise BenchError("smtp-sink did not start listening")
+
+    def _listening(self) -> bool:
+        if self.proc.poll() is not None:
+            raise BenchError(f"smtp-sink exited ({self.proc.returncode})")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.recv(512)
+                s.sendall(b"QUIT\r\n")
+            return True
+        except OSError:
+            return False
+
+    def _read(self) -> None:
+        buf = b""
+        stream = self.proc.stdout
+        while True:
+            chunk = stream.read1(65536)
+            if not chunk:
+                return
+            now = time.monotonic()
+            buf += chunk
+            *records, buf = buf.replace(b"\n", b"\r").split(b"\r")
+            for rec in reversed(records):
+                idx = rec.rfind(b"mesg=")
+                if idx >= 0:
+                    try:
+                        self.counter.set(int(rec[idx + 5:].split()[0]), now)
+                    except (ValueError, IndexError):
+                        continue
+                    break
+
+    def stop(self) -> None:
+        stop_process_group(self.proc, grace=2)
+        self.errlog.close()
+
+
+SINK_SERVER = r'''
+import asyncio, sys, time
+from aiosmtpd.smtp import SMTP
+
+count = 0
+class Handler:
+    async def handle_DATA(self, server, session, envelope):
+        global count
+        count += 1
+        sys.stdout.write(f"{count} {time.monotonic()!r}\n")
+        sys.stdout.flush()
+        return "250 2.0.0 Ok: queued"
+
+async def main(port):
+    loop = asyncio.get_running_loop()
+    srv = await loop.create_server(lambda: SMTP(Handler(), hostname="sink.test"),
+                                   "127.0.0.1", port, backlog=1024)
+    sys.stdout.write("ready\n"); sys.stdout.flush()
+    await srv.serve_forever()
+
+asyncio.run(main(int(sys.argv[1])))
+'''
+
+
+class AiosmtpdSink:
+    """An aiosmtpd sink in its own process; it prints ``COUNT MONOTONIC`` per message
+    (CLOCK_MONOTONIC is system-wide, so its times compare with ours)."""
+
+    name = "aiosmtpd sink"
+
+    def __init__(self, port: int, logdir: Path) -> None:
+        self.port = port
+        self.counter = Counter()
+        self.proc: subprocess.Popen | None = None
+        self.ready = threading.Event()
+        self.errlog = open(logdir / "sink.err", "wb")
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", SINK_SERVER, str(self.port)],
+                                     stdout=subprocess.PIPE, stderr=self.errlog,
+                                     start_new_session=True)
+        threading.Thread(target=self._read, daemon=True, name="sink-reader").start()
+        deadline = time.monotonic() + 20
+        while not self.ready.wait(0.1):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchError("aiosmtpd sink did not start")
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            parts = line.split()
+            if parts == [b"ready"]:
+                self.ready.set()
+            elif len(parts) == 2:
+                try:
+                    self.counter.set(int(parts[0]), float(parts[1]))
+                except ValueError:
+                    pass
+
+    def stop(self) -> None:
+        stop_process_group(self.proc, grace=2)
+        self.errlog.close()
+
+
+class MaildirWatch(threading.Thread):
+    """Counts the files in a Maildir's new/ every 20 ms."""
+
+    name_ = "maildir new/"
+
+    def __init__(self, new_dir: Path, interval: float = 0.02) -> None:
+        super().__init__(daemon=True, name="maildir-watch")
+        self.new_dir = new_dir
+        self.interval = interval
+        self.counter = Counter()
+        self.stop_event = threading.Event()
+
+    def count(self) -> int:
+        try:
+            with os.scandir(self.new_dir) as it:
+                return sum(1 for _ in it)
+        except OSError:
+            return 0
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            self.counter.set(self.count(), time.monotonic())
+            self.stop_event.wait(self.interval)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(2)
+
+
+# --------------------------------------------------------------------------- load
+
+def make_message(size: int, rcpt: str) -> bytes:
+    """A message of ``size`` bytes (CRLF lines, nothing to dot-stuff), with a
+    fixed-width message number ``00000000`` that each send replaces."""
+    head = (f"From: <{SENDER}>\r\nTo: <{rcpt}>\r\nSubject: bench message 00000000\r\n"
+            f"Message-ID: <bench.00000000.{os.getpid()}@local.test>\r\n\r\n").encode()
+    line = (b"abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+            b"0123456789abcdef" + b"\r\n")                     # 80 bytes
+    body = bytearray(head)
+    while size - len(body) - len(line) >= 3:
+        body += line
+    rest = size - len(body)
+    body += b"x" * max(1, rest - 2) + b"\r\n"
+    return bytes(body)
+
+
+def numbered(template: bytes, i: int) -> bytes:
+    num = b"%08d" % i
+    return (template.replace(b"bench message 00000000", b"bench message " + num, 1)
+            .replace(b"<bench.00000000.", b"<bench." + num + b".", 1))
+
+
+class LoadStats:
+    def __init__(self) -> None:
+        self.first_connect: float | None = None
+        self.last_accept: float | None = None
+        self.accepted = 0
+        self.failed = 0
+        self.errors: dict[str, int] = {}
+        self.connections = 0
+
+    def error(self, what: str) -> None:
+        self.failed += 1
+        what = what[:120]
+        self.errors[what] = self.errors.get(what, 0) + 1
+
+
+class SmtpError(Exception):
+    pass
+
+
+async def read_reply(reader: asyncio.StreamReader) -> tuple[int, list[bytes]]:
+    lines = []
+    while True:
+        line = await reader.readline()
+        if not line:
+            raise SmtpError("connection closed by the server")
+        lines.append(line.rstrip(b"\r\n"))
+        if len(line) < 4 or line[3:4] != b"-":
+            try:
+                return int(line[:3]), lines
+            except ValueError:
+                raise SmtpError(f"bad reply {line!r}") from None
+
+
+async def asyncio_load(port: int, n: int, sessions: int, size: int, rcpt: str,
+                       per_session: int, pipelining: bool, stats: LoadStats) -> None:
+    template = make_message(size, rcpt)
+    next_index = iter(range(n))
+    lock_free_take = next_index.__next__        # single-threaded event loop: no lock needed
+
+    def take() -> int | None:
+        try:
+            return lock_free_take()
+        except StopIteration:
+            return None
+
+    async def one_connection(first: int) -> int | None:
+        """Sends up to ``per_session`` messages on one connection starting with message
+        ``first``; returns the next message index to send, or None."""
+        if stats.first_connect is None:
+            stats.first_connect = time.monotonic()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
+        stats.connections += 1
+        i: int | None = first
+        try:
+            code, _ = await read_reply(reader)
+            if code != 220:
+                raise SmtpError(f"banner {code}")
+            writer.write(b"EHLO client.bench.test\r\n")
+            code, lines = await read_reply(reader)
+            if code != 250:
+                raise SmtpError(f"EHLO {code}")
+            can_pipeline = pipelining and any(l[4:].upper().startswith(b"PIPELINING") for l in lines)
+            sent_here = 0
+            while i is not None:
+                body = numbered(template, i)
+                cmds = [f"MAIL FROM:<{SENDER}> SIZE={len(body)}\r\n".encode(),
+                        f"RCPT TO:<{rcpt}>\r\n".encode(), b"DATA\r\n"]
+                if can_pipeline:
+                    writer.write(b"".join(cmds))
+                    replies = [await read_reply(reader) for _ in cmds]
+                else:
+                    replies = []
+                    for c in cmds:
+                        writer.write(c)
+                        replies.append(await read_reply(reader))
+                        if replies[-1][0] >= 400:
+                            break
+                codes = [r[0] for r in replies]
+                if codes[:2] != [250, 250] or len(codes) < 3 or codes[2] != 354:
+                    stats.error(f"envelope refused: {[r[1][-1].decode(errors='replace') for r in replies]}")
+                    if len(codes) == 3 and codes[2] == 354:
+                        writer.write(b".\r\n")      # finish the transaction
+                        await read_reply(reader)
+                    writer.write(b"RSET\r\n")
+                    await read_reply(reader)
+                else:
+                    writer.write(body)
+                    writer.write(b".\r\n")
+                    code, lines = await read_reply(reader)
+                    if code == 250:
+                        stats.accepted += 1
+                        stats.last_accept = time.monotonic()
+                    else:
+                        stats.error(f"DATA {lines[-1].decode(errors='replace')}")
+                sent_here += 1
+                i = take()
+                if sent_here >= per_session:
+                    break
+            writer.write(b"QUIT\r\n")
+            try:
+                await asyncio.wait_for(read_reply(reader), 10)
+            except (SmtpError, asyncio.TimeoutError):
+                pass
+            return i
+        finally:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except OSError:
+                pass
+
+    async def worker() -> None:
+        i = take()
+        while i is not None:
+            try:
+                i = await one_connection(i)
+            except (OSError, SmtpError, asyncio.IncompleteReadError) as exc:
+                stats.error(f"{type(exc).__name__}: {exc}")
+                i = take()
+
+    await asyncio.gather(*(worker() for _ in range(sessions)))
+
+
+def smtp_source_load(tools: Path, port: int, n: int, sessions: int, size: int, rcpt: str,
+                     per_session: int, stats: LoadStats, deadline: float, logdir: Path) -> None:
+    """Postfix's smtp-source; its ``-c`` counter gives the time of each accepted message.
+    ``-l`` is the payload length, not counting its few header lines."""
+    env = dict(os.environ, LD_LIBRARY_PATH=str(tools / "usr/lib/postfix"))
+    cmd = [str(tools / "usr/sbin/smtp-source"), "-c", "-s", str(sessions), "-m", str(n),
+           "-l", str(size), "-f", SENDER, "-t", rcpt, "-M", "client.bench.test"]
+    if per_session > 1:
+        cmd.append("-d")
+    cmd.append(f"127.0.0.1:{port}")
+    with open(logdir / "smtp-source.err", "wb") as err:
+        stats.first_connect = time.monotonic()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err,
+                                start_new_session=True)
+        try:
+            buf = b""
+            done = threading.Event()
+
+            def reader() -> None:
+                nonlocal buf
+                while True:
+                    chunk = proc.stdout.read1(65536)
+                    if not chunk:
+                        done.set()
+                        return
+                    now = time.monotonic()
+                    buf += chunk
+                    *records, buf = buf.replace(b"\n", b"\r").split(b"\r")
+                    for rec in reversed(records):
+                        if rec.strip().isdigit():
+                            count = int(rec)
+                            if count > stats.accepted:
+                                stats.accepted = count
+                                stats.last_accept = now
+                            break
+
+            threading.Thread(target=reader, daemon=True).start()
+            while not done.wait(0.1):
+                if time.monotonic() > deadline:
+                    raise asyncio.TimeoutError()
+            proc.wait(5)
+            if proc.returncode != 0:
+                stats.error(f"smtp-source exit {proc.returncode}: "
+                            + (logdir / "smtp-source.err").read_text(errors="replace")[-200:])
+        finally:
+            stop_process_group(proc, grace=1)
+    stats.connections = n if per_session <= 1 else sessions
+
+
+# --------------------------------------------------------------------------- daemon
+
+def build_config(base: Path, port: int, mode: str, sink_port: int) -> tuple[str, Path]:
+    """The configuration and the Maildir new/ directory that the run fills."""
+    uid, gid = os.getuid(), os.getgid()
+    if uid == 0:
+        nobody = pwd.getpwnam("nobody")
+        uid, gid = nobody.pw_uid, nobody.pw_gid
+    home = base / "home" / MAILDIR_USER
+    home.mkdir(parents=True)
+    os.chmod(base / "home", 0o711)
+    if os.getuid() == 0:
+        os.chown(home, uid, gid)
+    lines = [
+        "# pysmtpd benchmark configuration (bench/bench_mail.py)",
+        f"listen on 127.0.0.1 port {port}",
+        f'table users {{ {MAILDIR_USER} = "{uid}:{gid}:{home}" }}',
+        f'action "outbound" relay host "smtp://127.0.0.1:{sink_port}"',
+        'action "local" maildir "~/Maildir" userbase <users>',
+        'match from any for domain "example.test" action "local"',
+        'match from local for any action "outbound"',
+    ]
+    return "\n".join(lines) + "\n", home / "Maildir" / "new"
+
+
+class DaemonRun:
+    def __init__(self, base: Path, config_text: str) -> None:
+        self.base = base
+        self.config = base / "smtpd.conf"
+        self.config.write_text(config_text)
+        self.spool = base / "spool"
+        self.socket = base / "ctl.sock"
+        self.logfile = base / "smtpd.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "smtpd", "-d", "-f", str(self.config),
+               "--spool", str(self.spool), "--socket", str(self.socket)]
+        with open(self.logfile, "ab") as log:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        ok = wait_until(lambda: "ready:" in self.log() or self.proc.poll() is not None, deadline)
+        if not ok or self.proc.poll() is not None:
+            raise BenchError(f"smtpd did not start:\n{self.log_tail()}")
+
+    def log(self) -> str:
+        try:
+            return self.logfile.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        stop_process_group(self.proc, grace=5)
+
+
+# --------------------------------------------------------------------------- main
+
+def get_postfix_tools(quiet: bool) -> Path | None:
+    if (POSTFIX_DIR / "usr/sbin/smtp-sink").exists() and (POSTFIX_DIR / "usr/sbin/smtp-source").exists():
+        return POSTFIX_DIR
+    try:
+        res = subprocess.run(["sh", str(BENCH / "get-postfix-tools.sh"), str(POSTFIX_DIR)],
+                             capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if res.returncode != 0:
+        if not quiet:
+            print(f"bench: Postfix tools unavailable: {res.stderr.strip()[-300:]}", file=sys.stderr)
+        return None
+    return POSTFIX_DIR
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-n", type=int, default=2000, help="messages to send (default 2000)")
+    p.add_argument("-s", type=int, default=10, help="concurrent SMTP sessions (default 10)")
+    p.add_argument("--size", type=int, default=5120, help="message size in bytes (default 5120)")
+    p.add_argument("--mode", choices=["relay", "maildir"], default="relay")
+    p.add_argument("--per-session", type=int, default=1, metavar="K",
+                   help="messages per SMTP connection (default 1, as smtp-source)")
+    p.add_argument("--client", choices=["asyncio", "smtp-source"], default="asyncio",
+                   help="load generator (default: the asyncio client of this script)")
+    p.add_argument("--no-pipelining", action="store_true",
+                   help="asyncio client: one command per round trip")
+    p.add_argument("--sink", choices=["auto", "postfix", "aiosmtpd"], default="auto",
+                   help="relay sink (auto: Postfix smtp-sink if it can be had)")
+    p.add_argument("--timeout", type=float, default=600.0, help="global timeout in seconds")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the temporary directory (config, spool, logs, Maildir)")
+    p.add_argument("--label", default="", help="free text copied into the JSON line")
+    args = p.parse_args(argv)
+    if args.n < 1 or args.s < 1 or args.size < 64 or args.per_session < 1:
+        p.error("-n, -s and --per-session must be >= 1, --size >= 64")
+    return args
+
+
+def rate(count: int, start: float | None, end: float | None) -> float | None:
+    if not count or start is None or end is None or end <= start:
+        return None
+    return count / (end - start)
+
+
+def run(args: argparse.Namespace) -> dict:
+    t_start = time.monotonic()
+    deadline = t_start + args.timeout
+    base = Path(tempfile.mkdtemp(prefix="pysmtpd-bench-"))
+    os.chmod(base, 0o711)        # as root, the daemon's users and the Maildir user go through it
+    result: dict = {
+        "bench": "mail", "mode": args.mode, "n": args.n, "sessions": args.s, "size": args.size,
+        "per_session": args.per_session, "client": args.client, "label": args.label,
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "nproc": os.cpu_count(), "python": platform.python_version(),
+        "uid": os.getuid(), "timed_out": False, "error": None,
+    }
+    daemon: DaemonRun | None = None
+    sink = None
+    watch: MaildirWatch | None = None
+    sampler: RssSampler | None = None
+    stats = LoadStats()
+    counter: Counter | None = None
+    try:
+        need_postfix = args.client == "smtp-source" or (args.mode == "relay" and args.sink != "aiosmtpd")
+        tools = get_postfix_tools(quiet=args.sink == "auto" and args.client == "asyncio") \
+            if need_postfix else None
+        if tools is None and (args.client == "smtp-source" or args.sink == "postfix"):
+            raise BenchError("Postfix tools required but bench/get-postfix-tools.sh failed")
+        port, sink_port = free_port(), free_port()
+        config_text, new_dir = build_config(base, port, args.mode, sink_port)
+        if args.mode == "relay":
+            sink = PostfixSink(tools, sink_port, base) if tools is not None else AiosmtpdSink(sink_port, base)
+            sink.start()
+            counter = sink.counter
+            result["sink"] = sink.name
+            rcpt = RELAY_RCPT
+        else:
+            watch = MaildirWatch(new_dir)
+            watch.start()
+            counter = watch.counter
+            result["sink"] = "maildir new/"
+            rcpt = MAILDIR_RCPT
+        daemon = DaemonRun(base, config_text)
+        daemon.start()
+        result["boot_seconds"] = round(time.monotonic() - t_start, 2)
+        sampler = RssSampler(daemon.proc.pid)
+        result["idle_rss_mib"] = round(sampler.sample() / 1024, 1)
+        result["processes"] = len(pgrp_pids(daemon.proc.pid))
+        sampler.start()
+
+        # Load.
+        try:
+            if args.client == "asyncio":
+                async def go():
+                    await asyncio.wait_for(
+                        asyncio_load(port, args.n, args.s, args.size, rcpt, args.per_session,
+                                     not args.no_pipelining, stats),
+                        max(1.0, deadline - time.monotonic()))
+                asyncio.run(go())
+            else:
+                smtp_source_load(tools, port, args.n, args.s, args.size, rcpt, args.per_session,
+                                 stats, deadline, base)
+        except asyncio.TimeoutError:
+            result["timed_out"] = True
+        # Delivery: wait for every accepted message (or the deadline, or a dead daemon).
+        target = stats.accepted
+        if target:
+            wait_until(lambda: counter.count >= target or not daemon.alive(), deadline, 0.02)
+            if counter.count < target and not daemon.alive():
+                result["error"] = f"smtpd exited ({daemon.proc.returncode}) during the run"
+            elif counter.count < target:
+                result["timed_out"] = True
+            # Duplicates show up as more than accepted: look a moment longer.
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    except BenchError as exc:
+        result["error"] = str(exc)
+    finally:
+        try:
+            if sampler is not None:
+                sampler.stop()
+            if watch is not None:
+                watch.stop()
+            if daemon is not None:
+                result["daemon_alive_at_end"] = daemon.alive()
+                log = daemon.log()
+                result["log_warnings"] = sum(1 for l in log.splitlines()
+                                             if "warn" in l.lower() or "error" in l.lower())
+                if result.get("error") or result.get("timed_out"):
+                    result["log_tail"] = daemon.log_tail(15)
+                daemon.stop()
+        finally:
+            if sink is not None:
+                sink.stop()
+            if args.keep:
+                result["kept"] = str(base)
+            else:
+                shutil.rmtree(base, ignore_errors=True)
+        result["total_seconds"] = round(time.monotonic() - t_start, 2)
+
+    t0 = stats.first_connect
+    result.update({
+        "accepted": stats.accepted, "failed": stats.failed, "connections": stats.connections,
+        "errors": dict(sorted(stats.errors.items(), key=lambda kv: -kv[1])[:5]),
+        "accept_seconds": round(stats.last_accept - t0, 3) if t0 and stats.last_accept else None,
+        "accepted_per_s": _r(rate(stats.accepted, t0, stats.last_accept)),
+    })
+    if counter is not None:
+        delivered = counter.count
+        last = counter.time_of(min(delivered, stats.accepted) or delivered) if delivered else None
+        result.update({
+            "delivered": delivered,
+            "duplicates": max(0, delivered - stats.accepted),
+            "deliver_seconds": round(last - t0, 3) if t0 and last else None,
+            "delivered_per_s": _r(rate(min(delivered, stats.accepted or delivered), t0, last)),
+        })
+    if sampler is not None:
+        result["peak_rss_mib"] = round(sampler.peak_kib / 1024, 1)
+        result["peak_rss_processes"] = sampler.peak_procs
+        result["max_processes"] = sampler.max_procs
+        result["peak_rss_by_process_mib"] = {t: round(k / 1024, 1)
+                                            for t, k in sorted(sampler.peak_by_title.items())}
+    return result
+
+
+def _r(x: float | None) -> float | None:
+    return None if x is None else round(x, 1)
+
+
+def summary(r: dict) -> str:
+    def f(x, unit=""):
+        return "n/a" if x is None else f"{x}{unit}"
+    s = (f"{r['mode']}: n={r['n']} s={r['sessions']} size={r['size']} client={r['client']}"
+         f" sink={r.get('sink', '?')}: accepted {r['accepted']}/{r['n']} at {f(r['accepted_per_s'])} msg/s"
+         f" ({f(r['accept_seconds'], ' s')}), delivered {r.get('delivered', 0)}"
+         f" at {f(r.get('delivered_per_s'))} msg/s ({f(r.get('deliver_seconds'), ' s')}),"
+         f" peak RSS {f(r.get('peak_rss_mib'), ' MiB')}")
+    if r["failed"]:
+        s += f", {r['failed']} failed"
+    if r.get("duplicates"):
+        s += f", {r['duplicates']} DUPLICATES"
+    if r["timed_out"]:
+        s += ", TIMED OUT"
+    if r["error"]:
+        s += f", ERROR: {r['error'].splitlines()[0]}"
+    return s
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
+    def interrupted(signum, frame):
+        raise Interrupted(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, interrupted)
+    try:
+        result = run(args)
+    except Interrupted as exc:
+        print(f"bench: interrupted ({exc}); everything started was stopped", file=sys.stderr)
+        return 130
+    print(summary(result), flush=True)
+    print(json.dumps(result, sort_keys=False), flush=True)
+    if result["error"] and result.get("log_tail"):
+        print(result["log_tail"], file=sys.stderr)
+    ok = (not result["error"] and not result["timed_out"] and result["accepted"] == args.n
+          and result.get("delivered", 0) == args.n)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
