@@ -167,7 +167,8 @@ class Parent:
         elif isinstance(msg, CtlRequest) and msg.command == "stop":
             await self.mesh.send(peer, CtlReply(reqid=msg.reqid, ok=True))
             log.info("smtpd: stop requested by control")
-            self.shutdown(0)
+            # Give control a moment to answer smtpctl before it is told to stop.
+            asyncio.get_running_loop().call_later(0.3, self.shutdown, 0)
         else:
             log.warning("warn: parent: unexpected %s from %s", type(msg).__name__, peer)
 

@@ -12,6 +12,7 @@ def userbase(base: Path, users=("alice", "bob")) -> str:
     """An inline userbase table: the test users live under ``base`` and map to the
     current uid/gid (unprivileged) or to nobody's ids when the daemon runs as root."""
     uid, gid = os.getuid(), os.getgid()
+    base.mkdir(parents=True, exist_ok=True)
     homes = base / "home"
     if uid == 0:
         # Delivery runs as the user: the homes must be reachable by nobody, which

@@ -1,0 +1,140 @@
+"""The configuration model (what smtpd.conf says), shared by every process."""
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass, field
+
+
+class ConfigError(Exception):
+    def __init__(self, file: str, line: int | None, message: str) -> None:
+        self.file, self.line, self.message = file, line, message
+        super().__init__(f"{file}:{line}: {message}" if line else f"{file}: {message}")
+
+
+@dataclass
+class Listener:
+    address: str
+    port: int = 25
+    family: str | None = None
+    hostname: str | None = None
+    tag: str | None = None
+    lineno: int = 0
+    file: str = ""
+
+
+@dataclass
+class Table:
+    name: str
+    backend: str                       # "static" (inline or file:) or an external type
+    config: str | None
+    values: list[str] | dict[str, str] | None
+    lineno: int = 0
+
+
+@dataclass
+class Action:
+    name: str
+    method: str                        # "maildir" | "mbox" | "lmtp" | "mda" | "relay" | ...
+    target: str | None = None
+    alias: str | None = None
+    virtual: str | None = None
+    userbase: str | None = None
+    user: str | None = None
+    junk: bool = False
+    host: str | None = None
+    helo: str | None = None
+    ttl: int | None = None
+    lineno: int = 0
+
+
+@dataclass
+class Condition:
+    kind: str                          # "from" | "for" | "tag" | "helo" | "mail-from" | "rcpt-to" | "auth"
+    what: str                          # from: any|local|src|...; for: any|local|domain|rcpt-to
+    table: str | None = None
+    negate: bool = False
+    regex: bool = False
+
+
+@dataclass
+class Rule:
+    conditions: list[Condition]
+    action: str | None
+    reject: bool
+    lineno: int
+
+
+@dataclass
+class Config:
+    file: str
+    hostname: str
+    listeners: list[Listener] = field(default_factory=list)
+    tables: dict[str, Table] = field(default_factory=dict)
+    actions: dict[str, Action] = field(default_factory=dict)
+    rules: list[Rule] = field(default_factory=list)
+    max_message_size: int = 35 * 1024 * 1024
+    queue_ttl: int = 4 * 86400
+    bounce_warn_interval: list[int] = field(default_factory=lambda: [4 * 3600])
+    smtp_max_mails: int = 100
+    smtp_max_rcpt: int = 1000
+    sub_addr_delim: str = "+"
+    mta_max_deferred: int = 100
+    macros: dict[str, str] = field(default_factory=dict)
+
+
+def default_hostname() -> str:
+    for path in ("/etc/mail/mailname", "/etc/mailname"):
+        try:
+            with open(path) as f:
+                name = f.readline().strip()
+            if name:
+                return name
+        except OSError:
+            pass
+    return socket.getfqdn()
+
+
+def _interfaces() -> dict[str, list[tuple[int, str]]]:
+    """Interface name -> [(family, address)] from /proc (IPv6) and ioctl-free `ip`."""
+    out: dict[str, list[tuple[int, str]]] = {}
+    try:
+        import json
+        import subprocess
+        data = json.loads(subprocess.run(["ip", "-j", "addr"], capture_output=True, text=True,
+                                         timeout=10).stdout or "[]")
+        for link in data:
+            for a in link.get("addr_info", []):
+                fam = socket.AF_INET6 if a.get("family") == "inet6" else socket.AF_INET
+                out.setdefault(link["ifname"], []).append((fam, a["local"]))
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def resolve_listener_addresses(listener: Listener) -> list[tuple[int, str]]:
+    addr = listener.address
+    fams = {"inet4": (socket.AF_INET,), "inet6": (socket.AF_INET6,)}.get(
+        listener.family or "", (socket.AF_INET, socket.AF_INET6))
+    try:
+        ip = ipaddress.ip_address(addr)
+        return [(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, str(ip))]
+    except ValueError:
+        pass
+    if addr == "localhost":
+        out = [(f, a) for f, a in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")) if f in fams]
+        return out[:1] if socket.AF_INET in fams else out
+    ifaces = _interfaces()
+    if addr in ("all", "egress", "any"):
+        found = [(f, a) for lst in ifaces.values() for f, a in lst if f in fams]
+    else:
+        found = [(f, a) for f, a in ifaces.get(addr, []) if f in fams]
+    if not found:
+        raise ConfigError(listener.file, listener.lineno, f"invalid virtual ip or interface: {addr}")
+    return [(f, a) for f, a in found if not a.startswith("fe80")]
+
+
+def check_config(config: Config) -> None:
+    for listener in config.listeners:
+        if listener.address != "socket":
+            resolve_listener_addresses(listener)

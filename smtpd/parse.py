@@ -1,0 +1,528 @@
+"""smtpd.conf parser (OpenSMTPD 6.4+ grammar).
+
+Line based: a statement per logical line (``\\`` continues it), ``#`` comments,
+``name = value`` macros used as ``$name`` (``-D name=value`` wins), quoted
+strings, ``<table>`` references and inline ``{ a, b }`` / ``{ k = v }`` tables.
+Every error names FILE:LINE, the token found and what was expected.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from common.durations import parse_duration
+from smtpd.config import Action, Condition, Config, ConfigError, Listener, Rule, Table, default_hostname
+
+OLD_GRAMMAR = {"accept", "deliver", "map", "expire", "ssl", "limit"}
+OLD_HINT = ' (pre-6.4 accept/deliver grammar; see smtpd.conf(5): use "action" and "match")'
+LOCAL_METHODS = {"mbox", "maildir", "lmtp", "mda", "forward-only", "expand-only"}
+_TOKEN = re.compile(r'''\s*(?:("(?:[^"\\]|\\.)*")|('[^']*')|(<[^<>\s]+>)|([{},=!])|([^\s{},="'<>!]+(?:!?[^\s{},="'<>]*)*))''')
+_SIZE = re.compile(r"^(\d+)([kKmMgG]?)[bB]?$")
+
+
+class Tok(str):
+    quoted = False
+    ref = False
+
+
+class Parser:
+    def __init__(self, path: str, macros: dict[str, str] | None) -> None:
+        self.cli_macros = dict(macros or {})
+        self.config = Config(file=path, hostname=default_hostname())
+        self.config.macros.update(self.cli_macros)
+        self.anon = 0
+        self.file = path
+        self.line = 0
+
+    # -- lexing -------------------------------------------------------------------------------
+
+    def err(self, message: str) -> ConfigError:
+        return ConfigError(self.file, self.line, message)
+
+    def tokenize(self, text: str) -> list[Tok]:
+        out: list[Tok] = []
+        pos = 0
+        text = text.rstrip()
+        while pos < len(text):
+            m = _TOKEN.match(text, pos)
+            if not m or m.end() == pos:
+                raise self.err(f"syntax error near {text[pos:pos + 20]!r}")
+            pos = m.end()
+            dq, sq, ref, punct, word = m.groups()
+            if dq is not None or sq is not None:
+                t = Tok(re.sub(r"\\(.)", r"\1", dq[1:-1]) if dq is not None else sq[1:-1])
+                t.quoted = True
+            elif ref is not None:
+                t = Tok(ref[1:-1])
+                t.ref = True
+            elif punct is not None:
+                t = Tok(punct)
+            else:
+                if word.startswith("$"):
+                    name = word[1:]
+                    if name not in self.config.macros:
+                        raise self.err(f"macro '{name}' not defined")
+                    word = self.config.macros[name]
+                t = Tok(word)
+            out.append(t)
+        return out
+
+    def logical_lines(self, path: Path):
+        lines = path.read_text(errors="replace").split("\n")
+        buf, start = "", 0
+        for number, raw in enumerate(lines, 1):
+            line = _strip_comment(raw)
+            if not buf:
+                start = number
+            if line.rstrip().endswith("\\"):
+                buf += line.rstrip()[:-1] + " "
+                continue
+            buf += line
+            if buf.strip():
+                yield start, buf
+            buf = ""
+        if buf.strip():
+            yield start, buf
+
+    # -- top level ------------------------------------------------------------------------------
+
+    def parse_file(self, path: Path, depth: int = 0) -> None:
+        saved = self.file, self.line
+        self.file = str(path)
+        for lineno, text in self.logical_lines(path):
+            self.line = lineno
+            m = re.match(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$", text)
+            if m and not text.lstrip().startswith(("table", "action", "match", "listen")):
+                name, value = m.groups()
+                if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+                    value = value[1:-1]
+                if name not in self.cli_macros:
+                    self.config.macros[name] = value
+                continue
+            toks = self.tokenize(text)
+            if toks and toks[0] == "include" and not toks[0].quoted:
+                if depth > 10 or len(toks) != 2:
+                    raise self.err("include: expected one quoted path")
+                self.parse_file(Path(toks[1]), depth + 1)
+                self.file = str(path)
+                continue
+            self.statement(toks)
+        self.file, self.line = saved
+
+    def statement(self, toks: list[Tok]) -> None:
+        head = toks[0]
+        handler = {
+            "listen": self.p_listen, "table": self.p_table, "action": self.p_action,
+            "match": self.p_match, "smtp": self.p_smtp, "queue": self.p_queue,
+            "bounce": self.p_bounce, "mta": self.p_mta, "mda": self.p_loose,
+            "pki": self.p_loose, "ca": self.p_loose, "filter": self.p_loose, "proc": self.p_loose,
+            "admd": self.p_loose, "srs": self.p_loose, "scheduler": self.p_loose,
+        }.get(head)
+        if handler is None or head.quoted:
+            hint = OLD_HINT if head in OLD_GRAMMAR or head == "reject" else ""
+            raise self.err(f'syntax error: unexpected "{head}", expected one of: listen, table, '
+                           f'action, match, smtp, queue, mta, mda, bounce, pki, ca, filter, proc, '
+                           f'admd, srs, scheduler, include, or a macro{hint}')
+        handler(Cursor(self, toks[1:]))
+
+    # -- statements ----------------------------------------------------------------------------------
+
+    def p_listen(self, c: "Cursor") -> None:
+        c.expect("on")
+        addr = c.word("an address or interface")
+        if "/" in addr or (re.match(r"^[\d.x]+$", addr) and not _is_ip(addr)):
+            raise self.err(f"invalid virtual ip or interface: {addr}")
+        lis = Listener(address=addr, lineno=self.line, file=self.file)
+        while c.more():
+            opt = c.word("a listen option")
+            if opt in ("inet4", "inet6"):
+                lis.family = opt
+            elif opt == "port":
+                port = c.word("a port")
+                lis.port = {"smtp": 25, "smtps": 465, "submission": 587}.get(port) or c.number(port, 1, 65535)
+            elif opt == "hostname":
+                lis.hostname = c.word("a hostname")
+            elif opt == "tag":
+                lis.tag = c.word("a tag")
+            elif opt in ("tls", "tls-require", "smtps", "auth", "auth-optional", "mask-src", "no-dsn",
+                         "received-auth", "proxy-v2", "verify"):
+                if opt in ("auth", "auth-optional") and c.peek_ref():
+                    c.table_ref()
+            elif opt in ("pki", "ca", "filter", "protocols", "ciphers"):
+                c.word(f"a {opt} name")
+            elif opt in ("senders", "hostnames"):
+                c.table_ref()
+                if opt == "senders" and c.peek() == "masquerade":
+                    c.word("")
+            else:
+                raise self.err(f'syntax error: unexpected "{opt}" in listen, expected one of: '
+                               "inet4, inet6, port, hostname, tag, tls, tls-require, smtps, pki, ca, "
+                               "auth, auth-optional, senders, hostnames, filter, mask-src, no-dsn, "
+                               "received-auth, proxy-v2")
+        self.config.listeners.append(lis)
+
+    def p_table(self, c: "Cursor") -> None:
+        name = c.word("a table name")
+        if name in self.config.tables:
+            raise self.err(f'table "{name}" already defined')
+        if c.peek() == "{":
+            self.config.tables[name] = c.inline_table(name)
+        else:
+            spec = c.word("a table backend and path")
+            backend, sep, path = spec.partition(":")
+            if not sep:
+                backend, path = "file", spec
+            if backend == "file":
+                values = load_table_file(Path(path), self)
+                self.config.tables[name] = Table(name, "static", path, values, self.line)
+            else:
+                self.config.tables[name] = Table(name, backend, path, None, self.line)
+        c.end()
+
+    def p_action(self, c: "Cursor") -> None:
+        name = c.word("an action name")
+        if name in self.config.actions:
+            raise self.err(f'action "{name}" already defined')
+        method = c.word("a delivery method (maildir, mbox, lmtp, mda, relay, ...)")
+        act = Action(name=name, method=method, lineno=self.line)
+        if method not in LOCAL_METHODS and method != "relay":
+            raise self.err(f'syntax error: unknown delivery method "{method}"')
+        if method in ("maildir",) and c.peek() is not None and c.peek().quoted:
+            act.target = c.word("")
+        elif method in ("lmtp", "mda"):
+            act.target = c.word(f"a {method} destination")
+            if method == "lmtp" and c.peek() in ("rcpt-to",):
+                c.word("")
+        while c.more():
+            opt = c.word("an action option")
+            if method in LOCAL_METHODS and opt in ("alias", "virtual", "userbase"):
+                setattr(act, opt, c.table_ref())
+            elif method == "maildir" and opt == "junk":
+                act.junk = True
+            elif method in LOCAL_METHODS and opt in ("user", "wrapper"):
+                value = c.word(f"a {opt}")
+                if opt == "user":
+                    act.user = value
+            elif method == "relay" and opt == "host":
+                act.host = c.table_ref() if c.peek_ref() else c.word("a relay URL")
+            elif method == "relay" and opt == "helo":
+                act.helo = c.word("a hostname")
+            elif method == "relay" and opt in ("backup", "srs"):
+                if opt == "backup" and c.peek() == "mx":
+                    c.word("")
+                    c.word("a hostname")
+            elif method == "relay" and opt == "tls":
+                if c.peek() == "no-verify":
+                    c.word("")
+            elif method == "relay" and opt in ("domain", "helo-src", "auth", "src"):
+                c.table_ref() if c.peek_ref() else c.word(f"a {opt} value")
+            elif method == "relay" and opt in ("pki", "ca", "mail-from", "filter", "protocols", "ciphers"):
+                c.word(f"a {opt} value")
+            elif opt == "ttl":
+                act.ttl = c.duration()
+            else:
+                raise self.err(f'syntax error: unexpected "{opt}" in action "{name}" ({method})')
+        if act.alias and act.virtual:
+            raise self.err("alias and virtual are mutually exclusive")
+        self.config.actions[name] = act
+
+    def p_match(self, c: "Cursor") -> None:
+        conds: list[Condition] = []
+        kinds = set()
+        while True:
+            negate = False
+            tok = c.word('"action", "reject" or a match option')
+            if tok == "!":
+                negate = True
+                tok = c.word("a match option after !")
+            if tok == "action" and not negate:
+                action = c.word("an action name")
+                c.end()
+                rule = Rule(conds, action, False, self.line)
+                break
+            if tok == "reject" and not negate:
+                c.end()
+                rule = Rule(conds, None, True, self.line)
+                break
+            if tok in kinds:
+                raise self.err(f'"{tok}" specified twice')
+            kinds.add(tok)
+            conds.append(self.condition(c, tok, negate))
+        if "from" not in kinds:
+            rule.conditions.insert(0, Condition("from", "local"))
+        if "for" not in kinds:
+            rule.conditions.append(Condition("for", "local"))
+        self.config.rules.append(rule)
+
+    def condition(self, c: "Cursor", kind: str, negate: bool) -> Condition:
+        if kind == "from":
+            what = c.word("any, local, socket, src, rdns, auth or mail-from")
+            if what in ("any", "local", "socket"):
+                return Condition("from", what, negate=negate)
+            if what in ("src", "rdns", "auth", "mail-from"):
+                regex = c.take("regex")
+                table = c.table_ref() if (c.peek_ref() or c.peek() == "{") else None
+                if table is None and what in ("src", "mail-from"):
+                    table = c.literal_table()
+                return Condition("from", what, table, negate, regex)
+            raise self.err(f'syntax error: unexpected "{what}" after from')
+        if kind == "for":
+            what = c.word("any, local, domain or rcpt-to")
+            if what in ("any", "local"):
+                return Condition("for", what, negate=negate)
+            if what in ("domain", "rcpt-to"):
+                regex = c.take("regex")
+                table = c.table_ref() if (c.peek_ref() or c.peek() == "{") else c.literal_table()
+                return Condition("for", what, table, negate, regex)
+            raise self.err(f'syntax error: unexpected "{what}" after for')
+        if kind in ("tag", "helo", "mail-from", "rcpt-to", "auth"):
+            regex = c.take("regex")
+            if kind == "auth" and not (c.peek_ref() or c.peek() == "{"):
+                return Condition(kind, kind, None, negate, regex)
+            table = c.table_ref() if (c.peek_ref() or c.peek() == "{") else c.literal_table()
+            return Condition(kind, kind, table, negate, regex)
+        if kind == "tls":
+            return Condition("tls", "tls", negate=negate)
+        raise self.err(f'syntax error: unexpected "{kind}", expected one of: action, reject, '
+                       "from, for, tag, helo, auth, mail-from, rcpt-to, tls")
+
+    def p_smtp(self, c: "Cursor") -> None:
+        opt = c.word("an smtp option")
+        if opt == "max-message-size":
+            self.config.max_message_size = c.size()
+        elif opt == "limit":
+            while c.more():
+                key = c.word("max-mails or max-rcpt")
+                if key == "max-mails":
+                    self.config.smtp_max_mails = c.number(c.word("a number"), 1, 1 << 31)
+                elif key == "max-rcpt":
+                    self.config.smtp_max_rcpt = c.number(c.word("a number"), 1, 1 << 31)
+                else:
+                    raise self.err(f'syntax error: unexpected "{key}" in smtp limit')
+        elif opt == "sub-addr-delim":
+            delim = c.word("a character")
+            if len(delim) != 1:
+                raise self.err("sub-addr-delim must be one character")
+            self.config.sub_addr_delim = delim
+        elif opt == "ciphers":
+            c.word("a cipher list")
+        else:
+            raise self.err(f'syntax error: unexpected "{opt}" after smtp, expected one of: '
+                           "max-message-size, limit, sub-addr-delim, ciphers")
+        c.end()
+
+    def p_queue(self, c: "Cursor") -> None:
+        opt = c.word("an queue option")
+        if opt == "ttl":
+            self.config.queue_ttl = c.duration()
+        elif opt == "compression":
+            pass
+        elif opt == "encryption":
+            if c.more():
+                key = c.word("a key")
+                if key not in ("stdin", "-") and not re.fullmatch(r"[0-9A-Fa-f]{64}|.{32}", key):
+                    raise self.err("crypto_setup:invalid key for queue encryption")
+        else:
+            raise self.err(f'syntax error: unexpected "{opt}" after queue')
+        c.end()
+
+    def p_bounce(self, c: "Cursor") -> None:
+        c.expect("warn-interval")
+        values = [c.duration()]
+        while c.take(","):
+            values.append(c.duration())
+        if len(values) > 4:
+            raise self.err("at most 4 bounce warn-intervals")
+        self.config.bounce_warn_interval = values
+        c.end()
+
+    def p_mta(self, c: "Cursor") -> None:
+        opt = c.word("max-deferred or limit")
+        if opt == "max-deferred":
+            self.config.mta_max_deferred = c.number(c.word("a number"), 0, 1 << 31)
+            c.end()
+        elif opt == "limit":
+            c.rest()
+        else:
+            raise self.err(f'syntax error: unexpected "{opt}" after mta')
+
+    def p_loose(self, c: "Cursor") -> None:
+        """Statements accepted and checked only for shape until their issue lands."""
+        if not c.more():
+            raise self.err("syntax error: statement is incomplete")
+        c.rest()
+
+
+class Cursor:
+    def __init__(self, parser: Parser, toks: list[Tok]) -> None:
+        self.p = parser
+        self.toks = toks
+        self.i = 0
+
+    def more(self) -> bool:
+        return self.i < len(self.toks)
+
+    def peek(self) -> Tok | None:
+        return self.toks[self.i] if self.more() else None
+
+    def peek_ref(self) -> bool:
+        t = self.peek()
+        return t is not None and t.ref
+
+    def word(self, expected: str) -> Tok:
+        if not self.more():
+            raise self.p.err(f"syntax error: unexpected end of line, expected {expected}")
+        t = self.toks[self.i]
+        self.i += 1
+        return t
+
+    def take(self, word: str) -> bool:
+        if self.peek() == word:
+            self.i += 1
+            return True
+        return False
+
+    def expect(self, word: str) -> None:
+        t = self.word(f'"{word}"')
+        if t != word:
+            raise self.p.err(f'syntax error: unexpected "{t}", expected "{word}"')
+
+    def end(self) -> None:
+        if self.more():
+            raise self.p.err(f'syntax error: unexpected "{self.peek()}", expected end of line')
+
+    def rest(self) -> list[Tok]:
+        out = self.toks[self.i:]
+        self.i = len(self.toks)
+        return out
+
+    def number(self, text: str, lo: int, hi: int) -> int:
+        if not text.isdigit() or not lo <= int(text) <= hi:
+            raise self.p.err(f'invalid number "{text}" (expected {lo}..{hi})')
+        return int(text)
+
+    def size(self) -> int:
+        t = self.word("a size")
+        m = _SIZE.match(t)
+        if not m:
+            raise self.p.err(f'invalid size "{t}"')
+        return int(m.group(1)) * {"": 1, "k": 1024, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
+
+    def duration(self) -> int:
+        t = self.word("a duration (30s, 5m, 4h, 2d)")
+        try:
+            return parse_duration(t)
+        except ValueError:
+            raise self.p.err(f'invalid duration "{t}"') from None
+
+    def table_ref(self) -> str:
+        if self.peek() == "{":
+            p = self.p
+            p.anon += 1
+            name = f"anon:{p.line}:{p.anon}"
+            p.config.tables[name] = self.inline_table(name)
+            return name
+        t = self.word("a <table>")
+        if not t.ref:
+            raise self.p.err(f'syntax error: unexpected "{t}", expected a <table>')
+        if t not in self.p.config.tables and t not in SPECIAL_TABLES:
+            raise self.p.err(f"undefined table: <{t}>")
+        return str(t)
+
+    def literal_table(self) -> str:
+        t = self.word("a <table>, { list } or a quoted value")
+        p = self.p
+        p.anon += 1
+        name = f"anon:{p.line}:{p.anon}"
+        p.config.tables[name] = Table(name, "static", None, [str(t)], p.line)
+        return name
+
+    def inline_table(self, name: str) -> Table:
+        self.expect("{")
+        items: list[str] = []
+        pairs: dict[str, str] = {}
+        while True:
+            t = self.word("a value or }")
+            if t == "}":
+                break
+            if t == ",":
+                continue
+            if self.take("="):
+                pairs[str(t)] = str(self.word("a value"))
+            else:
+                items.append(str(t))
+        if items and pairs:
+            raise self.p.err("a table is either a list or a mapping, not both")
+        return Table(name, "static", None, pairs if pairs else items, self.p.line)
+
+
+SPECIAL_TABLES = {"localhost", "anyhost", "localnames", "anydestination", "getpwnam"}
+
+
+def _strip_comment(line: str) -> str:
+    out, quote = [], None
+    for ch in line:
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "\"'":
+            quote = ch
+        elif ch == "#":
+            break
+        out.append(ch)
+    return "".join(out)
+
+
+def _is_ip(text: str) -> bool:
+    import ipaddress
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+def load_table_file(path: Path, parser: Parser):
+    """table(5) files: one value per line (list) or ``key value`` / ``key: a, b`` (map)."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError as exc:
+        raise parser.err(f"table file {path}: {exc.strerror}") from None
+    items, pairs = [], {}
+    for raw in lines:
+        line = _strip_comment(raw).strip()
+        if not line:
+            continue
+        m = re.match(r"^(\S+?):?\s+(.+)$", line)
+        if m:
+            pairs[m.group(1).rstrip(":")] = m.group(2).strip()
+        else:
+            items.append(line.rstrip(":"))
+    if pairs and not items:
+        return pairs
+    if items and pairs:
+        pairs.update({i: "" for i in items})
+        return pairs
+    return items
+
+
+def parse_config(path: str | Path, macros: dict[str, str] | None = None) -> Config:
+    parser = Parser(str(path), macros)
+    parser.parse_file(Path(path))
+    config = parser.config
+    for rule in config.rules:
+        if rule.action is not None and rule.action not in config.actions:
+            raise ConfigError(config.file, rule.lineno, f'undefined action "{rule.action}"')
+    if not config.rules:
+        raise ConfigError(config.file, parser.line or None, "no rules, nothing to do")
+    return config
+
+
+if __name__ == "__main__":
+    import sys
+    try:
+        parse_config(sys.argv[1])
+        print("configuration OK")
+    except ConfigError as exc:
+        print(exc)
+        raise SystemExit(1)
