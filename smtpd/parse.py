@@ -7,6 +7,7 @@ Every error names FILE:LINE, the token found and what was expected.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -515,7 +516,22 @@ def parse_config(path: str | Path, macros: dict[str, str] | None = None) -> Conf
             raise ConfigError(config.file, rule.lineno, f'undefined action "{rule.action}"')
     if not config.rules:
         raise ConfigError(config.file, parser.line or None, "no rules, nothing to do")
-    return config
+    return _plain(config)
+
+
+def _plain(obj):
+    """Tokens carry parse-time attributes; the model holds plain values, which every
+    process can pickle, compare and send in a typed message."""
+    if isinstance(obj, str):
+        return str(obj)
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {_plain(k): _plain(v) for k, v in obj.items()}
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            setattr(obj, f.name, _plain(getattr(obj, f.name)))
+    return obj
 
 
 if __name__ == "__main__":

@@ -96,6 +96,21 @@ class Session(SMTP):
         self.rdns = ""
         self.quit = False
 
+    def _getaddr(self, arg: str):
+        """The path exactly as sent: aiosmtpd's RFC 5322 parser would quote a
+        malformed ``<bad address>`` into a valid-looking local part, and the
+        mailbox check (valid_mailbox) must judge what the client wrote."""
+        arg = arg.strip()
+        if not arg:
+            return "", ""
+        if arg.startswith("<"):
+            end = arg.find(">")
+            if end < 0:
+                return None, None
+            return arg[1:end], arg[end + 1:].lstrip()
+        address, _, rest = arg.partition(" ")
+        return address, rest.lstrip()
+
     async def push(self, status):
         if isinstance(status, str) and not status.startswith("250-"):
             status = with_esc(status)

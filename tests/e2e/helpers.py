@@ -65,6 +65,7 @@ def send(port: int, sender: str, rcpts: list[str], body: str = "Subject: test\n\
         for rcpt in rcpts:
             code, text = s.rcpt(rcpt)
             assert code == 250, (rcpt, code, text)
-        code, text = s.data(body.encode())
+        # smtplib sends bytes as they are: give it CRLF lines, as a real client does.
+        code, text = s.data(body.replace("\n", "\r\n").encode())
         assert code == 250, (code, text)
         return text.decode()

@@ -13,7 +13,7 @@ def test_show_status_and_pause_resume_smtp(make_daemon, tmp_path):
     d = make_daemon(config(tmp_path / "d", port)).start()
     assert d.smtpctl("show", "status").stdout == "MDA running\nMTA running\nSMTP running\n"
     assert d.smtpctl("pause", "smtp").stdout.strip() == "command succeeded"
-    assert "SMTP paused" in d.smtpctl("sh", "stat").stdout
+    assert "SMTP paused" in d.smtpctl("sh", "statu").stdout
     again = d.smtpctl("pause", "smtp", check=False)
     assert again.returncode != 0 and "command failed" in again.stdout + again.stderr
     assert d.smtpctl("resume", "smtp").stdout.strip() == "command succeeded"
