@@ -24,10 +24,15 @@ def test_abbreviations_and_errors(make_daemon, tmp_path):
     d = make_daemon(config(tmp_path / "d", free_port()), extra_args=["-P", "mda"]).start()
     send(int(d.config.read_text().split("port ")[1].split()[0]), "a@remote.test", ["bob@example.test"])
     full = d.smtpctl("show", "queue").stdout
-    assert d.smtpctl("sh", "q").stdout == full and full.count("\n") == 1
+
+    def steady(listing: str) -> list[list[str]]:
+        # runtime (nexttry - now) moves with the clock between two listings
+        return [line.split("|")[:12] + line.split("|")[13:] for line in listing.splitlines()]
+
+    assert steady(d.smtpctl("sh", "q").stdout) == steady(full) and full.count("\n") == 1
     mailq = subprocess.run([sys.executable, "-c", "import sys; sys.argv[0]='mailq'; from smtpctl.main import main; main()",
                             "--socket", str(d.socket)], cwd=REPO, capture_output=True, text=True, timeout=30)
-    assert mailq.returncode == 0 and mailq.stdout == full
+    assert mailq.returncode == 0 and steady(mailq.stdout) == steady(full)
     amb = d.smtpctl("sh", "st", check=False)
     assert amb.returncode == 255
     assert amb.stderr.startswith("possibilities are:\n") and "show stats" in amb.stderr and "show status" in amb.stderr
