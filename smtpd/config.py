@@ -112,7 +112,8 @@ def _interfaces() -> dict[str, list[tuple[int, str]]]:
     return out
 
 
-def resolve_listener_addresses(listener: Listener) -> list[tuple[int, str]]:
+def resolve_listener_addresses(listener: Listener,
+                               ifaces: dict[str, list[tuple[int, str]]] | None = None) -> list[tuple[int, str]]:
     addr = listener.address
     fams = {"inet4": (socket.AF_INET,), "inet6": (socket.AF_INET6,)}.get(
         listener.family or "", (socket.AF_INET, socket.AF_INET6))
@@ -124,7 +125,8 @@ def resolve_listener_addresses(listener: Listener) -> list[tuple[int, str]]:
     if addr == "localhost":
         out = [(f, a) for f, a in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")) if f in fams]
         return out[:1] if socket.AF_INET in fams else out
-    ifaces = _interfaces()
+    if ifaces is None:
+        ifaces = _interfaces()
     if addr in ("all", "egress", "any"):
         found = [(f, a) for lst in ifaces.values() for f, a in lst if f in fams]
     else:
@@ -134,7 +136,9 @@ def resolve_listener_addresses(listener: Listener) -> list[tuple[int, str]]:
     return [(f, a) for f, a in found if not a.startswith("fe80")]
 
 
-def check_config(config: Config) -> None:
+def check_config(config: Config, ifaces: dict[str, list[tuple[int, str]]] | None = None) -> None:
+    """What smtpd -n checks beyond the grammar: every listener names an address
+    or an interface of this machine (``ifaces`` stands in for the machine's)."""
     for listener in config.listeners:
         if listener.address != "socket":
-            resolve_listener_addresses(listener)
+            resolve_listener_addresses(listener, ifaces)

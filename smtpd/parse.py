@@ -17,7 +17,7 @@ from smtpd.config import Action, Condition, Config, ConfigError, Listener, Rule,
 OLD_GRAMMAR = {"accept", "deliver", "map", "expire", "ssl", "limit"}
 OLD_HINT = ' (pre-6.4 accept/deliver grammar; see smtpd.conf(5): use "action" and "match")'
 LOCAL_METHODS = {"mbox", "maildir", "lmtp", "mda", "forward-only", "expand-only"}
-_TOKEN = re.compile(r'''\s*(?:("(?:[^"\\]|\\.)*")|('[^']*')|(<[^<>\s]+>)|([{},=!])|([^\s{},="'<>!]+(?:!?[^\s{},="'<>]*)*))''')
+_TOKEN = re.compile(r'''\s*(?:("(?:[^"\\]|\\.)*")|('[^']*')|(<[^<>\s]+>)|(=>|[{},=!])|([^\s{},="'<>!]+(?:!?[^\s{},="'<>]*)*))''')
 _SIZE = re.compile(r"^(\d+)([kKmMgG]?)[bB]?$")
 
 
@@ -27,13 +27,21 @@ class Tok(str):
 
 
 class Parser:
-    def __init__(self, path: str, macros: dict[str, str] | None) -> None:
+    def __init__(self, path: str, macros: dict[str, str] | None, root: Path | None = None) -> None:
+        # root: where absolute paths (include, table files) are looked up; "/" but
+        # in tests that check real-world configs against placeholder files.
+        self.root = root
         self.cli_macros = dict(macros or {})
         self.config = Config(file=path, hostname=default_hostname())
         self.config.macros.update(self.cli_macros)
         self.anon = 0
         self.file = path
         self.line = 0
+
+    def fs(self, path: Path) -> Path:
+        if self.root is not None and path.is_absolute():
+            return self.root / path.relative_to("/")
+        return path
 
     # -- lexing -------------------------------------------------------------------------------
 
@@ -68,8 +76,8 @@ class Parser:
             out.append(t)
         return out
 
-    def logical_lines(self, path: Path):
-        lines = path.read_text(errors="replace").split("\n")
+    def logical_lines(self, text: str):
+        lines = text.split("\n")
         buf, start = "", 0
         for number, raw in enumerate(lines, 1):
             line = _strip_comment(raw)
@@ -88,9 +96,14 @@ class Parser:
     # -- top level ------------------------------------------------------------------------------
 
     def parse_file(self, path: Path, depth: int = 0) -> None:
+        try:
+            content = path.read_text(errors="replace")
+        except OSError as exc:
+            # named by the include line (or by the file itself at the top)
+            raise self.err(f"{path}: {exc.strerror}" if self.line else exc.strerror) from None
         saved = self.file, self.line
         self.file = str(path)
-        for lineno, text in self.logical_lines(path):
+        for lineno, text in self.logical_lines(content):
             self.line = lineno
             m = re.match(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$", text)
             if m and not text.lstrip().startswith(("table", "action", "match", "listen")):
@@ -104,7 +117,7 @@ class Parser:
             if toks and toks[0] == "include" and not toks[0].quoted:
                 if depth > 10 or len(toks) != 2:
                     raise self.err("include: expected one quoted path")
-                self.parse_file(Path(toks[1]), depth + 1)
+                self.parse_file(self.fs(Path(toks[1])), depth + 1)
                 self.file = str(path)
                 continue
             self.statement(toks)
@@ -116,7 +129,7 @@ class Parser:
             "listen": self.p_listen, "table": self.p_table, "action": self.p_action,
             "match": self.p_match, "smtp": self.p_smtp, "queue": self.p_queue,
             "bounce": self.p_bounce, "mta": self.p_mta, "mda": self.p_loose,
-            "pki": self.p_loose, "ca": self.p_loose, "filter": self.p_loose, "proc": self.p_loose,
+            "pki": self.p_pki, "ca": self.p_ca, "filter": self.p_loose, "proc": self.p_loose,
             "admd": self.p_loose, "srs": self.p_loose, "scheduler": self.p_loose,
         }.get(head)
         if handler is None or head.quoted:
@@ -140,7 +153,7 @@ class Parser:
                 lis.family = opt
             elif opt == "port":
                 port = c.word("a port")
-                lis.port = {"smtp": 25, "smtps": 465, "submission": 587}.get(port) or c.number(port, 1, 65535)
+                lis.port = {"smtp": 25, "smtps": 465, "submission": 587}.get(port) or c.number(port, 1, 65535, "port")
             elif opt == "hostname":
                 lis.hostname = c.word("a hostname")
             elif opt == "tag":
@@ -149,7 +162,9 @@ class Parser:
                          "received-auth", "proxy-v2", "verify"):
                 if opt in ("auth", "auth-optional") and c.peek_ref():
                     c.table_ref()
-            elif opt in ("pki", "ca", "filter", "protocols", "ciphers"):
+            elif opt == "filter":
+                c.name_or_list("a filter name or { list }")
+            elif opt in ("pki", "ca", "protocols", "ciphers"):
                 c.word(f"a {opt} name")
             elif opt in ("senders", "hostnames"):
                 c.table_ref()
@@ -174,7 +189,7 @@ class Parser:
             if not sep:
                 backend, path = "file", spec
             if backend == "file":
-                values = load_table_file(Path(path), self)
+                values = load_table_file(self.fs(Path(path)), self)
                 self.config.tables[name] = Table(name, "static", path, values, self.line)
             else:
                 self.config.tables[name] = Table(name, backend, path, None, self.line)
@@ -188,7 +203,7 @@ class Parser:
         act = Action(name=name, method=method, lineno=self.line)
         if method not in LOCAL_METHODS and method != "relay":
             raise self.err(f'syntax error: unknown delivery method "{method}"')
-        if method in ("maildir",) and c.peek() is not None and c.peek().quoted:
+        if method == "maildir" and c.peek() is not None and (c.peek().quoted or c.peek() not in MAILDIR_OPTIONS):
             act.target = c.word("")
         elif method in ("lmtp", "mda"):
             act.target = c.word(f"a {method} destination")
@@ -217,7 +232,9 @@ class Parser:
                     c.word("")
             elif method == "relay" and opt in ("domain", "helo-src", "auth", "src"):
                 c.table_ref() if c.peek_ref() else c.word(f"a {opt} value")
-            elif method == "relay" and opt in ("pki", "ca", "mail-from", "filter", "protocols", "ciphers"):
+            elif method == "relay" and opt == "filter":
+                c.name_or_list("a filter name or { list }")
+            elif method == "relay" and opt in ("pki", "ca", "mail-from", "protocols", "ciphers"):
                 c.word(f"a {opt} value")
             elif opt == "ttl":
                 act.ttl = c.duration()
@@ -313,7 +330,7 @@ class Parser:
         c.end()
 
     def p_queue(self, c: "Cursor") -> None:
-        opt = c.word("an queue option")
+        opt = c.word("a queue option")
         if opt == "ttl":
             self.config.queue_ttl = c.duration()
         elif opt == "compression":
@@ -347,6 +364,21 @@ class Parser:
         else:
             raise self.err(f'syntax error: unexpected "{opt}" after mta')
 
+    def p_pki(self, c: "Cursor") -> None:
+        # TLS itself comes later; the statement's shape is checked now.
+        c.word("a pki name")
+        kw = c.word('"cert", "key" or "dhe"')
+        if kw not in ("cert", "key", "dhe"):
+            raise self.err(f'syntax error: unexpected "{kw}", expected "cert", "key" or "dhe"')
+        c.word("a file" if kw != "dhe" else "dhe parameters (none, legacy, auto)")
+        c.end()
+
+    def p_ca(self, c: "Cursor") -> None:
+        c.word("a ca name")
+        c.expect("cert")
+        c.word("a file")
+        c.end()
+
     def p_loose(self, c: "Cursor") -> None:
         """Statements accepted and checked only for shape until their issue lands."""
         if not c.more():
@@ -377,6 +409,15 @@ class Cursor:
         self.i += 1
         return t
 
+    def name_or_list(self, expected: str) -> list[str]:
+        if not self.take("{"):
+            return [str(self.word(expected))]
+        names = []
+        while (t := self.word("a name or }")) != "}":
+            if t != ",":
+                names.append(str(t))
+        return names
+
     def take(self, word: str) -> bool:
         if self.peek() == word:
             self.i += 1
@@ -397,9 +438,9 @@ class Cursor:
         self.i = len(self.toks)
         return out
 
-    def number(self, text: str, lo: int, hi: int) -> int:
+    def number(self, text: str, lo: int, hi: int, what: str = "number") -> int:
         if not text.isdigit() or not lo <= int(text) <= hi:
-            raise self.p.err(f'invalid number "{text}" (expected {lo}..{hi})')
+            raise self.p.err(f'invalid {what} "{text}" (expected {lo}..{hi})')
         return int(text)
 
     def size(self) -> int:
@@ -448,7 +489,7 @@ class Cursor:
                 break
             if t == ",":
                 continue
-            if self.take("="):
+            if self.take("=") or self.take("=>"):
                 pairs[str(t)] = str(self.word("a value"))
             else:
                 items.append(str(t))
@@ -457,6 +498,7 @@ class Cursor:
         return Table(name, "static", None, pairs if pairs else items, self.p.line)
 
 
+MAILDIR_OPTIONS = {"junk", "alias", "virtual", "userbase", "user", "wrapper", "ttl"}
 SPECIAL_TABLES = {"localhost", "anyhost", "localnames", "anydestination", "getpwnam"}
 
 
@@ -507,8 +549,9 @@ def load_table_file(path: Path, parser: Parser):
     return items
 
 
-def parse_config(path: str | Path, macros: dict[str, str] | None = None) -> Config:
-    parser = Parser(str(path), macros)
+def parse_config(path: str | Path, macros: dict[str, str] | None = None,
+                 root: Path | None = None) -> Config:
+    parser = Parser(str(path), macros, root)
     parser.parse_file(Path(path))
     config = parser.config
     for rule in config.rules:

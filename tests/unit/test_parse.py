@@ -1,0 +1,142 @@
+"""smtpd.conf grammar: what parses into the model, and what each error says."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from smtpd.config import ConfigError, check_config
+from smtpd.parse import parse_config
+from smtpd.ruleset import MatchContext, TableSet, match
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def conf(tmp_path: Path, text: str, name: str = "smtpd.conf") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def error(tmp_path: Path, text: str) -> ConfigError:
+    with pytest.raises(ConfigError) as err:
+        parse_config(conf(tmp_path, text))
+    return err.value
+
+
+BASE = """\
+# comment
+port = "2525"
+listen on 127.0.0.1 port $port hostname mx.example.test
+table users { alice = "1000:1000:/home/alice", "bob" => "1001:1001:/home/bob" }
+table domains { example.test, "other.test" }
+action "local" maildir "~/Maildir" userbase <users>
+action out relay host smtp://127.0.0.1:2526
+smtp max-message-size 10M
+match from any for domain <domains> action local
+match from local for any action out
+match from src { 192.0.2.0/24 } for rcpt-to "x@y.test" reject
+"""
+
+
+def test_full_config_model(tmp_path):
+    c = parse_config(conf(tmp_path, BASE))
+    lis = c.listeners[0]
+    assert (lis.address, lis.port, lis.hostname, lis.lineno) == ("127.0.0.1", 2525, "mx.example.test", 3)
+    assert c.tables["users"].values == {"alice": "1000:1000:/home/alice", "bob": "1001:1001:/home/bob"}
+    assert c.tables["domains"].values == ["example.test", "other.test"]
+    assert c.actions["local"].method == "maildir" and c.actions["local"].target == "~/Maildir"
+    assert c.actions["local"].userbase == "users"
+    assert c.actions["out"].host == "smtp://127.0.0.1:2526"
+    assert c.max_message_size == 10 * 1024 * 1024
+    assert [r.action for r in c.rules] == ["local", "out", None] and c.rules[2].reject
+    assert all(type(v) is str for v in c.tables["domains"].values)   # plain str, not tokens
+
+
+def test_rules_match_in_order(tmp_path):
+    c = parse_config(conf(tmp_path, BASE))
+    tables = TableSet(c)
+
+    def rule_for(source: str, rcpt: str):
+        ctx = MatchContext(source=source, rdns=None, helo="client.test", mail_from="s@a.test",
+                           rcpt=rcpt, tag=None, auth_user=None, tls=False, local_listener=False)
+        rule = match(c, tables, ctx)
+        return None if rule is None else (rule.action, rule.reject)
+
+    assert rule_for("198.51.100.7", "bob@example.test") == ("local", False)
+    assert rule_for("198.51.100.7", "bob@OTHER.test") == ("local", False)
+    assert rule_for("198.51.100.7", "bob@elsewhere.test") is None      # no open relay
+    assert rule_for("127.0.0.1", "bob@elsewhere.test") == ("out", False)
+    assert rule_for("local", "x@y.test") == ("out", False)
+
+
+def test_match_defaults_to_from_local_for_local(tmp_path):
+    c = parse_config(conf(tmp_path, 'action a maildir\nmatch action a\n'))
+    assert [(x.kind, x.what) for x in c.rules[0].conditions] == [("from", "local"), ("for", "local")]
+
+
+def test_include_and_table_file(tmp_path):
+    (tmp_path / "aliases").write_text("# aliases\nroot: alice\npostmaster:   root\n")
+    (tmp_path / "domains").write_text("example.test\nother.test\n")
+    conf(tmp_path, f'table aliases file:{tmp_path}/aliases\n', "tables.conf")
+    c = parse_config(conf(tmp_path, f'include "{tmp_path}/tables.conf"\n'
+                                    f'table domains file:{tmp_path}/domains\n'
+                                    'action a maildir alias <aliases>\n'
+                                    'match for domain <domains> action a\n'))
+    assert c.tables["aliases"].values == {"root": "alice", "postmaster": "root"}
+    assert c.tables["domains"].values == ["example.test", "other.test"]
+
+
+def test_continuation_lines_and_command_line_macros(tmp_path):
+    c = parse_config(conf(tmp_path, 'p = 25\nlisten on 127.0.0.1 \\\n  port $p\naction a maildir\nmatch action a\n'),
+                     macros={"p": "2600"})
+    assert c.listeners[0].port == 2600
+
+
+@pytest.mark.parametrize("text, line, words", [
+    ("listen on 127.0.0.1 prot 25\naction a maildir\nmatch action a\n", 1, ['unexpected "prot"', "port"]),
+    ("action a maildir\nfrobnicate yes\nmatch action a\n", 2, ['unexpected "frobnicate"', "expected one of"]),
+    ("action a maildir\nmatch for domain <nope> action a\n", 2, ["undefined table: <nope>"]),
+    ("action a maildir\nmatch from any action b\n", 2, ['undefined action "b"']),
+    ("action a maildir\naction a maildir\nmatch action a\n", 2, ['action "a" already defined']),
+    ("listen on 127.0.0.1 port 99999\n", 1, ["port"]),
+    ("smtp max-message-size lots\n", 1, ["size"]),
+    ("action a maildir\nmatch from any for any\n", 2, ["unexpected end of line", "action"]),
+    ("action a maildir\nmatch action a $undefined\n", 2, ["macro 'undefined' not defined"]),
+    ("accept from any for domain example.org deliver to mbox\n", 1, ["accept", "pre-6.4"]),
+    ("action a maildir\nmatch from any for any action a\ntable t { a, b = c }\n", 3, ["either a list or a mapping"]),
+])
+def test_errors_name_the_line_and_what_was_expected(tmp_path, text, line, words):
+    err = error(tmp_path, text)
+    assert err.line == line, str(err)
+    assert str(err).startswith(f"{tmp_path}/smtpd.conf:{line}: ")
+    for w in words:
+        assert w in str(err), str(err)
+
+
+def test_no_rules_is_an_error(tmp_path):
+    assert "no rules" in str(error(tmp_path, "listen on 127.0.0.1\n"))
+
+
+def test_missing_table_file_and_include(tmp_path):
+    assert "No such file" in str(error(tmp_path, "table t file:/nonexistent/aliases\n"))
+    assert "nonexistent" in str(error(tmp_path, 'include "/nonexistent/x.conf"\n'))
+
+
+def test_unknown_interface_is_reported_by_the_check(tmp_path):
+    c = parse_config(conf(tmp_path, "listen on nosuchif0\naction a maildir\nmatch action a\n"))
+    with pytest.raises(ConfigError) as err:
+        check_config(c)
+    assert err.value.line == 1 and "invalid virtual ip or interface: nosuchif0" in str(err.value)
+
+
+def test_smtpd_n_checks_a_file(tmp_path):
+    good = conf(tmp_path, BASE, "good.conf")
+    bad = conf(tmp_path, "action a maildir\nmatch frm any action a\n", "bad.conf")
+    run = [sys.executable, "-m", "smtpd", "-n", "-f"]
+    ok = subprocess.run(run + [str(good)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "configuration OK" in ok.stdout + ok.stderr
+    ko = subprocess.run(run + [str(bad)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert ko.returncode != 0 and f"{bad}:2: " in ko.stderr and '"frm"' in ko.stderr
