@@ -2,9 +2,10 @@
 
 Envelopes arrive one by one from the queue; those of one message going to the
 same relay (smarthost, or the recipient domain's MXs) are gathered for a moment
-and sent in one transaction.  The session itself is mta_session (one connection,
-one transaction); this module picks the hosts and reports each recipient's
-result to the queue.  TLS, AUTH and route penalties come with later issues.
+and sent in one transaction.  Connections to a relay are kept a moment after a
+transaction and reused for the next message to it (as OpenSMTPD's MTA does, up to
+MAX_MESSAGES_PER_SESSION); the SMTP dialogue itself is mta_session.  This module
+picks the hosts and reports each recipient's result to the queue.  TLS, AUTH and route penalties come with later issues.
 """
 from __future__ import annotations
 
@@ -17,13 +18,15 @@ from common.durations import duration_to_text
 from common.envelope import Envelope
 from common.ipc import PeerTimeout
 from common.messages import DeliveryResult, MessageContent, MessageOpen, MtaDnsLookup, MtaDnsReply
-from smtpd.mta_session import send_message
+from smtpd.mta_session import Connection, TransactionResult, open_and_send
 from smtpd.relay_url import RelayUrlError, parse_relay_url
 
 log = logging.getLogger("smtpd")
 
 GATHER_DELAY = 0.02      # seconds to wait for the other envelopes of a message
 MAX_SESSIONS = 100
+MAX_MESSAGES_PER_SESSION = 100
+IDLE_TIMEOUT = 2.0       # seconds an idle connection waits for another message
 
 
 class Mta:
@@ -32,6 +35,7 @@ class Mta:
         self.config = pony.config
         self.pending: dict[tuple, list[Envelope]] = {}
         self.slots = asyncio.Semaphore(MAX_SESSIONS)
+        self.idle: dict[tuple, list[Connection]] = {}
 
     def add(self, env: Envelope) -> None:
         action = self.config.actions.get(env.dispatcher)
@@ -77,10 +81,8 @@ class Mta:
         session_id = self.pony.ctx.new_id()
         last_error = "No MX found for destination"
         for name, address in hosts:
-            log.info("%016x mta connecting address=smtp://%s:%d host=%s", session_id, address, port, name)
-            result = await send_message(address, port, helo=helo, mail_from=first.sender,
-                                        rcpts=[e.dest for e in envelopes], message=message,
-                                        size_hint=len(message))
+            result = await self._send(session_id, name, address, port, helo, first.sender,
+                                      [e.dest for e in envelopes], message)
             relay = f"{name} [{address}]:{port}" if name != address else f"[{address}]:{port}"
             if not result.connected:
                 last_error = result.results[0].reply if result.results else "Connection failed"
@@ -89,6 +91,46 @@ class Mta:
                 await self._report([env], res.status, res.reply, relay, session_id)
             return
         await self._report(envelopes, "tempfail", last_error, "-", session_id)
+
+    async def _send(self, session_id: int, name: str, address: str, port: int, helo: str,
+                    sender: str, rcpts: list[str], message: bytes) -> TransactionResult:
+        key = (address, port, helo)
+        conn = self._take_idle(key)
+        if conn is not None:
+            result = await open_and_send(conn, sender, rcpts, message, len(message))
+            if conn.usable or conn.txn_replies:
+                self._release(key, conn)
+                return result
+            await conn.close(quit=False)   # closed by the peer while idle: nothing was sent
+        log.info("%016x mta connecting address=smtp://%s:%d host=%s", session_id, address, port, name)
+        conn = Connection(address, port, helo=helo)
+        result = await open_and_send(conn, sender, rcpts, message, len(message))
+        self._release(key, conn)
+        return result
+
+    def _take_idle(self, key: tuple) -> Connection | None:
+        conns = self.idle.get(key)
+        while conns:
+            conn = conns.pop()
+            if conn.reader is not None and not conn.reader.at_eof():
+                return conn
+            self.pony.spawn(conn.close(quit=False))
+        return None
+
+    def _release(self, key: tuple, conn: Connection) -> None:
+        if not conn.usable or conn.transactions >= MAX_MESSAGES_PER_SESSION:
+            self.pony.spawn(conn.close())
+            return
+        self.idle.setdefault(key, []).append(conn)
+        asyncio.get_running_loop().call_later(IDLE_TIMEOUT, self._expire, key, conn, conn.transactions)
+
+    def _expire(self, key: tuple, conn: Connection, transactions: int) -> None:
+        conns = self.idle.get(key, [])
+        if conn in conns and conn.transactions == transactions:     # not used since
+            conns.remove(conn)
+            if not conns:
+                self.idle.pop(key, None)
+            self.pony.spawn(conn.close())
 
     async def _hosts(self, action, domain: str):
         """[(name, address)], error text, failure status, port."""

@@ -1,4 +1,6 @@
-"""One outbound SMTP session: connect, one transaction for all recipients, quit.
+"""Outbound SMTP sessions: connect and greet once, then one transaction per message
+(all its recipients for that relay), several messages per connection as
+OpenSMTPD's MTA does; QUIT when the session is no longer wanted.
 
 Replies are read one command at a time (no pipelining, as OpenSMTPD's MTA).
 Classification: 2xx ok, 5xx permanent, anything else temporary.  A failure
@@ -75,92 +77,155 @@ async def read_reply(reader: asyncio.StreamReader, timeout: float) -> Reply:
     raise ProtocolError("Remote host sent too much data")
 
 
-async def send_message(host: str, port: int, *, helo: str, mail_from: str, rcpts: list[str],
-                       message: bytes, timeout: float = 300, connect_timeout: float = 30,
-                       size_hint: int | None = None, lmtp: bool = False) -> TransactionResult:
-    relay = f"{host}:{port}"
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), connect_timeout)
-    except (OSError, TimeoutError) as exc:
-        text = "Connection timeout" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-        return TransactionResult([RcptResult(r, "tempfail", text) for r in rcpts], relay, False)
-    final: dict[str, RcptResult] = {}
+class Connection:
+    """One SMTP (or LMTP) client connection, reusable while it stays in a sane state."""
 
-    def fail_rest(status: str, text: str) -> None:
-        for r in rcpts:
-            final.setdefault(r, RcptResult(r, status, text))
+    def __init__(self, host: str, port: int, *, helo: str, lmtp: bool = False,
+                 timeout: float = 300, connect_timeout: float = 30) -> None:
+        self.host, self.port, self.helo, self.lmtp = host, port, helo, lmtp
+        self.timeout, self.connect_timeout = timeout, connect_timeout
+        self.relay = f"{host}:{port}"
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.extensions: dict[str, str] = {}
+        self.usable = False          # greeted, and the last transaction ended cleanly
+        self.transactions = 0
+        self.txn_replies = 0         # replies read in the current transaction
 
-    async def cmd(line: str) -> Reply:
-        writer.write(line.encode("utf-8", "surrogateescape") + b"\r\n")
-        await asyncio.wait_for(writer.drain(), timeout)
-        return await read_reply(reader, timeout)
+    async def _cmd(self, line: str) -> Reply:
+        self.writer.write(line.encode("utf-8", "surrogateescape") + b"\r\n")
+        await asyncio.wait_for(self.writer.drain(), self.timeout)
+        reply = await read_reply(self.reader, self.timeout)
+        self.txn_replies += 1
+        return reply
 
-    connected = False
-    try:
-        banner = await read_reply(reader, timeout)
-        connected = True
+    async def open(self) -> Reply | str | None:
+        """Connect and greet.  None when ready; a Reply when the server refused us
+        (banner or EHLO/HELO); a string when no connection could be made."""
+        try:
+            self.reader, self.writer = await asyncio.wait_for(
+                asyncio.open_connection(self.host, self.port), self.connect_timeout)
+        except (OSError, TimeoutError) as exc:
+            return "Connection timeout" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        try:
+            banner = await read_reply(self.reader, self.timeout)
+        except (TimeoutError, ProtocolError, OSError, ConnectionError) as exc:
+            return failure_text(exc)       # never greeted: the caller tries another host
         if banner.status != "ok":
-            fail_rest(banner.status, banner.text)
-            return TransactionResult(list(final.values()), relay)
-        ehlo = await cmd(f"{'LHLO' if lmtp else 'EHLO'} {helo}")
-        extensions: dict[str, str] = {}
-        if ehlo.status == "permfail" and not lmtp:
-            ehlo = await cmd(f"HELO {helo}")
+            return banner
+        ehlo = await self._cmd(f"{'LHLO' if self.lmtp else 'EHLO'} {self.helo}")
+        if ehlo.status == "permfail" and not self.lmtp:
+            ehlo = await self._cmd(f"HELO {self.helo}")
         elif ehlo.status == "ok":
             for line in ehlo.lines[1:]:
                 key, _, value = line.partition(" ")
-                extensions[key.upper()] = value
+                self.extensions[key.upper()] = value
         if ehlo.status != "ok":
-            fail_rest(ehlo.status, ehlo.text)
-            return TransactionResult(list(final.values()), relay)
+            return ehlo
+        self.usable = True
+        return None
+
+    async def transaction(self, mail_from: str, rcpts: list[str], message: bytes,
+                          size_hint: int | None = None) -> TransactionResult:
+        """MAIL, RCPT for each recipient, DATA.  Network errors propagate (the caller
+        decides whether the message was sent at all); replies are per recipient."""
+        self.usable = False
+        self.transactions += 1
+        self.txn_replies = 0
+        final: dict[str, RcptResult] = {}
+
+        def fail_rest(status: str, text: str) -> TransactionResult:
+            for r in rcpts:
+                final.setdefault(r, RcptResult(r, status, text))
+            return TransactionResult([final[r] for r in rcpts], self.relay)
+
         mail = f"MAIL FROM:<{mail_from}>"
-        if "SIZE" in extensions and size_hint:
-            limit = extensions["SIZE"]
+        if "SIZE" in self.extensions and size_hint:
+            limit = self.extensions["SIZE"]
             if limit.isdigit() and int(limit) and size_hint > int(limit):
-                fail_rest("permfail", "message too large for peer")
-                return TransactionResult(list(final.values()), relay)
+                self.usable = True
+                return fail_rest("permfail", "message too large for peer")
             mail += f" SIZE={size_hint}"
-        reply = await cmd(mail)
+        reply = await self._cmd(mail)
         if reply.status != "ok":
-            fail_rest(reply.status, reply.text)
-            await cmd("RSET")
-            return TransactionResult(list(final.values()), relay)
+            result = fail_rest(reply.status, reply.text)
+            self.usable = (await self._cmd("RSET")).status == "ok"
+            return result
         accepted = []
         for r in rcpts:
-            reply = await cmd(f"RCPT TO:<{r}>")
+            reply = await self._cmd(f"RCPT TO:<{r}>")
             if reply.status == "ok":
                 accepted.append(r)
             else:
                 final[r] = RcptResult(r, reply.status, reply.text)
         if not accepted:
-            await cmd("RSET")
-            return TransactionResult([final[r] for r in rcpts], relay)
-        reply = await cmd("DATA")
+            self.usable = (await self._cmd("RSET")).status == "ok"
+            return TransactionResult([final[r] for r in rcpts], self.relay)
+        reply = await self._cmd("DATA")
         if reply.code != 354:
-            fail_rest(reply.status if reply.status != "ok" else "tempfail", reply.text)
-            return TransactionResult([final[r] for r in rcpts], relay)
-        writer.write(encode_data(message))
-        await asyncio.wait_for(writer.drain(), timeout)
-        for r in (accepted if lmtp else accepted[:1]):
-            reply = await read_reply(reader, timeout)
-            targets = [r] if lmtp else accepted
-            for t in targets:
+            return fail_rest(reply.status if reply.status != "ok" else "tempfail", reply.text)
+        self.writer.write(encode_data(message))
+        await asyncio.wait_for(self.writer.drain(), self.timeout)
+        for r in (accepted if self.lmtp else accepted[:1]):
+            reply = await read_reply(self.reader, self.timeout)
+            for t in ([r] if self.lmtp else accepted):
                 final[t] = RcptResult(t, reply.status, reply.text)
+        self.usable = True
+        return TransactionResult([final[r] for r in rcpts], self.relay)
+
+    async def close(self, quit: bool = True) -> None:
+        if self.writer is None:
+            return
+        if quit and self.usable:
+            try:
+                await self._cmd("QUIT")
+            except (OSError, TimeoutError, ProtocolError, ConnectionError):
+                pass
+        self.usable = False
+        self.writer.close()
         try:
-            await cmd("QUIT")
-        except (OSError, TimeoutError, ProtocolError, ConnectionError):
-            pass
-        return TransactionResult([final[r] for r in rcpts], relay)
-    except TimeoutError:
-        fail_rest("tempfail", "Timeout")
-    except ProtocolError as exc:
-        fail_rest("tempfail", str(exc))
-    except (OSError, ConnectionError) as exc:
-        fail_rest("tempfail", getattr(exc, "strerror", None) or str(exc) or "Connection error")
-    finally:
-        writer.close()
-        try:
-            await asyncio.wait_for(writer.wait_closed(), 5)
+            await asyncio.wait_for(self.writer.wait_closed(), 5)
         except (OSError, TimeoutError, ConnectionError):
             pass
-    return TransactionResult([final[r] for r in rcpts], relay, connected)
+        self.writer = None
+
+
+def failure_text(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "Timeout"
+    if isinstance(exc, ProtocolError):
+        return str(exc)
+    return getattr(exc, "strerror", None) or str(exc) or "Connection error"
+
+
+async def send_message(host: str, port: int, *, helo: str, mail_from: str, rcpts: list[str],
+                       message: bytes, timeout: float = 300, connect_timeout: float = 30,
+                       size_hint: int | None = None, lmtp: bool = False) -> TransactionResult:
+    """A whole session for one message: connect, greet, one transaction, QUIT."""
+    conn = Connection(host, port, helo=helo, lmtp=lmtp, timeout=timeout, connect_timeout=connect_timeout)
+    try:
+        return await open_and_send(conn, mail_from, rcpts, message, size_hint)
+    finally:
+        await conn.close()
+
+
+async def open_and_send(conn: Connection, mail_from: str, rcpts: list[str], message: bytes,
+                        size_hint: int | None = None) -> TransactionResult:
+    """Greet (if not yet) and run one transaction; every failure becomes per-recipient
+    results, with ``connected`` False when the host could not be reached at all."""
+    try:
+        if conn.writer is None:
+            refused = await conn.open()
+            if refused is not None:
+                await conn.close(quit=False)
+            if isinstance(refused, str):
+                return TransactionResult([RcptResult(r, "tempfail", refused) for r in rcpts],
+                                         conn.relay, False)
+            if refused is not None:
+                return TransactionResult([RcptResult(r, refused.status, refused.text) for r in rcpts],
+                                         conn.relay)
+        return await conn.transaction(mail_from, rcpts, message, size_hint)
+    except (TimeoutError, ProtocolError, OSError, ConnectionError) as exc:
+        conn.usable = False
+        text = failure_text(exc)
+        return TransactionResult([RcptResult(r, "tempfail", text) for r in rcpts], conn.relay)

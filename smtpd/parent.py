@@ -21,7 +21,7 @@ from pathlib import Path
 
 from setproctitle import setproctitle
 
-from common import ipc, privsep
+from common import aio, ipc, privsep
 from common import log as logsetup
 from common.ipc import Mesh
 from common.messages import ConfEnd, CtlReply, CtlRequest, MdaDone, MdaFork, Msg, SetupDone
@@ -238,7 +238,7 @@ def run(opts, argv, config) -> int:
     rundir = make_rundir()
     log.info("info: pysmtpd %s starting", VERSION)
     try:
-        code = asyncio.run(Parent(opts, config, rundir, listeners).main())
+        code = aio.run(Parent(opts, config, rundir, listeners).main())
     finally:
         shutil.rmtree(rundir, ignore_errors=True)
         try:

@@ -18,7 +18,7 @@ from typing import Any
 
 from setproctitle import setproctitle
 
-from common import log as logsetup
+from common import aio, log as logsetup
 from common import ipc, privsep
 from common.ids import UidGenerator
 from common.ipc import Mesh
@@ -72,7 +72,7 @@ def run_child(opts, config) -> int:
         log.error("fatal: %s: %s", name, exc)
         return 1
     privsep.die_with_parent(opts.parent_pid)
-    return asyncio.run(_serve(name, module, opts, config, prepared))
+    return aio.run(_serve(name, module, opts, config, prepared))
 
 
 async def _serve(name, module, opts, config, prepared) -> int:

@@ -186,7 +186,14 @@ class Spool:
         except FileNotFoundError:
             return
         if not left:
-            shutil.rmtree(msgdir, ignore_errors=True)
+            # the message file and its directory, without rmtree's directory walk
+            try:
+                os.unlink(msgdir / "message")
+                os.rmdir(msgdir)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                shutil.rmtree(msgdir, ignore_errors=True)
 
     def read_message(self, msgid: int) -> bytes:
         with open(self.message_dir(msgid) / "message", "rb") as f:

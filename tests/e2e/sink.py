@@ -13,6 +13,7 @@ class Transaction:
     mail_from: str
     rcpt_tos: list[str]
     data: bytes
+    peer: tuple = ()         # (address, port) of the client: one per connection
 
 
 @dataclass
@@ -30,7 +31,7 @@ class SinkHandler:
     async def handle_DATA(self, server, session, envelope):
         with self.lock:
             self.transactions.append(Transaction(envelope.mail_from, list(envelope.rcpt_tos),
-                                                 envelope.original_content))
+                                                 envelope.original_content, tuple(session.peer)))
         return "250 2.0.0 Ok: queued"
 
 

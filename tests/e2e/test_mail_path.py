@@ -79,6 +79,28 @@ def test_sink_down_then_schedule_all_delivers_once(make_daemon, tmp_path):
         sink.stop()
 
 
+def test_relay_connection_is_reused_and_a_dropped_one_replaced(make_daemon, tmp_path):
+    sink_port, port = free_port(), free_port()
+    sink = Sink(sink_port).start()
+    try:
+        d = make_daemon(config(tmp_path / "d", port, relay=f"smtp://127.0.0.1:{sink_port}")).start()
+        for n in range(3):
+            send(port, "me@local.test", [f"r{n}@remote.test"])
+            wait_for(lambda: len(sink.transactions) == n + 1, 20, f"delivery of message {n}")
+        # three messages in a row to one relay: one SMTP connection
+        assert len({t.peer for t in sink.transactions}) == 1
+        # the relay restarts while our connection is idle: the next message opens a new one
+        sink.stop()
+        sink.start()
+        send(port, "me@local.test", ["r3@remote.test"])
+        wait_for(lambda: len(sink.transactions) == 4, 20, "delivery after the relay restarted")
+        wait_for(lambda: d.queue_lines() == [], 10, "the queue to be empty")
+        assert [t.rcpt_tos for t in sink.transactions] == [[f"r{n}@remote.test"] for n in range(4)]
+        assert 'result="TempFail"' not in d.log_since_start()
+    finally:
+        sink.stop()
+
+
 def test_unknown_local_user_and_relay_denied_get_550(make_daemon, tmp_path):
     port = free_port()
     make_daemon(config(tmp_path / "d", port)).start()
