@@ -595,9 +595,9 @@ class DaemonRun:
         self.logfile = base / "smtpd.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> None:
+    def start(self, *extra: str) -> None:
         cmd = [sys.executable, "-m", "smtpd", "-d", "-f", str(self.config),
-               "--spool", str(self.spool), "--socket", str(self.socket)]
+               "--spool", str(self.spool), "--socket", str(self.socket), *extra]
         with open(self.logfile, "ab") as log:
             self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
@@ -617,6 +617,12 @@ class DaemonRun:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def smtpctl(self, *args: str) -> None:
+        res = subprocess.run([sys.executable, "-m", "smtpctl", "--socket", str(self.socket), *args],
+                             cwd=REPO, capture_output=True, text=True, timeout=60)
+        if res.returncode != 0:
+            raise BenchError(f"smtpctl {' '.join(args)}: {res.stdout}{res.stderr}")
 
     def stop(self) -> None:
         stop_process_group(self.proc, grace=5)
@@ -655,6 +661,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sink", choices=["auto", "postfix", "aiosmtpd"], default="auto",
                    help="relay sink (auto: Postfix smtp-sink if it can be had)")
     p.add_argument("--timeout", type=float, default=600.0, help="global timeout in seconds")
+    p.add_argument("--hold", action="store_true",
+                   help="start with delivery paused (-P mta|mda): accepted msg/s is the SMTP side "
+                        "alone; delivered msg/s is the drain after `smtpctl resume`")
     p.add_argument("--keep", action="store_true",
                    help="keep the temporary directory (config, spool, logs, Maildir)")
     p.add_argument("--label", default="", help="free text copied into the JSON line")
@@ -680,8 +689,10 @@ def run(args: argparse.Namespace) -> dict:
         "per_session": args.per_session, "client": args.client, "label": args.label,
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "nproc": os.cpu_count(), "python": platform.python_version(),
-        "uid": os.getuid(), "timed_out": False, "error": None,
+        "uid": os.getuid(), "timed_out": False, "error": None, "hold": args.hold,
     }
+    agent = "mta" if args.mode == "relay" else "mda"
+    t_resume: float | None = None
     daemon: DaemonRun | None = None
     sink = None
     watch: MaildirWatch | None = None
@@ -709,7 +720,7 @@ def run(args: argparse.Namespace) -> dict:
             result["sink"] = "maildir new/"
             rcpt = MAILDIR_RCPT
         daemon = DaemonRun(base, config_text)
-        daemon.start()
+        daemon.start(*(["-P", agent] if args.hold else []))
         result["boot_seconds"] = round(time.monotonic() - t_start, 2)
         sampler = RssSampler(daemon.proc.pid)
         result["idle_rss_mib"] = round(sampler.sample() / 1024, 1)
@@ -730,6 +741,9 @@ def run(args: argparse.Namespace) -> dict:
                                  stats, deadline, base)
         except asyncio.TimeoutError:
             result["timed_out"] = True
+        if args.hold:
+            t_resume = time.monotonic()
+            daemon.smtpctl("resume", agent)
         # Delivery: wait for every accepted message (or the deadline, or a dead daemon).
         target = stats.accepted
         if target:
@@ -778,8 +792,8 @@ def run(args: argparse.Namespace) -> dict:
         result.update({
             "delivered": delivered,
             "duplicates": max(0, delivered - stats.accepted),
-            "deliver_seconds": round(last - t0, 3) if t0 and last else None,
-            "delivered_per_s": _r(rate(min(delivered, stats.accepted or delivered), t0, last)),
+            "deliver_seconds": round(last - (t_resume or t0), 3) if t0 and last else None,
+            "delivered_per_s": _r(rate(min(delivered, stats.accepted or delivered), t_resume or t0, last)),
         })
     if sampler is not None:
         result["peak_rss_mib"] = round(sampler.peak_kib / 1024, 1)
@@ -797,7 +811,7 @@ def _r(x: float | None) -> float | None:
 def summary(r: dict) -> str:
     def f(x, unit=""):
         return "n/a" if x is None else f"{x}{unit}"
-    s = (f"{r['mode']}: n={r['n']} s={r['sessions']} size={r['size']} client={r['client']}"
+    s = (f"{r['mode']}{' (held, then resumed)' if r.get('hold') else ''}: n={r['n']} s={r['sessions']} size={r['size']} client={r['client']}"
          f" sink={r.get('sink', '?')}: accepted {r['accepted']}/{r['n']} at {f(r['accepted_per_s'])} msg/s"
          f" ({f(r['accept_seconds'], ' s')}), delivered {r.get('delivered', 0)}"
          f" at {f(r.get('delivered_per_s'))} msg/s ({f(r.get('deliver_seconds'), ' s')}),"

@@ -20,11 +20,16 @@ OUT=$(mktemp)
 trap 'rm -f "$OUT"' EXIT INT TERM
 status=0
 cd "$REPO" || exit 1
-for mode in relay maildir; do
-    "$PYTHON" bench/bench_mail.py --mode "$mode" -n "$N" -s "$S" --size "$SIZE" "$@" >"$OUT.$mode" || status=1
-    sed -n 1p "$OUT.$mode" >&2
-    sed -n '2,$p' "$OUT.$mode" >>"$OUT"
-    rm -f "$OUT.$mode"
+# Each mode twice: delivery running while mail comes in (end to end), then
+# delivery held during the load and resumed after it (each side alone).
+for run in "relay" "maildir" "relay --hold" "maildir --hold"; do
+    mode=${run%% *}
+    hold=""
+    [ "$run" != "$mode" ] && hold="--hold"
+    "$PYTHON" bench/bench_mail.py --mode "$mode" $hold -n "$N" -s "$S" --size "$SIZE" "$@" >"$OUT.one" || status=1
+    sed -n 1p "$OUT.one" >&2
+    sed -n '2,$p' "$OUT.one" >>"$OUT"
+    rm -f "$OUT.one"
 done
 "$PYTHON" - "$OUT" <<'PY'
 import json, sys
@@ -37,14 +42,15 @@ print(f"{r0['date'][:10]}, {r0['nproc']} cores (`nproc`), Python {r0['python']},
       f"S={r0['sessions']} concurrent sessions, {r0['per_session']} message(s) per connection, "
       f"client {r0['client']}.")
 print()
-print("| mode | sink | accepted msg/s | delivered msg/s (end to end) | accepted / delivered | peak RSS MiB (all processes) | idle RSS MiB |")
+print("| mode | delivery | accepted msg/s | delivered msg/s | accepted / delivered | peak RSS MiB (all processes) | idle RSS MiB |")
 print("|---|---|---:|---:|---:|---:|---:|")
 def f(x):
     return "n/a" if x is None else f"{x:.1f}" if isinstance(x, float) else str(x)
 for r in rows:
     note = " (timed out)" if r.get("timed_out") else ""
     note += f" (error: {r['error'].splitlines()[0]})" if r.get("error") else ""
-    print(f"| {r['mode']} | {r.get('sink', '?')} | {f(r.get('accepted_per_s'))} | "
+    how = "held during the load, then resumed (drain rate)" if r.get("hold") else "concurrent (end to end)"
+    print(f"| {r['mode']} ({r.get('sink', '?')}) | {how} | {f(r.get('accepted_per_s'))} | "
           f"{f(r.get('delivered_per_s'))} | {r.get('accepted')} / {r.get('delivered')}{note} | "
           f"{f(r.get('peak_rss_mib'))} | {f(r.get('idle_rss_mib'))} |")
 PY

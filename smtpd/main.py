@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"smtpd: {opts.config}: {exc.strerror}", file=sys.stderr)
         raise SystemExit(1)
     if opts.check:
+        for note in config.not_applied:
+            print(f"warn: {note}", file=sys.stderr)
         print("configuration OK", file=sys.stderr)
         raise SystemExit(0)
     if opts.proc is None:

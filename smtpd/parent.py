@@ -237,6 +237,8 @@ def run(opts, argv, config) -> int:
         return 1
     rundir = make_rundir()
     log.info("info: pysmtpd %s starting", VERSION)
+    for note in config.not_applied:
+        log.warning("warn: %s", note)
     try:
         code = aio.run(Parent(opts, config, rundir, listeners).main())
     finally:

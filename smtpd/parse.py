@@ -38,6 +38,11 @@ class Parser:
         self.file = path
         self.line = 0
 
+    def not_yet(self, what: str) -> None:
+        note = f"{self.file}:{self.line}: {what} is accepted but not applied yet"
+        if note not in self.config.not_applied:
+            self.config.not_applied.append(note)
+
     def fs(self, path: Path) -> Path:
         if self.root is not None and path.is_absolute():
             return self.root / path.relative_to("/")
@@ -137,6 +142,7 @@ class Parser:
             raise self.err(f'syntax error: unexpected "{head}", expected one of: listen, table, '
                            f'action, match, smtp, queue, mta, mda, bounce, pki, ca, filter, proc, '
                            f'admd, srs, scheduler, include, or a macro{hint}')
+        self.current_head = str(head)
         handler(Cursor(self, toks[1:]))
 
     # -- statements ----------------------------------------------------------------------------------
@@ -162,14 +168,18 @@ class Parser:
                          "received-auth", "proxy-v2", "verify"):
                 if opt in ("auth", "auth-optional") and c.peek_ref():
                     c.table_ref()
+                self.not_yet(f'listen option "{opt}"')
             elif opt == "filter":
                 c.name_or_list("a filter name or { list }")
+                self.not_yet('listen option "filter"')
             elif opt in ("pki", "ca", "protocols", "ciphers"):
                 c.word(f"a {opt} name")
+                self.not_yet(f'listen option "{opt}"')
             elif opt in ("senders", "hostnames"):
                 c.table_ref()
                 if opt == "senders" and c.peek() == "masquerade":
                     c.word("")
+                self.not_yet(f'listen option "{opt}"')
             else:
                 raise self.err(f'syntax error: unexpected "{opt}" in listen, expected one of: '
                                "inet4, inet6, port, hostname, tag, tls, tls-require, smtps, pki, ca, "
@@ -203,6 +213,8 @@ class Parser:
         act = Action(name=name, method=method, lineno=self.line)
         if method not in LOCAL_METHODS and method != "relay":
             raise self.err(f'syntax error: unknown delivery method "{method}"')
+        if method not in ("maildir", "relay"):
+            self.not_yet(f'delivery method "{method}"')
         if method == "maildir" and c.peek() is not None and (c.peek().quoted or c.peek() not in MAILDIR_OPTIONS):
             act.target = c.word("")
         elif method in ("lmtp", "mda"):
@@ -219,6 +231,7 @@ class Parser:
                 value = c.word(f"a {opt}")
                 if opt == "user":
                     act.user = value
+                self.not_yet(f'action option "{opt}"')
             elif method == "relay" and opt == "host":
                 act.host = c.table_ref() if c.peek_ref() else c.word("a relay URL")
             elif method == "relay" and opt == "helo":
@@ -227,17 +240,23 @@ class Parser:
                 if opt == "backup" and c.peek() == "mx":
                     c.word("")
                     c.word("a hostname")
+                self.not_yet(f'relay option "{opt}"')
             elif method == "relay" and opt == "tls":
                 if c.peek() == "no-verify":
                     c.word("")
+                self.not_yet('relay option "tls"')
             elif method == "relay" and opt in ("domain", "helo-src", "auth", "src"):
                 c.table_ref() if c.peek_ref() else c.word(f"a {opt} value")
+                self.not_yet(f'relay option "{opt}"')
             elif method == "relay" and opt == "filter":
                 c.name_or_list("a filter name or { list }")
+                self.not_yet('relay option "filter"')
             elif method == "relay" and opt in ("pki", "ca", "mail-from", "protocols", "ciphers"):
                 c.word(f"a {opt} value")
+                self.not_yet(f'relay option "{opt}"')
             elif opt == "ttl":
                 act.ttl = c.duration()
+                self.not_yet('action option "ttl" (queue expiry)')
             else:
                 raise self.err(f'syntax error: unexpected "{opt}" in action "{name}" ({method})')
         if act.alias and act.virtual:
@@ -313,6 +332,7 @@ class Parser:
                 key = c.word("max-mails or max-rcpt")
                 if key == "max-mails":
                     self.config.smtp_max_mails = c.number(c.word("a number"), 1, 1 << 31)
+                    self.not_yet('"smtp limit max-mails"')
                 elif key == "max-rcpt":
                     self.config.smtp_max_rcpt = c.number(c.word("a number"), 1, 1 << 31)
                 else:
@@ -324,6 +344,7 @@ class Parser:
             self.config.sub_addr_delim = delim
         elif opt == "ciphers":
             c.word("a cipher list")
+            self.not_yet('"smtp ciphers"')
         else:
             raise self.err(f'syntax error: unexpected "{opt}" after smtp, expected one of: '
                            "max-message-size, limit, sub-addr-delim, ciphers")
@@ -333,13 +354,15 @@ class Parser:
         opt = c.word("a queue option")
         if opt == "ttl":
             self.config.queue_ttl = c.duration()
+            self.not_yet('"queue ttl" (expiry)')
         elif opt == "compression":
-            pass
+            self.not_yet('"queue compression"')
         elif opt == "encryption":
             if c.more():
                 key = c.word("a key")
                 if key not in ("stdin", "-") and not re.fullmatch(r"[0-9A-Fa-f]{64}|.{32}", key):
                     raise self.err("crypto_setup:invalid key for queue encryption")
+            self.not_yet('"queue encryption"')
         else:
             raise self.err(f'syntax error: unexpected "{opt}" after queue')
         c.end()
@@ -352,15 +375,18 @@ class Parser:
         if len(values) > 4:
             raise self.err("at most 4 bounce warn-intervals")
         self.config.bounce_warn_interval = values
+        self.not_yet('"bounce warn-interval"')
         c.end()
 
     def p_mta(self, c: "Cursor") -> None:
         opt = c.word("max-deferred or limit")
         if opt == "max-deferred":
             self.config.mta_max_deferred = c.number(c.word("a number"), 0, 1 << 31)
+            self.not_yet('"mta max-deferred"')
             c.end()
         elif opt == "limit":
             c.rest()
+            self.not_yet('"mta limit"')
         else:
             raise self.err(f'syntax error: unexpected "{opt}" after mta')
 
@@ -370,6 +396,7 @@ class Parser:
         kw = c.word('"cert", "key" or "dhe"')
         if kw not in ("cert", "key", "dhe"):
             raise self.err(f'syntax error: unexpected "{kw}", expected "cert", "key" or "dhe"')
+        self.not_yet('"pki" statement')
         c.word("a file" if kw != "dhe" else "dhe parameters (none, legacy, auto)")
         c.end()
 
@@ -377,13 +404,16 @@ class Parser:
         c.word("a ca name")
         c.expect("cert")
         c.word("a file")
+        self.not_yet('"ca" statement')
         c.end()
 
     def p_loose(self, c: "Cursor") -> None:
         """Statements accepted and checked only for shape until their issue lands."""
         if not c.more():
             raise self.err("syntax error: statement is incomplete")
+        head = self.current_head
         c.rest()
+        self.not_yet(f'"{head}" statement')
 
 
 class Cursor:
