@@ -119,6 +119,7 @@ class Parent:
         self.stopping = False
         self.mesh = Mesh("parent", rundir)
         self.deliveries: set[asyncio.Task] = set()
+        self.delivery = local_delivery.DeliveryPool()
 
     def spawn(self) -> None:
         fds = [sock.fileno() for sock, _ in self.listeners]
@@ -173,7 +174,7 @@ class Parent:
             log.warning("warn: parent: unexpected %s from %s", type(msg).__name__, peer)
 
     async def _deliver(self, msg: MdaFork) -> None:
-        status, error = await local_delivery.run(msg)
+        status, error = await self.delivery.run(msg)
         await self.mesh.send("pony", MdaDone(reqid=msg.reqid, status=status, error=error))
 
     async def main(self) -> int:
@@ -199,6 +200,7 @@ class Parent:
                      ", ".join(f"{c}={p.pid}" for c, p in self.children.items()))
         ready_wait.cancel()
         await done_wait
+        self.delivery.close()
         await self._reap()
         return self.exit_code
 

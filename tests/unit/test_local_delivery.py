@@ -1,0 +1,99 @@
+"""The parent's delivery workers: one fork serves a burst for one user, a worker
+that dies mid-delivery is a temporary failure, idle workers go away."""
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from common.messages import MdaFork
+from smtpd import local_delivery
+from smtpd.local_delivery import DeliveryPool
+
+
+def order(path, n: int, **kw) -> MdaFork:
+    return MdaFork(reqid=n, evpid=n, method=kw.get("method", "maildir"), path=str(path), junk=False,
+                   uid=os.getuid() if os.getuid() else 65534, gid=os.getgid() if os.getuid() else 65534,
+                   home="/", message=f"Subject: {n}\n\nbody {n}\n".encode())
+
+
+@pytest.fixture
+def mailroot(tmp_path):
+    """A folder the delivery user can write: as root the worker runs as nobody, who
+    cannot reach pytest's 0700 temporary tree."""
+    if os.getuid() != 0:
+        yield tmp_path
+        return
+    root = Path(tempfile.mkdtemp(prefix="pysmtpd-lda-"))
+    os.chmod(root, 0o777)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_burst_for_one_user_is_served_by_one_worker(mailroot, monkeypatch):
+    monkeypatch.setattr(local_delivery, "IDLE_SECONDS", 0.2)
+    box = mailroot / "Maildir"
+
+    async def go():
+        pool = DeliveryPool()
+        results = [await pool.run(order(box, n)) for n in range(5)]
+        workers = [w for ws in pool.workers.values() for w in ws]
+        pids = {w.pid for w in workers}
+        served = sum(w.served for w in workers)
+        await asyncio.sleep(0.5)                  # idle: sent away
+        left = dict(pool.workers)
+        pool.close()
+        return results, pids, served, left
+
+    results, pids, served, left = asyncio.run(go())
+    assert results == [("ok", "")] * 5
+    assert len(pids) == 1 and served == 5 and left == {}
+    bodies = sorted(p.read_bytes() for p in (box / "new").iterdir())
+    assert bodies == sorted(f"Subject: {n}\n\nbody {n}\n".encode() for n in range(5))
+    for pid in pids:                               # the worker is gone, and reaped
+        try:
+            os.kill(pid, 0)
+            alive = open(f"/proc/{pid}/stat").read().split(")")[1].split()[0] != "Z"
+        except (ProcessLookupError, FileNotFoundError):
+            alive = False
+        assert not alive
+
+
+def test_a_worker_killed_mid_delivery_is_a_tempfail_and_replaced(mailroot, monkeypatch):
+    box = mailroot / "Maildir"
+    real = local_delivery._Worker.deliver
+
+    async def deliver_then_die(self, req):
+        os.kill(self.pid, signal.SIGKILL)
+        return await real(self, req)
+
+    async def go():
+        pool = DeliveryPool()
+        monkeypatch.setattr(local_delivery._Worker, "deliver", deliver_then_die)
+        first = await pool.run(order(box, 1))
+        monkeypatch.setattr(local_delivery._Worker, "deliver", real)
+        second = await pool.run(order(box, 2))
+        pool.close()
+        return first, second
+
+    first, second = asyncio.run(go())
+    assert first[0] == "tempfail" and "signal 9" in first[1]
+    assert second == ("ok", "")
+
+
+def test_unsupported_method_is_a_permanent_failure(tmp_path):
+    async def go():
+        pool = DeliveryPool()
+        try:
+            return await pool.run(order(tmp_path / "M", 1, method="mbox"))
+        finally:
+            pool.close()
+    status, error = asyncio.run(go())
+    assert status == "permfail" and "mbox" in error
