@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -123,6 +124,23 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 pass
         wait_for(lambda: not self.children(), 5, "the process group to be gone")
+
+
+PRIVSEP_USERS = ("_smtpd", "_smtpq")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def privsep_users():
+    """As root the daemon drops to _smtpd/_smtpq and refuses to start without them: create
+    them once for the session (the documented useradd step), as a fresh CI machine lacks them."""
+    if os.geteuid() != 0:
+        return
+    for user in PRIVSEP_USERS:
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            subprocess.run(["useradd", "-r", "-M", "-d", "/var/empty", "-s", "/usr/sbin/nologin", user],
+                           check=True)
 
 
 @pytest.fixture

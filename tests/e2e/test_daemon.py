@@ -65,18 +65,8 @@ def test_bad_config_is_reported_with_file_and_line(tmp_path):
     assert res.returncode == 0 and "configuration OK" in res.stderr, res.stderr
 
 
-def ensure_users() -> None:
-    for user in ("_smtpd", "_smtpq"):
-        try:
-            pwd.getpwnam(user)
-        except KeyError:
-            subprocess.run(["useradd", "-r", "-M", "-d", "/var/empty", "-s", "/usr/sbin/nologin", user],
-                           check=True)
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="privilege separation needs root; CI runs as root")
 def test_privilege_separation_as_root(make_daemon, tmp_path):
-    ensure_users()
     smtpd, smtpq = pwd.getpwnam("_smtpd"), pwd.getpwnam("_smtpq")
     port = free_port()
     base = tmp_path / "d"
