@@ -6,6 +6,7 @@ so ``evpid >> 32`` always names the message it belongs to.
 """
 from __future__ import annotations
 
+import random
 import secrets
 
 MSGID_MAX = 0xFFFFFFFF
@@ -43,7 +44,10 @@ class UidGenerator:
 
     def __init__(self) -> None:
         self._counter = secrets.randbits(24)
+        # Not secrets: these correlate requests and log lines, one per message hop,
+        # and a system call each would show in the profile.
+        self._random = random.Random(secrets.randbits(128))
 
     def __call__(self) -> int:
         self._counter = (self._counter + 1) & 0xFFFFFFFF
-        return (self._counter << 32) | secrets.randbits(32)
+        return (self._counter << 32) | self._random.getrandbits(32)
