@@ -40,12 +40,31 @@ setup_venv() {
     fi
 }
 
+ensure_privsep_users() {
+    # Started as root the daemon separates privileges: its children run as _smtpd and
+    # _smtpq (the documented useradd step of README.md), created here when missing.
+    local user home
+    for user in _smtpd _smtpq; do
+        id "$user" >/dev/null 2>&1 && continue
+        home=/var/empty; [ "$user" = _smtpq ] && home=/var/spool/smtpd
+        useradd -r -M -d "$home" -s /usr/sbin/nologin "$user"
+    done
+}
+
 dev_config() {
     local dir=$ROOT/dev-run
     mkdir -p "$dir/home/alice" "$dir/home/bob" "$dir/spool"
     chmod 700 "$dir"
+    local ids; ids="$(id -u):$(id -g)"
+    if [ "$(id -u)" = 0 ]; then
+        # As root, mail is delivered as the mailbox's owner, never as root (refused):
+        # the test users map to nobody, whose homes must be reachable.
+        ensure_privsep_users
+        ids="$(id -u nobody):$(id -g nobody)"
+        chmod 711 "$dir"
+        chown "$ids" "$dir/home/alice" "$dir/home/bob"
+    fi
     if [ ! -f "$dir/smtpd.conf" ]; then
-        local ids; ids="$(id -u):$(id -g)"
         cat > "$dir/smtpd.conf" <<CONF
 # pysmtpd development configuration, made by contrib/dev.sh (edit freely).
 # Mail for alice@example.test and bob@example.test goes to dev-run/home/<user>/Maildir;

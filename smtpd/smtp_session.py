@@ -95,6 +95,7 @@ class Session(SMTP):
         self.peer_ip = ""
         self.rdns = ""
         self.quit = False
+        self._greeting_reply = False
 
     def _getaddr(self, arg: str):
         """The path exactly as sent: aiosmtpd's RFC 5322 parser would quote a
@@ -112,9 +113,30 @@ class Session(SMTP):
         return address, rest.lstrip()
 
     async def push(self, status):
-        if isinstance(status, str) and not status.startswith("250-"):
+        # RFC 2034 s4: every reply carries an enhanced code, but for the greeting and
+        # the replies to HELO and EHLO (OpenSMTPD's "250 HELP" has none either).
+        if isinstance(status, str) and not self._greeting_reply:
             status = with_esc(status)
         await super().push(status)
+
+    async def smtp_HELO(self, hostname: str):
+        self._greeting_reply = bool(hostname)
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._greeting_reply = False
+
+    async def smtp_EHLO(self, hostname: str):
+        self._greeting_reply = bool(hostname)
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._greeting_reply = False
+
+    async def smtp_HELP(self, arg: str):
+        await self.push("214- This is pysmtpd")
+        await self.push("214- To report bugs in the implementation, please see its issue tracker")
+        await self.push("214 2.0.0 End of HELP info")
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)

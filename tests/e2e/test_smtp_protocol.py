@@ -40,6 +40,14 @@ def test_ehlo_and_replies_carry_enhanced_status_codes(make_daemon, tmp_path):
     for ext in ("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"):
         assert f"250-{ext}" in ehlo, ehlo
     assert any(l.startswith("250-SIZE ") for l in ehlo)
+    # RFC 2034: no enhanced code in the replies to HELO/EHLO (as OpenSMTPD)
+    assert ehlo[-1] == "250 HELP", ehlo
+    helo = c.cmd("HELO client.test")
+    assert len(helo) == 1 and helo[0].startswith("250 ") and helo[0].split()[1] != "2.0.0", helo
+    assert helo[0].endswith(" Hello client.test [127.0.0.1], pleased to meet you"), helo
+    c.cmd("EHLO client.test")
+    assert c.cmd("EHLO")[0].startswith("501 5.5.")
+    assert c.cmd("HELP")[-1] == "214 2.0.0 End of HELP info"
     assert c.cmd("RCPT TO:<alice@example.test>")[0].startswith("503 5.5.1 ")
     assert c.cmd("MAIL FROM:<bad address>")[0][:4] in ("501 ", "553 ")
     assert c.cmd("FOO")[0] == "500 5.5.1 Invalid command: Command unrecognized"
