@@ -13,6 +13,10 @@ MAX_REQUEST = 64 * 1024
 MAX_REPLY = 64 * 1024 * 1024
 _LEN = struct.Struct(">I")
 
+# control's refusal of a command to a client that is neither root nor the daemon's
+# user; smtpctl prints it as OpenSMTPD's does: "smtpctl: need root privileges".
+PERMISSION_DENIED = "need root privileges"
+
 
 class WireError(Exception):
     pass

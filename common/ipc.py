@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from dataclasses import dataclass
+import time
 from pathlib import Path
 from typing import Awaitable, Callable
 
@@ -21,8 +21,9 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from common import messages
+from common import messages, stat
 from common.messages import Msg
+from common.trace import FLAGS, SESSION, trace
 
 log = logging.getLogger("smtpd")
 
@@ -53,13 +54,8 @@ def endpoint(rundir: Path, a: str, b: str) -> str:
     return f"ipc://{pair_dir(rundir, a, b)}/sock"
 
 
-@dataclass
-class Trace:
-    """Run-time switches read on the hot path: plain attributes, no locking."""
-    mproc: bool = False
-
-
-TRACE = Trace()
+# The run-time switches (smtpctl trace mproc/imsg, profile imsg), read on the hot path.
+TRACE = FLAGS
 
 
 class Mesh:
@@ -98,9 +94,8 @@ class Mesh:
 
     async def send(self, peer: str, msg: Msg) -> None:
         data = messages.encode(msg)
-        if TRACE.mproc:
-            log.info("mproc: %s -> %s: %s (%d bytes) %s", self.me, peer,
-                     messages.type_name(msg), len(data), messages.ids_of(msg))
+        if FLAGS.mproc:
+            _trace_mproc(self.me, peer, msg, len(data))
         await self.socks[peer].send(data, copy=len(data) < 65536)
 
     async def request(self, peer: str, msg: Msg, reply_types: tuple[type, ...],
@@ -126,15 +121,16 @@ class Mesh:
                 # A peer speaking outside the contract is a bug in pysmtpd: fail loudly.
                 log.error("fatal: %s: bad message from %s: %s", self.me, peer, exc)
                 os._exit(1)
-            if TRACE.mproc:
-                log.info("mproc: %s <- %s: %s (%d bytes) %s", self.me, peer,
-                         messages.type_name(msg), len(data), messages.ids_of(msg))
+            if FLAGS.imsg:
+                trace("imsg: %s <- %s: %s (len=%d)%s", self.me, peer, messages.type_name(msg),
+                      len(data), _ids(msg))
             reqid = getattr(msg, "reqid", None)
             waiting = self._waiting.get(reqid) if reqid is not None else None
             if waiting is not None and isinstance(msg, waiting[1]):
                 if not waiting[0].done():
                     waiting[0].set_result(msg)
                 continue
+            started = time.perf_counter_ns() if FLAGS.profile_imsg else 0
             try:
                 result = self._handler(peer, msg)  # type: ignore[misc]
                 if asyncio.iscoroutine(result):
@@ -142,6 +138,17 @@ class Mesh:
             except Exception:
                 log.exception("%s: error handling %s from %s", self.me,
                               messages.type_name(msg), peer)
+            if started:
+                self._profile(peer, msg, len(data), time.perf_counter_ns() - started)
+
+    def _profile(self, peer: str, msg: Msg, size: int, elapsed_ns: int) -> None:
+        """``profile imsg``: how long the handler of one message took (smtpd.c
+        imsg_dispatch); with ``smtpd -T profstat`` also a ``profiling.imsg.*`` stat."""
+        name = messages.type_name(msg)
+        trace("profile-imsg: %s %s %s %d %d.%09d", self.me, peer, name, size,
+              elapsed_ns // 1_000_000_000, elapsed_ns % 1_000_000_000)
+        if FLAGS.profile_tostat and self.me != "control":
+            stat.set(f"profiling.imsg.{self.me}.{peer}.{name}", elapsed_ns / 1e9)
 
     def close(self) -> None:
         for task in self._tasks:
@@ -149,3 +156,18 @@ class Mesh:
         for sock in self.socks.values():
             sock.close(linger=200)
         self.ctx.term()
+
+
+def _ids(msg: Msg) -> str:
+    """" session=... reqid=... msgid=... evpid=...": the ids a message carries, and the
+    SMTP/MTA session the sending task works for."""
+    ids = messages.ids_of(msg)
+    session = SESSION.get()
+    if session:
+        ids = f"session={session:016x} {ids}" if ids else f"session={session:016x}"
+    return f" {ids}" if ids else ""
+
+
+def _trace_mproc(me: str, peer: str, msg: Msg, size: int) -> None:
+    """``trace mproc``: one line per message sent (mproc.c m_compose), with both ends."""
+    trace("mproc: %s -> %s : %d %s%s", me, peer, size, messages.type_name(msg), _ids(msg))

@@ -42,8 +42,10 @@ class ConfEnd(Msg, **_m("conf_end")):
 
 
 class CtlVerbose(Msg, **_m("ctl_verbose")):
-    """Broadcast: new trace/debug mask (later issue: smtpctl trace / log verbose)."""
+    """control -> every process: the new tracing mask (common.trace bits; bit 0x1 is
+    ``log verbose``).  A non-zero reqid asks for a CtlReply once it is applied."""
     mask: int
+    reqid: int = 0
 
 
 class MdaFork(Msg, **_m("mda_fork")):
@@ -313,6 +315,29 @@ class CtlListReply(Msg, **_m("ctl_list_reply")):
     last: int
 
 
+# --- control <-> every process: introspection (smtpctl trace/profile/show stats/monitor) ----
+
+class CtlProfile(Msg, **_m("ctl_profile")):
+    """control -> every process: the new profiling mask (common.trace PROFILE_*)."""
+    mask: int
+    reqid: int = 0
+
+
+class StatGet(Msg, **_m("stat_get")):
+    """control -> a process: send your counters (common.stat)."""
+    reqid: int
+
+
+class StatReply(Msg, **_m("stat_reply")):
+    """A process's counters, and the running totals of their increments and
+    decrements (monitor counts connects and disconnects, enqueues and dequeues)."""
+    reqid: int
+    proc: str
+    values: dict[str, Union[int, float]]
+    increments: dict[str, int] = {}
+    decrements: dict[str, int] = {}
+
+
 Message = Union[
     SetupDone, ConfEnd, CtlVerbose, MdaFork, MdaDone,
     SmtpMessageCreate, SmtpMessageCreateReply, SmtpExpandRcpt, SmtpExpandRcptReply,
@@ -324,6 +349,7 @@ Message = Union[
     QueueEnvelopeAck, QueueDeliver, QueueTransfer, MessageOpen, MessageContent, DeliveryResult,
     MdaLookupUserinfo, MdaLookupUserinfoReply, MtaDnsLookup, MtaDnsReply,
     CtlRequest, CtlReply, SchedListReply, CtlListReply,
+    CtlProfile, StatGet, StatReply,
 ]
 
 _encoder = msgspec.msgpack.Encoder()

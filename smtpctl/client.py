@@ -1,11 +1,11 @@
-"""smtpctl's side of the control socket (blocking; one request per connection)."""
+"""smtpctl's side of the control socket (blocking; requests one after the other)."""
 from __future__ import annotations
 
 import os
 import socket
 
-from common.control_wire import WireError, frame, recv_frame
-from common.messages import PROTOCOL_VERSION, ClientRequest
+from common.control_wire import PERMISSION_DENIED, WireError, frame, recv_frame
+from common.messages import PROTOCOL_VERSION, ClientRequest, ClientResult
 
 DEFAULT_SOCKET = "/var/run/smtpd.sock"
 TIMEOUT = 120.0
@@ -13,6 +13,10 @@ TIMEOUT = 120.0
 
 class NotRunning(Exception):
     """Nothing answers on the control socket."""
+
+
+class PermissionDenied(Exception):
+    """control refused the command: the caller is neither root nor smtpd's user."""
 
 
 def socket_path(option: str | None) -> str:
@@ -31,7 +35,10 @@ class Connection:
 
     def request(self, command: str, **args):
         self.sock.sendall(frame(ClientRequest(version=PROTOCOL_VERSION, command=command, args=args)))
-        return recv_frame(self.sock)
+        reply = recv_frame(self.sock)
+        if isinstance(reply, ClientResult) and not reply.ok and reply.text == PERMISSION_DENIED:
+            raise PermissionDenied(command)
+        return reply
 
     def next(self):
         return recv_frame(self.sock)
@@ -46,4 +53,4 @@ class Connection:
         self.close()
 
 
-__all__ = ["Connection", "NotRunning", "WireError", "socket_path"]
+__all__ = ["Connection", "NotRunning", "PermissionDenied", "WireError", "socket_path"]

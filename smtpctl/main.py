@@ -14,8 +14,9 @@ from typing import Optional
 import typer
 
 from common.messages import ClientEnd, ClientQueueBatch, ClientResult
+from smtpctl import debug_commands, monitor
 from smtpctl import format as fmt
-from smtpctl.client import Connection, NotRunning, WireError, socket_path
+from smtpctl.client import Connection, NotRunning, PermissionDenied, WireError, socket_path
 from smtpctl.parser import CommandError, parse_command
 
 app = typer.Typer(add_completion=False, context_settings={"help_option_names": ["-h", "--help"]})
@@ -65,6 +66,8 @@ def run(words: list[str], sock: Optional[str], as_json: bool) -> None:
             dispatch(conn, cmd, as_json)
     except NotRunning:
         _die("smtpd doesn't seem to be running")
+    except PermissionDenied:
+        _die("need root privileges")
     except (WireError, OSError) as exc:
         _die(f"lost connection to smtpd: {exc}")
 
@@ -73,6 +76,10 @@ def dispatch(conn: Connection, cmd, as_json: bool) -> None:
     name = cmd.name
     if name == "show queue":
         return show_queue(conn, as_json)
+    if name in debug_commands.COMMANDS:
+        return debug_commands.run(conn, cmd)
+    if name in monitor.COMMANDS:
+        return monitor.run(conn, cmd)
     if name == "show status":
         reply = conn.request("show status")
         if not reply.ok:

@@ -81,6 +81,9 @@ class Config:
     sub_addr_delim: str = "+"
     mta_max_deferred: int = 100
     macros: dict[str, str] = field(default_factory=dict)
+    # pysmtpd's Prometheus endpoint ("metrics listen on ADDR port N"), off when None.
+    metrics_address: str | None = None
+    metrics_port: int = 0
     # "file:line: X is accepted but not applied yet": statements of the grammar whose
     # feature comes with a later issue.  Logged at start and by smtpd -n, never silent.
     not_applied: list[str] = field(default_factory=list)

@@ -3,7 +3,15 @@
 It identifies each client by SO_PEERCRED, accepts only well-formed frames of the
 contract (a bad client is dropped, never fatal), forwards each command to the
 process that knows, and streams the answers back.  It keeps the pause flags that
-`show status` reports.
+`show status` reports, the trace and profile masks (control_trace), gathers the
+counters of every process (stat_backend) and serves them to Prometheus if asked
+(metrics).
+
+Permissions, as OpenSMTPD's control.c: every command needs root (here: root, or the
+user the daemon runs as when started unprivileged); any other user gets
+``need root privileges``.  OpenSMTPD lets any user ask only for an SMTP session (the
+sendmail path), which comes with its issue: UNPRIVILEGED_COMMANDS is where it goes.
+A client connection may carry several requests (``monitor`` asks once a second).
 """
 from __future__ import annotations
 
@@ -13,23 +21,31 @@ import os
 import socket
 import struct
 
-from common.control_wire import WireError, frame, read_frame
+from common import stat
+from common.control_wire import PERMISSION_DENIED, WireError, frame, read_frame
 from common.ipc import PeerTimeout
 from common.messages import (
     PROTOCOL_VERSION, ClientEnd, ClientQueueBatch, ClientRequest, ClientResult, CtlListReply,
     CtlReply, CtlRequest,
 )
+from smtpd import control_trace, metrics
+from smtpd.stat_backend import Stats
 
 log = logging.getLogger("smtpd")
 
 LIST_BATCH = 256
 CLIENT_TIMEOUT = 30.0
+# OpenSMTPD's CONTROL_MAXCONN_PER_CLIENT: connections one uid may hold at once.
+MAX_CONNECTIONS_PER_UID = 32
+UNPRIVILEGED_COMMANDS: frozenset[str] = frozenset()
 
 
 class Prepared:
-    def __init__(self, sock: socket.socket, admin_uid: int) -> None:
+    def __init__(self, sock: socket.socket, admin_uid: int,
+                 metrics_sock: socket.socket | None = None) -> None:
         self.sock = sock
         self.admin_uid = admin_uid
+        self.metrics_sock = metrics_sock
 
 
 def prepare(opts, config) -> Prepared:
@@ -48,7 +64,10 @@ def prepare(opts, config) -> Prepared:
         os.umask(old)
     os.chmod(path, 0o666)
     sock.listen(64)
-    return Prepared(sock, os.getuid())
+    metrics_sock = None
+    if config.metrics_address is not None:
+        metrics_sock = metrics.bind(config.metrics_address, config.metrics_port)
+    return Prepared(sock, os.getuid(), metrics_sock)
 
 
 def peer_uid(writer: asyncio.StreamWriter) -> int:
@@ -65,9 +84,16 @@ class Process:
         self.paused = {"mda": False, "mta": False, "smtp": False}
         for agent in ctx.opts.pause:
             self.paused[agent] = True
+        self.connections: dict[int, int] = {}      # uid -> open control connections
+        self.switches = control_trace.Switches(ctx)
+        self.stats = Stats(ctx)
+        self.metrics: metrics.Endpoint | None = None
 
     async def start(self) -> None:
         self.server = await asyncio.start_unix_server(self._client, sock=self.prepared.sock)
+        if self.prepared.metrics_sock is not None:
+            self.metrics = metrics.Endpoint(self.prepared.metrics_sock, self.stats.gather)
+            await self.metrics.start()
 
     async def on_conf_end(self) -> None:
         pass
@@ -75,32 +101,70 @@ class Process:
     async def stop(self) -> None:
         if self.server:
             self.server.close()
+        if self.metrics:
+            self.metrics.close()
 
     async def handle(self, peer: str, msg) -> None:
         log.warning("warn: control: unexpected %s from %s", type(msg).__name__, peer)
 
-    def _may(self, uid: int) -> bool:
-        return uid in (0, self.prepared.admin_uid)
+    def _may(self, uid: int, command: str) -> bool:
+        return uid in (0, self.prepared.admin_uid) or command in UNPRIVILEGED_COMMANDS
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             uid = peer_uid(writer)
-            req = await asyncio.wait_for(read_frame(reader), CLIENT_TIMEOUT)
-            if not isinstance(req, ClientRequest):
-                raise WireError("not a request")
-            if req.version != PROTOCOL_VERSION:
-                writer.write(frame(ClientResult(ok=False, text="incompatible smtpctl and smtpd")))
-            elif not self._may(uid):
-                writer.write(frame(ClientResult(ok=False, text="permission denied: need root privileges")))
-            else:
-                await self._command(req, writer)
-            await writer.drain()
-        except (WireError, asyncio.IncompleteReadError, TimeoutError, ConnectionError) as exc:
-            log.info("control: dropping client: %s", exc)
-        except PeerTimeout as exc:
-            writer.write(frame(ClientResult(ok=False, text=str(exc))))
-        finally:
+        except OSError as exc:
+            log.warning("warn: control: no credentials for a client: %s", exc)
             writer.close()
+            return
+        if self.connections.get(uid, 0) >= MAX_CONNECTIONS_PER_UID:
+            log.warning("warn: too many connections to control socket from user with uid %d", uid)
+            writer.close()
+            return
+        self.connections[uid] = self.connections.get(uid, 0) + 1
+        stat.increment("control.session")
+        try:
+            await self._serve_client(uid, reader, writer)
+        finally:
+            stat.decrement("control.session")
+            self.connections[uid] -= 1
+            if not self.connections[uid]:
+                del self.connections[uid]
+            writer.close()
+
+    async def _serve_client(self, uid: int, reader: asyncio.StreamReader,
+                            writer: asyncio.StreamWriter) -> None:
+        # Requests one after the other until the client closes (each read bounded by
+        # CLIENT_TIMEOUT); a malformed frame drops this client only.
+        while True:
+            try:
+                req = await asyncio.wait_for(read_frame(reader), CLIENT_TIMEOUT)
+            except asyncio.IncompleteReadError as exc:
+                if exc.partial:
+                    log.info("control: dropping client: truncated frame")
+                return
+            except (WireError, TimeoutError, ConnectionError) as exc:
+                log.info("control: dropping client: %s", exc)
+                return
+            try:
+                if not isinstance(req, ClientRequest):
+                    raise WireError("not a request")
+                if req.version != PROTOCOL_VERSION:
+                    writer.write(frame(ClientResult(ok=False, text="incompatible smtpctl and smtpd")))
+                    await writer.drain()
+                    return
+                if not self._may(uid, req.command):
+                    log.warning("warn: control: %s refused to uid %d: need root privileges",
+                                req.command, uid)
+                    writer.write(frame(ClientResult(ok=False, text=PERMISSION_DENIED)))
+                else:
+                    await self._command(req, writer)
+                await writer.drain()
+            except PeerTimeout as exc:
+                writer.write(frame(ClientResult(ok=False, text=str(exc))))
+            except (WireError, ConnectionError) as exc:
+                log.info("control: dropping client: %s", exc)
+                return
 
     async def _ask(self, peer: str, command: str, ident: int = 0) -> CtlReply:
         return await self.ctx.mesh.request(
@@ -127,6 +191,10 @@ class Process:
             out(frame(ClientResult(ok=reply.ok, text=reply.text, count=reply.count)))
         elif cmd == "show queue":
             await self._show_queue(writer)
+        elif cmd in control_trace.COMMANDS:
+            out(frame(await self.switches.command(cmd, args)))
+        elif cmd in ("show stats", "monitor"):
+            out(frame(await self.stats.answer(cmd)))
         elif cmd == "stop":
             reply = await self._ask("parent", "stop")
             out(frame(ClientResult(ok=reply.ok)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from common.envelope import Envelope
+from common.trace import FLAGS, trace
 from smtpd.ruleset import MatchContext, TableUnavailable, match
 
 MAX_DEPTH = 10
@@ -62,6 +63,8 @@ def expand_recipient(config, tables, req) -> ExpandResult:
             local_listener=internal or req.local_listener)
 
     def address(addr: str, depth: int, internal: bool) -> None:
+        if FLAGS.expand:
+            trace("expand: lka_expand: address: %s [depth=%d]", addr, depth)
         if depth > MAX_DEPTH:
             raise _Fail(524, "5.2.4 Mailing list expansion problem")
         try:
@@ -77,6 +80,8 @@ def expand_recipient(config, tables, req) -> ExpandResult:
             local(action, addr, depth, internal)
 
     def local(action, addr: str, depth: int, internal: bool) -> None:
+        if FLAGS.expand:
+            trace("expand: lka_expand: username: %s [depth=%d, action=%s]", addr, depth, action.name)
         user, domain = split_address(addr.lower())
         plain, _, tag = user.partition(config.sub_addr_delim)
         if action.virtual:
@@ -103,6 +108,8 @@ def expand_recipient(config, tables, req) -> ExpandResult:
         return None
 
     def follow(action, targets: list[str], domain: str, depth: int) -> None:
+        if FLAGS.expand:
+            trace("expand: lka_expand: expanded to %s [depth=%d]", ", ".join(targets), depth)
         for raw in targets:
             for target in (t.strip() for t in raw.split(",")):
                 if not target:
@@ -125,6 +132,8 @@ def expand_recipient(config, tables, req) -> ExpandResult:
 
     def emit(action, dest: str, type_: str, internal: bool, mda_user: str = "", subaddress: str = "") -> None:
         if (action.name, dest.lower()) in seen:
+            if FLAGS.expand:
+                trace("expand: %s: node found, discarding", dest)
             return
         seen.add((action.name, dest.lower()))
         flags = list(base.flags)
@@ -133,6 +142,9 @@ def expand_recipient(config, tables, req) -> ExpandResult:
         env = Envelope(**{f: getattr(base, f) for f in base.__struct_fields__})
         env.dispatcher, env.type, env.dest, env.flags = action.name, type_, dest, flags
         env.mda_user, env.mda_subaddress = mda_user, subaddress
+        if FLAGS.expand:
+            trace("expand: envelope for %s: %s, action %s%s", base.rcpt, dest, action.name,
+                  f", user {mda_user}" if mda_user else "")
         out.append(env)
 
     try:

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 
+from common import stat
 from common.durations import duration_to_text
 from common.envelope import Envelope
 from common.ipc import PeerTimeout
@@ -25,6 +26,10 @@ log = logging.getLogger("smtpd")
 MAX_SESSIONS = 50
 DEFAULT_MAILDIR = "~/Maildir"
 
+# OpenSMTPD's mda.* stats: envelopes in the MDA, waiting for a delivery slot
+# (pending) or being delivered (running), and the users they are for.
+_USERS = stat.Population("mda.user")
+
 
 class Mda:
     def __init__(self, pony) -> None:
@@ -33,24 +38,47 @@ class Mda:
         self.slots = asyncio.Semaphore(MAX_SESSIONS)
 
     def add(self, env: Envelope) -> None:
+        stat.increment("mda.envelope")
+        stat.increment("mda.pending")
+        _USERS.add(env.mda_user)
         self.pony.spawn(self._run(env))
 
     async def _run(self, env: Envelope) -> None:
-        async with self.slots:
-            try:
-                status, stat = await self._deliver(env)
-            except PeerTimeout as exc:
-                status, stat = "tempfail", f"Timeout: {exc}"
-            except Exception as exc:
-                log.exception("warn: mda: delivery of %016x failed", env.id)
-                status, stat = "tempfail", f"Internal error: {exc}"
+        try:
+            status, detail = await self._run_slot(env)
+        finally:
+            stat.decrement("mda.envelope")
+            _USERS.discard(env.mda_user)
+        await self._report(env, status, detail)
+
+    async def _run_slot(self, env: Envelope) -> tuple[str, str]:
+        pending = True
+        try:
+            async with self.slots:
+                stat.decrement("mda.pending")
+                pending = False
+                stat.increment("mda.running")
+                try:
+                    return await self._deliver(env)
+                except PeerTimeout as exc:
+                    return "tempfail", f"Timeout: {exc}"
+                except Exception as exc:
+                    log.exception("warn: mda: delivery of %016x failed", env.id)
+                    return "tempfail", f"Internal error: {exc}"
+                finally:
+                    stat.decrement("mda.running")
+        finally:
+            if pending:
+                stat.decrement("mda.pending")
+
+    async def _report(self, env: Envelope, status: str, detail: str) -> None:
         word = {"ok": "Ok", "tempfail": "TempFail", "permfail": "PermFail", "loop": "PermFail"}[status]
         log.info("%016x mda delivery evpid=%016x from=<%s> to=<%s> rcpt=<%s> user=%s delay=%s "
                  "result=%s stat=%s", self.pony.ctx.new_id(), env.id, env.sender, env.dest,
                  env.rcpt if env.rcpt != env.dest else "-", env.mda_user,
-                 duration_to_text(int(time.time()) - env.ctime), word, stat)
+                 duration_to_text(int(time.time()) - env.ctime), word, detail)
         await self.pony.mesh.send("queue", DeliveryResult(
-            evpid=env.id, agent="mda", status=status, errorline=stat, esc_code=30 if status != "ok" else 0))
+            evpid=env.id, agent="mda", status=status, errorline=detail, esc_code=30 if status != "ok" else 0))
 
     async def _deliver(self, env: Envelope) -> tuple[str, str]:
         action = self.config.actions.get(env.dispatcher)

@@ -14,9 +14,11 @@ import ipaddress
 import logging
 import time
 
+from common import stat
 from common.durations import duration_to_text
 from common.envelope import Envelope
 from common.ipc import PeerTimeout
+from common.trace import FLAGS, SESSION, trace
 from common.messages import DeliveryResult, MessageContent, MessageOpen, MtaDnsLookup, MtaDnsReply
 from smtpd.mta_session import Connection, TransactionResult, open_and_send
 from smtpd.relay_url import RelayUrlError, parse_relay_url
@@ -28,6 +30,14 @@ MAX_SESSIONS = 100
 MAX_MESSAGES_PER_SESSION = 100
 IDLE_TIMEOUT = 2.0       # seconds an idle connection waits for another message
 
+# OpenSMTPD's MTA objects that have work, counted as its mta.* stats: a relay (a
+# smarthost, or a domain's MXs) per task's destination, its connector (relay x source:
+# we have the one default source), the domains routed by MX, and the sources in use.
+_RELAYS = stat.Population("mta.relay")
+_CONNECTORS = stat.Population("mta.connector")
+_DOMAINS = stat.Population("mta.domain")
+_SOURCES = stat.Population("mta.source")
+
 
 class Mta:
     def __init__(self, pony) -> None:
@@ -36,31 +46,63 @@ class Mta:
         self.pending: dict[tuple, list[Envelope]] = {}
         self.slots = asyncio.Semaphore(MAX_SESSIONS)
         self.idle: dict[tuple, list[Connection]] = {}
+        self.outstanding: set[int] = set()      # evpids given to the MTA, not yet reported
 
     def add(self, env: Envelope) -> None:
         action = self.config.actions.get(env.dispatcher)
         domain = env.dest.rpartition("@")[2].lower()
         relay_key = (action.host if action is not None and action.host else domain)
         key = (env.msgid, env.dispatcher, relay_key)
+        if env.id not in self.outstanding:
+            self.outstanding.add(env.id)
+            stat.increment("mta.envelope")
         batch = self.pending.get(key)
         if batch is None:
             self.pending[key] = [env]
+            self._task_started(relay_key, by_mx=not (action is not None and action.host))
             asyncio.get_running_loop().call_later(GATHER_DELAY, self._flush, key)
         else:
             batch.append(env)
 
+    def _task_started(self, relay_key: str, by_mx: bool) -> None:
+        stat.increment("mta.task")
+        _RELAYS.add(relay_key)
+        _CONNECTORS.add((relay_key, ""))
+        _SOURCES.add("")
+        if by_mx:
+            _DOMAINS.add(relay_key)
+
+    def _task_done(self, relay_key: str, by_mx: bool) -> None:
+        stat.decrement("mta.task")
+        _RELAYS.discard(relay_key)
+        _CONNECTORS.discard((relay_key, ""))
+        _SOURCES.discard("")
+        if by_mx:
+            _DOMAINS.discard(relay_key)
+
     def _flush(self, key: tuple) -> None:
         envelopes = self.pending.pop(key, [])
         if envelopes:
-            self.pony.spawn(self._run(envelopes))
+            self.pony.spawn(self._run(envelopes, key[2]))
 
-    async def _run(self, envelopes: list[Envelope]) -> None:
-        async with self.slots:
-            try:
-                await self._deliver(envelopes)
-            except Exception as exc:
-                log.exception("warn: mta: delivery of %08x failed", envelopes[0].msgid)
-                await self._report(envelopes, "tempfail", f"Internal error: {exc}", "-", 0)
+    async def _run(self, envelopes: list[Envelope], relay_key: str) -> None:
+        action = self.config.actions.get(envelopes[0].dispatcher)
+        by_mx = not (action is not None and action.host)
+        try:
+            async with self.slots:
+                stat.increment("mta.task.running")
+                if FLAGS.mta:
+                    trace("mta: task for relay %s: msgid %08x, %d envelope(s)", relay_key,
+                          envelopes[0].msgid, len(envelopes))
+                try:
+                    await self._deliver(envelopes)
+                except Exception as exc:
+                    log.exception("warn: mta: delivery of %08x failed", envelopes[0].msgid)
+                    await self._report(envelopes, "tempfail", f"Internal error: {exc}", "-", 0)
+                finally:
+                    stat.decrement("mta.task.running")
+        finally:
+            self._task_done(relay_key, by_mx)
 
     async def _deliver(self, envelopes: list[Envelope]) -> None:
         first = envelopes[0]
@@ -79,6 +121,10 @@ class Mta:
             return
         helo = action.helo or self.config.hostname
         session_id = self.pony.ctx.new_id()
+        SESSION.set(session_id)          # names this session in `trace mproc` lines
+        if FLAGS.mta:
+            trace("mta: %016x: relay hosts for %s: %s", session_id, first.dest.rpartition("@")[2],
+                  ", ".join(f"{n} [{a}]" for n, a in hosts))
         last_error = "No MX found for destination"
         for name, address in hosts:
             result = await self._send(session_id, name, address, port, helo, first.sender,
@@ -103,7 +149,7 @@ class Mta:
                 return result
             await conn.close(quit=False)   # closed by the peer while idle: nothing was sent
         log.info("%016x mta connecting address=smtp://%s:%d host=%s", session_id, address, port, name)
-        conn = Connection(address, port, helo=helo)
+        conn = Connection(address, port, helo=helo, session=session_id)
         result = await open_and_send(conn, sender, rcpts, message, len(message))
         self._release(key, conn)
         return result
@@ -166,18 +212,21 @@ class Mta:
             return None
         return reply.data if reply.ok else None
 
-    async def _report(self, envelopes, status: str, stat: str, relay: str, session_id: int) -> None:
+    async def _report(self, envelopes, status: str, detail: str, relay: str, session_id: int) -> None:
         now = int(time.time())
         word = {"ok": "Ok", "tempfail": "TempFail", "permfail": "PermFail"}.get(status, "TempFail")
         for env in envelopes:
+            if env.id in self.outstanding:
+                self.outstanding.discard(env.id)
+                stat.decrement("mta.envelope")
             log.info('%016x mta delivery evpid=%016x from=<%s> to=<%s> rcpt=<%s> source="%s" '
                      'relay="%s" delay=%s result="%s" stat="%s"', session_id, env.id, env.sender,
                      env.dest, env.rcpt if env.rcpt != env.dest else "-", "-", relay,
-                     duration_to_text(now - env.ctime), word, stat)
-            esc = _esc_code(stat)
+                     duration_to_text(now - env.ctime), word, detail)
+            esc = _esc_code(detail)
             await self.pony.mesh.send("queue", DeliveryResult(
                 evpid=env.id, agent="mta", status=status if status in ("ok", "permfail") else "tempfail",
-                errorline=stat, esc_code=esc))
+                errorline=detail, esc_code=esc))
 
 
 def _esc_code(reply: str) -> int:

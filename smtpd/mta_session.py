@@ -12,7 +12,15 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from common import stat
+from common.trace import FLAGS, trace
+
 MAX_LINE = 4096
+
+# Open outbound connections, and the distinct remote hosts (and routes: from our
+# one default source to a host) they go to: OpenSMTPD's mta.session, mta.host, mta.route.
+_HOSTS = stat.Population("mta.host")
+_ROUTES = stat.Population("mta.route")
 
 
 @dataclass
@@ -56,13 +64,19 @@ def encode_data(message: bytes) -> bytes:
     return b"\r\n".join(out) + (b"\r\n" if out else b"") + b".\r\n"
 
 
-async def read_reply(reader: asyncio.StreamReader, timeout: float) -> Reply:
+async def read_reply(reader: asyncio.StreamReader, timeout: float, session: int = 0) -> Reply:
     lines: list[str] = []
     code = None
     for _ in range(1000):
         raw = await asyncio.wait_for(reader.readline(), timeout)
         if not raw:
+            if FLAGS.mta:
+                trace("mta: %016x: end-of-file", session)
             raise ConnectionError("Connection closed by remote host")
+        if FLAGS.io:
+            trace("mta: %016x: IO_DATAIN %d bytes", session, len(raw))
+        if FLAGS.mta:
+            trace("mta: %016x: <<< %s", session, raw[:1000].decode("utf-8", "backslashreplace").rstrip("\r\n"))
         if len(raw) > MAX_LINE:
             raise ProtocolError("Remote host sent too much data")
         line = raw.decode("utf-8", "replace").rstrip("\r\n")
@@ -81,8 +95,10 @@ class Connection:
     """One SMTP (or LMTP) client connection, reusable while it stays in a sane state."""
 
     def __init__(self, host: str, port: int, *, helo: str, lmtp: bool = False,
-                 timeout: float = 300, connect_timeout: float = 30) -> None:
+                 timeout: float = 300, connect_timeout: float = 30, session: int = 0) -> None:
         self.host, self.port, self.helo, self.lmtp = host, port, helo, lmtp
+        self.session = session       # the id in log and trace lines
+        self.counted = False         # open, and counted in mta.session
         self.timeout, self.connect_timeout = timeout, connect_timeout
         self.relay = f"{host}:{port}"
         self.reader: asyncio.StreamReader | None = None
@@ -92,10 +108,17 @@ class Connection:
         self.transactions = 0
         self.txn_replies = 0         # replies read in the current transaction
 
+    def _write(self, data: bytes, shown: str) -> None:
+        if FLAGS.mta:
+            trace("mta: %016x: >>> %s", self.session, shown)
+        if FLAGS.io:
+            trace("mta: %016x: IO_DATAOUT %d bytes", self.session, len(data))
+        self.writer.write(data)
+
     async def _cmd(self, line: str) -> Reply:
-        self.writer.write(line.encode("utf-8", "surrogateescape") + b"\r\n")
+        self._write(line.encode("utf-8", "surrogateescape") + b"\r\n", line)
         await asyncio.wait_for(self.writer.drain(), self.timeout)
-        reply = await read_reply(self.reader, self.timeout)
+        reply = await read_reply(self.reader, self.timeout, self.session)
         self.txn_replies += 1
         return reply
 
@@ -106,9 +129,17 @@ class Connection:
             self.reader, self.writer = await asyncio.wait_for(
                 asyncio.open_connection(self.host, self.port), self.connect_timeout)
         except (OSError, TimeoutError) as exc:
+            if FLAGS.mta:
+                trace("mta: %016x: connection to %s failed: %s", self.session, self.relay, exc)
             return "Connection timeout" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        self.counted = True
+        stat.increment("mta.session")
+        _HOSTS.add(self.host)
+        _ROUTES.add(("", self.host))
+        if FLAGS.mta:
+            trace("mta: %016x: connected to %s", self.session, self.relay)
         try:
-            banner = await read_reply(self.reader, self.timeout)
+            banner = await read_reply(self.reader, self.timeout, self.session)
         except (TimeoutError, ProtocolError, OSError, ConnectionError) as exc:
             return failure_text(exc)       # never greeted: the caller tries another host
         if banner.status != "ok":
@@ -164,10 +195,11 @@ class Connection:
         reply = await self._cmd("DATA")
         if reply.code != 354:
             return fail_rest(reply.status if reply.status != "ok" else "tempfail", reply.text)
-        self.writer.write(encode_data(message))
+        payload = encode_data(message)
+        self._write(payload, f"[...{len(payload)} bytes...]")
         await asyncio.wait_for(self.writer.drain(), self.timeout)
         for r in (accepted if self.lmtp else accepted[:1]):
-            reply = await read_reply(self.reader, self.timeout)
+            reply = await read_reply(self.reader, self.timeout, self.session)
             for t in ([r] if self.lmtp else accepted):
                 final[t] = RcptResult(t, reply.status, reply.text)
         self.usable = True
@@ -183,11 +215,21 @@ class Connection:
                 pass
         self.usable = False
         self.writer.close()
+        self._uncount()
         try:
             await asyncio.wait_for(self.writer.wait_closed(), 5)
         except (OSError, TimeoutError, ConnectionError):
             pass
         self.writer = None
+
+    def _uncount(self) -> None:
+        if self.counted:
+            self.counted = False
+            stat.decrement("mta.session")
+            _HOSTS.discard(self.host)
+            _ROUTES.discard(("", self.host))
+            if FLAGS.mta:
+                trace("mta: %016x: closed", self.session)
 
 
 def failure_text(exc: BaseException) -> str:

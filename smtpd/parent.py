@@ -25,7 +25,7 @@ from common import aio, ipc, privsep
 from common import log as logsetup
 from common.ipc import Mesh
 from common.messages import ConfEnd, CtlReply, CtlRequest, MdaDone, MdaFork, Msg, SetupDone
-from smtpd import local_delivery
+from smtpd import introspection, local_delivery
 from smtpd.config import ConfigError, resolve_listener_addresses
 from smtpd.main import CHILDREN, VERSION
 
@@ -157,6 +157,8 @@ class Parent:
             self.done.set()
 
     async def handle(self, peer: str, msg: Msg) -> None:
+        if await introspection.handle(self.mesh, "parent", peer, msg):
+            return
         if isinstance(msg, SetupDone):
             self.ready.add(msg.proc)
             if self.ready.issuperset(CHILDREN):
@@ -226,7 +228,7 @@ def run(opts, argv, config) -> int:
         _daemonize()
     setproctitle("smtpd: [priv]")
     logsetup.setup(foreground=opts.debug, verbose=bool(opts.verbose))
-    ipc.TRACE.mproc = "mproc" in opts.trace or "all" in opts.trace
+    introspection.apply_command_line(opts)
     try:
         if privsep.privileged():
             privsep.check_users()

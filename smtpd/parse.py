@@ -8,6 +8,7 @@ Every error names FILE:LINE, the token found and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 from pathlib import Path
 
@@ -136,12 +137,13 @@ class Parser:
             "bounce": self.p_bounce, "mta": self.p_mta, "mda": self.p_loose,
             "pki": self.p_pki, "ca": self.p_ca, "filter": self.p_loose, "proc": self.p_loose,
             "admd": self.p_loose, "srs": self.p_loose, "scheduler": self.p_loose,
+            "metrics": self.p_metrics,
         }.get(head)
         if handler is None or head.quoted:
             hint = OLD_HINT if head in OLD_GRAMMAR or head == "reject" else ""
             raise self.err(f'syntax error: unexpected "{head}", expected one of: listen, table, '
                            f'action, match, smtp, queue, mta, mda, bounce, pki, ca, filter, proc, '
-                           f'admd, srs, scheduler, include, or a macro{hint}')
+                           f'admd, srs, scheduler, metrics, include, or a macro{hint}')
         self.current_head = str(head)
         handler(Cursor(self, toks[1:]))
 
@@ -406,6 +408,24 @@ class Parser:
         c.word("a file")
         self.not_yet('"ca" statement')
         c.end()
+
+    def p_metrics(self, c: "Cursor") -> None:
+        """pysmtpd's ``metrics listen on ADDRESS port N``: the Prometheus endpoint
+        (smtpd/metrics.py), on a loopback address only."""
+        c.expect("listen")
+        c.expect("on")
+        address = str(c.word("a loopback address"))
+        if address == "localhost":
+            address = "127.0.0.1"
+        if not _is_ip(address) or not ipaddress.ip_address(address).is_loopback:
+            raise self.err(f"metrics: {address} is not a loopback address "
+                           "(the counters are served to anyone who can connect)")
+        c.expect("port")
+        port = c.number(c.word("a port"), 1, 65535, "port")
+        c.end()
+        if self.config.metrics_address is not None:
+            raise self.err("metrics listen on: already defined")
+        self.config.metrics_address, self.config.metrics_port = address, port
 
     def p_loose(self, c: "Cursor") -> None:
         """Statements accepted and checked only for shape until their issue lands."""

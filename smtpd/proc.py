@@ -22,7 +22,8 @@ from common import aio, log as logsetup
 from common import ipc, privsep
 from common.ids import UidGenerator
 from common.ipc import Mesh
-from common.messages import ConfEnd, CtlVerbose, Msg, SetupDone
+from common.messages import ConfEnd, Msg, SetupDone
+from smtpd import introspection, queue_profile
 
 log = logging.getLogger("smtpd")
 
@@ -64,9 +65,11 @@ def run_child(opts, config) -> int:
     logsetup.setup(foreground=opts.debug, verbose=bool(opts.verbose), proc=name)
     module = importlib.import_module(f"smtpd.{name}")
     preload()
-    ipc.TRACE.mproc = "mproc" in opts.trace or "all" in opts.trace
+    introspection.apply_command_line(opts)
     try:
         prepared = module.prepare(opts, config)
+        if name == "queue":             # its storage, timed by `smtpctl profile queue`
+            prepared = queue_profile.Observed(prepared)
         privsep.drop(name)
     except (OSError, privsep.PrivsepError) as exc:
         log.error("fatal: %s: %s", name, exc)
@@ -88,8 +91,7 @@ async def _serve(name, module, opts, config, prepared) -> int:
     async def handle(peer: str, msg: Msg):
         if isinstance(msg, ConfEnd):
             return await process.on_conf_end()
-        if isinstance(msg, CtlVerbose):
-            logsetup.set_verbose(bool(msg.mask & 1))
+        if await introspection.handle(mesh, name, peer, msg):
             return None
         return await process.handle(peer, msg)
 

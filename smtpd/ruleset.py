@@ -7,6 +7,7 @@ import re
 import socket
 from dataclasses import dataclass
 
+from common.trace import FLAGS, trace
 from smtpd.config import Config, Table, _interfaces
 
 
@@ -126,13 +127,35 @@ class TableSet:
         self.tables = {}
         for name, table in config.tables.items():
             self.tables[name] = StaticTable(table) if table.backend == "static" else ExternalTable(table)
+            if FLAGS.tables:
+                trace("table: opened %s:%s (%s)", table.backend, name, table.config or "inline")
         local_addresses()
 
     def get(self, name: str):
         name = name.strip("<>")
-        if name in self.tables:
-            return self.tables[name]
-        return SpecialTable(name, self.config)
+        table = self.tables.get(name) or SpecialTable(name, self.config)
+        return _TracedTable(name, table) if FLAGS.lookup else table
+
+
+class _TracedTable:
+    """``trace lookup``: each lookup and check with its answer (table.c's lines)."""
+
+    def __init__(self, name: str, table) -> None:
+        self.name, self.table = name, table
+        kind = getattr(getattr(table, "table", None), "backend", None)
+        self.label = f"{kind or 'special'}:{name}"
+
+    def lookup(self, service: str, key: str):
+        result = self.table.lookup(service, key)
+        trace('lookup: lookup "%s" as %s in table %s -> %s', key, service, self.label,
+              "none" if result is None else f'"{result}"')
+        return result
+
+    def check(self, service: str, key: str, regex: bool = False) -> bool:
+        result = self.table.check(service, key, regex)
+        trace('lookup: check "%s" as %s in table %s -> %s', key, service, self.label,
+              "found" if result else "none")
+        return result
 
 
 def _cond_ok(cond, tables: TableSet, ctx: MatchContext) -> bool:
@@ -180,7 +203,26 @@ def _cond_ok(cond, tables: TableSet, ctx: MatchContext) -> bool:
 
 
 def match(config: Config, tables: TableSet, ctx: MatchContext):
-    for rule in config.rules:
+    for number, rule in enumerate(config.rules, 1):
         if all(_cond_ok(c, tables, ctx) != c.negate for c in rule.conditions):
+            if FLAGS.rules:
+                trace("rules: rule #%d matched: %s", number, rule_text(rule))
             return rule
+    if FLAGS.rules:
+        trace("rules: no rule matched for <%s>", ctx.rcpt)
     return None
+
+
+def rule_text(rule) -> str:
+    """A rule as smtpd.conf says it (ruleset.c rule_to_text), for trace lines."""
+    words = ["match"]
+    for c in rule.conditions:
+        words.append(("!" if c.negate else "") + c.kind)
+        if c.what != c.kind:
+            words.append(c.what)
+        if c.regex:
+            words.append("regex")
+        if c.table:
+            words.append(f"<{c.table.strip('<>')}>")
+    words += ["reject"] if rule.reject else ["action", f'"{rule.action}"']
+    return " ".join(words)

@@ -19,8 +19,10 @@ import time
 
 from aiosmtpd.smtp import SMTP
 
+from common import stat
 from common.envelope import Envelope
 from common.ipc import PeerTimeout
+from common.trace import FLAGS, SESSION, trace
 from common.messages import (
     QueueEnvelopeCommitReply, SmtpExpandRcpt, SmtpExpandRcptReply, SmtpMessageCommit,
     SmtpMessageCommitReply, SmtpMessageCreate, SmtpMessageCreateReply, SmtpMessageData,
@@ -96,6 +98,8 @@ class Session(SMTP):
         self.rdns = ""
         self.quit = False
         self._greeting_reply = False
+        self._in_data = False            # between 354 and the final dot (for trace smtp)
+        self._trace_partial = b""
 
     def _getaddr(self, arg: str):
         """The path exactly as sent: aiosmtpd's RFC 5322 parser would quote a
@@ -117,7 +121,40 @@ class Session(SMTP):
         # the replies to HELO and EHLO (OpenSMTPD's "250 HELP" has none either).
         if isinstance(status, str) and not self._greeting_reply:
             status = with_esc(status)
+        if status[:3] == "354":
+            self._in_data = True
+        if FLAGS.smtp:
+            trace("smtp: %016x: >>> %s", self.session_id, status)
+        if FLAGS.io:
+            trace("smtp: %016x: IO_DATAOUT %d bytes", self.session_id, len(status) + 2)
         await super().push(status)
+
+    def data_received(self, data: bytes) -> None:
+        if FLAGS.smtp or FLAGS.io:
+            self._trace_input(data)
+        super().data_received(data)
+
+    def _trace_input(self, data: bytes) -> None:
+        """``trace io``: every read; ``trace smtp``: every command line (``<<< ...``),
+        and for the message itself only its size (its content stays out of the log)."""
+        if FLAGS.io:
+            trace("smtp: %016x: IO_DATAIN %d bytes", self.session_id, len(data))
+        if not FLAGS.smtp:
+            self._trace_partial = b""
+            return
+        lines = (self._trace_partial + data).split(b"\n")
+        self._trace_partial = lines.pop()[-1024:]
+        for raw in lines:
+            line = raw.rstrip(b"\r")
+            if self._in_data:
+                if line == b".":
+                    self._in_data = False
+                    trace("smtp: %016x: <<< [EOM]", self.session_id)
+                continue
+            text = line[:1000].decode("utf-8", "backslashreplace")
+            if text[:5].upper() == "AUTH ":          # never the credentials
+                text = " ".join(text.split()[:2]) + " ..."
+            trace("smtp: %016x: <<< %s", self.session_id, text)
 
     async def smtp_HELO(self, hostname: str):
         self._greeting_reply = bool(hostname)
@@ -143,8 +180,15 @@ class Session(SMTP):
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if peer else "local"
         self.pony.sessions_open += 1
+        stat.increment("smtp.session")
+        stat.increment("smtp.session." + ("local" if not peer else "inet6" if ":" in self.peer_ip else "inet4"))
+        if FLAGS.smtp:
+            lis = self.listener
+            trace("smtp: %016x: connected to listener %s port %d [hostname=%s, tag=%s]",
+                  self.session_id, lis.address, lis.port, lis.hostname or "-", lis.tag or "-")
 
     async def _handle_client(self) -> None:
+        SESSION.set(self.session_id)     # names this session in `trace mproc` lines
         self.rdns = await self.pony.reverse_dns(self.peer_ip)
         log.info("%016x smtp connected address=%s host=%s", self.session_id, self.peer_ip, self.rdns)
         await super()._handle_client()
@@ -153,6 +197,7 @@ class Session(SMTP):
         reason = "quit" if self.quit else "disconnect"
         log.info("%016x smtp disconnected reason=%s", self.session_id, reason)
         self.pony.sessions_open -= 1
+        stat.decrement("smtp.session")
         if self.msgid:
             self.pony.spawn(self.pony.mesh.send("queue", SmtpMessageRollback(msgid=self.msgid)))
             self.msgid = 0
