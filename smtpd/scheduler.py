@@ -10,6 +10,8 @@ import asyncio
 import logging
 import time
 
+from common import stat
+from common.trace import FLAGS, trace
 from common.messages import (
     CtlReply, CtlRequest, QueueDeliveryLoop, QueueDeliveryOk, QueueDeliveryPermfail,
     QueueDeliveryTempfail, QueueEnvelopeAck, QueueEnvelopeSubmit, QueueListEntry,
@@ -57,6 +59,7 @@ class Process:
         while True:
             actions = self.ramqueue.next_batch(now(), MAX_SCHEDULE)
             for action in actions:
+                _count_order(action.kind, action.evpid)
                 await self.ctx.mesh.send("queue", _ORDERS[action.kind](evpid=action.evpid))
             if actions:
                 await asyncio.sleep(0)
@@ -73,19 +76,45 @@ class Process:
         rq = self.ramqueue
         match msg:
             case QueueEnvelopeSubmit(entry=e):
+                if FLAGS.scheduler:
+                    trace("scheduler: inserting evp:%016x", e.evpid)
+                stat.increment("scheduler.envelope.incoming")
                 rq.stage(e.evpid, e.type, e.ctime, e.expire, e.retry)
             case QueueMessageCommit(msgid=msgid):
-                rq.commit(msgid, now())
+                if FLAGS.scheduler:
+                    trace("scheduler: committing msg:%08x", msgid)
+                n = rq.commit(msgid, now())
+                stat.decrement("scheduler.envelope.incoming", n)
+                stat.increment("scheduler.envelope", n)
                 self.wake.set()
             case QueueMessageRollback(msgid=msgid):
+                if FLAGS.scheduler:
+                    trace("scheduler: aborting msg:%08x", msgid)
+                stat.decrement("scheduler.envelope.incoming", len(rq.staged.get(msgid, ())))
                 rq.rollback(msgid)
             case QueueDeliveryOk(evpid=evpid) | QueueDeliveryPermfail(evpid=evpid) | QueueDeliveryLoop(evpid=evpid):
+                result = _RESULT[type(msg)]
+                if FLAGS.scheduler:
+                    trace("scheduler: deleting evp:%016x (%s)", evpid, result)
+                if evpid in rq.items:
+                    stat.increment(f"scheduler.delivery.{result}")
+                    stat.decrement("scheduler.envelope.inflight")
+                    stat.decrement("scheduler.envelope")
                 rq.delivered(evpid)
                 self.wake.set()
             case QueueDeliveryTempfail(entry=e):
+                if FLAGS.scheduler:
+                    trace("scheduler: updating evp:%016x", e.evpid)
+                if e.evpid in rq.items:
+                    stat.increment("scheduler.delivery.tempfail")
+                    stat.decrement("scheduler.envelope.inflight")
                 rq.tempfail(e.evpid, e.retry, now())
                 self.wake.set()
             case QueueEnvelopeAck(evpid=evpid):
+                if FLAGS.scheduler:
+                    trace("scheduler: queue ack removal of evp:%016x", evpid)
+                if evpid in rq.items:
+                    stat.decrement("scheduler.envelope.inflight")
                 rq.removed_done(evpid)
             case CtlRequest():
                 await self._control(peer, msg)
@@ -105,8 +134,12 @@ class Process:
                                                              more=more, last=last))
             return
         if cmd in ("pause mta", "pause mda"):
+            if FLAGS.scheduler:
+                trace("scheduler: pausing %s", cmd.split()[1])
             rq.pause(cmd.split()[1])
         elif cmd in ("resume mta", "resume mda"):
+            if FLAGS.scheduler:
+                trace("scheduler: resuming %s", cmd.split()[1])
             rq.resume(cmd.split()[1], now())
         elif cmd == "schedule":
             count = rq.schedule(req.id, now())
@@ -117,3 +150,19 @@ class Process:
             return
         self.wake.set()
         await self.ctx.mesh.send(peer, CtlReply(reqid=req.reqid, ok=True, count=count))
+
+
+_RESULT = {QueueDeliveryOk: "ok", QueueDeliveryPermfail: "permfail", QueueDeliveryLoop: "loop"}
+
+
+def _count_order(kind: str, evpid: int) -> None:
+    """The scheduler.envelope.* counters of one order to the queue (scheduler.c
+    scheduler_process_batch); an expired envelope is forgotten at once (no ack)."""
+    if FLAGS.debug:
+        log.debug("debug: scheduler: evp:%016x %s", evpid, {"remove": "removed", "expire": "expired"}.get(
+            kind, f"scheduled ({'mta' if kind == 'transfer' else 'mda'})"))
+    if kind in ("remove", "expire"):
+        stat.decrement("scheduler.envelope")
+        stat.increment("scheduler.envelope.removed" if kind == "remove" else "scheduler.envelope.expired")
+    if kind != "expire":
+        stat.increment("scheduler.envelope.inflight")
