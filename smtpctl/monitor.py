@@ -18,6 +18,7 @@ import time
 import typer
 
 from smtpctl import format as fmt
+from smtpctl.client import WireError
 
 COMMANDS = frozenset({"show stats", "monitor"})
 HEADER_EVERY = 25
@@ -60,7 +61,10 @@ def monitor(conn, rows: int | None = None, interval: float = INTERVAL, out=None)
     previous = None
     count = 0
     while rows is None or count < rows:
-        reply = conn.request("monitor")
+        try:
+            reply = conn.request("monitor")
+        except OSError as exc:       # not stdout's broken pipe: the daemon's side closed
+            raise WireError(exc.strerror or str(exc)) from None
         if not reply.ok:
             _fail(reply.text)
         if count % HEADER_EVERY == 0:

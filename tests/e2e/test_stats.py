@@ -1,0 +1,305 @@
+"""show stats, monitor, the metrics endpoint and control's permissions, against the
+running daemon (permissions with a real non-root user)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pwd
+import queue
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+import typer
+from prometheus_client.parser import text_string_to_metric_families
+
+from common.control_wire import frame, recv_frame
+from common.messages import PROTOCOL_VERSION, ClientRequest
+from smtpctl import main as smtpctl_main
+from tests.conftest import REPO, free_port, wait_for
+from tests.e2e.helpers import config, maildir_messages, send
+
+STAT_LINE = re.compile(r"^[a-z0-9.\-]+=-?\d+(\.\d+)?$")
+
+
+def stats_of(text: str) -> dict[str, str]:
+    lines = text.splitlines()
+    keys = [line.split("=", 1)[0] for line in lines]
+    assert keys == sorted(keys, key=lambda k: k.encode()), "show stats is in strcmp order"
+    for line in lines:
+        assert STAT_LINE.match(line) or line.startswith("uptime.human="), line
+    return dict(line.split("=", 1) for line in lines)
+
+
+class Monitor:
+    """``smtpctl monitor`` in the background, its lines read by a thread."""
+
+    def __init__(self, d) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "smtpctl", "--socket", str(d.socket), "monitor"],
+                                     cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def line(self, timeout: float = 10.0) -> str:
+        return self.lines.get(timeout=timeout)
+
+    def row_where(self, predicate, timeout: float = 20.0) -> list[int]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.line(max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if line and line[0] in " 0123456789":
+                row = [int(x) for x in line.split()]
+                if predicate(row):
+                    return row
+        raise AssertionError("no monitor row as expected")
+
+    def finish(self, timeout: float = 10.0) -> tuple[int, str]:
+        try:
+            code = self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        self.thread.join(5)
+        return code, self.proc.stderr.read()
+
+
+def test_show_stats_monitor_and_metrics(make_daemon, tmp_path):
+    port, metrics_port = free_port(), free_port()
+    d = make_daemon(config(tmp_path / "d", port, extra=f"metrics listen on 127.0.0.1 port {metrics_port}"),
+                    extra_args=["-P", "mda"]).start()
+    send(port, "a@remote.test", ["bob@example.test"])
+
+    mon = Monitor(d)
+    try:
+        assert mon.line() == "--- client ---  -- envelope --   ---- relay/delivery --- ------- misc -------"
+        assert mon.line() == "curr conn disc  curr  enq  deq   ok tmpfail prmfail loop expire remove bounce"
+        # The first row: totals since start; curr = connects - disconnects, enqueued - dequeued.
+        assert [int(x) for x in mon.line().split()] == [0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0]
+        assert d.smtpctl("resume", "mda").stdout == "command succeeded\n"
+        # Later rows: increments (one dequeued, one delivered), curr absolute.
+        mon.row_where(lambda r: r[3:7] == [0, 0, 1, 1])
+        send(port, "a@remote.test", ["bob@example.test"])
+        mon.row_where(lambda r: r[1] == 1 and r[2] == 1)
+        mon.proc.send_signal(signal.SIGINT)
+        code, err = mon.finish()
+        assert (code, err) == (0, ""), err                  # Ctrl-C: quiet, no traceback
+    finally:
+        if mon.proc.poll() is None:
+            mon.proc.kill()
+            mon.proc.wait()
+    wait_for(lambda: len(maildir_messages(tmp_path / "d", "bob")) == 2, 20, "deliveries")
+    wait_for(lambda: "scheduler.envelope=0" in d.smtpctl("show", "stats").stdout, 20, "the queue to empty")
+
+    stats = stats_of(d.smtpctl("show", "stats").stdout)
+    expected = {
+        "control.session": "1",            # this smtpctl
+        "smtp.session": "0", "smtp.session.inet4": "2",
+        "scheduler.envelope": "0", "scheduler.envelope.incoming": "0",
+        "scheduler.envelope.inflight": "0", "scheduler.delivery.ok": "2",
+        "mda.envelope": "0", "mda.pending": "0", "mda.running": "0", "mda.user": "0",
+    }
+    assert {k: stats.get(k) for k in expected} == expected
+    assert 0 <= int(stats["uptime"]) < 600 and stats["uptime.human"].endswith("s")
+    # Keys exist once touched: nothing was relayed, no bounce made, no TLS.
+    assert not [k for k in stats if k.startswith(("mta.", "smtp.tls", "smtp.smtps", "queue.bounce"))]
+
+    # The same counters in the Prometheus text format.
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
+        assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain")
+        text = resp.read().decode()
+    metrics = {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
+    for key, value in stats.items():
+        if key in ("uptime", "uptime.human", "control.session"):
+            continue
+        name = "smtpd_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
+        assert metrics.get(name) == float(value), (key, name, metrics.get(name))
+    assert "# HELP smtpd_scheduler_delivery_ok OpenSMTPD counter scheduler.delivery.ok" in text
+    assert 0 <= metrics["smtpd_uptime_seconds"] < 600
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/other", timeout=10)
+    assert err.value.code == 404
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{metrics_port}/metrics",
+                                                      data=b"x", method="POST"), timeout=10)
+    assert err.value.code == 405
+
+    # monitor ends, with an error, when the daemon goes away.
+    mon = Monitor(d)
+    try:
+        mon.line(), mon.line(), mon.line()
+        d.stop()
+        code, err = mon.finish(15)
+        assert code == 1 and err.startswith("smtpctl: ") and "Traceback" not in err, err
+    finally:
+        if mon.proc.poll() is None:
+            mon.proc.kill()
+            mon.proc.wait()
+
+
+def test_metrics_off_by_default(make_daemon, tmp_path):
+    d = make_daemon(config(tmp_path / "d", free_port())).start()
+    assert "metrics on" not in d.log_since_start()
+    assert "control.session=1" in d.smtpctl("show", "stats").stdout
+
+
+def _as_user(uid: int, gid: int, work, timeout: float = 60):
+    """``work()`` run as ``uid`` in a forked child, its JSON-able result returned.  A fork
+    rather than an exec: the venv's interpreter may be unreadable to that user."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                   # the child: never returns
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            os.write(w, json.dumps({"result": work()}).encode())
+        except BaseException as exc:   # noqa: BLE001 - reported to the parent
+            os.write(w, json.dumps({"error": repr(exc)}).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([r], [], [], 1.0)
+            if ready:
+                chunk = os.read(r, 65536)
+                if not chunk:
+                    break
+                data += chunk
+        else:
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    result = json.loads(data)
+    assert "result" in result, result
+    return result["result"]
+
+
+def _smtpctl_runs(sock: str, commands: list[list[str]]):
+    """What smtpctl prints and exits with for each command: [(words, exit, out, err)]."""
+    def work():
+        results = []
+        for words in commands:
+            out, err, code = io.StringIO(), io.StringIO(), 0
+            with redirect_stdout(out), redirect_stderr(err):
+                try:
+                    smtpctl_main.run(words, sock, False)
+                except typer.Exit as exc:
+                    code = exc.exit_code
+                except SystemExit as exc:
+                    code = exc.code
+            results.append([words, code, out.getvalue(), err.getvalue()])
+        return results
+    return work
+
+
+def _raw_requests(sock: str, commands: list[str]):
+    """Frames written by hand, one connection, several requests: control's answers."""
+    def work():
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(20)
+        s.connect(sock)
+        answers = []
+        for command in commands:
+            s.sendall(frame(ClientRequest(version=PROTOCOL_VERSION, command=command, args={"id": 0})))
+            reply = recv_frame(s)
+            answers.append([command, reply.ok, reply.text])
+        s.close()
+        return answers
+    return work
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user (CI runs as root)")
+def test_non_root_user_is_refused_everything(make_daemon, tmp_path):
+    sockdir = Path(tempfile.mkdtemp(prefix="pysmtpd-ctl-"))
+    try:
+        os.chmod(sockdir, 0o711)                   # nobody may reach the socket, not list the dir
+        port = free_port()
+        d = make_daemon(config(tmp_path / "d", port), extra_args=["-P", "mda"])
+        d.socket = sockdir / "ctl.sock"
+        d.start()
+        assert os.stat(d.socket).st_mode & 0o777 == 0o666      # as OpenSMTPD: access is per command
+        send(port, "a@remote.test", ["bob@example.test"])
+        before = d.smtpctl("show", "status").stdout
+        assert len(d.queue_lines()) == 1
+        smtpctl_main.run(["show", "status"], str(d.socket), False)   # root may; loads smtpctl's code
+
+        nobody = pwd.getpwnam("nobody")
+        commands = [["show", "status"], ["show", "stats"], ["show", "queue"], ["monitor"],
+                    ["trace", "mproc"], ["untrace", "all"], ["log", "verbose"], ["profile", "imsg"],
+                    ["pause", "smtp"], ["resume", "mda"], ["schedule", "all"], ["remove", "all"],
+                    ["stop"]]
+        results = _as_user(nobody.pw_uid, nobody.pw_gid, _smtpctl_runs(str(d.socket), commands))
+        assert len(results) == len(commands)
+        for words, code, out, err in results:
+            assert (code, out, err) == (1, "", "smtpctl: need root privileges\n"), words
+        # Frames forged by hand (not smtpctl's client) are refused by control just the same.
+        forged = ["stop", "remove", "list", "show queue", "log verbose", "monitor"]
+        answers = _as_user(nobody.pw_uid, nobody.pw_gid, _raw_requests(str(d.socket), forged))
+        assert answers == [[c, False, "need root privileges"] for c in forged]
+        log = d.log_since_start()
+        assert f"warn: control: show stats refused to uid {nobody.pw_uid}: need root privileges" in log
+        assert f"stop refused to uid {nobody.pw_uid}" in log
+        # Nothing changed: still running, same status, the mail still queued, no tracing.
+        assert d.proc.poll() is None
+        assert d.smtpctl("show", "status").stdout == before
+        assert len(d.queue_lines()) == 1
+        assert "tracing mask" not in d.log_since_start() and "mproc:" not in d.log_since_start()
+    finally:
+        shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def test_control_connections_per_user_are_limited(make_daemon, tmp_path):
+    d = make_daemon(config(tmp_path / "d", free_port())).start()
+    held = []
+    try:
+        for _ in range(32):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(10)
+            s.connect(str(d.socket))
+            held.append(s)
+        over = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        over.settimeout(10)
+        over.connect(str(d.socket))
+        over.sendall(frame(ClientRequest(version=PROTOCOL_VERSION, command="show status")))
+        try:
+            assert over.recv(4) == b""             # closed without an answer
+        except ConnectionResetError:
+            pass
+        over.close()
+        d.wait_log("warn: too many connections to control socket from user with uid")
+        # The held connections still work, several requests each.
+        held[0].sendall(frame(ClientRequest(version=PROTOCOL_VERSION, command="show status")))
+        assert recv_frame(held[0]).ok
+        held[0].sendall(frame(ClientRequest(version=PROTOCOL_VERSION, command="show stats")))
+        assert recv_frame(held[0]).data["control.session"] == 32
+    finally:
+        for s in held:
+            s.close()
+    wait_for(lambda: d.smtpctl("show", "status", check=False).returncode == 0, 10, "control to accept again")
