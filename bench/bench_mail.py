@@ -667,6 +667,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true",
                    help="keep the temporary directory (config, spool, logs, Maildir)")
     p.add_argument("--label", default="", help="free text copied into the JSON line")
+    p.add_argument("--trace", action="append", default=[], metavar="WORD",
+                   help="start smtpd with -T WORD (tracing on; see bench/bench_trace.py)")
     args = p.parse_args(argv)
     if args.n < 1 or args.s < 1 or args.size < 64 or args.per_session < 1:
         p.error("-n, -s and --per-session must be >= 1, --size >= 64")
@@ -690,6 +692,7 @@ def run(args: argparse.Namespace) -> dict:
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "nproc": os.cpu_count(), "python": platform.python_version(),
         "uid": os.getuid(), "timed_out": False, "error": None, "hold": args.hold,
+        "trace": args.trace,
     }
     agent = "mta" if args.mode == "relay" else "mda"
     t_resume: float | None = None
@@ -720,7 +723,7 @@ def run(args: argparse.Namespace) -> dict:
             result["sink"] = "maildir new/"
             rcpt = MAILDIR_RCPT
         daemon = DaemonRun(base, config_text)
-        daemon.start(*(["-P", agent] if args.hold else []))
+        daemon.start(*(["-P", agent] if args.hold else []), *(a for w in args.trace for a in ("-T", w)))
         result["boot_seconds"] = round(time.monotonic() - t_start, 2)
         sampler = RssSampler(daemon.proc.pid)
         result["idle_rss_mib"] = round(sampler.sample() / 1024, 1)
