@@ -101,6 +101,23 @@ def pgrp_pids(pgid: int) -> list[tuple[int, str]]:
     return out
 
 
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU time of the live processes of group ``pgid`` (delivery
+    children that already exited are not counted: held runs have none)."""
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            if int(fields[2]) == pgid:
+                total += int(fields[11]) + int(fields[12])       # utime, stime (ticks)
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def vmrss_kib(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/status", "rb") as f:
@@ -729,6 +746,7 @@ def run(args: argparse.Namespace) -> dict:
         result["idle_rss_mib"] = round(sampler.sample() / 1024, 1)
         result["processes"] = len(pgrp_pids(daemon.proc.pid))
         sampler.start()
+        cpu_before = group_cpu_seconds(daemon.proc.pid)
 
         # Load.
         try:
@@ -744,6 +762,8 @@ def run(args: argparse.Namespace) -> dict:
                                  stats, deadline, base)
         except asyncio.TimeoutError:
             result["timed_out"] = True
+        # The daemon's CPU for the load (with --hold: the SMTP side alone, nothing delivered).
+        result["cpu_seconds_load"] = round(group_cpu_seconds(daemon.proc.pid) - cpu_before, 3)
         if args.hold:
             t_resume = time.monotonic()
             daemon.smtpctl("resume", agent)
