@@ -96,6 +96,7 @@ class Session(SMTP):
         self.rdns = ""
         self.quit = False
         self._greeting_reply = False
+        self.sender = ""          # MAIL FROM of the transaction, "" for the null sender
 
     def _getaddr(self, arg: str):
         """The path exactly as sent: aiosmtpd's RFC 5322 parser would quote a
@@ -108,7 +109,8 @@ class Session(SMTP):
             end = arg.find(">")
             if end < 0:
                 return None, None
-            return arg[1:end], arg[end + 1:].lstrip()
+            # The null path stays "<>": aiosmtpd takes an empty address for a syntax error.
+            return arg[1:end] or "<>", arg[end + 1:].lstrip()
         address, _, rest = arg.partition(" ")
         return address, rest.lstrip()
 
@@ -205,6 +207,11 @@ class Handler:
         server.rcpt_count = 0
 
     async def handle_MAIL(self, server: Session, session, envelope, address: str, options) -> str:
+        if server.msgid:
+            # aiosmtpd's own nested-MAIL check misses a transaction from the null sender.
+            return "503 5.5.1 Invalid command: Command not allowed at this point."
+        if address == "<>":
+            address = ""
         if address.startswith("@") and ":" in address:       # source route: <@a,@b:user@d>
             address = address.split(":", 1)[1]
         if address and "@" not in address:
@@ -224,7 +231,8 @@ class Handler:
             return server.failed("MAIL", "421 4.3.0 Temporary failure")
         server.msgid = reply.msgid
         server.rcpt_count = 0
-        envelope.mail_from = address
+        server.sender = address
+        envelope.mail_from = address or "<>"     # aiosmtpd takes an empty one for "no MAIL yet"
         envelope.mail_options.extend(options)
         return "250 2.0.0 Ok"
 
@@ -239,7 +247,7 @@ class Handler:
             return f"503 5.5.4 Invalid command arguments: Unsupported option {option}"
         env = Envelope(
             smtpname=self.name(server), helo=session.host_name or "", hostname=server.rdns,
-            sockaddr=_sockaddr_text(server.peer_ip), sender=envelope.mail_from, rcpt=address,
+            sockaddr=_sockaddr_text(server.peer_ip), sender=server.sender, rcpt=address,
             dest=address, tag=server.listener.tag or "", ctime=int(time.time()))
         reqid = self.pony.ctx.new_id()
         self.pony.evpids[reqid] = []
@@ -258,7 +266,7 @@ class Handler:
             return server.failed(f"RCPT TO:<{address}>", "451 4.3.0 Temporary failure")
         for evpid in evpids:
             log.info("%016x smtp envelope evpid=%016x from=<%s> to=<%s>",
-                     server.session_id, evpid, envelope.mail_from, address)
+                     server.session_id, evpid, server.sender, address)
         server.rcpt_count += 1
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Destination address valid: Recipient ok"

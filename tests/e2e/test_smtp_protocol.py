@@ -93,3 +93,23 @@ def test_message_size_limit(make_daemon, tmp_path):
     assert c.cmd("DATA")[0].startswith("354")
     c.sock.sendall(b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 20 + b".\r\n")
     assert c.reply()[0].startswith("554 5.3.4 ")
+
+
+def test_null_sender_is_accepted_and_delivered(make_daemon, tmp_path):
+    """MAIL FROM:<> (bounces, DSNs) must work; a second MAIL inside it is still refused."""
+    port = free_port()
+    make_daemon(config(tmp_path / "d", port)).start()
+    c = Client(port)
+    c.reply()
+    c.cmd("EHLO client.test")
+    assert c.cmd("MAIL FROM:<>")[0] == "250 2.0.0 Ok"
+    assert c.cmd("MAIL FROM:<a@remote.test>")[0].startswith("503 5.5.1 ")
+    assert c.cmd("RCPT TO:<>")[0].startswith("501 5.1.3 ")
+    assert c.cmd("RCPT TO:<alice@example.test>")[0].startswith("250 2.1.5 ")
+    assert c.cmd("DATA")[0].startswith("354")
+    c.sock.sendall(b"Subject: bounce\r\n\r\nreport\r\n.\r\n")
+    assert c.reply()[0].startswith("250 2.0.0 ")
+    c.cmd("QUIT")
+    msgs = wait_for(lambda: maildir_messages(tmp_path / "d", "alice"), 20, "delivery")
+    # as OpenSMTPD's mda: no Return-Path line for the null sender
+    assert msgs[0].startswith(b"Delivered-To: alice@example.test\n") and b"Subject: bounce" in msgs[0]
