@@ -61,6 +61,21 @@ _DOMAIN = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[
 _MAILBOX = re.compile(rf"^{_LOCAL}@{_DOMAIN}$")
 
 
+_HELO_LABEL = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
+_ADDRESS_LITERAL = re.compile(r"^\[[0-9A-Fa-f:.IPv]+\]$")
+
+
+def valid_helo(name: str) -> bool:
+    """A HELO/EHLO argument: a host name (underscores tolerated, as real clients send
+    them) or an address literal; nothing with spaces or control characters."""
+    if len(name) > 255:
+        return False
+    if name.startswith("["):
+        return bool(_ADDRESS_LITERAL.match(name))
+    labels = name[:-1].split(".") if name.endswith(".") else name.split(".")
+    return all(_HELO_LABEL.match(label) for label in labels)
+
+
 def valid_mailbox(addr: str) -> bool:
     return len(addr) <= 254 and bool(_MAILBOX.match(addr)) and len(addr.rpartition("@")[0]) <= 64
 
@@ -122,18 +137,33 @@ class Session(SMTP):
         await super().push(status)
 
     async def smtp_HELO(self, hostname: str):
-        self._greeting_reply = bool(hostname)
+        if await self._bad_helo("HELO", hostname):
+            return
+        self._greeting_reply = True
         try:
             await super().smtp_HELO(hostname)
         finally:
             self._greeting_reply = False
 
     async def smtp_EHLO(self, hostname: str):
-        self._greeting_reply = bool(hostname)
+        if await self._bad_helo("EHLO", hostname):
+            return
+        self._greeting_reply = True
         try:
             await super().smtp_EHLO(hostname)
         finally:
             self._greeting_reply = False
+
+    async def _bad_helo(self, verb: str, hostname: str) -> bool:
+        """OpenSMTPD's checks: a name is required and must be a domain or address literal
+        (it goes into the Received header and the envelope)."""
+        if not hostname:
+            await self.push(f"501 5.5.1 Invalid command: {verb} requires domain name")
+            return True
+        if not valid_helo(hostname):
+            await self.push("501 5.5.4 Invalid command arguments: Invalid domain name")
+            return True
+        return False
 
     async def smtp_HELP(self, arg: str):
         await self.push("214- This is pysmtpd")
@@ -239,6 +269,8 @@ class Handler:
     async def handle_RCPT(self, server: Session, session, envelope, address: str, options) -> str:
         if not server.msgid:
             return "503 5.5.1 Invalid command: Command not allowed at this point."
+        if address.lower() == "postmaster":        # RFC 5321 4.5.1: must be accepted bare
+            address = f"postmaster@{self.name(server)}"
         if not valid_mailbox(address):
             return server.failed(f"RCPT TO:<{address}>", "501 5.1.3 Recipient address syntax error")
         if server.rcpt_count >= self.config.smtp_max_rcpt:

@@ -46,3 +46,11 @@ def test_relay_urls():
     for bad in ("lmtp://host", "ftp://x", "smtp://bob@x", "smtp://x:99999", "smtp://[::1"):
         with pytest.raises(RelayUrlError):
             parse_relay_url(bad)
+
+
+def test_helo_names():
+    from smtpd.smtp_session import valid_helo
+    for good in ("x", "mail.example.com", "mail.example.com.", "win_pc.lan", "[192.0.2.1]", "[IPv6:2001:db8::1]"):
+        assert valid_helo(good), good
+    for bad in ("", ".", "a..b", "-a.b", "a b", "a\tb", "x\r\nRCPT", "[1.2.3.4", "a" * 64, "a." * 130):
+        assert not valid_helo(bad), bad
