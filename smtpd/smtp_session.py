@@ -43,6 +43,8 @@ _REWRITE = {
     "552 Error: Too much mail data":
         "554 5.3.4 Message too big for system: Transaction failed, message too big",
     "354 End data with <CR><LF>.<CR><LF>": '354 Enter mail, end with "." on a line by itself',
+    "552 Error: message size exceeds fixed maximum message size":
+        "552 5.3.4 Message too big for system: Message size exceeds fixed maximum message size",
     "221 Bye": "221 2.0.0 Bye",
     "250 OK": "250 2.0.0 Ok",
     "500 Command line too long": "500 5.5.1 Line too long",

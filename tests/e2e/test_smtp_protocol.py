@@ -91,6 +91,7 @@ def test_message_size_limit(make_daemon, tmp_path):
     c = Client(port)
     c.reply()
     assert "250-SIZE 10240" in c.cmd("EHLO client.test")
+    assert c.cmd("MAIL FROM:<a@remote.test> SIZE=20000")[0].startswith("552 5.3.4 ")
     c.cmd("MAIL FROM:<a@remote.test>")
     c.cmd("RCPT TO:<alice@example.test>")
     assert c.cmd("DATA")[0].startswith("354")
