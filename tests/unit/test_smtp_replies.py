@@ -27,7 +27,8 @@ def test_valid_mailboxes(addr):
 
 
 @pytest.mark.parametrize("addr", ["", "no-at", "a@", "@b", "a b@c.test", "a@b..c", "a;rm -rf /@x.test",
-                                  "a@-bad.test", "`id`@x.test" + "x" * 300, "a\n@b.test", "a@b.test\r"])
+                                  "a@-bad.test", "`id`@x.test" + "x" * 300, "a\n@b.test", "a@b.test\r",
+                                  "a@b.test."])
 def test_invalid_mailboxes(addr):
     assert not valid_mailbox(addr)
 
