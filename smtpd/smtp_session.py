@@ -113,6 +113,7 @@ class Session(SMTP):
         self.rdns = ""
         self.quit = False
         self._greeting_reply = False
+        self._held_lines: list[str] = []
         self.sender = ""          # MAIL FROM of the transaction, "" for the null sender
 
     def _getaddr(self, arg: str):
@@ -136,6 +137,14 @@ class Session(SMTP):
         # the replies to HELO and EHLO (OpenSMTPD's "250 HELP" has none either).
         if isinstance(status, str) and not self._greeting_reply:
             status = with_esc(status)
+        elif isinstance(status, str) and status[3:4] == "-":
+            # A multi-line EHLO reply goes out in one write: each send() on loopback
+            # costs as much as the rest of the line's handling.
+            self._held_lines.append(status)
+            return
+        if self._held_lines:
+            status = "\r\n".join([*self._held_lines, status])
+            self._held_lines = []
         await super().push(status)
 
     async def smtp_HELO(self, hostname: str):
