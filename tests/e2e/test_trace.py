@@ -25,6 +25,13 @@ def mproc_lines(text: str) -> list[tuple[str, str, int, str, dict[str, str]]]:
     return out
 
 
+def settled(d, deliveries: int) -> None:
+    """Wait until ``deliveries`` deliveries are logged and the scheduler has forgotten
+    them (the last message of the path), so that an absence in the log means something."""
+    wait_for(lambda: d.log_since_start().count("result=Ok") >= deliveries, 20, f"{deliveries} deliveries")
+    wait_for(lambda: d.queue_lines() == [], 20, "the queue to be empty")
+
+
 def test_trace_mproc_shows_the_whole_path_of_one_message(make_daemon, tmp_path):
     port = free_port()
     d = make_daemon(config(tmp_path / "d", port)).start()
@@ -66,8 +73,7 @@ def test_trace_mproc_shows_the_whole_path_of_one_message(make_daemon, tmp_path):
     assert d.smtpctl("untrace", "mproc").stdout == "command succeeded\n"
     start = len(d.log())
     send(port, "a@remote.test", ["bob@example.test"])
-    wait_for(lambda: len(maildir_messages(tmp_path / "d", "bob")) == 2, 20, "second delivery")
-    d.wait_log("result=Ok")
+    settled(d, 2)
     assert "mproc:" not in d.log()[start:]
 
 
@@ -111,8 +117,7 @@ def test_trace_every_subsystem_and_bad_keywords(make_daemon, tmp_path):
         assert d.smtpctl("untrace", "all").stdout == "command succeeded\n"
         start = len(d.log())
         send(port, "a@remote.test", ["alice@example.test"])
-        wait_for(lambda: len(maildir_messages(tmp_path / "d", "alice")) == 2, 20, "delivery")
-        d.wait_log("result=Ok")
+        settled(d, 2)
         quiet = d.log()[start:]
         assert not re.search(r"^(imsg|smtp|mta|scheduler|rules|expand|lookup|stat|mproc): ", quiet, re.M), quiet
 
@@ -143,8 +148,7 @@ def test_log_verbose_and_brief_in_every_process(make_daemon, tmp_path):
     assert d.smtpctl("log", "brief").stdout == "command succeeded\n"
     start = len(d.log())
     send(port, "a@remote.test", ["bob@example.test"])
-    wait_for(lambda: len(maildir_messages(tmp_path / "d", "bob")) == 2, 20, "delivery")
-    d.wait_log("result=Ok")
+    settled(d, 2)
     assert "debug:" not in d.log()[start:]
 
 
@@ -168,8 +172,26 @@ def test_profile_imsg_and_queue(make_daemon, tmp_path):
     assert d.smtpctl("unprofile", "queue").stdout == "command succeeded\n"
     start = len(d.log())
     send(port, "a@remote.test", ["bob@example.test"])
-    wait_for(lambda: len(maildir_messages(tmp_path / "d", "bob")) == 2, 20, "delivery")
-    d.wait_log("result=Ok")
+    settled(d, 2)
     assert "profile-" not in d.log()[start:]
     bad = d.smtpctl("profile", "disk", check=False)
     assert (bad.returncode, bad.stderr) == (1, "smtpctl: invalid profile keyword: disk\n")
+
+
+def test_smtpd_dash_T_at_start(make_daemon, tmp_path):
+    port = free_port()
+    d = make_daemon(config(tmp_path / "d", port),
+                    extra_args=["-T", "mproc", "-T", "profile-imsg", "-T", "nonsense"]).start()
+    boot = d.log_since_start()
+    assert 'warn: unknown trace flag "nonsense"' in boot
+    assert re.search(r"^mproc: parent -> scheduler : \d+ conf_end$", boot, re.M), boot
+    send(port, "a@remote.test", ["bob@example.test"])
+    log = d.wait_log("result=Ok")
+    assert re.search(r"^profile-imsg: queue pony smtp_message_commit \d+ \d+\.\d{9}$", log, re.M)
+    # control started with the same masks: untrace/unprofile clear them everywhere.
+    assert d.smtpctl("untrace", "mproc").stdout == "command succeeded\n"
+    assert d.smtpctl("unprofile", "imsg").stdout == "command succeeded\n"
+    start = len(d.log())
+    send(port, "a@remote.test", ["bob@example.test"])
+    settled(d, 2)
+    assert "mproc:" not in d.log()[start:] and "profile-imsg" not in d.log()[start:]
