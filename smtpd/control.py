@@ -154,8 +154,9 @@ class Process:
                     await writer.drain()
                     return
                 if not self._may(uid, req.command):
+                    # The command's name comes from the client: escaped, so it cannot forge lines.
                     log.warning("warn: control: %s refused to uid %d: need root privileges",
-                                req.command, uid)
+                                req.command[:80].encode("unicode_escape").decode("ascii"), uid)
                     writer.write(frame(ClientResult(ok=False, text=PERMISSION_DENIED)))
                 else:
                     await self._command(req, writer)
