@@ -125,6 +125,8 @@ class Process:
         stat.increment("control.session")
         try:
             await self._serve_client(uid, reader, writer)
+        except Exception:
+            log.exception("warn: control: error serving a client of uid %d", uid)
         finally:
             stat.decrement("control.session")
             self.connections[uid] -= 1
@@ -156,7 +158,7 @@ class Process:
                 if not self._may(uid, req.command):
                     # The command's name comes from the client: escaped, so it cannot forge lines.
                     log.warning("warn: control: %s refused to uid %d: need root privileges",
-                                req.command[:80].encode("unicode_escape").decode("ascii"), uid)
+                                ascii(req.command[:80])[1:-1], uid)
                     writer.write(frame(ClientResult(ok=False, text=PERMISSION_DENIED)))
                 else:
                     await self._command(req, writer)

@@ -144,6 +144,15 @@ def test_show_stats_monitor_and_metrics(make_daemon, tmp_path):
         assert metrics.get(name) == float(value), (key, name, metrics.get(name))
     assert "# HELP smtpd_scheduler_delivery_ok OpenSMTPD counter scheduler.delivery.ok" in text
     assert 0 <= metrics["smtpd_uptime_seconds"] < 600
+    # What a Prometheus server asks for (negotiated by the library, served after the drop).
+    prometheus_accept = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+                         "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+    req = urllib.request.Request(f"http://127.0.0.1:{metrics_port}/metrics",
+                                 headers={"Accept": prometheus_accept})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.headers["Content-Type"].startswith("application/openmetrics-text")
+        body = resp.read().decode()
+    assert body.endswith("# EOF\n") and "smtpd_scheduler_delivery_ok 2" in body
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/other", timeout=10)
     assert err.value.code == 404
