@@ -6,8 +6,10 @@ processes, every SMTP line, every counter); switched off each costs an attribute
 load and a branch.  This measures their whole cost where it matters, SMTP acceptance:
 
 * ``baseline``: the source tree just before tracing existed (by default the parent of
-  the commit that added common/trace.py; ``--baseline REV`` to choose), extracted
-  with ``git archive`` into a temporary directory (the repository is not touched);
+  the commit that added common/trace.py; ``--baseline REV`` to choose, e.g. ``main``
+  on a branch that adds hooks: unrelated changes made since that parent count in
+  the A/B difference, not in the estimate below), extracted with ``git archive`` into
+  a temporary directory (the repository is not touched);
 * ``off``: this tree, tracing and profiling off (the default);
 * ``mproc`` (``--with-trace``): this tree started with ``smtpd -T mproc``, for scale.
 
