@@ -181,13 +181,17 @@ def test_profile_imsg_and_queue(make_daemon, tmp_path):
 def test_smtpd_dash_T_at_start(make_daemon, tmp_path):
     port = free_port()
     d = make_daemon(config(tmp_path / "d", port),
-                    extra_args=["-T", "mproc", "-T", "profile-imsg", "-T", "nonsense"]).start()
+                    extra_args=["-T", "mproc", "-T", "profile-imsg", "-T", "profstat",
+                                "-T", "nonsense"]).start()
     boot = d.log_since_start()
     assert 'warn: unknown trace flag "nonsense"' in boot
     assert re.search(r"^mproc: parent -> scheduler : \d+ conf_end$", boot, re.M), boot
     send(port, "a@remote.test", ["bob@example.test"])
     log = d.wait_log("result=Ok")
     assert re.search(r"^profile-imsg: queue pony smtp_message_commit \d+ \d+\.\d{9}$", log, re.M)
+    # -T profstat: the handler times are kept as stats too (seconds.microseconds).
+    stats = d.smtpctl("show", "stats").stdout
+    assert re.search(r"^profiling\.imsg\.queue\.pony\.smtp_message_commit=\d+\.\d+$", stats, re.M), stats
     # control started with the same masks: untrace/unprofile clear them everywhere.
     assert d.smtpctl("untrace", "mproc").stdout == "command succeeded\n"
     assert d.smtpctl("unprofile", "imsg").stdout == "command succeeded\n"
