@@ -15,6 +15,7 @@ import typer
 
 from common.messages import ClientEnd, ClientQueueBatch, ClientResult
 from smtpctl import format as fmt
+from smtpctl import reload as reload_command
 from smtpctl.client import Connection, NotRunning, WireError, socket_path
 from smtpctl.parser import CommandError, parse_command
 
@@ -73,6 +74,8 @@ def dispatch(conn: Connection, cmd, as_json: bool) -> None:
     name = cmd.name
     if name == "show queue":
         return show_queue(conn, as_json)
+    if name == "reload":
+        raise typer.Exit(reload_command.run(conn, cmd))
     if name == "show status":
         reply = conn.request("show status")
         if not reply.ok:
