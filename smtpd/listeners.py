@@ -8,7 +8,8 @@ waiting in its backlog are served, never refused.
 
 Sockets from systemd (smtpd.socket) are matched to the listeners by address and
 port; a wildcard one (``ListenStream=25`` is ``[::]:25``) serves every listener
-of its port, which must then agree on their options (a connection to a wildcard
+of its port that listens on every address (``all``, ``any``, ``0.0.0.0``,
+``::``); those must then agree on their options (a connection to a wildcard
 socket cannot tell which of them it was meant for).
 """
 from __future__ import annotations
@@ -59,10 +60,16 @@ def _options(listener: Listener) -> tuple:
     return (listener.hostname, listener.tag)
 
 
-def _covers(bound: Bound, key: Key) -> bool:
+WILDCARD_LISTENERS = ("all", "any", "0.0.0.0", "::")
+
+
+def _covers(bound: Bound, key: Key, listener: Listener) -> bool:
     if bound.key == key:
         return True
-    if not (bound.inherited and bound.wildcard and bound.key[2] == key[2]):
+    # A wildcard socket from systemd serves only listeners that ask for every
+    # address themselves: it must never open a port wider than smtpd.conf says.
+    if not (bound.inherited and bound.wildcard and bound.key[2] == key[2]
+            and listener.address in WILDCARD_LISTENERS):
         return False
     # An IPv6 wildcard socket of systemd is dual-stack unless BindIPv6Only=ipv6-only.
     return bound.key[0] == key[0] or (bound.key[0] == socket.AF_INET6 and key[0] == socket.AF_INET
@@ -83,7 +90,7 @@ def plan(config: Config, current: list[Bound], ifaces=None) -> Plan:
     used: dict[int, int] = {}                    # id(bound) -> index
     for key, index in wanted_keys(config, ifaces):
         match = next((b for b in current if b.key == key), None) or \
-            next((b for b in current if _covers(b, key)), None)
+            next((b for b in current if _covers(b, key, config.listeners[index])), None)
         if match is None:
             result.bind.append((key, index))
             continue

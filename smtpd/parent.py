@@ -55,7 +55,10 @@ def make_rundir() -> Path:
     """A private directory for the channels: one sub-directory per pair, owned
     by the side that binds, group of the side that connects, setgid, mode 2750,
     so the two processes of a pair, and no one else, can reach its socket."""
-    base = "/run" if privsep.privileged() and os.access("/run", os.W_OK) else tempfile.gettempdir()
+    base = tempfile.gettempdir()
+    if privsep.privileged():
+        # /run/smtpd: made by systemd-tmpfiles (systemd/smtpd.tmpfiles) where installed.
+        base = next((d for d in ("/run/smtpd", "/run") if os.access(d, os.W_OK)), base)
     rundir = Path(tempfile.mkdtemp(prefix="smtpd.", dir=base))
     os.chmod(rundir, 0o711 if privsep.privileged() else 0o700)
     for a, b in ipc.PAIRS:

@@ -117,10 +117,16 @@ def inherited_sockets(environ: dict[str, str] | None = None) -> list[InheritedSo
             raise ActivationError(f"fd {fd} from systemd: {exc.strerror}") from None
         name = name_list[index] if index < len(name_list) else ""
         what = f"fd {fd}" + (f" ({name})" if name else "")
+        problem = ""
         if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
-            raise ActivationError(f"{what} from systemd is not a TCP socket (use ListenStream=)")
-        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            raise ActivationError(f"{what} from systemd is not listening (Accept=no is required)")
+            problem = "is not a TCP socket (use ListenStream=)"
+        elif not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            problem = "is not listening (Accept=no is required)"
+        if problem:
+            sock.detach()                 # leave the descriptor as it was
+            for taken in out:
+                taken.sock.detach()
+            raise ActivationError(f"{what} from systemd {problem}")
         sock.set_inheritable(False)
         out.append(InheritedSocket(sock, name))
     return out
