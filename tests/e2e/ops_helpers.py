@@ -109,15 +109,16 @@ class OpsDaemon(Daemon):
 
     def __init__(self, base: Path, config_text: str, flags: tuple[str, ...] = ("-d",),
                  env: dict[str, str] | None = None, activation: list[socket.socket] | None = None,
-                 fdnames: str = "") -> None:
+                 fdnames: str = "", prefix: tuple[str, ...] = ()) -> None:
         super().__init__(base, config_text)
+        self.prefix = prefix
         self.flags = flags
         self.env = env or {}
         self.activation = activation or []
         self.fdnames = fdnames
 
     def command(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "smtpd", *self.flags, "-f", str(self.config),
+        return [*self.prefix, sys.executable, "-m", "smtpd", *self.flags, "-f", str(self.config),
                 "--spool", str(self.spool), "--socket", str(self.socket), *args]
 
     def start(self, *args: str, wait: bool = True, ready=None) -> "OpsDaemon":

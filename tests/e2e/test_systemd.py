@@ -3,13 +3,17 @@ sd_notify readiness (READY=1 only once every process is up and the listeners
 accept), STATUS=, RELOADING=1, STOPPING=1, and socket activation (LISTEN_FDS)."""
 from __future__ import annotations
 
+import os
+import pwd
 import signal
 import smtplib
 import socket
 import uuid
 
-from tests.conftest import free_port, wait_for
-from tests.e2e.helpers import config
+import pytest
+
+from tests.conftest import REPO, free_port, wait_for
+from tests.e2e.helpers import config, maildir_messages, send
 from tests.e2e.ops_helpers import NotifySocket
 
 CHILDREN = ("control", "lka", "queue", "scheduler", "pony")
@@ -107,3 +111,51 @@ def test_socket_activation_with_a_socket_no_listener_wants_is_refused(ops_daemon
     stray.close()
     assert f"match no listener of {d.config}: 127.0.0.1:" in d.log()
     wait_for(lambda: not d.children(), 5, "no process left")
+
+
+def unit_capabilities() -> list[str]:
+    unit = (REPO / "systemd" / "smtpd.service").read_text()
+    line = next(l for l in unit.splitlines() if l.startswith("CapabilityBoundingSet="))
+    return line.split("=", 1)[1].split()
+
+
+def confined(caps: list[str]) -> tuple[str, ...]:
+    """What smtpd.service imposes that can be imposed outside systemd: its capability
+    bounding set, NoNewPrivileges= and UMask=."""
+    bounding = "-all," + ",".join("+" + c.removeprefix("CAP_").lower() for c in caps)
+    return ("sh", "-c", 'umask 077; exec "$@"', "sh",
+            "setpriv", "--nnp", "--inh-caps=-all", f"--bounding-set={bounding}", "--")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="capabilities matter to root only; CI runs as root")
+def test_privilege_separation_works_within_the_units_capabilities(ops_daemon, tmp_path):
+    caps = unit_capabilities()
+    assert "CAP_SETUID" in caps and "CAP_SYS_ADMIN" not in caps
+    base = tmp_path / "d"
+    port = free_port()
+    d = ops_daemon(config(base, port), prefix=confined(caps))
+    d.start()
+    pony = d.children()["smtpd: pony"]
+    status = open(f"/proc/{d.proc.pid}/status").read()
+    assert "NoNewPrivs:\t1" in status
+    bnd = int(next(l for l in status.splitlines() if l.startswith("CapBnd:")).split()[1], 16)
+    assert bnd == sum(1 << CAP_NUMBERS[c] for c in caps)
+    assert os.stat(f"/proc/{pony}").st_uid == pwd.getpwnam("_smtpd").pw_uid
+    send(port, "sender@remote.test", ["alice@example.test"])
+    wait_for(lambda: maildir_messages(base, "alice"), 20, "delivery as the user")
+    assert d.smtpctl("reload").stdout.strip() == "command succeeded"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="capabilities matter to root only; CI runs as root")
+def test_without_cap_setuid_the_children_cannot_drop_privileges(ops_daemon, tmp_path):
+    """The control: the confinement above is real (a capability less and it fails)."""
+    caps = [c for c in unit_capabilities() if c != "CAP_SETUID"]
+    d = ops_daemon(config(tmp_path / "d", free_port()), prefix=confined(caps))
+    d.start(wait=False)
+    assert d.proc.wait(30) != 0
+    assert "Operation not permitted" in d.log()
+
+
+CAP_NUMBERS = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_DAC_READ_SEARCH": 2, "CAP_FOWNER": 3,
+               "CAP_FSETID": 4, "CAP_KILL": 5, "CAP_SETGID": 6, "CAP_SETUID": 7,
+               "CAP_NET_BIND_SERVICE": 10, "CAP_SYS_CHROOT": 18}
