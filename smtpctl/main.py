@@ -124,7 +124,7 @@ def _patterns() -> list[str]:
 
 
 def main() -> None:
-    prog = os.path.basename(sys.argv[0])
+    prog = os.path.basename(sys.argv[0]).split(".")[0]     # mailq.pysmtpd (alternatives) too
     if prog == "mailq":
         sys.argv[1:1] = ["show", "queue"]
     app(prog_name="smtpctl", args=sys.argv[1:], standalone_mode=True)

@@ -89,6 +89,15 @@ def child_argv(opts, name: str, rundir: Path, listen_fds: str, fd_channel: int =
     return argv
 
 
+def child_environment() -> dict[str, str]:
+    """The children run ``python -m smtpd``: the directory holding our packages goes
+    first on their path, wherever they are installed (a venv, or /usr/share/pysmtpd
+    as the RPM installs them, outside any Python version's site-packages)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    paths = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+
+
 class Parent:
     def __init__(self, opts, config, rundir: Path, bound: list[listeners.Bound],
                  notifier: sdnotify.Notifier) -> None:
@@ -118,7 +127,8 @@ class Parent:
         loop = asyncio.get_running_loop()
         for name in CHILDREN:
             argv = child_argv(self.opts, name, self.rundir, listen_fds, self.pony_fd_channel.fileno())
-            proc = subprocess.Popen(argv, pass_fds=fds if name == "pony" else (), close_fds=True)
+            proc = subprocess.Popen(argv, pass_fds=fds if name == "pony" else (), close_fds=True,
+                                    env=child_environment())
             self.children[name] = proc
             pidfd = os.pidfd_open(proc.pid)
             loop.add_reader(pidfd, self._child_exited, name, pidfd)
