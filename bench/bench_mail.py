@@ -36,6 +36,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import resource
 import pwd
 import shutil
 import signal
@@ -112,6 +113,24 @@ def vmrss_kib(pid: int) -> int:
     return 0
 
 
+def cpu_ticks(pid: int) -> int | None:
+    """utime + stime of a process, in clock ticks (None once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def cpu_seconds_by_title(samples: dict[int, tuple[str, int]]) -> dict[str, float]:
+    """CPU seconds per process title (short-lived processes count up to their last sample)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for title, ticks in samples.values():
+        out[title] = out.get(title, 0.0) + ticks / hz
+    return {t: round(v, 2) for t, v in sorted(out.items())}
+
+
 def kill_group(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
@@ -157,12 +176,16 @@ class RssSampler(threading.Thread):
         self.last_kib = 0
         self.samples = 0
         self.max_procs = 0
+        self.cpu_ticks: dict[int, tuple[str, int]] = {}   # pid -> (title, utime+stime last seen)
 
     def sample(self) -> int:
         total = 0
         procs = pgrp_pids(self.pgid)
         by_title: dict[str, int] = {}
         for pid, title in procs:
+            ticks = cpu_ticks(pid)
+            if ticks is not None:
+                self.cpu_ticks[pid] = (title, ticks)
             rss = vmrss_kib(pid)
             total += rss
             by_title[title] = by_title.get(title, 0) + rss
@@ -801,6 +824,14 @@ def run(args: argparse.Namespace) -> dict:
         result["max_processes"] = sampler.max_procs
         result["peak_rss_by_process_mib"] = {t: round(k / 1024, 1)
                                             for t, k in sorted(sampler.peak_by_title.items())}
+        # Where the CPU went (the daemon's processes, and this load generator itself).
+        by_title = cpu_seconds_by_title(sampler.cpu_ticks)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        by_title["bench client (this script)"] = round(usage.ru_utime + usage.ru_stime, 2)
+        result["cpu_seconds_by_process"] = by_title
+        if stats.accepted:
+            result["cpu_ms_per_message"] = {t: round(1000 * v / stats.accepted, 2)
+                                            for t, v in by_title.items()}
     return result
 
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
 
 import msgspec
 import zmq
-import zmq.asyncio
 
 from common import messages
 from common.messages import Msg
@@ -39,6 +39,7 @@ PAIRS = (
 )
 
 DEFAULT_TIMEOUT = 30.0
+OUTBOX_RETRY = 0.005     # seconds between send retries while a peer cannot take more
 
 
 class PeerTimeout(Exception):
@@ -63,16 +64,32 @@ TRACE = Trace()
 
 
 class Mesh:
-    """All channels of one process, and request/reply correlation by ``reqid``."""
+    """All channels of one process, and request/reply correlation by ``reqid``.
+
+    The sockets are plain (synchronous) ZeroMQ sockets driven from the event loop
+    through their ZMQ_FD: pyzmq's asyncio wrapper costs a future and a poller
+    update per message, more than the send or receive itself.  ZMQ_FD is edge
+    triggered: it fires when libzmq's internal state may have changed, and any
+    operation on the socket may consume that edge.  Hence the two rules kept
+    below: a readable socket is drained until EAGAIN, and after every send the
+    socket's EVENTS are read again and a drain scheduled if input is waiting.
+
+    Messages of one channel are handled in order by one consumer task per peer;
+    a handler that must wait on another process spawns a task of its own.
+    """
 
     def __init__(self, me: str, rundir: Path) -> None:
         self.me = me
         self.rundir = rundir
-        self.ctx = zmq.asyncio.Context()
-        self.socks: dict[str, zmq.asyncio.Socket] = {}
+        self.ctx = zmq.Context()
+        self.socks: dict[str, zmq.Socket] = {}
         self._waiting: dict[int, tuple[asyncio.Future, tuple[type, ...]]] = {}
         self._tasks: list[asyncio.Task] = []
         self._handler: Callable[[str, Msg], Awaitable[None] | None] | None = None
+        self._inbox: dict[str, deque[bytes]] = {}
+        self._inbox_ready: dict[str, asyncio.Event] = {}
+        self._outbox: dict[str, deque[tuple[bytes, asyncio.Future]]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def open(self) -> None:
         old_umask = os.umask(0o007)   # the socket file must be group-writable (see parent)
@@ -93,15 +110,77 @@ class Mesh:
 
     def start(self, handler: Callable[[str, Msg], Awaitable[None] | None]) -> None:
         self._handler = handler
+        self._loop = loop = asyncio.get_running_loop()
         for peer, sock in self.socks.items():
-            self._tasks.append(asyncio.create_task(self._reader(peer, sock), name=f"recv-{peer}"))
+            self._inbox[peer] = deque()
+            self._inbox_ready[peer] = asyncio.Event()
+            self._outbox[peer] = deque()
+            loop.add_reader(sock.getsockopt(zmq.FD), self._on_events, peer)
+            self._tasks.append(asyncio.create_task(self._consume(peer), name=f"recv-{peer}"))
+            loop.call_soon(self._on_events, peer)     # anything that came before start()
 
     async def send(self, peer: str, msg: Msg) -> None:
         data = messages.encode(msg)
         if TRACE.mproc:
             log.info("mproc: %s -> %s: %s (%d bytes) %s", self.me, peer,
                      messages.type_name(msg), len(data), messages.ids_of(msg))
-        await self.socks[peer].send(data, copy=len(data) < 65536)
+        outbox = self._outbox[peer]
+        if not outbox:
+            try:
+                self.socks[peer].send(data, zmq.NOBLOCK, copy=len(data) < 65536)
+                self._recheck(peer)
+                return
+            except zmq.Again:
+                pass
+        # The peer is not connected yet, or its pipe is full: wait our turn, in order.
+        done = self._loop.create_future()
+        outbox.append((data, done))
+        if len(outbox) == 1:
+            self._loop.call_later(OUTBOX_RETRY, self._flush, peer)
+        await done
+
+    def _flush(self, peer: str) -> None:
+        sock, outbox = self.socks[peer], self._outbox[peer]
+        while outbox:
+            data, done = outbox[0]
+            try:
+                sock.send(data, zmq.NOBLOCK, copy=len(data) < 65536)
+            except zmq.Again:
+                # Woken again by the socket's POLLOUT (_on_events), or by this timer
+                # should an edge have been consumed elsewhere.
+                self._loop.call_later(OUTBOX_RETRY, self._flush, peer)
+                break
+            except zmq.ZMQError as exc:
+                outbox.popleft()
+                if not done.done():
+                    done.set_exception(exc)
+                continue
+            outbox.popleft()
+            if not done.done():
+                done.set_result(None)
+        self._recheck(peer)
+
+    def _recheck(self, peer: str) -> None:
+        """After any operation on a socket: input it has not signalled yet gets drained."""
+        if self.socks[peer].getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._loop.call_soon(self._on_events, peer)
+
+    def _on_events(self, peer: str) -> None:
+        sock = self.socks.get(peer)
+        if sock is None or sock.closed:
+            return
+        inbox = self._inbox[peer]
+        received = False
+        while True:
+            try:
+                inbox.append(sock.recv(zmq.NOBLOCK, copy=True))
+                received = True
+            except zmq.Again:
+                break
+        if received:
+            self._inbox_ready[peer].set()
+        if self._outbox[peer] and sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
+            self._flush(peer)
 
     async def request(self, peer: str, msg: Msg, reply_types: tuple[type, ...],
                       timeout: float = DEFAULT_TIMEOUT) -> Msg:
@@ -110,42 +189,54 @@ class Mesh:
         fut = asyncio.get_running_loop().create_future()
         self._waiting[reqid] = (fut, reply_types)
         try:
-            await self.send(peer, msg)
-            return await asyncio.wait_for(fut, timeout)
+            async with asyncio.timeout(timeout):
+                await self.send(peer, msg)
+                return await fut
         except TimeoutError:
             raise PeerTimeout(f"{peer} did not answer {messages.type_name(msg)} in {timeout:g}s") from None
         finally:
             self._waiting.pop(reqid, None)
 
-    async def _reader(self, peer: str, sock: zmq.asyncio.Socket) -> None:
+    async def _consume(self, peer: str) -> None:
+        inbox, ready = self._inbox[peer], self._inbox_ready[peer]
         while True:
-            data = await sock.recv(copy=True)
-            try:
-                msg = messages.decode(data)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                # A peer speaking outside the contract is a bug in pysmtpd: fail loudly.
-                log.error("fatal: %s: bad message from %s: %s", self.me, peer, exc)
-                os._exit(1)
-            if TRACE.mproc:
-                log.info("mproc: %s <- %s: %s (%d bytes) %s", self.me, peer,
-                         messages.type_name(msg), len(data), messages.ids_of(msg))
-            reqid = getattr(msg, "reqid", None)
-            waiting = self._waiting.get(reqid) if reqid is not None else None
-            if waiting is not None and isinstance(msg, waiting[1]):
-                if not waiting[0].done():
-                    waiting[0].set_result(msg)
-                continue
-            try:
-                result = self._handler(peer, msg)  # type: ignore[misc]
-                if asyncio.iscoroutine(result):
-                    await result
-            except Exception:
-                log.exception("%s: error handling %s from %s", self.me,
-                              messages.type_name(msg), peer)
+            await ready.wait()
+            ready.clear()
+            while inbox:
+                await self._dispatch(peer, inbox.popleft())
+
+    async def _dispatch(self, peer: str, data: bytes) -> None:
+        try:
+            msg = messages.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            # A peer speaking outside the contract is a bug in pysmtpd: fail loudly.
+            log.error("fatal: %s: bad message from %s: %s", self.me, peer, exc)
+            os._exit(1)
+        if TRACE.mproc:
+            log.info("mproc: %s <- %s: %s (%d bytes) %s", self.me, peer,
+                     messages.type_name(msg), len(data), messages.ids_of(msg))
+        reqid = getattr(msg, "reqid", None)
+        waiting = self._waiting.get(reqid) if reqid is not None else None
+        if waiting is not None and isinstance(msg, waiting[1]):
+            if not waiting[0].done():
+                waiting[0].set_result(msg)
+            return
+        try:
+            result = self._handler(peer, msg)  # type: ignore[misc]
+            if asyncio.iscoroutine(result):
+                await result
+        except Exception:
+            log.exception("%s: error handling %s from %s", self.me,
+                          messages.type_name(msg), peer)
 
     def close(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for sock in self.socks.values():
+        for peer, sock in self.socks.items():
+            if self._loop is not None and not sock.closed:
+                try:
+                    self._loop.remove_reader(sock.getsockopt(zmq.FD))
+                except (zmq.ZMQError, ValueError, OSError):
+                    pass
             sock.close(linger=200)
         self.ctx.term()

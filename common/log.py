@@ -132,7 +132,7 @@ def setup(foreground: bool, verbose: bool = False, proc: str = "parent",
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     # Libraries log at INFO for every connection; keep our format clean.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    logging.getLogger("mail.log").setLevel(logging.ERROR)   # its warnings are not our format
     logging.getLogger("asyncio").setLevel(logging.WARNING)
 
 

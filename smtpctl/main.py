@@ -16,6 +16,7 @@ import typer
 from common.messages import ClientEnd, ClientQueueBatch, ClientResult
 from smtpctl import format as fmt
 from smtpctl import reload as reload_command
+from smtpctl import local_commands
 from smtpctl.client import Connection, NotRunning, WireError, socket_path
 from smtpctl.parser import CommandError, parse_command
 
@@ -61,6 +62,8 @@ def run(words: list[str], sock: Optional[str], as_json: bool) -> None:
     except CommandError as exc:
         print(exc.text, file=sys.stderr)
         raise typer.Exit(exc.exit_status)
+    if cmd.name in ("encrypt", "spf walk"):
+        return run_local(cmd)
     try:
         with Connection(socket_path(sock)) as conn:
             dispatch(conn, cmd, as_json)
@@ -68,6 +71,17 @@ def run(words: list[str], sock: Optional[str], as_json: bool) -> None:
         _die("smtpd doesn't seem to be running")
     except (WireError, OSError) as exc:
         _die(f"lost connection to smtpd: {exc}")
+
+
+def run_local(cmd) -> None:
+    """Commands smtpctl carries out itself, as any user (no daemon needed)."""
+    try:
+        if cmd.name == "encrypt":
+            local_commands.encrypt(cmd.args.get("str"), sys.stdin, sys.stdout)
+        else:
+            local_commands.spf_walk(sys.stdin, sys.stdout)
+    except local_commands.LocalCommandError as exc:
+        _die(str(exc))
 
 
 def dispatch(conn: Connection, cmd, as_json: bool) -> None:

@@ -43,6 +43,8 @@ _REWRITE = {
     "552 Error: Too much mail data":
         "554 5.3.4 Message too big for system: Transaction failed, message too big",
     "354 End data with <CR><LF>.<CR><LF>": '354 Enter mail, end with "." on a line by itself',
+    "552 Error: message size exceeds fixed maximum message size":
+        "552 5.3.4 Message too big for system: Message size exceeds fixed maximum message size",
     "221 Bye": "221 2.0.0 Bye",
     "250 OK": "250 2.0.0 Ok",
     "500 Command line too long": "500 5.5.1 Line too long",
@@ -57,8 +59,23 @@ _ESC_CLASS = {"2": "2.0.0", "3": "", "4": "4.0.0", "5": "5.5.1"}
 # metacharacter can pass into an envelope through here.
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LOCAL = rf"(?:{_ATOM}(?:\.{_ATOM})*|\"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*\")"
-_DOMAIN = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?|\[[0-9A-Fa-f:.IPv]+\])"
+_DOMAIN = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*|\[[0-9A-Fa-f:.IPv]+\])"
 _MAILBOX = re.compile(rf"^{_LOCAL}@{_DOMAIN}$")
+
+
+_HELO_LABEL = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
+_ADDRESS_LITERAL = re.compile(r"^\[[0-9A-Fa-f:.IPv]+\]$")
+
+
+def valid_helo(name: str) -> bool:
+    """A HELO/EHLO argument: a host name (underscores tolerated, as real clients send
+    them) or an address literal; nothing with spaces or control characters."""
+    if len(name) > 255:
+        return False
+    if name.startswith("["):
+        return bool(_ADDRESS_LITERAL.match(name))
+    labels = name[:-1].split(".") if name.endswith(".") else name.split(".")
+    return all(_HELO_LABEL.match(label) for label in labels)
 
 
 def valid_mailbox(addr: str) -> bool:
@@ -97,6 +114,8 @@ class Session(SMTP):
         self.rdns = ""
         self.quit = False
         self._greeting_reply = False
+        self._held_lines: list[str] = []
+        self.sender = ""          # MAIL FROM of the transaction, "" for the null sender
 
     def _getaddr(self, arg: str):
         """The path exactly as sent: aiosmtpd's RFC 5322 parser would quote a
@@ -109,7 +128,8 @@ class Session(SMTP):
             end = arg.find(">")
             if end < 0:
                 return None, None
-            return arg[1:end], arg[end + 1:].lstrip()
+            # The null path stays "<>": aiosmtpd takes an empty address for a syntax error.
+            return arg[1:end] or "<>", arg[end + 1:].lstrip()
         address, _, rest = arg.partition(" ")
         return address, rest.lstrip()
 
@@ -118,17 +138,29 @@ class Session(SMTP):
         # the replies to HELO and EHLO (OpenSMTPD's "250 HELP" has none either).
         if isinstance(status, str) and not self._greeting_reply:
             status = with_esc(status)
+        elif isinstance(status, str) and status[3:4] == "-":
+            # A multi-line EHLO reply goes out in one write: each send() on loopback
+            # costs as much as the rest of the line's handling.
+            self._held_lines.append(status)
+            return
+        if self._held_lines:
+            status = "\r\n".join([*self._held_lines, status])
+            self._held_lines = []
         await super().push(status)
 
     async def smtp_HELO(self, hostname: str):
-        self._greeting_reply = bool(hostname)
+        if await self._bad_helo("HELO", hostname):
+            return
+        self._greeting_reply = True
         try:
             await super().smtp_HELO(hostname)
         finally:
             self._greeting_reply = False
 
     async def smtp_EHLO(self, hostname: str):
-        self._greeting_reply = bool(hostname)
+        if await self._bad_helo("EHLO", hostname):
+            return
+        self._greeting_reply = True
         try:
             await super().smtp_EHLO(hostname)
         finally:
@@ -144,6 +176,17 @@ class Session(SMTP):
             await self.push(self.failed(shown, "503 5.5.1 Invalid command: Command not allowed at this point."))
         else:
             await self.push(self.failed(shown, "503 5.5.1 Invalid command: Command not supported"))
+
+    async def _bad_helo(self, verb: str, hostname: str) -> bool:
+        """OpenSMTPD's checks: a name is required and must be a domain or address literal
+        (it goes into the Received header and the envelope)."""
+        if not hostname:
+            await self.push(f"501 5.5.1 Invalid command: {verb} requires domain name")
+            return True
+        if not valid_helo(hostname):
+            await self.push("501 5.5.4 Invalid command arguments: Invalid domain name")
+            return True
+        return False
 
     async def smtp_HELP(self, arg: str):
         await self.push("214- This is pysmtpd")
@@ -237,6 +280,11 @@ class Handler:
         server.rcpt_count = 0
 
     async def handle_MAIL(self, server: Session, session, envelope, address: str, options) -> str:
+        if server.msgid:
+            # aiosmtpd's own nested-MAIL check misses a transaction from the null sender.
+            return "503 5.5.1 Invalid command: Command not allowed at this point."
+        if address == "<>":
+            address = ""
         if address.startswith("@") and ":" in address:       # source route: <@a,@b:user@d>
             address = address.split(":", 1)[1]
         if address and "@" not in address:
@@ -257,13 +305,16 @@ class Handler:
         server.msgid = reply.msgid
         server.rcpt_count = 0
         server.envelopes = []
-        envelope.mail_from = address
+        server.sender = address
+        envelope.mail_from = address or "<>"     # aiosmtpd takes an empty one for "no MAIL yet"
         envelope.mail_options.extend(options)
         return "250 2.0.0 Ok"
 
     async def handle_RCPT(self, server: Session, session, envelope, address: str, options) -> str:
         if not server.msgid:
             return "503 5.5.1 Invalid command: Command not allowed at this point."
+        if address.lower() == "postmaster":        # RFC 5321 4.5.1: must be accepted bare
+            address = f"postmaster@{self.name(server)}"
         if not valid_mailbox(address):
             return server.failed(f"RCPT TO:<{address}>", "501 5.1.3 Recipient address syntax error")
         if server.rcpt_count >= self.config.smtp_max_rcpt:
@@ -272,7 +323,7 @@ class Handler:
             return f"503 5.5.4 Invalid command arguments: Unsupported option {option}"
         env = Envelope(
             smtpname=self.name(server), helo=session.host_name or "", hostname=server.rdns,
-            sockaddr=_sockaddr_text(server.peer_ip), sender=envelope.mail_from, rcpt=address,
+            sockaddr=_sockaddr_text(server.peer_ip), sender=server.sender, rcpt=address,
             dest=address, tag=server.listener.tag or "", ctime=int(time.time()))
         reqid = self.pony.ctx.new_id()
         self.pony.evpids[reqid] = []
@@ -324,7 +375,7 @@ class Handler:
                  server.session_id, msgid, len(data), len(envelope.rcpt_tos), proto)
         for evpid, rcpt in server.envelopes:
             log.info("%016x smtp envelope evpid=%016x from=<%s> to=<%s>",
-                     server.session_id, evpid, envelope.mail_from, rcpt)
+                     server.session_id, evpid, server.sender, rcpt)
         return f"250 2.0.0 {msgid:08x} Message accepted for delivery"
 
     def _received(self, server: Session, session, envelope, msgid: int) -> bytes:

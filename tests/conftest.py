@@ -36,8 +36,10 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
 class Daemon:
     """One smtpd instance (parent and children) in its own process group."""
 
-    def __init__(self, base: Path, config_text: str, extra_args: list[str] | None = None) -> None:
+    def __init__(self, base: Path, config_text: str, extra_args: list[str] | None = None,
+                 prefix: list[str] | None = None) -> None:
         self.base = base
+        self.prefix = prefix or []          # e.g. setpriv ... to start it as another user
         self.config = base / "smtpd.conf"
         self.config.write_text(config_text)
         self.spool = base / "spool"
@@ -47,7 +49,7 @@ class Daemon:
         self.proc: subprocess.Popen | None = None
 
     def command(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "smtpd", "-d", "-f", str(self.config),
+        return [*self.prefix, sys.executable, "-m", "smtpd", "-d", "-f", str(self.config),
                 "--spool", str(self.spool), "--socket", str(self.socket), *args]
 
     def start(self, *args: str, wait: bool = True) -> "Daemon":

@@ -46,7 +46,8 @@ def test_ehlo_and_replies_carry_enhanced_status_codes(make_daemon, tmp_path):
     assert len(helo) == 1 and helo[0].startswith("250 ") and helo[0].split()[1] != "2.0.0", helo
     assert helo[0].endswith(" Hello client.test [127.0.0.1], pleased to meet you"), helo
     c.cmd("EHLO client.test")
-    assert c.cmd("EHLO")[0].startswith("501 5.5.")
+    assert c.cmd("EHLO")[0] == "501 5.5.1 Invalid command: EHLO requires domain name"
+    assert c.cmd("HELO bad name")[0] == "501 5.5.4 Invalid command arguments: Invalid domain name"
     assert c.cmd("HELP")[-1] == "214 2.0.0 End of HELP info"
     assert c.cmd("RCPT TO:<alice@example.test>")[0].startswith("503 5.5.1 ")
     assert c.cmd("MAIL FROM:<bad address>")[0][:4] in ("501 ", "553 ")
@@ -54,6 +55,8 @@ def test_ehlo_and_replies_carry_enhanced_status_codes(make_daemon, tmp_path):
     assert c.cmd("NOOP")[0] == "250 2.0.0 Ok"
     assert c.cmd("MAIL FROM:<a@remote.test>")[0] == "250 2.0.0 Ok"
     assert c.cmd("RCPT TO:<alice@example.test>")[0].startswith("250 2.1.5 ")
+    # RFC 5321 4.5.1: a bare <postmaster> is an address, not a syntax error
+    assert not c.cmd("RCPT TO:<Postmaster>")[0].startswith("501"), "bare postmaster refused"
     assert c.cmd("RSET")[0] == "250 2.0.0 Reset state"
     assert c.cmd("QUIT")[0] == "221 2.0.0 Bye"
 
@@ -88,8 +91,29 @@ def test_message_size_limit(make_daemon, tmp_path):
     c = Client(port)
     c.reply()
     assert "250-SIZE 10240" in c.cmd("EHLO client.test")
+    assert c.cmd("MAIL FROM:<a@remote.test> SIZE=20000")[0].startswith("552 5.3.4 ")
     c.cmd("MAIL FROM:<a@remote.test>")
     c.cmd("RCPT TO:<alice@example.test>")
     assert c.cmd("DATA")[0].startswith("354")
     c.sock.sendall(b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 20 + b".\r\n")
     assert c.reply()[0].startswith("554 5.3.4 ")
+
+
+def test_null_sender_is_accepted_and_delivered(make_daemon, tmp_path):
+    """MAIL FROM:<> (bounces, DSNs) must work; a second MAIL inside it is still refused."""
+    port = free_port()
+    make_daemon(config(tmp_path / "d", port)).start()
+    c = Client(port)
+    c.reply()
+    c.cmd("EHLO client.test")
+    assert c.cmd("MAIL FROM:<>")[0] == "250 2.0.0 Ok"
+    assert c.cmd("MAIL FROM:<a@remote.test>")[0].startswith("503 5.5.1 ")
+    assert c.cmd("RCPT TO:<>")[0].startswith("501 5.1.3 ")
+    assert c.cmd("RCPT TO:<alice@example.test>")[0].startswith("250 2.1.5 ")
+    assert c.cmd("DATA")[0].startswith("354")
+    c.sock.sendall(b"Subject: bounce\r\n\r\nreport\r\n.\r\n")
+    assert c.reply()[0].startswith("250 2.0.0 ")
+    c.cmd("QUIT")
+    msgs = wait_for(lambda: maildir_messages(tmp_path / "d", "alice"), 20, "delivery")
+    # as OpenSMTPD's mda: no Return-Path line for the null sender
+    assert msgs[0].startswith(b"Delivered-To: alice@example.test\n") and b"Subject: bounce" in msgs[0]

@@ -27,7 +27,8 @@ def test_valid_mailboxes(addr):
 
 
 @pytest.mark.parametrize("addr", ["", "no-at", "a@", "@b", "a b@c.test", "a@b..c", "a;rm -rf /@x.test",
-                                  "a@-bad.test", "`id`@x.test" + "x" * 300, "a\n@b.test", "a@b.test\r"])
+                                  "a@-bad.test", "`id`@x.test" + "x" * 300, "a\n@b.test", "a@b.test\r",
+                                  "a@b.test."])
 def test_invalid_mailboxes(addr):
     assert not valid_mailbox(addr)
 
@@ -46,3 +47,11 @@ def test_relay_urls():
     for bad in ("lmtp://host", "ftp://x", "smtp://bob@x", "smtp://x:99999", "smtp://[::1"):
         with pytest.raises(RelayUrlError):
             parse_relay_url(bad)
+
+
+def test_helo_names():
+    from smtpd.smtp_session import valid_helo
+    for good in ("x", "mail.example.com", "mail.example.com.", "win_pc.lan", "[192.0.2.1]", "[IPv6:2001:db8::1]"):
+        assert valid_helo(good), good
+    for bad in ("", ".", "a..b", "-a.b", "a b", "a\tb", "x\r\nRCPT", "[1.2.3.4", "a" * 64, "a." * 130):
+        assert not valid_helo(bad), bad

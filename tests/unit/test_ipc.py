@@ -1,0 +1,88 @@
+"""The channel layer on its own: two processes' meshes in one event loop, real
+ZeroMQ ipc:// sockets, no daemon.  Order, back-pressure and request deadlines."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from common import ipc
+from common.ipc import Mesh, PeerTimeout
+from common.messages import CtlReply, CtlRequest, QueueMessageCommit
+
+
+def rundir_for(tmp_path):
+    for a, b in ipc.PAIRS:
+        ipc.pair_dir(tmp_path, a, b).mkdir()
+    return tmp_path
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+def test_messages_sent_before_the_peer_connects_arrive_in_order(tmp_path):
+    """The binding side may send before the other side exists (PAIR: EAGAIN);
+    the outbox keeps them, in order, until it connects."""
+    rundir = rundir_for(tmp_path)
+
+    async def main():
+        got: list[int] = []
+        done = asyncio.Event()
+        queue = Mesh("queue", rundir)          # binds queue-scheduler
+        queue.open()
+        queue.start(lambda peer, msg: None)
+        senders = [asyncio.create_task(queue.send("scheduler", QueueMessageCommit(msgid=i)))
+                   for i in range(1, 51)]
+        await asyncio.sleep(0.1)
+        assert not any(t.done() for t in senders), "sent with no peer connected"
+
+        def on_message(peer, msg):
+            got.append(msg.msgid)
+            if len(got) == 3050:
+                done.set()
+
+        scheduler = Mesh("scheduler", rundir)
+        scheduler.open()
+        scheduler.start(on_message)
+        await asyncio.gather(*senders)
+        # more than the default high-water mark (1000), sent without waiting for the reader
+        for i in range(51, 3051):
+            await queue.send("scheduler", QueueMessageCommit(msgid=i))
+        await asyncio.wait_for(done.wait(), 30)
+        queue.close()
+        scheduler.close()
+        return got
+
+    assert run(main()) == list(range(1, 3051))
+
+
+def test_request_gets_its_reply_and_a_silent_peer_times_out(tmp_path):
+    rundir = rundir_for(tmp_path)
+
+    async def main():
+        control = Mesh("control", rundir)
+        scheduler = Mesh("scheduler", rundir)
+        for m in (control, scheduler):
+            m.open()
+        answered: list[int] = []
+
+        async def on_request(peer, msg):
+            if msg.command == "ping":
+                answered.append(msg.reqid)
+                await scheduler.send(peer, CtlReply(reqid=msg.reqid, ok=True, text="pong"))
+
+        control.start(lambda peer, msg: None)
+        scheduler.start(on_request)
+        replies = await asyncio.gather(*(
+            control.request("scheduler", CtlRequest(reqid=i, command="ping"), (CtlReply,), timeout=10)
+            for i in range(1, 201)))
+        assert [r.reqid for r in replies] == list(range(1, 201))
+        assert all(r.text == "pong" for r in replies)
+        with pytest.raises(PeerTimeout):
+            await control.request("scheduler", CtlRequest(reqid=999, command="silence"),
+                                  (CtlReply,), timeout=0.3)
+        control.close()
+        scheduler.close()
+
+    run(main())
