@@ -315,6 +315,45 @@ class CtlListReply(Msg, **_m("ctl_list_reply")):
     last: int
 
 
+# --- start-up and configuration reload (parent <-> every child; docs/ops.md) --------------
+
+class ConfEndDone(Msg, **_m("conf_end_done")):
+    """Child -> parent: conf_end applied (pony: its listeners accept connections).
+    The parent tells systemd READY=1 once every child has said so."""
+    proc: str
+
+
+class ConfReloadPrepare(Msg, **_m("conf_reload_prepare")):
+    """Parent -> child: a new configuration, read and checked by the parent (the only
+    process that can still read every file: the children dropped privileges).  The
+    child checks that it can apply it and keeps it pending until commit or abort.
+    ``listeners`` (pony): the listener index of each socket the parent passes over the
+    fd channel for this generation, in order."""
+    reqid: int
+    generation: int
+    config: bytes                  # smtpd.config.encode_config() of the new model
+    listeners: list[int] = []
+
+
+class ConfReloadCommit(Msg, **_m("conf_reload_commit")):
+    """Parent -> child: every child is prepared; apply the pending configuration."""
+    reqid: int
+    generation: int
+
+
+class ConfReloadAbort(Msg, **_m("conf_reload_abort")):
+    """Parent -> child: drop the pending configuration and keep the current one."""
+    generation: int
+
+
+class ConfReloadReply(Msg, **_m("conf_reload_reply")):
+    """Child -> parent: answer to prepare or commit."""
+    reqid: int
+    proc: str
+    ok: bool
+    error: str = ""
+
+
 # --- control <-> every process: introspection (smtpctl trace/profile/show stats/monitor) ----
 
 class CtlProfile(Msg, **_m("ctl_profile")):
@@ -349,6 +388,7 @@ Message = Union[
     QueueEnvelopeAck, QueueDeliver, QueueTransfer, MessageOpen, MessageContent, DeliveryResult,
     MdaLookupUserinfo, MdaLookupUserinfoReply, MtaDnsLookup, MtaDnsReply,
     CtlRequest, CtlReply, SchedListReply, CtlListReply,
+    ConfEndDone, ConfReloadPrepare, ConfReloadCommit, ConfReloadAbort, ConfReloadReply,
     CtlProfile, StatGet, StatReply,
 ]
 

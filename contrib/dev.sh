@@ -83,15 +83,23 @@ CONF
 }
 
 install_test_tools() {
-    # swaks is one of the real clients the end-to-end tests talk with.
-    if ! command -v swaks >/dev/null 2>&1; then
-        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-            apt-get update -qq >/dev/null
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq swaks >/dev/null
-        else
-            echo "swaks is not installed; install it (apt-get install swaks) to run the tests" >&2
-            exit 1
-        fi
+    # swaks is one of the real clients the end-to-end tests talk with; rpmbuild, rpmlint,
+    # rpm2cpio/cpio build and check the RPM; systemd-analyze, systemd-sysusers and
+    # systemd-tmpfiles check the units; setpriv (util-linux) confines the daemon as the unit does.
+    local missing=() tool pkg
+    for tool in swaks:swaks rpmbuild:rpm rpm2cpio:rpm rpmlint:rpmlint cpio:cpio \
+                systemd-analyze:systemd systemd-sysusers:systemd setpriv:util-linux; do
+        command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq >/dev/null
+        # --no-install-recommends: rpmlint would pull spell checkers, systemd a service stack.
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            $(printf '%s\n' "${missing[@]}" | sort -u) >/dev/null
+    else
+        echo "missing test tools; install them: apt-get install $(printf '%s ' "${missing[@]}" | tr ' ' '\n' | sort -u | tr '\n' ' ')" >&2
+        exit 1
     fi
 }
 

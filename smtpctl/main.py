@@ -16,6 +16,7 @@ import typer
 from common.messages import ClientEnd, ClientQueueBatch, ClientResult
 from smtpctl import debug_commands, monitor
 from smtpctl import format as fmt
+from smtpctl import reload as reload_command
 from smtpctl import local_commands
 from smtpctl.client import Connection, NotRunning, PermissionDenied, WireError, socket_path
 from smtpctl.parser import CommandError, parse_command
@@ -90,6 +91,8 @@ def dispatch(conn: Connection, cmd, as_json: bool) -> None:
     name = cmd.name
     if name == "show queue":
         return show_queue(conn, as_json)
+    if name == "reload":
+        raise typer.Exit(reload_command.run(conn, cmd))
     if name in debug_commands.COMMANDS:
         return debug_commands.run(conn, cmd)
     if name in monitor.COMMANDS:
@@ -142,7 +145,7 @@ def _patterns() -> list[str]:
 
 
 def main() -> None:
-    prog = os.path.basename(sys.argv[0])
+    prog = os.path.basename(sys.argv[0]).split(".")[0]     # mailq.pysmtpd (alternatives) too
     if prog == "mailq":
         sys.argv[1:1] = ["show", "queue"]
     app(prog_name="smtpctl", args=sys.argv[1:], standalone_mode=True)

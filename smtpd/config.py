@@ -5,6 +5,8 @@ import ipaddress
 import socket
 from dataclasses import dataclass, field
 
+import msgspec
+
 
 class ConfigError(Exception):
     def __init__(self, file: str, line: int | None, message: str) -> None:
@@ -148,3 +150,13 @@ def check_config(config: Config, ifaces: dict[str, list[tuple[int, str]]] | None
     for listener in config.listeners:
         if listener.address != "socket":
             resolve_listener_addresses(listener, ifaces)
+
+
+def encode_config(config: Config) -> bytes:
+    """The model as msgpack, for the parent to send at a reload (ConfReloadPrepare)."""
+    return msgspec.msgpack.encode(config)
+
+
+def decode_config(data: bytes) -> Config:
+    """The model sent by the parent; raises msgspec.ValidationError if malformed."""
+    return msgspec.msgpack.decode(data, type=Config)

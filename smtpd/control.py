@@ -201,6 +201,9 @@ class Process:
         elif cmd == "stop":
             reply = await self._ask("parent", "stop")
             out(frame(ClientResult(ok=reply.ok)))
+        elif cmd == "reload":
+            reply = await self._ask("parent", "reload")
+            out(frame(ClientResult(ok=reply.ok, text=reply.text)))
         else:
             out(frame(ClientResult(ok=False, text=f"command not supported yet: {cmd}")))
 

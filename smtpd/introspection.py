@@ -18,13 +18,11 @@ log = logging.getLogger("smtpd")
 
 
 def apply_command_line(opts) -> None:
-    """The masks of ``smtpd -T WORD ... -v`` (every process parses the same argv)."""
-    tracing, profiling, unknown = trace.from_command_line(opts.trace, opts.verbose)
+    """The masks of ``smtpd -T WORD ... -v`` (every process parses the same argv;
+    smtpd.main warns about unknown words, as OpenSMTPD)."""
+    tracing, profiling, _unknown = trace.from_command_line(opts.trace, opts.verbose)
     trace.FLAGS.set_tracing(tracing)
     trace.FLAGS.set_profiling(profiling)
-    if opts.proc is None:           # said once, by the parent
-        for word in unknown:
-            log.warning('warn: unknown trace flag "%s"', word)
 
 
 def set_tracing(proc: str, mask: int) -> None:

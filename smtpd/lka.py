@@ -47,6 +47,14 @@ class Process:
         for task in list(self.tasks):
             task.cancel()
 
+    # -- configuration reload (smtpd/reload.py): the parent re-read the table files -----------
+
+    def prepare_config(self, config, msg) -> TableSet:
+        return TableSet(config)
+
+    def apply_config(self, config, tables: TableSet) -> None:
+        self.config, self.tables = config, tables
+
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
         self.tasks.add(task)

@@ -73,10 +73,12 @@ class Mda:
 
     async def _report(self, env: Envelope, status: str, detail: str) -> None:
         word = {"ok": "Ok", "tempfail": "TempFail", "permfail": "PermFail", "loop": "PermFail"}[status]
-        log.info("%016x mda delivery evpid=%016x from=<%s> to=<%s> rcpt=<%s> user=%s delay=%s "
+        # OpenSMTPD's mda_log: "rcpt=<...> " only when the envelope has an original
+        # recipient (the mta line, by contrast, says rcpt=<-> when it equals dest).
+        rcpt = f"rcpt=<{env.rcpt}> " if env.rcpt else ""
+        log.info("%016x mda delivery evpid=%016x from=<%s> to=<%s> %suser=%s delay=%s "
                  "result=%s stat=%s", self.pony.ctx.new_id(), env.id, env.sender, env.dest,
-                 env.rcpt if env.rcpt != env.dest else "-", env.mda_user,
-                 duration_to_text(int(time.time()) - env.ctime), word, detail)
+                 rcpt, env.mda_user, duration_to_text(int(time.time()) - env.ctime), word, detail)
         await self.pony.mesh.send("queue", DeliveryResult(
             evpid=env.id, agent="mda", status=status, errorline=detail, esc_code=30 if status != "ok" else 0))
 

@@ -24,10 +24,13 @@ from setproctitle import setproctitle
 from common import aio, ipc, privsep
 from common import log as logsetup
 from common.ipc import Mesh
-from common.messages import ConfEnd, CtlReply, CtlRequest, MdaDone, MdaFork, Msg, SetupDone
-from smtpd import introspection, local_delivery
-from smtpd.config import ConfigError, resolve_listener_addresses
-from smtpd.main import CHILDREN, VERSION
+from common.messages import (
+    ConfEnd, ConfEndDone, CtlReply, CtlRequest, MdaDone, MdaFork, Msg, SetupDone,
+)
+from smtpd import fdpass, introspection, listeners, local_delivery, sdnotify
+from smtpd.config import ConfigError
+from smtpd.main import CHILDREN, EXIT_CONFIG, VERSION, load_config
+from smtpd.reload import Reloader
 
 log = logging.getLogger("smtpd")
 
@@ -52,7 +55,10 @@ def make_rundir() -> Path:
     """A private directory for the channels: one sub-directory per pair, owned
     by the side that binds, group of the side that connects, setgid, mode 2750,
     so the two processes of a pair, and no one else, can reach its socket."""
-    base = "/run" if privsep.privileged() and os.access("/run", os.W_OK) else tempfile.gettempdir()
+    base = tempfile.gettempdir()
+    if privsep.privileged():
+        # /run/smtpd: made by systemd-tmpfiles (systemd/smtpd.tmpfiles) where installed.
+        base = next((d for d in ("/run/smtpd", "/run") if os.access(d, os.W_OK)), base)
     rundir = Path(tempfile.mkdtemp(prefix="smtpd.", dir=base))
     os.chmod(rundir, 0o711 if privsep.privileged() else 0o700)
     for a, b in ipc.PAIRS:
@@ -65,32 +71,10 @@ def make_rundir() -> Path:
     return rundir
 
 
-def bind_listeners(config) -> list[tuple[socket.socket, int]]:
-    """Bind every listener as root (ports < 1024), to be inherited by pony."""
-    out = []
-    for index, listener in enumerate(config.listeners):
-        if listener.address == "socket":
-            continue
-        for family, address in resolve_listener_addresses(listener):
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                sock.bind((address, listener.port))
-            except OSError as exc:
-                sock.close()
-                raise ConfigError(listener.file, listener.lineno,
-                                  f"cannot listen on {address} port {listener.port}: {exc.strerror}")
-            sock.listen(512)
-            out.append((sock, index))
-    return out
-
-
-def child_argv(opts, name: str, rundir: Path, listen_fds: str) -> list[str]:
+def child_argv(opts, name: str, rundir: Path, listen_fds: str, fd_channel: int = -1) -> list[str]:
     argv = [sys.executable, "-m", "smtpd", "-f", opts.config, "--spool", opts.spool,
             "--socket", opts.socket, "-x", name, "--rundir", str(rundir),
-            "--parent-pid", str(os.getpid())]
+            "--parent-pid", str(os.getpid()), "--syslog-socket", opts.syslog_socket]
     for macro in opts.macros:
         argv += ["-D", macro]
     for trace in opts.trace:
@@ -101,19 +85,35 @@ def child_argv(opts, name: str, rundir: Path, listen_fds: str) -> list[str]:
         argv.append("-d")
     argv += ["-v"] * opts.verbose
     if name == "pony":
-        argv += ["--listen-fds", listen_fds]
+        argv += ["--listen-fds", listen_fds, "--fd-channel", str(fd_channel)]
     return argv
 
 
+def child_environment() -> dict[str, str]:
+    """The children run ``python -m smtpd``: the directory holding our packages goes
+    first on their path, wherever they are installed (a venv, or /usr/share/pysmtpd
+    as the RPM installs them, outside any Python version's site-packages)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    paths = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+
+
 class Parent:
-    def __init__(self, opts, config, rundir: Path, listeners) -> None:
+    def __init__(self, opts, config, rundir: Path, bound: list[listeners.Bound],
+                 notifier: sdnotify.Notifier) -> None:
         self.opts = opts
         self.config = config
         self.rundir = rundir
-        self.listeners = listeners
+        self.bound = bound
+        self.notifier = notifier
+        self.fd_channel, self.pony_fd_channel = fdpass.make_channel()
+        self.reloader = Reloader(self, load_config)
+        self.tasks: set[asyncio.Task] = set()
         self.children: dict[str, subprocess.Popen] = {}
         self.ready: set[str] = set()
         self.all_ready = asyncio.Event()
+        self.conf_done: set[str] = set()
+        self.all_conf_done = asyncio.Event()
         self.done = asyncio.Event()
         self.exit_code = 0
         self.stopping = False
@@ -122,15 +122,27 @@ class Parent:
         self.delivery = local_delivery.DeliveryPool()
 
     def spawn(self) -> None:
-        fds = [sock.fileno() for sock, _ in self.listeners]
-        listen_fds = ",".join(f"{sock.fileno()}:{index}" for sock, index in self.listeners)
+        fds = [b.sock.fileno() for b in self.bound] + [self.pony_fd_channel.fileno()]
+        listen_fds = ",".join(f"{b.sock.fileno()}:{b.index}" for b in self.bound)
         loop = asyncio.get_running_loop()
         for name in CHILDREN:
-            proc = subprocess.Popen(child_argv(self.opts, name, self.rundir, listen_fds),
-                                    pass_fds=fds if name == "pony" else (), close_fds=True)
+            argv = child_argv(self.opts, name, self.rundir, listen_fds, self.pony_fd_channel.fileno())
+            proc = subprocess.Popen(argv, pass_fds=fds if name == "pony" else (), close_fds=True,
+                                    env=child_environment())
             self.children[name] = proc
             pidfd = os.pidfd_open(proc.pid)
             loop.add_reader(pidfd, self._child_exited, name, pidfd)
+        self.pony_fd_channel.close()          # pony has its end; a dead pony then reads as EOF
+
+    def status_text(self) -> str:
+        paused = " (smtp paused)" if "smtp" in self.opts.pause else ""
+        return (f"pysmtpd {VERSION}: {len(self.children)} processes, "
+                f"{len(self.bound)} listening socket(s){paused}")
+
+    def spawn_task(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     def _child_exited(self, name: str, pidfd: int) -> None:
         loop = asyncio.get_running_loop()
@@ -150,6 +162,7 @@ class Parent:
             return
         self.stopping = True
         self.exit_code = code
+        self.notifier.stopping("stopping")
         for proc in self.children.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -163,6 +176,10 @@ class Parent:
             self.ready.add(msg.proc)
             if self.ready.issuperset(CHILDREN):
                 self.all_ready.set()
+        elif isinstance(msg, ConfEndDone):
+            self.conf_done.add(msg.proc)
+            if self.conf_done.issuperset(CHILDREN):
+                self.all_conf_done.set()
         elif isinstance(msg, MdaFork):
             task = asyncio.create_task(self._deliver(msg))
             self.deliveries.add(task)
@@ -172,8 +189,21 @@ class Parent:
             log.info("smtpd: stop requested by control")
             # Give control a moment to answer smtpctl before it is told to stop.
             asyncio.get_running_loop().call_later(0.3, self.shutdown, 0)
+        elif isinstance(msg, CtlRequest) and msg.command == "reload":
+            # In a task: the reload talks to control too, whose channel this handler holds.
+            self.spawn_task(self._reload_for(peer, msg.reqid))
         else:
             log.warning("warn: parent: unexpected %s from %s", type(msg).__name__, peer)
+
+    async def _reload_for(self, peer: str, reqid: int) -> None:
+        ok, text = await self.reloader.reload("smtpctl reload")
+        await self.mesh.send(peer, CtlReply(reqid=reqid, ok=ok, text=text))
+
+    def _sighup(self) -> None:
+        if not self.all_conf_done.is_set() or self.stopping:
+            log.warning("warn: smtpd: SIGHUP ignored: %s", "stopping" if self.stopping else "still starting")
+            return
+        self.spawn_task(self.reloader.reload("SIGHUP"))
 
     async def _deliver(self, msg: MdaFork) -> None:
         status, error = await self.delivery.run(msg)
@@ -183,9 +213,10 @@ class Parent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.shutdown, 0)
-        loop.add_signal_handler(signal.SIGHUP, lambda: log.info("smtpd: SIGHUP ignored (reload comes later)"))
+        loop.add_signal_handler(signal.SIGHUP, self._sighup)
         self.mesh.open()
         self.mesh.start(self.handle)
+        self.notifier.status("starting processes")
         self.spawn()
         ready_wait = asyncio.create_task(self.all_ready.wait())
         done_wait = asyncio.create_task(self.done.wait())
@@ -196,15 +227,33 @@ class Parent:
             log.error("fatal: smtpd: children did not start in %ds: %s", SETUP_TIMEOUT, ", ".join(missing))
             self.shutdown(1)
         elif ready_wait in finished:
-            for name in CHILDREN:
-                await self.mesh.send(name, ConfEnd())
-            log.info("info: pysmtpd %s ready: %s", VERSION,
-                     ", ".join(f"{c}={p.pid}" for c, p in self.children.items()))
+            await self._configure(done_wait)
         ready_wait.cancel()
         await done_wait
         self.delivery.close()
         await self._reap()
         return self.exit_code
+
+    async def _configure(self, done_wait: asyncio.Task) -> None:
+        """conf_end to every child, then READY=1 once each has applied it: pony's
+        listeners then accept connections (systemd's readiness means "serving")."""
+        self.notifier.status("configuring processes")
+        for name in CHILDREN:
+            await self.mesh.send(name, ConfEnd())
+        conf_wait = asyncio.create_task(self.all_conf_done.wait())
+        finished, _ = await asyncio.wait({conf_wait, done_wait}, timeout=SETUP_TIMEOUT,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        conf_wait.cancel()
+        if conf_wait not in finished:
+            if not self.stopping:
+                missing = sorted(set(CHILDREN) - self.conf_done)
+                log.error("fatal: smtpd: children did not configure in %ds: %s", SETUP_TIMEOUT,
+                          ", ".join(missing))
+                self.shutdown(1)
+            return
+        log.info("info: pysmtpd %s ready: %s", VERSION,
+                 ", ".join(f"{c}={p.pid}" for c, p in self.children.items()))
+        self.notifier.ready(self.status_text())
 
     async def _reap(self) -> None:
         deadline = loop_time() + STOP_GRACE
@@ -215,7 +264,7 @@ class Parent:
                 log.error("warn: smtpd: %s did not stop in %ss, killing it", name, STOP_GRACE)
                 proc.kill()
                 proc.wait()
-        for task in list(self.deliveries):
+        for task in list(self.deliveries) + list(self.tasks):
             task.cancel()
 
 
@@ -224,27 +273,43 @@ def loop_time() -> float:
 
 
 def run(opts, argv, config) -> int:
+    # Taken before daemonizing: LISTEN_PID names this process, and neither variable
+    # must reach the children.
+    notifier = sdnotify.take_notify_socket_from_environment()
+    try:
+        inherited = sdnotify.inherited_sockets()
+    except sdnotify.ActivationError as exc:
+        print(f"smtpd: socket activation: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     if not (opts.debug or opts.foreground):
         _daemonize()
     setproctitle("smtpd: [priv]")
-    logsetup.setup(foreground=opts.debug, verbose=bool(opts.verbose))
+    logsetup.setup(foreground=opts.debug, verbose=bool(opts.verbose), syslog_socket=opts.syslog_socket)
     introspection.apply_command_line(opts)
     try:
         if privsep.privileged():
             privsep.check_users()
-        listeners = bind_listeners(config)
-    except (privsep.PrivsepError, ConfigError) as exc:
+    except privsep.PrivsepError as exc:
         log.error("fatal: smtpd: %s", exc)
         return 1
+    try:
+        bound = listeners.initial(config, inherited)
+    except (ConfigError, sdnotify.ActivationError) as exc:
+        log.error("fatal: smtpd: %s", exc)
+        notifier.notify(STATUS=f"cannot start: {exc}")
+        return 1 if isinstance(exc, listeners.BindError) else EXIT_CONFIG
     if _control_socket_alive(opts.socket):
         log.error("fatal: smtpd: control socket already listening: %s", opts.socket)
         return 1
     rundir = make_rundir()
     log.info("info: pysmtpd %s starting", VERSION)
+    if inherited:
+        log.info("info: smtpd: %d listening socket(s) from systemd: %s", len(inherited),
+                 ", ".join(listeners.key_text(b.key) for b in bound if b.inherited))
     for note in config.not_applied:
         log.warning("warn: %s", note)
     try:
-        code = aio.run(Parent(opts, config, rundir, listeners).main())
+        code = aio.run(Parent(opts, config, rundir, bound, notifier).main())
     finally:
         shutil.rmtree(rundir, ignore_errors=True)
         try:

@@ -18,6 +18,7 @@ from common.messages import (
     CtlReply, CtlRequest, MtaDnsLookup, MtaDnsReply, QueueDeliver, QueueEnvelopeSubmitReply,
     QueueTransfer,
 )
+from smtpd import fdpass
 from smtpd.mda import Mda
 from smtpd.mta import Mta
 from smtpd.smtp_session import Handler, Session
@@ -27,13 +28,37 @@ log = logging.getLogger("smtpd")
 RDNS_TIMEOUT = 10.0
 
 
-def prepare(opts, config):
-    """The inherited listening sockets, with the listener each belongs to."""
+class Listening:
+    """One listening socket and the listener (config line) it serves.  The listener
+    is looked up at each connection, so a reload that changes its options applies
+    to the next session."""
+    __slots__ = ("sock", "listener", "server")
+
+    def __init__(self, sock: socket.socket, listener) -> None:
+        self.sock = sock
+        self.listener = listener
+        self.server: asyncio.AbstractServer | None = None
+
+    @property
+    def key(self) -> tuple:
+        return (self.sock.family, *self.sock.getsockname()[:2])
+
+
+class Prepared:
+    def __init__(self, listening: list[Listening], fd_channel: socket.socket | None) -> None:
+        self.listening = listening
+        self.fd_channel = fd_channel
+
+
+def prepare(opts, config) -> Prepared:
+    """The inherited listening sockets, with the listener each belongs to, and the
+    parent's fd channel (new listening sockets at a reload: smtpd/fdpass.py)."""
     out = []
     for item in filter(None, opts.listen_fds.split(",")):
         fd, index = (int(x) for x in item.split(":"))
-        out.append((socket.socket(fileno=fd), config.listeners[index]))
-    return out
+        out.append(Listening(socket.socket(fileno=fd), config.listeners[index]))
+    channel = socket.socket(fileno=opts.fd_channel) if opts.fd_channel >= 0 else None
+    return Prepared(out, channel)
 
 
 class Process:
@@ -41,8 +66,8 @@ class Process:
         self.ctx = ctx
         self.config = ctx.config
         self.mesh = ctx.mesh
-        self.listening: list[tuple[socket.socket, object]] = ctx.prepared
-        self.servers: list[asyncio.AbstractServer] = []
+        self.listening: list[Listening] = ctx.prepared.listening
+        self.fd_receiver = fdpass.Receiver(ctx.prepared.fd_channel) if ctx.prepared.fd_channel else None
         self.smtp_paused = "smtp" in ctx.opts.pause
         self.handler = Handler(self)
         self.mta = Mta(self)
@@ -52,15 +77,17 @@ class Process:
         self.sessions_open = 0
 
     async def start(self) -> None:
-        pass
+        if self.fd_receiver is not None:
+            self.fd_receiver.start()
 
     async def on_conf_end(self) -> None:
         if not self.smtp_paused:
             await self._listen()
 
     async def stop(self) -> None:
-        for server in self.servers:
-            server.close()
+        if self.fd_receiver is not None:
+            self.fd_receiver.stop()
+        await self._unlisten()
         for task in list(self.tasks):
             task.cancel()
 
@@ -73,23 +100,72 @@ class Process:
     # -- listeners -----------------------------------------------------------------------
 
     async def _listen(self) -> None:
+        for entry in self.listening:
+            await self._serve(entry)
+
+    async def _serve(self, entry: Listening) -> None:
+        if entry.server is not None:
+            return
         loop = asyncio.get_running_loop()
-        for sock, listener in self.listening:
-            # A dup, so that closing the server on `pause smtp` keeps the socket itself.
-            dup = socket.socket(fileno=os.dup(sock.fileno()))
-            server = await loop.create_server(
-                lambda listener=listener: Session(
-                    self.handler, pony=self, listener=listener,
-                    data_size_limit=self.config.max_message_size,
-                    hostname=listener.hostname or self.config.hostname, ident="ESMTP pysmtpd",
-                    timeout=300, loop=loop),
-                sock=dup, backlog=512)
-            self.servers.append(server)
+        # A dup, so that closing the server on `pause smtp` keeps the socket itself.
+        dup = socket.socket(fileno=os.dup(entry.sock.fileno()))
+        entry.server = await loop.create_server(
+            lambda: Session(
+                self.handler, pony=self, listener=entry.listener,
+                data_size_limit=self.config.max_message_size,
+                hostname=entry.listener.hostname or self.config.hostname, ident="ESMTP pysmtpd",
+                timeout=300, loop=loop),
+            sock=dup, backlog=512)
 
     async def _unlisten(self) -> None:
-        for server in self.servers:
-            server.close()
-        self.servers = []
+        for entry in self.listening:
+            if entry.server is not None:
+                entry.server.close()
+                entry.server = None
+
+    # -- configuration reload (smtpd/reload.py) ---------------------------------------------
+
+    async def prepare_config(self, config, msg) -> list[Listening]:
+        """The sockets the parent passed for this reload, each with its new listener."""
+        if self.fd_receiver is None:
+            raise RuntimeError("no fd channel from the parent")
+        socks = await self.fd_receiver.wait(msg.generation, timeout=5.0)
+        if len(socks) != len(msg.listeners):
+            for sock in socks:
+                sock.close()
+            raise RuntimeError(f"got {len(socks)} listening sockets, expected {len(msg.listeners)}")
+        return [Listening(sock, config.listeners[index]) for sock, index in zip(socks, msg.listeners)]
+
+    async def apply_config(self, config, new: list[Listening]) -> None:
+        """Switch to the new configuration: listeners that stay keep their socket and
+        server (a connection waiting in the backlog is served), removed ones stop
+        accepting (their sessions go on), added ones start unless smtp is paused.
+        TLS certificates (a later issue) are to be loaded here, from material the
+        parent reads as root and sends with the configuration (docs/ops.md)."""
+        self.config = self.handler.config = self.mta.config = self.mda.config = config
+        current = {entry.key: entry for entry in self.listening}
+        wanted = {entry.key: entry for entry in new}
+        for key, entry in current.items():
+            if key not in wanted:
+                if entry.server is not None:
+                    entry.server.close()
+                entry.sock.close()
+        result = []
+        for key, entry in wanted.items():
+            old = current.get(key)
+            if old is not None:
+                old.listener = entry.listener
+                entry.sock.close()            # the same socket as the one we hold
+                result.append(old)
+            else:
+                result.append(entry)
+        self.listening = result
+        if not self.smtp_paused:
+            await self._listen()
+
+    def abort_config(self, new: list[Listening]) -> None:
+        for entry in new:
+            entry.sock.close()
 
     def is_local_listener(self, listener) -> bool:
         try:

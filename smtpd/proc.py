@@ -22,8 +22,8 @@ from common import aio, log as logsetup
 from common import ipc, privsep
 from common.ids import UidGenerator
 from common.ipc import Mesh
-from common.messages import ConfEnd, Msg, SetupDone
-from smtpd import introspection, queue_profile
+from common.messages import ConfEnd, ConfEndDone, Msg, SetupDone
+from smtpd import introspection, queue_profile, reload
 
 log = logging.getLogger("smtpd")
 
@@ -62,7 +62,8 @@ def preload() -> None:
 def run_child(opts, config) -> int:
     name = opts.proc
     setproctitle(f"smtpd: {name}")
-    logsetup.setup(foreground=opts.debug, verbose=bool(opts.verbose), proc=name)
+    logsetup.setup(foreground=opts.debug, verbose=bool(opts.verbose), proc=name,
+                   syslog_socket=opts.syslog_socket)
     module = importlib.import_module(f"smtpd.{name}")
     preload()
     introspection.apply_command_line(opts)
@@ -90,7 +91,10 @@ async def _serve(name, module, opts, config, prepared) -> int:
 
     async def handle(peer: str, msg: Msg):
         if isinstance(msg, ConfEnd):
-            return await process.on_conf_end()
+            await process.on_conf_end()
+            return await mesh.send("parent", ConfEndDone(proc=name))
+        if isinstance(msg, reload.CHILD_MESSAGES):
+            return await reload.on_child_message(ctx, process, peer, msg)
         if await introspection.handle(mesh, name, peer, msg):
             return None
         return await process.handle(peer, msg)

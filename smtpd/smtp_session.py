@@ -111,6 +111,7 @@ class Session(SMTP):
         self.session_id = pony.ctx.new_id()
         self.msgid = 0
         self.rcpt_count = 0
+        self.envelopes: list[tuple[int, str]] = []     # (evpid, rcpt) of the transaction
         self.peer_ip = ""
         self.rdns = ""
         self.quit = False
@@ -204,6 +205,17 @@ class Session(SMTP):
         finally:
             self._greeting_reply = False
 
+    async def smtp_AUTH(self, arg: str):
+        # No listener offers AUTH yet (it comes with the AUTH issue): answer as
+        # OpenSMTPD does on a listener without "auth", and log it as it does, so that
+        # ban tools catch credential scanners.  An initial response is not logged.
+        words = (arg or "").split()
+        shown = "AUTH" + (f" {words[0]}" if words else "") + (" (...)" if len(words) > 1 else "")
+        if not self.session.host_name or self.msgid:
+            await self.push(self.failed(shown, "503 5.5.1 Invalid command: Command not allowed at this point."))
+        else:
+            await self.push(self.failed(shown, "503 5.5.1 Invalid command: Command not supported"))
+
     async def _bad_helo(self, verb: str, hostname: str) -> bool:
         """OpenSMTPD's checks: a name is required and must be a domain or address literal
         (it goes into the Received header and the envelope)."""
@@ -251,6 +263,26 @@ class Session(SMTP):
     def failed(self, command: str, result: str) -> str:
         log.info('%016x smtp failed-command command="%s" result="%s"', self.session_id, command, result)
         return result
+
+
+def vis(text: str) -> str:
+    """Printable form of untrusted text in a log line, as strnvis(VIS_WHITE) makes it:
+    blanks, control and non-ASCII bytes in octal (``\\040``), backslash doubled."""
+    out = []
+    for byte in text.encode("utf-8", "surrogateescape"):
+        if byte == 0x5C:
+            out.append("\\\\")
+        elif 0x21 <= byte <= 0x7E:
+            out.append(chr(byte))
+        else:
+            out.append(f"\\{byte:03o}")
+    return "".join(out)
+
+
+def log_authentication(session_id: int, user: str, result: str) -> None:
+    """OpenSMTPD's AUTH outcome line (``result`` ok, permfail or tempfail), which ban
+    tools key on.  To be called by the AUTH implementation (a later issue)."""
+    log.info("%016x smtp authentication user=%s result=%s", session_id, vis(user), result)
 
 
 class Handler:
@@ -319,6 +351,7 @@ class Handler:
             return server.failed("MAIL", "421 4.3.0 Temporary failure")
         server.msgid = reply.msgid
         server.rcpt_count = 0
+        server.envelopes = []
         server.sender = address
         envelope.mail_from = address or "<>"     # aiosmtpd takes an empty one for "no MAIL yet"
         envelope.mail_options.extend(options)
@@ -354,9 +387,7 @@ class Handler:
             return server.failed(f"RCPT TO:<{address}>", f"{reply.code} {reply.text}")
         if reply is None or not reply.ok:
             return server.failed(f"RCPT TO:<{address}>", "451 4.3.0 Temporary failure")
-        for evpid in evpids:
-            log.info("%016x smtp envelope evpid=%016x from=<%s> to=<%s>",
-                     server.session_id, evpid, server.sender, address)
+        server.envelopes.extend((evpid, address) for evpid in evpids)
         server.rcpt_count += 1
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Destination address valid: Recipient ok"
@@ -386,8 +417,12 @@ class Handler:
             text = f"{reply.code} {reply.text}" if reply is not None else "451 4.3.0 Temporary failure"
             return server.failed("DATA", text)
         proto = "ESMTP" if session.extended_smtp else "SMTP"
+        # As OpenSMTPD: the message line, then one line per envelope, once committed.
         log.info("%016x smtp message msgid=%08x size=%d nrcpt=%d proto=%s",
                  server.session_id, msgid, len(data), len(envelope.rcpt_tos), proto)
+        for evpid, rcpt in server.envelopes:
+            log.info("%016x smtp envelope evpid=%016x from=<%s> to=<%s>",
+                     server.session_id, evpid, server.sender, rcpt)
         return f"250 2.0.0 {msgid:08x} Message accepted for delivery"
 
     def _received(self, server: Session, session, envelope, msgid: int) -> bytes:
