@@ -107,6 +107,13 @@ class Process:
     async def handle(self, peer: str, msg) -> None:
         log.warning("warn: control: unexpected %s from %s", type(msg).__name__, peer)
 
+    def prepare_config(self, config, msg) -> None:
+        """A reload (smtpd/reload.py) cannot move the metrics endpoint: its socket was
+        bound before the privilege drop.  Refused, so the change is not silently lost."""
+        old = (self.ctx.config.metrics_address, self.ctx.config.metrics_port)
+        if (config.metrics_address, config.metrics_port) != old:
+            raise ValueError("a change to \"metrics listen on\" needs a restart")
+
     def _may(self, uid: int, command: str) -> bool:
         return uid in (0, self.prepared.admin_uid) or command in UNPRIVILEGED_COMMANDS
 

@@ -174,9 +174,18 @@ def test_show_stats_monitor_and_metrics(make_daemon, tmp_path):
             mon.proc.wait()
 
 
-def test_metrics_off_by_default(make_daemon, tmp_path):
+def test_metrics_off_by_default_and_not_moved_by_a_reload(make_daemon, tmp_path):
     d = make_daemon(config(tmp_path / "d", free_port())).start()
     assert "metrics on" not in d.log_since_start()
+    assert "control.session=1" in d.smtpctl("show", "stats").stdout
+    # Its socket is bound before the privilege drop: a reload refuses to change it.
+    metrics_port = free_port()
+    d.config.write_text(d.config.read_text() + f"metrics listen on 127.0.0.1 port {metrics_port}\n")
+    res = d.smtpctl("reload", check=False)
+    assert res.returncode == 1
+    assert 'control: a change to "metrics listen on" needs a restart' in res.stdout, res.stdout
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
     assert "control.session=1" in d.smtpctl("show", "stats").stdout
 
 
