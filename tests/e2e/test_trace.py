@@ -199,3 +199,17 @@ def test_smtpd_dash_T_at_start(make_daemon, tmp_path):
     send(port, "a@remote.test", ["bob@example.test"])
     settled(d, 2)
     assert "mproc:" not in d.log()[start:] and "profile-imsg" not in d.log()[start:]
+
+
+def test_trace_lines_reach_syslog_at_debug_priority(ops_daemon, syslog_socket, tmp_path):
+    port = free_port()
+    d = ops_daemon(config(tmp_path / "d", port), flags=("-F", "--syslog-socket", syslog_socket.address))
+    d.start(ready=lambda: any("ready:" in m for m in syslog_socket.messages()))
+    assert d.smtpctl("trace", "mproc").stdout == "command succeeded\n"
+    send(port, "a@remote.test", ["bob@example.test"])
+    syslog_socket.wait("queue_delivery_ok")
+    LOG_MAIL_DEBUG = 2 * 8 + 7
+    traced = [(pri, msg) for pri, _, _, msg in syslog_socket.records() if msg.startswith("mproc: ")]
+    assert traced and all(pri == LOG_MAIL_DEBUG for pri, _ in traced), traced[:3]
+    # ... written although debug logging is off (log brief): no "debug:" line went out.
+    assert not [m for m in syslog_socket.messages() if m.startswith("debug:")]
