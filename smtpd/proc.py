@@ -19,7 +19,7 @@ from typing import Any
 from setproctitle import setproctitle
 
 from common import aio, log as logsetup
-from common import ipc, privsep
+from common import privsep
 from common.ids import UidGenerator
 from common.ipc import Mesh
 from common.messages import ConfEnd, ConfEndDone, Msg, SetupDone
