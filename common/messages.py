@@ -155,6 +155,7 @@ class SchedEntry(msgspec.Struct, array_like=True):
     ctime: int
     expire: int
     retry: int
+    last_bounce: int = 0 # ctime + warn interval of the last delay notice sent (0: none)
 
 
 class QueueEnvelopeSubmit(Msg, **_m("queue_envelope_submit")):
@@ -235,9 +236,10 @@ class DeliveryResult(Msg, **_m("delivery_result")):
     """pony -> queue: IMSG_{MTA,MDA}_DELIVERY_{OK,TEMPFAIL,PERMFAIL,LOOP} in one type."""
     evpid: int
     agent: str           # "mta" | "mda"
-    status: str          # "ok" | "tempfail" | "permfail" | "loop"
+    status: str          # "ok" | "tempfail" | "permfail" | "loop" | "hold"
     errorline: str = ""
     esc_code: int = 0
+    holdq: int = 0       # status "hold": the hold queue (route) the envelope waits in
 
 
 # --- pony <-> lka: lookups at delivery time ------------------------------------------------
@@ -315,6 +317,36 @@ class CtlListReply(Msg, **_m("ctl_list_reply")):
     last: int
 
 
+# --- scheduler: delay notices, hold queues (issue 3; docs/queue.md "Scheduler") ------------
+
+class SchedEnvelopeBounce(Msg, **_m("sched_envelope_bounce")):
+    """scheduler -> queue: a delay notice is due for this envelope (`bounce
+    warn-interval`): ``delay`` is the interval reached.  The queue creates the
+    `delayed` bounce and stores last-bounce = ctime + delay; no answer."""
+    evpid: int
+    delay: int
+
+
+class QueueHoldqHold(Msg, **_m("queue_holdq_hold")):
+    """queue -> scheduler: the MTA answered an envelope with "hold" (its route is
+    failing): park it in hold queue ``holdq`` until released or its next retry."""
+    evpid: int
+    holdq: int
+
+
+class MtaHoldqRelease(Msg, **_m("mta_holdq_release")):
+    """pony -> queue: a delivery to the route of hold queue ``holdq`` succeeded:
+    release ``n`` of its envelopes (0: all).  Relayed to the scheduler as
+    QueueHoldqRelease (pony has no channel to it)."""
+    holdq: int
+    n: int = 0
+
+
+class QueueHoldqRelease(Msg, **_m("queue_holdq_release")):
+    holdq: int
+    n: int = 0
+
+
 # --- start-up and configuration reload (parent <-> every child; docs/ops.md) --------------
 
 class ConfEndDone(Msg, **_m("conf_end_done")):
@@ -390,6 +422,7 @@ Message = Union[
     CtlRequest, CtlReply, SchedListReply, CtlListReply,
     ConfEndDone, ConfReloadPrepare, ConfReloadCommit, ConfReloadAbort, ConfReloadReply,
     CtlProfile, StatGet, StatReply,
+    SchedEnvelopeBounce, QueueHoldqHold, MtaHoldqRelease, QueueHoldqRelease,
 ]
 
 _encoder = msgspec.msgpack.Encoder()

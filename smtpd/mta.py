@@ -6,6 +6,12 @@ and sent in one transaction.  Connections to a relay are kept a moment after a
 transaction and reused for the next message to it (as OpenSMTPD's MTA does, up to
 MAX_MESSAGES_PER_SESSION); the SMTP dialogue itself is mta_session.  This module
 picks the hosts and reports each recipient's result to the queue.  TLS, AUTH and route penalties come with later issues.
+
+`mta max-deferred` (hold queues, docs/queue.md "Scheduler"): once no host of a
+relay could be reached, new envelopes for it are not tried but answered "hold" (up
+to max-deferred per relay); the scheduler keeps them in that relay's hold queue
+until a delivery to the relay succeeds (then they are released, due at once) or
+until their own next retry time (then they are tried, probing the relay).
 """
 from __future__ import annotations
 
@@ -19,7 +25,9 @@ from common.durations import duration_to_text
 from common.envelope import Envelope
 from common.ipc import PeerTimeout
 from common.trace import FLAGS, SESSION, trace
-from common.messages import DeliveryResult, MessageContent, MessageOpen, MtaDnsLookup, MtaDnsReply
+from common.messages import (
+    DeliveryResult, MessageContent, MessageOpen, MtaDnsLookup, MtaDnsReply, MtaHoldqRelease,
+)
 from smtpd.mta_session import Connection, TransactionResult, open_and_send
 from smtpd.relay_url import RelayUrlError, parse_relay_url
 
@@ -29,6 +37,7 @@ GATHER_DELAY = 0.02      # seconds to wait for the other envelopes of a message
 MAX_SESSIONS = 100
 MAX_MESSAGES_PER_SESSION = 100
 IDLE_TIMEOUT = 2.0       # seconds an idle connection waits for another message
+FAILING_TTL = 4 * 3600   # a failing relay is forgotten after this (OpenSMTPD's hoststat entries)
 
 # OpenSMTPD's MTA objects that have work, counted as its mta.* stats: a relay (a
 # smarthost, or a domain's MXs) per task's destination, its connector (relay x source:
@@ -39,6 +48,17 @@ _DOMAINS = stat.Population("mta.domain")
 _SOURCES = stat.Population("mta.source")
 
 
+class FailingRelay:
+    """A relay none of whose hosts could be reached: its hold queue, and the
+    envelopes answered "hold" for it (at most `mta max-deferred`)."""
+    __slots__ = ("holdq", "since", "held")
+
+    def __init__(self, holdq: int, since: float) -> None:
+        self.holdq = holdq
+        self.since = since
+        self.held: set[int] = set()
+
+
 class Mta:
     def __init__(self, pony) -> None:
         self.pony = pony
@@ -47,11 +67,15 @@ class Mta:
         self.slots = asyncio.Semaphore(MAX_SESSIONS)
         self.idle: dict[tuple, list[Connection]] = {}
         self.outstanding: set[int] = set()      # evpids given to the MTA, not yet reported
+        self.failing: dict[str, FailingRelay] = {}
+        self.holdq_ids = 0
 
     def add(self, env: Envelope) -> None:
         action = self.config.actions.get(env.dispatcher)
         domain = env.dest.rpartition("@")[2].lower()
         relay_key = (action.host if action is not None and action.host else domain)
+        if self._hold(env, relay_key):
+            return
         key = (env.msgid, env.dispatcher, relay_key)
         if env.id not in self.outstanding:
             self.outstanding.add(env.id)
@@ -63,6 +87,41 @@ class Mta:
             asyncio.get_running_loop().call_later(GATHER_DELAY, self._flush, key)
         else:
             batch.append(env)
+
+    # -- hold queues (`mta max-deferred`) ------------------------------------------------
+
+    def _hold(self, env: Envelope, relay_key: str) -> bool:
+        """Answer "hold" for an envelope whose relay is failing, if there is room."""
+        relay = self.failing.get(relay_key)
+        if relay is None:
+            return False
+        if time.monotonic() - relay.since > FAILING_TTL:
+            del self.failing[relay_key]
+            return False
+        if env.id in relay.held:          # its retry time came while held: try it (a probe)
+            relay.held.discard(env.id)
+            return False
+        if len(relay.held) >= self.pony.config.mta_max_deferred:
+            return False
+        relay.held.add(env.id)
+        if FLAGS.mta:
+            trace("mta: holding evp:%016x for failing relay %s (holdq %016x)", env.id, relay_key,
+                  relay.holdq)
+        self.pony.spawn(self.pony.mesh.send("queue", DeliveryResult(
+            evpid=env.id, agent="mta", status="hold", holdq=relay.holdq)))
+        return True
+
+    def _relay_failed(self, relay_key: str) -> None:
+        if relay_key not in self.failing:
+            self.holdq_ids += 1
+            self.failing[relay_key] = FailingRelay(self.holdq_ids, time.monotonic())
+
+    async def _relay_works(self, relay_key: str) -> None:
+        relay = self.failing.pop(relay_key, None)
+        if relay is not None:
+            if FLAGS.mta:
+                trace("mta: relay %s works again: releasing holdq %016x", relay_key, relay.holdq)
+            await self.pony.mesh.send("queue", MtaHoldqRelease(holdq=relay.holdq, n=0))
 
     def _task_started(self, relay_key: str, by_mx: bool) -> None:
         stat.increment("mta.task")
@@ -95,7 +154,7 @@ class Mta:
                     trace("mta: task for relay %s: msgid %08x, %d envelope(s)", relay_key,
                           envelopes[0].msgid, len(envelopes))
                 try:
-                    await self._deliver(envelopes)
+                    await self._deliver(envelopes, relay_key)
                 except Exception as exc:
                     log.exception("warn: mta: delivery of %08x failed", envelopes[0].msgid)
                     await self._report(envelopes, "tempfail", f"Internal error: {exc}", "-", 0)
@@ -104,7 +163,7 @@ class Mta:
         finally:
             self._task_done(relay_key, by_mx)
 
-    async def _deliver(self, envelopes: list[Envelope]) -> None:
+    async def _deliver(self, envelopes: list[Envelope], relay_key: str) -> None:
         first = envelopes[0]
         action = self.config.actions.get(first.dispatcher)
         if action is None or action.method != "relay":
@@ -113,6 +172,8 @@ class Mta:
             return
         hosts, error, status, port = await self._hosts(action, first.dest.rpartition("@")[2])
         if not hosts:
+            if status == "tempfail":
+                self._relay_failed(relay_key)
             await self._report(envelopes, status, error, "-", 0)
             return
         message = await self._message(first.msgid)
@@ -135,7 +196,10 @@ class Mta:
                 continue
             for env, res in zip(envelopes, result.results):
                 await self._report([env], res.status, res.reply, relay, session_id)
+            if any(res.status == "ok" for res in result.results):
+                await self._relay_works(relay_key)
             return
+        self._relay_failed(relay_key)
         await self._report(envelopes, "tempfail", last_error, "-", session_id)
 
     async def _send(self, session_id: int, name: str, address: str, port: int, helo: str,

@@ -25,6 +25,7 @@ from common.messages import (
     SchedEnvelopeTransfer, SchedListReply, SmtpMessageCommit, SmtpMessageCommitReply,
     SmtpMessageCreate, SmtpMessageCreateReply, SmtpMessageData, SmtpMessageRollback,
 )
+from common.messages import MtaHoldqRelease, QueueHoldqHold, QueueHoldqRelease  # hold queues
 from smtpd.queue_fs import Spool, SpoolError, is_disk_error
 
 log = logging.getLogger("smtpd")
@@ -88,7 +89,7 @@ class Process:
 
     def entry_of(self, env) -> SchedEntry:
         return SchedEntry(evpid=env.id, type=env.type, ctime=env.ctime,
-                          expire=self.expire_of(env), retry=env.retry)
+                          expire=self.expire_of(env), retry=env.retry, last_bounce=env.last_bounce)
 
     # -- start-up: feed the scheduler with what the spool holds ------------------------------
 
@@ -163,8 +164,13 @@ class Process:
                     await send(peer, MessageContent(reqid=reqid, ok=True, data=data))
                 except OSError as exc:
                     await send(peer, MessageContent(reqid=reqid, ok=False, error=str(exc)))
+            case DeliveryResult(status="hold", evpid=evpid, holdq=holdq):
+                # nothing to write: no try is counted (docs/queue.md, hold queues)
+                await send("scheduler", QueueHoldqHold(evpid=evpid, holdq=holdq))
             case DeliveryResult():
                 self._spawn(self._delivery_result(msg))
+            case MtaHoldqRelease(holdq=holdq, n=n):
+                await send("scheduler", QueueHoldqRelease(holdq=holdq, n=n))
             case SchedListReply():
                 await self._describe(msg)
             case _:

@@ -14,9 +14,10 @@ from common import stat
 from common.trace import FLAGS, trace
 from common.messages import (
     CtlReply, CtlRequest, QueueDeliveryLoop, QueueDeliveryOk, QueueDeliveryPermfail,
-    QueueDeliveryTempfail, QueueEnvelopeAck, QueueEnvelopeSubmit, QueueListEntry,
-    QueueMessageCommit, QueueMessageRollback, SchedEnvelopeDeliver, SchedEnvelopeExpire,
-    SchedEnvelopeRemove, SchedEnvelopeTransfer, SchedListReply,
+    QueueDeliveryTempfail, QueueEnvelopeAck, QueueEnvelopeSubmit, QueueHoldqHold,
+    QueueHoldqRelease, QueueListEntry, QueueMessageCommit, QueueMessageRollback,
+    SchedEnvelopeBounce, SchedEnvelopeDeliver, SchedEnvelopeExpire, SchedEnvelopeRemove,
+    SchedEnvelopeTransfer, SchedListReply,
 )
 from smtpd.scheduler_ram import RamQueue
 
@@ -25,6 +26,10 @@ log = logging.getLogger("smtpd")
 MAX_SCHEDULE = 100          # actions per batch (OpenSMTPD: 10; we batch ZeroMQ sends)
 _ORDERS = {"deliver": SchedEnvelopeDeliver, "transfer": SchedEnvelopeTransfer,
            "expire": SchedEnvelopeExpire, "remove": SchedEnvelopeRemove}
+# Gauges of the model kept as OpenSMTPD's stats: held envelopes, hold queues.
+_GAUGES = (("scheduler.ramqueue.hold", lambda rq: len(rq.held_in)),
+           ("scheduler.ramqueue.holdq", lambda rq: len(rq.holdqs)),
+           ("scheduler.ramqueue.hold-overflow", lambda rq: rq.hold_overflow))
 
 
 def prepare(opts, config):
@@ -35,10 +40,18 @@ def now() -> int:
     return int(time.time())
 
 
+def _target(ident: int) -> str:
+    """How a smtpctl id argument reads in a trace line."""
+    if ident == 0:
+        return "all"
+    return f"msg:{ident:08x}" if ident <= 0xFFFFFFFF else f"evp:{ident:016x}"
+
+
 class Process:
     def __init__(self, ctx) -> None:
         self.ctx = ctx
-        self.ramqueue = RamQueue()
+        self.ramqueue = RamQueue(warn_intervals=ctx.config.bounce_warn_interval)
+        self.gauges = {key: 0 for key, _ in _GAUGES}
         self.wake = asyncio.Event()
         self.task: asyncio.Task | None = None
         for agent in ctx.opts.pause:
@@ -62,6 +75,7 @@ class Process:
                 _count_order(action.kind, action.evpid)
                 await self.ctx.mesh.send("queue", _ORDERS[action.kind](evpid=action.evpid))
             if actions:
+                self._sync_gauges()
                 await asyncio.sleep(0)
                 continue
             wakeup = self.ramqueue.next_wakeup()
@@ -72,6 +86,16 @@ class Process:
             except TimeoutError:
                 pass
 
+    def _sync_gauges(self) -> None:
+        for key, value_of in _GAUGES:
+            value = value_of(self.ramqueue)
+            delta = value - self.gauges[key]
+            if delta > 0:
+                stat.increment(key, delta)
+            elif delta < 0:
+                stat.decrement(key, -delta)
+            self.gauges[key] = value
+
     async def handle(self, peer: str, msg) -> None:
         rq = self.ramqueue
         match msg:
@@ -79,43 +103,63 @@ class Process:
                 if FLAGS.scheduler:
                     trace("scheduler: inserting evp:%016x", e.evpid)
                 stat.increment("scheduler.envelope.incoming")
-                rq.stage(e.evpid, e.type, e.ctime, e.expire, e.retry)
+                rq.stage(e.evpid, e.type, e.ctime, e.expire, e.retry, e.last_bounce)
             case QueueMessageCommit(msgid=msgid):
                 if FLAGS.scheduler:
                     trace("scheduler: committing msg:%08x", msgid)
-                n = rq.commit(msgid, now())
-                stat.decrement("scheduler.envelope.incoming", n)
-                stat.increment("scheduler.envelope", n)
+                stat.decrement("scheduler.envelope.incoming", rq.staged_count(msgid))
+                stat.increment("scheduler.envelope", rq.commit(msgid, now()))
                 self.wake.set()
             case QueueMessageRollback(msgid=msgid):
                 if FLAGS.scheduler:
                     trace("scheduler: aborting msg:%08x", msgid)
-                stat.decrement("scheduler.envelope.incoming", len(rq.staged.get(msgid, ())))
+                stat.decrement("scheduler.envelope.incoming", rq.staged_count(msgid))
                 rq.rollback(msgid)
             case QueueDeliveryOk(evpid=evpid) | QueueDeliveryPermfail(evpid=evpid) | QueueDeliveryLoop(evpid=evpid):
                 result = _RESULT[type(msg)]
                 if FLAGS.scheduler:
                     trace("scheduler: deleting evp:%016x (%s)", evpid, result)
-                if evpid in rq.items:
+                state = rq.state_of(evpid)
+                if state is not None:
                     stat.increment(f"scheduler.delivery.{result}")
-                    stat.decrement("scheduler.envelope.inflight")
                     stat.decrement("scheduler.envelope")
+                    if state == "inflight":
+                        stat.decrement("scheduler.envelope.inflight")
                 rq.delivered(evpid)
+                self._sync_gauges()
                 self.wake.set()
             case QueueDeliveryTempfail(entry=e):
                 if FLAGS.scheduler:
                     trace("scheduler: updating evp:%016x", e.evpid)
-                if e.evpid in rq.items:
+                if rq.state_of(e.evpid) == "inflight":
                     stat.increment("scheduler.delivery.tempfail")
                     stat.decrement("scheduler.envelope.inflight")
-                rq.tempfail(e.evpid, e.retry, now())
+                rq.warn_intervals = self.ctx.config.bounce_warn_interval     # a reload may change it
+                delay = rq.tempfail(e.evpid, e.retry, now(), e.last_bounce)
+                if delay:
+                    if FLAGS.scheduler:
+                        trace("scheduler: evp:%016x delay notice due (%ds)", e.evpid, delay)
+                    await self.ctx.mesh.send("queue", SchedEnvelopeBounce(evpid=e.evpid, delay=delay))
+                self.wake.set()
+            case QueueHoldqHold(evpid=evpid, holdq=holdq):
+                if FLAGS.scheduler:
+                    trace("scheduler: holding evp:%016x on %016x", evpid, holdq)
+                if rq.state_of(evpid) == "inflight":
+                    stat.decrement("scheduler.envelope.inflight")
+                rq.hold(evpid, holdq, now())
+                self._sync_gauges()
+                self.wake.set()
+            case QueueHoldqRelease(holdq=holdq, n=n):
+                count = rq.release(holdq, n, now())
+                if FLAGS.scheduler:
+                    trace("scheduler: releasing %d on holdq (%016x)", count, holdq)
+                self._sync_gauges()
                 self.wake.set()
             case QueueEnvelopeAck(evpid=evpid):
                 if FLAGS.scheduler:
                     trace("scheduler: queue ack removal of evp:%016x", evpid)
-                if evpid in rq.items:
+                if rq.removed_done(evpid):
                     stat.decrement("scheduler.envelope.inflight")
-                rq.removed_done(evpid)
             case CtlRequest():
                 await self._control(peer, msg)
             case _:
@@ -126,12 +170,11 @@ class Process:
         cmd = req.command
         count = 0
         if cmd == "list":
-            rows = rq.listing(req.after, req.limit, now())
-            entries = [QueueListEntry(evpid=e, runstate=s, runtime=t) for e, s, t in rows]
-            more = len(rows) == req.limit
-            last = rows[-1][0] if rows else req.after
+            listing = rq.listing(req.after, req.limit, now())
+            entries = [QueueListEntry(evpid=e, runstate=s, runtime=t, suspended=susp, held=held)
+                       for e, s, t, susp, held in listing.rows]
             await self.ctx.mesh.send("queue", SchedListReply(reqid=req.reqid, entries=entries,
-                                                             more=more, last=last))
+                                                             more=listing.more, last=listing.last))
             return
         if cmd in ("pause mta", "pause mda"):
             if FLAGS.scheduler:
@@ -141,10 +184,18 @@ class Process:
             if FLAGS.scheduler:
                 trace("scheduler: resuming %s", cmd.split()[1])
             rq.resume(cmd.split()[1], now())
-        elif cmd == "schedule":
-            count = rq.schedule(req.id, now())
-        elif cmd == "remove":
-            count = rq.remove(req.id)
+        elif cmd in ("schedule", "remove", "pause envelope", "resume envelope"):
+            if FLAGS.scheduler:
+                trace("scheduler: %s %s", cmd, _target(req.id))
+            if cmd == "schedule":
+                count = rq.schedule(req.id, now())
+            elif cmd == "remove":
+                count = rq.remove(req.id)
+            elif cmd == "pause envelope":
+                count = rq.suspend(req.id)
+            else:
+                count = rq.resume_envelopes(req.id, now())
+            self._sync_gauges()
         else:
             await self.ctx.mesh.send(peer, CtlReply(reqid=req.reqid, ok=False, text=f"unknown command {cmd}"))
             return
