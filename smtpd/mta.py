@@ -9,9 +9,12 @@ picks the hosts and reports each recipient's result to the queue.  TLS, AUTH and
 
 `mta max-deferred` (hold queues, docs/queue.md "Scheduler"): once no host of a
 relay could be reached, new envelopes for it are not tried but answered "hold" (up
-to max-deferred per relay); the scheduler keeps them in that relay's hold queue
+to max-deferred per relay) for a while, as OpenSMTPD disables a failed route for
+15 s x penalty² (capped at 1 h); the scheduler keeps them in that relay's hold queue
 until a delivery to the relay succeeds (then they are released, due at once) or
-until their own next retry time (then they are tried, probing the relay).
+until their own next retry time.  When the window ends, one held envelope is
+released to probe the relay, and new envelopes are tried again; a failure opens a
+longer window.
 """
 from __future__ import annotations
 
@@ -38,6 +41,8 @@ MAX_SESSIONS = 100
 MAX_MESSAGES_PER_SESSION = 100
 IDLE_TIMEOUT = 2.0       # seconds an idle connection waits for another message
 FAILING_TTL = 4 * 3600   # a failing relay is forgotten after this (OpenSMTPD's hoststat entries)
+HOLD_WINDOW = 15         # seconds x failures² a failed relay holds new envelopes (route penalty)
+HOLD_WINDOW_MAX = 3600
 
 # OpenSMTPD's MTA objects that have work, counted as its mta.* stats: a relay (a
 # smarthost, or a domain's MXs) per task's destination, its connector (relay x source:
@@ -51,12 +56,19 @@ _SOURCES = stat.Population("mta.source")
 class FailingRelay:
     """A relay none of whose hosts could be reached: its hold queue, and the
     envelopes answered "hold" for it (at most `mta max-deferred`)."""
-    __slots__ = ("holdq", "since", "held")
+    __slots__ = ("holdq", "since", "until", "failures", "held")
 
     def __init__(self, holdq: int, since: float) -> None:
         self.holdq = holdq
-        self.since = since
+        self.since = since           # last failure
+        self.until = since           # new envelopes are held until then
+        self.failures = 0            # failed tries in a row
         self.held: set[int] = set()
+
+    def failed(self, now: float) -> None:
+        self.failures += 1
+        self.since = now
+        self.until = now + min(HOLD_WINDOW * self.failures ** 2, HOLD_WINDOW_MAX)
 
 
 class Mta:
@@ -95,13 +107,14 @@ class Mta:
         relay = self.failing.get(relay_key)
         if relay is None:
             return False
-        if time.monotonic() - relay.since > FAILING_TTL:
+        now = time.monotonic()
+        if now - relay.since > FAILING_TTL:
             del self.failing[relay_key]
             return False
         if env.id in relay.held:          # its retry time came while held: try it (a probe)
             relay.held.discard(env.id)
             return False
-        if len(relay.held) >= self.pony.config.mta_max_deferred:
+        if now >= relay.until or len(relay.held) >= self.pony.config.mta_max_deferred:
             return False
         relay.held.add(env.id)
         if FLAGS.mta:
@@ -112,9 +125,21 @@ class Mta:
         return True
 
     def _relay_failed(self, relay_key: str) -> None:
-        if relay_key not in self.failing:
+        now = time.monotonic()
+        relay = self.failing.get(relay_key)
+        if relay is None:
             self.holdq_ids += 1
-            self.failing[relay_key] = FailingRelay(self.holdq_ids, time.monotonic())
+            relay = self.failing[relay_key] = FailingRelay(self.holdq_ids, now)
+        relay.failed(now)
+        asyncio.get_running_loop().call_later(relay.until - now, self._window_over, relay_key, relay)
+
+    def _window_over(self, relay_key: str, relay: FailingRelay) -> None:
+        """Release one held envelope: it probes the relay (its failure opens a new window)."""
+        if self.failing.get(relay_key) is relay and time.monotonic() >= relay.until and relay.held:
+            if FLAGS.mta:
+                trace("mta: relay %s: releasing one envelope of holdq %016x to probe it",
+                      relay_key, relay.holdq)
+            self.pony.spawn(self.pony.mesh.send("queue", MtaHoldqRelease(holdq=relay.holdq, n=1)))
 
     async def _relay_works(self, relay_key: str) -> None:
         relay = self.failing.pop(relay_key, None)
