@@ -1,8 +1,9 @@
 """The scheduler process: decides when each envelope is tried.
 
 It never touches disk or network: the queue tells it about envelopes, it tells
-the queue what to deliver, relay, expire or remove.  The model itself lives in
-scheduler_ram (pure); this module is its event loop and message handling.
+the queue what to deliver, relay, expire or remove, and when a delay notice is
+due.  The model itself lives in scheduler_ram (pure); this module is its event
+loop, message handling, smtpctl commands and stats (docs/queue.md, "Scheduler").
 """
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ class Process:
         while True:
             actions = self.ramqueue.next_batch(now(), MAX_SCHEDULE)
             for action in actions:
-                _count_order(action.kind, action.evpid)
+                _count_order(action)
                 await self.ctx.mesh.send("queue", _ORDERS[action.kind](evpid=action.evpid))
             if actions:
                 self._sync_gauges()
@@ -206,12 +207,13 @@ class Process:
 _RESULT = {QueueDeliveryOk: "ok", QueueDeliveryPermfail: "permfail", QueueDeliveryLoop: "loop"}
 
 
-def _count_order(kind: str, evpid: int) -> None:
+def _count_order(action) -> None:
     """The scheduler.envelope.* counters of one order to the queue (scheduler.c
     scheduler_process_batch); an expired envelope is forgotten at once (no ack)."""
+    kind = action.kind
     if FLAGS.debug:
-        log.debug("debug: scheduler: evp:%016x %s", evpid, {"remove": "removed", "expire": "expired"}.get(
-            kind, f"scheduled ({'mta' if kind == 'transfer' else 'mda'})"))
+        log.debug("debug: scheduler: evp:%016x %s", action.evpid, {"remove": "removed", "expire": "expired"}.get(
+            kind, f"scheduled ({action.agent})"))
     if kind in ("remove", "expire"):
         stat.decrement("scheduler.envelope")
         stat.increment("scheduler.envelope.removed" if kind == "remove" else "scheduler.envelope.expired")

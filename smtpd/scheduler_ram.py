@@ -29,7 +29,7 @@ import heapq
 from array import array
 from bisect import bisect_left, bisect_right
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 
 BACKOFF_TRANSFER = 400
@@ -64,6 +64,7 @@ _SLOT_MASK = 0xFFFFFFFF
 class Action:
     kind: str        # "deliver" | "transfer" | "expire" | "remove"
     evpid: int
+    agent: str = field(default="", compare=False)   # deliver/transfer: "mda", "mta" or "bounce"
 
 
 def backoff(type_: str) -> int:
@@ -324,7 +325,8 @@ class RamQueue:
             self._set_state(slot, _INFLIGHT)
             self.sched[slot] = now
             self.inflight += 1
-            runs[type_code].append(Action("transfer" if type_code == 0 else "deliver", evpid))
+            runs[type_code].append(Action("transfer" if type_code == 0 else "deliver", evpid,
+                                          TYPES[type_code]))
             count += 1
         return removes + expires + runs[2] + runs[1] + runs[0]
 
