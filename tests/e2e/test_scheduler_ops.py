@@ -126,3 +126,34 @@ def test_schedule_delivers_a_paused_envelope_once_and_it_stays_paused(make_daemo
     wait_for(lambda: queue(d)["a@remote.test"][10] == "2", 20, "the scheduled try")
     assert queue(d)["a@remote.test"][3] == "suspend"
     assert _smtpctl_or_skip(d, "resume", "envelope", "all") == "1 envelope resumed"
+
+
+def test_queue_ttl_expires_an_envelope_that_keeps_failing(make_daemon, tmp_path):
+    sink_port, port = free_port(), free_port()
+    conf = config(tmp_path / "d", port, relay=f"smtp://127.0.0.1:{sink_port}",
+                  extra="queue ttl 3s")
+    d = make_daemon(conf).start()
+    send(port, "me@local.test", ["late@remote.test"])
+    d.wait_log('result="TempFail"')
+    evpid = queue(d)["late@remote.test"][0]
+    line = queue(d)["late@remote.test"]
+    assert int(line[8]) == int(line[7]) + 3            # expire = ctime + queue ttl
+    # its next try would be 400 s after creation: it expires at 3 s instead
+    log = d.wait_log("Envelope expired")
+    assert any(evpid in l for l in log.splitlines() if "Envelope expired" in l), log
+    wait_for(lambda: "late@remote.test" not in queue(d), 10, "the expired envelope to leave the queue")
+
+
+def test_delay_notice_is_ordered_once_per_warn_interval(make_daemon, tmp_path):
+    sink_port, port = free_port(), free_port()
+    conf = config(tmp_path / "d", port, relay=f"smtp://127.0.0.1:{sink_port}",
+                  extra="bounce warn-interval 1s\nmta max-deferred 0")
+    d = make_daemon(conf, extra_args=["-T", "scheduler"]).start()
+    send(port, "me@local.test", ["slow@remote.test"])
+    evpid = wait_for(lambda: queue(d).get("slow@remote.test", [""] * 11)[10] == "1"
+                     and queue(d)["slow@remote.test"][0], 20, "the first failure")
+    # the next try (400 s) is past ctime + 1 s: the notice is due with this failure
+    d.wait_log(f"scheduler: evp:{evpid} delay notice due (1s)")
+    assert d.smtpctl("schedule", evpid).returncode == 0
+    wait_for(lambda: queue(d)["slow@remote.test"][10] == "2", 20, "the second failure")
+    assert d.log_since_start().count(f"scheduler: evp:{evpid} delay notice due") == 1
