@@ -8,8 +8,8 @@ MAX_MESSAGES_PER_SESSION); the SMTP dialogue itself is mta_session.  This module
 picks the hosts and reports each recipient's result to the queue.  TLS, AUTH and route penalties come with later issues.
 
 `mta max-deferred` (hold queues, docs/queue.md "Scheduler"): once no host of a
-relay could be reached, new envelopes for it are not tried but answered "hold" (up
-to max-deferred per relay) for a while, as OpenSMTPD disables a failed route for
+relay could be reached, new envelopes for it (never tried yet) are not tried but
+answered "hold" (up to max-deferred per relay) for a while, as OpenSMTPD disables a failed route for
 15 s x penalty² (capped at 1 h); the scheduler keeps them in that relay's hold queue
 until a delivery to the relay succeeds (then they are released, due at once) or
 until their own next retry time.  When the window ends, one held envelope is
@@ -103,7 +103,9 @@ class Mta:
     # -- hold queues (`mta max-deferred`) ------------------------------------------------
 
     def _hold(self, env: Envelope, relay_key: str) -> bool:
-        """Answer "hold" for an envelope whose relay is failing, if there is room."""
+        """Answer "hold" for a new envelope whose relay is failing, if there is room.
+        One already deferred (retry > 0) follows its retry schedule: it is tried, as
+        it is after `smtpctl schedule`, and probes the relay."""
         relay = self.failing.get(relay_key)
         if relay is None:
             return False
@@ -114,7 +116,7 @@ class Mta:
         if env.id in relay.held:          # its retry time came while held: try it (a probe)
             relay.held.discard(env.id)
             return False
-        if now >= relay.until or len(relay.held) >= self.pony.config.mta_max_deferred:
+        if env.retry or now >= relay.until or len(relay.held) >= self.pony.config.mta_max_deferred:
             return False
         relay.held.add(env.id)
         if FLAGS.mta:
