@@ -128,6 +128,8 @@ class Mta:
 
     def _relay_failed(self, relay_key: str) -> None:
         now = time.monotonic()
+        for key in [k for k, r in self.failing.items() if now - r.since > FAILING_TTL]:
+            del self.failing[key]        # not heard of for hours: their held envelopes were retried
         relay = self.failing.get(relay_key)
         if relay is None:
             self.holdq_ids += 1
