@@ -14,7 +14,7 @@ from common import stat
 from common.trace import FLAGS, trace
 from common.messages import (
     CtlReply, CtlRequest, QueueDeliveryLoop, QueueDeliveryOk, QueueDeliveryPermfail,
-    QueueDeliveryTempfail, QueueEnvelopeAck, QueueEnvelopeSubmit, QueueListEntry,
+    QueueDeliveryTempfail, QueueEnvelopeAck, QueueEnvelopeRemove, QueueEnvelopeSubmit, QueueListEntry,
     QueueMessageCommit, QueueMessageRollback, SchedEnvelopeDeliver, SchedEnvelopeExpire,
     SchedEnvelopeRemove, SchedEnvelopeTransfer, SchedListReply,
 )
@@ -116,6 +116,15 @@ class Process:
                 if evpid in rq.items:
                     stat.decrement("scheduler.envelope.inflight")
                 rq.removed_done(evpid)
+            case QueueEnvelopeRemove(evpid=evpid):
+                # its message went to corrupt/ (issue3-ctl; sched may restyle this)
+                item = rq.items.get(evpid)
+                if item is not None:
+                    stat.decrement("scheduler.envelope")
+                    if item.state == "inflight":
+                        stat.decrement("scheduler.envelope.inflight")
+                rq.delivered(evpid)
+                self.wake.set()
             case CtlRequest():
                 await self._control(peer, msg)
             case _:
@@ -127,7 +136,8 @@ class Process:
         count = 0
         if cmd == "list":
             rows = rq.listing(req.after, req.limit, now())
-            entries = [QueueListEntry(evpid=e, runstate=s, runtime=t) for e, s, t in rows]
+            entries = [QueueListEntry(evpid=e, runstate=s, runtime=t,
+                                      suspended=rq.items[e].suspended) for e, s, t in rows]
             more = len(rows) == req.limit
             last = rows[-1][0] if rows else req.after
             await self.ctx.mesh.send("queue", SchedListReply(reqid=req.reqid, entries=entries,
@@ -145,6 +155,10 @@ class Process:
             count = rq.schedule(req.id, now())
         elif cmd == "remove":
             count = rq.remove(req.id)
+        elif cmd == "pause envelope":       # minimal version (issue3-ctl); sched's replaces it
+            count = rq.suspend(req.id)
+        elif cmd == "resume envelope":
+            count = rq.unsuspend(req.id, now())
         else:
             await self.ctx.mesh.send(peer, CtlReply(reqid=req.reqid, ok=False, text=f"unknown command {cmd}"))
             return

@@ -208,6 +208,32 @@ class RamQueue:
                 self.removals.append(item.evpid)
         return count
 
+    # Minimal pause/resume envelope (issue3-ctl, for its tests); sched's version replaces it.
+    def suspend(self, ident: int) -> int:
+        count = 0
+        for item in self.select(ident):
+            if item.suspended or item.removed:
+                continue
+            item.suspended = True
+            item.gen += 1                   # drops its heap entry
+            for parked in self.parked.values():
+                if item in parked:
+                    parked.remove(item)
+            count += 1
+        return count
+
+    def unsuspend(self, ident: int, now: int) -> int:
+        count = 0
+        for item in self.select(ident):
+            if not item.suspended:
+                continue
+            item.suspended = False
+            if item.state == PENDING and not item.removed:
+                item.gen += 1
+                heapq.heappush(self.heap, (min(item.sched, item.expire), item.evpid, item.gen))
+            count += 1
+        return count
+
     def removed_done(self, evpid: int) -> None:
         item = self.items.get(evpid)
         if item is not None:
