@@ -83,8 +83,9 @@ class Process:
             case QueueMessageCommit(msgid=msgid):
                 if FLAGS.scheduler:
                     trace("scheduler: committing msg:%08x", msgid)
-                n = rq.commit(msgid, now())
-                stat.decrement("scheduler.envelope.incoming", n)
+                staged = len(rq.staged.get(msgid, ()))
+                n = rq.commit(msgid, now())          # without those already known (discover)
+                stat.decrement("scheduler.envelope.incoming", staged)
                 stat.increment("scheduler.envelope", n)
                 self.wake.set()
             case QueueMessageRollback(msgid=msgid):

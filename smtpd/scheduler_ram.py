@@ -79,14 +79,17 @@ class RamQueue:
         self.staged.setdefault(evpid >> 32, []).append(Item(evpid, type_, ctime, expire, retry))
 
     def commit(self, msgid: int, now: int) -> int:
-        items = self.staged.pop(msgid, [])
-        for item in items:
+        """Staged envelopes go live; returns how many were new (a discover may stage
+        envelopes the scheduler already has: the live ones are kept, not counted)."""
+        count = 0
+        for item in self.staged.pop(msgid, []):
             if item.evpid in self.items:        # already known (discover twice): keep the live one
                 continue
             self.items[item.evpid] = item
             insort(self.order, item.evpid)
             self._reschedule(item, now)
-        return len(items)
+            count += 1
+        return count
 
     def rollback(self, msgid: int) -> None:
         self.staged.pop(msgid, None)

@@ -38,6 +38,16 @@ def _out(d, *words: str) -> str:
     return d.smtpctl(*words).stdout
 
 
+def _stats(d) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in _out(d, "show", "stats").splitlines())
+
+
+def _scheduler_counts(d) -> tuple[str, str, str]:
+    s = _stats(d)
+    return (s.get("scheduler.envelope", "0"), s.get("scheduler.envelope.incoming", "0"),
+            s.get("scheduler.envelope.inflight", "0"))      # a counter never moved is not listed
+
+
 def test_show_pause_resume_schedule_remove(make_daemon, tmp_path):
     sockdir = Path(tempfile.mkdtemp(prefix="pysmtpd-ctl-"))
     try:
@@ -159,6 +169,7 @@ def test_discover_envelopes_put_into_the_queue_by_hand(make_daemon, tmp_path):
     assert _out(d, "discover", "0badf00d") == "0 envelopes discovered\n"
     assert _out(d, "discover", msgid + "00000001") == "0 envelopes discovered\n"
     assert sorted(_queued(d)) == sorted([evpid, new])
+    assert _scheduler_counts(d) == ("2", "0", "0")       # the known ones were not counted again
     assert _out(d, "resume", "mda") == "command succeeded\n"
     wait_for(lambda: maildir_messages(tmp_path / "d", "alice") and maildir_messages(tmp_path / "d", "bob"),
              20, "both deliveries")
@@ -228,6 +239,9 @@ def test_corrupt_files_found_at_delivery_time(make_daemon, tmp_path):
         assert log.count(f"corrupt message {msgid}") == 1, log
         assert (d.spool / "corrupt" / msgid).is_dir() and not _msgdir(d, msgid).exists()
     assert sorted(p.name for p in (d.spool / "corrupt" / msg_nobody).iterdir()) == no_body
+    # forgotten by the scheduler (in flight or not), without counting a delivery
+    wait_for(lambda: _scheduler_counts(d) == ("0", "0", "0"), 20, "the scheduler's counters")
+    assert _stats(d).get("scheduler.delivery.permfail", "0") == "0"
     assert maildir_messages(tmp_path / "d", "alice") == []
     assert len(maildir_messages(tmp_path / "d", "bob")) == 1
     assert d.proc.poll() is None and good
