@@ -18,10 +18,12 @@ from common.durations import duration_to_text
 from common.envelope import EnvelopeError
 from common.ids import MSGID_MAX
 from common.messages import (
-    CtlContentReply, CtlListReply, CtlReply, CtlRequest, DeliveryResult, LkaEnvelopeCommit, LkaEnvelopeSubmit, MessageContent,
+    CtlContentReply, CtlListReply, CtlReply, CtlRequest, DeliveryResult, LkaEnvelopeCommit,
+    LkaEnvelopeSubmit, MessageContent,
     MessageOpen, QueueDeliver, QueueDeliveryLoop, QueueDeliveryOk, QueueDeliveryPermfail,
     QueueDeliveryTempfail, QueueEnvelopeAck, QueueEnvelopeCommitReply, QueueEnvelopeSubmit,
-    QueueEnvelopeRemove, QueueEnvelopeSubmitReply, QueueMessageCommit, QueueMessageRollback, QueueTransfer,
+    QueueEnvelopeRemove, QueueEnvelopeSubmitReply, QueueMessageCommit, QueueMessageRollback,
+    QueueTransfer,
     SchedEntry, SchedEnvelopeDeliver, SchedEnvelopeExpire, SchedEnvelopeRemove,
     SchedEnvelopeTransfer, SchedListReply, SmtpMessageCommit, SmtpMessageCommitReply,
     SmtpMessageCreate, SmtpMessageCreateReply, SmtpMessageData, SmtpMessageRollback,
@@ -130,8 +132,8 @@ class Process:
         """Move a message whose envelope or body cannot be read to corrupt/ (whole
         directory), log it once, and make the scheduler forget its envelopes; the rest
         of the queue carries on.  ``smtpctl uncorrupt`` brings it back."""
-        if msgid in self.corrupted and not self.spool.message_dir(msgid).is_dir():
-            return            # already moved (and logged)
+        if msgid in self.corrupted:
+            return            # already moved (or could not be) and logged
         self.corrupted.add(msgid)
         try:
             dest = self.spool.move_to_corrupt(msgid)
@@ -395,6 +397,7 @@ class Process:
         return CtlReply(reqid=reqid, ok=True, count=len(envs))
 
     async def _discovered_corrupt(self, reqid: int, msgid: int, why: str) -> CtlReply:
+        self.corrupted.discard(msgid)       # put back by the admin: a new finding
         await self._corrupt(msgid, why)
         return CtlReply(reqid=reqid, ok=False,
                         text=f"message {msgid:08x} is corrupt, moved to corrupt/: {why}")
