@@ -7,12 +7,14 @@ import json
 import os
 import pwd
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, wait_for
+from tests.conftest import REPO, free_port, wait_for
 from tests.e2e.helpers import config, maildir_messages, send
 from tests.e2e.test_stats import _as_user, _smtpctl_runs
 
@@ -139,6 +141,17 @@ def test_show_pause_resume_schedule_remove(make_daemon, tmp_path):
         wait_for(lambda: d.queue_lines() == [], 20, "the queue to drain")
         assert len(maildir_messages(tmp_path / "d", kept)) == 1
         assert maildir_messages(tmp_path / "d", gone) == []           # removed, never delivered
+
+        # a message of several MB comes through in pieces, byte for byte
+        assert _out(d, "pause", "mda") == "command succeeded\n"
+        big_body = "Subject: big\n\n" + "".join(f"line {i:07d} {'x' * 60}\n" for i in range(45000))
+        send(port, "sender@remote.test", ["alice@example.test"], big_body)
+        (big,) = wait_for(lambda: list(_queued(d)), 20, "the big message to be listed")
+        big_file = (_msgdir(d, big[:8]) / "message").read_bytes()
+        assert len(big_file) > 3 * 1024 * 1024
+        res = subprocess.run([sys.executable, "-m", "smtpctl", "--socket", str(d.socket), "show",
+                              "message", big], cwd=REPO, capture_output=True, timeout=60)
+        assert res.returncode == 0 and res.stdout == big_file
     finally:
         shutil.rmtree(sockdir, ignore_errors=True)
 
@@ -249,9 +262,6 @@ def test_corrupt_files_found_at_delivery_time(make_daemon, tmp_path):
 
 @pytest.mark.parametrize("words", [["show", "envelope", "0123456789abcdef"], ["uncorrupt", "01234567"]])
 def test_daemon_not_running(tmp_path, words):
-    from tests.conftest import REPO
-    import subprocess
-    import sys
     res = subprocess.run([sys.executable, "-m", "smtpctl", "--socket", str(tmp_path / "none.sock"), *words],
                          cwd=REPO, capture_output=True, text=True, timeout=30)
     assert (res.returncode, res.stderr) == (1, "smtpctl: smtpd doesn't seem to be running\n")
