@@ -409,6 +409,27 @@ class StatReply(Msg, **_m("stat_reply")):
     decrements: dict[str, int] = {}
 
 
+# --- queue administration (smtpctl discover/uncorrupt/show envelope/show message) ---------
+# control -> queue: CtlRequest(command="discover"|"uncorrupt", id=msgid or evpid), answered
+# with CtlReply(ok, text, count); CtlRequest(command="show envelope"|"show message", id=...)
+# answered with CtlContentReply.
+
+class CtlContentReply(Msg, **_m("ctl_content_reply")):
+    """queue -> control: the bytes of a spool file (show envelope / show message).
+    ``error`` is the strerror text when the file cannot be read."""
+    reqid: int
+    ok: bool
+    data: bytes = b""
+    error: str = ""
+
+
+class QueueEnvelopeRemove(Msg, **_m("queue_envelope_remove")):
+    """queue -> scheduler: forget this envelope, its message was moved to corrupt/
+    (OpenSMTPD's IMSG_QUEUE_ENVELOPE_REMOVE for an envelope that cannot be loaded).
+    No order comes back and nothing is counted as a delivery."""
+    evpid: int
+
+
 Message = Union[
     SetupDone, ConfEnd, CtlVerbose, MdaFork, MdaDone,
     SmtpMessageCreate, SmtpMessageCreateReply, SmtpExpandRcpt, SmtpExpandRcptReply,
@@ -423,6 +444,7 @@ Message = Union[
     ConfEndDone, ConfReloadPrepare, ConfReloadCommit, ConfReloadAbort, ConfReloadReply,
     CtlProfile, StatGet, StatReply,
     SchedEnvelopeBounce, QueueHoldqHold, MtaHoldqRelease, QueueHoldqRelease,
+    CtlContentReply, QueueEnvelopeRemove,
 ]
 
 _encoder = msgspec.msgpack.Encoder()
@@ -481,7 +503,12 @@ class ClientEnd(msgspec.Struct, tag="client_end", kw_only=True):
     """Ends a streamed reply."""
 
 
-ClientMessage = Union[ClientRequest, ClientResult, ClientQueueBatch, ClientEnd]
+class ClientContent(msgspec.Struct, tag="client_content", kw_only=True):
+    """A piece of a spool file (show envelope / show message), in order; ClientEnd ends it."""
+    data: bytes
+
+
+ClientMessage = Union[ClientRequest, ClientResult, ClientQueueBatch, ClientEnd, ClientContent]
 _client_decoder = msgspec.msgpack.Decoder(ClientMessage)
 
 

@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from common.messages import ClientEnd, ClientQueueBatch, ClientResult
+from common.messages import ClientContent, ClientEnd, ClientQueueBatch, ClientResult
 from smtpctl import debug_commands, monitor
 from smtpctl import format as fmt
 from smtpctl import reload as reload_command
@@ -41,8 +41,8 @@ def _entry_dict(entry) -> dict:
     }
 
 
-def show_queue(conn: Connection, as_json: bool) -> None:
-    first = conn.request("show queue")
+def show_queue(conn: Connection, as_json: bool, msgid: int = 0) -> None:
+    first = conn.request("show queue", id=msgid) if msgid else conn.request("show queue")
     out = sys.stdout
     reply = first
     for _ in range(10_000_000):
@@ -61,6 +61,8 @@ def run(words: list[str], sock: Optional[str], as_json: bool) -> None:
     try:
         cmd = parse_command(words)
     except CommandError as exc:
+        if exc.id_error:                # a word that is no id where one is expected
+            _die(exc.id_error)
         print(exc.text, file=sys.stderr)
         raise typer.Exit(exc.exit_status)
     if cmd.name in ("encrypt", "spf walk"):
@@ -90,7 +92,11 @@ def run_local(cmd) -> None:
 def dispatch(conn: Connection, cmd, as_json: bool) -> None:
     name = cmd.name
     if name == "show queue":
-        return show_queue(conn, as_json)
+        return show_queue(conn, as_json, cmd.args.get("msgid", 0))
+    if name.removesuffix(" all") in ENVELOPE_VERBS or name in ("discover", "uncorrupt"):
+        return envelope_command(conn, cmd)
+    if name in ("show envelope", "show message"):
+        return show_file(conn, cmd)
     if name == "reload":
         raise typer.Exit(reload_command.run(conn, cmd))
     if name in debug_commands.COMMANDS:
@@ -110,20 +116,54 @@ def dispatch(conn: Connection, cmd, as_json: bool) -> None:
         if not reply.ok:
             raise typer.Exit(1)
         return
-    if name.split()[0] in ("schedule", "remove"):
-        verb = name.split()[0]
-        kind, ident = cmd.target
-        reply = conn.request(verb, id=ident or 0)
-        if not reply.ok:
-            _die(fmt.command_result(False, reply.text))
-        if kind == "evpid":
-            print(fmt.command_result(reply.count > 0))
-            if not reply.count:
-                raise typer.Exit(1)
-        else:
-            print(fmt.format_bulk_result("scheduled" if verb == "schedule" else "removed", reply.count))
-        return
     _die(f"command not supported yet: {name}")
+
+
+# Envelope commands: the verb each prints (``%zu envelope%s <verb>``, smtpctl.c).
+ENVELOPE_VERBS = {"pause envelope": "paused", "resume envelope": "resumed",
+                  "schedule": "scheduled", "remove": "removed"}
+
+
+def _target_id(cmd) -> int:
+    """The id sent to control: 0 for all, a msgid (every envelope of it) or an evpid."""
+    kind, ident = cmd.target
+    return 0 if kind == "all" else ident
+
+
+def envelope_command(conn: Connection, cmd) -> None:
+    """pause/resume envelope, schedule, remove, discover, uncorrupt.
+
+    As OpenSMTPD's smtpctl, the count is printed even when it is 0 (an unknown id) and
+    the exit status is 0; a refusal (``command failed: ...``) exits 1."""
+    name = cmd.name.removesuffix(" all")
+    reply = conn.request(name, id=_target_id(cmd))
+    if not reply.ok:
+        print(fmt.command_result(False, reply.text))
+        raise typer.Exit(1)
+    if name == "uncorrupt":
+        print(fmt.command_result(True))
+    elif name == "discover":
+        print(fmt.format_bulk_result("discovered", reply.count))
+    else:
+        print(fmt.format_bulk_result(ENVELOPE_VERBS[name], reply.count))
+
+
+def show_file(conn: Connection, cmd) -> None:
+    """show envelope / show message: the file's bytes as they are on disk.  smtpd's queue
+    reads it (smtpctl needs no access to the spool); a file that cannot be read fails as
+    OpenSMTPD's smtpctl does: ``smtpctl: fopen: <reason>``, exit 1."""
+    _, ident = cmd.target
+    reply = conn.request(cmd.name, id=ident)
+    out = sys.stdout.buffer
+    for _ in range(10_000_000):
+        if isinstance(reply, ClientEnd):
+            out.flush()
+            return
+        if isinstance(reply, ClientResult):
+            _die(f"fopen: {reply.text}" if not reply.ok else "unexpected reply from smtpd")
+        if isinstance(reply, ClientContent):
+            out.write(reply.data)
+        reply = conn.next()
 
 
 @app.command()

@@ -144,9 +144,27 @@ class CommandError(ValueError):
     ``possibilities are:`` followed by one line per candidate.
     """
 
-    def __init__(self, lines: Sequence[str]):
+    def __init__(self, lines: Sequence[str], bad_id: str | None = None,
+                 id_kinds: Sequence[str] = ()):
         self.lines: list[str] = list(lines)
+        # Set when the word that failed stands where a message/envelope id is expected
+        # (smtpctl.main turns it into a clear "invalid ... id" error, exit 1).
+        self.bad_id = bad_id
+        self.id_kinds: tuple[str, ...] = tuple(id_kinds)
         super().__init__("\n".join(self.lines))
+
+    @property
+    def id_error(self) -> str | None:
+        """``invalid envelope id: '12' (an envelope id is 16 hex digits)`` and the like,
+        or None when the failure is not about an id."""
+        if self.bad_id is None:
+            return None
+        if self.id_kinds == ("msgid",):
+            return f"invalid message id: {self.bad_id!r} (a message id is 8 hex digits)"
+        if self.id_kinds == ("evpid",):
+            return f"invalid envelope id: {self.bad_id!r} (an envelope id is 16 hex digits)"
+        return (f"invalid message or envelope id: {self.bad_id!r} "
+                "(8 hex digits for a message, 16 for an envelope)")
 
     @property
     def text(self) -> str:
@@ -377,10 +395,10 @@ class Grammar:
                     if child.kind != P_TOKEN or not child.token.startswith(word):
                         continue
                     if nxt is not None:
-                        raise self._failure(node, stack)
+                        raise self._failure(node, stack, word)
                     nxt = child
                 if nxt is None:
-                    raise self._failure(node, stack)
+                    raise self._failure(node, stack, word)
             stack.append(nxt)
             node = nxt
         if node.pattern is None:
@@ -390,13 +408,16 @@ class Grammar:
                        pattern=node.pattern)
 
     @staticmethod
-    def _failure(node: _Node, stack: list[_Node]) -> CommandError:
+    def _failure(node: _Node, stack: list[_Node], word: str | None = None) -> CommandError:
         if not node.children:
             return CommandError(["invalid command"])
         prefix = " ".join(n.token for n in stack)
         lines = ["possibilities are:"]
         for child in node.children:
             lines.append(f"{prefix} {child.token}" if prefix else child.token)
+        kinds = [c.kind for c in node.children if c.kind in (P_MSGID, P_EVPID)]
+        if word is not None and kinds:
+            return CommandError(lines, bad_id=word, id_kinds=sorted(kinds, reverse=True))
         return CommandError(lines)
 
     def patterns(self) -> list[str]:

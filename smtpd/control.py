@@ -25,8 +25,8 @@ from common import stat
 from common.control_wire import PERMISSION_DENIED, WireError, frame, read_frame
 from common.ipc import PeerTimeout
 from common.messages import (
-    PROTOCOL_VERSION, ClientEnd, ClientQueueBatch, ClientRequest, ClientResult, CtlListReply,
-    CtlReply, CtlRequest,
+    PROTOCOL_VERSION, ClientContent, ClientEnd, ClientQueueBatch, ClientRequest, ClientResult,
+    CtlContentReply, CtlListReply, CtlReply, CtlRequest,
 )
 from smtpd import control_trace, metrics
 from smtpd.stat_backend import Stats
@@ -34,6 +34,12 @@ from smtpd.stat_backend import Stats
 log = logging.getLogger("smtpd")
 
 LIST_BATCH = 256
+CONTENT_CHUNK = 1024 * 1024         # show message: frames of at most this many bytes
+# Envelope commands carried out by the scheduler / by the queue (id: 0 = all, a value
+# <= 0xffffffff = every envelope of that message, else one envelope).
+SCHEDULER_ID_COMMANDS = frozenset({"schedule", "remove", "pause envelope", "resume envelope"})
+QUEUE_ID_COMMANDS = frozenset({"discover", "uncorrupt"})
+QUEUE_FILE_COMMANDS = frozenset({"show envelope", "show message"})
 CLIENT_TIMEOUT = 30.0
 # OpenSMTPD's CONTROL_MAXCONN_PER_CLIENT: connections one uid may hold at once.
 MAX_CONNECTIONS_PER_UID = 32
@@ -180,6 +186,21 @@ class Process:
         return await self.ctx.mesh.request(
             peer, CtlRequest(reqid=self.ctx.new_id(), command=command, id=ident), (CtlReply,))
 
+    async def _show_file(self, command: str, ident: int, writer: asyncio.StreamWriter) -> None:
+        """show envelope / show message: the queue reads the file (smtpctl has no access to
+        the spool); its bytes are streamed in ClientContent frames ended by ClientEnd."""
+        reply = await self.ctx.mesh.request(
+            "queue", CtlRequest(reqid=self.ctx.new_id(), command=command, id=ident),
+            (CtlContentReply,))
+        if not reply.ok:
+            writer.write(frame(ClientResult(ok=False, text=reply.error)))
+            return
+        data = memoryview(reply.data)
+        for start in range(0, len(data), CONTENT_CHUNK):
+            writer.write(frame(ClientContent(data=bytes(data[start:start + CONTENT_CHUNK]))))
+            await writer.drain()
+        writer.write(frame(ClientEnd()))
+
     async def _command(self, req: ClientRequest, writer: asyncio.StreamWriter) -> None:
         cmd, args = req.command, req.args
         out = writer.write
@@ -196,11 +217,22 @@ class Process:
                 self.paused[agent] = want
                 log.info("control: %s %s", "paused" if want else "resumed", agent)
             out(frame(ClientResult(ok=reply.ok, text=reply.text)))
-        elif cmd in ("schedule", "remove"):
-            reply = await self._ask("scheduler", cmd, int(args.get("id", 0)))
-            out(frame(ClientResult(ok=reply.ok, text=reply.text, count=reply.count)))
+        elif cmd in SCHEDULER_ID_COMMANDS or cmd in QUEUE_ID_COMMANDS or cmd in QUEUE_FILE_COMMANDS:
+            ident = _ident(args)
+            if ident is None or (ident == 0 and cmd not in SCHEDULER_ID_COMMANDS):
+                out(frame(ClientResult(ok=False, text="invalid message or envelope id")))
+            elif cmd in QUEUE_FILE_COMMANDS:
+                await self._show_file(cmd, ident, writer)
+            else:
+                reply = await self._ask("scheduler" if cmd in SCHEDULER_ID_COMMANDS else "queue",
+                                        cmd, ident)
+                out(frame(ClientResult(ok=reply.ok, text=reply.text, count=reply.count)))
         elif cmd == "show queue":
-            await self._show_queue(writer)
+            msgid = _ident(args)
+            if msgid is None or msgid > 0xFFFFFFFF:
+                out(frame(ClientResult(ok=False, text="invalid message id")))
+            else:
+                await self._show_queue(writer, msgid)
         elif cmd in control_trace.COMMANDS:
             out(frame(await self.switches.command(cmd, args)))
         elif cmd in ("show stats", "monitor"):
@@ -214,16 +246,30 @@ class Process:
         else:
             out(frame(ClientResult(ok=False, text=f"command not supported yet: {cmd}")))
 
-    async def _show_queue(self, writer: asyncio.StreamWriter) -> None:
-        after = 0
+    async def _show_queue(self, writer: asyncio.StreamWriter, msgid: int = 0) -> None:
+        """Every envelope, or only those of ``msgid`` (show queue MSGID): evpids sort by
+        message, so that listing starts at the message's first possible evpid and stops
+        past its last."""
+        after = msgid << 32
         for _ in range(1_000_000):          # bounded: at most 256M envelopes
             reply = await self.ctx.mesh.request(
                 "scheduler", CtlRequest(reqid=self.ctx.new_id(), command="list", after=after,
                                         limit=LIST_BATCH), (CtlListReply,))
-            if reply.entries:
-                writer.write(frame(ClientQueueBatch(entries=reply.entries)))
+            entries = reply.entries
+            if msgid:
+                entries = [e for e in entries if e.evpid >> 32 == msgid]
+            if entries:
+                writer.write(frame(ClientQueueBatch(entries=entries)))
                 await writer.drain()
-            if not reply.more:
+            if not reply.more or (msgid and reply.last >> 32 != msgid):
                 break
             after = reply.last
         writer.write(frame(ClientEnd()))
+
+
+def _ident(args: dict) -> int | None:
+    """The ``id`` argument of a request: 0 (all) .. 2**64-1, else None."""
+    ident = args.get("id", 0)
+    if isinstance(ident, bool) or not isinstance(ident, int) or not 0 <= ident < 1 << 64:
+        return None
+    return ident

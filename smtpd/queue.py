@@ -16,11 +16,14 @@ import time
 from common import privsep
 from common.durations import duration_to_text
 from common.envelope import EnvelopeError
+from common.ids import MSGID_MAX
 from common.messages import (
-    CtlListReply, DeliveryResult, LkaEnvelopeCommit, LkaEnvelopeSubmit, MessageContent,
+    CtlContentReply, CtlListReply, CtlReply, CtlRequest, DeliveryResult, LkaEnvelopeCommit,
+    LkaEnvelopeSubmit, MessageContent,
     MessageOpen, QueueDeliver, QueueDeliveryLoop, QueueDeliveryOk, QueueDeliveryPermfail,
     QueueDeliveryTempfail, QueueEnvelopeAck, QueueEnvelopeCommitReply, QueueEnvelopeSubmit,
-    QueueEnvelopeSubmitReply, QueueMessageCommit, QueueMessageRollback, QueueTransfer,
+    QueueEnvelopeRemove, QueueEnvelopeSubmitReply, QueueMessageCommit, QueueMessageRollback,
+    QueueTransfer,
     SchedEntry, SchedEnvelopeDeliver, SchedEnvelopeExpire, SchedEnvelopeRemove,
     SchedEnvelopeTransfer, SchedListReply, SmtpMessageCommit, SmtpMessageCommitReply,
     SmtpMessageCreate, SmtpMessageCreateReply, SmtpMessageData, SmtpMessageRollback,
@@ -61,6 +64,9 @@ class Process:
         self.incoming: dict[int, Incoming] = {}
         self.tasks: set[asyncio.Task] = set()
         self.started = time.time()
+        # Messages moved to corrupt/ by this run: later orders and results for their
+        # envelopes are dropped quietly (the move was logged once, the scheduler told).
+        self.corrupted: set[int] = set()
 
     async def start(self) -> None:
         await asyncio.to_thread(self.spool.purge_unfinished)
@@ -97,34 +103,54 @@ class Process:
         count = 0
         send = self.ctx.mesh.send
         for msgid, evpids in self.spool.walk():
-            loaded = 0
+            # Every envelope of a message is read before any goes to the scheduler, so a
+            # corrupt one sends the whole message to corrupt/ with nothing half-submitted.
+            envs = []
+            corrupt = ""
             for evpid in evpids:
                 try:
-                    env = self.spool.load_envelope(evpid)
                     if os.stat(self.spool.envelope_path(evpid)).st_mtime > self.started:
                         continue      # committed by this run: the scheduler has it already
+                    envs.append(self.spool.load_envelope(evpid))
                 except FileNotFoundError:
                     continue
                 except (OSError, EnvelopeError) as exc:
-                    self._corrupt(msgid, f"envelope {evpid:016x}: {exc}")
+                    corrupt = f"envelope {evpid:016x}: {exc}"
                     break
+            if corrupt:
+                await self._corrupt(msgid, corrupt)
+                continue
+            for env in envs:
                 await send("scheduler", QueueEnvelopeSubmit(entry=self.entry_of(env)))
-                loaded += 1
-            else:
-                if loaded:
-                    await send("scheduler", QueueMessageCommit(msgid=msgid))
-                    count += loaded
+            if envs:
+                await send("scheduler", QueueMessageCommit(msgid=msgid))
+                count += len(envs)
             if count % 512 == 0:
                 await asyncio.sleep(0)
         log.debug("debug: queue: done loading queue into scheduler (%d envelopes)", count)
 
-    def _corrupt(self, msgid: int, why: str) -> None:
+    async def _corrupt(self, msgid: int, why: str) -> None:
+        """Move a message whose envelope or body cannot be read to corrupt/ (whole
+        directory), log it once, and make the scheduler forget its envelopes; the rest
+        of the queue carries on.  ``smtpctl uncorrupt`` brings it back."""
+        if msgid in self.corrupted:
+            return            # already moved (or could not be) and logged
+        self.corrupted.add(msgid)
         try:
             dest = self.spool.move_to_corrupt(msgid)
-            log.error("warn: queue: corrupt message %08x moved to %s: %s", msgid, dest, why)
         except OSError as exc:
-            log.error("warn: queue: corrupt message %08x (%s), and could not move it: %s",
-                      msgid, why, exc)
+            # Left in place (retried at the next start); out of the scheduler meanwhile.
+            log.error("warn: queue: corrupt message %08x (%s), and could not move it to "
+                      "corrupt/: %s", msgid, why, exc)
+            try:
+                evpids = self.spool.envelope_ids(msgid)
+            except OSError:
+                evpids = []
+        else:
+            log.error("warn: queue: corrupt message %08x moved to %s: %s", msgid, dest, why)
+            evpids = self.spool.corrupt_envelope_ids(dest, msgid)
+        for evpid in evpids:
+            await self.ctx.mesh.send("scheduler", QueueEnvelopeRemove(evpid=evpid))
 
     # -- messages --------------------------------------------------------------------------
 
@@ -163,6 +189,9 @@ class Process:
                     data = self.spool.read_message(msgid)   # small, page-cached: no thread hop
                     await send(peer, MessageContent(reqid=reqid, ok=True, data=data))
                 except OSError as exc:
+                    if self.spool.message_dir(msgid).is_dir():
+                        # queued, but its body is missing or unreadable
+                        await self._corrupt(msgid, f"message: {exc.strerror or exc}")
                     await send(peer, MessageContent(reqid=reqid, ok=False, error=str(exc)))
             case DeliveryResult(status="hold", evpid=evpid, holdq=holdq):
                 # nothing to write: no try is counted (docs/queue.md, hold queues)
@@ -173,6 +202,8 @@ class Process:
                 await send("scheduler", QueueHoldqRelease(holdq=holdq, n=n))
             case SchedListReply():
                 await self._describe(msg)
+            case CtlRequest():
+                await self._admin(peer, msg)
             case _:
                 log.warning("warn: queue: unexpected %s from %s", type(msg).__name__, peer)
 
@@ -243,11 +274,11 @@ class Process:
         try:
             env = self.spool.load_envelope(evpid)
         except (OSError, EnvelopeError) as exc:
-            if isinstance(exc, FileNotFoundError):
+            if not isinstance(exc, FileNotFoundError):
+                await self._corrupt(evpid >> 32, f"envelope {evpid:016x}: {exc}")
+            elif evpid >> 32 not in self.corrupted:
                 log.error("warn: queue: envelope %016x vanished from the spool", evpid)
-            else:
-                self._corrupt(evpid >> 32, f"envelope {evpid:016x}: {exc}")
-            await self.ctx.mesh.send("scheduler", QueueDeliveryPermfail(evpid=evpid))
+                await self.ctx.mesh.send("scheduler", QueueDeliveryPermfail(evpid=evpid))
             return
         env.last_try = int(time.time())
         order = QueueTransfer(envelope=env) if transfer else QueueDeliver(envelope=env)
@@ -277,6 +308,8 @@ class Process:
             await asyncio.to_thread(self.spool.update_envelope, env)
             await send("scheduler", QueueDeliveryTempfail(entry=self.entry_of(env)))
         except (OSError, EnvelopeError) as exc:
+            if isinstance(exc, FileNotFoundError) and res.evpid >> 32 in self.corrupted:
+                return        # moved to corrupt/ while in flight: the scheduler forgot it
             log.error("warn: queue: cannot update envelope %016x: %s", res.evpid, exc)
             await send("scheduler", QueueDeliveryPermfail(evpid=res.evpid))
 
@@ -304,3 +337,88 @@ class Process:
             entries.append(entry)
         await self.ctx.mesh.send("control", CtlListReply(reqid=batch.reqid, entries=entries,
                                                          more=batch.more, last=batch.last))
+
+    # -- admin commands (smtpctl show envelope/message, discover, uncorrupt) ----------------
+
+    async def _admin(self, peer: str, req: CtlRequest) -> None:
+        cmd, ident = req.command, req.id
+        if cmd in ("show envelope", "show message"):
+            reply = await self._show_file(req.reqid, cmd, ident)
+        elif cmd == "discover":
+            reply = await self._discover(req.reqid, ident)
+        elif cmd == "uncorrupt":
+            reply = await self._uncorrupt(req.reqid, ident)
+        else:
+            reply = CtlReply(reqid=req.reqid, ok=False, text=f"unknown command {cmd}")
+        await self.ctx.mesh.send(peer, reply)
+
+    async def _show_file(self, reqid: int, cmd: str, ident: int) -> CtlContentReply:
+        """The file as it is on disk: an envelope (evpid), or the message of a msgid/evpid."""
+        try:
+            if cmd == "show envelope":
+                if ident <= MSGID_MAX:
+                    return CtlContentReply(reqid=reqid, ok=False, error="not an envelope id")
+                data = self.spool.read_envelope_file(ident)
+            else:
+                msgid = ident if ident <= MSGID_MAX else ident >> 32
+                data = await asyncio.to_thread(self.spool.read_message, msgid)
+        except OSError as exc:
+            return CtlContentReply(reqid=reqid, ok=False, error=exc.strerror or str(exc))
+        return CtlContentReply(reqid=reqid, ok=True, data=data)
+
+    async def _discover(self, reqid: int, ident: int) -> CtlReply:
+        """Envelopes put into queue/ by hand (one evpid, or every envelope of a msgid) go
+        to the scheduler, which ignores those it already knows.  The count is of envelopes
+        loaded, as OpenSMTPD's; a message that cannot be read goes to corrupt/."""
+        msgid = ident if ident <= MSGID_MAX else ident >> 32
+        try:
+            evpids = self.spool.envelope_ids(msgid) if ident <= MSGID_MAX else [ident]
+        except FileNotFoundError:
+            log.warning("warn: queue: discover: no message %08x in the queue", msgid)
+            return CtlReply(reqid=reqid, ok=True, count=0)
+        except OSError as exc:
+            return CtlReply(reqid=reqid, ok=False, text=f"cannot read message {msgid:08x}: {exc}")
+        envs = []
+        for evpid in evpids:
+            try:
+                envs.append(self.spool.load_envelope(evpid))
+            except FileNotFoundError:
+                log.warning("warn: queue: discover: failed to load envelope %016x", evpid)
+            except (OSError, EnvelopeError) as exc:
+                return await self._discovered_corrupt(reqid, msgid, f"envelope {evpid:016x}: {exc}")
+        if envs:
+            try:
+                with open(self.spool.message_dir(msgid) / "message", "rb"):
+                    pass
+            except OSError as exc:
+                return await self._discovered_corrupt(reqid, msgid, f"message: {exc.strerror or exc}")
+        send = self.ctx.mesh.send
+        for env in envs:
+            await send("scheduler", QueueEnvelopeSubmit(entry=self.entry_of(env)))
+        if envs:
+            self.corrupted.discard(msgid)   # back in the queue (by hand or uncorrupt)
+            await send("scheduler", QueueMessageCommit(msgid=msgid))
+            log.info("queue: discovered %d envelope%s of message %08x", len(envs),
+                     "" if len(envs) == 1 else "s", msgid)
+        return CtlReply(reqid=reqid, ok=True, count=len(envs))
+
+    async def _discovered_corrupt(self, reqid: int, msgid: int, why: str) -> CtlReply:
+        self.corrupted.discard(msgid)       # put back by the admin: a new finding
+        await self._corrupt(msgid, why)
+        return CtlReply(reqid=reqid, ok=False,
+                        text=f"message {msgid:08x} is corrupt, moved to corrupt/: {why}")
+
+    async def _uncorrupt(self, reqid: int, msgid: int) -> CtlReply:
+        """corrupt/<msgid> back into queue/ (after the admin fixed it), then discovered."""
+        if not 0 < msgid <= MSGID_MAX:
+            return CtlReply(reqid=reqid, ok=False, text="not a message id")
+        try:
+            self.spool.uncorrupt(msgid)
+        except SpoolError as exc:
+            return CtlReply(reqid=reqid, ok=False, text=str(exc))
+        except OSError as exc:
+            return CtlReply(reqid=reqid, ok=False,
+                            text=f"cannot move message {msgid:08x} back: {exc.strerror or exc}")
+        self.corrupted.discard(msgid)
+        log.info("queue: message %08x moved back from corrupt/ to the queue", msgid)
+        return await self._discover(reqid, msgid)

@@ -230,6 +230,40 @@ class Spool:
                 yield msgid, sorted(evpids)
 
 
+    # -- admin commands (smtpctl show envelope/message, discover, uncorrupt) -----------------
+
+    def read_envelope_file(self, evpid: int) -> bytes:
+        """The envelope file as it is on disk (show envelope)."""
+        with open(self.envelope_path(evpid), "rb") as f:
+            return f.read()
+
+    def envelope_ids(self, msgid: int) -> list[int]:
+        """The evpids whose files are in a queued message's directory (sorted);
+        FileNotFoundError if the message is not in queue/."""
+        return _evpids_in(self.message_dir(msgid), msgid)
+
+    def corrupt_envelope_ids(self, path: Path, msgid: int) -> list[int]:
+        """The evpids of a message moved to corrupt/ (``path``), [] if unreadable."""
+        try:
+            return _evpids_in(path, msgid)
+        except OSError:
+            return []
+
+    def uncorrupt(self, msgid: int) -> None:
+        """Move corrupt/<msgid> back to its place in queue/.  Raises SpoolError
+        (with the reason an admin can act on) if it is not there or the place is taken."""
+        src = self.corrupt / f"{msgid:08x}"
+        if not src.is_dir():
+            raise SpoolError(f"no message {msgid:08x} in corrupt/", temporary=False)
+        dest = self.message_dir(msgid)
+        if dest.exists():
+            raise SpoolError(f"message {msgid:08x} is already in queue/", temporary=False)
+        dest.parent.mkdir(mode=0o700, exist_ok=True)
+        os.rename(src, dest)
+        fsync_dir(dest.parent)
+        fsync_dir(self.corrupt)
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -239,3 +273,19 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def is_disk_error(exc: OSError) -> bool:
     return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
+
+
+def _evpids_in(msgdir: Path, msgid: int) -> list[int]:
+    """Envelope file names of a message directory: 16 hex digits whose upper half is
+    the message's id (anything else there is not an envelope of it)."""
+    evpids = []
+    for name in os.listdir(msgdir):
+        if len(name) != 16:
+            continue
+        try:
+            evpid = int(name, 16)
+        except ValueError:
+            continue
+        if evpid >> 32 == msgid and evpid & 0xFFFFFFFF:
+            evpids.append(evpid)
+    return sorted(evpids)

@@ -15,8 +15,8 @@ from common import stat
 from common.trace import FLAGS, trace
 from common.messages import (
     CtlReply, CtlRequest, QueueDeliveryLoop, QueueDeliveryOk, QueueDeliveryPermfail,
-    QueueDeliveryTempfail, QueueEnvelopeAck, QueueEnvelopeSubmit, QueueHoldqHold,
-    QueueHoldqRelease, QueueListEntry, QueueMessageCommit, QueueMessageRollback,
+    QueueDeliveryTempfail, QueueEnvelopeAck, QueueEnvelopeRemove, QueueEnvelopeSubmit,
+    QueueHoldqHold, QueueHoldqRelease, QueueListEntry, QueueMessageCommit, QueueMessageRollback,
     SchedEnvelopeBounce, SchedEnvelopeDeliver, SchedEnvelopeExpire, SchedEnvelopeRemove,
     SchedEnvelopeTransfer, SchedListReply,
 )
@@ -161,6 +161,16 @@ class Process:
                     trace("scheduler: queue ack removal of evp:%016x", evpid)
                 if rq.removed_done(evpid):
                     stat.decrement("scheduler.envelope.inflight")
+            case QueueEnvelopeRemove(evpid=evpid):
+                # its message went to corrupt/: forgotten, not counted as a delivery
+                state = rq.state_of(evpid)
+                if state is not None:
+                    stat.decrement("scheduler.envelope")
+                    if state == "inflight":
+                        stat.decrement("scheduler.envelope.inflight")
+                rq.delivered(evpid)
+                self._sync_gauges()
+                self.wake.set()
             case CtlRequest():
                 await self._control(peer, msg)
             case _:

@@ -39,7 +39,8 @@ def test_abbreviations_and_errors(make_daemon, tmp_path):
     bad = d.smtpctl("frobnicate", check=False)
     assert bad.returncode == 255 and "possibilities are:" in bad.stderr
     evpid = full.split("|")[0]
-    assert d.smtpctl("remove", evpid).stdout.strip() == "command succeeded"
+    # as OpenSMTPD's smtpctl: the count, even for one evpid (do_remove)
+    assert d.smtpctl("remove", evpid).stdout.strip() == "1 envelope removed"
     assert d.queue_lines() == []
     assert d.smtpctl("remove", "all").stdout.strip() == "0 envelope removed"
 
