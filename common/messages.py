@@ -238,6 +238,10 @@ class DeliveryResult(Msg, **_m("delivery_result")):
     status: str          # "ok" | "tempfail" | "permfail" | "loop"
     errorline: str = ""
     esc_code: int = 0
+    dsn_notify: int = 0      # the envelope's NOTIFY bits: the queue reads the envelope back
+                             # for a success notice only when SUCCESS is among them
+    remote_dsn: bool = False # mta: the server took the message and advertised DSN (it
+                             # notifies from then on; without it the queue sends "relayed")
 
 
 # --- pony <-> lka: lookups at delivery time ------------------------------------------------
@@ -377,6 +381,37 @@ class StatReply(Msg, **_m("stat_reply")):
     decrements: dict[str, int] = {}
 
 
+# --- bounces, DSN, internal enqueue (docs/queue.md "Bounces and DSN") ----------------------
+
+class SchedEnvelopeBounce(Msg, **_m("sched_envelope_bounce")):
+    """scheduler -> queue: a delay notice is due for this envelope (``bounce
+    warn-interval``); ``delay`` is the interval reached, in seconds.  The queue creates a
+    ``delayed`` bounce envelope and records last-bounce = ctime + delay on the original;
+    it answers nothing (the next tempfail or submit carries last_bounce)."""
+    evpid: int
+    delay: int
+
+
+class PonyEnqueue(Msg, **_m("pony_enqueue")):
+    """queue (a bounce) or parent (an offline/ file) -> pony: inject a message as a
+    local SMTP session would (create, expand each recipient through lka as mail from
+    local, write, commit).  ``data``: the message, LF line endings, no Received line
+    yet.  ``bounce`` marks a notice from <>: its envelopes carry the bounce flag."""
+    reqid: int
+    sender: str              # "" for <>
+    recipients: list[str]
+    data: bytes
+    bounce: bool = False
+    origin: str = ""         # for log lines: "bounce", "offline"
+
+
+class PonyEnqueueReply(Msg, **_m("pony_enqueue_reply")):
+    reqid: int
+    status: str              # "ok" | "tempfail" | "permfail"
+    text: str = ""           # the SMTP-style reply that decided it
+    msgid: int = 0
+
+
 Message = Union[
     SetupDone, ConfEnd, CtlVerbose, MdaFork, MdaDone,
     SmtpMessageCreate, SmtpMessageCreateReply, SmtpExpandRcpt, SmtpExpandRcptReply,
@@ -390,6 +425,7 @@ Message = Union[
     CtlRequest, CtlReply, SchedListReply, CtlListReply,
     ConfEndDone, ConfReloadPrepare, ConfReloadCommit, ConfReloadAbort, ConfReloadReply,
     CtlProfile, StatGet, StatReply,
+    SchedEnvelopeBounce, PonyEnqueue, PonyEnqueueReply,
 ]
 
 _encoder = msgspec.msgpack.Encoder()

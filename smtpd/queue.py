@@ -15,16 +15,18 @@ import time
 
 from common import privsep
 from common.durations import duration_to_text
-from common.envelope import EnvelopeError
+from common.envelope import DSN_SUCCESS, EnvelopeError
 from common.messages import (
     CtlListReply, DeliveryResult, LkaEnvelopeCommit, LkaEnvelopeSubmit, MessageContent,
     MessageOpen, QueueDeliver, QueueDeliveryLoop, QueueDeliveryOk, QueueDeliveryPermfail,
     QueueDeliveryTempfail, QueueEnvelopeAck, QueueEnvelopeCommitReply, QueueEnvelopeSubmit,
     QueueEnvelopeSubmitReply, QueueMessageCommit, QueueMessageRollback, QueueTransfer,
-    SchedEntry, SchedEnvelopeDeliver, SchedEnvelopeExpire, SchedEnvelopeRemove,
+    SchedEntry, SchedEnvelopeBounce, SchedEnvelopeDeliver, SchedEnvelopeExpire, SchedEnvelopeRemove,
     SchedEnvelopeTransfer, SchedListReply, SmtpMessageCommit, SmtpMessageCommitReply,
     SmtpMessageCreate, SmtpMessageCreateReply, SmtpMessageData, SmtpMessageRollback,
 )
+from smtpd import bounce
+from smtpd.queue_bounce import Bouncer
 from smtpd.queue_fs import Spool, SpoolError, is_disk_error
 
 log = logging.getLogger("smtpd")
@@ -60,6 +62,7 @@ class Process:
         self.incoming: dict[int, Incoming] = {}
         self.tasks: set[asyncio.Task] = set()
         self.started = time.time()
+        self.bouncer = Bouncer(self)
 
     async def start(self) -> None:
         await asyncio.to_thread(self.spool.purge_unfinished)
@@ -82,6 +85,8 @@ class Process:
             log.error("warn: queue: %r", task.exception(), exc_info=task.exception())
 
     def expire_of(self, env) -> int:
+        if env.type == "bounce":          # bounces expire with the queue ttl (OpenSMTPD)
+            return env.ctime + self.config.queue_ttl
         action = self.config.actions.get(env.dispatcher)
         ttl = action.ttl if action is not None and action.ttl else self.config.queue_ttl
         return env.ctime + ttl
@@ -156,7 +161,9 @@ class Process:
                 self._remove(evpid, "Remove", "Removed by administrator")
                 await send("scheduler", QueueEnvelopeAck(evpid=evpid))
             case SchedEnvelopeExpire(evpid=evpid):
-                self._remove(evpid, "Expire", "Envelope expired")
+                self._spawn(self._expire(evpid))
+            case SchedEnvelopeBounce(evpid=evpid, delay=delay):
+                self._spawn(self._delay_notice(evpid, delay))
             case MessageOpen(reqid=reqid, msgid=msgid):
                 try:
                     data = self.spool.read_message(msgid)   # small, page-cached: no thread hop
@@ -243,6 +250,9 @@ class Process:
                 self._corrupt(evpid >> 32, f"envelope {evpid:016x}: {exc}")
             await self.ctx.mesh.send("scheduler", QueueDeliveryPermfail(evpid=evpid))
             return
+        if env.type == "bounce":
+            self.bouncer.add(env)
+            return
         env.last_try = int(time.time())
         order = QueueTransfer(envelope=env) if transfer else QueueDeliver(envelope=env)
         await self.ctx.mesh.send("pony", order)
@@ -252,11 +262,24 @@ class Process:
         # Removal needs no fsync (a crash at worst redelivers): done inline, as a
         # thread hop costs more CPU than the unlink itself.
         if res.status == "ok":
+            if res.dsn_notify & DSN_SUCCESS and not (res.agent == "mta" and res.remote_dsn):
+                env = self._load_quiet(res.evpid)
+                if env is not None:
+                    kind = bounce.RELAYED if res.agent == "mta" else bounce.DELIVERED
+                    await self.bouncer.create(env, kind, errorline=res.errorline, esc_class=2,
+                                              esc_code=0)
             self.spool.delete_envelope(res.evpid)
             await send("scheduler", QueueDeliveryOk(evpid=res.evpid))
             return
         if res.status in ("permfail", "loop"):
-            # Bounces come with the queue issue; the failure is logged by pony.
+            env = self._load_quiet(res.evpid)
+            if env is not None:
+                if res.status == "loop":      # as OpenSMTPD: class 4, code 46, "Loop detected"
+                    errorline, esc_class, esc_code = "Loop detected", 4, 46
+                else:
+                    errorline, esc_class, esc_code = res.errorline, 5, res.esc_code
+                await self.bouncer.create(env, bounce.FAILED, errorline=errorline,
+                                          esc_class=esc_class, esc_code=esc_code)
             self.spool.delete_envelope(res.evpid)
             reply = QueueDeliveryLoop if res.status == "loop" else QueueDeliveryPermfail
             await send("scheduler", reply(evpid=res.evpid))
@@ -273,6 +296,36 @@ class Process:
         except (OSError, EnvelopeError) as exc:
             log.error("warn: queue: cannot update envelope %016x: %s", res.evpid, exc)
             await send("scheduler", QueueDeliveryPermfail(evpid=res.evpid))
+
+    def _load_quiet(self, evpid: int):
+        """The envelope on disk, or None (logged) when it cannot be read."""
+        try:
+            return self.spool.load_envelope(evpid)
+        except (OSError, EnvelopeError) as exc:
+            log.error("warn: queue: cannot load envelope %016x: %s", evpid, exc)
+            return None
+
+    async def _expire(self, evpid: int) -> None:
+        """Expired: a failed bounce ("Envelope expired", 5.4.7), then the envelope goes."""
+        env = self._load_quiet(evpid)
+        if env is not None:
+            await self.bouncer.create(env, bounce.FAILED, errorline="Envelope expired",
+                                      esc_class=5, esc_code=47)
+        self._remove(evpid, "Expire", "Envelope expired")
+
+    async def _delay_notice(self, evpid: int, delay: int) -> None:
+        """A delay notice is due: a delayed bounce envelope, and last-bounce recorded on
+        the original (fsync'd) so that this interval is not notified again."""
+        env = self._load_quiet(evpid)
+        if env is None or env.type == "bounce":
+            return
+        await self.bouncer.create(env, bounce.DELAYED, errorline=env.errorline, esc_class=4,
+                                  esc_code=env.esc_code, delay=delay)
+        env.last_bounce = env.ctime + delay
+        try:
+            await asyncio.to_thread(self.spool.update_envelope, env)
+        except (OSError, EnvelopeError) as exc:
+            log.error("warn: queue: cannot update envelope %016x: %s", evpid, exc)
 
     def _remove(self, evpid: int, event: str, stat: str) -> None:
         try:
