@@ -258,7 +258,6 @@ class Parser:
                 self.not_yet(f'relay option "{opt}"')
             elif opt == "ttl":
                 act.ttl = c.duration()
-                self.not_yet('action option "ttl" (queue expiry)')
             else:
                 raise self.err(f'syntax error: unexpected "{opt}" in action "{name}" ({method})')
         if act.alias and act.virtual:
@@ -356,7 +355,6 @@ class Parser:
         opt = c.word("a queue option")
         if opt == "ttl":
             self.config.queue_ttl = c.duration()
-            self.not_yet('"queue ttl" (expiry)')
         elif opt == "compression":
             self.not_yet('"queue compression"')
         elif opt == "encryption":
@@ -377,7 +375,6 @@ class Parser:
         if len(values) > 4:
             raise self.err("at most 4 bounce warn-intervals")
         self.config.bounce_warn_interval = values
-        self.not_yet('"bounce warn-interval"')
         c.end()
 
     def p_mta(self, c: "Cursor") -> None:

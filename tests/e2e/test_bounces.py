@@ -195,3 +195,30 @@ def test_offline_file_enqueued_at_start(make_daemon, tmp_path):
     log = d.log_since_start()
     assert "couldn't enqueue offline message" in log and "CCCCCCCCCC" in log
     assert "DDDDDDDDDD" in log
+
+
+_SCHEDULER = (Path(__file__).resolve().parents[2] / "smtpd" / "scheduler.py").read_text()
+
+
+@pytest.mark.skipif("SchedEnvelopeBounce" not in _SCHEDULER,
+                    reason="the scheduler of this tree does not send delay notices yet")
+def test_delay_notice_while_the_relay_is_down(make_daemon, tmp_path):
+    dead, port = free_port(), free_port()
+    d = make_daemon(config(tmp_path / "d", port, relay=f"smtp://127.0.0.1:{dead}",
+                           extra="bounce warn-interval 2s")).start()
+    send(port, "alice@example.test", ["far@remote.test"], "Subject: slow one\n\nbody\n")
+    msg = one_notice(tmp_path / "d", "alice")
+    assert msg["Subject"] == "Delivery status notification: delayed"
+    rcpt = report_groups(msg)[1]
+    assert rcpt["Final-Recipient"] == "rfc822;far@remote.test"
+    assert rcpt["Action"] == "delayed" and rcpt["Status"].startswith("4.")
+    assert "2 seconds" in msg.get_payload()[0].get_content()
+    # the original stays queued, and remembers that this interval was notified
+    lines = wait_for(lambda: len(d.queue_lines()) == 1 and d.queue_lines(), 20,
+                     "only the original left in the queue")
+    assert "far@remote.test" in lines[0]
+    envs = wait_for(lambda: [p for p in (d.spool / "queue").glob("*/*/*") if p.name != "message"],
+                    10, "the original envelope")
+    assert len(envs) == 1
+    fields = dict(line.split(": ", 1) for line in envs[0].read_text().splitlines())
+    assert int(fields["last-bounce"]) == int(fields["ctime"]) + 2
