@@ -135,6 +135,14 @@ async def run(pony, req: PonyEnqueue) -> PonyEnqueueReply:
         return PonyEnqueueReply(reqid=req.reqid, status="permfail", text=LOOP_REPLY)
     if not req.recipients:
         return PonyEnqueueReply(reqid=req.reqid, status="permfail", text="554 5.5.1 No recipient")
+    from smtpd.smtp_session import valid_mailbox      # (smtp_session imports this module)
+    if req.sender and not valid_mailbox(req.sender):
+        return PonyEnqueueReply(reqid=req.reqid, status="permfail",
+                                text="553 5.1.0 Sender address syntax error")
+    for rcpt in req.recipients:
+        if not valid_mailbox(rcpt):
+            return PonyEnqueueReply(reqid=req.reqid, status="permfail",
+                                    text=f"501 5.1.3 Recipient address syntax error: <{rcpt}>")
     msgid = await create_message(pony)
     if not msgid:
         return PonyEnqueueReply(reqid=req.reqid, status="tempfail", text="421 4.3.0 Temporary failure")

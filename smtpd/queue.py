@@ -266,8 +266,9 @@ class Process:
                 env = self._load_quiet(res.evpid)
                 if env is not None:
                     kind = bounce.RELAYED if res.agent == "mta" else bounce.DELIVERED
-                    await self.bouncer.create(env, kind, errorline=res.errorline, esc_class=2,
-                                              esc_code=0)
+                    # mda's "Delivered" says nothing the Action does not; a relay's reply does
+                    await self.bouncer.create(env, kind, esc_class=2, esc_code=0,
+                                              errorline=res.errorline if res.agent == "mta" else "")
             self.spool.delete_envelope(res.evpid)
             await send("scheduler", QueueDeliveryOk(evpid=res.evpid))
             return
