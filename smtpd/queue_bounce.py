@@ -24,6 +24,7 @@ import time
 from common import stat
 from common.envelope import DSN_DELAY, DSN_FAILURE, DSN_NEVER, DSN_SUCCESS, Envelope, EnvelopeError
 from common.ipc import PeerTimeout
+from common.trace import FLAGS, trace
 from common.messages import (
     PonyEnqueue, PonyEnqueueReply, QueueDeliveryOk, QueueDeliveryPermfail, QueueDeliveryTempfail,
     QueueEnvelopeSubmit, QueueMessageCommit,
@@ -115,8 +116,13 @@ class Bouncer:
     def add(self, env: Envelope) -> None:
         """A bounce envelope the scheduler wants delivered: grouped per report."""
         key = (env.msgid, env.sender, env.bounce_type, env.smtpname, env.bounce_delay)
+        stat.increment("bounce.envelope")
+        if FLAGS.bounce:
+            trace("bounce: adding evp:%016x (%s) to the report of msg:%08x", env.id,
+                  env.bounce_type, env.msgid)
         group = self.groups.get(key)
         if group is None:
+            stat.increment("bounce.message")
             self.groups[key] = [env]
             asyncio.get_running_loop().call_later(GROUP_DELAY, self._flush, key)
         else:
@@ -143,6 +149,9 @@ class Bouncer:
             recipients=[bounce.Recipient(dest=e.dest, orcpt=e.dsn_orcpt, esc_class=e.esc_class,
                                          esc_code=e.esc_code, errorline=e.errorline) for e in group])
         data = bounce.build_report(report, now=time.time(), unique=f"{first.id:016x}")
+        if FLAGS.bounce:
+            trace("bounce: msg:%08x: sending a %s notice to <%s> for %d recipient(s), %d bytes",
+                  first.msgid, report.kind, first.sender, len(group), len(data))
         req = PonyEnqueue(reqid=self.queue.ctx.new_id(), sender="", recipients=[first.sender],
                           data=data, bounce=True, origin="bounce")
         try:
@@ -156,6 +165,8 @@ class Bouncer:
         send = self.queue.ctx.mesh.send
         spool = self.queue.spool
         word = {"ok": "Ok", "tempfail": "TempFail"}.get(status, "PermFail")
+        stat.decrement("bounce.message")
+        stat.decrement("bounce.envelope", len(group))
         for env in group:
             log.info("%016x bounce delivery evpid=%016x from=<> to=<%s> type=%s result=%s stat=%s",
                      env.id, env.id, env.sender, env.bounce_type, word, text)
