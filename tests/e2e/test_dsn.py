@@ -143,3 +143,25 @@ def test_relay_without_dsn_sends_a_relayed_notice(make_daemon, tmp_path):
         assert rcpt["Action"] == "relayed" and rcpt["Final-Recipient"] == "rfc822;x@remote.test"
     finally:
         sink.stop()
+
+
+def test_ret_full_failure_returns_the_whole_message(make_daemon, tmp_path):
+    sink_port, port = free_port(), free_port()
+    sink = Sink(sink_port).start()
+    sink.handler.reject_rcpt = {"x@remote.test": "550 5.1.1 No such user here"}
+    try:
+        d = make_daemon(config(tmp_path / "d", port, relay=f"smtp://127.0.0.1:{sink_port}")).start()
+        transaction(port, "alice@example.test", [("x@remote.test", ["NOTIFY=FAILURE"])],
+                    mail_options=["RET=FULL", "ENVID=full-1"],
+                    body=b"Subject: keep all of me\r\n\r\nthe whole body\r\n")
+        notices = wait_for(lambda: maildir_messages(tmp_path / "d", "alice"), 30, "the failure notice")
+        msg = parse(notices[0])
+        assert msg["Subject"] == "Delivery status notification: failed"
+        assert dsn_groups(msg)[0]["Original-Envelope-Id"] == "full-1"
+        returned = msg.get_payload()[2]
+        assert returned.get_content_type() == "message/rfc822"
+        inner = returned.get_payload()[0]
+        assert inner["Subject"] == "keep all of me"
+        assert "the whole body" in inner.get_content()
+    finally:
+        sink.stop()
