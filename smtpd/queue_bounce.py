@@ -37,6 +37,7 @@ log = logging.getLogger("smtpd")
 BOUNCE_TTL = 7 * 86400       # the ttl field of a bounce envelope, as OpenSMTPD
 GROUP_DELAY = 1.0            # seconds a report waits for more recipients of the message
 INJECT_TIMEOUT = 300.0
+MAX_RUNNING = 2              # notices being injected at once (OpenSMTPD's BOUNCE_MAXRUN)
 
 _NOTIFY_BIT = {bounce.FAILED: DSN_FAILURE, bounce.DELAYED: DSN_DELAY,
                bounce.DELIVERED: DSN_SUCCESS, bounce.RELAYED: DSN_SUCCESS}
@@ -84,6 +85,7 @@ class Bouncer:
     def __init__(self, queue) -> None:
         self.queue = queue
         self.groups: dict[tuple, list[Envelope]] = {}
+        self.running = asyncio.Semaphore(MAX_RUNNING)
 
     # -- creation ---------------------------------------------------------------------------
 
@@ -131,7 +133,11 @@ class Bouncer:
     def _flush(self, key: tuple) -> None:
         group = self.groups.pop(key, [])
         if group:
-            self.queue._spawn(self._send(group))
+            self.queue._spawn(self._send_one(group))
+
+    async def _send_one(self, group: list[Envelope]) -> None:
+        async with self.running:
+            await self._send(group)
 
     async def _send(self, group: list[Envelope]) -> None:
         first = group[0]
