@@ -240,6 +240,10 @@ class DeliveryResult(Msg, **_m("delivery_result")):
     errorline: str = ""
     esc_code: int = 0
     holdq: int = 0       # status "hold": the hold queue (route) the envelope waits in
+    dsn_notify: int = 0      # the envelope's NOTIFY bits: the queue reads the envelope back
+                             # for a success notice only when SUCCESS is among them
+    remote_dsn: bool = False # mta: the server took the message and advertised DSN (it
+                             # notifies from then on; without it the queue sends "relayed")
 
 
 # --- pony <-> lka: lookups at delivery time ------------------------------------------------
@@ -430,6 +434,28 @@ class QueueEnvelopeRemove(Msg, **_m("queue_envelope_remove")):
     evpid: int
 
 
+# --- bounces, DSN, internal enqueue (docs/queue.md "Bounces and DSN") ----------------------
+
+class PonyEnqueue(Msg, **_m("pony_enqueue")):
+    """queue (a bounce) or parent (an offline/ file) -> pony: inject a message as a
+    local SMTP session would (create, expand each recipient through lka as mail from
+    local, write, commit).  ``data``: the message, LF line endings, no Received line
+    yet.  ``bounce`` marks a notice from <>: its envelopes carry the bounce flag."""
+    reqid: int
+    sender: str              # "" for <>
+    recipients: list[str]
+    data: bytes
+    bounce: bool = False
+    origin: str = ""         # for log lines: "bounce", "offline"
+
+
+class PonyEnqueueReply(Msg, **_m("pony_enqueue_reply")):
+    reqid: int
+    status: str              # "ok" | "tempfail" | "permfail"
+    text: str = ""           # the SMTP-style reply that decided it
+    msgid: int = 0
+
+
 Message = Union[
     SetupDone, ConfEnd, CtlVerbose, MdaFork, MdaDone,
     SmtpMessageCreate, SmtpMessageCreateReply, SmtpExpandRcpt, SmtpExpandRcptReply,
@@ -445,6 +471,7 @@ Message = Union[
     CtlProfile, StatGet, StatReply,
     SchedEnvelopeBounce, QueueHoldqHold, MtaHoldqRelease, QueueHoldqRelease,
     CtlContentReply, QueueEnvelopeRemove,
+    PonyEnqueue, PonyEnqueueReply,
 ]
 
 _encoder = msgspec.msgpack.Encoder()

@@ -80,7 +80,8 @@ class Mda:
                  "result=%s stat=%s", self.pony.ctx.new_id(), env.id, env.sender, env.dest,
                  rcpt, env.mda_user, duration_to_text(int(time.time()) - env.ctime), word, detail)
         await self.pony.mesh.send("queue", DeliveryResult(
-            evpid=env.id, agent="mda", status=status, errorline=detail, esc_code=30 if status != "ok" else 0))
+            evpid=env.id, agent="mda", status=status, errorline=detail,
+            esc_code=46 if status == "loop" else 30 if status != "ok" else 0, dsn_notify=env.dsn_notify))
 
     async def _deliver(self, env: Envelope) -> tuple[str, str]:
         action = self.config.actions.get(env.dispatcher)

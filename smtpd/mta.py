@@ -31,7 +31,8 @@ from common.trace import FLAGS, SESSION, trace
 from common.messages import (
     DeliveryResult, MessageContent, MessageOpen, MtaDnsLookup, MtaDnsReply, MtaHoldqRelease,
 )
-from smtpd.mta_session import Connection, TransactionResult, open_and_send
+from smtpd.dsn_params import mail_params, rcpt_params
+from smtpd.mta_session import Connection, DsnRequest, TransactionResult, open_and_send
 from smtpd.relay_url import RelayUrlError, parse_relay_url
 
 log = logging.getLogger("smtpd")
@@ -216,15 +217,17 @@ class Mta:
             trace("mta: %016x: relay hosts for %s: %s", session_id, first.dest.rpartition("@")[2],
                   ", ".join(f"{n} [{a}]" for n, a in hosts))
         last_error = "No MX found for destination"
+        dsn = DsnRequest(mail=mail_params(first.dsn_ret, first.dsn_envid),
+                         rcpts=[rcpt_params(e.dsn_notify, e.dsn_orcpt) for e in envelopes])
         for name, address in hosts:
             result = await self._send(session_id, name, address, port, helo, first.sender,
-                                      [e.dest for e in envelopes], message)
+                                      [e.dest for e in envelopes], message, dsn)
             relay = f"{name} [{address}]:{port}" if name != address else f"[{address}]:{port}"
             if not result.connected:
                 last_error = result.results[0].reply if result.results else "Connection failed"
                 continue
             for env, res in zip(envelopes, result.results):
-                await self._report([env], res.status, res.reply, relay, session_id)
+                await self._report([env], res.status, res.reply, relay, session_id, result.dsn)
             if any(res.status == "ok" for res in result.results):
                 await self._relay_works(relay_key)
             return
@@ -232,18 +235,19 @@ class Mta:
         await self._report(envelopes, "tempfail", last_error, "-", session_id)
 
     async def _send(self, session_id: int, name: str, address: str, port: int, helo: str,
-                    sender: str, rcpts: list[str], message: bytes) -> TransactionResult:
+                    sender: str, rcpts: list[str], message: bytes,
+                    dsn: DsnRequest | None = None) -> TransactionResult:
         key = (address, port, helo)
         conn = self._take_idle(key)
         if conn is not None:
-            result = await open_and_send(conn, sender, rcpts, message, len(message))
+            result = await open_and_send(conn, sender, rcpts, message, len(message), dsn)
             if conn.usable or conn.txn_replies:
                 self._release(key, conn)
                 return result
             await conn.close(quit=False)   # closed by the peer while idle: nothing was sent
         log.info("%016x mta connecting address=smtp://%s:%d host=%s", session_id, address, port, name)
         conn = Connection(address, port, helo=helo, session=session_id)
-        result = await open_and_send(conn, sender, rcpts, message, len(message))
+        result = await open_and_send(conn, sender, rcpts, message, len(message), dsn)
         self._release(key, conn)
         return result
 
@@ -305,7 +309,8 @@ class Mta:
             return None
         return reply.data if reply.ok else None
 
-    async def _report(self, envelopes, status: str, detail: str, relay: str, session_id: int) -> None:
+    async def _report(self, envelopes, status: str, detail: str, relay: str, session_id: int,
+                      remote_dsn: bool = False) -> None:
         now = int(time.time())
         word = {"ok": "Ok", "tempfail": "TempFail", "permfail": "PermFail"}.get(status, "TempFail")
         for env in envelopes:
@@ -319,7 +324,7 @@ class Mta:
             esc = _esc_code(detail)
             await self.pony.mesh.send("queue", DeliveryResult(
                 evpid=env.id, agent="mta", status=status if status in ("ok", "permfail") else "tempfail",
-                errorline=detail, esc_code=esc))
+                errorline=detail, esc_code=esc, dsn_notify=env.dsn_notify, remote_dsn=remote_dsn))
 
 
 def _esc_code(reply: str) -> int:

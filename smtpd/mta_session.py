@@ -35,6 +35,15 @@ class TransactionResult:
     results: list[RcptResult]
     relay: str
     connected: bool = True
+    dsn: bool = False        # the server offered DSN and was given our DSN parameters
+
+
+@dataclass
+class DsnRequest:
+    """The DSN parameters (RFC 3461) of one message: what the sender asked of us is
+    passed on to a server that offers DSN."""
+    mail: str = ""                                      # "RET=... ENVID=..."
+    rcpts: list[str] = field(default_factory=list)      # "NOTIFY=... ORCPT=..." per recipient
 
 
 @dataclass
@@ -157,13 +166,16 @@ class Connection:
         return None
 
     async def transaction(self, mail_from: str, rcpts: list[str], message: bytes,
-                          size_hint: int | None = None) -> TransactionResult:
+                          size_hint: int | None = None,
+                          dsn: DsnRequest | None = None) -> TransactionResult:
         """MAIL, RCPT for each recipient, DATA.  Network errors propagate (the caller
         decides whether the message was sent at all); replies are per recipient."""
         self.usable = False
         self.transactions += 1
         self.txn_replies = 0
         final: dict[str, RcptResult] = {}
+
+        with_dsn = dsn is not None and "DSN" in self.extensions
 
         def fail_rest(status: str, text: str) -> TransactionResult:
             for r in rcpts:
@@ -177,14 +189,17 @@ class Connection:
                 self.usable = True
                 return fail_rest("permfail", "message too large for peer")
             mail += f" SIZE={size_hint}"
+        if with_dsn and dsn.mail:
+            mail += f" {dsn.mail}"
         reply = await self._cmd(mail)
         if reply.status != "ok":
             result = fail_rest(reply.status, reply.text)
             self.usable = (await self._cmd("RSET")).status == "ok"
             return result
         accepted = []
-        for r in rcpts:
-            reply = await self._cmd(f"RCPT TO:<{r}>")
+        for i, r in enumerate(rcpts):
+            params = dsn.rcpts[i] if with_dsn and i < len(dsn.rcpts) else ""
+            reply = await self._cmd(f"RCPT TO:<{r}>" + (f" {params}" if params else ""))
             if reply.status == "ok":
                 accepted.append(r)
             else:
@@ -203,7 +218,7 @@ class Connection:
             for t in ([r] if self.lmtp else accepted):
                 final[t] = RcptResult(t, reply.status, reply.text)
         self.usable = True
-        return TransactionResult([final[r] for r in rcpts], self.relay)
+        return TransactionResult([final[r] for r in rcpts], self.relay, dsn=with_dsn)
 
     async def close(self, quit: bool = True) -> None:
         if self.writer is None:
@@ -252,7 +267,8 @@ async def send_message(host: str, port: int, *, helo: str, mail_from: str, rcpts
 
 
 async def open_and_send(conn: Connection, mail_from: str, rcpts: list[str], message: bytes,
-                        size_hint: int | None = None) -> TransactionResult:
+                        size_hint: int | None = None,
+                        dsn: DsnRequest | None = None) -> TransactionResult:
     """Greet (if not yet) and run one transaction; every failure becomes per-recipient
     results, with ``connected`` False when the host could not be reached at all."""
     try:
@@ -266,7 +282,7 @@ async def open_and_send(conn: Connection, mail_from: str, rcpts: list[str], mess
             if refused is not None:
                 return TransactionResult([RcptResult(r, refused.status, refused.text) for r in rcpts],
                                          conn.relay)
-        return await conn.transaction(mail_from, rcpts, message, size_hint)
+        return await conn.transaction(mail_from, rcpts, message, size_hint, dsn)
     except (TimeoutError, ProtocolError, OSError, ConnectionError) as exc:
         conn.usable = False
         text = failure_text(exc)

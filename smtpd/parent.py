@@ -23,11 +23,12 @@ from setproctitle import setproctitle
 
 from common import aio, ipc, privsep
 from common import log as logsetup
+from common.ids import UidGenerator
 from common.ipc import Mesh
 from common.messages import (
     ConfEnd, ConfEndDone, CtlReply, CtlRequest, MdaDone, MdaFork, Msg, SetupDone,
 )
-from smtpd import fdpass, introspection, listeners, local_delivery, sdnotify
+from smtpd import fdpass, introspection, listeners, local_delivery, offline, sdnotify
 from smtpd.config import ConfigError
 from smtpd.main import CHILDREN, EXIT_CONFIG, VERSION, load_config
 from smtpd.reload import Reloader
@@ -254,6 +255,9 @@ class Parent:
         log.info("info: pysmtpd %s ready: %s", VERSION,
                  ", ".join(f"{c}={p.pid}" for c, p in self.children.items()))
         self.notifier.ready(self.status_text())
+        # offline/: what sendmail left while the daemon was down (smtpd/offline.py)
+        self.spawn_task(offline.enqueue_all(self.mesh, UidGenerator(), self.opts.spool,
+                                            self.config.hostname, self.config.max_message_size))
 
     async def _reap(self) -> None:
         deadline = loop_time() + STOP_GRACE

@@ -15,10 +15,10 @@ import socket
 
 from common.ipc import PeerTimeout
 from common.messages import (
-    CtlReply, CtlRequest, MtaDnsLookup, MtaDnsReply, QueueDeliver, QueueEnvelopeSubmitReply,
-    QueueTransfer,
+    CtlReply, CtlRequest, MtaDnsLookup, MtaDnsReply, PonyEnqueue, PonyEnqueueReply, QueueDeliver,
+    QueueEnvelopeSubmitReply, QueueTransfer,
 )
-from smtpd import fdpass
+from smtpd import enqueue, fdpass
 from smtpd.mda import Mda
 from smtpd.mta import Mta
 from smtpd.smtp_session import Handler, Session
@@ -184,6 +184,15 @@ class Process:
             return "<unknown>"
         return reply.hosts[0][1] if reply.status == "ok" and reply.hosts else "<unknown>"
 
+    async def _enqueue(self, peer: str, req: PonyEnqueue) -> None:
+        """An internal injection (bounce, offline file): the steps of a local session."""
+        try:
+            reply = await enqueue.run(self, req)
+        except Exception as exc:
+            log.exception("warn: pony: internal enqueue failed")
+            reply = PonyEnqueueReply(reqid=req.reqid, status="tempfail", text=f"451 4.3.0 {exc}")
+        await self.mesh.send(peer, reply)
+
     # -- messages --------------------------------------------------------------------------
 
     async def handle(self, peer: str, msg) -> None:
@@ -195,6 +204,8 @@ class Process:
                 self.mta.add(env)
             case QueueDeliver(envelope=env):
                 self.mda.add(env)
+            case PonyEnqueue():
+                self.spawn(self._enqueue(peer, msg))
             case CtlRequest(command="pause smtp"):
                 ok = not self.smtp_paused
                 if ok:

@@ -15,7 +15,7 @@ import time
 
 from common import privsep
 from common.durations import duration_to_text
-from common.envelope import EnvelopeError
+from common.envelope import DSN_SUCCESS, EnvelopeError
 from common.ids import MSGID_MAX
 from common.messages import (
     CtlContentReply, CtlListReply, CtlReply, CtlRequest, DeliveryResult, LkaEnvelopeCommit,
@@ -24,11 +24,13 @@ from common.messages import (
     QueueDeliveryTempfail, QueueEnvelopeAck, QueueEnvelopeCommitReply, QueueEnvelopeSubmit,
     QueueEnvelopeRemove, QueueEnvelopeSubmitReply, QueueMessageCommit, QueueMessageRollback,
     QueueTransfer,
-    SchedEntry, SchedEnvelopeDeliver, SchedEnvelopeExpire, SchedEnvelopeRemove,
+    SchedEntry, SchedEnvelopeBounce, SchedEnvelopeDeliver, SchedEnvelopeExpire, SchedEnvelopeRemove,
     SchedEnvelopeTransfer, SchedListReply, SmtpMessageCommit, SmtpMessageCommitReply,
     SmtpMessageCreate, SmtpMessageCreateReply, SmtpMessageData, SmtpMessageRollback,
 )
 from common.messages import MtaHoldqRelease, QueueHoldqHold, QueueHoldqRelease  # hold queues
+from smtpd import bounce
+from smtpd.queue_bounce import Bouncer
 from smtpd.queue_fs import Spool, SpoolError, is_disk_error
 
 log = logging.getLogger("smtpd")
@@ -67,6 +69,7 @@ class Process:
         # Messages moved to corrupt/ by this run: later orders and results for their
         # envelopes are dropped quietly (the move was logged once, the scheduler told).
         self.corrupted: set[int] = set()
+        self.bouncer = Bouncer(self)
 
     async def start(self) -> None:
         await asyncio.to_thread(self.spool.purge_unfinished)
@@ -89,6 +92,8 @@ class Process:
             log.error("warn: queue: %r", task.exception(), exc_info=task.exception())
 
     def expire_of(self, env) -> int:
+        if env.type == "bounce":          # bounces expire with the queue ttl (OpenSMTPD)
+            return env.ctime + self.config.queue_ttl
         action = self.config.actions.get(env.dispatcher)
         ttl = action.ttl if action is not None and action.ttl else self.config.queue_ttl
         return env.ctime + ttl
@@ -183,7 +188,9 @@ class Process:
                 self._remove(evpid, "Remove", "Removed by administrator")
                 await send("scheduler", QueueEnvelopeAck(evpid=evpid))
             case SchedEnvelopeExpire(evpid=evpid):
-                self._remove(evpid, "Expire", "Envelope expired")
+                self._spawn(self._expire(evpid))
+            case SchedEnvelopeBounce(evpid=evpid, delay=delay):
+                self._spawn(self._delay_notice(evpid, delay))
             case MessageOpen(reqid=reqid, msgid=msgid):
                 try:
                     data = self.spool.read_message(msgid)   # small, page-cached: no thread hop
@@ -280,6 +287,9 @@ class Process:
                 log.error("warn: queue: envelope %016x vanished from the spool", evpid)
                 await self.ctx.mesh.send("scheduler", QueueDeliveryPermfail(evpid=evpid))
             return
+        if env.type == "bounce":
+            self.bouncer.add(env)
+            return
         env.last_try = int(time.time())
         order = QueueTransfer(envelope=env) if transfer else QueueDeliver(envelope=env)
         await self.ctx.mesh.send("pony", order)
@@ -289,11 +299,25 @@ class Process:
         # Removal needs no fsync (a crash at worst redelivers): done inline, as a
         # thread hop costs more CPU than the unlink itself.
         if res.status == "ok":
+            if res.dsn_notify & DSN_SUCCESS and not (res.agent == "mta" and res.remote_dsn):
+                env = self._load_quiet(res.evpid)
+                if env is not None:
+                    kind = bounce.RELAYED if res.agent == "mta" else bounce.DELIVERED
+                    # mda's "Delivered" says nothing the Action does not; a relay's reply does
+                    await self.bouncer.create(env, kind, esc_class=2, esc_code=0,
+                                              errorline=res.errorline if res.agent == "mta" else "")
             self.spool.delete_envelope(res.evpid)
             await send("scheduler", QueueDeliveryOk(evpid=res.evpid))
             return
         if res.status in ("permfail", "loop"):
-            # Bounces come with the queue issue; the failure is logged by pony.
+            env = self._load_quiet(res.evpid)
+            if env is not None:
+                if res.status == "loop":      # as OpenSMTPD: class 4, code 46, "Loop detected"
+                    errorline, esc_class, esc_code = "Loop detected", 4, 46
+                else:
+                    errorline, esc_class, esc_code = res.errorline, 5, res.esc_code
+                await self.bouncer.create(env, bounce.FAILED, errorline=errorline,
+                                          esc_class=esc_class, esc_code=esc_code)
             self.spool.delete_envelope(res.evpid)
             reply = QueueDeliveryLoop if res.status == "loop" else QueueDeliveryPermfail
             await send("scheduler", reply(evpid=res.evpid))
@@ -312,6 +336,36 @@ class Process:
                 return        # moved to corrupt/ while in flight: the scheduler forgot it
             log.error("warn: queue: cannot update envelope %016x: %s", res.evpid, exc)
             await send("scheduler", QueueDeliveryPermfail(evpid=res.evpid))
+
+    def _load_quiet(self, evpid: int):
+        """The envelope on disk, or None (logged) when it cannot be read."""
+        try:
+            return self.spool.load_envelope(evpid)
+        except (OSError, EnvelopeError) as exc:
+            log.error("warn: queue: cannot load envelope %016x: %s", evpid, exc)
+            return None
+
+    async def _expire(self, evpid: int) -> None:
+        """Expired: a failed bounce ("Envelope expired", 5.4.7), then the envelope goes."""
+        env = self._load_quiet(evpid)
+        if env is not None:
+            await self.bouncer.create(env, bounce.FAILED, errorline="Envelope expired",
+                                      esc_class=5, esc_code=47)
+        self._remove(evpid, "Expire", "Envelope expired")
+
+    async def _delay_notice(self, evpid: int, delay: int) -> None:
+        """A delay notice is due: a delayed bounce envelope, and last-bounce recorded on
+        the original (fsync'd) so that this interval is not notified again."""
+        env = self._load_quiet(evpid)
+        if env is None or env.type == "bounce":
+            return
+        await self.bouncer.create(env, bounce.DELAYED, errorline=env.errorline, esc_class=4,
+                                  esc_code=env.esc_code, delay=delay)
+        env.last_bounce = env.ctime + delay
+        try:
+            await asyncio.to_thread(self.spool.update_envelope, env)
+        except (OSError, EnvelopeError) as exc:
+            log.error("warn: queue: cannot update envelope %016x: %s", evpid, exc)
 
     def _remove(self, evpid: int, event: str, stat: str) -> None:
         try:

@@ -173,6 +173,34 @@ class Spool:
         os.rename(tmp, path)
         fsync_dir(path.parent)
 
+    def add_envelope(self, env: Envelope) -> int:
+        """A new envelope for a committed message (a bounce: it shares the message file),
+        durable before it is announced: written to a temporary name, fsync'd, renamed
+        to a fresh evpid and the directory fsync'd (blocking: run in a thread).  The
+        caller keeps another envelope of the message on disk meanwhile, so the message
+        directory cannot go away under it."""
+        msgdir = self.message_dir(env.id >> 32)
+        msgid = env.id >> 32
+        tmp = msgdir / f".new.{secrets.token_hex(6)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            for _ in range(20):
+                env.id = random_evpid(msgid)
+                if not (msgdir / f"{env.id:016x}").exists():
+                    break
+            else:
+                raise SpoolError("could not allocate an envelope id")
+            _write_all(fd, envcodec.dump(env))
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.rename(tmp, msgdir / f"{env.id:016x}")
+        fsync_dir(msgdir)
+        return env.id
+
     def delete_envelope(self, evpid: int) -> None:
         """Remove an envelope; the message goes with its last envelope."""
         path = self.envelope_path(evpid)

@@ -12,28 +12,20 @@ advertise PIPELINING (OpenSMTPD refuses it; RFC 2920 clients expect it).
 """
 from __future__ import annotations
 
-import email.utils
 import logging
 import re
 import time
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, syntax
 
 from common import stat
 from common.envelope import Envelope
-from common.ipc import PeerTimeout
 from common.trace import FLAGS, SESSION, trace
-from common.messages import (
-    QueueEnvelopeCommitReply, SmtpExpandRcpt, SmtpExpandRcptReply, SmtpMessageCommit,
-    SmtpMessageCommitReply, SmtpMessageCreate, SmtpMessageCreateReply, SmtpMessageData,
-    SmtpMessageRollback,
-)
+from common.messages import SmtpMessageRollback
+from smtpd import dsn_params, enqueue
 
 log = logging.getLogger("smtpd")
 
-CHUNK = 256 * 1024
-MAX_RECEIVED = 100
-COMMIT_TIMEOUT = 120.0
 
 # aiosmtpd's own replies, said the way OpenSMTPD says them.
 _REWRITE = {
@@ -118,6 +110,9 @@ class Session(SMTP):
         self._greeting_reply = False
         self._held_lines: list[str] = []
         self.sender = ""          # MAIL FROM of the transaction, "" for the null sender
+        self.dsn_ret = ""         # RET= and ENVID= of the transaction (RFC 3461)
+        self.dsn_options: list[str] = []   # DSN parameters of the command being handled
+        self.dsn_envid = ""
         self._in_data = False            # between 354 and the final dot (for trace smtp)
         self._trace_partial = b""
 
@@ -136,6 +131,26 @@ class Session(SMTP):
             return arg[1:end] or "<>", arg[end + 1:].lstrip()
         address, _, rest = arg.partition(" ")
         return address, rest.lstrip()
+
+    def _take_dsn(self, arg: str | None) -> str | None:
+        """Keep the DSN parameters of MAIL/RCPT aside, as sent (aiosmtpd refuses
+        parameters it does not know, and upper-cases the rest)."""
+        self.dsn_options = []
+        if not arg or not self.session.extended_smtp:
+            return arg
+        end = arg.find(">")
+        if end < 0:
+            return arg
+        params, self.dsn_options = dsn_params.split_dsn(arg[end + 1:])
+        return arg[:end + 1] + (" " + params if params else "")
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg):
+        await super().smtp_MAIL(self._take_dsn(arg))
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg):
+        await super().smtp_RCPT(self._take_dsn(arg))
 
     async def push(self, status):
         # RFC 2034 s4: every reply carries an enhanced code, but for the greeting and
@@ -304,7 +319,7 @@ class Handler:
         session.host_name = hostname
         return [f"250-{self.greeting(server, hostname)}", "250-8BITMIME",
                 "250-ENHANCEDSTATUSCODES", f"250-SIZE {self.config.max_message_size}",
-                "250-PIPELINING", "250 HELP"]
+                "250-DSN", "250-PIPELINING", "250 HELP"]
 
     async def handle_NOOP(self, server, session, envelope, arg) -> str:
         return "250 2.0.0 Ok"
@@ -338,18 +353,14 @@ class Handler:
             address = f"{address}@{self.name(server)}"
         if address and not valid_mailbox(address):
             return server.failed(f"MAIL FROM:<{address}>", "553 5.1.0 Sender address syntax error")
-        for option in options:
-            key = option.split("=", 1)[0].upper()
-            if key not in ("SIZE", "BODY", "AUTH"):
-                return f"503 5.5.4 Invalid command arguments: Unsupported option {option}"
-        try:
-            reply = await self.pony.mesh.request(
-                "queue", SmtpMessageCreate(reqid=self.pony.ctx.new_id()), (SmtpMessageCreateReply,))
-        except PeerTimeout:
-            reply = None
-        if reply is None or not reply.ok:
+        mail_dsn = dsn_params.parse_mail_options(server.dsn_options)
+        if isinstance(mail_dsn, str):
+            return server.failed(f"MAIL FROM:<{address}>", mail_dsn)
+        msgid = await enqueue.create_message(self.pony)
+        if not msgid:
             return server.failed("MAIL", "421 4.3.0 Temporary failure")
-        server.msgid = reply.msgid
+        server.msgid = msgid
+        server.dsn_ret, server.dsn_envid = mail_dsn
         server.rcpt_count = 0
         server.envelopes = []
         server.sender = address
@@ -366,27 +377,20 @@ class Handler:
             return server.failed(f"RCPT TO:<{address}>", "501 5.1.3 Recipient address syntax error")
         if server.rcpt_count >= self.config.smtp_max_rcpt:
             return "451 4.5.3 Too many recipients: Too many recipients"
-        for option in options:
-            return f"503 5.5.4 Invalid command arguments: Unsupported option {option}"
+        dsn = dsn_params.parse_rcpt_options(server.dsn_options)
+        if isinstance(dsn, str):
+            return server.failed(f"RCPT TO:<{address}>", dsn)
         env = Envelope(
             smtpname=self.name(server), helo=session.host_name or "", hostname=server.rdns,
             sockaddr=_sockaddr_text(server.peer_ip), sender=server.sender, rcpt=address,
-            dest=address, tag=server.listener.tag or "", ctime=int(time.time()))
-        reqid = self.pony.ctx.new_id()
-        self.pony.evpids[reqid] = []
-        try:
-            reply = await self.pony.mesh.request(
-                "lka", SmtpExpandRcpt(reqid=reqid, msgid=server.msgid, envelope=env, rdns=server.rdns,
-                                      local_listener=self.pony.is_local_listener(server.listener)),
-                (SmtpExpandRcptReply, QueueEnvelopeCommitReply))
-        except PeerTimeout:
-            reply = None
-        finally:
-            evpids = self.pony.evpids.pop(reqid, [])
-        if isinstance(reply, SmtpExpandRcptReply):
-            return server.failed(f"RCPT TO:<{address}>", f"{reply.code} {reply.text}")
-        if reply is None or not reply.ok:
-            return server.failed(f"RCPT TO:<{address}>", "451 4.3.0 Temporary failure")
+            dest=address, tag=server.listener.tag or "", ctime=int(time.time()),
+            dsn_notify=dsn.notify, dsn_orcpt=dsn.orcpt, dsn_ret=server.dsn_ret,
+            dsn_envid=server.dsn_envid)
+        refused, evpids = await enqueue.expand_rcpt(
+            self.pony, server.msgid, env, rdns=server.rdns,
+            local_listener=self.pony.is_local_listener(server.listener))
+        if refused:
+            return server.failed(f"RCPT TO:<{address}>", refused)
         server.envelopes.extend((evpid, address) for evpid in evpids)
         server.rcpt_count += 1
         envelope.rcpt_tos.append(address)
@@ -396,26 +400,16 @@ class Handler:
         msgid = server.msgid
         content: bytes = envelope.original_content or b""
         body = content.replace(b"\r\n", b"\n")
-        if _count_received(body) >= MAX_RECEIVED:
+        if enqueue.count_received(body) >= enqueue.MAX_HOPS_COUNT:
+            log.warning("warn: loop detected")
             await self._rollback(server)
-            return server.failed("DATA", "554 5.4.6 Routing loop detected: Loop detected")
+            return server.failed("DATA", enqueue.LOOP_REPLY)
         data = self._received(server, session, envelope, msgid) + body
-        send = self.pony.mesh.send
-        for start in range(0, len(data), CHUNK):
-            await send("queue", SmtpMessageData(msgid=msgid, chunk=data[start:start + CHUNK]))
-        try:
-            reply = await self.pony.mesh.request(
-                "queue", SmtpMessageCommit(reqid=self.pony.ctx.new_id(), msgid=msgid),
-                (SmtpMessageCommitReply,), timeout=COMMIT_TIMEOUT)
-        except PeerTimeout:
-            reply = None
+        failed = await enqueue.store_message(self.pony, msgid, data)
         server.msgid = 0
         server.rcpt_count = 0
-        if reply is None or not reply.ok:
-            if reply is None:
-                await send("queue", SmtpMessageRollback(msgid=msgid))
-            text = f"{reply.code} {reply.text}" if reply is not None else "451 4.3.0 Temporary failure"
-            return server.failed("DATA", text)
+        if failed:
+            return server.failed("DATA", failed)
         proto = "ESMTP" if session.extended_smtp else "SMTP"
         # As OpenSMTPD: the message line, then one line per envelope, once committed.
         log.info("%016x smtp message msgid=%08x size=%d nrcpt=%d proto=%s",
@@ -426,30 +420,13 @@ class Handler:
         return f"250 2.0.0 {msgid:08x} Message accepted for delivery"
 
     def _received(self, server: Session, session, envelope, msgid: int) -> bytes:
-        helo = session.host_name or server.peer_ip
-        proto = "ESMTP" if session.extended_smtp else "SMTP"
-        lines = [f"Received: from {helo} ({server.rdns} [{server.peer_ip}])",
-                 f"\tby {self.name(server)} (pysmtpd) with {proto} id {msgid:08x}"]
-        date = email.utils.format_datetime(email.utils.localtime())
-        if len(envelope.rcpt_tos) == 1:
-            lines.append(f"\tfor <{envelope.rcpt_tos[0]}>;")
-        else:
-            lines[-1] += ";"
-        lines.append(f"\t{date}")
-        return ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape")
+        return enqueue.received_line(
+            helo=session.host_name or server.peer_ip, rdns=server.rdns, ip=server.peer_ip,
+            name=self.name(server), esmtp=session.extended_smtp, msgid=msgid,
+            rcpts=envelope.rcpt_tos)
 
 
 def _sockaddr_text(ip: str) -> str:
     if ip == "local":
         return "local"
     return f"[{ip}]" if ":" in ip else ip
-
-
-def _count_received(body: bytes) -> int:
-    count = 0
-    for line in body.split(b"\n"):
-        if not line:
-            break
-        if line[:9].lower() == b"received:":
-            count += 1
-    return count

@@ -1,11 +1,15 @@
 """A remote MX for the tests: an aiosmtpd server on 127.0.0.1 that records
-every transaction (and can refuse recipients or be stopped and restarted)."""
+every transaction (and can refuse recipients or be stopped and restarted; with
+``dsn=True`` it advertises DSN and records the DSN parameters it is given)."""
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
 
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
+
+_DSN_PARAMS = ("RET", "ENVID", "NOTIFY", "ORCPT")
 
 
 @dataclass
@@ -14,6 +18,7 @@ class Transaction:
     rcpt_tos: list[str]
     data: bytes
     peer: tuple = ()         # (address, port) of the client: one per connection
+    dsn_params: list[str] = field(default_factory=list)   # as sent, MAIL's then each RCPT's
 
 
 @dataclass
@@ -21,6 +26,13 @@ class SinkHandler:
     transactions: list[Transaction] = field(default_factory=list)
     reject_rcpt: dict[str, str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    dsn: bool = False
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        if self.dsn:
+            responses.insert(-1, "250-DSN")
+        return responses
 
     async def handle_RCPT(self, server, session, envelope, address, options):
         if address in self.reject_rcpt:
@@ -31,19 +43,50 @@ class SinkHandler:
     async def handle_DATA(self, server, session, envelope):
         with self.lock:
             self.transactions.append(Transaction(envelope.mail_from, list(envelope.rcpt_tos),
-                                                 envelope.original_content, tuple(session.peer)))
+                                                 envelope.original_content, tuple(session.peer),
+                                                 list(getattr(server, "dsn_seen", []))))
+            if hasattr(server, "dsn_seen"):
+                server.dsn_seen = []
         return "250 2.0.0 Ok: queued"
 
 
+class DsnSMTP(SMTP):
+    """aiosmtpd refuses parameters it does not know: keep the DSN ones aside."""
+
+    def _strip(self, arg):
+        if not hasattr(self, "dsn_seen"):
+            self.dsn_seen = []
+        if not arg or ">" not in arg:
+            return arg
+        head, _, params = arg.partition(">")
+        kept = []
+        for word in params.split():
+            (self.dsn_seen if word.split("=")[0].upper() in _DSN_PARAMS else kept).append(word)
+        return head + ">" + (" " + " ".join(kept) if kept else "")
+
+    async def smtp_MAIL(self, arg):
+        self.dsn_seen = []
+        await super().smtp_MAIL(self._strip(arg))
+
+    async def smtp_RCPT(self, arg):
+        await super().smtp_RCPT(self._strip(arg))
+
+
+class DsnController(Controller):
+    def factory(self):
+        return DsnSMTP(self.handler, **self.SMTP_kwargs)
+
+
 class Sink:
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, dsn: bool = False) -> None:
         self.port = port
-        self.handler = SinkHandler()
+        self.handler = SinkHandler(dsn=dsn)
         self.controller: Controller | None = None
 
     def start(self) -> "Sink":
-        self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port,
-                                     ready_timeout=10)
+        cls = DsnController if self.handler.dsn else Controller
+        self.controller = cls(self.handler, hostname="127.0.0.1", port=self.port,
+                              ready_timeout=10)
         self.controller.start()
         return self
 

@@ -155,3 +155,11 @@ def test_features_of_later_issues_are_reported_not_silently_ignored(tmp_path):
         f'{tmp_path}/smtpd.conf:4: relay option "tls" is accepted but not applied yet',
     ]
     assert parse_config(conf(tmp_path, BASE)).not_applied == []
+
+
+def test_queue_ttl_action_ttl_and_warn_intervals_are_applied(tmp_path):
+    c = parse_config(conf(tmp_path, "queue ttl 2d\nbounce warn-interval 1h, 6h\n"
+                                    'action r relay host "smtp://127.0.0.1:25" ttl 30m\n'
+                                    "match from any for any action r\n"))
+    assert (c.queue_ttl, c.bounce_warn_interval, c.actions["r"].ttl) == (2 * 86400, [3600, 6 * 3600], 1800)
+    assert c.not_applied == []

@@ -1,7 +1,8 @@
 import pytest
 
 from smtpd.relay_url import RelayUrlError, parse_relay_url
-from smtpd.smtp_session import _count_received, valid_mailbox, with_esc
+from smtpd.enqueue import count_received as _count_received
+from smtpd.smtp_session import valid_mailbox, with_esc
 
 
 @pytest.mark.parametrize("raw, said", [
