@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import queue as threadqueue
+import threading
 import time
 
 from common import privsep
@@ -25,7 +27,7 @@ from common.messages import (
     SchedEnvelopeTransfer, SchedListReply, SmtpMessageCommit, SmtpMessageCommitReply,
     SmtpMessageCreate, SmtpMessageCreateReply, SmtpMessageData, SmtpMessageRollback,
 )
-from smtpd.queue_fs import Spool, SpoolError, is_disk_error
+from smtpd.queue_fs import Spool, SpoolError, close_quietly, is_disk_error
 
 log = logging.getLogger("smtpd")
 
@@ -52,12 +54,58 @@ class Incoming:
         self.disk_full = False
 
 
+class Committer:
+    """Group commit: one thread commits, together, every message whose DATA ended
+    while the previous batch was being synced, so that concurrent messages share
+    the syncs (Spool.commit_batch).  Each caller awaits its own message's result:
+    nobody is answered before the batch holding its message is durable."""
+
+    MAX_BATCH = 128
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self.pending: threadqueue.SimpleQueue = threadqueue.SimpleQueue()
+        self.thread: threading.Thread | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def commit(self, msgid: int, body) -> asyncio.Future:
+        if self.thread is None:
+            self.loop = asyncio.get_running_loop()
+            self.thread = threading.Thread(target=self._run, name="committer", daemon=True)
+            self.thread.start()
+        future = self.loop.create_future()
+        self.pending.put((msgid, body, future))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            batch = [self.pending.get()]
+            while len(batch) < self.MAX_BATCH:
+                try:
+                    batch.append(self.pending.get_nowait())
+                except threadqueue.Empty:
+                    break
+            try:
+                results = self.spool.commit_batch([(msgid, body) for msgid, body, _ in batch])
+            except Exception as exc:        # a bug: fail the batch, never acknowledge it
+                results = [exc] * len(batch)
+            for (_, _, future), result in zip(batch, results):
+                self.loop.call_soon_threadsafe(_resolve, future, result)
+
+
+def _resolve(future: asyncio.Future, error) -> None:
+    if not future.done():
+        future.set_result(error)
+
+
 class Process:
     def __init__(self, ctx) -> None:
         self.ctx = ctx
         self.spool: Spool = ctx.prepared
         self.config = ctx.config
         self.incoming: dict[int, Incoming] = {}
+        self.committing: set[int] = set()      # msgids in the committer's hands
+        self.committer = Committer(self.spool)
         self.tasks: set[asyncio.Task] = set()
         self.started = time.time()
 
@@ -204,17 +252,22 @@ class Process:
         error = "unknown message" if inc is None else inc.failed or ("no envelope" if not inc.entries else "")
         disk_full = inc is not None and inc.disk_full
         if not error:
+            self.committing.add(msgid)
             try:
                 if inc.body is None:
                     inc.body = self.spool.open_body(msgid)
-                await asyncio.to_thread(self.spool.commit, msgid, inc.body)
+                failure = await self.committer.commit(msgid, inc.body)
             except OSError as exc:
-                error = exc.strerror or str(exc)
-                disk_full = is_disk_error(exc)
+                failure = exc
+            finally:
+                self.committing.discard(msgid)
+            if failure is not None:
+                error = getattr(failure, "strerror", None) or str(failure)
+                disk_full = isinstance(failure, OSError) and is_disk_error(failure)
         if error:
             log.error("warn: queue: commit of %08x failed: %s", msgid, error)
             if inc is not None and inc.body is not None and not inc.body.closed:
-                inc.body.close()
+                close_quietly(inc.body)
             await asyncio.to_thread(self.spool.rollback, msgid)
             await send(peer, SmtpMessageCommitReply(
                 reqid=reqid, ok=False, code=452 if disk_full else 451,
@@ -226,9 +279,13 @@ class Process:
         await send(peer, SmtpMessageCommitReply(reqid=reqid, ok=True))
 
     def _rollback(self, msgid: int) -> None:
+        if msgid in self.committing:
+            # pony gave up waiting (timeout): the commit finishes or fails on its own;
+            # removing its files under the committer would leave a partial message.
+            return
         inc = self.incoming.pop(msgid, None)
         if inc is not None and inc.body is not None:
-            inc.body.close()
+            close_quietly(inc.body)
         self.spool.rollback(msgid)
 
     # -- delivery ----------------------------------------------------------------------------

@@ -8,13 +8,16 @@
       purge/                    trash, emptied at start
       offline/                  sendmail drop box while the daemon is down
 
-Durability: at commit the body and every envelope are fsync'd, the message
-directory is fsync'd, renamed into queue/ (the commit point) and queue/<XX>/ is
-fsync'd; only then may the client be told ``250``.  Envelope updates are written
-to a temporary file, fsync'd and renamed over the old one.
+Durability (group commit): the messages whose DATA ended meanwhile are committed
+together.  Their bodies are renamed into incoming/<msgid>/, one syncfs(2) makes
+every body, envelope and directory entry durable, each incoming/<msgid>/ is
+renamed into queue/<XX>/ (the commit point) and a second syncfs makes the
+renames durable; only then may their clients be told ``250``.  Envelope updates
+are written to a temporary file, fsync'd and renamed over the old one.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import secrets
@@ -24,6 +27,9 @@ from pathlib import Path
 from common import envelope as envcodec
 from common.envelope import Envelope, EnvelopeError
 from common.ids import random_evpid, random_msgid
+
+_libc = ctypes.CDLL(None, use_errno=True)     # loaded before any chroot
+_syncfs = getattr(_libc, "syncfs", None)
 
 SUBDIRS = ("incoming", "temporary", "queue", "corrupt", "purge", "offline")
 
@@ -51,6 +57,7 @@ class Spool:
         self.corrupt = self.root / "corrupt"
         self.purge = self.root / "purge"
         self.offline = self.root / "offline"
+        self._sync_fd = -1
 
     # -- set-up (as root, before the privilege drop) ----------------------------------------
 
@@ -122,28 +129,89 @@ class Spool:
         raise SpoolError("could not allocate an envelope id")
 
     def commit(self, msgid: int, body) -> None:
-        """Make a fully received message durable and visible (blocking: run in a thread)."""
-        name = f"{msgid:08x}"
-        body.flush()
-        os.fsync(body.fileno())
-        body.close()
-        inc = self.incoming / name
-        os.rename(self.temporary / name, inc / "message")
-        for entry in os.listdir(inc):
-            if entry != "message":
-                fd = os.open(inc / entry, os.O_RDONLY)
+        """Make one fully received message durable and visible (blocking)."""
+        error = self.commit_batch([(msgid, body)])[0]
+        if error is not None:
+            raise error
+
+    def commit_batch(self, batch) -> list[OSError | None]:
+        """Make fully received messages durable and visible, sharing the syncs between
+        them (blocking: the queue's committer thread).  ``batch`` is [(msgid, body)];
+        the result has, for each, None (committed: it may be acknowledged) or the
+        error (nothing of it is in queue/; the caller rolls it back)."""
+        results: list[OSError | None] = [None] * len(batch)
+        staged = []
+        for i, (msgid, body) in enumerate(batch):
+            name = f"{msgid:08x}"
+            try:
                 try:
-                    os.fsync(fd)
+                    body.flush()
                 finally:
-                    os.close(fd)
-        fsync_dir(inc)
-        dest = self.message_dir(msgid)
-        bucket = dest.parent
-        if not bucket.exists():
-            bucket.mkdir(mode=0o700, exist_ok=True)
-            fsync_dir(self.queue)
-        os.rename(inc, dest)
-        fsync_dir(bucket)
+                    close_quietly(body)
+                os.rename(self.temporary / name, self.incoming / name / "message")
+                staged.append(i)
+            except OSError as exc:
+                results[i] = exc
+        if not staged:
+            return results
+        try:
+            # bodies, envelopes and the incoming/ entries, of the whole batch at once
+            self.sync([self.incoming / f"{batch[i][0]:08x}" for i in staged])
+        except OSError as exc:
+            for i in staged:
+                results[i] = exc
+            return results
+        moved = []
+        new_buckets = False
+        for i in staged:
+            msgid = batch[i][0]
+            dest = self.message_dir(msgid)
+            try:
+                if not dest.parent.exists():
+                    dest.parent.mkdir(mode=0o700, exist_ok=True)
+                    new_buckets = True
+                os.rename(self.incoming / f"{msgid:08x}", dest)       # the commit point
+                moved.append(i)
+            except OSError as exc:
+                results[i] = exc
+        if not moved:
+            return results
+        try:
+            buckets = {self.message_dir(batch[i][0]).parent for i in moved}
+            self.sync(sorted(buckets) + ([self.queue] if new_buckets else []), dirs_only=True)
+        except OSError as exc:
+            # not known durable: take them back out of queue/ so that the caller's
+            # rollback removes them (a crash meanwhile may still deliver them whole)
+            for i in moved:
+                msgid = batch[i][0]
+                results[i] = exc
+                try:
+                    os.rename(self.message_dir(msgid), self.incoming / f"{msgid:08x}")
+                except OSError:
+                    pass
+        return results
+
+    def sync(self, dirs, dirs_only: bool = False) -> None:
+        """Make everything written to the spool's file system durable: one syncfs(2)
+        whatever the number of files (its descriptor stays open, so a writeback error
+        since the previous call is reported).  Where syncfs is missing: fsync of each
+        file in ``dirs`` (unless ``dirs_only``) and of each directory."""
+        if _syncfs is not None:
+            if self._sync_fd < 0:
+                self._sync_fd = os.open(self.queue, os.O_RDONLY | os.O_DIRECTORY)
+            if _syncfs(self._sync_fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+            return
+        for d in dirs:
+            if not dirs_only:
+                for name in os.listdir(d):
+                    fd = os.open(d / name, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+            fsync_dir(d)
 
     def rollback(self, msgid: int) -> None:
         name = f"{msgid:08x}"
@@ -228,6 +296,15 @@ class Spool:
                         except ValueError:
                             pass
                 yield msgid, sorted(evpids)
+
+
+def close_quietly(f) -> None:
+    """Close a buffered file whose flush may fail (disk full): the descriptor is
+    closed all the same, and the error was (or will be) reported by the caller."""
+    try:
+        f.close()
+    except OSError:
+        pass
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -24,6 +24,7 @@ OPERATION = {
     "create_message": "queue_message_create",
     "rollback": "queue_message_delete",
     "commit": "queue_message_commit",
+    "commit_batch": "queue_message_commit",
     "read_message": "queue_message_fd_r",
     "open_body": "queue_message_fd_rw",
     "write_incoming_envelope": "queue_envelope_create",
