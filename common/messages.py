@@ -122,6 +122,7 @@ class QueueEnvelopeSubmitReply(Msg, **_m("queue_envelope_submit_reply")):
 class QueueEnvelopeCommitReply(Msg, **_m("queue_envelope_commit_reply")):
     reqid: int
     ok: bool
+    disk_full: bool = False     # not ok because the spool is full: 452 4.3.1 to the client
 
 
 class SmtpMessageData(Msg, **_m("smtp_message_data")):

@@ -191,7 +191,8 @@ class Process:
             case LkaEnvelopeCommit(reqid=reqid, msgid=msgid):
                 inc = self.incoming.get(msgid)
                 ok = inc is not None and not inc.failed
-                await send("pony", QueueEnvelopeCommitReply(reqid=reqid, ok=ok))
+                await send("pony", QueueEnvelopeCommitReply(
+                    reqid=reqid, ok=ok, disk_full=inc is not None and inc.disk_full))
             case SmtpMessageData(msgid=msgid, chunk=chunk):
                 self._append(msgid, chunk)
             case SmtpMessageCommit(reqid=reqid, msgid=msgid):

@@ -74,13 +74,14 @@ class Spool:
             os.chmod(self.root, 0o711)
 
     def purge_unfinished(self) -> None:
-        """Half-received messages from a previous run are discarded (never acknowledged)."""
+        """Half-received messages from a previous run are discarded (never acknowledged).
+        Each is renamed into purge/ (atomic: a crash meanwhile leaves it in one place or
+        the other) and purge/ is emptied.  Entry by entry, as the spool's top directory
+        belongs to root and the queue (_smtpq) may not rename incoming/ itself."""
         for name in ("incoming", "temporary"):
             d = self.root / name
-            if any(d.iterdir()):
-                trash = self.purge / f"{name}.{secrets.token_hex(8)}"
-                os.rename(d, trash)
-                d.mkdir(mode=0o700)
+            for entry in os.listdir(d):
+                os.rename(d / entry, self.purge / f"{name}.{entry}.{secrets.token_hex(4)}")
         for entry in self.purge.iterdir():
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
 

@@ -385,6 +385,8 @@ class Handler:
             evpids = self.pony.evpids.pop(reqid, [])
         if isinstance(reply, SmtpExpandRcptReply):
             return server.failed(f"RCPT TO:<{address}>", f"{reply.code} {reply.text}")
+        if reply is not None and not reply.ok and reply.disk_full:
+            return server.failed(f"RCPT TO:<{address}>", "452 4.3.1 Insufficient system storage")
         if reply is None or not reply.ok:
             return server.failed(f"RCPT TO:<{address}>", "451 4.3.0 Temporary failure")
         server.envelopes.extend((evpid, address) for evpid in evpids)

@@ -1,4 +1,8 @@
 import os
+import pwd
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -72,3 +76,31 @@ def test_corrupt_message_is_moved_aside(spool):
     dest = spool.move_to_corrupt(msgid)
     assert dest.parent == spool.corrupt and (dest / "message").exists()
     assert list(spool.walk()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to set the spool up as the daemon does")
+def test_purge_needs_no_right_on_the_spool_top_directory(tmp_path):
+    # As root the top directory belongs to root (0711) and the queue runs as _smtpq:
+    # debris of a crash must be purged with rights on incoming/, temporary/, purge/ only.
+    nobody = pwd.getpwnam("nobody")
+    top = Path(tempfile.mkdtemp(prefix="pysmtpd-spool-"))
+    try:
+        os.chmod(top, 0o711)
+        spool = Spool(top / "spool")
+        spool.setup(nobody.pw_uid, nobody.pw_gid, privileged=True)
+        pid = os.fork()
+        if pid == 0:                                  # the queue's view of it
+            code = 1
+            try:
+                os.setgid(nobody.pw_gid)
+                os.setuid(nobody.pw_uid)
+                receive(spool)[2].close()
+                spool.purge_unfinished()
+                code = 0
+            finally:
+                os._exit(code)
+        assert os.waitpid(pid, 0)[1] == 0, "purge failed as the spool's owner"
+        assert os.listdir(spool.incoming) == [] and os.listdir(spool.temporary) == []
+        assert os.listdir(spool.purge) == []
+    finally:
+        shutil.rmtree(top)
