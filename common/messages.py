@@ -378,6 +378,16 @@ class StatReply(Msg, **_m("stat_reply")):
     decrements: dict[str, int] = {}
 
 
+# --- robust (issue 3): loading a big queue at start ------------------------------------
+
+class QueueEnvelopeSubmitBatch(Msg, **_m("queue_envelope_submit_batch")):
+    """queue -> scheduler at start: envelopes of messages already committed in the spool,
+    about a thousand per send rather than one (100,000 envelopes load in seconds).
+    A message's envelopes are never split over two batches: the scheduler stages
+    them and commits each of their messages at once."""
+    entries: list[SchedEntry]
+
+
 Message = Union[
     SetupDone, ConfEnd, CtlVerbose, MdaFork, MdaDone,
     SmtpMessageCreate, SmtpMessageCreateReply, SmtpExpandRcpt, SmtpExpandRcptReply,
@@ -391,6 +401,7 @@ Message = Union[
     CtlRequest, CtlReply, SchedListReply, CtlListReply,
     ConfEndDone, ConfReloadPrepare, ConfReloadCommit, ConfReloadAbort, ConfReloadReply,
     CtlProfile, StatGet, StatReply,
+    QueueEnvelopeSubmitBatch,
 ]
 
 _encoder = msgspec.msgpack.Encoder()

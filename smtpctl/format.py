@@ -13,6 +13,7 @@ Every function here is pure and returns text without the trailing newline
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import math
@@ -117,7 +118,10 @@ _FLAG_ALIASES = {
 }
 
 
+@functools.lru_cache(maxsize=4096)
 def _src(sockaddr: Any) -> str:
+    # cached: a big queue repeats a few client addresses, and parsing each
+    # was 40 % of the formatting of a `show queue` line
     s = "" if sockaddr is None else str(sockaddr)
     if s in ("local", "inet4", "inet6"):
         return s

@@ -22,7 +22,7 @@ from common.messages import (
     CtlListReply, DeliveryResult, LkaEnvelopeCommit, LkaEnvelopeSubmit, MessageContent,
     MessageOpen, QueueDeliver, QueueDeliveryLoop, QueueDeliveryOk, QueueDeliveryPermfail,
     QueueDeliveryTempfail, QueueEnvelopeAck, QueueEnvelopeCommitReply, QueueEnvelopeSubmit,
-    QueueEnvelopeSubmitReply, QueueMessageCommit, QueueMessageRollback, QueueTransfer,
+    QueueEnvelopeSubmitBatch, QueueEnvelopeSubmitReply, QueueMessageCommit, QueueMessageRollback, QueueTransfer,
     SchedEntry, SchedEnvelopeDeliver, SchedEnvelopeExpire, SchedEnvelopeRemove,
     SchedEnvelopeTransfer, SchedListReply, SmtpMessageCommit, SmtpMessageCommitReply,
     SmtpMessageCreate, SmtpMessageCreateReply, SmtpMessageData, SmtpMessageRollback,
@@ -140,29 +140,37 @@ class Process:
 
     # -- start-up: feed the scheduler with what the spool holds ------------------------------
 
+    LOAD_BATCH = 1024        # envelopes per QueueEnvelopeSubmitBatch
+
     async def _load_queue(self) -> None:
+        """Every envelope of queue/ to the scheduler, whole messages in batches, the
+        loop given back between batches (SMTP sessions are served meanwhile)."""
         count = 0
+        batch: list[SchedEntry] = []
         send = self.ctx.mesh.send
         for msgid, evpids in self.spool.walk():
-            loaded = 0
+            entries = []
             for evpid in evpids:
                 try:
-                    env = self.spool.load_envelope(evpid)
-                    if os.stat(self.spool.envelope_path(evpid)).st_mtime > self.started:
-                        continue      # committed by this run: the scheduler has it already
+                    env, mtime = self.spool.load_envelope_mtime(evpid)
                 except FileNotFoundError:
                     continue
                 except (OSError, EnvelopeError) as exc:
                     self._corrupt(msgid, f"envelope {evpid:016x}: {exc}")
+                    entries = []
                     break
-                await send("scheduler", QueueEnvelopeSubmit(entry=self.entry_of(env)))
-                loaded += 1
-            else:
-                if loaded:
-                    await send("scheduler", QueueMessageCommit(msgid=msgid))
-                    count += loaded
-            if count % 512 == 0:
+                if mtime > self.started:
+                    continue      # written by this run: the scheduler has it already
+                entries.append(self.entry_of(env))
+            batch += entries
+            if len(batch) >= self.LOAD_BATCH:
+                await send("scheduler", QueueEnvelopeSubmitBatch(entries=batch))
+                count += len(batch)
+                batch = []
                 await asyncio.sleep(0)
+        if batch:
+            await send("scheduler", QueueEnvelopeSubmitBatch(entries=batch))
+            count += len(batch)
         log.debug("debug: queue: done loading queue into scheduler (%d envelopes)", count)
 
     def _corrupt(self, msgid: int, why: str) -> None:

@@ -14,7 +14,8 @@ from common import stat
 from common.trace import FLAGS, trace
 from common.messages import (
     CtlReply, CtlRequest, QueueDeliveryLoop, QueueDeliveryOk, QueueDeliveryPermfail,
-    QueueDeliveryTempfail, QueueEnvelopeAck, QueueEnvelopeSubmit, QueueListEntry,
+    QueueDeliveryTempfail, QueueEnvelopeAck, QueueEnvelopeSubmit, QueueEnvelopeSubmitBatch,
+    QueueListEntry,
     QueueMessageCommit, QueueMessageRollback, SchedEnvelopeDeliver, SchedEnvelopeExpire,
     SchedEnvelopeRemove, SchedEnvelopeTransfer, SchedListReply,
 )
@@ -80,6 +81,15 @@ class Process:
                     trace("scheduler: inserting evp:%016x", e.evpid)
                 stat.increment("scheduler.envelope.incoming")
                 rq.stage(e.evpid, e.type, e.ctime, e.expire, e.retry)
+            case QueueEnvelopeSubmitBatch(entries=entries):
+                # the spool's content at start: whole messages, committed at once
+                for e in entries:
+                    rq.stage(e.evpid, e.type, e.ctime, e.expire, e.retry)
+                n, when = 0, now()
+                for msgid in dict.fromkeys(e.evpid >> 32 for e in entries):
+                    n += rq.commit(msgid, when)
+                stat.increment("scheduler.envelope", n)
+                self.wake.set()
             case QueueMessageCommit(msgid=msgid):
                 if FLAGS.scheduler:
                     trace("scheduler: committing msg:%08x", msgid)

@@ -104,3 +104,38 @@ def test_purge_needs_no_right_on_the_spool_top_directory(tmp_path):
         assert os.listdir(spool.purge) == []
     finally:
         shutil.rmtree(top)
+
+
+def test_group_commit_commits_each_message_or_reports_its_error(spool):
+    good = [receive(spool, (f"r{i}@b.test",), body=f"Subject: {i}\n\nbody {i}\n".encode()) for i in range(3)]
+    lost_msgid, _, lost_body = receive(spool)
+    os.unlink(spool.temporary / f"{lost_msgid:08x}")        # its body is gone: it cannot commit
+    batch = [(m, f) for m, _, f in good[:2]] + [(lost_msgid, lost_body)] + [(good[2][0], good[2][2])]
+    results = spool.commit_batch(batch)
+    assert [r is None for r in results] == [True, True, False, True]
+    assert isinstance(results[2], FileNotFoundError)
+    for i, (msgid, evpids, _) in enumerate(good):
+        assert spool.read_message(msgid) == f"Subject: {i}\n\nbody {i}\n".encode()
+        assert spool.load_envelope(evpids[0]).rcpt == f"r{i}@b.test"
+    assert sorted(m for m, _ in spool.walk()) == sorted(m for m, _, _ in good)
+    # the failed one is left for the caller's rollback, which removes all of it
+    spool.rollback(lost_msgid)
+    assert os.listdir(spool.incoming) == [] and os.listdir(spool.temporary) == []
+
+
+def test_a_body_that_cannot_be_flushed_fails_its_commit_and_is_closed(spool):
+    msgid, _, body = receive(spool)
+    real = body.raw
+    os.close(real.fileno())            # a write error at flush time (EBADF: no real disk to fill here)
+    results = spool.commit_batch([(msgid, body)])
+    assert isinstance(results[0], OSError) and body.closed
+    spool.rollback(msgid)
+    assert os.listdir(spool.incoming) == [] and os.listdir(spool.temporary) == []
+
+
+def test_load_envelope_mtime_is_the_file_s(spool):
+    msgid, evpids, f = receive(spool)
+    spool.commit(msgid, f)
+    env, mtime = spool.load_envelope_mtime(evpids[0])
+    assert env.id == evpids[0] and mtime == os.stat(spool.envelope_path(evpids[0])).st_mtime
+    assert spool.envelope_file(evpids[0]) == str(spool.envelope_path(evpids[0]))
