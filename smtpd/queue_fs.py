@@ -247,9 +247,12 @@ class Spool:
         return envcodec.load(b"".join(chunks), evpid), mtime
 
     def update_envelope(self, env: Envelope) -> None:
-        """Atomic, durable rewrite (blocking: run in a thread)."""
+        """Atomic, durable rewrite (blocking: run in a thread).  The new version is
+        written in incoming/ (as OpenSMTPD's incoming/envelope.tmp; one name per writer,
+        as several run at once), so a crash leaves nothing in the message's directory
+        and the purge at start removes it."""
         path = self.envelope_path(env.id)
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+        tmp = self.incoming / f"envelope.{env.id:016x}.{secrets.token_hex(4)}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             _write_all(fd, envcodec.dump(env))
@@ -268,7 +271,7 @@ class Spool:
             pass
         msgdir = path.parent
         try:
-            left = [n for n in os.listdir(msgdir) if n != "message"]
+            left = [n for n in os.listdir(msgdir) if len(n) == 16]      # envelopes
         except FileNotFoundError:
             return
         if not left:

@@ -63,6 +63,7 @@ def test_update_and_delete_envelopes(spool):
     spool.update_envelope(env)
     assert spool.load_envelope(evpids[0]).retry == 3
     assert [n for n in os.listdir(spool.message_dir(msgid)) if n.startswith(".")] == []
+    assert os.listdir(spool.incoming) == []          # its temporary copy was renamed away
     spool.delete_envelope(evpids[0])
     assert spool.message_dir(msgid).exists()
     spool.delete_envelope(evpids[1])
