@@ -357,7 +357,7 @@ class Process:
         entries = []
         for entry in batch.entries:
             try:
-                entry.envelope = self.spool.load_envelope(entry.evpid)
+                entry.envelope = self.spool.listed_envelope(entry.evpid)
                 entry.expire = self.expire_of(entry.envelope)
             except (OSError, EnvelopeError):
                 continue

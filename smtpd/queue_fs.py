@@ -24,12 +24,22 @@ import secrets
 import shutil
 from pathlib import Path
 
+import msgspec
+
 from common import envelope as envcodec
 from common.envelope import Envelope, EnvelopeError
 from common.ids import random_evpid, random_msgid
 
 _libc = ctypes.CDLL(None, use_errno=True)     # loaded before any chroot
 _syncfs = getattr(_libc, "syncfs", None)
+
+# What `show queue` prints of an envelope, and the action (for its expiry).
+LISTED = ("dispatcher", "type", "sockaddr", "sender", "rcpt", "dest", "ctime", "last_try",
+          "retry", "flags", "errorline")
+LISTING_CACHE_MAX = 250_000       # entries (about 200 bytes each): 50 MB at most
+
+_pack = msgspec.msgpack.Encoder().encode
+_unpack = msgspec.msgpack.Decoder(tuple).decode
 
 SUBDIRS = ("incoming", "temporary", "queue", "corrupt", "purge", "offline")
 
@@ -59,6 +69,12 @@ class Spool:
         self.offline = self.root / "offline"
         self._sync_fd = -1
         self._queue_str = str(self.queue)
+        # evpid -> LISTED fields of the envelope as last read or written, packed: `show
+        # queue` of 100,000 envelopes without reading and parsing 100,000 files (read +
+        # parse is ~17 us each, the cache ~2 us). Filled by every load; kept exact by
+        # update_envelope, delete_envelope and move_to_corrupt, the only ways an
+        # envelope of queue/ changes; an envelope not in it is read from disk.
+        self.listing: dict[int, bytes] = {}
 
     # -- set-up (as root, before the privilege drop) ----------------------------------------
 
@@ -234,6 +250,18 @@ class Spool:
     def load_envelope(self, evpid: int) -> Envelope:
         return self.load_envelope_mtime(evpid)[0]
 
+    def _remember(self, env: Envelope) -> None:
+        if env.id in self.listing or len(self.listing) < LISTING_CACHE_MAX:
+            self.listing[env.id] = _pack(tuple(getattr(env, f) for f in LISTED))
+
+    def listed_envelope(self, evpid: int) -> Envelope:
+        """The envelope with at least its LISTED fields (the others may be defaults):
+        what `show queue` needs, from the cache when it can."""
+        packed = self.listing.get(evpid)
+        if packed is None:
+            return self.load_envelope(evpid)
+        return Envelope(id=evpid, **dict(zip(LISTED, _unpack(packed))))
+
     def load_envelope_mtime(self, evpid: int) -> tuple[Envelope, float]:
         """An envelope and the mtime of its file, with one open."""
         fd = os.open(self.envelope_file(evpid), os.O_RDONLY)
@@ -244,7 +272,9 @@ class Spool:
                 chunks.append(chunk)
         finally:
             os.close(fd)
-        return envcodec.load(b"".join(chunks), evpid), mtime
+        env = envcodec.load(b"".join(chunks), evpid)
+        self._remember(env)
+        return env, mtime
 
     def update_envelope(self, env: Envelope) -> None:
         """Atomic, durable rewrite (blocking: run in a thread).  The new version is
@@ -260,11 +290,13 @@ class Spool:
         finally:
             os.close(fd)
         os.rename(tmp, path)
+        self._remember(env)
         fsync_dir(path.parent)
 
     def delete_envelope(self, evpid: int) -> None:
         """Remove an envelope; the message goes with its last envelope."""
         path = self.envelope_path(evpid)
+        self.listing.pop(evpid, None)
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -290,6 +322,12 @@ class Spool:
 
     def move_to_corrupt(self, msgid: int) -> Path:
         src = self.message_dir(msgid)
+        try:
+            for name in os.listdir(src):
+                if len(name) == 16:
+                    self.listing.pop(int(name, 16), None)
+        except (OSError, ValueError):
+            pass
         dest = self.corrupt / f"{msgid:08x}"
         if dest.exists():
             dest = self.corrupt / f"{msgid:08x}.{secrets.token_hex(4)}"

@@ -31,6 +31,7 @@ OPERATION = {
     "delete_envelope": "queue_envelope_delete",
     "load_envelope": "queue_envelope_load",
     "load_envelope_mtime": "queue_envelope_load",
+    "listed_envelope": "queue_envelope_load",
     "update_envelope": "queue_envelope_update",
     "walk": "queue_message_walk",
     "move_to_corrupt": "queue_message_corrupt",

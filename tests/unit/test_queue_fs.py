@@ -140,3 +140,25 @@ def test_load_envelope_mtime_is_the_file_s(spool):
     env, mtime = spool.load_envelope_mtime(evpids[0])
     assert env.id == evpids[0] and mtime == os.stat(spool.envelope_path(evpids[0])).st_mtime
     assert spool.envelope_file(evpids[0]) == str(spool.envelope_path(evpids[0]))
+
+
+def test_the_listing_cache_follows_every_change_of_an_envelope(spool):
+    msgid, evpids, f = receive(spool, ("a@b.test", "c@d.test"))
+    spool.commit(msgid, f)
+    first = spool.load_envelope(evpids[0])                # read from disk: remembered
+    assert evpids[0] in spool.listing
+    listed = spool.listed_envelope(evpids[0])
+    assert (listed.rcpt, listed.dispatcher, listed.ctime, listed.flags) == \
+        (first.rcpt, first.dispatcher, first.ctime, first.flags)
+    first.retry, first.errorline, first.last_try = 2, "421 later", 1700000000
+    spool.update_envelope(first)
+    listed = spool.listed_envelope(evpids[0])
+    assert (listed.retry, listed.errorline, listed.last_try) == (2, "421 later", 1700000000)
+    assert spool.listed_envelope(evpids[1]).rcpt in ("a@b.test", "c@d.test")   # not cached: disk
+    spool.delete_envelope(evpids[0])
+    assert evpids[0] not in spool.listing
+    spool.load_envelope(evpids[1])
+    spool.move_to_corrupt(msgid)
+    assert evpids[1] not in spool.listing
+    with pytest.raises(FileNotFoundError):
+        spool.listed_envelope(evpids[1])
