@@ -33,7 +33,7 @@ from smtpd.stat_backend import Stats
 
 log = logging.getLogger("smtpd")
 
-LIST_BATCH = 256
+LIST_BATCH = 1024
 CLIENT_TIMEOUT = 30.0
 # OpenSMTPD's CONTROL_MAXCONN_PER_CLIENT: connections one uid may hold at once.
 MAX_CONNECTIONS_PER_UID = 32
