@@ -27,7 +27,7 @@ from common.messages import (
     SchedEnvelopeTransfer, SchedListReply, SmtpMessageCommit, SmtpMessageCommitReply,
     SmtpMessageCreate, SmtpMessageCreateReply, SmtpMessageData, SmtpMessageRollback,
 )
-from smtpd.queue_fs import Spool, SpoolError, close_quietly, is_disk_error
+from smtpd.queue_fs import Spool, SpoolError, close_quietly, is_disk_full
 
 log = logging.getLogger("smtpd")
 
@@ -238,7 +238,7 @@ class Process:
             await self.ctx.mesh.send("pony", QueueEnvelopeSubmitReply(reqid=reqid, ok=True, evpid=evpid))
         except (OSError, SpoolError) as exc:
             inc.failed = str(exc)
-            inc.disk_full = isinstance(exc, OSError) and is_disk_error(exc)
+            inc.disk_full = isinstance(exc, OSError) and is_disk_full(exc)
             log.error("warn: queue: cannot write envelope of %08x: %s", msgid, exc)
             await self.ctx.mesh.send("pony", QueueEnvelopeSubmitReply(reqid=reqid, ok=False))
 
@@ -252,7 +252,7 @@ class Process:
             inc.body.write(chunk)
         except OSError as exc:
             inc.failed = str(exc)
-            inc.disk_full = is_disk_error(exc)
+            inc.disk_full = is_disk_full(exc)
             log.error("warn: queue: cannot write message %08x: %s", msgid, exc)
 
     async def _commit(self, peer: str, reqid: int, msgid: int) -> None:
@@ -272,7 +272,7 @@ class Process:
                 self.committing.discard(msgid)
             if failure is not None:
                 error = getattr(failure, "strerror", None) or str(failure)
-                disk_full = isinstance(failure, OSError) and is_disk_error(failure)
+                disk_full = isinstance(failure, OSError) and is_disk_full(failure)
         if error:
             log.error("warn: queue: commit of %08x failed: %s", msgid, error)
             if inc is not None and inc.body is not None and not inc.body.closed:

@@ -373,5 +373,7 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-def is_disk_error(exc: OSError) -> bool:
-    return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
+def is_disk_full(exc: OSError) -> bool:
+    """No room (452 4.3.1 Insufficient system storage); any other error, an I/O error
+    included, is a plain temporary failure (451 4.3.0)."""
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -224,3 +224,41 @@ def test_disk_full_is_a_temporary_failure_and_leaves_nothing(make_daemon, tmp_pa
     finally:
         d.stop()
         subprocess.run(["umount", "-l", str(d.spool)], check=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a real I/O error needs root to mount an ext4 image")
+def test_io_error_is_a_temporary_failure_and_the_daemon_goes_on(make_daemon, tmp_path):
+    """A real I/O error: ext4 on a loop device, told to fail (trigger_fs_error), turns
+    read-only (errors=remount-ro), as it does on a failing disk."""
+    port = free_port()
+    d = make_daemon(config(tmp_path / "d", port))
+    image = tmp_path / "spool.img"
+    subprocess.run(["truncate", "-s", "64M", str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    d.spool.mkdir()
+    subprocess.run(["mount", "-o", "loop,errors=remount-ro", str(image), str(d.spool)], check=True)
+    try:
+        device = Path(subprocess.run(["findmnt", "-n", "-o", "SOURCE", str(d.spool)], check=True,
+                                     capture_output=True, text=True).stdout.strip()).name
+        trigger = Path("/sys/fs/ext4") / device / "trigger_fs_error"
+        if not trigger.exists():
+            pytest.skip("this kernel's ext4 has no trigger_fs_error")
+        d.start()
+        assert _send(port, message("m1"))[0] == 250
+        wait_for(lambda: len(maildir_messages(tmp_path / "d", "alice")) == 1, 20, "the first delivery")
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+            s.ehlo("client.test")
+            assert s.mail("sender@client.test")[0] == 250
+            assert s.rcpt("alice@example.test")[0] == 250
+            trigger.write_text("1\n")                  # the disk fails during the transaction
+            code, text = s.data(message("m2"))
+        assert code == 451 and b"4.3.0" in text, (code, text)
+        # the daemon goes on: it answers, and refuses new mail temporarily
+        code, _ = _send(port, message("m3"))
+        assert 400 <= code < 500
+        assert d.proc.poll() is None and "smtpd: queue" in d.children()
+        d.smtpctl("show", "queue")
+        assert [check_whole(m) for m in maildir_messages(tmp_path / "d", "alice")] == ["m1"]
+    finally:
+        d.stop()
+        subprocess.run(["umount", "-l", str(d.spool)], check=False)
