@@ -22,7 +22,8 @@ from common.messages import (
     CtlListReply, DeliveryResult, LkaEnvelopeCommit, LkaEnvelopeSubmit, MessageContent,
     MessageOpen, QueueDeliver, QueueDeliveryLoop, QueueDeliveryOk, QueueDeliveryPermfail,
     QueueDeliveryTempfail, QueueEnvelopeAck, QueueEnvelopeCommitReply, QueueEnvelopeSubmit,
-    QueueEnvelopeSubmitBatch, QueueEnvelopeSubmitReply, QueueMessageCommit, QueueMessageRollback, QueueTransfer,
+    QueueEnvelopeSubmitBatch, QueueEnvelopeSubmitReply, QueueMessageCommit, QueueMessageRollback,
+    QueueTransfer,
     SchedEntry, SchedEnvelopeDeliver, SchedEnvelopeExpire, SchedEnvelopeRemove,
     SchedEnvelopeTransfer, SchedListReply, SmtpMessageCommit, SmtpMessageCommitReply,
     SmtpMessageCreate, SmtpMessageCreateReply, SmtpMessageData, SmtpMessageRollback,
@@ -90,7 +91,10 @@ class Committer:
             except Exception as exc:        # a bug: fail the batch, never acknowledge it
                 results = [exc] * len(batch)
             for (_, _, future), result in zip(batch, results):
-                self.loop.call_soon_threadsafe(_resolve, future, result)
+                try:
+                    self.loop.call_soon_threadsafe(_resolve, future, result)
+                except RuntimeError:        # the loop is closed: the process is stopping
+                    return
 
 
 def _resolve(future: asyncio.Future, error) -> None:
