@@ -30,8 +30,18 @@ from common import envelope as envcodec
 from common.envelope import Envelope, EnvelopeError
 from common.ids import random_evpid, random_msgid
 
+def _kernel_reports_syncfs_errors() -> bool:
+    """syncfs(2) returns writeback errors only since Linux 5.8; before, it returned 0
+    after an I/O error, and a commit could be acknowledged that is not on disk."""
+    try:
+        major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+    except ValueError:
+        return False
+    return os.uname().sysname == "Linux" and (major, minor) >= (5, 8)
+
+
 _libc = ctypes.CDLL(None, use_errno=True)     # loaded before any chroot
-_syncfs = getattr(_libc, "syncfs", None)
+_syncfs = getattr(_libc, "syncfs", None) if _kernel_reports_syncfs_errors() else None
 
 # What `show queue` prints of an envelope, and the action (for its expiry).
 LISTED = ("dispatcher", "type", "sockaddr", "sender", "rcpt", "dest", "ctime", "last_try",
@@ -212,8 +222,9 @@ class Spool:
     def sync(self, dirs, dirs_only: bool = False) -> None:
         """Make everything written to the spool's file system durable: one syncfs(2)
         whatever the number of files (its descriptor stays open, so a writeback error
-        since the previous call is reported).  Where syncfs is missing: fsync of each
-        file in ``dirs`` (unless ``dirs_only``) and of each directory."""
+        since the previous call is reported).  Where syncfs is missing or reports no
+        errors (Linux < 5.8): fsync of each file in ``dirs`` (unless ``dirs_only``) and
+        of each directory."""
         if _syncfs is not None:
             if self._sync_fd < 0:
                 self._sync_fd = os.open(self.queue, os.O_RDONLY | os.O_DIRECTORY)

@@ -162,3 +162,13 @@ def test_the_listing_cache_follows_every_change_of_an_envelope(spool):
     assert evpids[1] not in spool.listing
     with pytest.raises(FileNotFoundError):
         spool.listed_envelope(evpids[1])
+
+
+def test_group_commit_without_syncfs_fsyncs_each_file(spool, monkeypatch):
+    # the path taken on kernels whose syncfs does not report I/O errors (Linux < 5.8)
+    import smtpd.queue_fs as queue_fs
+    monkeypatch.setattr(queue_fs, "_syncfs", None)
+    received = [receive(spool, (f"r{i}@b.test",)) for i in range(3)]
+    assert spool.commit_batch([(m, f) for m, _, f in received]) == [None, None, None]
+    assert sorted(m for m, _ in spool.walk()) == sorted(m for m, _, _ in received)
+    assert os.listdir(spool.incoming) == [] and os.listdir(spool.temporary) == []
