@@ -46,7 +46,7 @@ _syncfs = getattr(_libc, "syncfs", None) if _kernel_reports_syncfs_errors() else
 # What `show queue` prints of an envelope, and the action (for its expiry).
 LISTED = ("dispatcher", "type", "sockaddr", "sender", "rcpt", "dest", "ctime", "last_try",
           "retry", "flags", "errorline")
-LISTING_CACHE_MAX = 250_000       # entries (about 200 bytes each): 50 MB at most
+LISTING_CACHE_MAX = 250_000       # entries (about 240 bytes each in RSS): 60 MB at most
 
 _pack = msgspec.msgpack.Encoder().encode
 _unpack = msgspec.msgpack.Decoder(tuple).decode
