@@ -122,6 +122,7 @@ class QueueEnvelopeSubmitReply(Msg, **_m("queue_envelope_submit_reply")):
 class QueueEnvelopeCommitReply(Msg, **_m("queue_envelope_commit_reply")):
     reqid: int
     ok: bool
+    disk_full: bool = False     # not ok because the spool is full: 452 4.3.1 to the client
 
 
 class SmtpMessageData(Msg, **_m("smtp_message_data")):
@@ -456,6 +457,16 @@ class PonyEnqueueReply(Msg, **_m("pony_enqueue_reply")):
     msgid: int = 0
 
 
+# --- robust (issue 3): loading a big queue at start ------------------------------------
+
+class QueueEnvelopeSubmitBatch(Msg, **_m("queue_envelope_submit_batch")):
+    """queue -> scheduler at start: envelopes of messages already committed in the spool,
+    about a thousand per send rather than one (100,000 envelopes load in seconds).
+    A message's envelopes are never split over two batches: the scheduler stages
+    them and commits each of their messages at once."""
+    entries: list[SchedEntry]
+
+
 Message = Union[
     SetupDone, ConfEnd, CtlVerbose, MdaFork, MdaDone,
     SmtpMessageCreate, SmtpMessageCreateReply, SmtpExpandRcpt, SmtpExpandRcptReply,
@@ -472,6 +483,7 @@ Message = Union[
     SchedEnvelopeBounce, QueueHoldqHold, MtaHoldqRelease, QueueHoldqRelease,
     CtlContentReply, QueueEnvelopeRemove,
     PonyEnqueue, PonyEnqueueReply,
+    QueueEnvelopeSubmitBatch,
 ]
 
 _encoder = msgspec.msgpack.Encoder()

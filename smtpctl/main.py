@@ -31,14 +31,7 @@ def _die(text: str, code: int = 1) -> None:
 
 
 def _entry_dict(entry) -> dict:
-    env = entry.envelope
-    return {
-        "evpid": entry.evpid, "sockaddr": env.sockaddr, "type": env.type, "flags": env.flags,
-        "suspended": entry.suspended, "held": entry.held, "sender": env.sender, "rcpt": env.rcpt,
-        "dest": env.dest, "ctime": env.ctime, "expire": entry.expire, "lasttry": env.last_try,
-        "retry": env.retry, "runstate": entry.runstate, "runtime": entry.runtime,
-        "errorline": env.errorline,
-    }
+    return fmt.entry_fields(entry)
 
 
 def show_queue(conn: Connection, as_json: bool, msgid: int = 0) -> None:
@@ -51,9 +44,11 @@ def show_queue(conn: Connection, as_json: bool, msgid: int = 0) -> None:
         if isinstance(reply, ClientResult):
             _die(fmt.command_result(False, reply.text))
         if isinstance(reply, ClientQueueBatch):
-            for entry in reply.entries:
-                e = _entry_dict(entry)
-                out.write((fmt.format_queue_json(e) if as_json else fmt.format_queue_line(e)) + "\n")
+            if as_json:
+                lines = [fmt.format_queue_json(_entry_dict(entry)) for entry in reply.entries]
+            else:
+                lines = [fmt.format_queue_entry(entry) for entry in reply.entries]
+            out.write("\n".join(lines) + "\n" if lines else "")
         reply = conn.next()
 
 

@@ -57,6 +57,8 @@ async def expand_rcpt(pony, msgid: int, env: Envelope, *, rdns: str,
         evpids = pony.evpids.pop(reqid, [])
     if isinstance(reply, SmtpExpandRcptReply):
         return f"{reply.code} {reply.text}", []
+    if reply is not None and not reply.ok and reply.disk_full:
+        return "452 4.3.1 Insufficient system storage", []
     if reply is None or not reply.ok:
         return TEMPFAIL_REPLY, []
     return "", evpids

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import queue as threadqueue
+import threading
 import time
 
 from common import privsep
@@ -22,7 +24,7 @@ from common.messages import (
     LkaEnvelopeSubmit, MessageContent,
     MessageOpen, QueueDeliver, QueueDeliveryLoop, QueueDeliveryOk, QueueDeliveryPermfail,
     QueueDeliveryTempfail, QueueEnvelopeAck, QueueEnvelopeCommitReply, QueueEnvelopeSubmit,
-    QueueEnvelopeRemove, QueueEnvelopeSubmitReply, QueueMessageCommit, QueueMessageRollback,
+    QueueEnvelopeRemove, QueueEnvelopeSubmitBatch, QueueEnvelopeSubmitReply, QueueMessageCommit, QueueMessageRollback,
     QueueTransfer,
     SchedEntry, SchedEnvelopeBounce, SchedEnvelopeDeliver, SchedEnvelopeExpire, SchedEnvelopeRemove,
     SchedEnvelopeTransfer, SchedListReply, SmtpMessageCommit, SmtpMessageCommitReply,
@@ -31,7 +33,7 @@ from common.messages import (
 from common.messages import MtaHoldqRelease, QueueHoldqHold, QueueHoldqRelease  # hold queues
 from smtpd import bounce
 from smtpd.queue_bounce import Bouncer
-from smtpd.queue_fs import Spool, SpoolError, is_disk_error
+from smtpd.queue_fs import Spool, SpoolError, close_quietly, is_disk_full
 
 log = logging.getLogger("smtpd")
 
@@ -58,12 +60,61 @@ class Incoming:
         self.disk_full = False
 
 
+class Committer:
+    """Group commit: one thread commits, together, every message whose DATA ended
+    while the previous batch was being synced, so that concurrent messages share
+    the syncs (Spool.commit_batch).  Each caller awaits its own message's result:
+    nobody is answered before the batch holding its message is durable."""
+
+    MAX_BATCH = 128
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self.pending: threadqueue.SimpleQueue = threadqueue.SimpleQueue()
+        self.thread: threading.Thread | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def commit(self, msgid: int, body) -> asyncio.Future:
+        if self.thread is None:
+            self.loop = asyncio.get_running_loop()
+            self.thread = threading.Thread(target=self._run, name="committer", daemon=True)
+            self.thread.start()
+        future = self.loop.create_future()
+        self.pending.put((msgid, body, future))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            batch = [self.pending.get()]
+            while len(batch) < self.MAX_BATCH:
+                try:
+                    batch.append(self.pending.get_nowait())
+                except threadqueue.Empty:
+                    break
+            try:
+                results = self.spool.commit_batch([(msgid, body) for msgid, body, _ in batch])
+            except Exception as exc:        # a bug: fail the batch, never acknowledge it
+                results = [exc] * len(batch)
+            for (_, _, future), result in zip(batch, results):
+                try:
+                    self.loop.call_soon_threadsafe(_resolve, future, result)
+                except RuntimeError:        # the loop is closed: the process is stopping
+                    return
+
+
+def _resolve(future: asyncio.Future, error) -> None:
+    if not future.done():
+        future.set_result(error)
+
+
 class Process:
     def __init__(self, ctx) -> None:
         self.ctx = ctx
         self.spool: Spool = ctx.prepared
         self.config = ctx.config
         self.incoming: dict[int, Incoming] = {}
+        self.committing: set[int] = set()      # msgids in the committer's hands
+        self.committer = Committer(self.spool)
         self.tasks: set[asyncio.Task] = set()
         self.started = time.time()
         # Messages moved to corrupt/ by this run: later orders and results for their
@@ -104,34 +155,42 @@ class Process:
 
     # -- start-up: feed the scheduler with what the spool holds ------------------------------
 
+    LOAD_BATCH = 1024        # envelopes per QueueEnvelopeSubmitBatch
+
     async def _load_queue(self) -> None:
+        """Every envelope of queue/ to the scheduler, whole messages in batches, the
+        loop given back between batches (SMTP sessions are served meanwhile)."""
         count = 0
+        batch: list[SchedEntry] = []
         send = self.ctx.mesh.send
         for msgid, evpids in self.spool.walk():
             # Every envelope of a message is read before any goes to the scheduler, so a
             # corrupt one sends the whole message to corrupt/ with nothing half-submitted.
-            envs = []
+            entries = []
             corrupt = ""
             for evpid in evpids:
                 try:
-                    if os.stat(self.spool.envelope_path(evpid)).st_mtime > self.started:
-                        continue      # committed by this run: the scheduler has it already
-                    envs.append(self.spool.load_envelope(evpid))
+                    env, mtime = self.spool.load_envelope_mtime(evpid)
                 except FileNotFoundError:
                     continue
                 except (OSError, EnvelopeError) as exc:
                     corrupt = f"envelope {evpid:016x}: {exc}"
                     break
+                if mtime > self.started:
+                    continue      # written by this run: the scheduler has it already
+                entries.append(self.entry_of(env))
             if corrupt:
                 await self._corrupt(msgid, corrupt)
                 continue
-            for env in envs:
-                await send("scheduler", QueueEnvelopeSubmit(entry=self.entry_of(env)))
-            if envs:
-                await send("scheduler", QueueMessageCommit(msgid=msgid))
-                count += len(envs)
-            if count % 512 == 0:
+            batch += entries
+            if len(batch) >= self.LOAD_BATCH:
+                await send("scheduler", QueueEnvelopeSubmitBatch(entries=batch))
+                count += len(batch)
+                batch = []
                 await asyncio.sleep(0)
+        if batch:
+            await send("scheduler", QueueEnvelopeSubmitBatch(entries=batch))
+            count += len(batch)
         log.debug("debug: queue: done loading queue into scheduler (%d envelopes)", count)
 
     async def _corrupt(self, msgid: int, why: str) -> None:
@@ -175,7 +234,8 @@ class Process:
             case LkaEnvelopeCommit(reqid=reqid, msgid=msgid):
                 inc = self.incoming.get(msgid)
                 ok = inc is not None and not inc.failed
-                await send("pony", QueueEnvelopeCommitReply(reqid=reqid, ok=ok))
+                await send("pony", QueueEnvelopeCommitReply(
+                    reqid=reqid, ok=ok, disk_full=inc is not None and inc.disk_full))
             case SmtpMessageData(msgid=msgid, chunk=chunk):
                 self._append(msgid, chunk)
             case SmtpMessageCommit(reqid=reqid, msgid=msgid):
@@ -225,7 +285,7 @@ class Process:
             await self.ctx.mesh.send("pony", QueueEnvelopeSubmitReply(reqid=reqid, ok=True, evpid=evpid))
         except (OSError, SpoolError) as exc:
             inc.failed = str(exc)
-            inc.disk_full = isinstance(exc, OSError) and is_disk_error(exc)
+            inc.disk_full = isinstance(exc, OSError) and is_disk_full(exc)
             log.error("warn: queue: cannot write envelope of %08x: %s", msgid, exc)
             await self.ctx.mesh.send("pony", QueueEnvelopeSubmitReply(reqid=reqid, ok=False))
 
@@ -239,7 +299,7 @@ class Process:
             inc.body.write(chunk)
         except OSError as exc:
             inc.failed = str(exc)
-            inc.disk_full = is_disk_error(exc)
+            inc.disk_full = is_disk_full(exc)
             log.error("warn: queue: cannot write message %08x: %s", msgid, exc)
 
     async def _commit(self, peer: str, reqid: int, msgid: int) -> None:
@@ -248,17 +308,22 @@ class Process:
         error = "unknown message" if inc is None else inc.failed or ("no envelope" if not inc.entries else "")
         disk_full = inc is not None and inc.disk_full
         if not error:
+            self.committing.add(msgid)
             try:
                 if inc.body is None:
                     inc.body = self.spool.open_body(msgid)
-                await asyncio.to_thread(self.spool.commit, msgid, inc.body)
+                failure = await self.committer.commit(msgid, inc.body)
             except OSError as exc:
-                error = exc.strerror or str(exc)
-                disk_full = is_disk_error(exc)
+                failure = exc
+            finally:
+                self.committing.discard(msgid)
+            if failure is not None:
+                error = getattr(failure, "strerror", None) or str(failure)
+                disk_full = isinstance(failure, OSError) and is_disk_full(failure)
         if error:
             log.error("warn: queue: commit of %08x failed: %s", msgid, error)
             if inc is not None and inc.body is not None and not inc.body.closed:
-                inc.body.close()
+                close_quietly(inc.body)
             await asyncio.to_thread(self.spool.rollback, msgid)
             await send(peer, SmtpMessageCommitReply(
                 reqid=reqid, ok=False, code=452 if disk_full else 451,
@@ -270,9 +335,13 @@ class Process:
         await send(peer, SmtpMessageCommitReply(reqid=reqid, ok=True))
 
     def _rollback(self, msgid: int) -> None:
+        if msgid in self.committing:
+            # pony gave up waiting (timeout): the commit finishes or fails on its own;
+            # removing its files under the committer would leave a partial message.
+            return
         inc = self.incoming.pop(msgid, None)
         if inc is not None and inc.body is not None:
-            inc.body.close()
+            close_quietly(inc.body)
         self.spool.rollback(msgid)
 
     # -- delivery ----------------------------------------------------------------------------
@@ -384,7 +453,7 @@ class Process:
         entries = []
         for entry in batch.entries:
             try:
-                entry.envelope = self.spool.load_envelope(entry.evpid)
+                entry.envelope = self.spool.listed_envelope(entry.evpid)
                 entry.expire = self.expire_of(entry.envelope)
             except (OSError, EnvelopeError):
                 continue

@@ -16,9 +16,9 @@ from common.trace import FLAGS, trace
 from common.messages import (
     CtlReply, CtlRequest, QueueDeliveryLoop, QueueDeliveryOk, QueueDeliveryPermfail,
     QueueDeliveryTempfail, QueueEnvelopeAck, QueueEnvelopeRemove, QueueEnvelopeSubmit,
-    QueueHoldqHold, QueueHoldqRelease, QueueListEntry, QueueMessageCommit, QueueMessageRollback,
-    SchedEnvelopeBounce, SchedEnvelopeDeliver, SchedEnvelopeExpire, SchedEnvelopeRemove,
-    SchedEnvelopeTransfer, SchedListReply,
+    QueueEnvelopeSubmitBatch, QueueHoldqHold, QueueHoldqRelease, QueueListEntry,
+    QueueMessageCommit, QueueMessageRollback, SchedEnvelopeBounce, SchedEnvelopeDeliver,
+    SchedEnvelopeExpire, SchedEnvelopeRemove, SchedEnvelopeTransfer, SchedListReply,
 )
 from smtpd.scheduler_ram import RamQueue
 
@@ -105,6 +105,15 @@ class Process:
                     trace("scheduler: inserting evp:%016x", e.evpid)
                 stat.increment("scheduler.envelope.incoming")
                 rq.stage(e.evpid, e.type, e.ctime, e.expire, e.retry, e.last_bounce)
+            case QueueEnvelopeSubmitBatch(entries=entries):
+                # the spool's content at start: whole messages, committed at once
+                for e in entries:
+                    rq.stage(e.evpid, e.type, e.ctime, e.expire, e.retry, e.last_bounce)
+                n, when = 0, now()
+                for msgid in dict.fromkeys(e.evpid >> 32 for e in entries):
+                    n += rq.commit(msgid, when)
+                stat.increment("scheduler.envelope", n)
+                self.wake.set()
             case QueueMessageCommit(msgid=msgid):
                 if FLAGS.scheduler:
                     trace("scheduler: committing msg:%08x", msgid)

@@ -53,6 +53,9 @@ def test_empty_values_are_omitted_and_null_sender_round_trips():
     b"version: 3\ndispatcher: x\ntype: mta\nretry: many\n",
     b"version: 3\ndispatcher: x\ntype: mta\nno colon here\n",
     b"version: 3\ntype: mta\n",
+    b"version: 3\ndispatcher: x\n type: mta\n",          # a key starts its line
+    b"version: 3\ndispatcher: x\ntype mta: x\n",
+    b"version: 3\ndispatcher: x\n: mta\n",
     b"\xff\xfe",
     b"",
 ])
@@ -70,3 +73,8 @@ def test_a_line_break_in_a_value_cannot_inject_keys():
 def test_keys_are_case_insensitive_and_old_bounce_type_names_map():
     env = codec.load(b"Version: 3\nDISPATCHER: x\ntype: bounce\nbounce-type: error\n")
     assert env.bounce_type == "failed"
+
+
+def test_blanks_around_the_colon_and_the_value_are_ignored():
+    env = codec.load(b"version : 3\ndispatcher:x\ntype  :   mta  \nretry:\t2\n")
+    assert (env.dispatcher, env.type, env.retry) == ("x", "mta", 2)

@@ -395,3 +395,24 @@ def test_command_result():
     assert command_result(False, "") == "command failed"
     assert command_result(False, None) == "command failed"
     assert command_result(False, "already paused") == "command failed: already paused"
+
+
+@pytest.mark.parametrize("entry_kw,env_kw", [
+    ({"runstate": "pending", "runtime": 42}, {}),
+    ({"runstate": "inflight", "runtime": -3}, {"sockaddr": "[::1]", "sender": ""}),
+    ({"runstate": "offline", "runtime": None}, {"errorline": "421 4.4.2 gone\tagain é|x", "retry": 7,
+                                                "last_try": 1700000100}),
+    ({"runstate": "pending", "runtime": 1, "suspended": True}, {}),
+    ({"runstate": "pending", "runtime": 1, "held": True}, {"flags": ["bounce", "authenticated"]}),
+    ({"runstate": "invalid", "runtime": 5}, {"type": "bounce", "sockaddr": "local", "rcpt": "user"}),
+])
+def test_the_fast_queue_line_is_the_general_one(entry_kw, env_kw):
+    from smtpctl import format as fmt
+    from common.envelope import Envelope
+    from common.messages import QueueListEntry
+    env = Envelope(id=0x1234567800000001, dispatcher="d", type="mta", sockaddr="192.0.2.1",
+                   sender="s@a.test", rcpt="r@b.test", dest="r@b.test", ctime=1700000000)
+    for k, v in env_kw.items():
+        setattr(env, k, v)
+    entry = QueueListEntry(evpid=env.id, expire=1700086400, envelope=env, **entry_kw)
+    assert fmt.format_queue_entry(entry) == fmt.format_queue_line(fmt.entry_fields(entry))
