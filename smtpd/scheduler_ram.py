@@ -80,67 +80,96 @@ def next_try(ctime: int, type_: str, retry: int, now: int) -> int:
     return ctime + base * step * step if step else ctime
 
 
-class SortedIds:
-    """A sorted set of 64-bit ids, in blocks of unsigned arrays (8 bytes an id, no
-    Python object per id): add and remove cost O(log n + BLOCK)."""
+class SortedIndex:
+    """evpid -> slot, sorted by evpid, in blocks of unsigned arrays (16 bytes an entry
+    and no Python object per entry, where a dict costs about 100): lookups by bisection,
+    O(log n); add and remove O(log n + BLOCK).  Serves lookups, ``show queue``'s cursor
+    and the selection of a message's envelopes."""
     BLOCK = 512
 
     def __init__(self) -> None:
-        self.blocks: list[array] = []
+        self.keys: list[array] = []
+        self.vals: list[array] = []
         self.maxes: list[int] = []
         self.count = 0
 
-    def add(self, x: int) -> None:
-        if not self.blocks:
-            self.blocks.append(array("Q", [x]))
-            self.maxes.append(x)
+    def _find(self, key: int) -> tuple[int, int, bool]:
+        """(block, position, found) of ``key``."""
+        i = bisect_left(self.maxes, key)
+        if i == len(self.maxes):
+            return i, 0, False
+        block = self.keys[i]
+        j = bisect_left(block, key)
+        return i, j, j < len(block) and block[j] == key
+
+    def get(self, key: int) -> int | None:
+        i, j, found = self._find(key)
+        return self.vals[i][j] if found else None
+
+    def __contains__(self, key: int) -> bool:
+        return self._find(key)[2]
+
+    def add(self, key: int, val: int) -> None:
+        if not self.keys:
+            self.keys.append(array("Q", [key]))
+            self.vals.append(array("Q", [val]))
+            self.maxes.append(key)
             self.count = 1
             return
-        i = min(bisect_left(self.maxes, x), len(self.maxes) - 1)
-        block = self.blocks[i]
-        j = bisect_left(block, x)
-        if j < len(block) and block[j] == x:
+        i, j, found = self._find(key)
+        if found:
+            self.vals[i][j] = val
             return
-        block.insert(j, x)
-        self.maxes[i] = block[-1]
+        i = min(i, len(self.maxes) - 1)     # past every block: append to the last one
+        keys, vals = self.keys[i], self.vals[i]
+        j = bisect_left(keys, key)
+        keys.insert(j, key)
+        vals.insert(j, val)
+        self.maxes[i] = keys[-1]
         self.count += 1
-        if len(block) > 2 * self.BLOCK:
+        if len(keys) > 2 * self.BLOCK:
             half = self.BLOCK
-            self.blocks[i:i + 1] = [block[:half], block[half:]]
-            self.maxes[i:i + 1] = [block[half - 1], block[-1]]
+            self.keys[i:i + 1] = [keys[:half], keys[half:]]
+            self.vals[i:i + 1] = [vals[:half], vals[half:]]
+            self.maxes[i:i + 1] = [keys[half - 1], keys[-1]]
 
-    def remove(self, x: int) -> None:
-        i = bisect_left(self.maxes, x)
-        if i == len(self.maxes):
+    def remove(self, key: int) -> None:
+        i, j, found = self._find(key)
+        if not found:
             return
-        block = self.blocks[i]
-        j = bisect_left(block, x)
-        if j == len(block) or block[j] != x:
-            return
-        del block[j]
+        keys = self.keys[i]
+        del keys[j]
+        del self.vals[i][j]
         self.count -= 1
-        if block:
-            self.maxes[i] = block[-1]
+        if keys:
+            self.maxes[i] = keys[-1]
         else:
-            del self.blocks[i]
-            del self.maxes[i]
+            del self.keys[i], self.vals[i], self.maxes[i]
 
-    def after(self, x: int):
-        """The ids > x, in order."""
-        i = bisect_right(self.maxes, x)
+    def after(self, key: int):
+        """(key, value) of the keys > ``key``, in order."""
+        i = bisect_right(self.maxes, key)
         if i == len(self.maxes):
             return
-        block = self.blocks[i]
-        yield from block[bisect_right(block, x):]
-        for block in self.blocks[i + 1:]:
-            yield from block
+        j = bisect_right(self.keys[i], key)
+        yield from zip(self.keys[i][j:], self.vals[i][j:])
+        for keys, vals in zip(self.keys[i + 1:], self.vals[i + 1:]):
+            yield from zip(keys, vals)
 
     def between(self, lo: int, hi: int):
-        """The ids in [lo, hi], in order."""
-        for x in self.after(lo - 1):
-            if x > hi:
+        """(key, value) of the keys in [lo, hi], in order."""
+        for key, val in self.after(lo - 1):
+            if key > hi:
                 return
-            yield x
+            yield key, val
+
+    def values(self):
+        for vals in self.vals:
+            yield from vals
+
+    def __iter__(self):
+        for keys in self.keys:
+            yield from keys
 
     def __len__(self) -> int:
         return self.count
@@ -165,8 +194,7 @@ class RamQueue:
         self.last_bounce = array("q")  # ctime + the warn interval of the last delay notice
         self.meta = array("q")         # state, type, flags, retry (see _STATE_MASK...)
         self.free = array("q")         # slots to reuse
-        self.index: dict[int, int] = {}              # evpid -> slot
-        self.ids = SortedIds()                       # live evpids, for listing and msgid selection
+        self.index = SortedIndex()                   # live evpid -> slot, sorted (listing, msgids)
         self.heap: list[int] = []                    # time << 32 | slot
         self.staged: dict[int, list[tuple]] = {}     # msgid -> envelopes not yet committed
         self.paused: set[str] = set()                # agent types on hold ("mda", "mta")
@@ -198,15 +226,13 @@ class RamQueue:
             self.sched.append(0)
             self.last_bounce.append(last_bounce)
             self.meta.append(meta)
-        self.index[evpid] = slot
-        self.ids.add(evpid)
+        self.index.add(evpid, slot)
         return slot
 
     def _free(self, slot: int) -> None:
         evpid = self.evpid[slot]
         self._unhold(slot)
-        del self.index[evpid]
-        self.ids.remove(evpid)
+        self.index.remove(evpid)
         self.meta[slot] = _FREE
         self.free.append(slot)
 
@@ -444,7 +470,7 @@ class RamQueue:
         if ident == 0:
             return list(self.index.values())
         if ident <= 0xFFFFFFFF:
-            return [self.index[e] for e in self.ids.between(ident << 32, (ident << 32) | 0xFFFFFFFF)]
+            return [slot for _, slot in self.index.between(ident << 32, (ident << 32) | 0xFFFFFFFF)]
         slot = self.index.get(ident)
         return [] if slot is None else [slot]
 
@@ -523,13 +549,12 @@ class RamQueue:
         rows = []
         last = after
         looked = 0
-        index, meta, sched = self.index, self.meta, self.sched
-        for evpid in self.ids.after(after):
+        meta, sched = self.meta, self.sched
+        for evpid, slot in self.index.after(after):
             if looked == limit:
                 return Listing(rows, last, True)
             looked += 1
             last = evpid
-            slot = index[evpid]
             m = meta[slot]
             state = m & _STATE_MASK
             if state == _REMOVING:

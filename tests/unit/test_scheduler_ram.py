@@ -466,7 +466,7 @@ def test_random_operations_keep_the_model_consistent():
              lambda: q.pause(rng.choice(("mta", "mda"))),
              lambda: q.resume(rng.choice(("mta", "mda")), now)][op - 2]()
         assert set(q.index) == live
-        assert list(q.ids.after(0)) == sorted(live)
+        assert [e for e, _ in q.index.after(0)] == sorted(live)
         assert q.inflight == sum(1 for e in live if q.state_of(e) == "inflight")
         for hq, slots in q.holdqs.items():
             assert all(q.held_in[s] == hq and q.state_of(q.evpid[s]) == "held" for s in slots)
