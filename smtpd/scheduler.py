@@ -129,15 +129,7 @@ class Process:
                 result = _RESULT[type(msg)]
                 if FLAGS.scheduler:
                     trace("scheduler: deleting evp:%016x (%s)", evpid, result)
-                state = rq.state_of(evpid)
-                if state is not None:
-                    stat.increment(f"scheduler.delivery.{result}")
-                    stat.decrement("scheduler.envelope")
-                    if state == "inflight":
-                        stat.decrement("scheduler.envelope.inflight")
-                rq.delivered(evpid)
-                self._sync_gauges()
-                self.wake.set()
+                self._forget(evpid, result)
             case QueueDeliveryTempfail(entry=e):
                 if FLAGS.scheduler:
                     trace("scheduler: updating evp:%016x", e.evpid)
@@ -172,18 +164,25 @@ class Process:
                     stat.decrement("scheduler.envelope.inflight")
             case QueueEnvelopeRemove(evpid=evpid):
                 # its message went to corrupt/: forgotten, not counted as a delivery
-                state = rq.state_of(evpid)
-                if state is not None:
-                    stat.decrement("scheduler.envelope")
-                    if state == "inflight":
-                        stat.decrement("scheduler.envelope.inflight")
-                rq.delivered(evpid)
-                self._sync_gauges()
-                self.wake.set()
+                self._forget(evpid, None)
             case CtlRequest():
                 await self._control(peer, msg)
             case _:
                 log.warning("warn: scheduler: unexpected %s from %s", type(msg).__name__, peer)
+
+    def _forget(self, evpid: int, result: str | None) -> None:
+        """The envelope is gone (delivered, failed, looped: ``result``; or moved to
+        corrupt/: None, not a delivery); the counters follow the state it was in."""
+        state = self.ramqueue.state_of(evpid)
+        if state is not None:
+            if result:
+                stat.increment(f"scheduler.delivery.{result}")
+            stat.decrement("scheduler.envelope")
+            if state == "inflight":
+                stat.decrement("scheduler.envelope.inflight")
+        self.ramqueue.delivered(evpid)
+        self._sync_gauges()
+        self.wake.set()
 
     async def _control(self, peer: str, req: CtlRequest) -> None:
         rq = self.ramqueue
