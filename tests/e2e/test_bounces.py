@@ -2,8 +2,6 @@
 notice checked where the sender reads it (a local Maildir)."""
 from __future__ import annotations
 
-import email
-import email.policy
 import os
 import pwd
 import smtplib
@@ -13,25 +11,8 @@ import pytest
 
 from tests.conftest import free_port, wait_for
 from tests.e2e.helpers import config, maildir_messages, send
+from tests.e2e.dsn_report import one_notice, report_groups
 from tests.e2e.sink import Sink
-
-
-def parse(data: bytes):
-    return email.message_from_bytes(data, policy=email.policy.default)
-
-
-def report_groups(msg) -> list[dict]:
-    """The field groups of the message/delivery-status part (per-message group first)."""
-    assert msg.get_content_type() == "multipart/report"
-    part = msg.get_payload()[1]
-    assert part.get_content_type() == "message/delivery-status"
-    return [dict(g.items()) for g in part.get_payload()]
-
-
-def one_notice(base: Path, user: str) -> "email.message.EmailMessage":
-    msgs = wait_for(lambda: maildir_messages(base, user), 30, f"a notice in {user}'s Maildir")
-    assert len(msgs) == 1, msgs
-    return parse(msgs[0])
 
 
 def test_refused_recipients_bounce_in_one_report(make_daemon, tmp_path):

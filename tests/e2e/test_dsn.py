@@ -2,8 +2,6 @@
 stored, honoured (NEVER, SUCCESS), passed on to a next hop that offers DSN."""
 from __future__ import annotations
 
-import email
-import email.policy
 import smtplib
 from pathlib import Path
 
@@ -11,17 +9,8 @@ import pytest
 
 from tests.conftest import free_port, wait_for
 from tests.e2e.helpers import config, maildir_messages
+from tests.e2e.dsn_report import parse, report_groups
 from tests.e2e.sink import Sink
-
-
-def parse(data: bytes):
-    return email.message_from_bytes(data, policy=email.policy.default)
-
-
-def dsn_groups(msg) -> list[dict]:
-    part = msg.get_payload()[1]
-    assert part.get_content_type() == "message/delivery-status"
-    return [dict(g.items()) for g in part.get_payload()]
 
 
 def transaction(port: int, sender: str, rcpts: list[tuple[str, list[str]]], mail_options=(),
@@ -87,7 +76,7 @@ def test_notify_success_on_local_delivery(make_daemon, tmp_path):
     notices = wait_for(lambda: maildir_messages(tmp_path / "d", "bob"), 20, "the success notice")
     msg = parse(notices[0])
     assert msg["Subject"] == "Delivery status notification: delivered"
-    groups = dsn_groups(msg)
+    groups = report_groups(msg)
     assert groups[0]["Original-Envelope-Id"] == "QQ-123"
     assert groups[1]["Original-Recipient"] == "rfc822;Alice+2Bx@example.test"
     assert groups[1]["Final-Recipient"] == "rfc822;alice@example.test"
@@ -139,7 +128,7 @@ def test_relay_without_dsn_sends_a_relayed_notice(make_daemon, tmp_path):
         notices = wait_for(lambda: maildir_messages(tmp_path / "d", "alice"), 20, "the relayed notice")
         msg = parse(notices[0])
         assert msg["Subject"] == "Delivery status notification: relayed"
-        rcpt = dsn_groups(msg)[1]
+        rcpt = report_groups(msg)[1]
         assert rcpt["Action"] == "relayed" and rcpt["Final-Recipient"] == "rfc822;x@remote.test"
     finally:
         sink.stop()
@@ -157,7 +146,7 @@ def test_ret_full_failure_returns_the_whole_message(make_daemon, tmp_path):
         notices = wait_for(lambda: maildir_messages(tmp_path / "d", "alice"), 30, "the failure notice")
         msg = parse(notices[0])
         assert msg["Subject"] == "Delivery status notification: failed"
-        assert dsn_groups(msg)[0]["Original-Envelope-Id"] == "full-1"
+        assert report_groups(msg)[0]["Original-Envelope-Id"] == "full-1"
         returned = msg.get_payload()[2]
         assert returned.get_content_type() == "message/rfc822"
         inner = returned.get_payload()[0]
