@@ -7,7 +7,6 @@ import pwd
 import smtplib
 from pathlib import Path
 
-import pytest
 
 from tests.conftest import free_port, wait_for
 from tests.e2e.helpers import config, maildir_messages, send
@@ -178,11 +177,6 @@ def test_offline_file_enqueued_at_start(make_daemon, tmp_path):
     assert "DDDDDDDDDD" in log
 
 
-_SCHEDULER = (Path(__file__).resolve().parents[2] / "smtpd" / "scheduler.py").read_text()
-
-
-@pytest.mark.skipif("SchedEnvelopeBounce" not in _SCHEDULER,
-                    reason="the scheduler of this tree does not send delay notices yet")
 def test_delay_notice_while_the_relay_is_down(make_daemon, tmp_path):
     dead, port = free_port(), free_port()
     d = make_daemon(config(tmp_path / "d", port, relay=f"smtp://127.0.0.1:{dead}",

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
 from tests.conftest import free_port, wait_for
 from tests.e2e.helpers import config, send
 from tests.e2e.sink import Sink
@@ -72,12 +70,8 @@ def test_held_envelope_probes_the_relay_when_the_hold_window_ends(make_daemon, t
         sink.stop()
 
 
-def _smtpctl_or_skip(d, *args):
-    res = d.smtpctl(*args, check=False)
-    if "not supported" in res.stdout + res.stderr:
-        pytest.skip(f"smtpctl {' '.join(args[:2])} is not wired in this tree (ctl part of issue 3)")
-    assert res.returncode == 0, res.stdout + res.stderr
-    return res.stdout.strip()
+def _smtpctl(d, *args) -> str:
+    return d.smtpctl(*args).stdout.strip()      # a failure (non-zero exit) raises
 
 
 def test_pause_envelope_keeps_it_out_of_deliveries_until_resume(make_daemon, tmp_path):
@@ -89,10 +83,10 @@ def test_pause_envelope_keeps_it_out_of_deliveries_until_resume(make_daemon, tmp
     send(port, "me@local.test", ["paused@remote.test"])
     d.wait_log('result="TempFail"')
     evpid = queue(d)["paused@remote.test"][0]
-    _smtpctl_or_skip(d, "pause", "envelope", evpid)
+    _smtpctl(d, "pause", "envelope", evpid)
     line = queue(d)["paused@remote.test"]
     assert line[3] == "suspend" and line[11] == "pending"
-    assert _smtpctl_or_skip(d, "pause", "envelope", evpid[:8]) == "0 envelope paused"   # already
+    assert _smtpctl(d, "pause", "envelope", evpid[:8]) == "0 envelope paused"   # already
 
     sink = Sink(sink_port).start()
     try:
@@ -103,7 +97,7 @@ def test_pause_envelope_keeps_it_out_of_deliveries_until_resume(make_daemon, tmp
         assert list(queue(d)) == ["paused@remote.test"]
         assert queue(d)["paused@remote.test"][3] == "suspend"
         # resume: the flag goes, the envelope waits for its next try; schedule sends it now
-        assert _smtpctl_or_skip(d, "resume", "envelope", evpid[:8]) == "1 envelope resumed"
+        assert _smtpctl(d, "resume", "envelope", evpid[:8]) == "1 envelope resumed"
         assert queue(d)["paused@remote.test"][3] == ""
         assert d.smtpctl("schedule", evpid).returncode == 0
         wait_for(lambda: len(sink.transactions) == 2, 20, "the resumed envelope")
@@ -120,12 +114,12 @@ def test_schedule_delivers_a_paused_envelope_once_and_it_stays_paused(make_daemo
     send(port, "me@local.test", ["a@remote.test"])
     d.wait_log('result="TempFail"')
     evpid = queue(d)["a@remote.test"][0]
-    _smtpctl_or_skip(d, "pause", "envelope", "all")
+    _smtpctl(d, "pause", "envelope", "all")
     # still down: the scheduled try fails and the envelope comes back paused, retry 2
     assert d.smtpctl("schedule", evpid).returncode == 0
     wait_for(lambda: queue(d)["a@remote.test"][10] == "2", 20, "the scheduled try")
     assert queue(d)["a@remote.test"][3] == "suspend"
-    assert _smtpctl_or_skip(d, "resume", "envelope", "all") == "1 envelope resumed"
+    assert _smtpctl(d, "resume", "envelope", "all") == "1 envelope resumed"
 
 
 def test_queue_ttl_expires_an_envelope_that_keeps_failing(make_daemon, tmp_path):
