@@ -20,6 +20,7 @@ from common.messages import (
     SmtpMessageCommit, SmtpMessageCommitReply, SmtpMessageCreate, SmtpMessageCreateReply,
     SmtpMessageData, SmtpMessageRollback,
 )
+from smtpd.mailbox import valid_mailbox
 
 log = logging.getLogger("smtpd")
 
@@ -137,7 +138,6 @@ async def run(pony, req: PonyEnqueue) -> PonyEnqueueReply:
         return PonyEnqueueReply(reqid=req.reqid, status="permfail", text=LOOP_REPLY)
     if not req.recipients:
         return PonyEnqueueReply(reqid=req.reqid, status="permfail", text="554 5.5.1 No recipient")
-    from smtpd.smtp_session import valid_mailbox      # (smtp_session imports this module)
     if req.sender and not valid_mailbox(req.sender):
         return PonyEnqueueReply(reqid=req.reqid, status="permfail",
                                 text="553 5.1.0 Sender address syntax error")

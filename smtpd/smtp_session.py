@@ -23,6 +23,7 @@ from common.envelope import Envelope
 from common.trace import FLAGS, SESSION, trace
 from common.messages import SmtpMessageRollback
 from smtpd import dsn_params, enqueue
+from smtpd.mailbox import valid_mailbox
 
 log = logging.getLogger("smtpd")
 
@@ -48,13 +49,6 @@ _UNRECOGNIZED = re.compile(r'^500 Error: command ".*" not recognized$')
 _HAS_ESC = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
 _ESC_CLASS = {"2": "2.0.0", "3": "", "4": "4.0.0", "5": "5.5.1"}
 
-# RFC 5321 mailbox, deliberately strict: dot-atom local part (or a quoted string
-# without control characters), a domain name or address literal.  No shell
-# metacharacter can pass into an envelope through here.
-_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_LOCAL = rf"(?:{_ATOM}(?:\.{_ATOM})*|\"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*\")"
-_DOMAIN = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*|\[[0-9A-Fa-f:.IPv]+\])"
-_MAILBOX = re.compile(rf"^{_LOCAL}@{_DOMAIN}$")
 
 
 _HELO_LABEL = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
@@ -70,10 +64,6 @@ def valid_helo(name: str) -> bool:
         return bool(_ADDRESS_LITERAL.match(name))
     labels = name[:-1].split(".") if name.endswith(".") else name.split(".")
     return all(_HELO_LABEL.match(label) for label in labels)
-
-
-def valid_mailbox(addr: str) -> bool:
-    return len(addr) <= 254 and bool(_MAILBOX.match(addr)) and len(addr.rpartition("@")[0]) <= 64
 
 
 def with_esc(status: str) -> str:

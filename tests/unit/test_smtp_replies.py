@@ -2,7 +2,8 @@ import pytest
 
 from smtpd.relay_url import RelayUrlError, parse_relay_url
 from smtpd.enqueue import count_received as _count_received
-from smtpd.smtp_session import valid_mailbox, with_esc
+from smtpd.mailbox import valid_mailbox
+from smtpd.smtp_session import with_esc
 
 
 @pytest.mark.parametrize("raw, said", [
