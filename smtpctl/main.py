@@ -30,10 +30,6 @@ def _die(text: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def _entry_dict(entry) -> dict:
-    return fmt.entry_fields(entry)
-
-
 def show_queue(conn: Connection, as_json: bool, msgid: int = 0) -> None:
     first = conn.request("show queue", id=msgid) if msgid else conn.request("show queue")
     out = sys.stdout
@@ -45,7 +41,7 @@ def show_queue(conn: Connection, as_json: bool, msgid: int = 0) -> None:
             _die(fmt.command_result(False, reply.text))
         if isinstance(reply, ClientQueueBatch):
             if as_json:
-                lines = [fmt.format_queue_json(_entry_dict(entry)) for entry in reply.entries]
+                lines = [fmt.format_queue_json(fmt.entry_fields(entry)) for entry in reply.entries]
             else:
                 lines = [fmt.format_queue_entry(entry) for entry in reply.entries]
             out.write("\n".join(lines) + "\n" if lines else "")
