@@ -21,6 +21,7 @@ from aiosmtpd.smtp import SMTP, syntax
 from common import stat
 from common.envelope import Envelope
 from common.trace import FLAGS, SESSION, trace
+from common.vis import log_text as vis
 from common.messages import SmtpMessageRollback
 from smtpd import dsn_params, enqueue
 from smtpd.mailbox import valid_mailbox
@@ -268,20 +269,6 @@ class Session(SMTP):
     def failed(self, command: str, result: str) -> str:
         log.info('%016x smtp failed-command command="%s" result="%s"', self.session_id, command, result)
         return result
-
-
-def vis(text: str) -> str:
-    """Printable form of untrusted text in a log line, as strnvis(VIS_WHITE) makes it:
-    blanks, control and non-ASCII bytes in octal (``\\040``), backslash doubled."""
-    out = []
-    for byte in text.encode("utf-8", "surrogateescape"):
-        if byte == 0x5C:
-            out.append("\\\\")
-        elif 0x21 <= byte <= 0x7E:
-            out.append(chr(byte))
-        else:
-            out.append(f"\\{byte:03o}")
-    return "".join(out)
 
 
 def log_authentication(session_id: int, user: str, result: str) -> None:

@@ -11,7 +11,8 @@ import pytest
 
 from common.log import syslog_line
 from smtpd import sdnotify
-from smtpd.smtp_session import log_authentication, vis
+from common.vis import log_text as vis
+from smtpd.smtp_session import log_authentication
 
 
 def test_syslog_line_is_glibc_syslog_format():
