@@ -3,7 +3,7 @@
 One channel per pair of processes that talk (OpenSMTPD's socketpair mesh), so
 each pair keeps its own FIFO order (envelope submits before the commit).  The
 runtime directory layout and permissions are decided by the parent
-(``runtime_layout``); this module only binds or connects.
+(``make_rundir``); this module only binds or connects.
 
 ZeroMQ hides a dead peer, so nothing here waits forever: every request has a
 deadline, and the parent watches its children's PIDs.
@@ -31,11 +31,17 @@ PROCS = ("parent", "control", "lka", "queue", "scheduler", "pony")
 
 # Who talks to whom; the first of each pair binds.  Same links as OpenSMTPD,
 # except that the scheduler never talks to lka or pony (as there).
+#
+# The queue binds every channel it has: it is chrooted to the spool, where the
+# runtime directory cannot be seen, and ZeroMQ resolves a connecting endpoint's path
+# again at each (re)connection, whereas a bound socket needs its path only once,
+# before the chroot.  Control, scheduler and pony are chrooted to the runtime
+# directory itself, so the paths they connect to resolve there (docs/security.md).
 PAIRS = (
-    ("parent", "control"), ("parent", "lka"), ("parent", "queue"),
+    ("parent", "control"), ("parent", "lka"), ("queue", "parent"),
     ("parent", "scheduler"), ("parent", "pony"),
-    ("control", "lka"), ("control", "queue"), ("control", "scheduler"), ("control", "pony"),
-    ("lka", "queue"), ("lka", "pony"),
+    ("control", "lka"), ("queue", "control"), ("control", "scheduler"), ("control", "pony"),
+    ("queue", "lka"), ("lka", "pony"),
     ("queue", "scheduler"), ("queue", "pony"),
 )
 
@@ -88,21 +94,34 @@ class Mesh:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def open(self) -> None:
+        self.bind()
+        self.connect(self.rundir)
+
+    def bind(self) -> None:
+        """Bind the channels this process owns (before any chroot: a bound socket
+        needs its path only now)."""
         old_umask = os.umask(0o007)   # the socket file must be group-writable (see parent)
         try:
             for a, b in PAIRS:
-                if self.me not in (a, b):
-                    continue
-                peer = b if a == self.me else a
-                sock = self.ctx.socket(zmq.PAIR)
-                sock.setsockopt(zmq.LINGER, 1000)
                 if a == self.me:
-                    sock.bind(endpoint(self.rundir, a, b))
-                else:
-                    sock.connect(endpoint(self.rundir, a, b))
-                self.socks[peer] = sock
+                    self.socks[b] = self._socket()
+                    self.socks[b].bind(endpoint(self.rundir, a, b))
         finally:
             os.umask(old_umask)
+
+    def connect(self, rundir_view: Path) -> None:
+        """Connect to the channels the peers bind, by their path as seen from this
+        process's root (``/`` when chrooted to the runtime directory): ZeroMQ
+        resolves it again at every reconnection."""
+        for a, b in PAIRS:
+            if b == self.me:
+                self.socks[a] = self._socket()
+                self.socks[a].connect(endpoint(rundir_view, a, b))
+
+    def _socket(self) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.PAIR)
+        sock.setsockopt(zmq.LINGER, 1000)
+        return sock
 
     def start(self, handler: Callable[[str, Msg], Awaitable[None] | None]) -> None:
         self._handler = handler

@@ -1,8 +1,12 @@
-"""Privilege separation: the users, and dropping to them.
+"""Privilege separation: the users, the confinement, and dropping to them.
 
 Started as root, each child but the parent runs as ``_smtpd`` (the queue as
-``_smtpq``) with no supplementary groups.  Started as any other user, nothing
-is dropped and every process runs as that user.
+``_smtpq``) with no supplementary groups, chrooted where OpenSMTPD chroots (control,
+scheduler and pony to the runtime directory, which holds only the channels; the
+queue to the spool; lka not, as it reads tables, home directories and
+resolv.conf), with no-new-privs and an empty capability bounding set.  Started as
+any other user, nothing is dropped and every process runs as that user, with
+no-new-privs.  What each process can still do: docs/security.md.
 """
 from __future__ import annotations
 
@@ -17,6 +21,12 @@ SMTPQ_USER = "_smtpq"
 
 PROC_USER = {"control": SMTPD_USER, "lka": SMTPD_USER, "pony": SMTPD_USER,
              "scheduler": SMTPD_USER, "queue": SMTPQ_USER}
+
+# OpenSMTPD chroots control, scheduler, the dispatcher (our pony) and ca to
+# /var/empty, the queue to the spool, and leaves lka outside (control.c, scheduler.c,
+# dispatcher.c, ca.c, queue.c, lka.c).  Our empty directory is the runtime directory:
+# it holds nothing but the channel sockets these processes connect to.
+CHROOT_IN_RUNDIR = ("control", "scheduler", "pony")
 
 CREATE_USERS_HINT = (
     "create them with: useradd -r -M -d /var/empty -s /usr/sbin/nologin _smtpd && "
@@ -55,11 +65,55 @@ def check_users() -> None:
         ids_for(proc)
 
 
-def drop(proc: str) -> None:
-    """Become the process's user for good (no way back, no supplementary groups)."""
+def chroot_dir(proc: str, rundir: str, spool: str) -> str | None:
+    """The directory ``proc`` is chrooted to (None: not chrooted); root only."""
+    if not privileged():
+        return None
+    if proc in CHROOT_IN_RUNDIR:
+        return rundir
+    return spool if proc == "queue" else None
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+_PR_SET_PDEATHSIG = 1
+_PR_CAPBSET_DROP = 24
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_CAP_AMBIENT = 47
+_PR_CAP_AMBIENT_CLEAR_ALL = 4
+CAP_LAST_CAP = "/proc/sys/kernel/cap_last_cap"
+
+
+def _prctl(option: int, arg: int = 0, arg3: int = 0) -> None:
+    if _libc.prctl(option, arg, arg3, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise PrivsepError(f"prctl({option}, {arg}): {os.strerror(err)}")
+
+
+def restrict() -> None:
+    """No-new-privs, no ambient capabilities and, as root, an empty capability
+    bounding set: nothing this process or anything it could execute gains a
+    privilege again (setuid files, file capabilities).  Called at a child's start,
+    before any thread exists, as these are per-thread attributes inherited only by
+    threads created later; the bounding set needs CAP_SETPCAP, so before the drop."""
+    _prctl(_PR_SET_NO_NEW_PRIVS, 1)
+    _prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL)
+    if privileged():
+        with open(CAP_LAST_CAP) as f:
+            last = int(f.read())
+        for cap in range(last + 1):
+            _prctl(_PR_CAPBSET_DROP, cap)
+
+
+def drop(proc: str, root: str | None = None) -> None:
+    """Chroot to ``root`` (if given), then become the process's user for good (no way
+    back, no supplementary groups, no capability left)."""
     if not privileged():
         return
-    ids = ids_for(proc)
+    ids = ids_for(proc)             # the user database is not in the chroot
+    if root is not None:
+        os.chroot(root)
+        os.chdir("/")
     os.setgroups([])
     os.setresgid(ids.gid, ids.gid, ids.gid)
     os.setresuid(ids.uid, ids.uid, ids.uid)
@@ -67,16 +121,9 @@ def drop(proc: str) -> None:
         raise PrivsepError(f"{proc}: privilege drop failed")
 
 
-_PR_SET_PDEATHSIG = 1
-
-
 def die_with_parent(parent_pid: int) -> None:
     """Ask the kernel for SIGTERM when the parent dies (set after any uid change,
     which clears it), then close the race with a check of the current parent."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != parent_pid:
         os._exit(1)

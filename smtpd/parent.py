@@ -72,8 +72,28 @@ def make_rundir() -> Path:
     return rundir
 
 
+# Where the parent's own packages were loaded from: the children import the same
+# code, and nothing else of what the current directory, $PYTHON* or the user site
+# could offer (python -I).  The directory goes on their path only when the
+# interpreter's site-packages does not already provide our packages from there
+# (a venv or /usr/lib/python3*/site-packages do; the RPM's private /usr/share/pysmtpd
+# or a checkout do not).
+PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+CHILD_ENTRY = (
+    "import os, sys, importlib.util; root = {root!r}; "
+    "spec = importlib.util.find_spec('smtpd'); "
+    "ours = spec is not None and spec.origin is not None and "
+    "os.path.realpath(spec.origin) == os.path.join(root, 'smtpd', '__init__.py'); "
+    "ours or sys.path.insert(0, root); "
+    "from smtpd.main import main; main()")
+
+
 def child_argv(opts, name: str, rundir: Path, listen_fds: str, fd_channel: int = -1) -> list[str]:
-    argv = [sys.executable, "-m", "smtpd", "-f", opts.config, "--spool", opts.spool,
+    """``python -I -c ENTRY ARGS``: isolated from the working directory (which
+    ``python -m`` would put first on the path, and the children start as root),
+    from $PYTHONPATH and friends, and from the user site."""
+    argv = [sys.executable, "-I", "-c", CHILD_ENTRY.format(root=PACKAGE_ROOT),
+            "-f", opts.config, "--spool", opts.spool,
             "--socket", opts.socket, "-x", name, "--rundir", str(rundir),
             "--parent-pid", str(os.getpid()), "--syslog-socket", opts.syslog_socket]
     for macro in opts.macros:
@@ -91,12 +111,9 @@ def child_argv(opts, name: str, rundir: Path, listen_fds: str, fd_channel: int =
 
 
 def child_environment() -> dict[str, str]:
-    """The children run ``python -m smtpd``: the directory holding our packages goes
-    first on their path, wherever they are installed (a venv, or /usr/share/pysmtpd
-    as the RPM installs them, outside any Python version's site-packages)."""
-    root = str(Path(__file__).resolve().parent.parent)
-    paths = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+    """The parent's environment without the interpreter's variables (ignored by
+    ``python -I`` anyway): nothing a child might run inherits them."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
 
 
 class Parent:

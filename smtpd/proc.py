@@ -1,10 +1,12 @@
 """What every child process does around its own logic.
 
-A child is started as ``smtpd -x NAME``; it sets its title, lets its module do
-the few things that need root (bind the control socket, create the spool), drops
+A child is started as ``smtpd -x NAME`` (by an isolated interpreter: see
+``parent.child_argv``); it gives up no-new-privs and its capability bounding set,
+sets its title, lets its module do the few things that need root (bind the control
+socket, create the spool), binds its channels, chroots where OpenSMTPD does, drops
 privileges, connects its channels, tells the parent it is ready, and serves until
-SIGTERM or the parent's death.  Everything is imported before the drop (no lazy
-imports after start, so a later chroot stays possible).
+SIGTERM or the parent's death.  Everything is imported and every file it needs is
+opened before the chroot (docs/security.md).
 """
 from __future__ import annotations
 
@@ -12,10 +14,12 @@ import asyncio
 import importlib
 import logging
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import zmq
 from setproctitle import setproctitle
 
 from common import aio, log as logsetup
@@ -41,10 +45,11 @@ class Context:
 
 # Modules the standard library and our dependencies import lazily, on first use.
 # After the privilege drop the interpreter's own files may be unreadable (a Python
-# under /root, a future chroot), so everything is imported while we still can.
+# under /root, the chroot), so everything is imported while we still can.
 PRELOAD = (
     "concurrent.futures.thread", "encodings.idna", "encodings.ascii", "encodings.latin_1",
     "encodings.utf_8", "email.utils", "email._parseaddr", "logging.handlers", "_strptime",
+    "traceback", "linecache", "tokenize",
 )
 DNS_TYPES = ("MX", "A", "AAAA", "PTR", "CNAME", "NS", "SOA", "TXT", "TLSA", "SRV")
 
@@ -57,36 +62,50 @@ def preload() -> None:
     import dns.rdatatype
     for rdtype in DNS_TYPES:
         dns.rdata.get_rdata_class(dns.rdataclass.IN, dns.rdatatype.from_text(rdtype))
+    # The C library reads the time zone (/etc/localtime, or $TZ's file) once, at the
+    # first conversion, and keeps it: log timestamps and Date: headers stay local
+    # time in a chroot without the zone files.
+    time.localtime()
 
 
 def run_child(opts, config) -> int:
     name = opts.proc
-    setproctitle(f"smtpd: {name}")
+    # The syslog socket is connected here, before the chroot, and kept (common/log.py).
     logsetup.setup(foreground=opts.debug, verbose=bool(opts.verbose), proc=name,
                    syslog_socket=opts.syslog_socket)
+    try:
+        privsep.restrict()              # first: before any thread (ZeroMQ's) exists
+    except privsep.PrivsepError as exc:
+        log.error("fatal: %s: %s", name, exc)
+        return 1
+    setproctitle(f"smtpd: {name}")
     module = importlib.import_module(f"smtpd.{name}")
     preload()
     introspection.apply_command_line(opts)
+    root = privsep.chroot_dir(name, opts.rundir, opts.spool)
     try:
         prepared = module.prepare(opts, config)
         if name == "queue":             # its storage, timed by `smtpctl profile queue`
             prepared = queue_profile.Observed(prepared)
-        privsep.drop(name)
-    except (OSError, privsep.PrivsepError) as exc:
+        mesh = Mesh(name, Path(opts.rundir))
+        mesh.bind()
+        privsep.drop(name, root)
+    except (OSError, zmq.ZMQError, privsep.PrivsepError) as exc:
         log.error("fatal: %s: %s", name, exc)
         return 1
     privsep.die_with_parent(opts.parent_pid)
-    return aio.run(_serve(name, module, opts, config, prepared))
+    # Where the channels the peers bind are seen from this process's root.
+    rundir_view = Path("/") if root == opts.rundir else Path(opts.rundir)
+    return aio.run(_serve(name, module, opts, config, prepared, mesh, rundir_view))
 
 
-async def _serve(name, module, opts, config, prepared) -> int:
+async def _serve(name, module, opts, config, prepared, mesh: Mesh, rundir_view: Path) -> int:
     loop = asyncio.get_running_loop()
-    mesh = Mesh(name, Path(opts.rundir))
     ctx = Context(name=name, opts=opts, config=config, mesh=mesh, prepared=prepared)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, ctx.stopping.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: None)   # reload is the parent's business
-    mesh.open()
+    mesh.connect(rundir_view)
     process = module.Process(ctx)
 
     async def handle(peer: str, msg: Msg):
