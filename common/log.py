@@ -54,18 +54,22 @@ class SyslogHandler(logging.Handler):
         self._connect()
 
     def _connect(self) -> None:
-        self.close_socket()
+        """A new connection replaces the old one only once made: in a chroot the
+        socket's path cannot be reached again, and the connection made before it
+        is all the process has (docs/security.md)."""
         last: OSError | None = None
         for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
             sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
             try:
                 sock.settimeout(SEND_TIMEOUT)
                 sock.connect(self.address)
-                self.sock, self.kind = sock, kind
-                return
             except OSError as exc:
                 sock.close()
                 last = exc
+                continue
+            self.close_socket()
+            self.sock, self.kind = sock, kind
+            return
         raise last  # type: ignore[misc]
 
     def close_socket(self) -> None:
