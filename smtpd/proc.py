@@ -49,7 +49,7 @@ class Context:
 PRELOAD = (
     "concurrent.futures.thread", "encodings.idna", "encodings.ascii", "encodings.latin_1",
     "encodings.utf_8", "email.utils", "email._parseaddr", "logging.handlers", "_strptime",
-    "traceback", "linecache", "tokenize",
+    "traceback", "linecache", "tokenize", "zmq.utils.garbage",
 )
 DNS_TYPES = ("MX", "A", "AAAA", "PTR", "CNAME", "NS", "SOA", "TXT", "TLSA", "SRV")
 
