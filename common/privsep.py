@@ -84,10 +84,9 @@ _PR_CAP_AMBIENT_CLEAR_ALL = 4
 CAP_LAST_CAP = "/proc/sys/kernel/cap_last_cap"
 
 
-def _prctl(option: int, arg: int = 0, arg3: int = 0) -> None:
+def _prctl(what: str, option: int, arg: int = 0, arg3: int = 0) -> None:
     if _libc.prctl(option, arg, arg3, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise PrivsepError(f"prctl({option}, {arg}): {os.strerror(err)}")
+        raise PrivsepError(f"{what}: {os.strerror(ctypes.get_errno())}")
 
 
 def restrict() -> None:
@@ -96,13 +95,14 @@ def restrict() -> None:
     privilege again (setuid files, file capabilities).  Called at a child's start,
     before any thread exists, as these are per-thread attributes inherited only by
     threads created later; the bounding set needs CAP_SETPCAP, so before the drop."""
-    _prctl(_PR_SET_NO_NEW_PRIVS, 1)
-    _prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL)
+    _prctl("cannot set no-new-privs", _PR_SET_NO_NEW_PRIVS, 1)
+    _prctl("cannot clear the ambient capabilities", _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL)
     if privileged():
         with open(CAP_LAST_CAP) as f:
             last = int(f.read())
         for cap in range(last + 1):
-            _prctl(_PR_CAPBSET_DROP, cap)
+            _prctl("cannot empty the capability bounding set (it needs CAP_SETPCAP, "
+                   "which systemd/smtpd.service keeps)", _PR_CAPBSET_DROP, cap)
 
 
 def drop(proc: str, root: str | None = None) -> None:

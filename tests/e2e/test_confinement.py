@@ -106,6 +106,23 @@ def test_every_child_is_confined_and_mail_flows_across_reload(make_daemon, tmp_p
 
 
 @ROOT_ONLY
+def test_without_cap_setpcap_the_children_refuse_to_run_unconfined(tmp_path):
+    """The control of the bounding-set check: root without CAP_SETPCAP (after exec, its
+    permitted set is its bounding set) cannot empty the children's, and says so."""
+    (tmp_path / "d").mkdir()
+    d = Daemon(tmp_path / "d", config(tmp_path / "d", free_port()),
+               prefix=["setpriv", "--bounding-set=-setpcap", "--"])
+    try:
+        d.start(wait=False)
+        assert d.proc.wait(30) == 1
+        assert "cannot empty the capability bounding set (it needs CAP_SETPCAP" in d.log(), d.log()
+        assert "warn: lost child:" in d.log()
+    finally:
+        d.stop()
+        assert not d.children(), "processes left behind"
+
+
+@ROOT_ONLY
 @pytest.mark.skipif(not Path("/usr/share/zoneinfo/Asia/Kolkata").exists(), reason="needs tzdata")
 def test_chrooted_children_log_in_local_time(tmp_path):
     """The time zone is loaded before the chroot: syslog timestamps of the chrooted
