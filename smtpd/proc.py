@@ -1,8 +1,8 @@
 """What every child process does around its own logic.
 
 A child is started as ``smtpd -x NAME`` (by an isolated interpreter: see
-``parent.child_argv``); it gives up no-new-privs and its capability bounding set,
-sets its title, lets its module do the few things that need root (bind the control
+``parent.child_argv``); it sets no-new-privs and empties its capability bounding
+set, sets its title, lets its module do the few things that need root (bind the control
 socket, create the spool), binds its channels, chroots where OpenSMTPD does, drops
 privileges, connects its channels, tells the parent it is ready, and serves until
 SIGTERM or the parent's death.  Everything is imported and every file it needs is
