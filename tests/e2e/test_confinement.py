@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -22,6 +21,7 @@ from common import ipc
 from tests.conftest import REPO, Daemon, free_port, wait_for
 from tests.e2e.helpers import config, maildir_messages, send
 from tests.e2e.ops_helpers import SyslogSocket
+from tests.e2e.sink import Sink
 
 CHILDREN = ("control", "lka", "queue", "scheduler", "pony")
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="confinement is for a daemon started as root; CI runs as root")
@@ -103,6 +103,23 @@ def test_every_child_is_confined_and_mail_flows_across_reload(make_daemon, tmp_p
     assert "scheduler.delivery.ok=2" in d.smtpctl("show", "stats").stdout
     now = d.children()                              # no child was lost or replaced
     assert all(now[f"smtpd: {c}"] == procs[f"smtpd: {c}"] for c in CHILDREN), (now, procs)
+
+
+@ROOT_ONLY
+def test_relay_by_name_from_the_chrooted_mta(make_daemon, tmp_path):
+    """pony, chrooted, has no /etc/hosts, resolv.conf or NSS modules: a relay named by
+    host name is resolved by lka (not chrooted) and pony connects to the address."""
+    sink_port, port = free_port(), free_port()
+    sink = Sink(sink_port).start()
+    try:
+        d = make_daemon(config(tmp_path / "d", port, relay=f"smtp://localhost:{sink_port}")).start()
+        assert os.readlink(f"/proc/{d.children()['smtpd: pony']}/root") != "/"
+        send(port, "me@local.test", ["x@remote.test"])
+        wait_for(lambda: sink.transactions, 20, "the sink to receive the message")
+        assert sink.transactions[0].rcpt_tos == ["x@remote.test"]
+        assert "host=localhost" in d.wait_log('result="Ok"')
+    finally:
+        sink.stop()
 
 
 @ROOT_ONLY
