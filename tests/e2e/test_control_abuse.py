@@ -80,11 +80,12 @@ def test_flooding_the_control_socket_cannot_flood_the_log(make_daemon, tmp_path)
 
         time.sleep(0.5)                             # whatever the flood made control log
         added = d.log_since_start().splitlines()[len(before):]
-        assert len(added) <= CLIENT_LOG_BURST, added
-        assert sum(f"uid {nobody.pw_uid}" in line for line in added) == CLIENT_LOG_BURST
+        about_nobody = [line for line in added if f"uid {nobody.pw_uid}" in line]
+        assert len(about_nobody) == CLIENT_LOG_BURST, added
+        assert len(added) <= CLIENT_LOG_BURST + 3, added    # (room for lines of other causes)
         # the forged command came first: escaped, it is one line and forges none
-        assert added[0] == (f"warn: control: show queue\\nFAKE: root logged in\\^[[2J\\r "
-                            f"refused to uid {nobody.pw_uid}: need root privileges")
+        assert about_nobody[0] == (f"warn: control: show queue\\nFAKE: root logged in\\^[[2J\\r "
+                                   f"refused to uid {nobody.pw_uid}: need root privileges")
         assert not any(line.startswith("FAKE") for line in d.log().splitlines())
 
         # root is still served, and the daemon runs on
