@@ -20,6 +20,7 @@ import math
 from typing import Any, Mapping
 
 from common.durations import duration_to_text
+from common.vis import strnvis   # smtpctl.c: strnvis(errline, e->errorline, sizeof errline, 0)
 
 __all__ = [
     "strnvis",
@@ -40,7 +41,6 @@ __all__ = [
 ]
 
 _U64 = 1 << 64
-LINE_MAX = 2048
 
 
 def _zu(value: int) -> int:
@@ -52,55 +52,6 @@ def _zd(value: int) -> int:
     """printf ``%zd``: a signed 64-bit value."""
     v = int(value) % _U64
     return v - _U64 if v >= 1 << 63 else v
-
-
-# --- strnvis(3) ------------------------------------------------------------
-
-
-def _vis_byte(c: int) -> str:
-    """vis(3) of one byte with flags 0 (OpenBSD lib/libc/gen/vis.c)."""
-    # Visible with flags 0: ASCII graphic characters, space, tab, newline.
-    if 0x21 <= c <= 0x7E:
-        return "\\\\" if c == 0x5C else chr(c)
-    if c in (0x20, 0x09, 0x0A):
-        return chr(c)
-    if (c & 0o177) == 0x20:                      # 0xa0: octal
-        return "\\%03o" % c
-    out = "\\"
-    if c & 0o200:
-        c &= 0o177
-        out += "M"
-    if c < 0x20 or c == 0x7F:                    # iscntrl
-        out += "^" + ("?" if c == 0x7F else chr(c + 0x40))
-    else:
-        out += "-" + chr(c)
-    return out
-
-
-def strnvis(text: str | bytes, size: int = LINE_MAX) -> str:
-    """``strnvis(dst, src, size, 0)``: the visible encoding of ``text``.
-
-    A str is encoded as UTF-8 (surrogate escapes restored to their bytes), so
-    non-ASCII shows as ``\\M-...`` sequences exactly as smtpctl prints them.
-    The encoding stops at a NUL byte, and at most ``size - 1`` characters are
-    produced, never a partial escape (OpenBSD's truncation rule).
-    """
-    if isinstance(text, str):
-        data = text.encode("utf-8", "surrogateescape")
-    else:
-        data = bytes(text)
-    limit = size - 1
-    out: list[str] = []
-    used = 0
-    for c in data:
-        if c == 0:
-            break
-        enc = _vis_byte(c)
-        if used + len(enc) > limit:
-            break
-        out.append(enc)
-        used += len(enc)
-    return "".join(out)
 
 
 # --- show queue ------------------------------------------------------------

@@ -12,6 +12,11 @@ user the daemon runs as when started unprivileged); any other user gets
 ``need root privileges``.  OpenSMTPD lets any user ask only for an SMTP session (the
 sendmail path), which comes with its issue: UNPRIVILEGED_COMMANDS is where it goes.
 A client connection may carry several requests (``monitor`` asks once a second).
+
+What a client makes control log (refusals, dropped connections, the per-uid cap) is
+limited per uid (ClientLogLimiter): any local user may connect, and without a limit
+one user could fill the disk with warnings; OpenSMTPD has no such limit.  Text from
+a client is escaped (common/vis.py) before it is logged.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import logging
 import os
 import socket
 import struct
+import time
 
 from common import stat
 from common.control_wire import PERMISSION_DENIED, WireError, frame, read_frame
@@ -28,6 +34,7 @@ from common.messages import (
     PROTOCOL_VERSION, ClientContent, ClientEnd, ClientQueueBatch, ClientRequest, ClientResult,
     CtlContentReply, CtlListReply, CtlReply, CtlRequest,
 )
+from common.vis import COMMAND, log_text
 from smtpd import control_trace, metrics
 from smtpd.stat_backend import Stats
 
@@ -44,6 +51,52 @@ CLIENT_TIMEOUT = 30.0
 # OpenSMTPD's CONTROL_MAXCONN_PER_CLIENT: connections one uid may hold at once.
 MAX_CONNECTIONS_PER_UID = 32
 UNPRIVILEGED_COMMANDS: frozenset[str] = frozenset()
+# Lines about one uid's clients logged per interval; the rest are counted and
+# summed up in one line when the interval ends.  20: smtpctl run by hand, or a
+# script's few mistakes, are all logged; a flood is cut after a screenful.
+CLIENT_LOG_BURST = 20
+CLIENT_LOG_INTERVAL = 60.0
+COMMAND_LOG_SIZE = 81           # a refused command's name, escaped, in at most 80 characters
+
+
+class ClientLogLimiter:
+    """Which lines about a uid's control clients reach the log: the first ``burst`` of
+    each interval of ``interval`` seconds (from that uid's first line), then none until
+    it ends; the lines left out are then summed up in one.  Sans-I/O: the caller
+    passes the (monotonic) time."""
+
+    def __init__(self, burst: int = CLIENT_LOG_BURST, interval: float = CLIENT_LOG_INTERVAL) -> None:
+        self.burst = burst
+        self.interval = interval
+        self.windows: dict[int, list] = {}      # uid -> [start, lines logged, lines left out]
+
+    def allow(self, uid: int, now: float) -> tuple[bool, tuple[int, float] | None]:
+        """Whether this line is logged, and (lines left out, seconds) of this uid's
+        interval that has just ended, to be logged first."""
+        ended = None
+        window = self.windows.get(uid)
+        if window is not None and now - window[0] >= self.interval:
+            if window[2]:
+                ended = (window[2], now - window[0])
+            window = None
+        if window is None:
+            window = self.windows[uid] = [now, 0, 0]
+        if window[1] < self.burst:
+            window[1] += 1
+            return True, ended
+        window[2] += 1
+        return False, ended
+
+    def summaries(self, now: float, every: bool = False) -> list[tuple[int, int, float]]:
+        """(uid, lines left out, seconds) of each interval that has ended, or of every
+        interval (``every``: at stop); those intervals are forgotten."""
+        out = []
+        for uid, (start, _logged, left_out) in list(self.windows.items()):
+            if every or now - start >= self.interval:
+                del self.windows[uid]
+                if left_out:
+                    out.append((uid, left_out, now - start))
+        return out
 
 
 class Prepared:
@@ -94,9 +147,12 @@ class Process:
         self.switches = control_trace.Switches(ctx)
         self.stats = Stats(ctx)
         self.metrics: metrics.Endpoint | None = None
+        self.client_log = ClientLogLimiter()
+        self.summarizer: asyncio.Task | None = None
 
     async def start(self) -> None:
         self.server = await asyncio.start_unix_server(self._client, sock=self.prepared.sock)
+        self.summarizer = asyncio.create_task(self._summarize())
         if self.prepared.metrics_sock is not None:
             self.metrics = metrics.Endpoint(self.prepared.metrics_sock, self.stats.gather)
             await self.metrics.start()
@@ -109,6 +165,10 @@ class Process:
             self.server.close()
         if self.metrics:
             self.metrics.close()
+        if self.summarizer:
+            self.summarizer.cancel()
+        for uid, left_out, seconds in self.client_log.summaries(time.monotonic(), every=True):
+            self._log_left_out(uid, left_out, seconds)
 
     async def handle(self, peer: str, msg) -> None:
         log.warning("warn: control: unexpected %s from %s", type(msg).__name__, peer)
@@ -119,6 +179,26 @@ class Process:
         old = (self.ctx.config.metrics_address, self.ctx.config.metrics_port)
         if (config.metrics_address, config.metrics_port) != old:
             raise ValueError("a change to \"metrics listen on\" needs a restart")
+
+    def _client_log(self, uid: int, level: int, fmt: str, *args) -> None:
+        """A line about a client of ``uid``, if that uid's share of the log allows it."""
+        allowed, ended = self.client_log.allow(uid, time.monotonic())
+        if ended:
+            self._log_left_out(uid, *ended)
+        if allowed:
+            log.log(level, fmt, *args)
+
+    @staticmethod
+    def _log_left_out(uid: int, left_out: int, seconds: float) -> None:
+        log.warning("warn: control: %d more line%s about clients of uid %d left out of the log "
+                    "in %ds", left_out, "" if left_out == 1 else "s", uid, round(seconds))
+
+    async def _summarize(self) -> None:
+        """A uid whose clients went quiet gets its summary within an interval."""
+        while True:
+            await asyncio.sleep(self.client_log.interval)
+            for uid, left_out, seconds in self.client_log.summaries(time.monotonic()):
+                self._log_left_out(uid, left_out, seconds)
 
     def _may(self, uid: int, command: str) -> bool:
         return uid in (0, self.prepared.admin_uid) or command in UNPRIVILEGED_COMMANDS
@@ -131,7 +211,8 @@ class Process:
             writer.close()
             return
         if self.connections.get(uid, 0) >= MAX_CONNECTIONS_PER_UID:
-            log.warning("warn: too many connections to control socket from user with uid %d", uid)
+            self._client_log(uid, logging.WARNING,
+                             "warn: too many connections to control socket from user with uid %d", uid)
             writer.close()
             return
         self.connections[uid] = self.connections.get(uid, 0) + 1
@@ -156,10 +237,12 @@ class Process:
                 req = await asyncio.wait_for(read_frame(reader), CLIENT_TIMEOUT)
             except asyncio.IncompleteReadError as exc:
                 if exc.partial:
-                    log.info("control: dropping client: truncated frame")
+                    self._client_log(uid, logging.INFO, "control: dropping client of uid %d: "
+                                     "truncated frame", uid)
                 return
             except (WireError, TimeoutError, ConnectionError) as exc:
-                log.info("control: dropping client: %s", exc)
+                self._client_log(uid, logging.INFO, "control: dropping client of uid %d: %s",
+                                 uid, log_text(str(exc) or type(exc).__name__, COMMAND))
                 return
             try:
                 if not isinstance(req, ClientRequest):
@@ -169,9 +252,9 @@ class Process:
                     await writer.drain()
                     return
                 if not self._may(uid, req.command):
-                    # The command's name comes from the client: escaped, so it cannot forge lines.
-                    log.warning("warn: control: %s refused to uid %d: need root privileges",
-                                ascii(req.command[:80])[1:-1], uid)
+                    self._client_log(uid, logging.WARNING,
+                                     "warn: control: %s refused to uid %d: need root privileges",
+                                     log_text(req.command, COMMAND, COMMAND_LOG_SIZE), uid)
                     writer.write(frame(ClientResult(ok=False, text=PERMISSION_DENIED)))
                 else:
                     await self._command(req, writer)
@@ -179,7 +262,8 @@ class Process:
             except PeerTimeout as exc:
                 writer.write(frame(ClientResult(ok=False, text=str(exc))))
             except (WireError, ConnectionError) as exc:
-                log.info("control: dropping client: %s", exc)
+                self._client_log(uid, logging.INFO, "control: dropping client of uid %d: %s",
+                                 uid, log_text(str(exc) or type(exc).__name__, COMMAND))
                 return
 
     async def _ask(self, peer: str, command: str, ident: int = 0) -> CtlReply:

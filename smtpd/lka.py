@@ -18,6 +18,7 @@ from common.messages import (
     LkaEnvelopeCommit, LkaEnvelopeSubmit, MdaLookupUserinfo, MdaLookupUserinfoReply,
     MtaDnsLookup, MtaDnsReply, SmtpExpandRcpt, SmtpExpandRcptReply,
 )
+from common.vis import COMMAND, log_text
 from smtpd import expand
 from smtpd.ruleset import TableSet
 
@@ -105,7 +106,9 @@ class Process:
         except NullMx:
             reply = MtaDnsReply(reqid=req.reqid, status="permfail", error="Domain does not accept mail")
         except (dns.exception.DNSException, OSError) as exc:
-            log.info("smtp-out: Failed to resolve %s for %s: %s", req.kind.upper(), req.name, exc)
+            # the name comes from a client's address or from DNS, the error may quote either
+            log.info("smtp-out: Failed to resolve %s for %s: %s", req.kind.upper(),
+                     log_text(req.name), log_text(str(exc), COMMAND))
             reply = MtaDnsReply(reqid=req.reqid, status="tempfail",
                                 error="Temporary failure in MX lookup" if req.kind == "mx" else "Host not found")
         await self.ctx.mesh.send(peer, reply)

@@ -3,7 +3,9 @@
 Line based: a statement per logical line (``\\`` continues it), ``#`` comments,
 ``name = value`` macros used as ``$name`` (``-D name=value`` wins), quoted
 strings, ``<table>`` references and inline ``{ a, b }`` / ``{ k = v }`` tables.
-Every error names FILE:LINE, the token found and what was expected.
+Every error names FILE:LINE, the token found and what was expected.  The files it
+names are opened and checked by smtpd/config_files.py (regular, owner, modes); an
+include loop is named with its chain of files.
 """
 from __future__ import annotations
 
@@ -14,12 +16,14 @@ from pathlib import Path
 
 from common.durations import parse_duration
 from smtpd.config import Action, Condition, Config, ConfigError, Listener, Rule, Table, default_hostname
+from smtpd.config_files import FileRefused, check_file, read_checked
 
 OLD_GRAMMAR = {"accept", "deliver", "map", "expire", "ssl", "limit"}
 OLD_HINT = ' (pre-6.4 accept/deliver grammar; see smtpd.conf(5): use "action" and "match")'
 LOCAL_METHODS = {"mbox", "maildir", "lmtp", "mda", "forward-only", "expand-only"}
 _TOKEN = re.compile(r'''\s*(?:("(?:[^"\\]|\\.)*")|('[^']*')|(<[^<>\s]+>)|(=>|[{},=!])|([^\s{},="'<>!]+(?:!?[^\s{},="'<>]*)*))''')
 _SIZE = re.compile(r"^(\d+)([kKmMgG]?)[bB]?$")
+MAX_INCLUDE_DEPTH = 10
 
 
 class Tok(str):
@@ -38,6 +42,9 @@ class Parser:
         self.anon = 0
         self.file = path
         self.line = 0
+        # the files being read, from the top one: [path, (device, inode), line of the
+        # include statement being followed]
+        self.reading: list[list] = []
 
     def not_yet(self, what: str) -> None:
         note = f"{self.file}:{self.line}: {what} is accepted but not applied yet"
@@ -101,12 +108,23 @@ class Parser:
 
     # -- top level ------------------------------------------------------------------------------
 
-    def parse_file(self, path: Path, depth: int = 0) -> None:
+    def read_file(self, path: Path, what: str = "", secret: bool = False) -> tuple[str, tuple[int, int]]:
+        """The checked text of a file the configuration names, and its identity; an
+        error is named by the line that names the file (or by the file, at the top)."""
         try:
-            content = path.read_text(errors="replace")
-        except OSError as exc:
-            # named by the include line (or by the file itself at the top)
-            raise self.err(f"{path}: {exc.strerror}" if self.line else exc.strerror) from None
+            return read_checked(path, secret)
+        except FileRefused as exc:
+            raise self.err(f"{what}{path}: {exc}" if self.line else str(exc)) from None
+
+    def parse_file(self, path: Path) -> None:
+        content, ident = self.read_file(path, "include ")
+        # which include statements led here, and whether this file is one of theirs
+        chain = " -> ".join(f"{file}:{line}" for file, _, line in self.reading) + f" -> {path}"
+        if any(ident == seen for _, seen, _ in self.reading):
+            raise self.err(f"include loop: {chain}")
+        if len(self.reading) > MAX_INCLUDE_DEPTH:
+            raise self.err(f"include: nested more than {MAX_INCLUDE_DEPTH} deep: {chain}")
+        self.reading.append([str(path), ident, 0])
         saved = self.file, self.line
         self.file = str(path)
         for lineno, text in self.logical_lines(content):
@@ -121,12 +139,14 @@ class Parser:
                 continue
             toks = self.tokenize(text)
             if toks and toks[0] == "include" and not toks[0].quoted:
-                if depth > 10 or len(toks) != 2:
+                if len(toks) != 2:
                     raise self.err("include: expected one quoted path")
-                self.parse_file(self.fs(Path(toks[1])), depth + 1)
+                self.reading[-1][2] = lineno
+                self.parse_file(self.fs(Path(toks[1])))
                 self.file = str(path)
                 continue
             self.statement(toks)
+        self.reading.pop()
         self.file, self.line = saved
 
     def statement(self, toks: list[Tok]) -> None:
@@ -548,6 +568,17 @@ MAILDIR_OPTIONS = {"junk", "alias", "virtual", "userbase", "user", "wrapper", "t
 SPECIAL_TABLES = {"localhost", "anyhost", "localnames", "anydestination", "getpwnam"}
 
 
+def check_secret_file(path: str | Path, parser: Parser) -> None:
+    """For a file that holds secrets and that another layer reads (a pki key): a
+    regular file, owned by root or smtpd's user, mode at most 0740 (ssl.c's
+    ssl_load_key); else a ConfigError at the line being parsed."""
+    path = parser.fs(Path(path))
+    try:
+        check_file(path, secret=True)
+    except FileRefused as exc:
+        raise parser.err(f"{path}: {exc}") from None
+
+
 def _strip_comment(line: str) -> str:
     out, quote = [], None
     for ch in line:
@@ -571,12 +602,10 @@ def _is_ip(text: str) -> bool:
         return False
 
 
-def load_table_file(path: Path, parser: Parser):
-    """table(5) files: one value per line (list) or ``key value`` / ``key: a, b`` (map)."""
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError as exc:
-        raise parser.err(f"table file {path}: {exc.strerror}") from None
+def load_table_file(path: Path, parser: Parser, secret: bool = False):
+    """table(5) files: one value per line (list) or ``key value`` / ``key: a, b`` (map).
+    ``secret``: the table holds credentials (its modes are checked as a key's)."""
+    lines = parser.read_file(path, "table file ", secret)[0].splitlines()
     items, pairs = [], {}
     for raw in lines:
         line = _strip_comment(raw).strip()

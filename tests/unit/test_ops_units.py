@@ -27,7 +27,8 @@ def test_syslog_line_is_glibc_syslog_format():
 
 
 def test_vis_and_the_authentication_line(caplog):
-    assert vis("a b\\c\t\xe9") == "a\\040b\\\\c\\011\\303\\251"
+    # strnvis(VIS_WHITE | VIS_SAFE), as smtp_session.c does for this line
+    assert vis("a b\\c\t\xe9") == "a\\040b\\\\c\\^I\\M-C\\M-)"
     with caplog.at_level(logging.INFO, logger="smtpd"):
         log_authentication(0x1234, "bob smith", "permfail")
     assert caplog.messages == ["0000000000001234 smtp authentication user=bob\\040smith result=permfail"]
