@@ -45,6 +45,7 @@ __all__ = [
     "CommandError",
     "Grammar",
     "GRAMMAR",
+    "PLACEHOLDERS",
     "parse_command",
     "parse_id",
     "parse_msgid",
@@ -66,7 +67,7 @@ P_EVPID = "evpid"
 P_ROUTEID = "routeid"
 P_ADDR = "addr"
 
-_PLACEHOLDERS = {
+PLACEHOLDERS = {
     "<str>": P_STR,
     "<int>": P_INT,
     "<msgid>": P_MSGID,
@@ -355,7 +356,7 @@ class Grammar:
         tokens = pattern.split()
         if not tokens:
             raise ValueError("empty pattern")
-        kinds = [_PLACEHOLDERS.get(t, P_TOKEN) for t in tokens]
+        kinds = [PLACEHOLDERS.get(t, P_TOKEN) for t in tokens]
         typed = [k for k in kinds if k != P_TOKEN]
         if len(typed) != len(set(typed)):
             # args are keyed by type, so a type may appear once per pattern
@@ -419,6 +420,13 @@ class Grammar:
         if word is not None and kinds:
             return CommandError(lines, bad_id=word, id_kinds=sorted(kinds, reverse=True))
         return CommandError(lines)
+
+    def keywords(self, path: Sequence[str]) -> list[str]:
+        """The keywords (literal tokens) that may follow the keywords ``path``, in order."""
+        node = self.root
+        for token in path:
+            node = next(c for c in node.children if c.token == token)
+        return [c.token for c in node.children if c.kind == P_TOKEN]
 
     def patterns(self) -> list[str]:
         """Every installed pattern, in tree order."""

@@ -11,7 +11,7 @@ import sys
 from smtpctl import format as fmt
 
 
-def run(conn, cmd) -> int:
+def run(conn) -> int:
     reply = conn.request("reload")
     print(fmt.command_result(reply.ok, reply.text or None))
     if reply.ok and reply.text:
