@@ -45,6 +45,7 @@ __all__ = [
     "CommandError",
     "Grammar",
     "GRAMMAR",
+    "ipv6_text",
     "PLACEHOLDERS",
     "parse_command",
     "parse_id",
@@ -276,6 +277,21 @@ def _parse_routeid(text: str) -> int | None:
     return value if 1 <= value <= _LLONG_MAX else None
 
 
+def ipv6_text(addr: ipaddress.IPv6Address) -> str:
+    """The address as inet_ntop(3) writes it (OpenBSD's and glibc's, the ISC code), on
+    every Python: the longest run of zero groups (the first of equal runs, two groups at
+    least) as ``::``, and an IPv4-mapped (``::ffff:192.0.2.1``) or IPv4-compatible
+    (``::192.0.2.1``) address ending in the dotted quad.  str() differs: before 3.13 it
+    writes both in hex (``::ffff:c000:201``), 3.13 only the compatible one."""
+    packed = addr.packed
+    tail = ipaddress.IPv4Address(packed[12:])
+    if packed[:10] == bytes(10) and packed[10:12] == b"\xff\xff":
+        return f"::ffff:{tail}"
+    if packed[:12] == bytes(12) and packed[12:14] != bytes(2):   # zero run of exactly six groups
+        return f"::{tail}"
+    return str(addr)
+
+
 def _parse_addr(text: str) -> str | None:
     """parser.c text_to_sockaddr(PF_UNSPEC): IPv4 first, then IPv6[%scope].
 
@@ -294,7 +310,7 @@ def _parse_addr(text: str) -> str | None:
     except ValueError:
         return None
     if not pct:
-        return str(addr)
+        return ipv6_text(addr)
     scoped_ok = False
     if addr.is_link_local or (
         addr.is_multicast and (addr.packed[1] & 0x0F) in (1, 2)
@@ -306,7 +322,7 @@ def _parse_addr(text: str) -> str | None:
     if not scoped_ok:
         if not _DEC.fullmatch(scope) or int(scope) > _UINT32_MAX:
             return None
-    return f"{addr}%{scope}"
+    return f"{ipv6_text(addr)}%{scope}"
 
 
 def _check(kind: str, token: str, word: str) -> tuple[bool, Any]:
