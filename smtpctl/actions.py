@@ -73,7 +73,9 @@ def simple(conn: Connection, name: str) -> None:
         raise typer.Exit(1)
 
 
-def not_supported(name: str) -> None:
+def not_supported(conn: Connection, name: str, *words: str) -> None:
+    """A command of smtpctl(8) smtpd does not carry out yet (smtpctl checks the daemon
+    is there first, as for any command)."""
     die(f"command not supported yet: {name}")
 
 

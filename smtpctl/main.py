@@ -15,8 +15,8 @@ unit test also checks that both hold the same commands, in the same order).
 The options (``--socket``/``-s``, ``--json``, ``-h``/``--help``) may stand anywhere on the
 line, as before.  Run as ``mailq`` (argv[0]), smtpctl is ``smtpctl show queue``.
 
-Startup time matters (mailq runs from scripts): rich is never used (plain help), and
-nothing here imports more than the command being run needs.
+Startup time matters (mailq runs from scripts): rich is never loaded (plain help), and
+typer's value conversion, which loads pydantic, is skipped (Verbatim).
 """
 from __future__ import annotations
 
@@ -126,13 +126,10 @@ def root(ctx: typer.Context,
     ctx.obj = Settings(socket)
 
 
-def _socket(ctx: typer.Context) -> Optional[str]:
-    return ctx.find_root().obj.socket
-
-
-# The arguments, by what they name (the placeholders of smtpctl.parser).
-def _id_argument(what: str, metavar: str):
-    return typer.Argument(..., metavar=metavar, help=what, show_default=False)
+def _on_daemon(ctx: typer.Context, action, *args) -> None:
+    """``action(connection, *args)`` on a connection to the control socket."""
+    with actions.control(ctx.find_root().obj.socket) as conn:
+        action(conn, *args)
 
 
 ENVELOPE_OR_MESSAGE = "an envelope id (16 hex digits) or a message id (8 hex digits: every envelope of it)"
@@ -140,15 +137,7 @@ SUBSYSTEM = "a subsystem, as smtpctl(8) lists them (e.g. smtp, queue, imsg, all)
 ROUTE = typer.Argument(None, metavar="from <addr> for <str>", show_default=False,
                        help="only the route from this local address to this domain (not supported yet)")
 
-# --- the command tree, in the grammar's order (OpenSMTPD's smtpctl.c installs them so) -------
-
-
-@app.command()
-def discover(ctx: typer.Context, ident: str = _id_argument(ENVELOPE_OR_MESSAGE, "<evpid>|<msgid>")) -> None:
-    """Schedule an envelope, or every envelope of a message, moved into the queue by hand."""
-    with actions.control(_socket(ctx)) as conn:
-        actions.envelope_command(conn, "discover", ident)
-
+# --- the command tree (command() puts each group's commands in the grammar's order) ----------
 
 pause = _group("Suspend deliveries, relaying, incoming sessions or envelopes.")
 resume = _group("Resume what pause suspended.")
@@ -157,16 +146,96 @@ show_mta = _group("Show the relaying state.")
 log = _group("Set the daemon's log verbosity.")
 update = _group("Reload what a table backend caches.")
 spf = _group("SPF records.")
-app.add_typer(pause, name="pause")
-app.add_typer(resume, name="resume")
-app.add_typer(show, name="show")
+for name, group in (("pause", pause), ("resume", resume), ("show", show), ("log", log),
+                    ("update", update), ("spf", spf)):
+    app.add_typer(group, name=name)
+show.add_typer(show_mta, name="mta")
+
+
+def _command(group: typer.Typer, name: str, doc: str, action, *args) -> None:
+    """A command of no argument: ``action(connection, *args)`` on the daemon."""
+    def run_command(ctx: typer.Context) -> None:
+        _on_daemon(ctx, action, *args)
+    run_command.__doc__ = doc
+    group.command(name)(run_command)
+
+
+def _word_command(group: typer.Typer, name: str, doc: str, metavar: str, word_help: str,
+                  action, *args) -> None:
+    """A command of one word (an id, a subsystem, a name): ``action(connection, *args, word)``."""
+    def run_command(ctx: typer.Context, word: str = typer.Argument(
+            ..., metavar=metavar, help=word_help, show_default=False)) -> None:
+        _on_daemon(ctx, action, *args, word)
+    run_command.__doc__ = doc
+    group.command(name)(run_command)
+
+
+# (group, name, help, action, action's first arguments)
+NO_ARGUMENT_COMMANDS = (
+        (show_mta, "paused", "The routes whose relaying is paused (not supported yet).",
+         actions.not_supported, "show mta paused"),
+        (log, "brief", "Turn verbose (debug) logging off.", debug_commands.run, "log brief"),
+        (log, "verbose", "Turn verbose (debug) logging on.", debug_commands.run, "log verbose"),
+        (app, "monitor", "Print the daemon's main counters every second (increments; two are absolute).",
+         monitor.run, "monitor"),
+        (pause, "mda", "Stop local deliveries for now.", actions.simple, "pause mda"),
+        (pause, "smtp", "Stop accepting incoming SMTP sessions for now.", actions.simple, "pause smtp"),
+        (resume, "mda", "Resume local deliveries.", actions.simple, "resume mda"),
+        (resume, "smtp", "Resume accepting incoming SMTP sessions.", actions.simple, "resume smtp"),
+        (show, "hoststats", "The last delivery status per domain over the last 4 hours (not supported yet).",
+         actions.not_supported, "show hoststats"),
+        (show, "hosts", "The remote MX hosts known (not supported yet).", actions.not_supported, "show hosts"),
+        (show, "relays", "The active relays and their connectors (not supported yet).",
+         actions.not_supported, "show relays"),
+        (show, "routes", "The routes known and their state (not supported yet).",
+         actions.not_supported, "show routes"),
+        (show, "stats", "Every counter of the daemon, key=value.", monitor.run, "show stats"),
+        (show, "status", "Whether MDA, MTA and SMTP are running or paused.", actions.show_status),
+        (app, "stop", "Stop the daemon.", actions.simple, "stop"),
+        (app, "reload", "Re-read the configuration; a refused file is reported and exits 1 (pysmtpd).",
+         reload_command.run))
+for entry in NO_ARGUMENT_COMMANDS:
+    _command(*entry)
+
+ENVELOPES = "<evpid>|<msgid>|all"
+# (group, name, help, the word's metavar and help, action, action's first arguments)
+ONE_WORD_COMMANDS = (
+        (app, "discover", "Schedule an envelope, or every envelope of a message, moved into the queue by hand.",
+         "<evpid>|<msgid>", ENVELOPE_OR_MESSAGE, actions.envelope_command, "discover"),
+        (pause, "envelope", "Stop scheduling an envelope, a message's envelopes, or all of them.",
+         ENVELOPES, ENVELOPE_OR_MESSAGE + ", or all", actions.envelope_command, "pause envelope"),
+        (resume, "envelope", "Resume scheduling an envelope, a message's envelopes, or all of them.",
+         ENVELOPES, ENVELOPE_OR_MESSAGE + ", or all", actions.envelope_command, "resume envelope"),
+        (app, "remove", "Remove an envelope, every envelope of a message, or all envelopes.",
+         ENVELOPES, ENVELOPE_OR_MESSAGE + ", or all", actions.envelope_command, "remove"),
+        (app, "schedule", "Make an envelope, a message's envelopes, or all envelopes due for delivery now.",
+         ENVELOPES, ENVELOPE_OR_MESSAGE + ", or all", actions.envelope_command, "schedule"),
+        (app, "uncorrupt", "Move a message's envelopes from the corrupt bucket back into the queue.",
+         "<msgid>", "a message id (8 hex digits)", actions.envelope_command, "uncorrupt"),
+        (show, "envelope", "Print an envelope file as it is in the queue.",
+         "<evpid>", "an envelope id (16 hex digits)", actions.show_file, "show envelope"),
+        (show, "message", "Print a message as it is in the queue.",
+         "<msgid>|<evpid>", ENVELOPE_OR_MESSAGE, actions.show_file, "show message"),
+        (app, "trace", "Turn on real-time tracing of a subsystem.",
+         "<subsystem>", SUBSYSTEM, debug_commands.run, "trace"),
+        (app, "untrace", "Turn off real-time tracing of a subsystem.",
+         "<subsystem>", SUBSYSTEM, debug_commands.run, "untrace"),
+        (app, "profile", "Turn on real-time profiling of a subsystem (queue, imsg).",
+         "<subsystem>", SUBSYSTEM, debug_commands.run, "profile"),
+        (app, "unprofile", "Turn off real-time profiling of a subsystem.",
+         "<subsystem>", SUBSYSTEM, debug_commands.run, "unprofile"),
+        (resume, "route", "Resume a route disabled after errors (not supported yet).",
+         "<routeid>", "a route number (show routes)", actions.not_supported, "resume route"),
+        (update, "table", "Make the daemon reload a table's cached contents (not supported yet).",
+         "<name>", "the table's name", actions.not_supported, "update table"))
+for entry in ONE_WORD_COMMANDS:
+    _word_command(*entry)
 
 
 def _mta(ctx: typer.Context, verb: str, route: Optional[list[str]]) -> None:
-    with actions.control(_socket(ctx)) as conn:
-        if route:
-            actions.not_supported(f"{verb} mta from for")
-        actions.simple(conn, f"{verb} mta")
+    if route:
+        _on_daemon(ctx, actions.not_supported, f"{verb} mta from for")
+    _on_daemon(ctx, actions.simple, f"{verb} mta")
 
 
 @pause.command("mta")
@@ -181,237 +250,13 @@ def resume_mta(ctx: typer.Context, route: Optional[list[str]] = ROUTE) -> None:
     _mta(ctx, "resume", route)
 
 
-show.add_typer(show_mta, name="mta")
-
-
-@show_mta.command("paused")
-def show_mta_paused(ctx: typer.Context) -> None:
-    """The routes whose relaying is paused (not supported yet)."""
-    with actions.control(_socket(ctx)):
-        actions.not_supported("show mta paused")
-
-
-app.add_typer(log, name="log")
-
-
-@log.command("brief")
-def log_brief(ctx: typer.Context) -> None:
-    """Turn verbose (debug) logging off."""
-    with actions.control(_socket(ctx)) as conn:
-        debug_commands.run(conn, "log brief")
-
-
-@log.command("verbose")
-def log_verbose(ctx: typer.Context) -> None:
-    """Turn verbose (debug) logging on."""
-    with actions.control(_socket(ctx)) as conn:
-        debug_commands.run(conn, "log verbose")
-
-
-@app.command("monitor")
-def monitor_command(ctx: typer.Context) -> None:
-    """Print the daemon's main counters every second (increments; two are absolute)."""
-    with actions.control(_socket(ctx)) as conn:
-        monitor.run(conn, "monitor")
-
-
-def _envelopes(ctx: typer.Context, name: str, target: str) -> None:
-    with actions.control(_socket(ctx)) as conn:
-        actions.envelope_command(conn, name, target)
-
-
-@pause.command("envelope")
-def pause_envelope(ctx: typer.Context, target: str = _id_argument(
-        ENVELOPE_OR_MESSAGE + ", or all", "<evpid>|<msgid>|all")) -> None:
-    """Stop scheduling an envelope, a message's envelopes, or all of them."""
-    _envelopes(ctx, "pause envelope", target)
-
-
-@pause.command("mda")
-def pause_mda(ctx: typer.Context) -> None:
-    """Stop local deliveries for now."""
-    with actions.control(_socket(ctx)) as conn:
-        actions.simple(conn, "pause mda")
-
-
-@pause.command("smtp")
-def pause_smtp(ctx: typer.Context) -> None:
-    """Stop accepting incoming SMTP sessions for now."""
-    with actions.control(_socket(ctx)) as conn:
-        actions.simple(conn, "pause smtp")
-
-
-def _debug(ctx: typer.Context, name: str, subsystem: str) -> None:
-    with actions.control(_socket(ctx)) as conn:
-        debug_commands.run(conn, name, subsystem)
-
-
-@app.command()
-def profile(ctx: typer.Context, subsystem: str = _id_argument(SUBSYSTEM, "<subsystem>")) -> None:
-    """Turn on real-time profiling of a subsystem (queue, imsg)."""
-    _debug(ctx, "profile", subsystem)
-
-
-@app.command()
-def remove(ctx: typer.Context, target: str = _id_argument(
-        ENVELOPE_OR_MESSAGE + ", or all", "<evpid>|<msgid>|all")) -> None:
-    """Remove an envelope, every envelope of a message, or all envelopes."""
-    _envelopes(ctx, "remove", target)
-
-
-@resume.command("envelope")
-def resume_envelope(ctx: typer.Context, target: str = _id_argument(
-        ENVELOPE_OR_MESSAGE + ", or all", "<evpid>|<msgid>|all")) -> None:
-    """Resume scheduling an envelope, a message's envelopes, or all of them."""
-    _envelopes(ctx, "resume envelope", target)
-
-
-@resume.command("mda")
-def resume_mda(ctx: typer.Context) -> None:
-    """Resume local deliveries."""
-    with actions.control(_socket(ctx)) as conn:
-        actions.simple(conn, "resume mda")
-
-
-@resume.command("route")
-def resume_route(ctx: typer.Context, routeid: str = _id_argument(
-        "a route number (show routes)", "<routeid>")) -> None:
-    """Resume a route disabled after errors (not supported yet)."""
-    with actions.control(_socket(ctx)):
-        actions.not_supported("resume route")
-
-
-@resume.command("smtp")
-def resume_smtp(ctx: typer.Context) -> None:
-    """Resume accepting incoming SMTP sessions."""
-    with actions.control(_socket(ctx)) as conn:
-        actions.simple(conn, "resume smtp")
-
-
-@app.command()
-def schedule(ctx: typer.Context, target: str = _id_argument(
-        ENVELOPE_OR_MESSAGE + ", or all", "<msgid>|<evpid>|all")) -> None:
-    """Make an envelope, a message's envelopes, or all envelopes due for delivery now."""
-    _envelopes(ctx, "schedule", target)
-
-
-def _show_file(ctx: typer.Context, name: str, ident: str) -> None:
-    with actions.control(_socket(ctx)) as conn:
-        actions.show_file(conn, name, ident)
-
-
-@show.command("envelope")
-def show_envelope(ctx: typer.Context, evpid: str = _id_argument(
-        "an envelope id (16 hex digits)", "<evpid>")) -> None:
-    """Print an envelope file as it is in the queue."""
-    _show_file(ctx, "show envelope", evpid)
-
-
-def _unsupported(ctx: typer.Context, name: str) -> None:
-    with actions.control(_socket(ctx)):
-        actions.not_supported(name)
-
-
-@show.command("hoststats")
-def show_hoststats(ctx: typer.Context) -> None:
-    """The last delivery status per domain over the last 4 hours (not supported yet)."""
-    _unsupported(ctx, "show hoststats")
-
-
-@show.command("message")
-def show_message(ctx: typer.Context, ident: str = _id_argument(
-        ENVELOPE_OR_MESSAGE, "<msgid>|<evpid>")) -> None:
-    """Print a message as it is in the queue."""
-    _show_file(ctx, "show message", ident)
-
-
 @show.command("queue")
 def show_queue(ctx: typer.Context,
                msgid: Optional[str] = typer.Argument(None, metavar="<msgid>", show_default=False,
                                                      help="only this message's envelopes"),
                as_json: bool = typer.Option(False, "--json", help="one JSON object per envelope")) -> None:
     """One line per envelope in the queue, fields separated by '|' (what mailq prints)."""
-    with actions.control(_socket(ctx)) as conn:
-        actions.show_queue(conn, as_json, int(msgid, 16) if msgid else 0)
-
-
-@show.command("hosts")
-def show_hosts(ctx: typer.Context) -> None:
-    """The remote MX hosts known (not supported yet)."""
-    _unsupported(ctx, "show hosts")
-
-
-@show.command("relays")
-def show_relays(ctx: typer.Context) -> None:
-    """The active relays and their connectors (not supported yet)."""
-    _unsupported(ctx, "show relays")
-
-
-@show.command("routes")
-def show_routes(ctx: typer.Context) -> None:
-    """The routes known and their state (not supported yet)."""
-    _unsupported(ctx, "show routes")
-
-
-@show.command("stats")
-def show_stats(ctx: typer.Context) -> None:
-    """Every counter of the daemon, key=value."""
-    with actions.control(_socket(ctx)) as conn:
-        monitor.run(conn, "show stats")
-
-
-@show.command("status")
-def show_status(ctx: typer.Context) -> None:
-    """Whether MDA, MTA and SMTP are running or paused."""
-    with actions.control(_socket(ctx)) as conn:
-        actions.show_status(conn)
-
-
-@app.command()
-def stop(ctx: typer.Context) -> None:
-    """Stop the daemon."""
-    with actions.control(_socket(ctx)) as conn:
-        actions.simple(conn, "stop")
-
-
-@app.command()
-def trace(ctx: typer.Context, subsystem: str = _id_argument(SUBSYSTEM, "<subsystem>")) -> None:
-    """Turn on real-time tracing of a subsystem."""
-    _debug(ctx, "trace", subsystem)
-
-
-@app.command()
-def uncorrupt(ctx: typer.Context, msgid: str = _id_argument("a message id (8 hex digits)", "<msgid>")) -> None:
-    """Move a message's envelopes from the corrupt bucket back into the queue."""
-    _envelopes(ctx, "uncorrupt", msgid)
-
-
-@app.command()
-def unprofile(ctx: typer.Context, subsystem: str = _id_argument(SUBSYSTEM, "<subsystem>")) -> None:
-    """Turn off real-time profiling of a subsystem."""
-    _debug(ctx, "unprofile", subsystem)
-
-
-@app.command()
-def untrace(ctx: typer.Context, subsystem: str = _id_argument(SUBSYSTEM, "<subsystem>")) -> None:
-    """Turn off real-time tracing of a subsystem."""
-    _debug(ctx, "untrace", subsystem)
-
-
-app.add_typer(update, name="update")
-
-
-@update.command("table")
-def update_table(ctx: typer.Context, name: str = _id_argument("the table's name", "<name>")) -> None:
-    """Make the daemon reload a table's cached contents (not supported yet)."""
-    _unsupported(ctx, "update table")
-
-
-@app.command("reload")
-def reload(ctx: typer.Context) -> None:
-    """Re-read the configuration; a refused file is reported and exits 1 (pysmtpd)."""
-    with actions.control(_socket(ctx)) as conn:
-        raise typer.Exit(reload_command.run(conn))
+    _on_daemon(ctx, actions.show_queue, as_json, int(msgid, 16) if msgid else 0)
 
 
 @app.command()
@@ -420,9 +265,6 @@ def encrypt(password: Optional[str] = typer.Argument(
         help="the password (else one per line on standard input, which ps(1) cannot show)")) -> None:
     """Hash passwords for credentials tables (bcrypt); needs no daemon."""
     actions.encrypt(password)
-
-
-app.add_typer(spf, name="spf")
 
 
 @spf.command("walk")
