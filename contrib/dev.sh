@@ -2,7 +2,10 @@
 # pysmtpd developer entry point: sets up a virtualenv on a Python >= 3.12, then
 #   contrib/dev.sh run    runs the daemon in the foreground on a working default
 #                         config (127.0.0.1:2525, unprivileged, everything under ./dev-run)
-#   contrib/dev.sh test   runs the whole test suite (installs the test tools it needs)
+#   contrib/dev.sh test   runs the whole test suite (installs the test tools it needs), then
+#                         the unit tests again on the newest Python found (in .venv-3.X)
+#   contrib/dev.sh test ARGS...         pytest ARGS on the main virtualenv only
+#   contrib/dev.sh test-newest ARGS...  pytest ARGS on the newest Python only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -10,34 +13,74 @@ VENV=$ROOT/.venv
 
 python_ok() { "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' 2>/dev/null; }
 
-find_python() {
-    local c candidates=("${PYTHON:-}" python3.13 python3.12 python3)
+python_candidates() {
+    local c
+    for c in "${PYTHON:-}" python3.13 python3.12 python3; do [ -n "$c" ] && echo "$c"; done
     if command -v pyenv >/dev/null 2>&1; then
-        for c in "$(pyenv root)"/versions/3.1[2-9]*/bin/python3; do candidates+=("$c"); done
+        for c in "$(pyenv root)"/versions/3.1[2-9]*/bin/python3; do echo "$c"; done
     fi
     for c in /usr/local/bin/python3.1[2-9] /usr/bin/python3.1[2-9] "$HOME"/.pyenv/versions/3.1[2-9]*/bin/python3; do
-        candidates+=("$c")
+        echo "$c"
     done
-    for c in "${candidates[@]}"; do
-        [ -n "$c" ] || continue
+}
+
+find_python() {
+    local c
+    while read -r c; do
         if command -v "$c" >/dev/null 2>&1 && python_ok "$c"; then command -v "$c"; return 0; fi
-    done
+    done < <(python_candidates)
     echo "pysmtpd needs Python >= 3.12 (3.11's stdlib has its own smtpd module)." >&2
     echo "Install one (python3.12 from your distribution, pyenv, or python.org) or set PYTHON=/path/to/python3.12." >&2
     return 1
 }
 
+python_version() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null; }
+
+find_newest_python() {
+    # The newest Python >= 3.12 among the same candidates (CI: pyenv's 3.13).
+    local c version best="" best_version=""
+    while read -r c; do
+        command -v "$c" >/dev/null 2>&1 && python_ok "$c" || continue
+        version=$(python_version "$c")
+        if [ -z "$best" ] || [ "$(printf '%s\n%s\n' "$best_version" "$version" | sort -V | tail -1)" != "$best_version" ]; then
+            best=$(command -v "$c"); best_version=$version
+        fi
+    done < <(python_candidates)
+    [ -n "$best" ] && echo "$best"
+}
+
 setup_venv() {
-    if [ ! -x "$VENV/bin/python" ] || ! python_ok "$VENV/bin/python"; then
-        rm -rf "$VENV"
-        "$(find_python)" -m venv "$VENV"
+    # setup_venv DIR PYTHON: a virtualenv in DIR with pysmtpd installed (editable) and pytest.
+    local venv=$1 python=$2
+    if [ ! -x "$venv/bin/python" ] || [ "$(python_version "$venv/bin/python")" != "$(python_version "$python")" ]; then
+        rm -rf "$venv"
+        "$python" -m venv "$venv"
     fi
-    local stamp=$VENV/.pysmtpd-installed
+    local stamp=$venv/.pysmtpd-installed
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-        "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-        "$VENV/bin/python" -m pip install -q -e ".[test]"
+        "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
+        "$venv/bin/python" -m pip install -q -e ".[test]"
         touch "$stamp"
     fi
+}
+
+setup_main_venv() {
+    if [ ! -x "$VENV/bin/python" ] || ! python_ok "$VENV/bin/python"; then
+        setup_venv "$VENV" "$(find_python)"
+    else
+        setup_venv "$VENV" "$VENV/bin/python"
+    fi
+}
+
+newest_venv() {
+    # Prints the virtualenv of the newest Python, made if needed; nothing when the newest
+    # is the main virtualenv's version (the suite has just run on it).
+    local python version
+    python=$(find_newest_python) || return 0
+    version=$(python_version "$python")
+    [ "$version" = "$(python_version "$VENV/bin/python")" ] && return 0
+    setup_venv "$ROOT/.venv-$version" "$python" >&2
+    echo "$ROOT/.venv-$version"
 }
 
 ensure_privsep_users() {
@@ -85,10 +128,12 @@ CONF
 install_test_tools() {
     # swaks is one of the real clients the end-to-end tests talk with; rpmbuild, rpmlint,
     # rpm2cpio/cpio build and check the RPM; systemd-analyze, systemd-sysusers and
-    # systemd-tmpfiles check the units; setpriv (util-linux) confines the daemon as the unit does.
+    # systemd-tmpfiles check the units; setpriv (util-linux) confines the daemon as the unit does;
+    # zsh and fish run smtpctl's completion scripts.
     local missing=() tool pkg
     for tool in swaks:swaks rpmbuild:rpm rpm2cpio:rpm rpmlint:rpmlint cpio:cpio \
-                systemd-analyze:systemd systemd-sysusers:systemd setpriv:util-linux; do
+                systemd-analyze:systemd systemd-sysusers:systemd setpriv:util-linux \
+                zsh:zsh fish:fish; do
         command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
     done
     [ ${#missing[@]} -eq 0 ] && return 0
@@ -105,7 +150,7 @@ install_test_tools() {
 
 case "${1:-}" in
     run)
-        setup_venv
+        setup_main_venv
         dev_config
         echo "pysmtpd on 127.0.0.1:2525; try: $VENV/bin/smtpctl --socket dev-run/smtpd.sock show status" >&2
         exec "$VENV/bin/smtpd" -d -f dev-run/smtpd.conf --spool dev-run/spool --socket dev-run/smtpd.sock
@@ -113,11 +158,29 @@ case "${1:-}" in
     test)
         shift
         install_test_tools
-        setup_venv
-        exec "$VENV/bin/python" -m pytest -q "$@"
+        setup_main_venv
+        if [ $# -gt 0 ]; then
+            exec "$VENV/bin/python" -m pytest -q "$@"
+        fi
+        status=0
+        "$VENV/bin/python" -m pytest -q || status=$?
+        newest=$(newest_venv)
+        if [ -n "$newest" ]; then
+            echo "unit tests on the newest Python: $("$newest/bin/python" -V)" >&2
+            "$newest/bin/python" -m pytest -q tests/unit || status=$?
+        fi
+        exit $status
+        ;;
+    test-newest)
+        shift
+        install_test_tools
+        setup_main_venv
+        newest=$(newest_venv)
+        [ -n "$newest" ] || newest=$VENV
+        exec "$newest/bin/python" -m pytest -q "$@"
         ;;
     *)
-        echo "usage: contrib/dev.sh run|test [pytest args]" >&2
+        echo "usage: contrib/dev.sh run|test|test-newest [pytest args]" >&2
         exit 2
         ;;
 esac

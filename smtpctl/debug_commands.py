@@ -17,11 +17,10 @@ from smtpctl import format as fmt
 COMMANDS = frozenset({"trace", "untrace", "profile", "unprofile", "log verbose", "log brief"})
 
 
-def run(conn, cmd) -> None:
-    name = cmd.name
+def run(conn, name: str, word: str | None = None) -> None:
+    """``name`` is one of COMMANDS; ``word`` the subsystem of (un)trace and (un)profile."""
     args = {}
-    if name in ("trace", "untrace", "profile", "unprofile"):
-        word = cmd.args["str"]
+    if word is not None:
         try:
             (trace.trace_bits if name in ("trace", "untrace") else trace.profile_bits)(word)
         except trace.KeywordError as exc:

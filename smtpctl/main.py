@@ -1,185 +1,412 @@
-"""``smtpctl`` (also ``mailq``): control the mail server through control.
+"""``smtpctl`` (also ``mailq``): control the mail server through control (smtpctl.c).
 
-The command words are parsed by smtpctl.parser (OpenSMTPD's grammar, with
-unique-prefix abbreviations such as ``sh q``); typer handles the options around
-them.  Output formats are OpenSMTPD's (smtpctl.format).
+The commands are a typer command tree (``app``): one typer command per command of
+smtpctl(8), with its help (``smtpctl show queue --help``, ``smtpctl help show queue``)
+and shell completion (``contrib/completion/``, made by smtpctl.completion).
+
+What a command line means is decided first by OpenSMTPD's grammar (smtpctl.parser, its
+parser.c), exactly as OpenSMTPD's smtpctl decides it: any word may be cut to a unique
+prefix (``sh q`` is ``show queue``), a word that fits no command prints
+``possibilities are:`` and the candidates with exit status 255, a malformed id is named
+(exit 1).  The command it resolves to is then run through the typer tree with its words
+spelled out in full, so the grammar and the tree cannot disagree about what runs (a
+unit test also checks that both hold the same commands, in the same order).
+
+The options (``--socket``/``-s``, ``--json``, ``-h``/``--help``) may stand anywhere on the
+line, as before.  Run as ``mailq`` (argv[0]), smtpctl is ``smtpctl show queue``.
+
+Startup time matters (mailq runs from scripts): rich is never loaded (plain help), and
+typer's value conversion, which loads pydantic, is skipped (Verbatim).
 """
 from __future__ import annotations
 
 import os
 import sys
-import time
+from dataclasses import dataclass
+from functools import cache
 from typing import Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
-from common.messages import ClientContent, ClientEnd, ClientQueueBatch, ClientResult
-from smtpctl import debug_commands, monitor
-from smtpctl import format as fmt
+from smtpctl import actions, debug_commands, monitor
 from smtpctl import reload as reload_command
-from smtpctl import local_commands
-from smtpctl.client import Connection, NotRunning, PermissionDenied, WireError, socket_path
-from smtpctl.parser import CommandError, parse_command
+from smtpctl.parser import GRAMMAR, PLACEHOLDERS, CommandError, evpid_to_text, msgid_to_text, parse_command
 
-app = typer.Typer(add_completion=False, context_settings={"help_option_names": ["-h", "--help"]})
-
-
-def _die(text: str, code: int = 1) -> None:
-    print(f"smtpctl: {text}" if not text.startswith("possibilities") and text != "invalid command" else text,
-          file=sys.stderr)
-    raise typer.Exit(code)
+PROG = "smtpctl"
+COMPLETE_VAR = "_SMTPCTL_COMPLETE"      # set by the shell completion scripts
+CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 
-def show_queue(conn: Connection, as_json: bool, msgid: int = 0) -> None:
-    first = conn.request("show queue", id=msgid) if msgid else conn.request("show queue")
-    out = sys.stdout
-    reply = first
-    for _ in range(10_000_000):
-        if isinstance(reply, ClientEnd):
-            return
-        if isinstance(reply, ClientResult):
-            _die(fmt.command_result(False, reply.text))
-        if isinstance(reply, ClientQueueBatch):
-            if as_json:
-                lines = [fmt.format_queue_json(fmt.entry_fields(entry)) for entry in reply.entries]
-            else:
-                lines = [fmt.format_queue_entry(entry) for entry in reply.entries]
-            out.write("\n".join(lines) + "\n" if lines else "")
-        reply = conn.next()
+class Verbatim:
+    """Recent typer (0.2x) converts every value with pydantic: about 90 ms of imports on
+    each run, for words that are strings the grammar has checked already.  smtpctl's
+    commands take them as they are."""
+
+    @staticmethod
+    def coerce(value, param, ctx):
+        return value
+
+
+VERBATIM = Verbatim()
+
+
+class VerbatimParams:
+    """Mixed into smtpctl's command classes: their parameters (the help option too) skip
+    typer's value conversion (``_runtime_param`` exists only in the typer versions that
+    have it; elsewhere this changes nothing)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if hasattr(param, "_runtime_param"):
+                param._runtime_param = VERBATIM
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None and hasattr(option, "_runtime_param"):
+            option._runtime_param = VERBATIM
+        return option
+
+
+class Command(VerbatimParams, TyperCommand):
+    """A command of smtpctl."""
+
+
+class PrefixGroup(VerbatimParams, TyperGroup):
+    """A group whose subcommands may be cut to a unique prefix, as every smtpctl word.
+
+    Used by help (``smtpctl sh q --help``) and by shell completion (``smtpctl sh q<TAB>``);
+    a command that runs has been spelled out in full by the grammar already."""
+
+    def lookup(self, word: str):
+        """The subcommand ``word`` names (exactly, or as a unique prefix), else None."""
+        if word in self.commands:
+            return self.commands[word]
+        found = [cmd for name, cmd in self.commands.items() if name.startswith(word)]
+        return found[0] if len(found) == 1 else None
+
+    def resolve_command(self, ctx, args):
+        cmd = self.lookup(args[0])
+        if cmd is None:
+            if ctx.resilient_parsing:       # completing: nothing to offer past this word
+                return None, None, args[1:]
+            names = ", ".join(self.commands)
+            ctx.fail(f"no such command: {args[0]!r} (possibilities are: {names})")
+        return cmd.name, cmd, args[1:]
+
+
+class CommandTree(typer.Typer):
+    """A typer app whose commands are smtpctl's Command class."""
+
+    def command(self, name=None, **kwargs):
+        return super().command(name, cls=Command, **kwargs)
+
+
+def _group(help_text: str) -> typer.Typer:
+    return CommandTree(cls=PrefixGroup, help=help_text, add_completion=False,
+                       rich_markup_mode=None, pretty_exceptions_enable=False,
+                       context_settings=CONTEXT)
+
+
+@dataclass
+class Settings:
+    socket: Optional[str]
+
+
+app = _group("Control the pysmtpd mail server (smtpctl(8)).  Any command word may be cut "
+             "to a unique prefix: 'smtpctl sh q' is 'smtpctl show queue'.")
+
+
+@app.callback()
+def root(ctx: typer.Context,
+         socket: Optional[str] = typer.Option(
+             None, "--socket", "-s", metavar="PATH",
+             help="control socket (default: $SMTPD_SOCKET, else /var/run/smtpd.sock)")) -> None:
+    ctx.obj = Settings(socket)
+
+
+def _on_daemon(ctx: typer.Context, action, *args) -> None:
+    """``action(connection, *args)`` on a connection to the control socket."""
+    with actions.control(ctx.find_root().obj.socket) as conn:
+        action(conn, *args)
+
+
+ENVELOPE_OR_MESSAGE = "an envelope id (16 hex digits) or a message id (8 hex digits: every envelope of it)"
+SUBSYSTEM = "a subsystem, as smtpctl(8) lists them (e.g. smtp, queue, imsg, all)"
+ROUTE = typer.Argument(None, metavar="from <addr> for <str>", show_default=False,
+                       help="only the route from this local address to this domain (not supported yet)")
+
+# --- the command tree (command() puts each group's commands in the grammar's order) ----------
+
+pause = _group("Suspend deliveries, relaying, incoming sessions or envelopes.")
+resume = _group("Resume what pause suspended.")
+show = _group("Show the queue, an envelope, a message, counters or the daemon's state.")
+show_mta = _group("Show the relaying state.")
+log = _group("Set the daemon's log verbosity.")
+update = _group("Reload what a table backend caches.")
+spf = _group("SPF records.")
+for name, group in (("pause", pause), ("resume", resume), ("show", show), ("log", log),
+                    ("update", update), ("spf", spf)):
+    app.add_typer(group, name=name)
+show.add_typer(show_mta, name="mta")
+
+
+def _command(group: typer.Typer, name: str, doc: str, action, *args) -> None:
+    """A command of no argument: ``action(connection, *args)`` on the daemon."""
+    def run_command(ctx: typer.Context) -> None:
+        _on_daemon(ctx, action, *args)
+    run_command.__doc__ = doc
+    group.command(name)(run_command)
+
+
+def _word_command(group: typer.Typer, name: str, doc: str, metavar: str, word_help: str,
+                  action, *args) -> None:
+    """A command of one word (an id, a subsystem, a name): ``action(connection, *args, word)``."""
+    def run_command(ctx: typer.Context, word: str = typer.Argument(
+            ..., metavar=metavar, help=word_help, show_default=False)) -> None:
+        _on_daemon(ctx, action, *args, word)
+    run_command.__doc__ = doc
+    group.command(name)(run_command)
+
+
+# (group, name, help, action, action's first arguments)
+NO_ARGUMENT_COMMANDS = (
+        (show_mta, "paused", "The routes whose relaying is paused (not supported yet).",
+         actions.not_supported, "show mta paused"),
+        (log, "brief", "Turn verbose (debug) logging off.", debug_commands.run, "log brief"),
+        (log, "verbose", "Turn verbose (debug) logging on.", debug_commands.run, "log verbose"),
+        (app, "monitor", "Print the daemon's main counters every second (increments; two are absolute).",
+         monitor.run, "monitor"),
+        (pause, "mda", "Stop local deliveries for now.", actions.simple, "pause mda"),
+        (pause, "smtp", "Stop accepting incoming SMTP sessions for now.", actions.simple, "pause smtp"),
+        (resume, "mda", "Resume local deliveries.", actions.simple, "resume mda"),
+        (resume, "smtp", "Resume accepting incoming SMTP sessions.", actions.simple, "resume smtp"),
+        (show, "hoststats", "The last delivery status per domain over the last 4 hours (not supported yet).",
+         actions.not_supported, "show hoststats"),
+        (show, "hosts", "The remote MX hosts known (not supported yet).", actions.not_supported, "show hosts"),
+        (show, "relays", "The active relays and their connectors (not supported yet).",
+         actions.not_supported, "show relays"),
+        (show, "routes", "The routes known and their state (not supported yet).",
+         actions.not_supported, "show routes"),
+        (show, "stats", "Every counter of the daemon, key=value.", monitor.run, "show stats"),
+        (show, "status", "Whether MDA, MTA and SMTP are running or paused.", actions.show_status),
+        (app, "stop", "Stop the daemon.", actions.simple, "stop"),
+        (app, "reload", "Re-read the configuration; a refused file is reported and exits 1 (pysmtpd).",
+         reload_command.run))
+for entry in NO_ARGUMENT_COMMANDS:
+    _command(*entry)
+
+ENVELOPES = "<evpid>|<msgid>|all"
+# (group, name, help, the word's metavar and help, action, action's first arguments)
+ONE_WORD_COMMANDS = (
+        (app, "discover", "Schedule an envelope, or every envelope of a message, moved into the queue by hand.",
+         "<evpid>|<msgid>", ENVELOPE_OR_MESSAGE, actions.envelope_command, "discover"),
+        (pause, "envelope", "Stop scheduling an envelope, a message's envelopes, or all of them.",
+         ENVELOPES, ENVELOPE_OR_MESSAGE + ", or all", actions.envelope_command, "pause envelope"),
+        (resume, "envelope", "Resume scheduling an envelope, a message's envelopes, or all of them.",
+         ENVELOPES, ENVELOPE_OR_MESSAGE + ", or all", actions.envelope_command, "resume envelope"),
+        (app, "remove", "Remove an envelope, every envelope of a message, or all envelopes.",
+         ENVELOPES, ENVELOPE_OR_MESSAGE + ", or all", actions.envelope_command, "remove"),
+        (app, "schedule", "Make an envelope, a message's envelopes, or all envelopes due for delivery now.",
+         ENVELOPES, ENVELOPE_OR_MESSAGE + ", or all", actions.envelope_command, "schedule"),
+        (app, "uncorrupt", "Move a message's envelopes from the corrupt bucket back into the queue.",
+         "<msgid>", "a message id (8 hex digits)", actions.envelope_command, "uncorrupt"),
+        (show, "envelope", "Print an envelope file as it is in the queue.",
+         "<evpid>", "an envelope id (16 hex digits)", actions.show_file, "show envelope"),
+        (show, "message", "Print a message as it is in the queue.",
+         "<msgid>|<evpid>", ENVELOPE_OR_MESSAGE, actions.show_file, "show message"),
+        (app, "trace", "Turn on real-time tracing of a subsystem.",
+         "<subsystem>", SUBSYSTEM, debug_commands.run, "trace"),
+        (app, "untrace", "Turn off real-time tracing of a subsystem.",
+         "<subsystem>", SUBSYSTEM, debug_commands.run, "untrace"),
+        (app, "profile", "Turn on real-time profiling of a subsystem (queue, imsg).",
+         "<subsystem>", SUBSYSTEM, debug_commands.run, "profile"),
+        (app, "unprofile", "Turn off real-time profiling of a subsystem.",
+         "<subsystem>", SUBSYSTEM, debug_commands.run, "unprofile"),
+        (resume, "route", "Resume a route disabled after errors (not supported yet).",
+         "<routeid>", "a route number (show routes)", actions.not_supported, "resume route"),
+        (update, "table", "Make the daemon reload a table's cached contents (not supported yet).",
+         "<name>", "the table's name", actions.not_supported, "update table"))
+for entry in ONE_WORD_COMMANDS:
+    _word_command(*entry)
+
+
+def _mta(ctx: typer.Context, verb: str, route: Optional[list[str]]) -> None:
+    if route:
+        _on_daemon(ctx, actions.not_supported, f"{verb} mta from for")
+    _on_daemon(ctx, actions.simple, f"{verb} mta")
+
+
+@pause.command("mta")
+def pause_mta(ctx: typer.Context, route: Optional[list[str]] = ROUTE) -> None:
+    """Stop relaying and deliveries to remote hosts for now."""
+    _mta(ctx, "pause", route)
+
+
+@resume.command("mta")
+def resume_mta(ctx: typer.Context, route: Optional[list[str]] = ROUTE) -> None:
+    """Resume relaying and deliveries to remote hosts."""
+    _mta(ctx, "resume", route)
+
+
+@show.command("queue")
+def show_queue(ctx: typer.Context,
+               msgid: Optional[str] = typer.Argument(None, metavar="<msgid>", show_default=False,
+                                                     help="only this message's envelopes"),
+               as_json: bool = typer.Option(False, "--json", help="one JSON object per envelope")) -> None:
+    """One line per envelope in the queue, fields separated by '|' (what mailq prints)."""
+    _on_daemon(ctx, actions.show_queue, as_json, int(msgid, 16) if msgid else 0)
+
+
+@app.command()
+def encrypt(password: Optional[str] = typer.Argument(
+        None, metavar="<string>", show_default=False,
+        help="the password (else one per line on standard input, which ps(1) cannot show)")) -> None:
+    """Hash passwords for credentials tables (bcrypt); needs no daemon."""
+    actions.encrypt(password)
+
+
+@spf.command("walk")
+def spf_walk() -> None:
+    """Print the address ranges the SPF records of the domains on standard input allow."""
+    actions.spf_walk()
+
+
+# --- running a command line -------------------------------------------------------------------
+
+@cache
+def command() -> PrefixGroup:
+    """The click command of ``app`` (built once per run), each group's commands in the
+    grammar's order (help and completion list them so)."""
+    root = typer.main.get_command(app)
+    groups = [((), root)]
+    for path, group in groups:
+        order = GRAMMAR.keywords(path)
+        group.commands = {name: group.commands[name]
+                          for name in sorted(group.commands, key=order.index)}
+        groups += [((*path, name), sub) for name, sub in group.commands.items()
+                   if isinstance(sub, PrefixGroup)]
+    return root
+
+
+
+def _word(kind: str, value) -> str:
+    if kind == "msgid":
+        return msgid_to_text(value)
+    if kind == "evpid":
+        return evpid_to_text(value)
+    return str(value)
+
+
+def command_argv(cmd, sock: Optional[str] = None, as_json: bool = False) -> list[str]:
+    """The full-length command line of the typer tree for a parsed command: its path of
+    command names, then (after ``--``, so that a word such as ``-x`` stays an argument)
+    its arguments."""
+    words = [_word(PLACEHOLDERS[token], cmd.args[PLACEHOLDERS[token]])
+             if token in PLACEHOLDERS else token for token in cmd.pattern.split()]
+    node, depth = command(), 0
+    while isinstance(node, PrefixGroup) and depth < len(words):
+        node = node.commands[words[depth]]
+        depth += 1
+    argv = ["--socket", sock] if sock else []
+    argv += words[:depth]
+    if as_json and cmd.name == "show queue":
+        argv.append("--json")
+    if words[depth:]:
+        argv += ["--", *words[depth:]]
+    return argv
 
 
 def run(words: list[str], sock: Optional[str], as_json: bool) -> None:
+    """Run one command line (the words after the options); ends with typer.Exit(status)
+    for a non-zero status."""
     try:
         cmd = parse_command(words)
     except CommandError as exc:
         if exc.id_error:                # a word that is no id where one is expected
-            _die(exc.id_error)
+            actions.die(exc.id_error)
         print(exc.text, file=sys.stderr)
         raise typer.Exit(exc.exit_status)
-    if cmd.name in ("encrypt", "spf walk"):
-        return run_local(cmd)
-    try:
-        with Connection(socket_path(sock)) as conn:
-            dispatch(conn, cmd, as_json)
-    except NotRunning:
-        _die("smtpd doesn't seem to be running")
-    except PermissionDenied:
-        _die("need root privileges")
-    except (WireError, OSError) as exc:
-        _die(f"lost connection to smtpd: {exc}")
+    status = command().main(command_argv(cmd, sock, as_json), prog_name=PROG, standalone_mode=False)
+    if status:
+        raise typer.Exit(status)
 
 
-def run_local(cmd) -> None:
-    """Commands smtpctl carries out itself, as any user (no daemon needed)."""
-    try:
-        if cmd.name == "encrypt":
-            local_commands.encrypt(cmd.args.get("str"), sys.stdin, sys.stdout)
+class OtherOption(Exception):
+    """An option smtpctl does not take: left to click, which names it (exit 2)."""
+
+
+@dataclass
+class CommandLine:
+    words: list[str]
+    socket: Optional[str] = None
+    as_json: bool = False
+    help: bool = False
+
+
+def split_argv(argv: list[str]) -> CommandLine:
+    """The options, wherever they stand, and the command words (all after ``--``)."""
+    line = CommandLine(words=[])
+    args = iter(argv)
+    for arg in args:
+        if arg == "--":
+            line.words.extend(args)
+        elif arg in ("--socket", "-s"):
+            line.socket = next(args, None)
+            if line.socket is None:
+                raise OtherOption(arg)
+        elif arg.startswith("--socket="):
+            line.socket = arg.partition("=")[2]
+        elif arg.startswith("-s") and arg != "-s":
+            line.socket = arg[2:]
+        elif arg == "--json":
+            line.as_json = True
+        elif arg in ("-h", "--help"):
+            line.help = True
+        elif arg.startswith("-") and arg != "-":
+            raise OtherOption(arg)
         else:
-            local_commands.spf_walk(sys.stdin, sys.stdout)
-    except local_commands.LocalCommandError as exc:
-        _die(str(exc))
+            line.words.append(arg)
+    return line
 
 
-def dispatch(conn: Connection, cmd, as_json: bool) -> None:
-    name = cmd.name
-    if name == "show queue":
-        return show_queue(conn, as_json, cmd.args.get("msgid", 0))
-    if name.removesuffix(" all") in ENVELOPE_VERBS or name in ("discover", "uncorrupt"):
-        return envelope_command(conn, cmd)
-    if name in ("show envelope", "show message"):
-        return show_file(conn, cmd)
-    if name == "reload":
-        raise typer.Exit(reload_command.run(conn, cmd))
-    if name in debug_commands.COMMANDS:
-        return debug_commands.run(conn, cmd)
-    if name in monitor.COMMANDS:
-        return monitor.run(conn, cmd)
-    if name == "show status":
-        reply = conn.request("show status")
-        if not reply.ok:
-            _die(fmt.command_result(False, reply.text))
-        print("\n".join(fmt.format_status(reply.data)))
-        return
-    if name in ("pause mda", "pause mta", "pause smtp", "resume mda", "resume mta",
-                "resume smtp", "stop"):
-        reply = conn.request(name)
-        print(fmt.command_result(reply.ok, reply.text or None))
-        if not reply.ok:
-            raise typer.Exit(1)
-        return
-    _die(f"command not supported yet: {name}")
-
-
-# Envelope commands: the verb each prints (``%zu envelope%s <verb>``, smtpctl.c).
-ENVELOPE_VERBS = {"pause envelope": "paused", "resume envelope": "resumed",
-                  "schedule": "scheduled", "remove": "removed"}
-
-
-def _target_id(cmd) -> int:
-    """The id sent to control: 0 for all, a msgid (every envelope of it) or an evpid."""
-    kind, ident = cmd.target
-    return 0 if kind == "all" else ident
-
-
-def envelope_command(conn: Connection, cmd) -> None:
-    """pause/resume envelope, schedule, remove, discover, uncorrupt.
-
-    As OpenSMTPD's smtpctl, the count is printed even when it is 0 (an unknown id) and
-    the exit status is 0; a refusal (``command failed: ...``) exits 1."""
-    name = cmd.name.removesuffix(" all")
-    reply = conn.request(name, id=_target_id(cmd))
-    if not reply.ok:
-        print(fmt.command_result(False, reply.text))
-        raise typer.Exit(1)
-    if name == "uncorrupt":
-        print(fmt.command_result(True))
-    elif name == "discover":
-        print(fmt.format_bulk_result("discovered", reply.count))
-    else:
-        print(fmt.format_bulk_result(ENVELOPE_VERBS[name], reply.count))
-
-
-def show_file(conn: Connection, cmd) -> None:
-    """show envelope / show message: the file's bytes as they are on disk.  smtpd's queue
-    reads it (smtpctl needs no access to the spool); a file that cannot be read fails as
-    OpenSMTPD's smtpctl does: ``smtpctl: fopen: <reason>``, exit 1."""
-    _, ident = cmd.target
-    reply = conn.request(cmd.name, id=ident)
-    out = sys.stdout.buffer
-    for _ in range(10_000_000):
-        if isinstance(reply, ClientEnd):
-            out.flush()
-            return
-        if isinstance(reply, ClientResult):
-            _die(f"fopen: {reply.text}" if not reply.ok else "unexpected reply from smtpd")
-        if isinstance(reply, ClientContent):
-            out.write(reply.data)
-        reply = conn.next()
-
-
-@app.command()
-def main_command(
-    words: list[str] = typer.Argument(None, help="command, e.g. 'show queue', 'sh q', 'pause mta'"),
-    sock: Optional[str] = typer.Option(None, "--socket", "-s", help="control socket (default $SMTPD_SOCKET or /var/run/smtpd.sock)"),
-    as_json: bool = typer.Option(False, "--json", help="show queue: one JSON object per envelope"),
-) -> None:
-    """Control the pysmtpd mail server (see smtpctl(8))."""
-    if not words:
-        print("possibilities are:\n" + "\n".join(sorted({p.split()[0] for p in _patterns()})), file=sys.stderr)
-        raise typer.Exit(255)
-    run(list(words), sock, as_json)
-
-
-def _patterns() -> list[str]:
-    from smtpctl.parser import GRAMMAR
-    return GRAMMAR.patterns()
+def show_help(words: list[str]) -> None:
+    """``smtpctl [help] WORDS... --help``: the help of the command (or group) the words name."""
+    path, node = [], command()
+    for word in words:
+        if not isinstance(node, PrefixGroup):
+            break
+        path.append(word)
+        node = node.lookup(word)
+        if node is None:
+            break
+    command().main([*path, "--help"], prog_name=PROG)
 
 
 def main() -> None:
-    prog = os.path.basename(sys.argv[0]).split(".")[0]     # mailq.pysmtpd (alternatives) too
-    if prog == "mailq":
-        sys.argv[1:1] = ["show", "queue"]
-    app(prog_name="smtpctl", args=sys.argv[1:], standalone_mode=True)
+    argv = sys.argv[1:]
+    if os.environ.get(COMPLETE_VAR):
+        # A completion script asks for candidates: answered from the command tree alone,
+        # never from the daemon.
+        from typer.completion import completion_init
+        completion_init()
+        command().main(argv, prog_name=PROG, complete_var=COMPLETE_VAR)
+        return
+    try:
+        line = split_argv(argv)
+    except OtherOption:
+        command().main(argv, prog_name=PROG)
+        return
+    if os.path.basename(sys.argv[0]).split(".")[0] == "mailq":    # mailq.pysmtpd too
+        line.words[:0] = ["show", "queue"]
+    if line.help or line.words[:1] == ["help"]:
+        show_help(line.words[1:] if line.words[:1] == ["help"] else line.words)
+        return
+    try:
+        run(line.words, line.socket, line.as_json)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

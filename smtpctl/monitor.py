@@ -25,8 +25,8 @@ HEADER_EVERY = 25
 INTERVAL = 1.0
 
 
-def run(conn, cmd) -> None:
-    if cmd.name == "show stats":
+def run(conn, name: str) -> None:
+    if name == "show stats":
         show_stats(conn)
     else:
         try:

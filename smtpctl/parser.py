@@ -45,6 +45,8 @@ __all__ = [
     "CommandError",
     "Grammar",
     "GRAMMAR",
+    "ipv6_text",
+    "PLACEHOLDERS",
     "parse_command",
     "parse_id",
     "parse_msgid",
@@ -66,7 +68,7 @@ P_EVPID = "evpid"
 P_ROUTEID = "routeid"
 P_ADDR = "addr"
 
-_PLACEHOLDERS = {
+PLACEHOLDERS = {
     "<str>": P_STR,
     "<int>": P_INT,
     "<msgid>": P_MSGID,
@@ -275,6 +277,21 @@ def _parse_routeid(text: str) -> int | None:
     return value if 1 <= value <= _LLONG_MAX else None
 
 
+def ipv6_text(addr: ipaddress.IPv6Address) -> str:
+    """The address as inet_ntop(3) writes it (OpenBSD's and glibc's, the ISC code), on
+    every Python: the longest run of zero groups (the first of equal runs, two groups at
+    least) as ``::``, and an IPv4-mapped (``::ffff:192.0.2.1``) or IPv4-compatible
+    (``::192.0.2.1``) address ending in the dotted quad.  str() differs: before 3.13 it
+    writes both in hex (``::ffff:c000:201``), 3.13 only the compatible one."""
+    packed = addr.packed
+    tail = ipaddress.IPv4Address(packed[12:])
+    if packed[:10] == bytes(10) and packed[10:12] == b"\xff\xff":
+        return f"::ffff:{tail}"
+    if packed[:12] == bytes(12) and packed[12:14] != bytes(2):   # zero run of exactly six groups
+        return f"::{tail}"
+    return str(addr)
+
+
 def _parse_addr(text: str) -> str | None:
     """parser.c text_to_sockaddr(PF_UNSPEC): IPv4 first, then IPv6[%scope].
 
@@ -293,7 +310,7 @@ def _parse_addr(text: str) -> str | None:
     except ValueError:
         return None
     if not pct:
-        return str(addr)
+        return ipv6_text(addr)
     scoped_ok = False
     if addr.is_link_local or (
         addr.is_multicast and (addr.packed[1] & 0x0F) in (1, 2)
@@ -305,7 +322,7 @@ def _parse_addr(text: str) -> str | None:
     if not scoped_ok:
         if not _DEC.fullmatch(scope) or int(scope) > _UINT32_MAX:
             return None
-    return f"{addr}%{scope}"
+    return f"{ipv6_text(addr)}%{scope}"
 
 
 def _check(kind: str, token: str, word: str) -> tuple[bool, Any]:
@@ -355,7 +372,7 @@ class Grammar:
         tokens = pattern.split()
         if not tokens:
             raise ValueError("empty pattern")
-        kinds = [_PLACEHOLDERS.get(t, P_TOKEN) for t in tokens]
+        kinds = [PLACEHOLDERS.get(t, P_TOKEN) for t in tokens]
         typed = [k for k in kinds if k != P_TOKEN]
         if len(typed) != len(set(typed)):
             # args are keyed by type, so a type may appear once per pattern
@@ -419,6 +436,13 @@ class Grammar:
         if word is not None and kinds:
             return CommandError(lines, bad_id=word, id_kinds=sorted(kinds, reverse=True))
         return CommandError(lines)
+
+    def keywords(self, path: Sequence[str]) -> list[str]:
+        """The keywords (literal tokens) that may follow the keywords ``path``, in order."""
+        node = self.root
+        for token in path:
+            node = next(c for c in node.children if c.token == token)
+        return [c.token for c in node.children if c.kind == P_TOKEN]
 
     def patterns(self) -> list[str]:
         """Every installed pattern, in tree order."""

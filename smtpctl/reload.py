@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import sys
 
+import typer
+
 from smtpctl import format as fmt
 
 
-def run(conn, cmd) -> int:
+def run(conn) -> None:
     reply = conn.request("reload")
     print(fmt.command_result(reply.ok, reply.text or None))
     if reply.ok and reply.text:
         print(reply.text, file=sys.stderr)
-    return 0 if reply.ok else 1
+    if not reply.ok:
+        raise typer.Exit(1)

@@ -8,6 +8,7 @@ from contextlib import redirect_stderr, redirect_stdout
 import pytest
 import typer
 
+from smtpctl import actions
 from smtpctl import main as smtpctl_main
 from smtpctl.format import format_bulk_result
 from smtpctl.parser import CommandError, parse_command
@@ -32,7 +33,7 @@ def test_ids_name_a_message_an_envelope_or_all(words, target):
     cmd = parse_command(words)
     assert cmd.target == target
     # what smtpctl sends control: 0 = all, <= 0xffffffff = every envelope of a message
-    assert smtpctl_main._target_id(cmd) == (target[1] or 0)
+    assert actions.target_id(words[-1]) == (target[1] or 0)
 
 
 def _id_error(words):
@@ -101,5 +102,5 @@ def test_discover_count_plural_rule():
 
 
 def test_every_envelope_command_has_its_verb():
-    assert smtpctl_main.ENVELOPE_VERBS == {"pause envelope": "paused", "resume envelope": "resumed",
+    assert actions.ENVELOPE_VERBS == {"pause envelope": "paused", "resume envelope": "resumed",
                                            "schedule": "scheduled", "remove": "removed"}

@@ -378,7 +378,14 @@ def test_routeid_bad(word):
     ("0.0.0.0", "0.0.0.0"),
     ("::1", "::1"),
     ("2001:DB8:0:0::1", "2001:db8::1"),
-    ("::ffff:192.0.2.1", "::ffff:c000:201"),
+    # inet_ntop's text, as OpenSMTPD prints it, whatever Python's str() does
+    ("::ffff:192.0.2.1", "::ffff:192.0.2.1"),
+    ("0:0:0:0:0:ffff:c000:201", "::ffff:192.0.2.1"),
+    ("::ffff:0:0", "::ffff:0.0.0.0"),
+    ("::c000:201", "::192.0.2.1"),
+    ("::0.1.0.0", "::0.1.0.0"),
+    ("::1:0:0", "::1:0:0"),
+    ("::ffff:1:c000:201", "::ffff:1:c000:201"),
     ("fe80::1%1", "fe80::1%1"),
     ("2001:db8::1%42", "2001:db8::1%42"),
     ("fe80::1%4294967295", "fe80::1%4294967295"),
@@ -430,3 +437,17 @@ def test_custom_grammar_int_placeholder():
 def test_patterns_listing_covers_table():
     from smtpctl.parser import GRAMMAR
     assert sorted(GRAMMAR.patterns()) == sorted(p for p, _ in COMMANDS)
+
+
+def test_ipv6_text_is_inet_ntop():
+    # glibc's inet_ntop is the ISC code OpenBSD's libc has: the text OpenSMTPD prints
+    import ipaddress
+    import random
+    import socket
+
+    from smtpctl.parser import ipv6_text
+    rng = random.Random(13)
+    for _ in range(5000):
+        groups = [rng.choice([0, 0, 0, 0xFFFF, 1, rng.randrange(65536)]) for _ in range(8)]
+        addr = ipaddress.IPv6Address(b"".join(g.to_bytes(2, "big") for g in groups))
+        assert ipv6_text(addr) == socket.inet_ntop(socket.AF_INET6, addr.packed), addr

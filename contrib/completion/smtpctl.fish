@@ -1,0 +1,1 @@
+complete --command smtpctl --no-files --arguments "(env _SMTPCTL_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) smtpctl)" --condition "env _SMTPCTL_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) smtpctl"
