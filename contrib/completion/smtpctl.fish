@@ -1,0 +1,2 @@
+# fish completion for smtpctl: PLACEHOLDER (the generated file replaces it at merge).
+complete -c smtpctl -f
