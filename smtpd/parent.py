@@ -26,7 +26,7 @@ from common import log as logsetup
 from common.ids import UidGenerator
 from common.ipc import Mesh
 from common.messages import (
-    ConfEnd, ConfEndDone, CtlReply, CtlRequest, MdaDone, MdaFork, Msg, SetupDone,
+    ConfEnd, ConfEndDone, CtlReply, CtlRequest, MdaDone, MdaFork, Msg, SetupDone, StatGet, StatReply,
 )
 from smtpd import fdpass, introspection, listeners, local_delivery, offline, sdnotify
 from smtpd.config import ConfigError
@@ -121,6 +121,9 @@ class Parent:
         self.mesh = Mesh("parent", rundir)
         self.deliveries: set[asyncio.Task] = set()
         self.delivery = local_delivery.DeliveryPool()
+        ping_id = UidGenerator()
+        self.watchdog = sdnotify.Watchdog(notifier, CHILDREN, lambda name, deadline: self.mesh.request(
+            name, StatGet(reqid=ping_id()), (StatReply,), timeout=deadline))
 
     def spawn(self) -> None:
         fds = [b.sock.fileno() for b in self.bound] + [self.pony_fd_channel.fileno()]
@@ -190,6 +193,8 @@ class Parent:
             log.info("smtpd: stop requested by control")
             # Give control a moment to answer smtpctl before it is told to stop.
             asyncio.get_running_loop().call_later(0.3, self.shutdown, 0)
+        elif isinstance(msg, StatReply):
+            pass            # an answer to the watchdog that came after its deadline
         elif isinstance(msg, CtlRequest) and msg.command == "reload":
             # In a task: the reload talks to control too, whose channel this handler holds.
             self.spawn_task(self._reload_for(peer, msg.reqid))
@@ -255,6 +260,7 @@ class Parent:
         log.info("info: pysmtpd %s ready: %s", VERSION,
                  ", ".join(f"{c}={p.pid}" for c, p in self.children.items()))
         self.notifier.ready(self.status_text())
+        self.spawn_task(self.watchdog.run())
         # offline/: what sendmail left while the daemon was down (smtpd/offline.py)
         self.spawn_task(offline.enqueue_all(self.mesh, UidGenerator(), self.opts.spool,
                                             self.config.hostname, self.config.max_message_size))
