@@ -28,7 +28,7 @@ from common.ipc import Mesh
 from common.messages import (
     ConfEnd, ConfEndDone, CtlReply, CtlRequest, MdaDone, MdaFork, Msg, SetupDone, StatGet, StatReply,
 )
-from smtpd import fdpass, introspection, listeners, local_delivery, offline, sdnotify
+from smtpd import fdpass, introspection, listeners, local_delivery, metrics, offline, sdnotify
 from smtpd.config import ConfigError
 from smtpd.main import CHILDREN, EXIT_CONFIG, VERSION, load_config
 from smtpd.reload import Reloader
@@ -174,7 +174,8 @@ class Parent:
             self.done.set()
 
     async def handle(self, peer: str, msg: Msg) -> None:
-        if await introspection.handle(self.mesh, "parent", peer, msg):
+        if await introspection.handle(self.mesh, "parent", peer, msg, processes=lambda: metrics.process_usage(
+                {"parent": os.getpid(), **{name: proc.pid for name, proc in self.children.items()}})):
             return
         if isinstance(msg, SetupDone):
             self.ready.add(msg.proc)
