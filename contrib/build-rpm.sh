@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build pysmtpd's noarch RPM from this checkout:
-#   contrib/build-rpm.sh [--macros FILE] [--rpmlint-config FILE] OUTDIR
+#   contrib/build-rpm.sh [--macros FILE] [--rpmlint-config FILE] [--define 'MACRO VALUE'] OUTDIR
 # On Fedora or EL with EPEL: dnf install rpm-build rpmlint python3-devel
 # pyproject-rpm-macros systemd-rpm-macros, then `dnf builddep` on the spec (or the
 # build stops and names what is missing).  Nothing is downloaded.
@@ -11,13 +11,15 @@
 # host's rpm database is empty).  --rpmlint-config FILE: the same for rpmlint's
 # configuration (tests/packaging/rpmlint-fedora.toml).  The .rpm is left in OUTDIR;
 # rpmlint's verdict (spec and package, with contrib/pysmtpd.rpmlintrc's justified
-# filters) is printed when rpmlint is installed.
+# filters) is printed when rpmlint is installed.  --define: passed to rpmbuild (the
+# tests build as for Fedora 44 with --define 'fedora 44').
 set -euo pipefail
-MACROS= LINTCONF=
-usage="usage: contrib/build-rpm.sh [--macros FILE] [--rpmlint-config FILE] OUTDIR"
+MACROS= LINTCONF= DEFINES=()
+usage="usage: contrib/build-rpm.sh [--macros FILE] [--rpmlint-config FILE] [--define 'MACRO VALUE'] OUTDIR"
 while [ $# -gt 1 ]; do
     case "$1" in
         --macros) MACROS=$(realpath "$2"); shift 2 ;;
+        --define) DEFINES+=(--define "$2"); shift 2 ;;
         --rpmlint-config) LINTCONF=$(realpath "$2"); shift 2 ;;
         *) echo "$usage" >&2; exit 2 ;;
     esac
@@ -41,7 +43,7 @@ tar -C "$ROOT" --transform "s,^\.,pysmtpd-$VERSION," \
     -czf "$TOP/SOURCES/pysmtpd-$VERSION.tar.gz" .
 cp systemd/smtpd.sysusers "$TOP/SOURCES/"
 cp contrib/pysmtpd.spec "$TOP/SPECS/"
-args=(--define "_topdir $TOP")
+args=(--define "_topdir $TOP" "${DEFINES[@]}")
 if [ -n "$MACROS" ]; then
     args+=(--load "$MACROS" --nodeps --define "__python3 ${PYTHON:-/usr/bin/python3}")
 fi
