@@ -45,6 +45,7 @@ class Notifier:
         self.sent: int = 0
         self.failed: int = 0
         self.watchdog_usec: int = 0         # from $WATCHDOG_USEC: 0 when off
+        self.stopping_sent = False          # STOPPING=1 said: the watchdog has nothing more to say
 
     @property
     def enabled(self) -> bool:
@@ -79,6 +80,7 @@ class Notifier:
         return self.notify(RELOADING=1, STATUS=status)
 
     def stopping(self, status: str) -> bool:
+        self.stopping_sent = True
         return self.notify(STOPPING=1, STATUS=status)
 
 
@@ -138,11 +140,13 @@ class Watchdog:
         """One round: ask everyone, ping if all answered; True if it pinged."""
         answers = await asyncio.gather(*(self._answers(n) for n in self.names))
         silent = [n for n, ok in zip(self.names, answers) if not ok]
+        if self.notifier.stopping_sent:
+            return False
         if silent and silent != self.silent:
             log.error("warn: smtpd: watchdog: no answer from %s in %.3gs: not telling systemd "
                       "that smtpd is alive", ", ".join(silent), self.deadline)
         elif not silent and self.silent:
-            log.warning("warn: smtpd: watchdog: every process answers again")
+            log.info("info: smtpd: watchdog: every process answers again")
         self.silent = silent
         return not silent and self.notifier.notify(WATCHDOG=1)
 
@@ -151,7 +155,7 @@ class Watchdog:
             return
         log.info("info: smtpd: watchdog: %.3gs (a ping every %.3gs while every process answers)",
                  self.notifier.watchdog_usec / 1e6, self.period)
-        while True:
+        while not self.notifier.stopping_sent:     # children going away are not hung
             started = time.monotonic()
             await self.round()
             await asyncio.sleep(max(0.0, self.period - (time.monotonic() - started)))

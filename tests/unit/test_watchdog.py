@@ -51,6 +51,13 @@ def test_a_round_pings_only_when_everyone_answers(tmp_path):
         stuck.clear()
         assert asyncio.run(dog.round()) is True and dog.silent == []
         assert listener.recv(100) == b"WATCHDOG=1"
+        # Once stopping, children going away are not hung: no ping, no complaint, and
+        # run() returns.
+        notifier.stopping("bye")
+        assert listener.recv(100).startswith(b"STOPPING=1")
+        stuck.add("lka")
+        assert asyncio.run(dog.round()) is False and dog.silent == []
+        asyncio.run(asyncio.wait_for(dog.run(), 5))
     finally:
         listener.close()
     notifier.watchdog_usec = 0
