@@ -406,12 +406,15 @@ class StatGet(Msg, **_m("stat_get")):
 
 class StatReply(Msg, **_m("stat_reply")):
     """A process's counters, and the running totals of their increments and
-    decrements (monitor counts connects and disconnects, enqueues and dequeues)."""
+    decrements (monitor counts connects and disconnects, enqueues and dequeues).
+    The parent's also carries ``processes``: the resource usage of every process,
+    by name (smtpd/metrics.py process_usage), which only it can read in /proc."""
     reqid: int
     proc: str
     values: dict[str, Union[int, float]]
     increments: dict[str, int] = {}
     decrements: dict[str, int] = {}
+    processes: dict[str, dict[str, float]] = {}
 
 
 # --- queue administration (smtpctl discover/uncorrupt/show envelope/show message) ---------

@@ -62,6 +62,9 @@ setup_venv() {
         "$venv/bin/python" -m pip install -q -e ".[test]"
         touch "$stamp"
     fi
+    # The RPM's %pyproject_wheel builds without isolation, with the build backend of
+    # the interpreter that builds (tests/packaging/test_rpm.py): this venv's.
+    "$venv/bin/python" -c 'import setuptools' 2>/dev/null || "$venv/bin/python" -m pip install -q "setuptools>=68"
 }
 
 setup_main_venv() {
@@ -129,13 +132,17 @@ install_test_tools() {
     # swaks is one of the real clients the end-to-end tests talk with; rpmbuild, rpmlint,
     # rpm2cpio/cpio build and check the RPM; systemd-analyze, systemd-sysusers and
     # systemd-tmpfiles check the units; setpriv (util-linux) confines the daemon as the unit does;
-    # zsh and fish run smtpctl's completion scripts.
+    # zsh and fish run smtpctl's completion scripts; mandoc and groff check the manual
+    # pages; rpm's Python dependency generator needs the system Python's packaging module.
     local missing=() tool pkg
     for tool in swaks:swaks rpmbuild:rpm rpm2cpio:rpm rpmlint:rpmlint cpio:cpio \
                 systemd-analyze:systemd systemd-sysusers:systemd setpriv:util-linux \
-                zsh:zsh fish:fish; do
+                zsh:zsh fish:fish mandoc:mandoc groff:groff-base; do
         command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
     done
+    if [ -x /usr/bin/python3 ] && ! /usr/bin/python3 -c 'import packaging' 2>/dev/null; then
+        missing+=(python3-packaging)
+    fi
     [ ${#missing[@]} -eq 0 ] && return 0
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         apt-get update -qq >/dev/null

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from smtpd import netif
+
 
 class ConfigError(Exception):
     def __init__(self, file: str, line: int | None, message: str) -> None:
@@ -104,20 +106,13 @@ def default_hostname() -> str:
 
 
 def _interfaces() -> dict[str, list[tuple[int, str]]]:
-    """Interface name -> [(family, address)] from /proc (IPv6) and ioctl-free `ip`."""
-    out: dict[str, list[tuple[int, str]]] = {}
+    """Interface name -> [(family, address)] of this machine (rtnetlink: smtpd/netif.py);
+    none if netlink cannot be used, and then only literal addresses and localhost
+    listen."""
     try:
-        import json
-        import subprocess
-        data = json.loads(subprocess.run(["ip", "-j", "addr"], capture_output=True, text=True,
-                                         timeout=10).stdout or "[]")
-        for link in data:
-            for a in link.get("addr_info", []):
-                fam = socket.AF_INET6 if a.get("family") == "inet6" else socket.AF_INET
-                out.setdefault(link["ifname"], []).append((fam, a["local"]))
-    except (OSError, ValueError):
-        pass
-    return out
+        return netif.interface_addresses()
+    except OSError:
+        return {}
 
 
 def resolve_listener_addresses(listener: Listener,

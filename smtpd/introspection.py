@@ -38,8 +38,9 @@ def set_tracing(proc: str, mask: int) -> None:
             log.debug("debug: %s: verbose logging on", proc)
 
 
-async def handle(mesh, proc: str, peer: str, msg: Msg) -> bool:
-    """Handle ``msg`` if it is one of control's introspection messages; True if it was."""
+async def handle(mesh, proc: str, peer: str, msg: Msg, processes=None) -> bool:
+    """Handle ``msg`` if it is one of control's introspection messages; True if it was.
+    ``processes``: the parent's () -> resource usage of every process, for stat_get."""
     if isinstance(msg, CtlVerbose):
         set_tracing(proc, msg.mask)
     elif isinstance(msg, CtlProfile):
@@ -47,7 +48,8 @@ async def handle(mesh, proc: str, peer: str, msg: Msg) -> bool:
     elif isinstance(msg, StatGet):
         increments, decrements = stat.totals()
         await mesh.send(peer, StatReply(reqid=msg.reqid, proc=proc, values=stat.snapshot(),
-                                        increments=increments, decrements=decrements))
+                                        increments=increments, decrements=decrements,
+                                        processes=processes() if processes else {}))
         return True
     else:
         return False

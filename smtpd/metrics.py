@@ -9,9 +9,19 @@ format, written by the prometheus-client library (format negotiated from the
 request's Accept header, as the library's own server does).
 
 Names: ``smtpd_`` + OpenSMTPD's key with every character outside ``[a-zA-Z0-9_]``
-made ``_`` (``smtp.session`` -> ``smtpd_smtp_session``), all gauges (OpenSMTPD's
-counters go up and down), the key itself in the HELP text; ``uptime`` becomes
-``smtpd_uptime_seconds``.  Keys exist once touched, as in ``show stats``.
+made ``_`` (``smtp.session`` -> ``smtpd_smtp_session``), the key itself in the HELP
+text; ``uptime`` becomes ``smtpd_uptime_seconds``.  Keys exist once touched, as in
+``show stats``.  Types: most of OpenSMTPD's keys go up and down (sessions open,
+envelopes queued): gauges.  Those that only count events since the start
+(``TOTALS``: deliveries by outcome, bounces, expired and removed envelopes, SMTP
+sessions by address family) are counters, exposed with ``_total``
+(``smtpd_scheduler_delivery_ok_total``), so that ``rate()`` works on them.
+
+Process metrics, one series per process (``process="lka"``...), read by the parent in
+/proc (``process_usage``; the children may be chrooted and run as other users):
+``smtpd_process_cpu_seconds_total`` (user + system), ``smtpd_process_resident_memory_bytes``
+and ``smtpd_process_open_fds`` (only where the parent may look into the process's
+fd table: as root with CAP_SYS_PTRACE, or unprivileged mode; docs/ops.md).
 
 The HTTP side is deliberately small: one request per connection, a request head of
 at most 8 KiB read within 10 s, GET or HEAD of ``/metrics`` (or ``/``), else 404/405.
@@ -20,11 +30,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import socket
 import time
 
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
@@ -35,6 +46,10 @@ log = logging.getLogger("smtpd")
 HEAD_LIMIT = 8192
 HEAD_TIMEOUT = 10.0
 _NOT_NAME = re.compile(r"[^a-zA-Z0-9_]")
+# OpenSMTPD's keys that only ever increase (stat_increment without a matching
+# stat_decrement in OpenSMTPD and here): Prometheus counters.
+TOTALS = re.compile(r"queue\.bounce|scheduler\.delivery\.[a-z]+|scheduler\.envelope\.(expired|removed)"
+                    r"|smtp\.session\.(inet4|inet6|local)")
 
 
 def bind(address: str, port: int) -> socket.socket:
@@ -54,12 +69,48 @@ def metric_name(key: str) -> str:
     return "smtpd_" + _NOT_NAME.sub("_", key)
 
 
+def process_usage(pids: dict[str, int]) -> dict[str, dict[str, float]]:
+    """Name -> {cpu_seconds, resident_memory_bytes[, open_fds]} of each process that
+    still exists, from /proc/PID/stat (readable by anyone) and /proc/PID/fd (only
+    where ptrace's read access is allowed: left out elsewhere)."""
+    ticks, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
+    out: dict[str, dict[str, float]] = {}
+    for name, pid in pids.items():
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                # After the command name (which may hold spaces and parentheses):
+                # state is field 3 of proc(5), utime 14, stime 15, rss 24 (pages).
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        usage = {"cpu_seconds": (int(fields[11]) + int(fields[12])) / ticks,
+                 "resident_memory_bytes": float(int(fields[21]) * page)}
+        try:
+            usage["open_fds"] = float(len(os.listdir(f"/proc/{pid}/fd")))
+        except OSError:
+            pass
+        out[name] = usage
+    return out
+
+
+# process_usage key -> (metric family, type, HELP)
+_PROCESS_METRICS = (
+    ("cpu_seconds", "smtpd_process_cpu_seconds", CounterMetricFamily,
+     "user and system CPU time of each pysmtpd process, in seconds"),
+    ("resident_memory_bytes", "smtpd_process_resident_memory_bytes", GaugeMetricFamily,
+     "resident memory of each pysmtpd process, in bytes"),
+    ("open_fds", "smtpd_process_open_fds", GaugeMetricFamily,
+     "open file descriptors of each pysmtpd process"),
+)
+
+
 class _Snapshot:
     """A prometheus-client collector of one gathered set of counters."""
 
-    def __init__(self, values: dict, now: float) -> None:
+    def __init__(self, values: dict, now: float, processes: dict[str, dict[str, float]]) -> None:
         self.values = values
         self.now = now
+        self.processes = processes
 
     def collect(self):
         for key in sorted(self.values):
@@ -68,15 +119,25 @@ class _Snapshot:
                 family = GaugeMetricFamily("smtpd_uptime_seconds", "seconds since smtpd started (uptime)")
                 family.add_metric([], int(self.now) - int(value))
             else:
-                family = GaugeMetricFamily(metric_name(key), f"OpenSMTPD counter {key}")
+                kind = CounterMetricFamily if TOTALS.fullmatch(key) else GaugeMetricFamily
+                family = kind(metric_name(key), f"OpenSMTPD statistic {key}")
                 family.add_metric([], value)
             yield family
+        for key, name, kind, help_text in _PROCESS_METRICS:
+            family = kind(name, help_text, labels=["process"])
+            for proc in sorted(self.processes):
+                if key in self.processes[proc]:
+                    family.add_metric([proc], self.processes[proc][key])
+            if family.samples:
+                yield family
 
 
-def exposition(values: dict, accept: str | None, now: float | None = None) -> tuple[bytes, str]:
-    """(body, content type) of the counters ``values`` (``show stats``'s)."""
+def exposition(values: dict, accept: str | None, now: float | None = None,
+               processes: dict[str, dict[str, float]] | None = None) -> tuple[bytes, str]:
+    """(body, content type) of the counters ``values`` (``show stats``'s) and the
+    resource usage of the processes."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(values, time.time() if now is None else now))
+    registry.register(_Snapshot(values, time.time() if now is None else now, processes or {}))
     encoder, content_type = choose_encoder(accept)
     return encoder(registry), content_type
 
@@ -131,7 +192,7 @@ class Endpoint:
             gathered = await self.gather()
         except StatsUnavailable as exc:
             return 503, f"{exc}\n".encode(), "text/plain"
-        body, ctype = exposition(gathered.values, accept)
+        body, ctype = exposition(gathered.values, accept, processes=gathered.processes)
         return 200, body, ctype
 
 

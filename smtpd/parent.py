@@ -26,9 +26,9 @@ from common import log as logsetup
 from common.ids import UidGenerator
 from common.ipc import Mesh
 from common.messages import (
-    ConfEnd, ConfEndDone, CtlReply, CtlRequest, MdaDone, MdaFork, Msg, SetupDone,
+    ConfEnd, ConfEndDone, CtlReply, CtlRequest, MdaDone, MdaFork, Msg, SetupDone, StatGet, StatReply,
 )
-from smtpd import fdpass, introspection, listeners, local_delivery, offline, sdnotify
+from smtpd import fdpass, introspection, listeners, local_delivery, metrics, offline, sdnotify
 from smtpd.config import ConfigError
 from smtpd.main import CHILDREN, EXIT_CONFIG, VERSION, load_config
 from smtpd.reload import Reloader
@@ -138,6 +138,9 @@ class Parent:
         self.mesh = Mesh("parent", rundir)
         self.deliveries: set[asyncio.Task] = set()
         self.delivery = local_delivery.DeliveryPool()
+        ping_id = UidGenerator()
+        self.watchdog = sdnotify.Watchdog(notifier, CHILDREN, lambda name, deadline: self.mesh.request(
+            name, StatGet(reqid=ping_id()), (StatReply,), timeout=deadline))
 
     def spawn(self) -> None:
         fds = [b.sock.fileno() for b in self.bound] + [self.pony_fd_channel.fileno()]
@@ -188,7 +191,8 @@ class Parent:
             self.done.set()
 
     async def handle(self, peer: str, msg: Msg) -> None:
-        if await introspection.handle(self.mesh, "parent", peer, msg):
+        if await introspection.handle(self.mesh, "parent", peer, msg, processes=lambda: metrics.process_usage(
+                {"parent": os.getpid(), **{name: proc.pid for name, proc in self.children.items()}})):
             return
         if isinstance(msg, SetupDone):
             self.ready.add(msg.proc)
@@ -207,6 +211,8 @@ class Parent:
             log.info("smtpd: stop requested by control")
             # Give control a moment to answer smtpctl before it is told to stop.
             asyncio.get_running_loop().call_later(0.3, self.shutdown, 0)
+        elif isinstance(msg, StatReply):
+            pass            # an answer to the watchdog that came after its deadline
         elif isinstance(msg, CtlRequest) and msg.command == "reload":
             # In a task: the reload talks to control too, whose channel this handler holds.
             self.spawn_task(self._reload_for(peer, msg.reqid))
@@ -272,6 +278,7 @@ class Parent:
         log.info("info: pysmtpd %s ready: %s", VERSION,
                  ", ".join(f"{c}={p.pid}" for c, p in self.children.items()))
         self.notifier.ready(self.status_text())
+        self.spawn_task(self.watchdog.run())
         # offline/: what sendmail left while the daemon was down (smtpd/offline.py)
         self.spawn_task(offline.enqueue_all(self.mesh, UidGenerator(), self.opts.spool,
                                             self.config.hostname, self.config.max_message_size))

@@ -11,12 +11,24 @@ $LISTEN_FDS (their count), $LISTEN_PID (our pid, so that a child that inherited
 the environment does not take them) and $LISTEN_FDNAMES (``:``-separated names).
 ``inherited_sockets()`` takes them; the parent matches them to the configuration's
 listeners (smtpd/listeners.py).
+
+sd_watchdog_enabled(3): with WatchdogSec= in the unit, systemd sets $WATCHDOG_USEC
+(and $WATCHDOG_PID) and expects ``WATCHDOG=1`` more often than that, or it kills
+and restarts the service.  ``Watchdog`` sends it from the parent only while every
+child answers: a child stuck in a loop, deadlocked or stopped stops the pings, so a
+hung daemon is restarted even though no process died.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
+from typing import Awaitable, Callable, Iterable
+
+log = logging.getLogger("smtpd")
 
 SD_LISTEN_FDS_START = 3
 
@@ -32,6 +44,8 @@ class Notifier:
             self.address = "\0" + address[1:] if address.startswith("@") else address
         self.sent: int = 0
         self.failed: int = 0
+        self.watchdog_usec: int = 0         # from $WATCHDOG_USEC: 0 when off
+        self.stopping_sent = False          # STOPPING=1 said: the watchdog has nothing more to say
 
     @property
     def enabled(self) -> bool:
@@ -66,16 +80,85 @@ class Notifier:
         return self.notify(RELOADING=1, STATUS=status)
 
     def stopping(self, status: str) -> bool:
+        self.stopping_sent = True
         return self.notify(STOPPING=1, STATUS=status)
 
 
+def watchdog_usec(environ: dict[str, str]) -> int:
+    """sd_watchdog_enabled(3): the watchdog timeout in microseconds, 0 if there is
+    none or it is meant for another process ($WATCHDOG_PID)."""
+    usec, pid = environ.get("WATCHDOG_USEC", ""), environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0:
+        return 0
+    if pid and (not pid.isdigit() or int(pid) != os.getpid()):
+        return 0
+    return int(usec)
+
+
 def take_notify_socket_from_environment() -> Notifier:
-    """The notifier of this process; the variable is removed from the environment so
-    that the children (and the delivery helpers) do not inherit it (sd_notify's
-    unset_environment)."""
+    """The notifier of this process, with the watchdog timeout; the variables are
+    removed from the environment so that the children (and the delivery helpers) do
+    not inherit them (sd_notify's unset_environment)."""
     notifier = Notifier()
-    os.environ.pop("NOTIFY_SOCKET", None)
+    if notifier.enabled:
+        notifier.watchdog_usec = watchdog_usec(os.environ)
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        os.environ.pop(name, None)
     return notifier
+
+
+class Watchdog:
+    """``WATCHDOG=1`` every half timeout (sd_watchdog_enabled(3)'s advice), each time
+    only if every process named answered ``ask`` within a quarter of the timeout.
+
+    ``ask(name, deadline)`` is a coroutine that returns once ``name`` answered and
+    raises on silence (the parent sends a stat_get over the process's channel: the
+    answer comes from the child's event loop, so a blocked loop is silent too).
+    """
+
+    def __init__(self, notifier: Notifier, names: Iterable[str],
+                 ask: Callable[[str, float], Awaitable[object]]) -> None:
+        self.notifier = notifier
+        self.names = list(names)
+        self.ask = ask
+        self.period = notifier.watchdog_usec / 2e6
+        self.deadline = notifier.watchdog_usec / 4e6
+        self.silent: list[str] = []          # who did not answer the last round
+
+    @property
+    def enabled(self) -> bool:
+        return self.notifier.enabled and self.notifier.watchdog_usec > 0
+
+    async def _answers(self, name: str) -> bool:
+        try:
+            await self.ask(name, self.deadline)
+            return True
+        except Exception:                    # silence, a closed channel: no answer either way
+            return False
+
+    async def round(self) -> bool:
+        """One round: ask everyone, ping if all answered; True if it pinged."""
+        answers = await asyncio.gather(*(self._answers(n) for n in self.names))
+        silent = [n for n, ok in zip(self.names, answers) if not ok]
+        if self.notifier.stopping_sent:
+            return False
+        if silent and silent != self.silent:
+            log.error("warn: smtpd: watchdog: no answer from %s in %.3gs: not telling systemd "
+                      "that smtpd is alive", ", ".join(silent), self.deadline)
+        elif not silent and self.silent:
+            log.info("info: smtpd: watchdog: every process answers again")
+        self.silent = silent
+        return not silent and self.notifier.notify(WATCHDOG=1)
+
+    async def run(self) -> None:
+        if not self.enabled:
+            return
+        log.info("info: smtpd: watchdog: %.3gs (a ping every %.3gs while every process answers)",
+                 self.notifier.watchdog_usec / 1e6, self.period)
+        while not self.notifier.stopping_sent:     # children going away are not hung
+            started = time.monotonic()
+            await self.round()
+            await asyncio.sleep(max(0.0, self.period - (time.monotonic() - started)))
 
 
 @dataclass

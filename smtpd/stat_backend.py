@@ -57,6 +57,9 @@ class Gathered:
     values: dict[str, int | float] = field(default_factory=dict)
     increments: dict[str, int] = field(default_factory=dict)
     decrements: dict[str, int] = field(default_factory=dict)
+    # process name -> resource usage (cpu_seconds, resident_memory_bytes, open_fds),
+    # from the parent's reply: the metrics endpoint's process metrics.
+    processes: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def add(self, values, increments, decrements) -> None:
         for source, dest in ((values, self.values), (increments, self.increments),
@@ -90,6 +93,7 @@ class Stats:
         out = Gathered()
         for reply in replies:
             out.add(reply.values, reply.increments, reply.decrements)
+            out.processes.update(reply.processes)
         out.add(stat.snapshot(), *stat.totals())
         out.values["uptime"] = self.started
         return out

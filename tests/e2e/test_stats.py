@@ -136,14 +136,39 @@ def test_show_stats_monitor_and_metrics(make_daemon, tmp_path):
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
         assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain")
         text = resp.read().decode()
-    metrics = {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
+    families = {fam.name: fam for fam in text_string_to_metric_families(text)}
+    metrics = {s.name: s.value for fam in families.values() for s in fam.samples if not s.labels}
+    # Totals since the start are counters (the parser names the family without
+    # "_total"), values that go up and down gauges.
+    totals = {"queue.bounce", "scheduler.delivery.ok", "scheduler.delivery.tempfail",
+              "scheduler.delivery.permfail", "scheduler.delivery.loop", "scheduler.envelope.expired",
+              "scheduler.envelope.removed", "smtp.session.inet4", "smtp.session.inet6", "smtp.session.local"}
     for key, value in stats.items():
         if key in ("uptime", "uptime.human", "control.session"):
             continue
         name = "smtpd_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
-        assert metrics.get(name) == float(value), (key, name, metrics.get(name))
-    assert "# HELP smtpd_scheduler_delivery_ok OpenSMTPD counter scheduler.delivery.ok" in text
+        kind = "counter" if key in totals else "gauge"
+        assert families[name].type == kind, (key, families[name].type)
+        sample = name + "_total" if kind == "counter" else name
+        assert metrics.get(sample) == float(value), (key, sample, metrics.get(sample))
+    assert {"scheduler.delivery.ok", "smtp.session.inet4"} <= set(stats)      # both kinds seen
+    assert "# HELP smtpd_scheduler_delivery_ok_total OpenSMTPD statistic scheduler.delivery.ok" in text
     assert 0 <= metrics["smtpd_uptime_seconds"] < 600
+    # Process metrics: one series per process, as /proc shows them.
+    pids = {title.removeprefix("smtpd: ").strip("[]").replace("priv", "parent"): pid
+            for title, pid in d.children().items()}
+    assert set(pids) == {"parent", "control", "lka", "queue", "scheduler", "pony"}, pids
+    usage = {(fam.name, s.labels["process"]): s.value for fam in families.values() for s in fam.samples
+             if s.labels}
+    assert families["smtpd_process_cpu_seconds"].type == "counter"
+    assert families["smtpd_process_resident_memory_bytes"].type == "gauge"
+    assert families["smtpd_process_open_fds"].type == "gauge"
+    for proc, pid in pids.items():
+        rss = int(re.search(r"VmRSS:\s+(\d+) kB", open(f"/proc/{pid}/status").read())[1]) * 1024
+        assert 0.5 * rss < usage["smtpd_process_resident_memory_bytes", proc] < 2 * rss, proc
+        assert 0 < usage["smtpd_process_cpu_seconds", proc] < 600, proc
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+        assert abs(usage["smtpd_process_open_fds", proc] - fds) <= 3, (proc, fds)
     # What a Prometheus server asks for (negotiated by the library, served after the drop).
     prometheus_accept = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
                          "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
@@ -152,7 +177,8 @@ def test_show_stats_monitor_and_metrics(make_daemon, tmp_path):
     with urllib.request.urlopen(req, timeout=10) as resp:
         assert resp.headers["Content-Type"].startswith("application/openmetrics-text")
         body = resp.read().decode()
-    assert body.endswith("# EOF\n") and "smtpd_scheduler_delivery_ok 2" in body
+    assert body.endswith("# EOF\n") and "smtpd_scheduler_delivery_ok_total 2" in body
+    assert "# TYPE smtpd_scheduler_delivery_ok counter" in body
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/other", timeout=10)
     assert err.value.code == 404

@@ -1,6 +1,7 @@
 """The daemon under systemd's protocols, played by the test with real sockets:
 sd_notify readiness (READY=1 only once every process is up and the listeners
-accept), STATUS=, RELOADING=1, STOPPING=1, and socket activation (LISTEN_FDS)."""
+accept), STATUS=, RELOADING=1, STOPPING=1, the watchdog (WATCHDOG_USEC), the unit's
+ExecReload, and socket activation (LISTEN_FDS)."""
 from __future__ import annotations
 
 import os
@@ -8,6 +9,9 @@ import pwd
 import signal
 import smtplib
 import socket
+import subprocess
+import sys
+import time
 import uuid
 
 import pytest
@@ -58,6 +62,80 @@ def test_ready_only_when_every_process_runs_and_smtp_answers(ops_daemon, notify_
     d.proc.send_signal(signal.SIGTERM)
     notify_socket.wait("STOPPING", after=after)
     assert d.proc.wait(10) == 0
+
+
+def test_watchdog_pings_only_while_every_child_answers(ops_daemon, notify_socket, tmp_path):
+    """WATCHDOG=1 every half WATCHDOG_USEC while each child answers the parent within a
+    quarter of it; a stopped child (as a hung one) stops the pings, which resume once it
+    answers again."""
+    d = ops_daemon(config(tmp_path / "d", free_port()),
+                   env={"NOTIFY_SOCKET": notify_socket.address, "WATCHDOG_USEC": "2000000"})
+    d.start()
+
+    def pings() -> int:
+        return sum(1 for m in notify_socket.messages() if m.get("WATCHDOG") == "1")
+
+    wait_for(lambda: pings() >= 3, 20, "three watchdog pings")
+    assert "watchdog: 2s (a ping every 1s while every process answers)" in d.log_since_start()
+    children = d.children()
+    for name in CHILDREN:           # the variable is the parent's only
+        env = open(f"/proc/{children[f'smtpd: {name}']}/environ", "rb").read()
+        assert b"WATCHDOG_USEC" not in env, name
+    lka = children["smtpd: lka"]
+    os.kill(lka, signal.SIGSTOP)
+    try:
+        d.wait_log("watchdog: no answer from lka in 0.5s")
+        time.sleep(0.6)             # a round that began before the stop has ended
+        stopped_at = pings()
+        time.sleep(3.5)             # three rounds and more
+        assert pings() == stopped_at
+        assert d.proc.poll() is None
+    finally:
+        os.kill(lka, signal.SIGCONT)
+    wait_for(lambda: pings() >= stopped_at + 2, 20, "the pings to resume")
+    d.wait_log("watchdog: every process answers again")
+    assert "unexpected StatReply" not in d.log_since_start()   # late answers are dropped quietly
+
+
+def test_watchdog_of_another_process_is_not_ours(ops_daemon, notify_socket, tmp_path):
+    d = ops_daemon(config(tmp_path / "d", free_port()),
+                   env={"NOTIFY_SOCKET": notify_socket.address, "WATCHDOG_USEC": "200000",
+                        "WATCHDOG_PID": "1"})
+    d.start()
+    notify_socket.wait("READY")
+    time.sleep(1.0)                 # ten periods, had it been on
+    assert not [m for m in notify_socket.messages() if "WATCHDOG" in m]
+    assert "watchdog" not in d.log_since_start()
+
+
+def unit_exec_reload() -> list[str]:
+    unit = (REPO / "systemd" / "smtpd.service").read_text()
+    return next(l for l in unit.splitlines() if l.startswith("ExecReload=")).split("=", 1)[1].split()
+
+
+def test_the_units_reload_fails_on_a_refused_configuration(ops_daemon, tmp_path):
+    """ExecReload= is what `systemctl reload smtpd` runs: its exit status is the verdict
+    systemctl reports.  A refused file: non-zero, with the reason; the daemon goes on."""
+    command = unit_exec_reload()
+    assert command == ["/usr/sbin/smtpctl", "reload"]
+    port = free_port()
+    d = ops_daemon(config(tmp_path / "d", port))
+    d.start()
+
+    def exec_reload() -> subprocess.CompletedProcess:
+        # The unit's command line, with this checkout's smtpctl and the test's socket.
+        return subprocess.run([sys.executable, "-m", "smtpctl", "--socket", str(d.socket), *command[1:]],
+                              cwd=REPO, capture_output=True, text=True, timeout=60)
+
+    good = d.config.read_text()
+    d.config.write_text(good + "listen on 127.0.0.1 port nonsense\n")
+    res = exec_reload()
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert res.stdout.startswith("command failed: ") and f"{d.config}:" in res.stdout, res.stdout
+    assert banner(port).startswith("220 ")
+    d.config.write_text(good)
+    res = exec_reload()
+    assert (res.returncode, res.stdout) == (0, "command succeeded\n"), res.stdout + res.stderr
 
 
 def test_abstract_notify_socket_and_smtp_paused(ops_daemon, tmp_path):

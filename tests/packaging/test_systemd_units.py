@@ -25,9 +25,8 @@ def root(tmp_path_factory) -> Path:
     for name in ("smtpd.service", "smtpd.socket"):
         shutil.copy(SYSTEMD / name, units / name)
     (root / "usr/sbin").mkdir(parents=True)
-    shutil.copy(REPO / ".venv/bin/smtpd", root / "usr/sbin/smtpd")      # a real executable
-    (root / "bin").mkdir()
-    shutil.copy(shutil.which("kill") or "/bin/kill", root / "bin/kill")
+    for command in ("smtpd", "smtpctl"):                                 # real executables
+        shutil.copy(REPO / ".venv/bin" / command, root / "usr/sbin" / command)
     return root
 
 
@@ -52,7 +51,7 @@ def test_hardening_exposure_is_low(root):
 def test_unit_essentials():
     unit = (SYSTEMD / "smtpd.service").read_text()
     for line in ("Type=notify", "NotifyAccess=main", "ExecStart=/usr/sbin/smtpd -F",
-                 "ExecReload=/bin/kill -HUP $MAINPID", "RestartPreventExitStatus=78",
+                 "ExecReload=/usr/sbin/smtpctl reload", "WatchdogSec=30s", "RestartPreventExitStatus=78",
                  "NoNewPrivileges=yes", "KillMode=mixed"):
         assert f"\n{line}\n" in unit, line
     socket_unit = (SYSTEMD / "smtpd.socket").read_text()

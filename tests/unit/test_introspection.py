@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from common import stat, trace
 from common.envelope import Envelope
 from common.messages import ClientResult
 from smtpd.config import ConfigError
-from smtpd.metrics import exposition, metric_name
+from smtpd.metrics import exposition, metric_name, process_usage
 from smtpd.parse import parse_config
 from smtpd.queue_fs import Spool
 from smtpd.queue_profile import Observed
@@ -155,7 +156,36 @@ def test_prometheus_exposition():
                        "smtpd_uptime_seconds": 60.0,
                        "smtpd_profiling_imsg_queue_pony_smtp_message_commit": 0.25}
     assert metric_name("mta.task.running") == "smtpd_mta_task_running"
-    assert b"# HELP smtpd_smtp_session OpenSMTPD counter smtp.session" in body
+    assert b"# HELP smtpd_smtp_session OpenSMTPD statistic smtp.session" in body
+    assert b"smtpd_process" not in body                  # no process usage given, no empty family
+
+
+def test_prometheus_types_and_process_metrics():
+    body, _ = exposition({"smtp.session": 1, "smtp.session.inet4": 7, "scheduler.delivery.ok": 5,
+                          "scheduler.envelope": 2, "queue.bounce": 1, "uptime": 100}, None, now=160,
+                         processes={"lka": {"cpu_seconds": 1.5, "resident_memory_bytes": 4096.0},
+                                    "parent": {"cpu_seconds": 0.25, "resident_memory_bytes": 8192.0,
+                                               "open_fds": 12.0}})
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    types = {name: f.type for name, f in families.items()}
+    assert types == {"smtpd_smtp_session": "gauge", "smtpd_smtp_session_inet4": "counter",
+                     "smtpd_scheduler_delivery_ok": "counter", "smtpd_scheduler_envelope": "gauge",
+                     "smtpd_queue_bounce": "counter", "smtpd_uptime_seconds": "gauge",
+                     "smtpd_process_cpu_seconds": "counter",
+                     "smtpd_process_resident_memory_bytes": "gauge", "smtpd_process_open_fds": "gauge"}
+    samples = {(s.name, s.labels.get("process")): s.value for f in families.values() for s in f.samples}
+    assert samples["smtpd_scheduler_delivery_ok_total", None] == 5.0
+    assert samples["smtpd_process_cpu_seconds_total", "lka"] == 1.5
+    assert samples["smtpd_process_resident_memory_bytes", "parent"] == 8192.0
+    assert [k for k in samples if k[0] == "smtpd_process_open_fds"] == [("smtpd_process_open_fds", "parent")]
+
+
+def test_process_usage_reads_proc():
+    usage = process_usage({"me": os.getpid(), "gone": 2 ** 22 + 1})
+    assert set(usage) == {"me"}
+    assert usage["me"]["open_fds"] == len(os.listdir("/proc/self/fd"))     # both count listdir's own
+    assert usage["me"]["resident_memory_bytes"] > 1 << 20
+    assert 0 < usage["me"]["cpu_seconds"] <= sum(os.times()[:2]) + 0.01
 
 
 def test_metrics_config(tmp_path: Path):
