@@ -80,6 +80,13 @@ class Config:
     bounce_warn_interval: list[int] = field(default_factory=lambda: [4 * 3600])
     smtp_max_mails: int = 100
     smtp_max_rcpt: int = 1000
+    # pysmtpd's session limits ("smtp limit max-sessions N max-sessions-per-address N
+    # command-timeout D data-timeout D"): OpenSMTPD bounds sessions by its file
+    # descriptors and times out idle ones after 300 s (SMTPD_SESSION_TIMEOUT).
+    smtp_max_sessions: int = 768
+    smtp_max_sessions_per_address: int = 64
+    smtp_command_timeout: int = 300
+    smtp_data_timeout: int = 300
     sub_addr_delim: str = "+"
     mta_max_deferred: int = 100
     macros: dict[str, str] = field(default_factory=dict)
@@ -91,8 +98,12 @@ class Config:
     not_applied: list[str] = field(default_factory=list)
 
 
-def default_hostname() -> str:
-    for path in ("/etc/mail/mailname", "/etc/mailname"):
+def default_hostname(mailname_files=("/etc/mail/mailname", "/etc/mailname")) -> str:
+    """The name the daemon gives itself, as OpenSMTPD's getmailname(): the first line
+    of a mailname file, else gethostname(3), canonicalised through the resolver when
+    it has no dot.  Never socket.getfqdn(): it picks the first alias of the host's
+    address, which is "localhost" wherever /etc/hosts maps the name to 127.0.0.1."""
+    for path in mailname_files:
         try:
             with open(path) as f:
                 name = f.readline().strip()
@@ -100,7 +111,15 @@ def default_hostname() -> str:
                 return name
         except OSError:
             pass
-    return socket.getfqdn()
+    name = socket.gethostname()
+    if "." in name:
+        return name
+    try:
+        infos = socket.getaddrinfo(name, None, flags=socket.AI_CANONNAME)
+    except (OSError, UnicodeError):
+        return name
+    canonical = next((info[3] for info in infos if info[3]), "")
+    return canonical or name
 
 
 def _interfaces() -> dict[str, list[tuple[int, str]]]:

@@ -32,12 +32,16 @@ TEMPFAIL_REPLY = "451 4.3.0 Temporary failure"
 
 
 async def create_message(pony) -> int:
-    """A new message at the queue: its msgid, 0 when the queue cannot take one."""
+    """A new message at the queue: its msgid, 0 when the queue cannot take one (the
+    cause is logged).  A reply that comes after we gave up is rolled back by pony."""
     try:
         reply = await pony.mesh.request(
             "queue", SmtpMessageCreate(reqid=pony.ctx.new_id()), (SmtpMessageCreateReply,))
-    except PeerTimeout:
+    except PeerTimeout as exc:
+        log.warning("warn: smtp: cannot create a message: %s", exc)
         return 0
+    if not reply.ok:
+        log.warning("warn: smtp: cannot create a message: the queue refused it")
     return reply.msgid if reply.ok else 0
 
 
@@ -52,7 +56,8 @@ async def expand_rcpt(pony, msgid: int, env: Envelope, *, rdns: str,
             "lka", SmtpExpandRcpt(reqid=reqid, msgid=msgid, envelope=env, rdns=rdns,
                                   local_listener=local_listener),
             (SmtpExpandRcptReply, QueueEnvelopeCommitReply))
-    except PeerTimeout:
+    except PeerTimeout as exc:
+        log.warning("warn: smtp: recipient expansion failed: %s", exc)
         reply = None
     finally:
         evpids = pony.evpids.pop(reqid, [])
@@ -68,14 +73,21 @@ async def expand_rcpt(pony, msgid: int, env: Envelope, *, rdns: str,
 async def store_message(pony, msgid: int, data: bytes) -> str:
     """Stream the message to the queue and commit it: "" once it is on disk, else the
     SMTP reply to give (the message is rolled back)."""
-    send = pony.mesh.send
     for start in range(0, len(data), CHUNK):
-        await send("queue", SmtpMessageData(msgid=msgid, chunk=data[start:start + CHUNK]))
+        await pony.mesh.send("queue", SmtpMessageData(msgid=msgid, chunk=data[start:start + CHUNK]))
+    return await commit_message(pony, msgid)
+
+
+async def commit_message(pony, msgid: int) -> str:
+    """Commit a message whose data went to the queue: "" once it is on disk, else the
+    SMTP reply to give (the message is rolled back)."""
+    send = pony.mesh.send
     try:
         reply = await pony.mesh.request(
             "queue", SmtpMessageCommit(reqid=pony.ctx.new_id(), msgid=msgid),
             (SmtpMessageCommitReply,), timeout=COMMIT_TIMEOUT)
-    except PeerTimeout:
+    except PeerTimeout as exc:
+        log.warning("warn: smtp: commit of %08x failed: %s", msgid, exc)
         reply = None
     if reply is None:
         await send("queue", SmtpMessageRollback(msgid=msgid))

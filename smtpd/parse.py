@@ -330,12 +330,19 @@ class Parser:
             self.config.max_message_size = c.size()
         elif opt == "limit":
             while c.more():
-                key = c.word("max-mails or max-rcpt")
+                key = c.word("a limit")
                 if key == "max-mails":
                     self.config.smtp_max_mails = c.number(c.word("a number"), 1, 1 << 31)
-                    self.not_yet('"smtp limit max-mails"')
                 elif key == "max-rcpt":
                     self.config.smtp_max_rcpt = c.number(c.word("a number"), 1, 1 << 31)
+                elif key == "max-sessions":
+                    self.config.smtp_max_sessions = c.number(c.word("a number"), 1, 1 << 20)
+                elif key == "max-sessions-per-address":
+                    self.config.smtp_max_sessions_per_address = c.number(c.word("a number"), 1, 1 << 20)
+                elif key == "command-timeout":
+                    self.config.smtp_command_timeout = c.duration()
+                elif key == "data-timeout":
+                    self.config.smtp_data_timeout = c.duration()
                 else:
                     raise self.err(f'syntax error: unexpected "{key}" in smtp limit')
         elif opt == "sub-addr-delim":

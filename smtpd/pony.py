@@ -1,8 +1,9 @@
 """The pony process (``smtpd: pony``): SMTP in, MTA out, MDA dispatch.
 
-It owns the listening sockets handed down by the parent and serves them with
-aiosmtpd (smtp_session); the queue sends it envelopes to deliver locally (mda)
-or to relay (mta).  It never touches the spool: bodies travel over the channel
+It owns the listening sockets handed down by the parent and serves them with its
+own SMTP sessions (smtp_session driving the sans-I/O core smtp_proto), within the
+session limits; the queue sends it envelopes to deliver locally (mda) or to relay
+(mta).  It never touches the spool: bodies travel over the channel
 to and from the queue.
 """
 from __future__ import annotations
@@ -16,12 +17,12 @@ import socket
 from common.ipc import PeerTimeout
 from common.messages import (
     CtlReply, CtlRequest, MtaDnsLookup, MtaDnsReply, PonyEnqueue, PonyEnqueueReply, QueueDeliver,
-    QueueEnvelopeSubmitReply, QueueTransfer,
+    QueueEnvelopeSubmitReply, QueueTransfer, SmtpMessageCreateReply, SmtpMessageRollback,
 )
 from smtpd import enqueue, fdpass
 from smtpd.mda import Mda
 from smtpd.mta import Mta
-from smtpd.smtp_session import Handler, Session
+from smtpd.smtp_session import Session
 
 log = logging.getLogger("smtpd")
 
@@ -69,12 +70,13 @@ class Process:
         self.listening: list[Listening] = ctx.prepared.listening
         self.fd_receiver = fdpass.Receiver(ctx.prepared.fd_channel) if ctx.prepared.fd_channel else None
         self.smtp_paused = "smtp" in ctx.opts.pause
-        self.handler = Handler(self)
         self.mta = Mta(self)
         self.mda = Mda(self)
         self.tasks: set[asyncio.Task] = set()
         self.evpids: dict[int, list[int]] = {}   # RCPT reqid -> evpids the queue wrote
+        self.sessions: dict[str, int] = {}      # client address -> open sessions
         self.sessions_open = 0
+        self._tls_contexts: dict[int, object] = {}
 
     async def start(self) -> None:
         if self.fd_receiver is not None:
@@ -109,13 +111,10 @@ class Process:
         loop = asyncio.get_running_loop()
         # A dup, so that closing the server on `pause smtp` keeps the socket itself.
         dup = socket.socket(fileno=os.dup(entry.sock.fileno()))
+        smtps = getattr(entry.listener, "tls", "") == "smtps"
         entry.server = await loop.create_server(
-            lambda: Session(
-                self.handler, pony=self, listener=entry.listener,
-                data_size_limit=self.config.max_message_size,
-                hostname=entry.listener.hostname or self.config.hostname, ident="ESMTP pysmtpd",
-                timeout=300, loop=loop),
-            sock=dup, backlog=512)
+            lambda: Session(self, entry.listener), sock=dup, backlog=512,
+            ssl=self.tls_context(entry.listener) if smtps else None)
 
     async def _unlisten(self) -> None:
         for entry in self.listening:
@@ -142,7 +141,8 @@ class Process:
         accepting (their sessions go on), added ones start unless smtp is paused.
         TLS certificates (a later issue) are to be loaded here, from material the
         parent reads as root and sends with the configuration (docs/ops.md)."""
-        self.config = self.handler.config = self.mta.config = self.mda.config = config
+        self.config = self.mta.config = self.mda.config = config
+        self._tls_contexts.clear()
         current = {entry.key: entry for entry in self.listening}
         wanted = {entry.key: entry for entry in new}
         for key, entry in current.items():
@@ -166,6 +166,52 @@ class Process:
     def abort_config(self, new: list[Listening]) -> None:
         for entry in new:
             entry.sock.close()
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    def admit(self, session) -> str:
+        """Count a new session in, or say why it is refused (the session limits)."""
+        config, ip = self.config, session.peer_ip
+        if self.sessions_open >= config.smtp_max_sessions:
+            return f"session limit reached ({config.smtp_max_sessions})"
+        if self.sessions.get(ip, 0) >= config.smtp_max_sessions_per_address:
+            return f"session limit per address reached ({config.smtp_max_sessions_per_address})"
+        self.sessions_open += 1
+        self.sessions[ip] = self.sessions.get(ip, 0) + 1
+        return ""
+
+    def release(self, session) -> None:
+        self.sessions_open -= 1
+        left = self.sessions.get(session.peer_ip, 1) - 1
+        if left > 0:
+            self.sessions[session.peer_ip] = left
+        else:
+            self.sessions.pop(session.peer_ip, None)
+
+    def tls_context(self, listener):
+        """The listener's server SSLContext (smtpd/tls.py), None without TLS."""
+        if not getattr(listener, "tls", ""):
+            return None
+        key = id(listener)
+        if key not in self._tls_contexts:
+            from smtpd import tls            # i8-tlsauth's module
+            self._tls_contexts[key] = tls.server_context(self.config, listener,
+                                                          files=getattr(self.ctx, "tls_files", None))
+        return self._tls_contexts[key]
+
+    def tls_log_text(self, ssl_object) -> str:
+        try:
+            from smtpd import tls
+            return tls.tls_log_text(ssl_object)
+        except ImportError:
+            return f"{ssl_object.version()}:{ssl_object.cipher()[0]}:{ssl_object.cipher()[2]}"
+
+    def proxy_parser(self):
+        try:
+            from smtpd import proxy_v2
+        except ImportError:
+            return None
+        return proxy_v2.parse
 
     def is_local_listener(self, listener) -> bool:
         try:
@@ -200,6 +246,12 @@ class Process:
             case QueueEnvelopeSubmitReply(reqid=reqid, evpid=evpid):
                 if reqid in self.evpids and msg.ok:
                     self.evpids[reqid].append(evpid)
+            case SmtpMessageCreateReply(ok=True, msgid=msgid):
+                # nobody waits for it any more (the session gave up): no orphan in incoming/
+                log.info("smtp: late message %08x from the queue, rolled back", msgid)
+                await self.mesh.send("queue", SmtpMessageRollback(msgid=msgid))
+            case SmtpMessageCreateReply():
+                pass
             case QueueTransfer(envelope=env):
                 self.mta.add(env)
             case QueueDeliver(envelope=env):
