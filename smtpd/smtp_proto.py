@@ -820,7 +820,6 @@ class ServerConnection:
 
     def _credentials(self, mechanism: str, user: bytes, password: bytes) -> AuthCredentials:
         self.username = user.decode("utf-8", "surrogateescape")
-        self.last_line = f"AUTH {mechanism}"
         self._enter(State.HELO)
         return AuthCredentials(Phase.AUTH, f"AUTH {mechanism}", None, mechanism=mechanism,
                                user=self.username,
