@@ -467,8 +467,15 @@ class QueueEnvelopeSubmitBatch(Msg, **_m("queue_envelope_submit_batch")):
     entries: list[SchedEntry]
 
 
+class RequestFailed(Msg, **_m("request_failed")):
+    """Any process -> the sender of a request whose handler raised: the requester
+    fails at once (common.ipc.PeerFailed) instead of waiting for its timeout."""
+    reqid: int
+    error: str
+
+
 Message = Union[
-    SetupDone, ConfEnd, CtlVerbose, MdaFork, MdaDone,
+    RequestFailed, SetupDone, ConfEnd, CtlVerbose, MdaFork, MdaDone,
     SmtpMessageCreate, SmtpMessageCreateReply, SmtpExpandRcpt, SmtpExpandRcptReply,
     LkaEnvelopeSubmit, LkaEnvelopeCommit, QueueEnvelopeSubmitReply, QueueEnvelopeCommitReply,
     SmtpMessageData, SmtpMessageCommit, SmtpMessageCommitReply, SmtpMessageRollback,

@@ -86,3 +86,30 @@ def test_request_gets_its_reply_and_a_silent_peer_times_out(tmp_path):
         scheduler.close()
 
     run(main())
+
+
+def test_a_request_whose_handler_raises_fails_at_once(tmp_path):
+    """A peer whose handler raises says so (RequestFailed): the requester does not wait
+    for its deadline (an SMTP client gets its 4xx at once, issue 8)."""
+    rundir = rundir_for(tmp_path)
+
+    async def main():
+        control = Mesh("control", rundir)
+        scheduler = Mesh("scheduler", rundir)
+        for m in (control, scheduler):
+            m.open()
+
+        async def on_request(peer, msg):
+            raise RuntimeError("handler bug")
+
+        control.start(lambda peer, msg: None)
+        scheduler.start(on_request)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(ipc.PeerFailed, match="scheduler failed: RuntimeError: handler bug"):
+            await control.request("scheduler", CtlRequest(reqid=7, command="x"), (CtlReply,), timeout=20)
+        assert loop.time() - started < 5
+        control.close()
+        scheduler.close()
+
+    run(main())
