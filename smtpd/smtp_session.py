@@ -32,7 +32,6 @@ from smtpd.smtp_proto import (
 
 log = logging.getLogger("smtpd")
 
-valid_helo = smtp_proto.valid_helo      # kept under its old name for callers and tests
 
 INPUT_HIGH_WATER = 512 * 1024    # unprocessed input above which the socket stops being read
 AUTH_FAIL_DELAY_MAX = 5.0        # seconds: a failed AUTH waits 1 s per failure so far, up to this

@@ -242,4 +242,5 @@ def test_twenty_30mb_messages_at_once_keep_pony_small(make_daemon, tmp_path):
     peak = rss_peak(pony)
     assert peak < 150 * 1024 * 1024, f"pony peaked at {peak // 2**20} MB"
     parent = rss_peak(d.proc.pid)
+    print(f"peak RSS: pony {peak / 2**20:.0f} MB, parent {parent / 2**20:.0f} MB")
     assert parent < 150 * 1024 * 1024, f"the parent peaked at {parent // 2**20} MB"
