@@ -111,10 +111,20 @@ def count_received(message: bytes) -> int:
 
 
 def received_line(*, helo: str, rdns: str, ip: str, name: str, esmtp: bool, msgid: int,
-                  rcpts: list[str]) -> bytes:
-    """The Received: field pony prepends to every message it stores."""
-    lines = [f"Received: from {helo} ({rdns} [{ip}])",
-             f"\tby {name} (pysmtpd) with {'ESMTP' if esmtp else 'SMTP'} id {msgid:08x}"]
+                  rcpts: list[str], secure: bool = False, user: str = "", tls_clause: str = "",
+                  mask_src: bool = False, received_auth: bool = False) -> bytes:
+    """The Received: field pony prepends to every message it stores, as OpenSMTPD's
+    smtp_message_begin() writes it: ``with ESMTPSA`` for TLS and AUTH, the TLS
+    details in parentheses (``tls_clause``), the client part left out on a
+    ``mask-src`` listener, ``auth=yes user=...`` with ``received-auth``."""
+    proto = ("ESMTP" if esmtp else "SMTP") + ("S" if secure else "") + ("A" if user else "")
+    lines = [] if mask_src else [f"Received: from {helo} ({rdns} [{ip}])"]
+    by = f"by {name} (pysmtpd) with {proto} id {msgid:08x}"
+    if secure and tls_clause:
+        by += f" ({tls_clause})"
+        if received_auth:
+            by += f" auth={'yes' if user else 'no'}" + (f" user={user}" if user else "")
+    lines.append(f"\t{by}" if lines else f"Received: {by}")
     date = email.utils.format_datetime(email.utils.localtime())
     if len(rcpts) == 1:
         lines.append(f"\tfor <{rcpts[0]}>;")

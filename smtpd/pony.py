@@ -206,6 +206,17 @@ class Process:
         except ImportError:
             return f"{ssl_object.version()}:{ssl_object.cipher()[0]}:{ssl_object.cipher()[2]}"
 
+    def tls_received_clause(self, ssl_object) -> str:
+        """The TLS part of the Received header, as OpenSMTPD: version:cipher:bits:verified."""
+        if ssl_object is None:
+            return ""
+        try:
+            from smtpd import tls
+            return tls.received_clause(ssl_object)
+        except ImportError:
+            cipher = ssl_object.cipher()
+            return f"{ssl_object.version()}:{cipher[0]}:{cipher[2]}:NO"
+
     def proxy_parser(self):
         try:
             from smtpd import proxy_v2

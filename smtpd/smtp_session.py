@@ -172,6 +172,8 @@ class Session(asyncio.Protocol):
 
     async def _serve(self, conn: ServerConnection) -> str:
         while True:
+            if not self._writable.is_set():
+                await self._writable.wait()      # a client that does not read its replies
             event = conn.next_event()
             if event is NEED_DATA:
                 self._flush()
@@ -275,9 +277,14 @@ class Session(asyncio.Protocol):
         conn.accept()
 
     async def _data_start(self, conn: ServerConnection) -> None:
+        lis = self.listener
         received = enqueue.received_line(
             helo=conn.helo or self.peer_ip, rdns=self.rdns, ip=self.peer_ip, name=self.name,
-            esmtp=conn.extended, msgid=self.msgid, rcpts=conn.tx.rcpts)
+            esmtp=conn.extended, msgid=self.msgid, rcpts=conn.tx.rcpts, secure=conn.secure,
+            user=conn.username if conn.authenticated else "",
+            tls_clause=self.pony.tls_received_clause(self.ssl_object) if conn.secure else "",
+            mask_src=bool(getattr(lis, "mask_src", False)),
+            received_auth=bool(getattr(lis, "received_auth", False)))
         self.data_size = len(received)
         await self.pony.mesh.send("queue", SmtpMessageData(msgid=self.msgid, chunk=received))
         conn.accept()

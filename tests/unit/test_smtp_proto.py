@@ -247,3 +247,17 @@ def test_100k_generated_sessions_split_anywhere(seed):
        cuts=st.lists(st.integers(1, 4000), max_size=20))
 def test_sessions_from_hypothesis_fragments(parts, cuts):
     check_session(b"".join(parts), cuts)
+
+
+def test_received_line_as_opensmtpd_writes_it():
+    from smtpd.enqueue import received_line
+    plain = received_line(helo="c.test", rdns="host.test", ip="192.0.2.1", name="mx.test", esmtp=True,
+                          msgid=0x1234, rcpts=["a@b.test"]).decode()
+    assert plain.startswith("Received: from c.test (host.test [192.0.2.1])\n\tby mx.test (pysmtpd) "
+                            "with ESMTP id 00001234\n\tfor <a@b.test>;\n\t")
+    tls = received_line(helo="c.test", rdns="host.test", ip="192.0.2.1", name="mx.test", esmtp=True,
+                        msgid=0x1234, rcpts=["a@b.test", "c@d.test"], secure=True, user="bob",
+                        tls_clause="TLSv1.3:TLS_AES_256_GCM_SHA384:256:NO", mask_src=True,
+                        received_auth=True).decode()
+    assert tls.startswith("Received: by mx.test (pysmtpd) with ESMTPSA id 00001234 "
+                          "(TLSv1.3:TLS_AES_256_GCM_SHA384:256:NO) auth=yes user=bob;\n\t")
