@@ -76,6 +76,7 @@ class Process:
         self.evpids: dict[int, list[int]] = {}   # RCPT reqid -> evpids the queue wrote
         self.sessions: dict[str, int] = {}      # client address -> open sessions
         self.sessions_open = 0
+        self.auth_failures: dict[str, int] = {}  # client address -> failed AUTH (smtp_session)
         self._tls_contexts: dict[int, object] = {}
 
     async def start(self) -> None:
@@ -174,19 +175,33 @@ class Process:
         config, ip = self.config, session.peer_ip
         if self.sessions_open >= config.smtp_max_sessions:
             return f"session limit reached ({config.smtp_max_sessions})"
-        if self.sessions.get(ip, 0) >= config.smtp_max_sessions_per_address:
+        proxied = bool(getattr(session.listener, "proxy_v2", False))   # counted at its header
+        if not proxied and self.sessions.get(ip, 0) >= config.smtp_max_sessions_per_address:
             return f"session limit per address reached ({config.smtp_max_sessions_per_address})"
         self.sessions_open += 1
         self.sessions[ip] = self.sessions.get(ip, 0) + 1
         return ""
 
+    def readdress(self, session, ip: str) -> str:
+        """A PROXY header gave the session's real client address: count it there (a
+        load balancer's own address is not a client's share)."""
+        if self.sessions.get(ip, 0) >= self.config.smtp_max_sessions_per_address:
+            return f"session limit per address reached ({self.config.smtp_max_sessions_per_address})"
+        self._uncount(session.peer_ip)
+        session.peer_ip = ip
+        self.sessions[ip] = self.sessions.get(ip, 0) + 1
+        return ""
+
+    def _uncount(self, ip: str) -> None:
+        left = self.sessions.get(ip, 1) - 1
+        if left > 0:
+            self.sessions[ip] = left
+        else:
+            self.sessions.pop(ip, None)
+
     def release(self, session) -> None:
         self.sessions_open -= 1
-        left = self.sessions.get(session.peer_ip, 1) - 1
-        if left > 0:
-            self.sessions[session.peer_ip] = left
-        else:
-            self.sessions.pop(session.peer_ip, None)
+        self._uncount(session.peer_ip)
 
     def tls_context(self, listener):
         """The listener's server SSLContext (smtpd/tls.py), None without TLS."""

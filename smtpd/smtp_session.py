@@ -34,7 +34,7 @@ log = logging.getLogger("smtpd")
 
 
 INPUT_HIGH_WATER = 512 * 1024    # unprocessed input above which the socket stops being read
-AUTH_FAIL_DELAY_MAX = 5.0        # seconds: a failed AUTH waits 1 s per failure so far, up to this
+AUTH_FAIL_DELAY_MAX = 5.0        # seconds: a failed AUTH waits 1 s per failure of its client, up to this
 R_TOO_MANY = "421 4.7.0 Too many sessions, try again later"
 
 
@@ -54,7 +54,6 @@ class Session(asyncio.Protocol):
         self.envelopes: list[tuple[int, str]] = []   # (evpid, rcpt) of the transaction
         self.dsn = ("", "")                          # RET, ENVID of the transaction
         self.data_size = 0
-        self.auth_failures = 0
         self.ssl_object = None
         self._wake = asyncio.Event()
         self._writable = asyncio.Event()
@@ -108,7 +107,7 @@ class Session(asyncio.Protocol):
         if self.conn is not None:
             self.conn.receive_data(b"")
         self._wake.set()
-        return False
+        return True          # half-closed: the replies to what came before still go out
 
     def connection_lost(self, exc) -> None:
         self._lost = True
@@ -191,11 +190,11 @@ class Session(asyncio.Protocol):
                 self._flush()
                 self._close()
                 return event.reason
-            if isinstance(event, DataChunk):
-                await self._data_chunk(event)
-                continue
             try:
-                await self._answer(conn, event)
+                if isinstance(event, DataChunk):
+                    await self._data_chunk(event)
+                else:
+                    await self._answer(conn, event)
             except Exception as exc:       # our fault, or a peer that did not answer
                 cause = str(exc) if isinstance(exc, PeerTimeout) else f"{type(exc).__name__}: {exc}"
                 log.warning("warn: smtp: %016x: internal error, temporary failure: %s", self.session_id, cause)
@@ -210,7 +209,11 @@ class Session(asyncio.Protocol):
         match event:
             case ProxyReceived(header=header):
                 if not header.local and header.src is not None:
-                    self.peer_ip = header.src[0]
+                    refused = self.pony.readdress(self, header.src[0])
+                    if refused:
+                        log.warning("warn: smtp: %016x: refusing %s: %s", self.session_id, header.src[0], refused)
+                        conn.shutdown(R_TOO_MANY)
+                        return
                     conn.settings.peer = self.peer_ip
                 await self._connected()
             case Helo():
@@ -243,7 +246,7 @@ class Session(asyncio.Protocol):
                 reqid=self.pony.ctx.new_id(), session=self.session_id, table=senders,
                 user=conn.username, sender=event.sender), (messages.SmtpCheckSenderReply,))
             if not reply.ok:
-                conn.refuse("530 5.7.0 Sender rejected")
+                conn.refuse("530 Sender rejected")
                 return
         msgid = await enqueue.create_message(self.pony)
         if not msgid:
@@ -299,8 +302,9 @@ class Session(asyncio.Protocol):
         if FLAGS.smtp:
             trace("smtp: %016x: <<< [EOM]", self.session_id)
         msgid, self.msgid = self.msgid, 0
-        if event.error:
-            await self.pony.mesh.send("queue", SmtpMessageRollback(msgid=msgid))
+        if event.error or not msgid:
+            if msgid:
+                await self.pony.mesh.send("queue", SmtpMessageRollback(msgid=msgid))
             if event.error == "loop":
                 log.warning("warn: loop detected")
             conn.refuse({"size": smtp_proto.R_TOO_BIG, "loop": smtp_proto.R_LOOP}.get(
@@ -354,11 +358,16 @@ class Session(asyncio.Protocol):
                 password=event.password), (messages.SmtpAuthenticateReply,))
             result = reply.result
         log_authentication(self.session_id, event.user, result)
+        failures = self.pony.auth_failures
         if result == "ok":
+            failures.pop(self.peer_ip, None)
             conn.accept()
         elif result == "permfail":
-            self.auth_failures += 1
-            await asyncio.sleep(min(AUTH_FAIL_DELAY_MAX, float(self.auth_failures)))
+            # per client address, across its sessions: a guesser gains nothing by reconnecting
+            if len(failures) >= 10000:
+                failures.clear()            # bounded memory; a flood of addresses forgets
+            failures[self.peer_ip] = failures.get(self.peer_ip, 0) + 1
+            await asyncio.sleep(min(AUTH_FAIL_DELAY_MAX, float(failures[self.peer_ip])))
             conn.refuse(smtp_proto.R_AUTH_FAILED)
         else:
             conn.refuse(smtp_proto.R_TEMPFAIL)

@@ -244,3 +244,24 @@ def test_twenty_30mb_messages_at_once_keep_pony_small(make_daemon, tmp_path):
     parent = rss_peak(d.proc.pid)
     print(f"peak RSS: pony {peak / 2**20:.0f} MB, parent {parent / 2**20:.0f} MB")
     assert parent < 150 * 1024 * 1024, f"the parent peaked at {parent // 2**20} MB"
+
+
+def test_long_lines(make_daemon, tmp_path):
+    """A 100 KB line in a message is content (the body streams); a 64 KiB command line
+    ends the session, as OpenSMTPD, logged as bad input."""
+    port = free_port()
+    d = make_daemon(config(tmp_path / "d", port)).start()
+    c = Client(port)
+    c.reply()
+    c.cmd("EHLO client.test")
+    transaction(c)
+    c.sock.sendall(b"Subject: long\r\n\r\n" + b"w" * 100_000 + b"\r\n.\r\n")
+    assert c.reply()[0].startswith("250 2.0.0 ")
+    assert c.cmd("MAIL FROM:<a@remote.test>")[0] == "250 2.0.0 Ok"
+    c.sock.sendall(b"NOOP " + b"v" * 70_000 + b"\r\n")
+    assert c.reply() == ["500 5.0.0 Line too long"]
+    assert closed(c)
+    d.wait_log('bad-input result="500 5.0.0 Line too long"')
+    msgs = wait_for(lambda: maildir_messages(tmp_path / "d", "alice"), 20, "delivery")
+    assert b"w" * 100_000 in msgs[0]
+    wait_for(lambda: incoming(d) == [], 10, "the open transaction rolled back")
