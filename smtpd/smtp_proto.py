@@ -384,30 +384,37 @@ def _proceed_ehlo(conn, line, arg):
     return Helo(Phase.EHLO, line, arg, name=arg, extended=True)
 
 
+def _dsn_words(conn, params: str, dsn_keys: tuple[str, ...], ignored=lambda word: False):
+    """The DSN parameters among ``params`` (only after EHLO, on a listener with DSN),
+    or OpenSMTPD's refusal of the first parameter it does not take."""
+    words = []
+    for word in params.split(" "):
+        if not word or ignored(word):
+            continue
+        if word.partition("=")[0].upper() in dsn_keys and conn.settings.dsn and conn.extended:
+            words.append(word)
+        else:
+            return f"503 5.5.4 Invalid command arguments: Unsupported option {word}"
+    return words
+
+
+def _ignored_mail_param(word: str) -> bool:
+    """Accepted and not acted upon, as OpenSMTPD: AUTH=, SIZE=, BODY=."""
+    return word.partition("=")[0].upper() in ("AUTH", "SIZE") or word.upper() in ("BODY=8BITMIME", "BODY=7BIT")
+
+
 def _proceed_mail(conn, line, arg):
     sender, params = parse_path(arg or "", domain=conn.settings.hostname, mailfrom=True)
     if sender is None:
         return R_SENDER_SYNTAX
-    event = MailFrom(Phase.MAIL_FROM, line, arg, sender=sender)
-    dsn_words = []
-    for word in params.split(" "):
-        if not word:
-            continue
-        key = word.partition("=")[0].upper()
-        upper = word.upper()
-        if key in ("AUTH", "SIZE") or upper == "BODY=8BITMIME":
-            continue                  # accepted and not acted upon, as OpenSMTPD
-        if upper == "BODY=7BIT":
-            event.body_7bit = True
-        elif key in ("RET", "ENVID") and conn.settings.dsn and conn.extended:
-            dsn_words.append(word)
-        else:
-            return f"503 5.5.4 Invalid command arguments: Unsupported option {word}"
-    dsn = dsn_params.parse_mail_options(dsn_words)
+    words = _dsn_words(conn, params, ("RET", "ENVID"), _ignored_mail_param)
+    if isinstance(words, str):
+        return words
+    dsn = dsn_params.parse_mail_options(words)
     if isinstance(dsn, str):
         return dsn
-    event.dsn_ret, event.dsn_envid = dsn
-    return event
+    return MailFrom(Phase.MAIL_FROM, line, arg, sender=sender, dsn_ret=dsn[0], dsn_envid=dsn[1],
+                    body_7bit="BODY=7BIT" in params.upper().split(" "))
 
 
 def _proceed_rcpt(conn, line, arg):
@@ -416,16 +423,10 @@ def _proceed_rcpt(conn, line, arg):
         return R_RCPT_SYNTAX
     if rcpt.lower() in conn.tx.seen:
         return R_RCPT_OK              # the same recipient twice: one delivery (no new envelope)
-    dsn_words = []
-    for word in params.split(" "):
-        if not word:
-            continue
-        key = word.partition("=")[0].upper()
-        if key in ("NOTIFY", "ORCPT") and conn.settings.dsn and conn.extended:
-            dsn_words.append(word)
-        else:
-            return f"503 5.5.4 Invalid command arguments: Unsupported option {word}"
-    dsn = dsn_params.parse_rcpt_options(dsn_words)
+    words = _dsn_words(conn, params, ("NOTIFY", "ORCPT"))
+    if isinstance(words, str):
+        return words
+    dsn = dsn_params.parse_rcpt_options(words)
     if isinstance(dsn, str):
         return dsn
     return RcptTo(Phase.RCPT_TO, line, arg, rcpt=rcpt, dsn_notify=dsn.notify, dsn_orcpt=dsn.orcpt)
@@ -509,13 +510,7 @@ class ServerConnection:
         self._eof = False
         self._pending: Event | None = None
         self._queued: list[Event] = []
-        # body reader
-        self._at_line_start = True
-        self._body_size = 0
-        self._body_error = ""
-        self._in_headers = True
-        self._header_line = b""
-        self._received = 0
+        self._start_body()             # the body reader's state, reset at each DATA
 
     # -- I/O boundary ------------------------------------------------------------------
 

@@ -35,6 +35,16 @@ def closed(c: Client, timeout: float = 10) -> bool:
         return False
 
 
+def greeted(make_daemon, tmp_path, extra: str = ""):
+    """A daemon, and a client that has its banner and said EHLO: (daemon, client, port)."""
+    port = free_port()
+    d = make_daemon(config(tmp_path / "d", port, extra=extra)).start()
+    c = Client(port)
+    c.reply()
+    c.cmd("EHLO client.test")
+    return d, c, port
+
+
 def transaction(c: Client, rcpt: str = "alice@example.test") -> None:
     assert c.cmd("MAIL FROM:<a@remote.test>")[0] == "250 2.0.0 Ok"
     assert c.cmd(f"RCPT TO:<{rcpt}>")[0].startswith("250 ")
@@ -64,11 +74,7 @@ def test_replies_a_new_user_meets(make_daemon, tmp_path):
 
 
 def test_control_bytes_never_reach_the_log_raw(make_daemon, tmp_path):
-    port = free_port()
-    d = make_daemon(config(tmp_path / "d", port)).start()
-    c = Client(port)
-    c.reply()
-    c.cmd("EHLO client.test")
+    d, c, port = greeted(make_daemon, tmp_path)
     c.sock.sendall(b"MAIL FROM:<a\x1b[31m\x00x\r@remote.test>\r\n")
     assert c.reply()[0] == "553 5.1.0 Sender address syntax error"
     c.cmd("QUIT")
@@ -108,11 +114,7 @@ def test_a_fault_of_a_peer_is_temporary_and_421_closes(make_daemon, tmp_path):
 
 
 def test_refused_data_resets_and_aborted_sessions_leave_no_file(make_daemon, tmp_path):
-    port = free_port()
-    d = make_daemon(config(tmp_path / "d", port, extra="smtp max-message-size 10K")).start()
-    c = Client(port)
-    c.reply()
-    c.cmd("EHLO client.test")
+    d, c, port = greeted(make_daemon, tmp_path, extra='smtp max-message-size 10K')
     transaction(c)
     c.sock.sendall(b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 20 + b".\r\n")
     assert c.reply()[0].startswith("554 5.3.4 ")
@@ -148,11 +150,7 @@ def test_a_client_that_leaves_while_the_queue_is_stalled_leaves_nothing(make_dae
 
 
 def test_identical_recipients_are_delivered_once(make_daemon, tmp_path):
-    port = free_port()
-    d = make_daemon(config(tmp_path / "d", port)).start()
-    c = Client(port)
-    c.reply()
-    c.cmd("EHLO client.test")
+    d, c, port = greeted(make_daemon, tmp_path)
     c.cmd("MAIL FROM:<a@remote.test>")
     c.sock.sendall(b"RCPT TO:<alice@example.test>\r\n" * 100)
     for _ in range(100):
@@ -249,11 +247,7 @@ def test_twenty_30mb_messages_at_once_keep_pony_small(make_daemon, tmp_path):
 def test_long_lines(make_daemon, tmp_path):
     """A 100 KB line in a message is content (the body streams); a 64 KiB command line
     ends the session, as OpenSMTPD, logged as bad input."""
-    port = free_port()
-    d = make_daemon(config(tmp_path / "d", port)).start()
-    c = Client(port)
-    c.reply()
-    c.cmd("EHLO client.test")
+    d, c, port = greeted(make_daemon, tmp_path)
     transaction(c)
     c.sock.sendall(b"Subject: long\r\n\r\n" + b"w" * 100_000 + b"\r\n.\r\n")
     assert c.reply()[0].startswith("250 2.0.0 ")
