@@ -46,15 +46,17 @@ async def create_message(pony) -> int:
 
 
 async def expand_rcpt(pony, msgid: int, env: Envelope, *, rdns: str,
-                      local_listener: bool) -> tuple[str, list[int]]:
+                      local_listener: bool, tls: bool = False, auth_user: str = "") -> tuple[str, list[int]]:
     """Match and expand one recipient; lka submits its envelopes to the queue.
     ("", evpids) when accepted, else (the SMTP reply to give, [])."""
     reqid = pony.ctx.new_id()
     pony.evpids[reqid] = []
+    # the authenticated user, for `match auth` rules (a field of issue 8's contract)
+    extra = {"auth_user": auth_user} if auth_user else {}
     try:
         reply = await pony.mesh.request(
             "lka", SmtpExpandRcpt(reqid=reqid, msgid=msgid, envelope=env, rdns=rdns,
-                                  local_listener=local_listener),
+                                  local_listener=local_listener, tls=tls, **extra),
             (SmtpExpandRcptReply, QueueEnvelopeCommitReply))
     except PeerTimeout as exc:
         log.warning("warn: smtp: recipient expansion failed: %s", exc)

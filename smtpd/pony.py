@@ -24,6 +24,11 @@ from smtpd.mda import Mda
 from smtpd.mta import Mta
 from smtpd.smtp_session import Session
 
+try:                                   # i8-tlsauth's modules (merged into main with issue 8)
+    from smtpd import proxy_v2, tls
+except ImportError:                    # pragma: no cover - before that merge
+    proxy_v2 = tls = None
+
 log = logging.getLogger("smtpd")
 
 RDNS_TIMEOUT = 10.0
@@ -46,9 +51,20 @@ class Listening:
 
 
 class Prepared:
-    def __init__(self, listening: list[Listening], fd_channel: socket.socket | None) -> None:
+    def __init__(self, listening: list[Listening], fd_channel: socket.socket | None,
+                 tls_contexts: dict[int, object] | None = None) -> None:
         self.listening = listening
         self.fd_channel = fd_channel
+        self.tls_contexts = tls_contexts or {}
+
+
+def tls_contexts(config, files=None) -> dict[int, object]:
+    """{id(listener): SSLContext} of the listeners with TLS: built while pony can still
+    read the key files (prepare, as root), or from their contents (a reload)."""
+    if tls is None:
+        return {}
+    return {id(listener): tls.server_context(config, listener, files=files)
+            for listener in config.listeners if getattr(listener, "tls", "")}
 
 
 def prepare(opts, config) -> Prepared:
@@ -59,7 +75,7 @@ def prepare(opts, config) -> Prepared:
         fd, index = (int(x) for x in item.split(":"))
         out.append(Listening(socket.socket(fileno=fd), config.listeners[index]))
     channel = socket.socket(fileno=opts.fd_channel) if opts.fd_channel >= 0 else None
-    return Prepared(out, channel)
+    return Prepared(out, channel, tls_contexts(config))
 
 
 class Process:
@@ -77,7 +93,8 @@ class Process:
         self.sessions: dict[str, int] = {}      # client address -> open sessions
         self.sessions_open = 0
         self.auth_failures: dict[str, int] = {}  # client address -> failed AUTH (smtp_session)
-        self._tls_contexts: dict[int, object] = {}
+        self._tls_contexts: dict[int, object] = ctx.prepared.tls_contexts
+        self._reload_tls_files: dict[str, bytes] | None = None
 
     async def start(self) -> None:
         if self.fd_receiver is not None:
@@ -112,10 +129,16 @@ class Process:
         loop = asyncio.get_running_loop()
         # A dup, so that closing the server on `pause smtp` keeps the socket itself.
         dup = socket.socket(fileno=os.dup(entry.sock.fileno()))
-        smtps = getattr(entry.listener, "tls", "") == "smtps"
+        context = None
+        if getattr(entry.listener, "tls", "") == "smtps":
+            context = self.tls_context(entry.listener)
+            if context is None:       # never plain text where TLS was asked for
+                log.error("warn: smtp: no TLS context for the smtps listener %s port %d: not served",
+                          entry.listener.address, entry.listener.port)
+                dup.close()
+                return
         entry.server = await loop.create_server(
-            lambda: Session(self, entry.listener), sock=dup, backlog=512,
-            ssl=self.tls_context(entry.listener) if smtps else None)
+            lambda: Session(self, entry.listener), sock=dup, backlog=512, ssl=context)
 
     async def _unlisten(self) -> None:
         for entry in self.listening:
@@ -129,6 +152,8 @@ class Process:
         """The sockets the parent passed for this reload, each with its new listener."""
         if self.fd_receiver is None:
             raise RuntimeError("no fd channel from the parent")
+        # the key files' contents, read by the parent (pony cannot read them any more)
+        self._reload_tls_files = getattr(msg, "tls_files", None) or None
         socks = await self.fd_receiver.wait(msg.generation, timeout=5.0)
         if len(socks) != len(msg.listeners):
             for sock in socks:
@@ -140,10 +165,17 @@ class Process:
         """Switch to the new configuration: listeners that stay keep their socket and
         server (a connection waiting in the backlog is served), removed ones stop
         accepting (their sessions go on), added ones start unless smtp is paused.
-        TLS certificates (a later issue) are to be loaded here, from material the
-        parent reads as root and sends with the configuration (docs/ops.md)."""
+        TLS contexts are rebuilt here, from the key material the parent read as root
+        and sent with the configuration (docs/ops.md)."""
+        try:
+            contexts = tls_contexts(config, files=self._reload_tls_files)
+        except Exception as exc:      # unreadable keys: no TLS rather than plain text
+            log.error("warn: smtp: TLS contexts of the new configuration: %s; STARTTLS is not "
+                      "offered and smtps listeners are not served until a reload succeeds", exc)
+            contexts = {}
+        self._reload_tls_files = None
         self.config = self.mta.config = self.mda.config = config
-        self._tls_contexts.clear()
+        self._tls_contexts = contexts
         current = {entry.key: entry for entry in self.listening}
         wanted = {entry.key: entry for entry in new}
         for key, entry in current.items():
@@ -205,39 +237,25 @@ class Process:
 
     def tls_context(self, listener):
         """The listener's server SSLContext (smtpd/tls.py), None without TLS."""
-        if not getattr(listener, "tls", ""):
-            return None
-        key = id(listener)
-        if key not in self._tls_contexts:
-            from smtpd import tls            # i8-tlsauth's module
-            self._tls_contexts[key] = tls.server_context(self.config, listener,
-                                                          files=getattr(self.ctx, "tls_files", None))
-        return self._tls_contexts[key]
+        return self._tls_contexts.get(id(listener))
 
     def tls_log_text(self, ssl_object) -> str:
-        try:
-            from smtpd import tls
+        """What follows ``smtp tls ciphers=`` (version:cipher:bits, as OpenSMTPD)."""
+        if tls is not None:
             return tls.tls_log_text(ssl_object)
-        except ImportError:
-            return f"{ssl_object.version()}:{ssl_object.cipher()[0]}:{ssl_object.cipher()[2]}"
+        cipher = ssl_object.cipher()
+        return f"{ssl_object.version()}:{cipher[0]}:{cipher[2]}"
 
     def tls_received_clause(self, ssl_object) -> str:
         """The TLS part of the Received header, as OpenSMTPD: version:cipher:bits:verified."""
         if ssl_object is None:
             return ""
-        try:
-            from smtpd import tls
-            return tls.received_clause(ssl_object)
-        except ImportError:
-            cipher = ssl_object.cipher()
-            return f"{ssl_object.version()}:{cipher[0]}:{cipher[2]}:NO"
+        if tls is not None:
+            return tls.received_clause(ssl_object).strip().strip("()")
+        return f"{self.tls_log_text(ssl_object)}:NO"
 
     def proxy_parser(self):
-        try:
-            from smtpd import proxy_v2
-        except ImportError:
-            return None
-        return proxy_v2.parse
+        return proxy_v2.parse if proxy_v2 is not None else None
 
     def is_local_listener(self, listener) -> bool:
         try:

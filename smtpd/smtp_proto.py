@@ -190,8 +190,10 @@ class ProxyReceived(Event):
 
 @dataclass(slots=True)
 class ConnectionClosed(Event):
-    """The session is over: ``reason`` "quit", "disconnect", "bad-input", "proxy-error"."""
+    """The session is over: ``reason`` "quit", "disconnect", "bad-input", "proxy-error"
+    (``detail`` says what was wrong with the header)."""
     reason: str
+    detail: str = ""
 
 
 # --- replies (OpenSMTPD's texts, with RFC 3463 enhanced codes) ------------------------
@@ -710,12 +712,16 @@ class ServerConnection:
             header = parser(bytes(self._in)) if parser is not None else None
             if parser is None:
                 raise ValueError("no PROXY parser")
-        except Exception:              # ProxyError, or anything a bad header provokes
+        except Exception as exc:       # ProxyError, or anything a bad header provokes
             self._in.clear()
-            return self._close("proxy-error")
+            closed = self._close("proxy-error")
+            closed.detail = str(exc) or type(exc).__name__
+            return closed
         if header is None:
             if self._eof or len(self._in) > PROXY_HEADER_MAX:
-                return self._close("proxy-error" if self._in else "disconnect")
+                closed = self._close("proxy-error" if self._in else "disconnect")
+                closed.detail = "truncated header" if self._in else ""
+                return closed
             return NEED_DATA
         del self._in[:header.consumed]
         self._enter(State.CONNECTED)

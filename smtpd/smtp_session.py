@@ -189,6 +189,9 @@ class Session(asyncio.Protocol):
             if isinstance(event, ConnectionClosed):
                 self._flush()
                 self._close()
+                if event.reason == "proxy-error":
+                    log.info('%016x smtp event=closed address=%s reason="protocol error (%s)"',
+                             self.session_id, self.peer_ip, vis_command(event.detail))
                 return event.reason
             try:
                 if isinstance(event, DataChunk):
@@ -245,6 +248,9 @@ class Session(asyncio.Protocol):
             reply = await self.pony.mesh.request("lka", check(
                 reqid=self.pony.ctx.new_id(), session=self.session_id, table=senders,
                 user=conn.username, sender=event.sender), (messages.SmtpCheckSenderReply,))
+            if getattr(reply, "result", "") == "tempfail":
+                conn.refuse("421 4.3.0 Temporary Error")
+                return
             if not reply.ok:
                 conn.refuse("530 Sender rejected")
                 return
@@ -272,7 +278,8 @@ class Session(asyncio.Protocol):
             env.username = conn.username
         refused, evpids = await enqueue.expand_rcpt(
             self.pony, self.msgid, env, rdns=self.rdns,
-            local_listener=self.pony.is_local_listener(self.listener))
+            local_listener=self.pony.is_local_listener(self.listener), tls=conn.secure,
+            auth_user=conn.username if conn.authenticated else "")
         if refused:
             conn.refuse(refused)
             return

@@ -7,8 +7,8 @@ import random
 
 from smtpd import smtp_proto
 from smtpd.smtp_proto import (
-    NEED_DATA, PAUSED, AuthCredentials, ConnectionClosed, DataChunk, DataEnd, DataStart, MailFrom,
-    ProxyReceived, RcptTo, ServerConnection, Settings, StartTls,
+    NEED_DATA, PAUSED, AuthCredentials, ConnectionClosed, DataChunk, DataEnd, MailFrom,
+    ProxyReceived, RcptTo, ServerConnection, Settings,
 )
 
 

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from smtpd import smtp_proto
 from smtpd.smtp_proto import (
-    PAUSED, AuthCredentials, DataEnd, MailFrom, RcptTo, ServerConnection, Settings, StartTls, State,
+    PAUSED, AuthCredentials, MailFrom, RcptTo, ServerConnection, Settings, StartTls, State,
 )
 from tests.unit.smtp_sessions import FRAGMENTS, Driver, check_session, proxy_header, proxy_parse, random_session, run
 
@@ -164,7 +164,7 @@ def test_starttls_discards_what_was_pipelined_after_it():
     conn.receive_data(b"MAIL FROM:<a@b.test>\r\nEHLO c\r\n")
     conn.next_event()
     assert conn.data_to_send() == b"503 5.5.1 Invalid command: Command not allowed at this point.\r\n"
-    ehlo = conn.next_event()
+    conn.next_event()
     conn.accept()
     out = conn.data_to_send().decode()
     assert "250-STARTTLS" not in out and "250-8BITMIME" in out      # offered once, not again
