@@ -4,7 +4,7 @@ smtp_rfc4954_auth_*, lka.c lka_authenticate/lka_mailaddrmap, table.c K_CREDENTIA
 util.c mailaddr_match, and the crypt_checkpass of openbsd-compat).
 
 The decoders are pure: the session core calls them on the client's base64 and gets
-the user and password, or ``AuthSyntaxError`` (OpenSMTPD answers ``501 5.5.4
+the user and password, or ``AuthSyntaxError`` (OpenSMTPD answers ``501 5.5.2
 Syntax error``).  Password checks are lka's for tables and the parent's for the
 system's accounts (only root can read the shadow file); both run them in a thread,
 as bcrypt and crypt(3) take tens of milliseconds by design.
@@ -23,6 +23,7 @@ import ctypes
 import ctypes.util
 import fnmatch
 import hmac
+import random
 import threading
 from dataclasses import dataclass
 
@@ -94,6 +95,16 @@ def decode_login_password(response: str) -> str:
 # Prompts of AUTH LOGIN, base64 as they go on the wire ("Username:", "Password:")
 LOGIN_USER_PROMPT = "VXNlcm5hbWU6"
 LOGIN_PASSWORD_PROMPT = "UGFzc3dvcmQ6"
+
+# smtp_auth_failure_pause: a failed AUTH is answered after a random pause under a second,
+# so a client cannot tell from the timing why it failed, nor try passwords at full speed.
+AUTH_FAILURE_DELAY_MAX = 1.0
+_SYSTEM_RANDOM = random.SystemRandom()
+
+
+def failure_delay(rng: random.Random = _SYSTEM_RANDOM) -> float:
+    """Seconds to wait before ``535 Authentication failed`` (the session's clock)."""
+    return rng.uniform(0.0, AUTH_FAILURE_DELAY_MAX)
 
 
 # --- hashes ---------------------------------------------------------------------------------

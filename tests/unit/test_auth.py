@@ -61,6 +61,13 @@ def test_login_fields_and_prompts():
         auth.decode_login_password("%%%")
 
 
+def test_failure_delay_is_random_under_a_second():
+    import random
+    delays = [auth.failure_delay(random.Random(seed)) for seed in range(50)]
+    assert all(0.0 <= d < auth.AUTH_FAILURE_DELAY_MAX for d in delays)
+    assert len(set(delays)) == len(delays)
+
+
 # --- hashes ------------------------------------------------------------------------------------
 
 def smtpctl_encrypt(password: str) -> str:
