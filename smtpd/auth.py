@@ -23,11 +23,15 @@ import ctypes
 import ctypes.util
 import fnmatch
 import hmac
+import pwd
 import random
 import threading
 from dataclasses import dataclass
 
 import bcrypt
+
+from smtpd.config import ConfigError
+from smtpd.ruleset import TableUnavailable
 
 # smtp_session.c: the PLAIN buffer is 1024 bytes with a NUL kept; a user name must
 # fit s->username (SMTPD_MAXMAILADDRSIZE); LOGIN's password buffer is LINE_MAX.
@@ -207,7 +211,6 @@ def credentials_hash(value: str | list[str] | None) -> str | None:
 def authenticate_with_table(table, user: str, password: str) -> str:
     """lka_authenticate: "ok", "permfail" (no such user, wrong password) or "tempfail"
     (the table cannot answer, a malformed entry).  ``table`` is a ruleset table."""
-    from smtpd.ruleset import TableUnavailable
     try:
         stored = credentials_hash(table.lookup("credentials", user))
     except (TableUnavailable, CredentialsError):
@@ -228,22 +231,23 @@ class _Spwd(ctypes.Structure):
     _fields_ = [("sp_namp", ctypes.c_char_p), ("sp_pwdp", ctypes.c_char_p)]
 
 
+_getspnam = ctypes.CDLL(None).getspnam
+_getspnam.restype = ctypes.POINTER(_Spwd)
+_getspnam.argtypes = [ctypes.c_char_p]
+_SHADOW_LOCK = threading.Lock()          # getspnam answers in a static buffer
+
+
 def system_password_hash(user: str) -> str | None:
     """The account's hash from the shadow database (getspnam; the parent runs as root),
     else from the passwd entry, None when there is no such account."""
-    import pwd
     try:
         pw = pwd.getpwnam(user)
     except (KeyError, ValueError):
         return None
-    libc = ctypes.CDLL(None, use_errno=True)
-    getspnam = libc.getspnam
-    getspnam.restype = ctypes.POINTER(_Spwd)
-    getspnam.argtypes = [ctypes.c_char_p]
-    entry = getspnam(user.encode("utf-8"))
-    if entry and entry.contents.sp_pwdp is not None:
-        return entry.contents.sp_pwdp.decode("utf-8", "replace")
-    return pw.pw_passwd
+    with _SHADOW_LOCK:
+        entry = _getspnam(user.encode("utf-8"))
+        stored = entry.contents.sp_pwdp if entry else None
+    return stored.decode("utf-8", "replace") if stored is not None else pw.pw_passwd
 
 
 def authenticate_system(user: str, password: str) -> str:
@@ -260,7 +264,6 @@ def authenticate_system(user: str, password: str) -> str:
 def check_system_accounts(config, privileged: bool) -> None:
     """A listener with ``auth`` and no credentials table authenticates the system's
     accounts, whose hashes only root can read: refuse to start otherwise."""
-    from smtpd.config import ConfigError
     for listener in config.listeners:
         if listener.auth and listener.auth_table is None and not privileged:
             raise ConfigError(listener.file, listener.lineno,
@@ -321,7 +324,6 @@ def mailaddr_match(address: MailAddr, pattern: MailAddr, delimiter: str = "+") -
 def sender_allowed(table, user: str, sender: str, delimiter: str = "+") -> str:
     """lka_mailaddrmap: may the authenticated ``user`` send as ``sender``?  "ok",
     "permfail" (not listed) or "tempfail" (the table cannot answer)."""
-    from smtpd.ruleset import TableUnavailable
     try:
         value = table.lookup("mailaddrmap", user)
     except TableUnavailable:

@@ -118,7 +118,7 @@ def check_tls(config: Config, root: Path | None = None) -> dict[str, bytes]:
     for listener in config.listeners:
         try:
             server_context(config, listener, files=files)
-        except TLSConfigError as exc:
+        except (TLSConfigError, ssl.SSLError) as exc:
             raise ConfigError(listener.file, listener.lineno, str(exc)) from None
     return files
 
