@@ -8,6 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from smtpctl.local_commands import encrypt
 from smtpd import auth
@@ -48,6 +50,28 @@ def test_plain_refuses_malformed_responses(raw):
 def test_plain_refuses_what_is_not_base64(text):
     with pytest.raises(AuthSyntaxError):
         auth.decode_plain(text)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.text(max_size=200), st.binary(max_size=1200).map(b64)))
+def test_arbitrary_responses_decode_or_are_syntax_errors(text):
+    for decode in (auth.decode_plain, auth.decode_login_user, auth.decode_login_password):
+        try:
+            result = decode(text)
+        except AuthSyntaxError:
+            continue
+        for value in (result if isinstance(result, tuple) else (result,)):
+            assert isinstance(value, str) and "\r" not in value and "\n" not in value
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(st.characters(blacklist_characters="\0\r\n"), min_size=1, max_size=60),
+       st.text(st.characters(blacklist_characters="\0\r\n"), min_size=1, max_size=60),
+       st.text(st.characters(blacklist_characters="\0"), max_size=20))
+def test_plain_round_trip(user, password, authzid):
+    raw = f"{authzid}\0{user}\0{password}".encode()
+    if len(user.encode()) <= auth.USERNAME_MAX and len(raw) <= auth.PLAIN_MAX:
+        assert auth.decode_plain(b64(raw)) == (user, password)
 
 
 def test_login_fields_and_prompts():
