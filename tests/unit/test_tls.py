@@ -2,6 +2,8 @@
 tried with real handshakes over a socket pair, against certificates made at run time."""
 from __future__ import annotations
 
+import os
+import pwd
 import re
 import socket
 import ssl
@@ -255,3 +257,32 @@ def test_files_read_elsewhere_make_the_same_context(tmp_path, ca, certs):
     finally:
         for c in certs.values():
             c.key.with_suffix(".gone").rename(c.key)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another user; CI runs as root")
+def test_context_from_files_after_a_privilege_drop(tmp_path, certs):
+    """pony builds contexts at a reload as _smtpd, from contents the parent read: the
+    memory-file path must work in a process whose uid changed (made non-dumpable)."""
+    config = load(write_conf(tmp_path, certs, "listen on 127.0.0.1 smtps pki mx.example.test"))
+    files = tls.read_tls_files(config)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                         # the child: drop, build, report
+        try:
+            nobody = pwd.getpwnam("nobody")
+            os.setgroups([])
+            os.setresgid(nobody.pw_gid, nobody.pw_gid, nobody.pw_gid)
+            os.setresuid(nobody.pw_uid, nobody.pw_uid, nobody.pw_uid)
+            ok = tls.server_context(config, config.listeners[0], files=files) is not None
+            os.write(write, b"ok" if ok else b"none")
+        except BaseException as exc:                     # noqa: BLE001 - reported to the parent
+            os.write(write, repr(exc).encode()[:500])
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        answer = os.read(read, 600)
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+    assert answer == b"ok", answer
