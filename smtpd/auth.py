@@ -23,6 +23,7 @@ import ctypes
 import ctypes.util
 import fnmatch
 import hmac
+import os
 import pwd
 import random
 import threading
@@ -251,7 +252,11 @@ def system_password_hash(user: str) -> str | None:
 
 
 def authenticate_system(user: str, password: str) -> str:
-    """The parent's check of a system account: "ok" or "permfail"."""
+    """The parent's check of a system account: "ok" or "permfail"; "tempfail" in a
+    daemon that is not root (the start refuses that configuration, but a reload may
+    bring it), which cannot read the hashes."""
+    if os.geteuid() != 0:
+        return "tempfail"
     if not user or "\0" in user:
         return "permfail"
     stored = system_password_hash(user)
