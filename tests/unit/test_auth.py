@@ -234,3 +234,20 @@ def test_system_account_lookup():
     for line in Path("/etc/shadow").read_text().splitlines():
         name, stored = line.split(":")[:2]
         assert auth.system_password_hash(name) == stored
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creates a system account; CI runs as root")
+def test_system_account_password_checked_through_the_shadow_file():
+    """A throwaway account with a password set by chpasswd (the system's default hash,
+    yescrypt on current Debian): the parent's check says ok for it and only for it."""
+    user = f"pysmtpd-auth-{os.getpid()}"
+    subprocess.run(["useradd", "-M", "-d", "/nonexistent", "-s", "/usr/sbin/nologin", user],
+                   check=True, capture_output=True, timeout=30)
+    try:
+        subprocess.run(["chpasswd"], input=f"{user}:Tr0ub4dor&3\n", text=True, check=True,
+                       capture_output=True, timeout=30)
+        assert auth.system_password_hash(user).startswith("$")
+        assert auth.authenticate_system(user, "Tr0ub4dor&3") == "ok"
+        assert auth.authenticate_system(user, "Tr0ub4dor&4") == "permfail"
+    finally:
+        subprocess.run(["userdel", user], capture_output=True, timeout=30)
