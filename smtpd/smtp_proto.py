@@ -62,7 +62,8 @@ from typing import Callable
 from smtpd import dsn_params
 from smtpd.mailbox import valid_mailbox
 
-LINE_MAX = 65535                  # SMTP_LINE_MAX: longer command lines end the session
+LINE_MAX = 65535                  # SMTP_LINE_MAX: a longer line ends the session
+COMMAND_MAX = 2048                # smtp_session.c's cmd[LINE_MAX]: so does a longer command
 PROXY_HEADER_MAX = 16 + 65535     # a PROXY v2 header cannot be longer
 MAX_HOPS_COUNT = 100              # Received: fields in a message: more is a loop
 CHUNK_MAX = 256 * 1024            # largest DataChunk the core hands out
@@ -210,6 +211,7 @@ R_NO_RCPT = "503 5.5.4 Invalid command arguments: No recipient specified"
 R_TOO_MANY_RCPT = "451 4.5.3 Too many recipients: Too many recipients"
 R_TOO_MANY_MAILS = "452 4.5.3 Too many recipients: Too many messages sent"
 R_LINE_TOO_LONG = "500 5.0.0 Line too long"
+R_COMMAND_TOO_LONG = "500 5.0.0 Command line too long"
 R_TOO_BIG = "554 5.3.4 Message too big for system: Transaction failed, message too big"
 R_LOOP = "500 5.4.6 Routing loop detected: Loop detected"
 R_TEMPFAIL = "421 4.3.0 Temporary failure"
@@ -386,7 +388,8 @@ def _proceed_ehlo(conn, line, arg):
     return Helo(Phase.EHLO, line, arg, name=arg, extended=True)
 
 
-def _dsn_words(conn, params: str, dsn_keys: tuple[str, ...], ignored=lambda word: False):
+def _dsn_words(conn, params: str, dsn_keys: tuple[str, ...], ignored=lambda word: False,
+               refusal: str = "503 5.5.4 Invalid command arguments: Unsupported option {}"):
     """The DSN parameters among ``params`` (only after EHLO, on a listener with DSN),
     or OpenSMTPD's refusal of the first parameter it does not take."""
     words = []
@@ -396,7 +399,7 @@ def _dsn_words(conn, params: str, dsn_keys: tuple[str, ...], ignored=lambda word
         if word.partition("=")[0].upper() in dsn_keys and conn.settings.dsn and conn.extended:
             words.append(word)
         else:
-            return f"503 5.5.4 Invalid command arguments: Unsupported option {word}"
+            return refusal.format(word)        # RCPT's has no enhanced code in 6.8
     return words
 
 
@@ -425,7 +428,7 @@ def _proceed_rcpt(conn, line, arg):
         return R_RCPT_SYNTAX
     if rcpt.lower() in conn.tx.seen:
         return R_RCPT_OK              # the same recipient twice: one delivery (no new envelope)
-    words = _dsn_words(conn, params, ("NOTIFY", "ORCPT"))
+    words = _dsn_words(conn, params, ("NOTIFY", "ORCPT"), refusal="503 Unsupported option {}")
     if isinstance(words, str):
         return words
     dsn = dsn_params.parse_rcpt_options(words)
@@ -742,6 +745,10 @@ class ServerConnection:
         del buf[:end + 1]
         if raw.endswith(b"\r"):
             raw = raw[:-1]
+        if len(raw) >= COMMAND_MAX:
+            return self._bad_input(R_COMMAND_TOO_LONG)
+        # a C string ends at its NUL: OpenSMTPD reads (and logs) the command up to there
+        raw = raw.partition(b"\0")[0]
         return raw.decode("utf-8", "surrogateescape")
 
     def _bad_input(self, reply: str):

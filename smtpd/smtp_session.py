@@ -455,7 +455,7 @@ class Session(asyncio.Protocol):
             for line in reply.split("\r\n"):
                 trace("smtp: %016x: >>> %s", self.session_id, line)
         if reply[:1] in ("4", "5"):
-            if command == "" and reply.startswith("500 5.0.0 Line too long"):
+            if command == "" and reply in (smtp_proto.R_LINE_TOO_LONG, smtp_proto.R_COMMAND_TOO_LONG):
                 log.info('%016x smtp bad-input result="%s"', self.session_id, reply)
             else:
                 log.info('%016x smtp failed-command command="%s" result="%s"',

@@ -144,9 +144,21 @@ def test_a_refusal_that_is_not_a_4xx_or_5xx_becomes_a_tempfail():
     assert conn.data_to_send().endswith(b"421 4.3.0 Temporary failure\r\n") and conn.closing
 
 
-def test_a_long_command_line_ends_the_session():
-    d = session(b"EHLO c.test\r\n", b"NOOP " + b"x" * 70000 + b"\r\nQUIT\r\n")
-    assert replies(d)[-1] == "500 5.0.0 Line too long" and d.closed == "bad-input"
+@pytest.mark.parametrize("length, reply", [(5000, "500 5.0.0 Command line too long"),
+                                           (70000, "500 5.0.0 Line too long")])
+def test_a_long_command_line_ends_the_session(length, reply):
+    d = session(b"EHLO c.test\r\n", b"NOOP " + b"x" * length + b"\r\nQUIT\r\n")
+    assert replies(d)[-1] == reply and d.closed == "bad-input"
+
+
+def test_a_command_ends_at_its_nul_as_in_opensmtpd():
+    d = session(b"EHLO c.test\r\n", b"MAIL FROM:<send\x00er@client.test>\r\n")
+    assert d.replies[-1] == ("MAIL FROM:<send", "553 5.1.0 Sender address syntax error")
+
+
+def test_rcpt_unknown_parameter_as_opensmtpd_6_8():
+    d = session(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.test> FOO=bar\r\n")
+    assert replies(d)[-1] == "503 Unsupported option FOO=bar"
 
 
 def test_starttls_discards_what_was_pipelined_after_it():
