@@ -341,9 +341,11 @@ class Session(asyncio.Protocol):
         try:
             transport = await loop.start_tls(self.transport, self, context, server_side=True)
         except (OSError, ValueError, ConnectionError) as exc:
-            log.info("%016x smtp disconnected reason=\"tls-error: %s\"", self.session_id, vis(str(exc)))
+            # a failed handshake (a scanner, clear text after 220): the end, as OpenSMTPD's io-error
+            self._end_reason = f'"io-error: {vis_command(str(exc) or type(exc).__name__)}"'
             self._lost = True
             self.transport.abort()
+            conn.shutdown(smtp_proto.R_TEMPFAIL)     # never written: the core just ends
             return
         self.transport = transport
         self.ssl_object = transport.get_extra_info("ssl_object")
