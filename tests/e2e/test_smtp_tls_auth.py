@@ -116,6 +116,16 @@ def test_tls_require_and_what_is_pipelined_after_starttls(make_daemon, tmp_path)
     reply = tls.recv(4096)
     assert reply.startswith(b"503 5.5.1 "), reply            # no MAIL was taken
     tls.close()
+    # clear text where the handshake should be: the session ends, an io-error, not a fault
+    c = Client(s.starttls)
+    c.reply()
+    c.cmd("EHLO client.test")
+    assert c.cmd("STARTTLS") == ["220 2.0.0 Ready to start TLS"]
+    c.sock.sendall(b"EHLO client.test\r\n")
+    c.sock.settimeout(30)
+    assert c.sock.recv(100) == b""
+    log = s.d.wait_log('smtp disconnected reason="io-error: ')
+    assert "internal error" not in log
 
 
 def test_swaks_and_openssl_s_client(make_daemon, tmp_path):
