@@ -53,6 +53,10 @@ class PeerTimeout(Exception):
     """A peer did not answer in time; treat it as dead for this request."""
 
 
+class PeerFailed(PeerTimeout):
+    """A peer could not handle the request (its handler raised): it said so at once."""
+
+
 def pair_dir(rundir: Path, a: str, b: str) -> Path:
     return rundir / f"{a}-{b}"
 
@@ -231,18 +235,31 @@ class Mesh:
                   len(data), _ids(msg))
         reqid = getattr(msg, "reqid", None)
         waiting = self._waiting.get(reqid) if reqid is not None else None
+        if waiting is not None and isinstance(msg, messages.RequestFailed):
+            if not waiting[0].done():
+                waiting[0].set_exception(PeerFailed(f"{peer} failed: {msg.error}"))
+            return
         if waiting is not None and isinstance(msg, waiting[1]):
             if not waiting[0].done():
                 waiting[0].set_result(msg)
             return
+        if isinstance(msg, messages.RequestFailed):
+            return                       # its requester gave up already
         started = time.perf_counter_ns() if FLAGS.profile_imsg else 0
         try:
             result = self._handler(peer, msg)  # type: ignore[misc]
             if asyncio.iscoroutine(result):
                 await result
-        except Exception:
+        except Exception as exc:
             log.exception("%s: error handling %s from %s", self.me,
                           messages.type_name(msg), peer)
+            if reqid is not None:
+                # the requester learns it now rather than after its timeout
+                try:
+                    await self.send(peer, messages.RequestFailed(
+                        reqid=reqid, error=f"{type(exc).__name__}: {exc}"[:200]))
+                except Exception:
+                    log.exception("%s: cannot report the failure to %s", self.me, peer)
         if started:
             self._profile(peer, msg, len(data), time.perf_counter_ns() - started)
 

@@ -92,6 +92,7 @@ class SmtpExpandRcpt(Msg, **_m("smtp_expand_rcpt")):
     rdns: str = ""
     tls: bool = False
     local_listener: bool = False
+    auth_user: str = ""      # the session's authenticated user ("" none): `match auth` rules
 
 
 class SmtpExpandRcptReply(Msg, **_m("smtp_expand_rcpt_reply")):
@@ -99,6 +100,39 @@ class SmtpExpandRcptReply(Msg, **_m("smtp_expand_rcpt_reply")):
     reqid: int
     code: int            # 550, 451, 524...
     text: str            # full SMTP reply text after the code
+
+
+class SmtpAuthenticate(Msg, **_m("smtp_authenticate")):
+    """pony -> lka: check AUTH credentials against the listener's table (smtpd/auth.py).
+    With ``table`` None (the system's accounts) lka forwards it to the parent, the
+    only process that can read the shadow file, which answers lka."""
+    reqid: int
+    session: int
+    table: str | None
+    user: str
+    password: str
+
+
+class SmtpAuthenticateReply(Msg, **_m("smtp_authenticate_reply")):
+    """lka -> pony (and parent -> lka, forwarded as is)."""
+    reqid: int
+    result: str          # "ok" | "permfail" | "tempfail"
+
+
+class SmtpCheckSender(Msg, **_m("smtp_check_sender")):
+    """pony -> lka at MAIL FROM on a ``senders <table>`` listener, once authenticated:
+    may ``user`` use ``sender`` ("" for <>)?"""
+    reqid: int
+    session: int
+    table: str
+    user: str
+    sender: str
+
+
+class SmtpCheckSenderReply(Msg, **_m("smtp_check_sender_reply")):
+    reqid: int
+    ok: bool
+    result: str = ""     # "ok" | "permfail" | "tempfail" (the table could not answer)
 
 
 class LkaEnvelopeSubmit(Msg, **_m("lka_envelope_submit")):
@@ -470,9 +504,17 @@ class QueueEnvelopeSubmitBatch(Msg, **_m("queue_envelope_submit_batch")):
     entries: list[SchedEntry]
 
 
+class RequestFailed(Msg, **_m("request_failed")):
+    """Any process -> the sender of a request whose handler raised: the requester
+    fails at once (common.ipc.PeerFailed) instead of waiting for its timeout."""
+    reqid: int
+    error: str
+
+
 Message = Union[
-    SetupDone, ConfEnd, CtlVerbose, MdaFork, MdaDone,
+    RequestFailed, SetupDone, ConfEnd, CtlVerbose, MdaFork, MdaDone,
     SmtpMessageCreate, SmtpMessageCreateReply, SmtpExpandRcpt, SmtpExpandRcptReply,
+    SmtpAuthenticate, SmtpAuthenticateReply, SmtpCheckSender, SmtpCheckSenderReply,
     LkaEnvelopeSubmit, LkaEnvelopeCommit, QueueEnvelopeSubmitReply, QueueEnvelopeCommitReply,
     SmtpMessageData, SmtpMessageCommit, SmtpMessageCommitReply, SmtpMessageRollback,
     QueueEnvelopeSubmit, QueueMessageCommit, QueueMessageRollback,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import msgspec
 
@@ -23,6 +24,45 @@ class Listener:
     family: str | None = None
     hostname: str | None = None
     tag: str | None = None
+    lineno: int = 0
+    file: str = ""
+    # TLS (issue 8): "" none, "starttls" (``tls``), "require" (``tls-require``: MAIL and AUTH
+    # refused until STARTTLS), "smtps" (TLS from the first byte).
+    tls: str = ""
+    tls_verify: bool = False           # ``verify``: a client certificate checked against ``ca``
+    pki: list[str] = field(default_factory=list)   # first = default, the others chosen by SNI
+    ca: str | None = None
+    ciphers: str | None = None         # OpenSSL cipher list; None = ``smtp ciphers`` or the default
+    protocols: str | None = None       # libtls syntax ("tlsv1.2,tlsv1.3", "secure", "all")
+    # AUTH: "" none, "required" (``auth``: MAIL refused before AUTH), "optional" (``auth-optional``)
+    auth: str = ""
+    auth_table: str | None = None      # credentials table; None = the system's accounts
+    senders: str | None = None         # ``senders <table>``: which MAIL FROM an authenticated user may use
+    masquerade: bool = False
+    hostnames: str | None = None
+    proxy_v2: bool = False
+    mask_src: bool = False
+    no_dsn: bool = False
+    received_auth: bool = False
+
+
+@dataclass
+class Pki:
+    """``pki NAME cert FILE`` / ``key FILE`` / ``dhe none|auto|legacy``: NAME is the host
+    name the certificate serves (``*`` the catch-all), lower-cased as OpenSMTPD does."""
+    name: str
+    cert: str | None = None
+    key: str | None = None
+    dhe: str = "none"
+    lineno: int = 0
+    file: str = ""
+
+
+@dataclass
+class Ca:
+    """``ca NAME cert FILE``: the certificates a ``verify`` listener trusts."""
+    name: str
+    cert: str | None = None
     lineno: int = 0
     file: str = ""
 
@@ -77,11 +117,21 @@ class Config:
     tables: dict[str, Table] = field(default_factory=dict)
     actions: dict[str, Action] = field(default_factory=dict)
     rules: list[Rule] = field(default_factory=list)
+    pki: dict[str, Pki] = field(default_factory=dict)
+    ca: dict[str, Ca] = field(default_factory=dict)
+    tls_ciphers: str | None = None     # ``smtp ciphers``: the default of every listener
     max_message_size: int = 35 * 1024 * 1024
     queue_ttl: int = 4 * 86400
     bounce_warn_interval: list[int] = field(default_factory=lambda: [4 * 3600])
     smtp_max_mails: int = 100
     smtp_max_rcpt: int = 1000
+    # pysmtpd's session limits ("smtp limit max-sessions N max-sessions-per-address N
+    # command-timeout D data-timeout D"): OpenSMTPD bounds sessions by its file
+    # descriptors and times out idle ones after 300 s (SMTPD_SESSION_TIMEOUT).
+    smtp_max_sessions: int = 768
+    smtp_max_sessions_per_address: int = 64
+    smtp_command_timeout: int = 300
+    smtp_data_timeout: int = 300
     sub_addr_delim: str = "+"
     mta_max_deferred: int = 100
     macros: dict[str, str] = field(default_factory=dict)
@@ -93,8 +143,12 @@ class Config:
     not_applied: list[str] = field(default_factory=list)
 
 
-def default_hostname() -> str:
-    for path in ("/etc/mail/mailname", "/etc/mailname"):
+def default_hostname(mailname_files=("/etc/mail/mailname", "/etc/mailname")) -> str:
+    """The name the daemon gives itself, as OpenSMTPD's getmailname(): the first line
+    of a mailname file, else gethostname(3), canonicalised through the resolver when
+    it has no dot.  Never socket.getfqdn(): it picks the first alias of the host's
+    address, which is "localhost" wherever /etc/hosts maps the name to 127.0.0.1."""
+    for path in mailname_files:
         try:
             with open(path) as f:
                 name = f.readline().strip()
@@ -102,7 +156,15 @@ def default_hostname() -> str:
                 return name
         except OSError:
             pass
-    return socket.getfqdn()
+    name = socket.gethostname()
+    if "." in name:
+        return name
+    try:
+        infos = socket.getaddrinfo(name, None, flags=socket.AI_CANONNAME)
+    except (OSError, UnicodeError):
+        return name
+    canonical = next((info[3] for info in infos if info[3]), "")
+    return canonical or name
 
 
 def _interfaces() -> dict[str, list[tuple[int, str]]]:
@@ -139,12 +201,17 @@ def resolve_listener_addresses(listener: Listener,
     return [(f, a) for f, a in found if not a.startswith("fe80")]
 
 
-def check_config(config: Config, ifaces: dict[str, list[tuple[int, str]]] | None = None) -> None:
-    """What smtpd -n checks beyond the grammar: every listener names an address
-    or an interface of this machine (``ifaces`` stands in for the machine's)."""
+def check_config(config: Config, ifaces: dict[str, list[tuple[int, str]]] | None = None,
+                 root: Path | None = None) -> None:
+    """What smtpd -n (and the parent, at start) checks beyond the grammar: every
+    listener names an address or an interface of this machine (``ifaces`` stands in
+    for the machine's), and every pki and ca loads as TLS will use it (smtpd/tls.py;
+    ``root`` stands in for "/")."""
     for listener in config.listeners:
         if listener.address != "socket":
             resolve_listener_addresses(listener, ifaces)
+    from smtpd import tls          # tls imports this module (the model)
+    tls.check_tls(config, root)
 
 
 def encode_config(config: Config) -> bytes:

@@ -32,27 +32,34 @@ TEMPFAIL_REPLY = "451 4.3.0 Temporary failure"
 
 
 async def create_message(pony) -> int:
-    """A new message at the queue: its msgid, 0 when the queue cannot take one."""
+    """A new message at the queue: its msgid, 0 when the queue cannot take one (the
+    cause is logged).  A reply that comes after we gave up is rolled back by pony."""
     try:
         reply = await pony.mesh.request(
             "queue", SmtpMessageCreate(reqid=pony.ctx.new_id()), (SmtpMessageCreateReply,))
-    except PeerTimeout:
+    except PeerTimeout as exc:
+        log.warning("warn: smtp: cannot create a message: %s", exc)
         return 0
+    if not reply.ok:
+        log.warning("warn: smtp: cannot create a message: the queue refused it")
     return reply.msgid if reply.ok else 0
 
 
 async def expand_rcpt(pony, msgid: int, env: Envelope, *, rdns: str,
-                      local_listener: bool) -> tuple[str, list[int]]:
+                      local_listener: bool, tls: bool = False, auth_user: str = "") -> tuple[str, list[int]]:
     """Match and expand one recipient; lka submits its envelopes to the queue.
     ("", evpids) when accepted, else (the SMTP reply to give, [])."""
     reqid = pony.ctx.new_id()
     pony.evpids[reqid] = []
+    # the authenticated user, for `match auth` rules (a field of issue 8's contract)
+    extra = {"auth_user": auth_user} if auth_user else {}
     try:
         reply = await pony.mesh.request(
             "lka", SmtpExpandRcpt(reqid=reqid, msgid=msgid, envelope=env, rdns=rdns,
-                                  local_listener=local_listener),
+                                  local_listener=local_listener, tls=tls, **extra),
             (SmtpExpandRcptReply, QueueEnvelopeCommitReply))
-    except PeerTimeout:
+    except PeerTimeout as exc:
+        log.warning("warn: smtp: recipient expansion failed: %s", exc)
         reply = None
     finally:
         evpids = pony.evpids.pop(reqid, [])
@@ -68,14 +75,21 @@ async def expand_rcpt(pony, msgid: int, env: Envelope, *, rdns: str,
 async def store_message(pony, msgid: int, data: bytes) -> str:
     """Stream the message to the queue and commit it: "" once it is on disk, else the
     SMTP reply to give (the message is rolled back)."""
-    send = pony.mesh.send
     for start in range(0, len(data), CHUNK):
-        await send("queue", SmtpMessageData(msgid=msgid, chunk=data[start:start + CHUNK]))
+        await pony.mesh.send("queue", SmtpMessageData(msgid=msgid, chunk=data[start:start + CHUNK]))
+    return await commit_message(pony, msgid)
+
+
+async def commit_message(pony, msgid: int) -> str:
+    """Commit a message whose data went to the queue: "" once it is on disk, else the
+    SMTP reply to give (the message is rolled back)."""
+    send = pony.mesh.send
     try:
         reply = await pony.mesh.request(
             "queue", SmtpMessageCommit(reqid=pony.ctx.new_id(), msgid=msgid),
             (SmtpMessageCommitReply,), timeout=COMMIT_TIMEOUT)
-    except PeerTimeout:
+    except PeerTimeout as exc:
+        log.warning("warn: smtp: commit of %08x failed: %s", msgid, exc)
         reply = None
     if reply is None:
         await send("queue", SmtpMessageRollback(msgid=msgid))
@@ -99,10 +113,20 @@ def count_received(message: bytes) -> int:
 
 
 def received_line(*, helo: str, rdns: str, ip: str, name: str, esmtp: bool, msgid: int,
-                  rcpts: list[str]) -> bytes:
-    """The Received: field pony prepends to every message it stores."""
-    lines = [f"Received: from {helo} ({rdns} [{ip}])",
-             f"\tby {name} (pysmtpd) with {'ESMTP' if esmtp else 'SMTP'} id {msgid:08x}"]
+                  rcpts: list[str], secure: bool = False, user: str = "", tls_clause: str = "",
+                  mask_src: bool = False, received_auth: bool = False) -> bytes:
+    """The Received: field pony prepends to every message it stores, as OpenSMTPD's
+    smtp_message_begin() writes it: ``with ESMTPSA`` for TLS and AUTH, the TLS
+    details in parentheses (``tls_clause``), the client part left out on a
+    ``mask-src`` listener, ``auth=yes user=...`` with ``received-auth``."""
+    proto = ("ESMTP" if esmtp else "SMTP") + ("S" if secure else "") + ("A" if user else "")
+    lines = [] if mask_src else [f"Received: from {helo} ({rdns} [{ip}])"]
+    by = f"by {name} (pysmtpd) with {proto} id {msgid:08x}"
+    if secure and tls_clause:
+        by += f" ({tls_clause})"
+        if received_auth:
+            by += f" auth={'yes' if user else 'no'}" + (f" user={user}" if user else "")
+    lines.append(f"\t{by}" if lines else f"Received: {by}")
     date = email.utils.format_datetime(email.utils.localtime())
     if len(rcpts) == 1:
         lines.append(f"\tfor <{rcpts[0]}>;")

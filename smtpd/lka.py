@@ -3,6 +3,8 @@
 For each RCPT pony asks lka which rule matches; lka expands the recipient into
 envelopes and submits them straight to the queue (as OpenSMTPD does), or answers
 pony with the SMTP error.  At delivery time it answers user and DNS lookups.
+It checks AUTH credentials against tables (the parent checks system accounts)
+and which senders an authenticated user may use (smtpd/auth.py).
 """
 from __future__ import annotations
 
@@ -13,20 +15,24 @@ import socket
 import dns.asyncresolver
 import dns.exception
 import dns.resolver
+import msgspec
 
 from common.messages import (
     LkaEnvelopeCommit, LkaEnvelopeSubmit, MdaLookupUserinfo, MdaLookupUserinfoReply,
-    MtaDnsLookup, MtaDnsReply, SmtpExpandRcpt, SmtpExpandRcptReply,
+    MtaDnsLookup, MtaDnsReply, SmtpAuthenticate, SmtpAuthenticateReply, SmtpCheckSender,
+    SmtpCheckSenderReply, SmtpExpandRcpt, SmtpExpandRcptReply,
 )
 from common.vis import COMMAND, log_text
-from smtpd import expand
+from smtpd import auth, expand
 from smtpd.ruleset import TableSet
 
 log = logging.getLogger("smtpd")
 
 
 def prepare(opts, config) -> TableSet:
-    """Open the tables while still privileged (their files need not be readable later)."""
+    """Open the tables while still privileged (their files need not be readable later),
+    and libcrypt for the password hashes of credentials tables."""
+    auth.load_libcrypt()
     return TableSet(config)
 
 
@@ -69,11 +75,38 @@ class Process:
                 await self.ctx.mesh.send(peer, self._userinfo(msg))
             case MtaDnsLookup():
                 self._spawn(self._dns(peer, msg))
+            case SmtpAuthenticate() if peer == "pony":
+                self._spawn(self._authenticate(msg))
+            case SmtpAuthenticateReply() if peer == "parent":
+                await self.ctx.mesh.send("pony", msg)
+            case SmtpCheckSender() if peer == "pony":
+                result = auth.sender_allowed(self.tables.get(msg.table), msg.user, msg.sender,
+                                             self.config.sub_addr_delim)
+                await self.ctx.mesh.send(peer, SmtpCheckSenderReply(
+                    reqid=msg.reqid, ok=result == "ok", result=result))
             case _:
                 log.warning("warn: lka: unexpected %s from %s", type(msg).__name__, peer)
 
+    async def _authenticate(self, req: SmtpAuthenticate) -> None:
+        """lka_authenticate; system accounts (no table) are the parent's to check."""
+        if req.table is None:
+            await self.ctx.mesh.send("parent", req)
+            return
+        if req.table not in self.config.tables:
+            log.warning("warn: could not find table %s needed for authentication", req.table)
+            result = "tempfail"
+        else:
+            # bcrypt and crypt(3) are slow by design: off the event loop
+            result = await asyncio.to_thread(auth.authenticate_with_table,
+                                             self.tables.get(req.table), req.user, req.password)
+        await self.ctx.mesh.send("pony", SmtpAuthenticateReply(reqid=req.reqid, result=result))
+
     async def _expand(self, req: SmtpExpandRcpt) -> None:
         send = self.ctx.mesh.send
+        if req.auth_user and not req.envelope.username:
+            # the envelope records who authenticated (OpenSMTPD's evp.username), which
+            # `match auth` and `from auth` rules look at
+            req.envelope = msgspec.structs.replace(req.envelope, username=req.auth_user)
         result = expand.expand_recipient(self.config, self.tables, req)
         if result.error is not None:
             code, text = result.error

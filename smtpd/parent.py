@@ -26,9 +26,10 @@ from common import log as logsetup
 from common.ids import UidGenerator
 from common.ipc import Mesh
 from common.messages import (
-    ConfEnd, ConfEndDone, CtlReply, CtlRequest, MdaDone, MdaFork, Msg, SetupDone, StatGet, StatReply,
+    ConfEnd, ConfEndDone, CtlReply, CtlRequest, MdaDone, MdaFork, Msg, SetupDone, SmtpAuthenticate,
+    SmtpAuthenticateReply, StatGet, StatReply,
 )
-from smtpd import fdpass, introspection, listeners, local_delivery, metrics, offline, sdnotify
+from smtpd import auth, fdpass, introspection, listeners, local_delivery, metrics, offline, sdnotify
 from smtpd.config import ConfigError
 from smtpd.main import CHILDREN, EXIT_CONFIG, VERSION, load_config
 from smtpd.reload import Reloader
@@ -202,6 +203,8 @@ class Parent:
             self.conf_done.add(msg.proc)
             if self.conf_done.issuperset(CHILDREN):
                 self.all_conf_done.set()
+        elif isinstance(msg, SmtpAuthenticate) and peer == "lka":
+            self.spawn_task(self._authenticate(msg))
         elif isinstance(msg, MdaFork):
             task = asyncio.create_task(self._deliver(msg))
             self.deliveries.add(task)
@@ -228,6 +231,12 @@ class Parent:
             log.warning("warn: smtpd: SIGHUP ignored: %s", "stopping" if self.stopping else "still starting")
             return
         self.spawn_task(self.reloader.reload("SIGHUP"))
+
+    async def _authenticate(self, msg: SmtpAuthenticate) -> None:
+        """AUTH against the system's accounts (a listener's auth without a table): only
+        the parent can read the shadow file.  The answer goes back through lka."""
+        result = await asyncio.to_thread(auth.authenticate_system, msg.user, msg.password)
+        await self.mesh.send("lka", SmtpAuthenticateReply(reqid=msg.reqid, result=result))
 
     async def _deliver(self, msg: MdaFork) -> None:
         status, error = await self.delivery.run(msg)
@@ -320,6 +329,11 @@ def run(opts, argv, config) -> int:
     except privsep.PrivsepError as exc:
         log.error("fatal: smtpd: %s", exc)
         return 1
+    try:
+        auth.check_system_accounts(config, privsep.privileged())
+    except ConfigError as exc:
+        log.error("fatal: smtpd: %s", exc)
+        return EXIT_CONFIG
     try:
         bound = listeners.initial(config, inherited)
     except (ConfigError, sdnotify.ActivationError) as exc:

@@ -15,7 +15,9 @@ import re
 from pathlib import Path
 
 from common.durations import parse_duration
-from smtpd.config import Action, Condition, Config, ConfigError, Listener, Rule, Table, default_hostname
+from smtpd.config import (
+    Action, Ca, Condition, Config, ConfigError, Listener, Pki, Rule, Table, default_hostname,
+)
 from smtpd.config_files import FileRefused, check_file, read_checked
 
 OLD_GRAMMAR = {"accept", "deliver", "map", "expire", "ssl", "limit"}
@@ -24,6 +26,8 @@ LOCAL_METHODS = {"mbox", "maildir", "lmtp", "mda", "forward-only", "expand-only"
 _TOKEN = re.compile(r'''\s*(?:("(?:[^"\\]|\\.)*")|('[^']*')|(<[^<>\s]+>)|(=>|[{},=!])|([^\s{},="'<>!]+(?:!?[^\s{},="'<>]*)*))''')
 _SIZE = re.compile(r"^(\d+)([kKmMgG]?)[bB]?$")
 MAX_INCLUDE_DEPTH = 10
+_HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?")
+PKI_MAX = 32                     # parse.y's bound on pki per listener
 
 
 class Tok(str):
@@ -175,39 +179,100 @@ class Parser:
         if "/" in addr or (re.match(r"^[\d.x]+$", addr) and not _is_ip(addr)):
             raise self.err(f"invalid virtual ip or interface: {addr}")
         lis = Listener(address=addr, lineno=self.line, file=self.file)
+        seen: set[str] = set()
+        port_given = False
+
+        def once(option: str, what: str | None = None) -> None:
+            # parse.y's LO_* bits: each option at most once per listen line
+            if option in seen:
+                raise self.err(f"{what or option} already specified")
+            seen.add(option)
+
         while c.more():
             opt = c.word("a listen option")
             if opt in ("inet4", "inet6"):
                 lis.family = opt
             elif opt == "port":
+                once("port")
                 port = c.word("a port")
                 lis.port = {"smtp": 25, "smtps": 465, "submission": 587}.get(port) or c.number(port, 1, 65535, "port")
+                port_given = True
             elif opt == "hostname":
+                once("hostname")
                 lis.hostname = c.word("a hostname")
             elif opt == "tag":
+                once("tag")
                 lis.tag = c.word("a tag")
-            elif opt in ("tls", "tls-require", "smtps", "auth", "auth-optional", "mask-src", "no-dsn",
-                         "received-auth", "proxy-v2", "verify"):
-                if opt in ("auth", "auth-optional") and c.peek_ref():
-                    c.table_ref()
-                self.not_yet(f'listen option "{opt}"')
+            elif opt in ("tls", "tls-require", "smtps"):
+                once("tls", "TLS mode")
+                lis.tls = {"tls": "starttls", "tls-require": "require", "smtps": "smtps"}[opt]
+                if opt != "tls" and c.take("verify"):
+                    lis.tls_verify = True
+            elif opt == "pki":
+                if len(lis.pki) == PKI_MAX:
+                    raise self.err("too many pki specified")
+                name = c.word("a pki name").lower()
+                if name not in self.config.pki:
+                    raise self.err(f"pki name not found: {name}")
+                lis.pki.append(name)
+            elif opt == "ca":
+                once("ca")
+                name = c.word("a ca name").lower()
+                if name not in self.config.ca:
+                    raise self.err(f"ca name not found: {name}")
+                lis.ca = name
+            elif opt in ("ciphers", "protocols"):
+                once(opt)
+                setattr(lis, opt, str(c.word(f"a {opt} string")))
+            elif opt in ("auth", "auth-optional"):
+                once("auth")
+                lis.auth = "required" if opt == "auth" else "optional"
+                if c.peek_ref() or c.peek() == "{":
+                    lis.auth_table = c.table_ref()
+            elif opt == "senders":
+                once("senders")
+                lis.senders = c.table_ref()
+                self.check_table_use(lis.senders, "invalid use of table {} as SENDERS parameter", lists=False)
+                lis.masquerade = c.take("masquerade")
+            elif opt == "hostnames":
+                once("hostnames")
+                lis.hostnames = c.table_ref()
+                self.not_yet('listen option "hostnames"')
+            elif opt in ("mask-src", "no-dsn", "received-auth", "proxy-v2"):
+                once(opt)
+                setattr(lis, opt.replace("-", "_"), True)
             elif opt == "filter":
+                once("filter")
                 c.name_or_list("a filter name or { list }")
                 self.not_yet('listen option "filter"')
-            elif opt in ("pki", "ca", "protocols", "ciphers"):
-                c.word(f"a {opt} name")
-                self.not_yet(f'listen option "{opt}"')
-            elif opt in ("senders", "hostnames"):
-                c.table_ref()
-                if opt == "senders" and c.peek() == "masquerade":
-                    c.word("")
-                self.not_yet(f'listen option "{opt}"')
             else:
                 raise self.err(f'syntax error: unexpected "{opt}" in listen, expected one of: '
                                "inet4, inet6, port, hostname, tag, tls, tls-require, smtps, pki, ca, "
-                               "auth, auth-optional, senders, hostnames, filter, mask-src, no-dsn, "
-                               "received-auth, proxy-v2")
+                               "ciphers, protocols, auth, auth-optional, senders, hostnames, filter, "
+                               "mask-src, no-dsn, received-auth, proxy-v2")
+        if addr != "socket":
+            # parse.y create_if_listener: what a TCP listener's options must agree on
+            if lis.auth and not lis.tls:
+                raise self.err("invalid listen option: auth requires tls/smtps")
+            if lis.pki and not lis.tls:
+                raise self.err("invalid listen option: pki requires tls/smtps")
+            if lis.tls and not lis.pki:
+                raise self.err("invalid listen option: pki required for tls/smtps")
+            if lis.tls == "smtps" and not port_given:
+                lis.port = 465
+        elif lis.tls or lis.auth or lis.pki:
+            raise self.err("invalid listen option: tls, pki and auth need a TCP listener")
         self.config.listeners.append(lis)
+
+    def check_table_use(self, name: str, message: str, *, lists: bool = True, maps: bool = True) -> None:
+        """parse.y's table_check_use for static tables: a table whose content is a list
+        cannot answer a mapping lookup, nor a mapping a list one (an empty file is both).
+        ``message`` names the table as ``{}``."""
+        table = self.config.tables.get(name)
+        if table is None or table.backend != "static" or not table.values:
+            return
+        if (isinstance(table.values, dict) and not maps) or (isinstance(table.values, list) and not lists):
+            raise self.err(message.format(f'"{name}"'))
 
     def p_table(self, c: "Cursor") -> None:
         name = c.word("a table name")
@@ -305,7 +370,13 @@ class Parser:
             if tok in kinds:
                 raise self.err(f'"{tok}" specified twice')
             kinds.add(tok)
-            conds.append(self.condition(c, tok, negate))
+            cond = self.condition(c, tok, negate)
+            # `from auth` and `auth` both set parse.y's flag_smtp_auth
+            if cond.kind == "auth" or (cond.kind == "from" and cond.what == "auth"):
+                if "smtp-auth" in kinds:
+                    raise self.err("auth already specified for this rule")
+                kinds.add("smtp-auth")
+            conds.append(cond)
         if "from" not in kinds:
             rule.conditions.insert(0, Condition("from", "local"))
         if "for" not in kinds:
@@ -322,6 +393,8 @@ class Parser:
                 table = c.table_ref() if (c.peek_ref() or c.peek() == "{") else None
                 if table is None and what in ("src", "mail-from"):
                     table = c.literal_table()
+                if what == "auth" and table is not None:
+                    self.check_table_use(table, "table {} may not be used for from lookups", maps=False)
                 return Condition("from", what, table, negate, regex)
             raise self.err(f'syntax error: unexpected "{what}" after from')
         if kind == "for":
@@ -336,8 +409,12 @@ class Parser:
         if kind in ("tag", "helo", "mail-from", "rcpt-to", "auth"):
             regex = c.take("regex")
             if kind == "auth" and not (c.peek_ref() or c.peek() == "{"):
+                if regex:
+                    raise self.err("syntax error: auth regex needs a <table>")
                 return Condition(kind, kind, None, negate, regex)
             table = c.table_ref() if (c.peek_ref() or c.peek() == "{") else c.literal_table()
+            if kind == "auth" and regex:
+                self.check_table_use(table, "table {} may not be used for auth lookups", maps=False)
             return Condition(kind, kind, table, negate, regex)
         if kind == "tls":
             return Condition("tls", "tls", negate=negate)
@@ -350,12 +427,19 @@ class Parser:
             self.config.max_message_size = c.size()
         elif opt == "limit":
             while c.more():
-                key = c.word("max-mails or max-rcpt")
+                key = c.word("a limit")
                 if key == "max-mails":
                     self.config.smtp_max_mails = c.number(c.word("a number"), 1, 1 << 31)
-                    self.not_yet('"smtp limit max-mails"')
                 elif key == "max-rcpt":
                     self.config.smtp_max_rcpt = c.number(c.word("a number"), 1, 1 << 31)
+                elif key == "max-sessions":
+                    self.config.smtp_max_sessions = c.number(c.word("a number"), 1, 1 << 20)
+                elif key == "max-sessions-per-address":
+                    self.config.smtp_max_sessions_per_address = c.number(c.word("a number"), 1, 1 << 20)
+                elif key == "command-timeout":
+                    self.config.smtp_command_timeout = c.duration()
+                elif key == "data-timeout":
+                    self.config.smtp_data_timeout = c.duration()
                 else:
                     raise self.err(f'syntax error: unexpected "{key}" in smtp limit')
         elif opt == "sub-addr-delim":
@@ -364,8 +448,7 @@ class Parser:
                 raise self.err("sub-addr-delim must be one character")
             self.config.sub_addr_delim = delim
         elif opt == "ciphers":
-            c.word("a cipher list")
-            self.not_yet('"smtp ciphers"')
+            self.config.tls_ciphers = str(c.word("a cipher list"))
         else:
             raise self.err(f'syntax error: unexpected "{opt}" after smtp, expected one of: '
                            "max-message-size, limit, sub-addr-delim, ciphers")
@@ -409,21 +492,36 @@ class Parser:
             raise self.err(f'syntax error: unexpected "{opt}" after mta')
 
     def p_pki(self, c: "Cursor") -> None:
-        # TLS itself comes later; the statement's shape is checked now.
-        c.word("a pki name")
-        kw = c.word('"cert", "key" or "dhe"')
-        if kw not in ("cert", "key", "dhe"):
-            raise self.err(f'syntax error: unexpected "{kw}", expected "cert", "key" or "dhe"')
-        self.not_yet('"pki" statement')
-        c.word("a file" if kw != "dhe" else "dhe parameters (none, legacy, auto)")
-        c.end()
+        """``pki NAME cert FILE | key FILE | dhe none|auto|legacy``, several per line
+        allowed as parse.y's pki_params; the files are loaded by smtpd/tls.py's check."""
+        name = self.tls_name(c.word("a pki name"))
+        pki = self.config.pki.setdefault(name, Pki(name, lineno=self.line, file=self.file))
+        while True:
+            kw = c.word('"cert", "key" or "dhe"')
+            if kw in ("cert", "key"):
+                setattr(pki, kw, str(c.word("a file")))
+            elif kw == "dhe":
+                value = c.word("dhe parameters (none, auto, legacy)")
+                if value.lower() not in ("none", "auto", "legacy"):
+                    raise self.err(f"invalid DHE keyword: {value}")
+                pki.dhe = value.lower()
+            else:
+                raise self.err(f'syntax error: unexpected "{kw}", expected "cert", "key" or "dhe"')
+            if not c.more():
+                break
 
     def p_ca(self, c: "Cursor") -> None:
-        c.word("a ca name")
+        name = self.tls_name(c.word("a ca name"))
+        ca = self.config.ca.setdefault(name, Ca(name, lineno=self.line, file=self.file))
         c.expect("cert")
-        c.word("a file")
-        self.not_yet('"ca" statement')
+        ca.cert = str(c.word("a file"))
         c.end()
+
+    def tls_name(self, name: str) -> str:
+        # parse.y: a pki or ca name is a host name (res_hnok) or the catch-all "*"
+        if name != "*" and not _HOSTNAME.fullmatch(name):
+            raise self.err(f"not a valid domain name: {name}")
+        return name.lower()
 
     def p_metrics(self, c: "Cursor") -> None:
         """pysmtpd's ``metrics listen on ADDRESS port N``: the Prometheus endpoint

@@ -1,8 +1,9 @@
 """The pony process (``smtpd: pony``): SMTP in, MTA out, MDA dispatch.
 
-It owns the listening sockets handed down by the parent and serves them with
-aiosmtpd (smtp_session); the queue sends it envelopes to deliver locally (mda)
-or to relay (mta).  It never touches the spool: bodies travel over the channel
+It owns the listening sockets handed down by the parent and serves them with its
+own SMTP sessions (smtp_session driving the sans-I/O core smtp_proto), within the
+session limits; the queue sends it envelopes to deliver locally (mda) or to relay
+(mta).  It never touches the spool: bodies travel over the channel
 to and from the queue.
 """
 from __future__ import annotations
@@ -16,12 +17,17 @@ import socket
 from common.ipc import PeerTimeout
 from common.messages import (
     CtlReply, CtlRequest, MtaDnsLookup, MtaDnsReply, PonyEnqueue, PonyEnqueueReply, QueueDeliver,
-    QueueEnvelopeSubmitReply, QueueTransfer,
+    QueueEnvelopeSubmitReply, QueueTransfer, SmtpMessageCreateReply, SmtpMessageRollback,
 )
 from smtpd import enqueue, fdpass
 from smtpd.mda import Mda
 from smtpd.mta import Mta
-from smtpd.smtp_session import Handler, Session
+from smtpd.smtp_session import Session
+
+try:                                   # i8-tlsauth's modules (merged into main with issue 8)
+    from smtpd import proxy_v2, tls
+except ImportError:                    # pragma: no cover - before that merge
+    proxy_v2 = tls = None
 
 log = logging.getLogger("smtpd")
 
@@ -45,9 +51,20 @@ class Listening:
 
 
 class Prepared:
-    def __init__(self, listening: list[Listening], fd_channel: socket.socket | None) -> None:
+    def __init__(self, listening: list[Listening], fd_channel: socket.socket | None,
+                 tls_contexts: dict[int, object] | None = None) -> None:
         self.listening = listening
         self.fd_channel = fd_channel
+        self.tls_contexts = tls_contexts or {}
+
+
+def tls_contexts(config, files=None) -> dict[int, object]:
+    """{id(listener): SSLContext} of the listeners with TLS: built while pony can still
+    read the key files (prepare, as root), or from their contents (a reload)."""
+    if tls is None:
+        return {}
+    return {id(listener): tls.server_context(config, listener, files=files)
+            for listener in config.listeners if getattr(listener, "tls", "")}
 
 
 def prepare(opts, config) -> Prepared:
@@ -58,7 +75,7 @@ def prepare(opts, config) -> Prepared:
         fd, index = (int(x) for x in item.split(":"))
         out.append(Listening(socket.socket(fileno=fd), config.listeners[index]))
     channel = socket.socket(fileno=opts.fd_channel) if opts.fd_channel >= 0 else None
-    return Prepared(out, channel)
+    return Prepared(out, channel, tls_contexts(config))
 
 
 class Process:
@@ -69,12 +86,15 @@ class Process:
         self.listening: list[Listening] = ctx.prepared.listening
         self.fd_receiver = fdpass.Receiver(ctx.prepared.fd_channel) if ctx.prepared.fd_channel else None
         self.smtp_paused = "smtp" in ctx.opts.pause
-        self.handler = Handler(self)
         self.mta = Mta(self)
         self.mda = Mda(self)
         self.tasks: set[asyncio.Task] = set()
         self.evpids: dict[int, list[int]] = {}   # RCPT reqid -> evpids the queue wrote
+        self.sessions: dict[str, int] = {}      # client address -> open sessions
         self.sessions_open = 0
+        self.auth_failures: dict[str, int] = {}  # client address -> failed AUTH (smtp_session)
+        self._tls_contexts: dict[int, object] = ctx.prepared.tls_contexts
+        self._reload_tls_files: dict[str, bytes] | None = None
 
     async def start(self) -> None:
         if self.fd_receiver is not None:
@@ -109,13 +129,16 @@ class Process:
         loop = asyncio.get_running_loop()
         # A dup, so that closing the server on `pause smtp` keeps the socket itself.
         dup = socket.socket(fileno=os.dup(entry.sock.fileno()))
+        context = None
+        if getattr(entry.listener, "tls", "") == "smtps":
+            context = self.tls_context(entry.listener)
+            if context is None:       # never plain text where TLS was asked for
+                log.error("warn: smtp: no TLS context for the smtps listener %s port %d: not served",
+                          entry.listener.address, entry.listener.port)
+                dup.close()
+                return
         entry.server = await loop.create_server(
-            lambda: Session(
-                self.handler, pony=self, listener=entry.listener,
-                data_size_limit=self.config.max_message_size,
-                hostname=entry.listener.hostname or self.config.hostname, ident="ESMTP pysmtpd",
-                timeout=300, loop=loop),
-            sock=dup, backlog=512)
+            lambda: Session(self, entry.listener), sock=dup, backlog=512, ssl=context)
 
     async def _unlisten(self) -> None:
         for entry in self.listening:
@@ -129,6 +152,8 @@ class Process:
         """The sockets the parent passed for this reload, each with its new listener."""
         if self.fd_receiver is None:
             raise RuntimeError("no fd channel from the parent")
+        # the key files' contents, read by the parent (pony cannot read them any more)
+        self._reload_tls_files = getattr(msg, "tls_files", None) or None
         socks = await self.fd_receiver.wait(msg.generation, timeout=5.0)
         if len(socks) != len(msg.listeners):
             for sock in socks:
@@ -140,9 +165,17 @@ class Process:
         """Switch to the new configuration: listeners that stay keep their socket and
         server (a connection waiting in the backlog is served), removed ones stop
         accepting (their sessions go on), added ones start unless smtp is paused.
-        TLS certificates (a later issue) are to be loaded here, from material the
-        parent reads as root and sends with the configuration (docs/ops.md)."""
-        self.config = self.handler.config = self.mta.config = self.mda.config = config
+        TLS contexts are rebuilt here, from the key material the parent read as root
+        and sent with the configuration (docs/ops.md)."""
+        try:
+            contexts = tls_contexts(config, files=self._reload_tls_files)
+        except Exception as exc:      # unreadable keys: no TLS rather than plain text
+            log.error("warn: smtp: TLS contexts of the new configuration: %s; STARTTLS is not "
+                      "offered and smtps listeners are not served until a reload succeeds", exc)
+            contexts = {}
+        self._reload_tls_files = None
+        self.config = self.mta.config = self.mda.config = config
+        self._tls_contexts = contexts
         current = {entry.key: entry for entry in self.listening}
         wanted = {entry.key: entry for entry in new}
         for key, entry in current.items():
@@ -166,6 +199,63 @@ class Process:
     def abort_config(self, new: list[Listening]) -> None:
         for entry in new:
             entry.sock.close()
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    def admit(self, session) -> str:
+        """Count a new session in, or say why it is refused (the session limits)."""
+        config, ip = self.config, session.peer_ip
+        if self.sessions_open >= config.smtp_max_sessions:
+            return f"session limit reached ({config.smtp_max_sessions})"
+        proxied = bool(getattr(session.listener, "proxy_v2", False))   # counted at its header
+        if not proxied and self.sessions.get(ip, 0) >= config.smtp_max_sessions_per_address:
+            return f"session limit per address reached ({config.smtp_max_sessions_per_address})"
+        self.sessions_open += 1
+        self.sessions[ip] = self.sessions.get(ip, 0) + 1
+        return ""
+
+    def readdress(self, session, ip: str) -> str:
+        """A PROXY header gave the session's real client address: count it there (a
+        load balancer's own address is not a client's share)."""
+        if self.sessions.get(ip, 0) >= self.config.smtp_max_sessions_per_address:
+            return f"session limit per address reached ({self.config.smtp_max_sessions_per_address})"
+        self._uncount(session.peer_ip)
+        session.peer_ip = ip
+        self.sessions[ip] = self.sessions.get(ip, 0) + 1
+        return ""
+
+    def _uncount(self, ip: str) -> None:
+        left = self.sessions.get(ip, 1) - 1
+        if left > 0:
+            self.sessions[ip] = left
+        else:
+            self.sessions.pop(ip, None)
+
+    def release(self, session) -> None:
+        self.sessions_open -= 1
+        self._uncount(session.peer_ip)
+
+    def tls_context(self, listener):
+        """The listener's server SSLContext (smtpd/tls.py), None without TLS."""
+        return self._tls_contexts.get(id(listener))
+
+    def tls_log_text(self, ssl_object) -> str:
+        """What follows ``smtp tls ciphers=`` (version:cipher:bits, as OpenSMTPD)."""
+        if tls is not None:
+            return tls.tls_log_text(ssl_object)
+        cipher = ssl_object.cipher()
+        return f"{ssl_object.version()}:{cipher[0]}:{cipher[2]}"
+
+    def tls_received_clause(self, ssl_object) -> str:
+        """The TLS part of the Received header, as OpenSMTPD: version:cipher:bits:verified."""
+        if ssl_object is None:
+            return ""
+        if tls is not None:
+            return tls.received_clause(ssl_object).strip().strip("()")
+        return f"{self.tls_log_text(ssl_object)}:NO"
+
+    def proxy_parser(self):
+        return proxy_v2.parse if proxy_v2 is not None else None
 
     def is_local_listener(self, listener) -> bool:
         try:
@@ -200,6 +290,12 @@ class Process:
             case QueueEnvelopeSubmitReply(reqid=reqid, evpid=evpid):
                 if reqid in self.evpids and msg.ok:
                     self.evpids[reqid].append(evpid)
+            case SmtpMessageCreateReply(ok=True, msgid=msgid):
+                # nobody waits for it any more (the session gave up): no orphan in incoming/
+                log.info("smtp: late message %08x from the queue, rolled back", msgid)
+                await self.mesh.send("queue", SmtpMessageRollback(msgid=msgid))
+            case SmtpMessageCreateReply():
+                pass
             case QueueTransfer(envelope=env):
                 self.mta.add(env)
             case QueueDeliver(envelope=env):

@@ -175,7 +175,7 @@ def _cond_ok(cond, tables: TableSet, ctx: MatchContext) -> bool:
         if cond.what == "rdns":
             return bool(ctx.rdns) and (cond.table is None or check("domain", ctx.rdns))
         if cond.what == "auth":
-            return bool(ctx.auth_user) and (cond.table is None or check("string", ctx.auth_user))
+            return _auth_ok(cond, tables, ctx)
         if cond.what == "mail-from":
             return check("mailaddr", ctx.mail_from)
     if cond.kind == "for":
@@ -196,10 +196,21 @@ def _cond_ok(cond, tables: TableSet, ctx: MatchContext) -> bool:
     if cond.kind == "rcpt-to":
         return check("mailaddr", ctx.rcpt)
     if cond.kind == "auth":
-        return bool(ctx.auth_user) and (cond.table is None or check("string", ctx.auth_user))
+        return _auth_ok(cond, tables, ctx)
     if cond.kind == "tls":
         return ctx.tls
     return False
+
+
+def _auth_ok(cond, tables: TableSet, ctx: MatchContext) -> bool:
+    """ruleset.c ruleset_match_smtp_auth: the session authenticated and, with a table,
+    as a user it lists (looked up as an address when the name has an @)."""
+    if not ctx.auth_user:
+        return False
+    if cond.table is None:
+        return True
+    service = "string" if cond.regex or "@" not in ctx.auth_user else "mailaddr"
+    return tables.get(cond.table).check(service, ctx.auth_user, cond.regex)
 
 
 def match(config: Config, tables: TableSet, ctx: MatchContext):

@@ -1,406 +1,479 @@
-"""Inbound SMTP sessions: aiosmtpd does the wire protocol, this module the policy.
+"""Inbound SMTP sessions: the asyncio driver of the protocol core (OpenSMTPD's smtp_session.c, its I/O half).
 
-``Session`` adapts aiosmtpd's SMTP protocol to OpenSMTPD's behaviour (replies
-with enhanced status codes, log lines, session ids); ``Handler`` carries each
-command to the other processes: MAIL creates a message in the queue, RCPT asks
-lka (which submits the envelopes to the queue), DATA streams the body to the
-queue and answers 250 only once the queue has committed it to disk.
+``Session`` is an ``asyncio.Protocol``: bytes from the socket go into the sans-I/O
+core (smtpd/smtp_proto.py), whose replies go back to the socket; the core's events
+are answered here by asking the other processes (lka for recipients, senders and
+credentials, the queue for messages).  The body streams to the queue in chunks as
+it arrives; nothing here holds a whole message.
 
-aiosmtpd only ends DATA on <CRLF>.<CRLF>, so a bare LF or CR never does (no SMTP
-smuggling); it reads commands line by line, so pipelined clients work, and we
-advertise PIPELINING (OpenSMTPD refuses it; RFC 2920 clients expect it).
+Every 4xx/5xx reply is logged as OpenSMTPD's ``failed-command`` line.  An internal
+fault (an exception here, a peer process that does not answer) becomes a temporary
+reply, ``451 4.3.0`` in a transaction or ``421 4.3.0`` (which ends the session), with
+a log line naming the cause; never a 5xx.  A session that ends with a transaction
+open rolls its message back, so nothing stays in the spool's incoming/.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
-import re
 import time
 
-from aiosmtpd.smtp import SMTP, syntax
-
-from common import stat
+from common import messages, stat
 from common.envelope import Envelope
+from common.ipc import PeerTimeout
+from common.messages import SmtpMessageData, SmtpMessageRollback
 from common.trace import FLAGS, SESSION, trace
 from common.vis import log_text as vis
-from common.messages import SmtpMessageRollback
-from smtpd import dsn_params, enqueue
-from smtpd.mailbox import valid_mailbox
+from smtpd import enqueue, smtp_proto
+from smtpd.smtp_proto import (
+    NEED_DATA, PAUSED, AuthCredentials, Command, ConnectionClosed, DataChunk, DataEnd, DataStart,
+    Helo, MailFrom, Phase, ProxyReceived, RcptTo, ServerConnection, Settings, StartTls,
+)
 
 log = logging.getLogger("smtpd")
 
 
-# aiosmtpd's own replies, said the way OpenSMTPD says them.
-_REWRITE = {
-    "503 Error: need MAIL command": "503 5.5.1 Invalid command: Command not allowed at this point.",
-    "503 Error: need RCPT command": "503 5.5.1 Invalid command: Command not allowed at this point.",
-    "503 Error: nested MAIL command": "503 5.5.1 Invalid command: Command not allowed at this point.",
-    "503 Error: send HELO first": "503 5.5.1 Invalid command: Command not allowed at this point.",
-    "503 Error: send EHLO first": "503 5.5.1 Invalid command: Command not allowed at this point.",
-    "552 Error: Too much mail data":
-        "554 5.3.4 Message too big for system: Transaction failed, message too big",
-    "354 End data with <CR><LF>.<CR><LF>": '354 Enter mail, end with "." on a line by itself',
-    "552 Error: message size exceeds fixed maximum message size":
-        "552 5.3.4 Message too big for system: Message size exceeds fixed maximum message size",
-    "221 Bye": "221 2.0.0 Bye",
-    "250 OK": "250 2.0.0 Ok",
-    "500 Command line too long": "500 5.5.1 Line too long",
-    "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.1 Line too long",
-}
-_UNRECOGNIZED = re.compile(r'^500 Error: command ".*" not recognized$')
-_HAS_ESC = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
-_ESC_CLASS = {"2": "2.0.0", "3": "", "4": "4.0.0", "5": "5.5.1"}
+INPUT_HIGH_WATER = 512 * 1024    # unprocessed input above which the socket stops being read
+AUTH_FAIL_DELAY_MAX = 5.0        # seconds: a failed AUTH waits 1 s per failure of its client, up to this
+R_TOO_MANY = "421 4.7.0 Too many sessions, try again later"
 
 
+class Session(asyncio.Protocol):
+    """One inbound connection, from accept to close."""
 
-_HELO_LABEL = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
-_ADDRESS_LITERAL = re.compile(r"^\[[0-9A-Fa-f:.IPv]+\]$")
-
-
-def valid_helo(name: str) -> bool:
-    """A HELO/EHLO argument: a host name (underscores tolerated, as real clients send
-    them) or an address literal; nothing with spaces or control characters."""
-    if len(name) > 255:
-        return False
-    if name.startswith("["):
-        return bool(_ADDRESS_LITERAL.match(name))
-    labels = name[:-1].split(".") if name.endswith(".") else name.split(".")
-    return all(_HELO_LABEL.match(label) for label in labels)
-
-
-def with_esc(status: str) -> str:
-    """Every reply carries an enhanced status code (RFC 2034)."""
-    status = _REWRITE.get(status, status)
-    if _UNRECOGNIZED.match(status):
-        return "500 5.5.1 Invalid command: Command unrecognized"
-    if len(status) < 4 or _HAS_ESC.match(status) or status[0] == "3" or status.startswith("220 "):
-        return status
-    code, sep, text = status[:3], status[3:4], status[4:]
-    if sep not in (" ", "-") or not code.isdigit() or sep == "-":
-        return status
-    esc = _ESC_CLASS.get(code[0], "")
-    return f"{code} {esc} {text}" if esc else status
-
-
-class Session(SMTP):
-    """One inbound connection."""
-
-    # RFC 5321 says 1000; real mail breaks it, and OpenSMTPD accepts lines up to 64 KiB.
-    line_length_limit = 65535
-
-    def __init__(self, handler, *, pony, listener, **kwargs) -> None:
-        super().__init__(handler, **kwargs)
+    def __init__(self, pony, listener) -> None:
         self.pony = pony
+        self.config = pony.config
         self.listener = listener
         self.session_id = pony.ctx.new_id()
-        self.msgid = 0
-        self.rcpt_count = 0
-        self.envelopes: list[tuple[int, str]] = []     # (evpid, rcpt) of the transaction
+        self.transport: asyncio.Transport | None = None
         self.peer_ip = ""
         self.rdns = ""
-        self.quit = False
-        self._greeting_reply = False
-        self._held_lines: list[str] = []
-        self.sender = ""          # MAIL FROM of the transaction, "" for the null sender
-        self.dsn_ret = ""         # RET= and ENVID= of the transaction (RFC 3461)
-        self.dsn_options: list[str] = []   # DSN parameters of the command being handled
-        self.dsn_envid = ""
-        self._in_data = False            # between 354 and the final dot (for trace smtp)
-        self._trace_partial = b""
+        self.conn: ServerConnection | None = None
+        self.msgid = 0
+        self.envelopes: list[tuple[int, str]] = []   # (evpid, rcpt) of the transaction
+        self.dsn = ("", "")                          # RET, ENVID of the transaction
+        self.data_size = 0
+        self.ssl_object = None
+        self._wake = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._reading_paused = False
+        self._last_input = 0.0
+        self._lost = False
+        self._counted = False
+        self._task: asyncio.Task | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._waiting_client = False
+        self._end_reason = ""
 
-    def _getaddr(self, arg: str):
-        """The path exactly as sent: aiosmtpd's RFC 5322 parser would quote a
-        malformed ``<bad address>`` into a valid-looking local part, and the
-        mailbox check (valid_mailbox) must judge what the client wrote."""
-        arg = arg.strip()
-        if not arg:
-            return "", ""
-        if arg.startswith("<"):
-            end = arg.find(">")
-            if end < 0:
-                return None, None
-            # The null path stays "<>": aiosmtpd takes an empty address for a syntax error.
-            return arg[1:end] or "<>", arg[end + 1:].lstrip()
-        address, _, rest = arg.partition(" ")
-        return address, rest.lstrip()
-
-    def _take_dsn(self, arg: str | None) -> str | None:
-        """Keep the DSN parameters of MAIL/RCPT aside, as sent (aiosmtpd refuses
-        parameters it does not know, and upper-cases the rest)."""
-        self.dsn_options = []
-        if not arg or not self.session.extended_smtp:
-            return arg
-        end = arg.find(">")
-        if end < 0:
-            return arg
-        params, self.dsn_options = dsn_params.split_dsn(arg[end + 1:])
-        return arg[:end + 1] + (" " + params if params else "")
-
-    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
-    async def smtp_MAIL(self, arg):
-        await super().smtp_MAIL(self._take_dsn(arg))
-
-    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
-    async def smtp_RCPT(self, arg):
-        await super().smtp_RCPT(self._take_dsn(arg))
-
-    async def push(self, status):
-        # RFC 2034 s4: every reply carries an enhanced code, but for the greeting and
-        # the replies to HELO and EHLO (OpenSMTPD's "250 HELP" has none either).
-        if isinstance(status, str) and not self._greeting_reply:
-            status = with_esc(status)
-        elif isinstance(status, str) and status[3:4] == "-":
-            # A multi-line EHLO reply goes out in one write: each send() on loopback
-            # costs as much as the rest of the line's handling.
-            if FLAGS.smtp:
-                trace("smtp: %016x: >>> %s", self.session_id, status)
-            self._held_lines.append(status)
-            return
-        if status[:3] == "354":
-            self._in_data = True
-        if FLAGS.smtp:
-            trace("smtp: %016x: >>> %s", self.session_id, status)
-        if self._held_lines:
-            status = "\r\n".join([*self._held_lines, status])
-            self._held_lines = []
-        if FLAGS.io:
-            trace("smtp: %016x: IO_DATAOUT %d bytes", self.session_id, len(status) + 2)
-        await super().push(status)
-
-    def data_received(self, data: bytes) -> None:
-        if FLAGS.smtp or FLAGS.io:
-            self._trace_input(data)
-        super().data_received(data)
-
-    def _trace_input(self, data: bytes) -> None:
-        """``trace io``: every read; ``trace smtp``: every command line (``<<< ...``),
-        and for the message itself only its size (its content stays out of the log)."""
-        if FLAGS.io:
-            trace("smtp: %016x: IO_DATAIN %d bytes", self.session_id, len(data))
-        if not FLAGS.smtp:
-            self._trace_partial = b""
-            return
-        lines = (self._trace_partial + data).split(b"\n")
-        self._trace_partial = lines.pop()[-1024:]
-        for raw in lines:
-            line = raw.rstrip(b"\r")
-            if self._in_data:
-                if line == b".":
-                    self._in_data = False
-                    trace("smtp: %016x: <<< [EOM]", self.session_id)
-                continue
-            text = line[:1000].decode("utf-8", "backslashreplace")
-            if text[:5].upper() == "AUTH ":          # never the credentials
-                text = " ".join(text.split()[:2]) + " ..."
-            trace("smtp: %016x: <<< %s", self.session_id, text)
-
-    async def smtp_HELO(self, hostname: str):
-        if await self._bad_helo("HELO", hostname):
-            return
-        self._greeting_reply = True
-        try:
-            await super().smtp_HELO(hostname)
-        finally:
-            self._greeting_reply = False
-
-    async def smtp_EHLO(self, hostname: str):
-        if await self._bad_helo("EHLO", hostname):
-            return
-        self._greeting_reply = True
-        try:
-            await super().smtp_EHLO(hostname)
-        finally:
-            self._greeting_reply = False
-
-    async def smtp_AUTH(self, arg: str):
-        # No listener offers AUTH yet (it comes with the AUTH issue): answer as
-        # OpenSMTPD does on a listener without "auth", and log it as it does, so that
-        # ban tools catch credential scanners.  An initial response is not logged.
-        words = (arg or "").split()
-        shown = "AUTH" + (f" {words[0]}" if words else "") + (" (...)" if len(words) > 1 else "")
-        if not self.session.host_name or self.msgid:
-            await self.push(self.failed(shown, "503 5.5.1 Invalid command: Command not allowed at this point."))
-        else:
-            await self.push(self.failed(shown, "503 5.5.1 Invalid command: Command not supported"))
-
-    async def _bad_helo(self, verb: str, hostname: str) -> bool:
-        """OpenSMTPD's checks: a name is required and must be a domain or address literal
-        (it goes into the Received header and the envelope)."""
-        if not hostname:
-            await self.push(f"501 5.5.1 Invalid command: {verb} requires domain name")
-            return True
-        if not valid_helo(hostname):
-            await self.push("501 5.5.4 Invalid command arguments: Invalid domain name")
-            return True
-        return False
-
-    async def smtp_HELP(self, arg: str):
-        await self.push("214- This is pysmtpd")
-        await self.push("214- To report bugs in the implementation, please see its issue tracker")
-        await self.push("214 2.0.0 End of HELP info")
+    # -- asyncio.Protocol --------------------------------------------------------------
 
     def connection_made(self, transport) -> None:
-        super().connection_made(transport)
+        self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if peer else "local"
-        self.pony.sessions_open += 1
+        self.ssl_object = transport.get_extra_info("ssl_object")
+        self._last_input = time.monotonic()
+        refused = self.pony.admit(self)
+        if refused:
+            log.warning("warn: smtp: %016x: refusing %s: %s", self.session_id, self.peer_ip, refused)
+            transport.write(R_TOO_MANY.encode() + b"\r\n")
+            transport.close()
+            return
+        self._counted = True
         stat.increment("smtp.session")
         stat.increment("smtp.session." + ("local" if not peer else "inet6" if ":" in self.peer_ip else "inet4"))
         if FLAGS.smtp:
             lis = self.listener
             trace("smtp: %016x: connected to listener %s port %d [hostname=%s, tag=%s]",
                   self.session_id, lis.address, lis.port, lis.hostname or "-", lis.tag or "-")
+        self.conn = ServerConnection(self._settings(), on_reply=self._on_reply, on_command=self._on_command)
+        self._task = self.pony.spawn(self._run())
 
-    async def _handle_client(self) -> None:
-        SESSION.set(self.session_id)     # names this session in `trace mproc` lines
-        self.rdns = await self.pony.reverse_dns(self.peer_ip)
-        log.info("%016x smtp connected address=%s host=%s", self.session_id, self.peer_ip, self.rdns)
-        await super()._handle_client()
+    def data_received(self, data: bytes) -> None:
+        if FLAGS.io:
+            trace("smtp: %016x: IO_DATAIN %d bytes", self.session_id, len(data))
+        self._last_input = time.monotonic()
+        if self.conn is None:
+            return
+        self.conn.receive_data(data)
+        if len(self.conn._in) > INPUT_HIGH_WATER and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._wake.set()
+
+    def eof_received(self):
+        if self.conn is not None:
+            self.conn.receive_data(b"")
+        self._wake.set()
+        return True          # half-closed: the replies to what came before still go out
 
     def connection_lost(self, exc) -> None:
-        reason = "quit" if self.quit else "disconnect"
-        log.info("%016x smtp disconnected reason=%s", self.session_id, reason)
-        self.pony.sessions_open -= 1
-        stat.decrement("smtp.session")
-        if self.msgid:
-            self.pony.spawn(self.pony.mesh.send("queue", SmtpMessageRollback(msgid=self.msgid)))
-            self.msgid = 0
-        super().connection_lost(exc)
+        self._lost = True
+        if self.conn is not None:
+            self.conn.receive_data(b"")
+        self._wake.set()
+        self._writable.set()
 
-    def failed(self, command: str, result: str) -> str:
-        log.info('%016x smtp failed-command command="%s" result="%s"', self.session_id, command, result)
-        return result
+    def pause_writing(self) -> None:
+        self._writable.clear()      # the client does not read its replies: stop reading it
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    # -- the session ---------------------------------------------------------------------
+
+    def _settings(self) -> Settings:
+        lis, config = self.listener, self.config
+        tls = getattr(lis, "tls", "") or ""
+        has_tls = self.pony.tls_context(lis) is not None
+        auth = getattr(lis, "auth", "") or ""
+        return Settings(
+            hostname=self.name, max_message_size=config.max_message_size,
+            max_rcpt=config.smtp_max_rcpt, max_mails=config.smtp_max_mails,
+            dsn=not getattr(lis, "no_dsn", False),
+            starttls=has_tls and tls in ("starttls", "require"),
+            tls_require=tls == "require", smtps=self.ssl_object is not None,
+            auth=auth, proxy_v2=bool(getattr(lis, "proxy_v2", False)),
+            proxy_parser=self.pony.proxy_parser(), peer=self.peer_ip)
+
+    @property
+    def name(self) -> str:
+        return self.listener.hostname or self.config.hostname
+
+    async def _run(self) -> None:
+        SESSION.set(self.session_id)     # names this session in `trace mproc` lines
+        conn = self.conn
+        reason = "disconnect"
+        try:
+            if not conn.settings.proxy_v2:
+                await self._connected()
+            self._arm_timer()
+            reason = await self._serve(conn)
+        except Exception as exc:          # a bug of ours: a temporary failure, never a 5xx
+            log.exception("warn: smtp: %016x: internal error: %s", self.session_id, exc)
+            await self._rollback()
+            if not self._lost:
+                conn.shutdown(smtp_proto.R_TEMPFAIL)
+                self._flush()
+        finally:
+            await self._rollback()
+            self._end(reason)
+
+    async def _connected(self) -> None:
+        self.rdns = await self.pony.reverse_dns(self.peer_ip)
+        log.info("%016x smtp connected address=%s host=%s", self.session_id, self.peer_ip, self.rdns)
+        if self.ssl_object is not None:
+            self._log_tls()
+        self.conn.greet()
+        self._flush()
+
+    async def _serve(self, conn: ServerConnection) -> str:
+        while True:
+            if not self._writable.is_set():
+                await self._writable.wait()      # a client that does not read its replies
+            event = conn.next_event()
+            if event is NEED_DATA:
+                self._flush()
+                if self._lost:
+                    return "disconnect"
+                await self._wait_input()
+                continue
+            if event is PAUSED:
+                self._flush()
+                if conn.closing:
+                    self._close()
+                    return "quit" if conn.state is smtp_proto.State.QUIT and not self._lost else "disconnect"
+                raise RuntimeError(f"core paused in state {conn.state} with nothing to answer")
+            if isinstance(event, ConnectionClosed):
+                self._flush()
+                self._close()
+                if event.reason == "proxy-error":
+                    log.info('%016x smtp event=closed address=%s reason="protocol error (%s)"',
+                             self.session_id, self.peer_ip, vis_command(event.detail))
+                return event.reason
+            try:
+                if isinstance(event, DataChunk):
+                    await self._data_chunk(event)
+                else:
+                    await self._answer(conn, event)
+            except Exception as exc:       # our fault, or a peer that did not answer
+                cause = str(exc) if isinstance(exc, PeerTimeout) else f"{type(exc).__name__}: {exc}"
+                log.warning("warn: smtp: %016x: internal error, temporary failure: %s", self.session_id, cause)
+                if not isinstance(exc, PeerTimeout):
+                    log.debug("traceback", exc_info=True)
+                await self._rollback()
+                conn.internal_error()
+
+    async def _answer(self, conn: ServerConnection, event) -> None:
+        """One wait point of the core.  Filters (next issue) hook in here, before the
+        work: a rejecting filter answers ``conn.refuse(reply)`` instead."""
+        match event:
+            case ProxyReceived(header=header):
+                if not header.local and header.src is not None:
+                    refused = self.pony.readdress(self, header.src[0])
+                    if refused:
+                        log.warning("warn: smtp: %016x: refusing %s: %s", self.session_id, header.src[0], refused)
+                        conn.shutdown(R_TOO_MANY)
+                        return
+                    conn.settings.peer = self.peer_ip
+                await self._connected()
+            case Helo():
+                conn.accept()
+            case MailFrom():
+                await self._mail(conn, event)
+            case RcptTo():
+                await self._rcpt(conn, event)
+            case DataStart():
+                await self._data_start(conn)
+            case DataEnd():
+                await self._data_end(conn, event)
+            case StartTls():
+                await self._starttls(conn)
+            case AuthCredentials():
+                await self._auth(conn, event)
+            case Command(phase=Phase.RSET):
+                await self._rollback()
+                conn.accept()
+            case Command(phase=Phase.QUIT):
+                conn.accept()
+            case Command():
+                conn.accept()
+
+    async def _mail(self, conn: ServerConnection, event: MailFrom) -> None:
+        senders = getattr(self.listener, "senders", None)
+        if senders and conn.authenticated:
+            check = getattr(messages, "SmtpCheckSender", None)
+            reply = await self.pony.mesh.request("lka", check(
+                reqid=self.pony.ctx.new_id(), session=self.session_id, table=senders,
+                user=conn.username, sender=event.sender), (messages.SmtpCheckSenderReply,))
+            if getattr(reply, "result", "") == "tempfail":
+                conn.refuse("421 4.3.0 Temporary Error")
+                return
+            if not reply.ok:
+                conn.refuse("530 Sender rejected")
+                return
+        msgid = await enqueue.create_message(self.pony)
+        if not msgid:
+            conn.refuse(smtp_proto.R_TEMPFAIL)
+            return
+        if self._lost:                      # the client left while the queue was busy
+            await self.pony.mesh.send("queue", SmtpMessageRollback(msgid=msgid))
+            conn.refuse(smtp_proto.R_TEMPFAIL)
+            return
+        self.msgid = msgid
+        self.envelopes = []
+        self.dsn = (event.dsn_ret, event.dsn_envid)
+        conn.accept()
+
+    async def _rcpt(self, conn: ServerConnection, event: RcptTo) -> None:
+        env = Envelope(
+            smtpname=self.name, helo=conn.helo, hostname=self.rdns,
+            sockaddr=_sockaddr_text(self.peer_ip), sender=conn.tx.sender, rcpt=event.rcpt,
+            dest=event.rcpt, tag=self.listener.tag or "", ctime=int(time.time()),
+            dsn_notify=event.dsn_notify, dsn_orcpt=event.dsn_orcpt, dsn_ret=self.dsn[0],
+            dsn_envid=self.dsn[1])
+        if conn.authenticated and hasattr(env, "username"):
+            env.username = conn.username
+        refused, evpids = await enqueue.expand_rcpt(
+            self.pony, self.msgid, env, rdns=self.rdns,
+            local_listener=self.pony.is_local_listener(self.listener), tls=conn.secure,
+            auth_user=conn.username if conn.authenticated else "")
+        if refused:
+            conn.refuse(refused)
+            return
+        self.envelopes.extend((evpid, event.rcpt) for evpid in evpids)
+        conn.accept()
+
+    async def _data_start(self, conn: ServerConnection) -> None:
+        lis = self.listener
+        received = enqueue.received_line(
+            helo=conn.helo or self.peer_ip, rdns=self.rdns, ip=self.peer_ip, name=self.name,
+            esmtp=conn.extended, msgid=self.msgid, rcpts=conn.tx.rcpts, secure=conn.secure,
+            user=conn.username if conn.authenticated else "",
+            tls_clause=self.pony.tls_received_clause(self.ssl_object) if conn.secure else "",
+            mask_src=bool(getattr(lis, "mask_src", False)),
+            received_auth=bool(getattr(lis, "received_auth", False)))
+        self.data_size = len(received)
+        await self.pony.mesh.send("queue", SmtpMessageData(msgid=self.msgid, chunk=received))
+        conn.accept()
+
+    async def _data_chunk(self, event: DataChunk) -> None:
+        self.data_size += len(event.data)
+        if self.msgid:
+            # awaits only when the queue's pipe is full: the client waits with us
+            await self.pony.mesh.send("queue", SmtpMessageData(msgid=self.msgid, chunk=event.data))
+
+    async def _data_end(self, conn: ServerConnection, event: DataEnd) -> None:
+        if FLAGS.smtp:
+            trace("smtp: %016x: <<< [EOM]", self.session_id)
+        msgid, self.msgid = self.msgid, 0
+        if event.error or not msgid:
+            if msgid:
+                await self.pony.mesh.send("queue", SmtpMessageRollback(msgid=msgid))
+            if event.error == "loop":
+                log.warning("warn: loop detected")
+            conn.refuse({"size": smtp_proto.R_TOO_BIG, "loop": smtp_proto.R_LOOP}.get(
+                event.error, smtp_proto.R_TX_TEMPFAIL))
+            return
+        failed = await enqueue.commit_message(self.pony, msgid)
+        if failed:
+            conn.refuse(failed if failed[:3] != "421" else smtp_proto.R_TX_TEMPFAIL)
+            return
+        nrcpt = len(conn.tx.rcpts)
+        sender = conn.tx.sender
+        conn.accept(msgid=msgid)
+        # As OpenSMTPD: the message line, then one line per envelope, once committed.
+        log.info("%016x smtp message msgid=%08x size=%d nrcpt=%d proto=%s",
+                 self.session_id, msgid, self.data_size, nrcpt, "ESMTP" if conn.extended else "SMTP")
+        for evpid, rcpt in self.envelopes:
+            log.info("%016x smtp envelope evpid=%016x from=<%s> to=<%s>",
+                     self.session_id, evpid, vis(sender), vis(rcpt))
+        self.envelopes = []
+
+    async def _starttls(self, conn: ServerConnection) -> None:
+        context = self.pony.tls_context(self.listener)
+        self.transport.pause_reading()       # the next bytes are the TLS handshake's
+        conn.accept()                        # 220, and the clear-text pipeline dropped
+        self._flush()
+        loop = asyncio.get_running_loop()
+        try:
+            transport = await loop.start_tls(self.transport, self, context, server_side=True)
+        except (OSError, ValueError, ConnectionError) as exc:
+            # a failed handshake (a scanner, clear text after 220): the end, as OpenSMTPD's io-error
+            self._end_reason = f'"io-error: {vis_command(str(exc) or type(exc).__name__)}"'
+            self._lost = True
+            self.transport.abort()
+            conn.shutdown(smtp_proto.R_TEMPFAIL)     # never written: the core just ends
+            return
+        self.transport = transport
+        self.ssl_object = transport.get_extra_info("ssl_object")
+        conn.tls_established()
+        self._log_tls()
+
+    def _log_tls(self) -> None:
+        text = self.pony.tls_log_text(self.ssl_object)
+        log.info("%016x smtp tls ciphers=%s", self.session_id, text)
+
+    async def _auth(self, conn: ServerConnection, event: AuthCredentials) -> None:
+        request = getattr(messages, "SmtpAuthenticate", None)
+        if request is None:
+            result = "tempfail"
+        else:
+            reply = await self.pony.mesh.request("lka", request(
+                reqid=self.pony.ctx.new_id(), session=self.session_id,
+                table=getattr(self.listener, "auth_table", None), user=event.user,
+                password=event.password), (messages.SmtpAuthenticateReply,))
+            result = reply.result
+        log_authentication(self.session_id, event.user, result)
+        failures = self.pony.auth_failures
+        if result == "ok":
+            failures.pop(self.peer_ip, None)
+            conn.accept()
+        elif result == "permfail":
+            # per client address, across its sessions: a guesser gains nothing by reconnecting
+            if len(failures) >= 10000:
+                failures.clear()            # bounded memory; a flood of addresses forgets
+            failures[self.peer_ip] = failures.get(self.peer_ip, 0) + 1
+            await asyncio.sleep(min(AUTH_FAIL_DELAY_MAX, float(failures[self.peer_ip])))
+            conn.refuse(smtp_proto.R_AUTH_FAILED)
+        else:
+            conn.refuse(smtp_proto.R_TEMPFAIL)
+
+    # -- I/O helpers ---------------------------------------------------------------------
+
+    async def _wait_input(self) -> None:
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        self._waiting_client = True
+        try:
+            await self._wake.wait()
+        finally:
+            self._waiting_client = False
+        self._wake.clear()
+
+    def _flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and not self._lost and self.transport is not None:
+            if FLAGS.io:
+                trace("smtp: %016x: IO_DATAOUT %d bytes", self.session_id, len(data))
+            self.transport.write(data)
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _arm_timer(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._timeout(), self._check_timeout)
+
+    def _timeout(self) -> float:
+        body = self.conn is not None and self.conn.state is smtp_proto.State.BODY
+        return float(self.config.smtp_data_timeout if body else self.config.smtp_command_timeout)
+
+    def _check_timeout(self) -> None:
+        """Timeouts count from the last bytes received, and only while the session
+        waits for the client (a slow sender still sending DATA is never cut)."""
+        self._timer = None
+        if self._lost:
+            return
+        idle = time.monotonic() - self._last_input
+        limit = self._timeout()
+        if self._waiting_client and idle >= limit:
+            self._end_reason = "timeout"
+            self._lost = True
+            self.transport.abort()
+            self._wake.set()
+            return
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(max(0.5, limit - idle), self._check_timeout)
+
+    async def _rollback(self) -> None:
+        if self.msgid:
+            msgid, self.msgid = self.msgid, 0
+            await self.pony.mesh.send("queue", SmtpMessageRollback(msgid=msgid))
+
+    def _end(self, reason: str) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._close()
+        log.info("%016x smtp disconnected reason=%s", self.session_id, self._end_reason or reason)
+        if self._counted:
+            self._counted = False
+            self.pony.release(self)
+            stat.decrement("smtp.session")
+
+    # -- logging -------------------------------------------------------------------------
+
+    def _on_command(self, conn: ServerConnection, line: str) -> None:
+        if FLAGS.smtp:
+            trace("smtp: %016x: <<< %s", self.session_id, line[:1000])
+
+    def _on_reply(self, conn: ServerConnection, command: str, reply: str) -> None:
+        if FLAGS.smtp:
+            for line in reply.split("\r\n"):
+                trace("smtp: %016x: >>> %s", self.session_id, line)
+        if reply[:1] in ("4", "5"):
+            if command == "" and reply in (smtp_proto.R_LINE_TOO_LONG, smtp_proto.R_COMMAND_TOO_LONG):
+                log.info('%016x smtp bad-input result="%s"', self.session_id, reply)
+            else:
+                log.info('%016x smtp failed-command command="%s" result="%s"',
+                         self.session_id, vis_command(command), reply)
+
+
+def vis_command(command: str) -> str:
+    """A command line in a log line: printable ASCII as it is (spaces kept, as
+    strnvis(VIS_SAFE|VIS_CSTYLE) does), anything else escaped."""
+    return " ".join(vis(word) for word in command.split(" "))
 
 
 def log_authentication(session_id: int, user: str, result: str) -> None:
     """OpenSMTPD's AUTH outcome line (``result`` ok, permfail or tempfail), which ban
-    tools key on.  To be called by the AUTH implementation (a later issue)."""
+    tools key on."""
     log.info("%016x smtp authentication user=%s result=%s", session_id, vis(user), result)
-
-
-class Handler:
-    def __init__(self, pony) -> None:
-        self.pony = pony
-        self.config = pony.config
-
-    def name(self, server: Session) -> str:
-        return server.listener.hostname or self.config.hostname
-
-    def greeting(self, server: Session, helo: str) -> str:
-        return f"{self.name(server)} Hello {helo} [{server.peer_ip}], pleased to meet you"
-
-    async def handle_HELO(self, server: Session, session, envelope, hostname: str) -> str:
-        session.host_name = hostname
-        return f"250 {self.greeting(server, hostname)}"
-
-    async def handle_EHLO(self, server: Session, session, envelope, hostname: str, responses) -> list[str]:
-        session.host_name = hostname
-        return [f"250-{self.greeting(server, hostname)}", "250-8BITMIME",
-                "250-ENHANCEDSTATUSCODES", f"250-SIZE {self.config.max_message_size}",
-                "250-DSN", "250-PIPELINING", "250 HELP"]
-
-    async def handle_NOOP(self, server, session, envelope, arg) -> str:
-        return "250 2.0.0 Ok"
-
-    async def handle_QUIT(self, server: Session, session, envelope) -> str:
-        server.quit = True
-        return "221 2.0.0 Bye"
-
-    async def handle_RSET(self, server: Session, session, envelope) -> str:
-        await self._rollback(server)
-        return "250 2.0.0 Reset state"
-
-    async def handle_VRFY(self, server, session, envelope, address) -> str:
-        return "252 2.5.2 Cannot VRFY user; try RCPT to attempt delivery"
-
-    async def _rollback(self, server: Session) -> None:
-        if server.msgid:
-            await self.pony.mesh.send("queue", SmtpMessageRollback(msgid=server.msgid))
-            server.msgid = 0
-        server.rcpt_count = 0
-
-    async def handle_MAIL(self, server: Session, session, envelope, address: str, options) -> str:
-        if server.msgid:
-            # aiosmtpd's own nested-MAIL check misses a transaction from the null sender.
-            return "503 5.5.1 Invalid command: Command not allowed at this point."
-        if address == "<>":
-            address = ""
-        if address.startswith("@") and ":" in address:       # source route: <@a,@b:user@d>
-            address = address.split(":", 1)[1]
-        if address and "@" not in address:
-            address = f"{address}@{self.name(server)}"
-        if address and not valid_mailbox(address):
-            return server.failed(f"MAIL FROM:<{address}>", "553 5.1.0 Sender address syntax error")
-        mail_dsn = dsn_params.parse_mail_options(server.dsn_options)
-        if isinstance(mail_dsn, str):
-            return server.failed(f"MAIL FROM:<{address}>", mail_dsn)
-        msgid = await enqueue.create_message(self.pony)
-        if not msgid:
-            return server.failed("MAIL", "421 4.3.0 Temporary failure")
-        server.msgid = msgid
-        server.dsn_ret, server.dsn_envid = mail_dsn
-        server.rcpt_count = 0
-        server.envelopes = []
-        server.sender = address
-        envelope.mail_from = address or "<>"     # aiosmtpd takes an empty one for "no MAIL yet"
-        envelope.mail_options.extend(options)
-        return "250 2.0.0 Ok"
-
-    async def handle_RCPT(self, server: Session, session, envelope, address: str, options) -> str:
-        if not server.msgid:
-            return "503 5.5.1 Invalid command: Command not allowed at this point."
-        if address.lower() == "postmaster":        # RFC 5321 4.5.1: must be accepted bare
-            address = f"postmaster@{self.name(server)}"
-        if not valid_mailbox(address):
-            return server.failed(f"RCPT TO:<{address}>", "501 5.1.3 Recipient address syntax error")
-        if server.rcpt_count >= self.config.smtp_max_rcpt:
-            return "451 4.5.3 Too many recipients: Too many recipients"
-        dsn = dsn_params.parse_rcpt_options(server.dsn_options)
-        if isinstance(dsn, str):
-            return server.failed(f"RCPT TO:<{address}>", dsn)
-        env = Envelope(
-            smtpname=self.name(server), helo=session.host_name or "", hostname=server.rdns,
-            sockaddr=_sockaddr_text(server.peer_ip), sender=server.sender, rcpt=address,
-            dest=address, tag=server.listener.tag or "", ctime=int(time.time()),
-            dsn_notify=dsn.notify, dsn_orcpt=dsn.orcpt, dsn_ret=server.dsn_ret,
-            dsn_envid=server.dsn_envid)
-        refused, evpids = await enqueue.expand_rcpt(
-            self.pony, server.msgid, env, rdns=server.rdns,
-            local_listener=self.pony.is_local_listener(server.listener))
-        if refused:
-            return server.failed(f"RCPT TO:<{address}>", refused)
-        server.envelopes.extend((evpid, address) for evpid in evpids)
-        server.rcpt_count += 1
-        envelope.rcpt_tos.append(address)
-        return "250 2.1.5 Destination address valid: Recipient ok"
-
-    async def handle_DATA(self, server: Session, session, envelope) -> str:
-        msgid = server.msgid
-        content: bytes = envelope.original_content or b""
-        body = content.replace(b"\r\n", b"\n")
-        if enqueue.count_received(body) >= enqueue.MAX_HOPS_COUNT:
-            log.warning("warn: loop detected")
-            await self._rollback(server)
-            return server.failed("DATA", enqueue.LOOP_REPLY)
-        data = self._received(server, session, envelope, msgid) + body
-        failed = await enqueue.store_message(self.pony, msgid, data)
-        server.msgid = 0
-        server.rcpt_count = 0
-        if failed:
-            return server.failed("DATA", failed)
-        proto = "ESMTP" if session.extended_smtp else "SMTP"
-        # As OpenSMTPD: the message line, then one line per envelope, once committed.
-        log.info("%016x smtp message msgid=%08x size=%d nrcpt=%d proto=%s",
-                 server.session_id, msgid, len(data), len(envelope.rcpt_tos), proto)
-        for evpid, rcpt in server.envelopes:
-            log.info("%016x smtp envelope evpid=%016x from=<%s> to=<%s>",
-                     server.session_id, evpid, server.sender, rcpt)
-        return f"250 2.0.0 {msgid:08x} Message accepted for delivery"
-
-    def _received(self, server: Session, session, envelope, msgid: int) -> bytes:
-        return enqueue.received_line(
-            helo=session.host_name or server.peer_ip, rdns=server.rdns, ip=server.peer_ip,
-            name=self.name(server), esmtp=session.extended_smtp, msgid=msgid,
-            rcpts=envelope.rcpt_tos)
 
 
 def _sockaddr_text(ip: str) -> str:

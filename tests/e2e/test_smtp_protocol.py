@@ -42,15 +42,19 @@ def test_ehlo_and_replies_carry_enhanced_status_codes(make_daemon, tmp_path):
     assert any(l.startswith("250-SIZE ") for l in ehlo)
     # RFC 2034: no enhanced code in the replies to HELO/EHLO (as OpenSMTPD)
     assert ehlo[-1] == "250 HELP", ehlo
-    helo = c.cmd("HELO client.test")
+    # as OpenSMTPD 6.8: one greeting per session (until STARTTLS)
+    assert c.cmd("HELO client.test")[0] == "503 5.5.1 Invalid command: Already identified"
+    other = Client(port)
+    other.reply()
+    assert other.cmd("EHLO")[0] == "501 5.5.1 Invalid command: EHLO requires domain name"
+    assert other.cmd("HELO bad name")[0] == "501 5.5.4 Invalid command arguments: Invalid domain name"
+    helo = other.cmd("HELO client.test")
     assert len(helo) == 1 and helo[0].startswith("250 ") and helo[0].split()[1] != "2.0.0", helo
     assert helo[0].endswith(" Hello client.test [127.0.0.1], pleased to meet you"), helo
-    c.cmd("EHLO client.test")
-    assert c.cmd("EHLO")[0] == "501 5.5.1 Invalid command: EHLO requires domain name"
-    assert c.cmd("HELO bad name")[0] == "501 5.5.4 Invalid command arguments: Invalid domain name"
     assert c.cmd("HELP")[-1] == "214 2.0.0 End of HELP info"
     assert c.cmd("RCPT TO:<alice@example.test>")[0].startswith("503 5.5.1 ")
-    assert c.cmd("MAIL FROM:<bad address>")[0][:4] in ("501 ", "553 ")
+    assert c.cmd("MAIL FROM:<bad address>")[0] == "553 5.1.0 Sender address syntax error"
+    assert c.cmd("MAIL FROM:bogus")[0] == "553 5.1.0 Sender address syntax error"
     assert c.cmd("FOO")[0] == "500 5.5.1 Invalid command: Command unrecognized"
     assert c.cmd("NOOP")[0] == "250 2.0.0 Ok"
     assert c.cmd("MAIL FROM:<a@remote.test>")[0] == "250 2.0.0 Ok"
@@ -91,12 +95,18 @@ def test_message_size_limit(make_daemon, tmp_path):
     c = Client(port)
     c.reply()
     assert "250-SIZE 10240" in c.cmd("EHLO client.test")
-    assert c.cmd("MAIL FROM:<a@remote.test> SIZE=20000")[0].startswith("552 5.3.4 ")
-    c.cmd("MAIL FROM:<a@remote.test>")
+    # as OpenSMTPD 6.8: SIZE= is accepted and not acted upon; the limit holds at DATA
+    assert c.cmd("MAIL FROM:<a@remote.test> SIZE=20000")[0] == "250 2.0.0 Ok"
     c.cmd("RCPT TO:<alice@example.test>")
     assert c.cmd("DATA")[0].startswith("354")
     c.sock.sendall(b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 20 + b".\r\n")
-    assert c.reply()[0].startswith("554 5.3.4 ")
+    assert c.reply()[0] == "554 5.3.4 Message too big for system: Transaction failed, message too big"
+    # the transaction is reset: the next one works without RSET
+    assert c.cmd("MAIL FROM:<a@remote.test>")[0] == "250 2.0.0 Ok"
+    c.cmd("RCPT TO:<alice@example.test>")
+    assert c.cmd("DATA")[0].startswith("354")
+    c.sock.sendall(b"Subject: small\r\n\r\nok\r\n.\r\n")
+    assert c.reply()[0].startswith("250 2.0.0 ")
 
 
 def test_null_sender_is_accepted_and_delivered(make_daemon, tmp_path):

@@ -16,6 +16,7 @@ import pytest
 
 from smtpd.config import ConfigError, check_config
 from smtpd.parse import parse_config
+from tests.tlsca import CertificateAuthority
 
 CORPUS = Path(__file__).resolve().parents[3] / "shared" / "compat" / "configs"
 MANIFEST = CORPUS / "MANIFEST.tsv"
@@ -36,6 +37,30 @@ def _placeholders(notes: str, what: str) -> list[str]:
     return m.group(1).split() if m else []
 
 
+def _pki_placeholders(path: Path, root: Path) -> None:
+    """The manifest's placeholders for pki files are certificate and key pairs: each
+    pki of the file gets one (a single file when its cert and key are one path)."""
+    try:
+        config = parse_config(path, root=root)
+    except ConfigError:
+        return
+    ca = None
+    for pki in config.pki.values():
+        if pki.cert is None or pki.key is None:
+            continue
+        ca = ca or CertificateAuthority(root / "placeholder-ca")
+        issued = ca.issue(pki.name.replace("*", "any"))
+        cert, key = (root / p.lstrip("/") for p in (pki.cert, pki.key))
+        for placeholder in (cert, key):
+            placeholder.parent.mkdir(parents=True, exist_ok=True)
+        if cert == key:
+            cert.write_bytes(issued.pem().read_bytes())
+        else:
+            cert.write_bytes(issued.cert.read_bytes())
+            key.write_bytes(issued.key.read_bytes())
+        key.chmod(0o600)
+
+
 def _prepare(row: dict, root: Path) -> dict[str, list[tuple[int, str]]]:
     # /etc/aliases: on the Debian machine that gave the verdicts, not in the notes
     for path in ["/etc/aliases"] + _placeholders(row["notes"], r"files for referenced paths"):
@@ -54,9 +79,11 @@ def test_config_gets_opensmtpd_verdict(row, tmp_path):
     path = CORPUS / row["file"]
     expected = row["smtpd68_message"]
 
+    _pki_placeholders(path, tmp_path)
+
     def verdict():
         config = parse_config(path, root=tmp_path)
-        check_config(config, ifaces)
+        check_config(config, ifaces, root=tmp_path)
         return config
 
     if row["smtpd68_result"] == "ok" or expected.endswith(LISTEN_ON_ALL):

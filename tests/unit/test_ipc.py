@@ -17,6 +17,13 @@ def rundir_for(tmp_path):
     return tmp_path
 
 
+def opened(rundir, *names: str) -> list[Mesh]:
+    meshes = [Mesh(name, rundir) for name in names]
+    for mesh in meshes:
+        mesh.open()
+    return meshes
+
+
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 60))
 
@@ -61,10 +68,7 @@ def test_request_gets_its_reply_and_a_silent_peer_times_out(tmp_path):
     rundir = rundir_for(tmp_path)
 
     async def main():
-        control = Mesh("control", rundir)
-        scheduler = Mesh("scheduler", rundir)
-        for m in (control, scheduler):
-            m.open()
+        control, scheduler = opened(rundir, "control", "scheduler")
         answered: list[int] = []
 
         async def on_request(peer, msg):
@@ -82,6 +86,30 @@ def test_request_gets_its_reply_and_a_silent_peer_times_out(tmp_path):
         with pytest.raises(PeerTimeout):
             await control.request("scheduler", CtlRequest(reqid=999, command="silence"),
                                   (CtlReply,), timeout=0.3)
+        control.close()
+        scheduler.close()
+
+    run(main())
+
+
+def test_a_request_whose_handler_raises_fails_at_once(tmp_path):
+    """A peer whose handler raises says so (RequestFailed): the requester does not wait
+    for its deadline (an SMTP client gets its 4xx at once, issue 8)."""
+    rundir = rundir_for(tmp_path)
+
+    async def main():
+        control, scheduler = opened(rundir, "control", "scheduler")
+
+        async def on_request(peer, msg):
+            raise RuntimeError("handler bug")
+
+        control.start(lambda peer, msg: None)
+        scheduler.start(on_request)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(ipc.PeerFailed, match="scheduler failed: RuntimeError: handler bug"):
+            await control.request("scheduler", CtlRequest(reqid=7, command="x"), (CtlReply,), timeout=20)
+        assert loop.time() - started < 5
         control.close()
         scheduler.close()
 

@@ -144,12 +144,11 @@ def test_smtpd_n_checks_a_file(tmp_path):
 
 def test_features_of_later_issues_are_reported_not_silently_ignored(tmp_path):
     c = parse_config(conf(tmp_path, 'filter f proc-exec "/bin/true"\n'
-                                    "listen on 127.0.0.1 tls filter f\n"
+                                    "listen on 127.0.0.1 mask-src filter f\n"
                                     "action a mbox\naction r relay tls\n"
                                     "match from any for any action r\n"))
     assert c.not_applied == [
         f'{tmp_path}/smtpd.conf:1: "filter" statement is accepted but not applied yet',
-        f'{tmp_path}/smtpd.conf:2: listen option "tls" is accepted but not applied yet',
         f'{tmp_path}/smtpd.conf:2: listen option "filter" is accepted but not applied yet',
         f'{tmp_path}/smtpd.conf:3: delivery method "mbox" is accepted but not applied yet',
         f'{tmp_path}/smtpd.conf:4: relay option "tls" is accepted but not applied yet',
@@ -163,3 +162,74 @@ def test_queue_ttl_action_ttl_and_warn_intervals_are_applied(tmp_path):
                                     "match from any for any action r\n"))
     assert (c.queue_ttl, c.bounce_warn_interval, c.actions["r"].ttl) == (2 * 86400, [3600, 6 * 3600], 1800)
     assert c.not_applied == []
+
+
+# --- TLS and AUTH (issue 8) ---------------------------------------------------------------------
+
+PKI = 'pki mx.example.test cert "/c.pem"\npki MX.example.test key "/k.pem"\npki mx.example.test dhe auto\n'
+RULES = "action a maildir\nmatch for local action a\n"
+
+
+def test_tls_and_auth_listen_options_in_the_model(tmp_path):
+    c = parse_config(conf(tmp_path, PKI + 'pki "*" cert "/c2.pem" key "/k2.pem"\n'
+                                          "ca clients cert /ca.pem\n"
+                                          "table creds { alice = x }\ntable senders { alice = alice@x.test }\n"
+                                          "listen on 127.0.0.1 port 2587 tls-require verify pki mx.example.test "
+                                          'pki "*" ca clients auth <creds> senders <senders> masquerade '
+                                          'hostname mx.example.test ciphers HIGH protocols "tlsv1.2,tlsv1.3" '
+                                          "received-auth mask-src no-dsn\n"
+                                          "listen on 127.0.0.1 smtps pki mx.example.test auth-optional proxy-v2\n"
+                                          "listen on 127.0.0.1 port 2525 tls pki mx.example.test\n"
+                                          "smtp ciphers compat\n" + RULES))
+    assert c.pki["mx.example.test"].cert == "/c.pem" and c.pki["mx.example.test"].key == "/k.pem"
+    assert c.pki["mx.example.test"].dhe == "auto" and c.pki["*"].key == "/k2.pem"
+    assert c.ca["clients"].cert == "/ca.pem" and c.tls_ciphers == "compat"
+    sub, smtps, starttls = c.listeners
+    assert (sub.tls, sub.tls_verify, sub.pki, sub.ca) == ("require", True, ["mx.example.test", "*"], "clients")
+    assert (sub.auth, sub.auth_table, sub.senders, sub.masquerade) == ("required", "creds", "senders", True)
+    assert (sub.ciphers, sub.protocols, sub.hostname) == ("HIGH", "tlsv1.2,tlsv1.3", "mx.example.test")
+    assert (sub.received_auth, sub.mask_src, sub.no_dsn, sub.proxy_v2) == (True, True, True, False)
+    assert (smtps.tls, smtps.port, smtps.auth, smtps.auth_table, smtps.proxy_v2) == ("smtps", 465, "optional", None, True)
+    assert (starttls.tls, starttls.port, starttls.auth, starttls.tls_verify) == ("starttls", 2525, "", False)
+    assert c.not_applied == []
+
+
+@pytest.mark.parametrize("text, line, message", [
+    ("listen on 127.0.0.1 auth\n", 4, "invalid listen option: auth requires tls/smtps"),
+    ("listen on 127.0.0.1 pki mx.example.test\n", 4, "invalid listen option: pki requires tls/smtps"),
+    ("listen on 127.0.0.1 tls\n", 4, "invalid listen option: pki required for tls/smtps"),
+    ("listen on 127.0.0.1 smtps pki nope.example.test\n", 4, "pki name not found: nope.example.test"),
+    ("listen on 127.0.0.1 tls pki mx.example.test ca nope\n", 4, "ca name not found: nope"),
+    ("listen on 127.0.0.1 tls smtps pki mx.example.test\n", 4, "TLS mode already specified"),
+    ("listen on 127.0.0.1 tls pki mx.example.test auth auth-optional\n", 4, "auth already specified"),
+    ("listen on 127.0.0.1 tls pki mx.example.test ciphers A ciphers B\n", 4, "ciphers already specified"),
+    ("listen on 127.0.0.1 tls pki mx.example.test proxy-v2 proxy-v2\n", 4, "proxy-v2 already specified"),
+    ("listen on 127.0.0.1 tls pki mx.example.test senders { a, b }\n", 4,
+     'invalid use of table "anon:4:1" as SENDERS parameter'),
+    ("listen on socket auth\n", 4, "need a TCP listener"),
+    ("pki mx.example.test dhe strong\n", 4, "invalid DHE keyword: strong"),
+    ("pki bad_name! cert /c.pem\n", 4, "not a valid domain name: bad_name!"),
+    ("pki mx.example.test certificate /c.pem\n", 4, 'unexpected "certificate", expected "cert"'),
+    ("ca x.test key /k.pem\n", 4, 'unexpected "key", expected "cert"'),
+    ("table m { a = b }\nmatch from auth <m> for any action a\n", 5,
+     'table "m" may not be used for from lookups'),
+    ("table m { a = b }\nmatch from any auth regex <m> for any action a\n", 5,
+     'table "m" may not be used for auth lookups'),
+    ("match from auth auth for any action a\n", 4, "auth already specified for this rule"),
+])
+def test_tls_and_auth_errors_name_the_line(tmp_path, text, line, message):
+    err = error(tmp_path, PKI + text + RULES)
+    assert err.line == line and message in err.message, str(err)
+
+
+def test_auth_rules_parse_into_conditions(tmp_path):
+    c = parse_config(conf(tmp_path, "table users { alice, bob }\naction a maildir\n"
+                                    "match from any auth <users> for any action a\n"
+                                    "match from auth for any action a\n"
+                                    "match !from auth for any reject\n"
+                                    "match from any auth regex { '^a' } for any action a\n"))
+    kinds = [[(x.kind, x.what, x.table, x.negate, x.regex) for x in r.conditions] for r in c.rules]
+    assert kinds[0][1] == ("auth", "auth", "users", False, False)
+    assert kinds[1][0] == ("from", "auth", None, False, False)
+    assert kinds[2][0] == ("from", "auth", None, True, False)
+    assert kinds[3][1][:2] == ("auth", "auth") and kinds[3][1][4] is True
