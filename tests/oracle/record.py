@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from tests.oracle import opensmtpd
+from tests.oracle.opensmtpd_source import complete
 from tests.oracle.environment import HOSTNAME, MAX_MESSAGE_SIZE, MAX_RCPT, make_site
 from tests.oracle.transcripts import BY_NAME, Result, play_all
 
@@ -19,7 +20,9 @@ JSON_PATH = REPO / "tests/oracle/opensmtpd_replies.json"
 DOC_PATH = REPO / "docs/opensmtpd-replies.md"
 
 
-def record(base: Path) -> tuple[str, dict[str, Result]]:
+def record(base: Path) -> tuple[str, dict[str, tuple[Result, str]]]:
+    """{name: (result, source)}: source is "" when recorded whole, else where the part after
+    the TLS handshake was read (tests/oracle/opensmtpd_source.py)."""
     site = make_site(base)
     try:
         server = opensmtpd.OpenSmtpd.prepare(base, site.config_text)
@@ -31,10 +34,10 @@ def record(base: Path) -> tuple[str, dict[str, Result]]:
                            log_source=server.log)
     finally:
         server.stop()
-    return opensmtpd.version(server.root), results
+    return opensmtpd.version(server.root), {name: complete(res) for name, res in results.items()}
 
 
-def markdown(version: str, results: dict[str, Result]) -> str:
+def markdown(version: str, results: dict[str, tuple[Result, str]]) -> str:
     out = [
         "# OpenSMTPD's replies, recorded",
         "",
@@ -50,10 +53,17 @@ def markdown(version: str, results: dict[str, Result]) -> str:
         "`require` (`tls-require`), `smtps` (`smtps`, `auth-optional`). `C:` is what the client",
         "sent, `S:` the server's reply; `log:` the smtp lines of the session (id shown as <id>).",
         "",
+        "Debian's 6.8.0p2 cannot complete a TLS handshake with bookworm's OpenSSL 3 (upstream",
+        "issues OpenSMTPD#1171 and #1239): in the transcripts marked *after TLS: from the source*,",
+        "what follows `220 2.0.0 Ready to start TLS` (or the whole SMTPS session) is OpenSMTPD",
+        "6.8.0p2's behaviour read from smtp_session.c (tests/oracle/opensmtpd_source.py), not",
+        "recorded; `<ciphers>` stands for the negotiated TLS parameters.",
+        "",
     ]
-    for name, res in results.items():
+    for name, (res, source) in results.items():
         tr = BY_NAME[name]
-        out += [f"## {name}", "", f"{tr.about} (listener `{res.listener}`).", "", "```"]
+        origin = " *After TLS: from the source.*" if source else ""
+        out += [f"## {name}", "", f"{tr.about} (listener `{res.listener}`).{origin}", "", "```"]
         for ex in res.exchanges:
             if ex.sent:
                 out.append(f"C: {ex.sent}")
@@ -72,7 +82,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="opensmtpd-record-") as tmp:
         version, results = record(Path(tmp))
     data = {"server": f"OpenSMTPD (Debian opensmtpd {version})",
-            "transcripts": {name: res.as_json() for name, res in results.items()}}
+            "transcripts": {name: {**res.as_json(), "source": source or "recorded"}
+                            for name, (res, source) in results.items()}}
     JSON_PATH.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
     DOC_PATH.write_text(markdown(version, results))
     print(f"wrote {JSON_PATH} and {DOC_PATH}: {len(results)} transcripts")

@@ -37,7 +37,10 @@ class Step:
     label: str = ""                 # how the step is shown when ``send`` is unwieldy
 
     def shown(self) -> str:
-        return self.label or self.send.decode("utf-8", "backslashreplace").replace("\r\n", "\\r\\n")
+        if self.label:
+            return self.label
+        text = self.send.decode("utf-8", "backslashreplace").replace("\r\n", "\\r\\n")
+        return "".join(f"\\x{ord(c):02x}" if ord(c) < 32 and c != "\n" else c for c in text).replace("\n", "\\n")
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,6 @@ class Transcript:
     about: str
     steps: tuple[Step, ...]
     listener: str = "plain"
-    early: bytes = b""              # sent before the greeting is read (an early talker)
 
 
 def cmd(line: str, replies: int = 1, tls: bool = False) -> Step:
@@ -74,15 +76,13 @@ AUTH_OK = cmd(f"AUTH PLAIN {plain_auth(USER, PASSWORD)}")
 TLS_EHLO = (EHLO, STARTTLS, EHLO)
 
 
-def t(name: str, about: str, *steps: Step, listener: str = "plain", early: bytes = b"") -> Transcript:
-    return Transcript(name, about, tuple(steps), listener, early)
+def t(name: str, about: str, *steps: Step, listener: str = "plain") -> Transcript:
+    return Transcript(name, about, tuple(steps), listener)
 
 
 TRANSCRIPTS: tuple[Transcript, ...] = (
     t("greeting", "connect and quit", QUIT),
     t("quit-with-argument", "QUIT takes no argument", EHLO, cmd("QUIT now")),
-    t("early-talker", "a client that speaks before the greeting", QUIT,
-      early=b"EHLO client.test\r\n"),
     # EHLO / HELO
     t("ehlo", "EHLO and the extensions advertised", EHLO, QUIT),
     t("helo", "HELO", cmd("HELO client.test"), MAIL, QUIT),
@@ -274,6 +274,12 @@ class Result:
         return {"name": self.name, "listener": self.listener,
                 "exchanges": [e.as_json() for e in self.exchanges], "end": self.end, "log": self.log}
 
+    @classmethod
+    def from_json(cls, data: dict) -> "Result":
+        exchanges = [Exchange(e["sent"], [Reply(r["code"], r["enhanced"], r["lines"]) for r in e["replies"]],
+                              e.get("event", "")) for e in data["exchanges"]]
+        return cls(data["name"], data["listener"], exchanges, data["end"], data["log"])
+
 
 class _Conn:
     def __init__(self, sock: socket.socket) -> None:
@@ -350,8 +356,6 @@ def play(transcript: Transcript, port: int, *, cafile: str, hostname: str,
                 first.event = f"tls failed: {type(exc).__name__}"
                 stopped = True
         conn = _Conn(sock)
-        if transcript.early and not stopped:
-            sock.sendall(transcript.early)
         if not stopped:
             stopped = _read_replies(conn, first, 1)
         for step in transcript.steps:
