@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import Daemon
 from tests.oracle import opensmtpd
 from tests.oracle.environment import HOSTNAME, make_site
-from tests.oracle.opensmtpd_source import complete
+from tests.oracle.record import record
 from tests.oracle.transcripts import TRANSCRIPTS, Result, play_all
 
 REPO = Path(__file__).resolve().parents[2]
@@ -95,19 +95,11 @@ def _exchange(result: Result, i: int):
 
 @pytest.fixture(scope="module")
 def opensmtpd_results(tmp_path_factory) -> dict[str, Result]:
-    base = tmp_path_factory.mktemp("opensmtpd")
-    site = make_site(base)
     try:
-        server = opensmtpd.OpenSmtpd.prepare(base, site.config_text)
+        _version, results = record(tmp_path_factory.mktemp("opensmtpd"))
     except opensmtpd.Unavailable as exc:
         opensmtpd.unavailable(str(exc))
-    server.start(site.port_list())
-    try:
-        results = play_all(site.ports, cafile=str(site.cafile), hostname=HOSTNAME,
-                           log_source=server.log)
-    finally:
-        server.stop()
-    return {name: complete(res)[0] for name, res in results.items()}
+    return {name: result for name, (result, _source) in results.items()}
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,10 @@ DOC_PATH = REPO / "docs/opensmtpd-replies.md"
 
 def record(base: Path) -> tuple[str, dict[str, tuple[Result, str]]]:
     """{name: (result, source)}: source is "" when recorded whole, else where the part after
-    the TLS handshake was read (tests/oracle/opensmtpd_source.py)."""
+    the TLS handshake was read (tests/oracle/opensmtpd_source.py). Raises
+    opensmtpd.Unavailable where OpenSMTPD cannot be fetched or run."""
     site = make_site(base)
-    try:
-        server = opensmtpd.OpenSmtpd.prepare(base, site.config_text)
-    except opensmtpd.Unavailable as exc:
-        sys.exit(f"cannot record: {exc}")
+    server = opensmtpd.OpenSmtpd.prepare(base, site.config_text)
     server.start(site.port_list())
     try:
         results = play_all(site.ports, cafile=str(site.cafile), hostname=HOSTNAME,
@@ -80,7 +78,10 @@ def markdown(version: str, results: dict[str, tuple[Result, str]]) -> str:
 
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="opensmtpd-record-") as tmp:
-        version, results = record(Path(tmp))
+        try:
+            version, results = record(Path(tmp))
+        except opensmtpd.Unavailable as exc:
+            sys.exit(f"cannot record: {exc}")
     data = {"server": f"OpenSMTPD (Debian opensmtpd {version})",
             "transcripts": {name: {**res.as_json(), "source": source or "recorded"}
                             for name, (res, source) in results.items()}}
