@@ -107,12 +107,13 @@ def pysmtpd_results(tmp_path_factory, privsep_users) -> dict[str, Result]:
     base = tmp_path_factory.mktemp("pysmtpd")
     site = make_site(base)
     daemon = Daemon(base, site.config_text)
-    daemon.start()
     try:
+        daemon.start()
         return play_all(site.ports, cafile=str(site.cafile), hostname=HOSTNAME,
                         log_source=daemon.log_since_start)
     finally:
         daemon.stop()
+        site.remove_homes()
         assert not daemon.children(), "processes left behind"
 
 

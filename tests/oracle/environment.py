@@ -63,6 +63,12 @@ class Site:
     def port_list(self) -> list[int]:
         return [self.ports[name] for name in LISTENERS]
 
+    def remove_homes(self) -> None:
+        """As root the users' homes live outside ``base`` (tests/e2e/helpers.py userbase)."""
+        homes = self.base / "home"
+        if homes.is_symlink():
+            shutil.rmtree(homes.resolve(), ignore_errors=True)
+
 
 def make_site(base: Path) -> Site:
     """Files and a configuration for one server (call once per server: ports are its own)."""

@@ -25,13 +25,16 @@ def record(base: Path) -> tuple[str, dict[str, tuple[Result, str]]]:
     the TLS handshake was read (tests/oracle/opensmtpd_source.py). Raises
     opensmtpd.Unavailable where OpenSMTPD cannot be fetched or run."""
     site = make_site(base)
-    server = opensmtpd.OpenSmtpd.prepare(base, site.config_text)
-    server.start(site.port_list())
     try:
-        results = play_all(site.ports, cafile=str(site.cafile), hostname=HOSTNAME,
-                           log_source=server.log)
+        server = opensmtpd.OpenSmtpd.prepare(base, site.config_text)
+        server.start(site.port_list())
+        try:
+            results = play_all(site.ports, cafile=str(site.cafile), hostname=HOSTNAME,
+                               log_source=server.log)
+        finally:
+            server.stop()
     finally:
-        server.stop()
+        site.remove_homes()
     return opensmtpd.version(server.root), {name: complete(res) for name, res in results.items()}
 
 
