@@ -21,6 +21,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -64,36 +65,45 @@ def unavailable(reason: str):
 
 
 def fetch(cache: Path = CACHE) -> Path:
-    """The unpacked package's root directory (downloaded and unpacked once per cache)."""
+    """The unpacked package's root directory (downloaded and unpacked once per cache).
+
+    Several test runs may fetch at once (helpers share a machine): each downloads and unpacks
+    in a directory of its own, and the first to finish installs its copy by a rename."""
     root = cache / "root"
-    smtpd = root / "usr/sbin/smtpd"
-    if smtpd.exists():
+    if (root / "usr/sbin/smtpd").exists():
         return root
     if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
         raise Unavailable("apt-get/dpkg not found (a Debian-family system is needed)")
     cache.mkdir(parents=True, exist_ok=True)
-    debs = _download(cache)
-    if not debs:
-        # A fresh container has no package lists yet: read them once, then retry.
-        if os.geteuid() == 0:
+    work = Path(tempfile.mkdtemp(prefix="fetch-", dir=cache))
+    try:
+        deb = _download(work)
+        if deb is None and os.geteuid() == 0:
+            # A fresh container has no package lists yet: read them once, then retry.
             subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=300)
-            debs = _download(cache)
-        if not debs:
+            deb = _download(work)
+        if deb is None:
             raise Unavailable(f"apt-get download {PACKAGE} failed (no Debian registry reachable?)")
-    staging = cache / "root.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    subprocess.run(["dpkg", "-x", str(debs[-1]), str(staging)], check=True, timeout=120)
-    os.replace(staging, root)
+        subprocess.run(["dpkg", "-x", str(deb), str(work / "root")], check=True, timeout=120)
+        os.replace(deb, cache / deb.name)
+        try:
+            os.rename(work / "root", root)
+        except OSError:
+            if not (root / "usr/sbin/smtpd").exists():      # not another run's copy: a real error
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return root
 
 
-def _download(cache: Path) -> list[Path]:
+def _download(directory: Path) -> Path | None:
     try:
-        subprocess.run(["apt-get", "download", "-qq", PACKAGE], cwd=cache, capture_output=True,
-                       timeout=300, check=True)
+        subprocess.run(["apt-get", "download", "-qq", PACKAGE], cwd=directory,
+                       capture_output=True, timeout=300, check=True)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
-        return []
-    return sorted(cache.glob(f"{PACKAGE}_*.deb"))
+        return None
+    debs = sorted(directory.glob(f"{PACKAGE}_*.deb"))
+    return debs[-1] if debs else None
 
 
 def version(root: Path) -> str:
@@ -108,12 +118,20 @@ def missing_libraries(smtpd: Path) -> list[str]:
 
 def ensure_users() -> None:
     for user in USERS:
-        try:
-            pwd.getpwnam(user)
-        except KeyError:
+        if not _user_exists(user):
             home = "/var/spool/smtpd" if user == "opensmtpq" else "/var/lib/opensmtpd/empty"
-            subprocess.run(["useradd", "-r", "-M", "-d", home, "-s", "/usr/sbin/nologin", user],
-                           check=True)
+            res = subprocess.run(["useradd", "-r", "-M", "-d", home, "-s", "/usr/sbin/nologin", user],
+                                 capture_output=True, text=True)
+            if res.returncode != 0 and not _user_exists(user):    # else made by a concurrent run
+                raise AssertionError(f"useradd {user}: {res.stderr.strip()}")
+
+
+def _user_exists(user: str) -> bool:
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        return False
+    return True
 
 
 class OpenSmtpd:
