@@ -9,6 +9,9 @@ smtp_check_starttls, smtp_check_mail_from, smtp_rfc4954_auth_plain/login,
 smtp_auth_failure_resume, smtp_reply's failed-command lines, the IO_TLSREADY log line) and
 esc.c; each entry names the function it follows. Everything before the handshake stays as
 recorded. ``complete()`` joins the two; results so completed say so (``source``).
+
+Checked once against a live OpenSMTPD 7.8.0p1 built from source (same session code on these
+paths): all 18 transcripts agreed (docs/smtp-fidelity.md says how to repeat it).
 """
 from __future__ import annotations
 
