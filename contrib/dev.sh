@@ -133,15 +133,28 @@ install_test_tools() {
     # rpm2cpio/cpio build and check the RPM; systemd-analyze, systemd-sysusers and
     # systemd-tmpfiles check the units; setpriv (util-linux) confines the daemon as the unit does;
     # zsh and fish run smtpctl's completion scripts; mandoc and groff check the manual
-    # pages; rpm's Python dependency generator needs the system Python's packaging module.
-    local missing=() tool pkg
+    # pages; rpm's Python dependency generator needs the system Python's packaging module;
+    # swaks needs Net::SSLeay and IO::Socket::SSL for --tls.
+    # The fidelity oracle (tests/oracle/opensmtpd.py) makes its CA with openssl, runs Debian's
+    # OpenSMTPD unpacked (never installed) in a mount namespace (unshare), which needs the
+    # package's libraries: libevent and libdb are the ones a minimal Debian lacks.
+    local missing=() tool pkg lib
     for tool in swaks:swaks rpmbuild:rpm rpm2cpio:rpm rpmlint:rpmlint cpio:cpio \
                 systemd-analyze:systemd systemd-sysusers:systemd setpriv:util-linux \
-                zsh:zsh fish:fish mandoc:mandoc groff:groff-base; do
+                zsh:zsh fish:fish mandoc:mandoc groff:groff-base \
+                unshare:util-linux openssl:openssl; do
         command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
     done
     if [ -x /usr/bin/python3 ] && ! /usr/bin/python3 -c 'import packaging' 2>/dev/null; then
         missing+=(python3-packaging)
+    fi
+    if ! perl -MNet::SSLeay -MIO::Socket::SSL -e 1 2>/dev/null; then
+        missing+=(libnet-ssleay-perl libio-socket-ssl-perl)
+    fi
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then   # the oracle runs as root only
+        for lib in libevent-2.1.so.7:libevent-2.1-7 libdb-5.3.so:libdb5.3; do
+            ldconfig -p 2>/dev/null | grep -q "${lib%%:*}" || missing+=("${lib#*:}")
+        done
     fi
     [ ${#missing[@]} -eq 0 ] && return 0
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
