@@ -23,7 +23,7 @@ from common.envelope import Envelope
 from common.ipc import PeerTimeout
 from common.messages import SmtpMessageData, SmtpMessageRollback
 from common.trace import FLAGS, SESSION, trace
-from common.vis import log_text as vis
+from common.vis import COMMAND, log_text as vis
 from smtpd import enqueue, smtp_proto
 from smtpd.smtp_proto import (
     NEED_DATA, PAUSED, AuthCredentials, Command, ConnectionClosed, DataChunk, DataEnd, DataStart,
@@ -467,9 +467,9 @@ class Session(asyncio.Protocol):
 
 
 def vis_command(command: str) -> str:
-    """A command line in a log line: printable ASCII as it is (spaces kept, as
-    strnvis(VIS_SAFE|VIS_CSTYLE) does), anything else escaped."""
-    return " ".join(vis(word) for word in command.split(" "))
+    """A command line in a log line, as OpenSMTPD's failed-command line shows it:
+    strnvis(VIS_SAFE|VIS_CSTYLE) (common.vis.COMMAND: CR as \\r, ESC as \\^[)."""
+    return vis(command, COMMAND)
 
 
 def log_authentication(session_id: int, user: str, result: str) -> None:

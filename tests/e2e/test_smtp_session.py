@@ -81,7 +81,7 @@ def test_control_bytes_never_reach_the_log_raw(make_daemon, tmp_path):
     log = d.wait_log("Sender address syntax error")
     line = next(l for l in log.splitlines() if "Sender address syntax error" in l)
     assert "\x1b" not in log and "\x00" not in log
-    assert line.endswith(r'command="MAIL FROM:<a\033[31m\015x" result="553 5.1.0 Sender address syntax error"'), line
+    assert line.endswith(r'command="MAIL FROM:<a\^[[31m\rx" result="553 5.1.0 Sender address syntax error"'), line
 
 
 def test_a_fault_of_a_peer_is_temporary_and_421_closes(make_daemon, tmp_path):
