@@ -158,6 +158,8 @@ def test_show_stats_monitor_and_metrics(make_daemon, tmp_path):
     pids = {title.removeprefix("smtpd: ").strip("[]").replace("priv", "parent"): pid
             for title, pid in d.children().items()}
     assert set(pids) == {"parent", "control", "lka", "queue", "scheduler", "pony"}, pids
+    # a local delivery worker forked by the parent carries the parent's title: name it by pid
+    pids["parent"] = d.proc.pid
     usage = {(fam.name, s.labels["process"]): s.value for fam in families.values() for s in fam.samples
              if s.labels}
     assert families["smtpd_process_cpu_seconds"].type == "counter"
