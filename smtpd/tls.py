@@ -61,7 +61,9 @@ def read_secret_file(path: str, mode_max: int, root: Path | None = None) -> byte
     unprivileged) and its mode allows no more than ``mode_max``; raises OSError with
     the reason otherwise."""
     real = root / Path(path).relative_to("/") if root is not None and Path(path).is_absolute() else Path(path)
-    with open(real, "rb") as f:
+    # O_NONBLOCK: a FIFO named as a key must be refused, not wait for a writer
+    fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as f:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise OSError(f"{path}: not a regular file")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import signal
 import socket
 import ssl
 import threading
@@ -15,7 +16,7 @@ import pytest
 from smtpd import tls
 from smtpd.config import ConfigError, check_config
 from smtpd.parse import parse_config
-from tests.tlsca import CertificateAuthority
+from tests.tlsca import CertificateAuthority, Issued
 
 HANDSHAKE_TIMEOUT = 10
 
@@ -114,6 +115,19 @@ def test_key_readable_by_others_is_refused(tmp_path, ca):
     assert "insecure permissions: must be at most rwxr-----" in err.value.message
     issued.key.chmod(0o640)             # group-readable is what OpenSMTPD allows
     load(write_conf(tmp_path, {"perm.example.test": issued}, "listen on 127.0.0.1 tls pki perm.example.test"))
+
+
+def test_fifo_named_as_key_is_refused_without_waiting(tmp_path, ca):
+    issued = ca.issue("fifo.example.test")
+    fifo = tmp_path / "key.fifo"
+    os.mkfifo(fifo, 0o600)
+    issued = Issued(issued.name, issued.cert, fifo)
+    signal.alarm(10)                    # a blocking open would wait for a writer forever
+    try:
+        with pytest.raises(ConfigError, match="not a regular file"):
+            load(write_conf(tmp_path, {issued.name: issued}, f"listen on 127.0.0.1 tls pki {issued.name}"))
+    finally:
+        signal.alarm(0)
 
 
 def test_group_writable_certificate_is_refused(tmp_path, ca):
