@@ -1,0 +1,113 @@
+"""Certificate renewal by ``smtpctl reload``, against the real daemon: pony, chrooted
+and unprivileged, cannot read the key files, so the parent reads them and sends their
+contents to pony alone; a new certificate is served on STARTTLS and smtps listeners
+alike, a key that does not load is refused with the reason and the old certificate
+stays in service, and ``trace mproc`` never shows the key material."""
+from __future__ import annotations
+
+import os
+import shutil
+import smtplib
+import ssl
+from pathlib import Path
+
+from tests.conftest import free_port
+from tests.e2e.test_trace import mproc_lines
+from tests.tlsca import CertificateAuthority, Issued
+
+NAME = "mx.example.test"
+CLIENT_TIMEOUT = 30
+
+
+def served_cn(ca: CertificateAuthority, port: int, *, smtps: bool = False) -> str:
+    """The CN of the certificate a new session gets (STARTTLS, or smtps), its chain
+    verified against the test CA."""
+    ctx = ssl.create_default_context(cafile=str(ca.cert))
+    ctx.check_hostname = False               # the CNs differ on purpose; the chain is checked
+    if smtps:
+        client = smtplib.SMTP_SSL("127.0.0.1", port, timeout=CLIENT_TIMEOUT, context=ctx)
+    else:
+        client = smtplib.SMTP("127.0.0.1", port, timeout=CLIENT_TIMEOUT)
+    with client as c:
+        c.ehlo("client.test")
+        if not smtps:
+            c.starttls(context=ctx)
+            c.ehlo("client.test")
+        subject = dict(item[0] for item in c.sock.getpeercert()["subject"])
+    return subject["commonName"]
+
+
+def install(issued: Issued, cert: Path, key: Path) -> None:
+    """Put a certificate and its key where smtpd.conf names them (the admin's renewal)."""
+    shutil.copyfile(issued.cert, cert)
+    shutil.copyfile(issued.key, key)
+    key.chmod(0o600)
+
+
+def key_lines(issued: Issued) -> list[str]:
+    """The base64 lines of the private key, which must appear in no log."""
+    return [line for line in issued.key.read_text().splitlines() if line and "-----" not in line]
+
+
+def test_reload_serves_a_renewed_certificate_and_keeps_the_key_out_of_traces(make_daemon, tmp_path):
+    ca = CertificateAuthority(tmp_path / "ca")
+    first, renewed = ca.issue("first.example.test"), ca.issue("renewed.example.test")
+    pki_dir = tmp_path / "pki"
+    pki_dir.mkdir()
+    cert, key = pki_dir / "server.crt", pki_dir / "server.key"
+    install(first, cert, key)
+    starttls, smtps = free_port(), free_port()
+    d = make_daemon("\n".join([
+        f'pki {NAME} cert "{cert}"',
+        f'pki {NAME} key "{key}"',
+        f"listen on 127.0.0.1 port {starttls} tls pki {NAME} hostname {NAME}",
+        f"listen on 127.0.0.1 port {smtps} smtps pki {NAME} hostname {NAME}",
+        'action "out" relay host "smtp://127.0.0.1:9"',
+        'match from local for any action "out"',
+    ]) + "\n").start()
+    assert served_cn(ca, starttls) == "first.example.test"
+    assert served_cn(ca, smtps, smtps=True) == "first.example.test"
+
+    assert d.smtpctl("trace", "mproc").stdout == "command succeeded\n"
+    install(renewed, cert, key)
+    res = d.smtpctl("reload")
+    assert res.stdout.startswith("command succeeded"), res.stdout
+    d.wait_log("configuration reloaded")
+    assert served_cn(ca, starttls) == "renewed.example.test"
+    assert served_cn(ca, smtps, smtps=True) == "renewed.example.test"
+    if os.geteuid() == 0:
+        # chrooted, pony loaded them from short-lived copies in its scratch directory
+        pony_root = Path(f"/proc/{d.children()['smtpd: pony']}/root")
+        assert os.readlink(pony_root) != "/"
+        assert list((pony_root / "pony-tls").iterdir()) == []
+
+    # The parent sent the certificate and key to pony alone: its prepare message is
+    # larger than the others' by at least their size, and the others' are all alike.
+    log = d.log_since_start()
+    sizes = {dst: size for src, dst, size, name, _ in mproc_lines(log)
+             if src == "parent" and name == "conf_reload_prepare"}
+    assert set(sizes) == {"control", "lka", "queue", "scheduler", "pony"}, sizes
+    others = {size for dst, size in sizes.items() if dst != "pony"}
+    assert len(others) == 1, sizes
+    assert sizes["pony"] >= others.pop() + cert.stat().st_size + key.stat().st_size, sizes
+
+    # A key that does not load: refused with the reason, the renewed certificate stays.
+    key.write_text("-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n")
+    res = d.smtpctl("reload", check=False)
+    assert res.returncode == 1, res.stdout
+    assert res.stdout.startswith(f"command failed: {d.config}:1: pki {NAME}: cannot load certificate or key"), res.stdout
+    assert served_cn(ca, starttls) == "renewed.example.test"
+    assert served_cn(ca, smtps, smtps=True) == "renewed.example.test"
+    # ... and so does a key the parent cannot use at all (others may read it)
+    install(first, cert, key)
+    key.chmod(0o644)
+    res = d.smtpctl("reload", check=False)
+    assert res.returncode == 1 and "insecure permissions" in res.stdout, res.stdout
+    assert served_cn(ca, starttls) == "renewed.example.test"
+
+    log = d.wait_log("reload failed")
+    assert log.count("reload failed, keeping the current configuration") == 2
+    for line in key_lines(first) + key_lines(renewed):
+        assert line not in log
+    assert "PRIVATE KEY" not in log
+    assert d.proc.poll() is None
