@@ -177,7 +177,8 @@ class Process:
         smtps listeners that stay get a new server (an asyncio server keeps the
         context it was made with; the socket and its backlog are kept)."""
         self.config = self.mta.config = self.mda.config = config
-        self._tls_contexts, self._reload_tls_contexts = self._reload_tls_contexts, {}
+        previous, contexts = self._tls_contexts, self._reload_tls_contexts
+        self._tls_contexts, self._reload_tls_contexts = contexts, {}
         current = {entry.key: entry for entry in self.listening}
         wanted = {entry.key: entry for entry in new}
         for key, entry in current.items():
@@ -185,11 +186,16 @@ class Process:
                 if entry.server is not None:
                     entry.server.close()
                 entry.sock.close()
+                # its open sessions (they hold the old listener) may still STARTTLS
+                if id(entry.listener) in previous:
+                    contexts[id(entry.listener)] = previous[id(entry.listener)]
         result = []
         for key, entry in wanted.items():
             old = current.get(key)
             if old is not None:
                 smtps = "smtps" in (getattr(old.listener, "tls", ""), getattr(entry.listener, "tls", ""))
+                if id(entry.listener) in contexts:      # open sessions STARTTLS with the new one
+                    contexts[id(old.listener)] = contexts[id(entry.listener)]
                 old.listener = entry.listener
                 entry.sock.close()            # the same socket as the one we hold
                 if smtps and old.server is not None:

@@ -19,11 +19,16 @@ NAME = "mx.example.test"
 CLIENT_TIMEOUT = 30
 
 
+def client_context(ca: CertificateAuthority) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(ca.cert))
+    ctx.check_hostname = False               # the CNs differ on purpose; the chain is checked
+    return ctx
+
+
 def served_cn(ca: CertificateAuthority, port: int, *, smtps: bool = False) -> str:
     """The CN of the certificate a new session gets (STARTTLS, or smtps), its chain
     verified against the test CA."""
-    ctx = ssl.create_default_context(cafile=str(ca.cert))
-    ctx.check_hostname = False               # the CNs differ on purpose; the chain is checked
+    ctx = client_context(ca)
     if smtps:
         client = smtplib.SMTP_SSL("127.0.0.1", port, timeout=CLIENT_TIMEOUT, context=ctx)
     else:
@@ -69,11 +74,18 @@ def test_reload_serves_a_renewed_certificate_and_keeps_the_key_out_of_traces(mak
     assert served_cn(ca, smtps, smtps=True) == "first.example.test"
 
     assert d.smtpctl("trace", "mproc").stdout == "command succeeded\n"
+    opened = smtplib.SMTP("127.0.0.1", starttls, timeout=CLIENT_TIMEOUT)   # before the reload
+    opened.ehlo("client.test")
     install(renewed, cert, key)
     res = d.smtpctl("reload")
     assert res.stdout.startswith("command succeeded"), res.stdout
     d.wait_log("configuration reloaded")
     assert served_cn(ca, starttls) == "renewed.example.test"
+    # a session opened before the reload still has STARTTLS, with the listener's new pki
+    with opened:
+        opened.starttls(context=client_context(ca))
+        assert dict(i[0] for i in opened.sock.getpeercert()["subject"])["commonName"] == \
+            "renewed.example.test"
     assert served_cn(ca, smtps, smtps=True) == "renewed.example.test"
     if os.geteuid() == 0:
         # chrooted, pony loaded them from short-lived copies in its scratch directory
