@@ -6,12 +6,17 @@ stays in service, and ``trace mproc`` never shows the key material."""
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
+import signal
 import smtplib
 import ssl
+import tempfile
 from pathlib import Path
 
-from tests.conftest import free_port
+import pytest
+
+from tests.conftest import Daemon, free_port
 from tests.e2e.test_trace import mproc_lines
 from tests.tlsca import CertificateAuthority, Issued
 
@@ -123,3 +128,40 @@ def test_reload_serves_a_renewed_certificate_and_keeps_the_key_out_of_traces(mak
         assert line not in log
     assert "PRIVATE KEY" not in log
     assert d.proc.poll() is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start the daemon as another user")
+def test_reload_renews_the_certificate_in_unprivileged_mode(tmp_path):
+    """Started by a normal user (nobody, through setpriv as test_daemon.py does), pony is
+    not chrooted: it loads the bytes the parent sent through a memory file."""
+    nobody = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="pysmtpd-unpriv-"))
+    d = None
+    try:
+        ca = CertificateAuthority(base / "ca")
+        first, renewed = ca.issue("first.example.test"), ca.issue("renewed.example.test")
+        cert, key = base / "server.crt", base / "server.key"
+        install(first, cert, key)
+        for path in (base, cert, key):
+            os.chown(path, nobody.pw_uid, nobody.pw_gid)
+        port = free_port()
+        d = Daemon(base, "\n".join([
+            f'pki {NAME} cert "{cert}"',
+            f'pki {NAME} key "{key}"',
+            f"listen on 127.0.0.1 port {port} tls pki {NAME} hostname {NAME}",
+            'action "out" relay host "smtp://127.0.0.1:9"',
+            'match from local for any action "out"',
+        ]) + "\n", prefix=[
+            "setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups",
+            "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"])
+        d.start()
+        assert served_cn(ca, port) == "first.example.test"
+        install(renewed, cert, key)
+        d.proc.send_signal(signal.SIGHUP)
+        d.wait_log("configuration reloaded")
+        assert served_cn(ca, port) == "renewed.example.test"
+    finally:
+        if d is not None:
+            d.stop()
+            assert not d.children(), "processes left behind"
+        shutil.rmtree(base, ignore_errors=True)
