@@ -854,7 +854,8 @@ class ServerConnection:
             if end_found:
                 end = DataEnd(self._body_size, self._body_error)
                 self._pending = end
-                self.last_line = "."
+                # OpenSMTPD names the refused message by its command: failed-command command="DATA"
+                self.last_line = "DATA"
                 if chunk is not None:
                     self._queued.append(end)
                     return chunk

@@ -440,7 +440,9 @@ class Session(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self._close()
-        log.info("%016x smtp disconnected reason=%s", self.session_id, self._end_reason or reason)
+        # after bad input OpenSMTPD's session has entered its QUIT state: it says reason=quit
+        shown = "quit" if reason == "bad-input" else reason
+        log.info("%016x smtp disconnected reason=%s", self.session_id, self._end_reason or shown)
         if self._counted:
             self._counted = False
             self.pony.release(self)
