@@ -399,11 +399,21 @@ class ConfReloadPrepare(Msg, **_m("conf_reload_prepare")):
     process that can still read every file: the children dropped privileges).  The
     child checks that it can apply it and keeps it pending until commit or abort.
     ``listeners`` (pony): the listener index of each socket the parent passes over the
-    fd channel for this generation, in order."""
+    fd channel for this generation, in order.  ``tls_files`` (pony alone): every pki's
+    certificate and key and every ca's certificates as the parent read them
+    (smtpd.tls.read_tls_files: path as configured -> contents), since pony, chrooted
+    and unprivileged, cannot read them.  Key material: the repr shows sizes only."""
     reqid: int
     generation: int
     config: bytes                  # smtpd.config.encode_config() of the new model
     listeners: list[int] = []
+    tls_files: dict[str, bytes] = {}
+
+    def __repr__(self) -> str:
+        sizes = {path: len(data) for path, data in self.tls_files.items()}
+        return (f"ConfReloadPrepare(reqid={self.reqid}, generation={self.generation}, "
+                f"config=<{len(self.config)} bytes>, listeners={self.listeners}, "
+                f"tls_files={sizes})")
 
 
 class ConfReloadCommit(Msg, **_m("conf_reload_commit")):

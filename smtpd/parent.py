@@ -29,7 +29,7 @@ from common.messages import (
     ConfEnd, ConfEndDone, CtlReply, CtlRequest, MdaDone, MdaFork, Msg, SetupDone, SmtpAuthenticate,
     SmtpAuthenticateReply, StatGet, StatReply,
 )
-from smtpd import auth, fdpass, introspection, listeners, local_delivery, metrics, offline, sdnotify
+from smtpd import auth, fdpass, introspection, listeners, local_delivery, metrics, offline, sdnotify, tls
 from smtpd.config import ConfigError
 from smtpd.main import CHILDREN, EXIT_CONFIG, VERSION, load_config
 from smtpd.reload import Reloader
@@ -70,6 +70,13 @@ def make_rundir() -> Path:
             binder, connector = privsep.ids_for(a), privsep.ids_for(b)
             os.chown(d, binder.uid, connector.gid)
             os.chmod(d, 0o2750)
+    if privsep.privileged():
+        # pony's own, for the key copies it loads at a reload, chrooted here
+        # (smtpd/tls.py _pem_path); unprivileged, pony is not chrooted and has /proc
+        scratch = rundir / tls.SCRATCH_DIR_NAME
+        scratch.mkdir(mode=0o700)
+        pony = privsep.ids_for("pony")
+        os.chown(scratch, pony.uid, pony.gid)
     return rundir
 
 

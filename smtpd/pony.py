@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 
+from common import privsep
 from common.ipc import PeerTimeout
 from common.messages import (
     CtlReply, CtlRequest, MtaDnsLookup, MtaDnsReply, PonyEnqueue, PonyEnqueueReply, QueueDeliver,
@@ -75,6 +76,8 @@ def prepare(opts, config) -> Prepared:
         fd, index = (int(x) for x in item.split(":"))
         out.append(Listening(socket.socket(fileno=fd), config.listeners[index]))
     channel = socket.socket(fileno=opts.fd_channel) if opts.fd_channel >= 0 else None
+    if tls is not None and privsep.chroot_dir("pony", opts.rundir, opts.spool) == opts.rundir:
+        tls.scratch_dir = "/" + tls.SCRATCH_DIR_NAME     # as seen from the chroot
     return Prepared(out, channel, tls_contexts(config))
 
 
@@ -94,7 +97,7 @@ class Process:
         self.sessions_open = 0
         self.auth_failures: dict[str, int] = {}  # client address -> failed AUTH (smtp_session)
         self._tls_contexts: dict[int, object] = ctx.prepared.tls_contexts
-        self._reload_tls_files: dict[str, bytes] | None = None
+        self._reload_tls_contexts: dict[int, object] = {}   # of the pending reload
 
     async def start(self) -> None:
         if self.fd_receiver is not None:
@@ -152,30 +155,30 @@ class Process:
         """The sockets the parent passed for this reload, each with its new listener."""
         if self.fd_receiver is None:
             raise RuntimeError("no fd channel from the parent")
-        # the key files' contents, read by the parent (pony cannot read them any more)
-        self._reload_tls_files = getattr(msg, "tls_files", None) or None
         socks = await self.fd_receiver.wait(msg.generation, timeout=5.0)
-        if len(socks) != len(msg.listeners):
+        try:
+            if len(socks) != len(msg.listeners):
+                raise RuntimeError(f"got {len(socks)} listening sockets, expected {len(msg.listeners)}")
+            # From the key files' contents the parent read (pony, chrooted and
+            # unprivileged, cannot read them): a key that does not load refuses the
+            # reload here, so the current certificates stay in service.
+            self._reload_tls_contexts = tls_contexts(config, files=msg.tls_files)
+        except Exception:
             for sock in socks:
                 sock.close()
-            raise RuntimeError(f"got {len(socks)} listening sockets, expected {len(msg.listeners)}")
+            raise
         return [Listening(sock, config.listeners[index]) for sock, index in zip(socks, msg.listeners)]
 
     async def apply_config(self, config, new: list[Listening]) -> None:
         """Switch to the new configuration: listeners that stay keep their socket and
         server (a connection waiting in the backlog is served), removed ones stop
         accepting (their sessions go on), added ones start unless smtp is paused.
-        TLS contexts are rebuilt here, from the key material the parent read as root
-        and sent with the configuration (docs/ops.md)."""
-        try:
-            contexts = tls_contexts(config, files=self._reload_tls_files)
-        except Exception as exc:      # unreadable keys: no TLS rather than plain text
-            log.error("warn: smtp: TLS contexts of the new configuration: %s; STARTTLS is not "
-                      "offered and smtps listeners are not served until a reload succeeds", exc)
-            contexts = {}
-        self._reload_tls_files = None
+        The TLS contexts prepare_config built take over: a new STARTTLS uses them, and
+        smtps listeners that stay get a new server (an asyncio server keeps the
+        context it was made with; the socket and its backlog are kept)."""
         self.config = self.mta.config = self.mda.config = config
-        self._tls_contexts = contexts
+        previous, contexts = self._tls_contexts, self._reload_tls_contexts
+        self._tls_contexts, self._reload_tls_contexts = contexts, {}
         current = {entry.key: entry for entry in self.listening}
         wanted = {entry.key: entry for entry in new}
         for key, entry in current.items():
@@ -183,12 +186,21 @@ class Process:
                 if entry.server is not None:
                     entry.server.close()
                 entry.sock.close()
+                # its open sessions (they hold the old listener) may still STARTTLS
+                if id(entry.listener) in previous:
+                    contexts[id(entry.listener)] = previous[id(entry.listener)]
         result = []
         for key, entry in wanted.items():
             old = current.get(key)
             if old is not None:
+                smtps = "smtps" in (getattr(old.listener, "tls", ""), getattr(entry.listener, "tls", ""))
+                if id(entry.listener) in contexts:      # open sessions STARTTLS with the new one
+                    contexts[id(old.listener)] = contexts[id(entry.listener)]
                 old.listener = entry.listener
                 entry.sock.close()            # the same socket as the one we hold
+                if smtps and old.server is not None:
+                    old.server.close()        # served again below, with the new context
+                    old.server = None
                 result.append(old)
             else:
                 result.append(entry)
@@ -197,6 +209,7 @@ class Process:
             await self._listen()
 
     def abort_config(self, new: list[Listening]) -> None:
+        self._reload_tls_contexts = {}
         for entry in new:
             entry.sock.close()
 

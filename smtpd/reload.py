@@ -10,7 +10,8 @@ nowhere:
    logged, and the daemon keeps running on the current configuration.
 2. prepare: every child gets the parsed model (conf_reload_prepare) and builds
    what it needs from it (lka its tables, pony its listening sockets, received
-   over the fd channel) without using it yet; each answers ok or why not.
+   over the fd channel, and its TLS contexts from the certificates and keys the
+   parent read, sent to pony alone) without using it yet; each answers ok or why not.
 3. commit (all ok) or abort (any failure or silence): each child swaps the new
    configuration in, or drops it.  The parent then closes the sockets of removed
    listeners.
@@ -36,6 +37,7 @@ from common.ipc import PeerTimeout
 from common.messages import ConfReloadAbort, ConfReloadCommit, ConfReloadPrepare, ConfReloadReply
 from smtpd import fdpass, listeners
 from smtpd.config import ConfigError, decode_config, encode_config
+from smtpd.tls import read_tls_files
 
 log = logging.getLogger("smtpd")
 
@@ -78,6 +80,8 @@ class Reloader:
         p = self.parent
         try:
             config = await asyncio.to_thread(self.load_config, p.opts)
+            # pony can no longer read the keys (smtpd/tls.py): it gets their contents
+            tls_files = await asyncio.to_thread(read_tls_files, config)
             plan = listeners.plan(config, p.bound)
             added = listeners.bind_planned(config, plan)
         except ConfigError as exc:
@@ -93,7 +97,8 @@ class Reloader:
         data = encode_config(config)
         replies = await self._ask_all(lambda name: ConfReloadPrepare(
             reqid=self.new_id(), generation=generation, config=data,
-            listeners=[i for _, i in serve] if name == "pony" else []), PREPARE_TIMEOUT)
+            listeners=[i for _, i in serve] if name == "pony" else [],
+            tls_files=tls_files if name == "pony" else {}), PREPARE_TIMEOUT)
         failures = _failures(replies)
         if failures:
             for name in p.children:

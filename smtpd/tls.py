@@ -133,10 +133,19 @@ def _pki_error(exc: ssl.SSLError) -> str:
 
 # --- contexts -----------------------------------------------------------------------------
 
+# The runtime directory's sub-directory that only pony's user may enter (the parent
+# makes it): chrooted in the runtime directory, with no /proc, pony writes there the
+# short-lived copies ``_pem_path`` needs at a reload.  ``scratch_dir`` is where it is
+# seen from the process (None: the system's temporary directory).
+SCRATCH_DIR_NAME = "pony-tls"
+scratch_dir: str | None = None
+
+
 @contextlib.contextmanager
 def _pem_path(data: bytes):
     """A path to ``data`` for OpenSSL's file-only loaders: an anonymous memory file
-    through /proc when there is one, else a private temporary file removed at once."""
+    through /proc when there is one, else a private (0600) file in ``scratch_dir``
+    removed as soon as it is loaded."""
     fd = os.memfd_create("pysmtpd-pki", os.MFD_CLOEXEC)
     try:
         os.write(fd, data)
@@ -146,7 +155,7 @@ def _pem_path(data: bytes):
             return
     finally:
         os.close(fd)
-    fd, path = tempfile.mkstemp(prefix="pysmtpd-pki-")
+    fd, path = tempfile.mkstemp(prefix="pysmtpd-pki-", dir=scratch_dir)
     try:
         os.write(fd, data)
         os.close(fd)

@@ -86,12 +86,17 @@ def test_every_child_is_confined_and_mail_flows_across_reload(make_daemon, tmp_p
             assert int(status[caps], 16) == 0, (name, caps, status[caps])
 
     # The shared chroot is the runtime directory: root's, and nothing in it but the
-    # channels, one directory per pair of processes.
+    # channels, one directory per pair of processes, and pony's empty scratch directory
+    # for the key copies of a reload (smtpd/tls.py), that only pony's user may enter.
     st = rundir.stat()
     assert rundir.parent in (Path("/run"), Path("/run/smtpd")) and st.st_uid == 0 and st.st_mode & 0o7777 == 0o711
-    assert sorted(os.listdir(rundir)) == sorted(f"{a}-{b}" for a, b in ipc.PAIRS)
+    assert sorted(os.listdir(rundir)) == sorted([f"{a}-{b}" for a, b in ipc.PAIRS] + ["pony-tls"])
+    scratch = (rundir / "pony-tls").lstat()
+    assert (scratch.st_uid, scratch.st_mode & 0o7777) == (pwd.getpwnam("_smtpd").pw_uid, 0o700)
+    assert os.listdir(rundir / "pony-tls") == []
     for entry in rundir.iterdir():
-        assert os.listdir(entry) == ["sock"], entry
+        if entry.name != "pony-tls":
+            assert os.listdir(entry) == ["sock"], entry
 
     # Every channel works from inside the chroots, before and after a reload (the
     # children keep their sockets; nothing is reopened by path).

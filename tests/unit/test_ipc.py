@@ -8,7 +8,7 @@ import pytest
 
 from common import ipc
 from common.ipc import Mesh, PeerTimeout
-from common.messages import CtlReply, CtlRequest, QueueMessageCommit
+from common.messages import ConfReloadPrepare, CtlReply, CtlRequest, QueueMessageCommit, decode, encode
 
 
 def rundir_for(tmp_path):
@@ -114,3 +114,15 @@ def test_a_request_whose_handler_raises_fails_at_once(tmp_path):
         scheduler.close()
 
     run(main())
+
+
+def test_reload_prepare_shows_sizes_of_key_material_never_its_content():
+    """Key material crosses the parent -> pony channel at a reload; whatever prints
+    the message (a log line, a traceback's repr) sees the sizes only."""
+    key = b"-----BEGIN PRIVATE KEY-----\nc2VjcmV0IGtleQ==\n-----END PRIVATE KEY-----\n"
+    msg = ConfReloadPrepare(reqid=1, generation=2, config=b"model", listeners=[0],
+                            tls_files={"/etc/ssl/private/mx.key": key})
+    text = repr(msg)
+    assert "c2VjcmV0IGtleQ" not in text and "PRIVATE" not in text and str(msg) == text
+    assert f"'/etc/ssl/private/mx.key': {len(key)}" in text and "config=<5 bytes>" in text
+    assert decode(encode(msg)).tls_files == {"/etc/ssl/private/mx.key": key}
