@@ -25,10 +25,7 @@ from smtpd.mda import Mda
 from smtpd.mta import Mta
 from smtpd.smtp_session import Session
 
-try:                                   # i8-tlsauth's modules (merged into main with issue 8)
-    from smtpd import proxy_v2, tls
-except ImportError:                    # pragma: no cover - before that merge
-    proxy_v2 = tls = None
+from smtpd import proxy_v2, tls
 
 log = logging.getLogger("smtpd")
 
@@ -62,8 +59,6 @@ class Prepared:
 def tls_contexts(config, files=None) -> dict[int, object]:
     """{id(listener): SSLContext} of the listeners with TLS: built while pony can still
     read the key files (prepare, as root), or from their contents (a reload)."""
-    if tls is None:
-        return {}
     return {id(listener): tls.server_context(config, listener, files=files)
             for listener in config.listeners if getattr(listener, "tls", "")}
 
@@ -254,21 +249,16 @@ class Process:
 
     def tls_log_text(self, ssl_object) -> str:
         """What follows ``smtp tls ciphers=`` (version:cipher:bits, as OpenSMTPD)."""
-        if tls is not None:
-            return tls.tls_log_text(ssl_object)
-        cipher = ssl_object.cipher()
-        return f"{ssl_object.version()}:{cipher[0]}:{cipher[2]}"
+        return tls.tls_log_text(ssl_object)
 
     def tls_received_clause(self, ssl_object) -> str:
         """The TLS part of the Received header, as OpenSMTPD: version:cipher:bits:verified."""
         if ssl_object is None:
             return ""
-        if tls is not None:
-            return tls.received_clause(ssl_object).strip().strip("()")
-        return f"{self.tls_log_text(ssl_object)}:NO"
+        return tls.received_clause(ssl_object).strip().strip("()")
 
     def proxy_parser(self):
-        return proxy_v2.parse if proxy_v2 is not None else None
+        return proxy_v2.parse
 
     def is_local_listener(self, listener) -> bool:
         try:
