@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 
+from common.vis import COMMAND, log_text
 from common import stat
 from common.durations import duration_to_text
 from common.envelope import Envelope
@@ -78,7 +79,7 @@ class Mda:
         rcpt = f"rcpt=<{env.rcpt}> " if env.rcpt else ""
         log.info("%016x mda delivery evpid=%016x from=<%s> to=<%s> %suser=%s delay=%s "
                  "result=%s stat=%s", self.pony.ctx.new_id(), env.id, env.sender, env.dest,
-                 rcpt, env.mda_user, duration_to_text(int(time.time()) - env.ctime), word, detail)
+                 rcpt, env.mda_user, duration_to_text(int(time.time()) - env.ctime), word, log_text(detail, COMMAND))
         await self.pony.mesh.send("queue", DeliveryResult(
             evpid=env.id, agent="mda", status=status, errorline=detail,
             esc_code=46 if status == "loop" else 30 if status != "ok" else 0, dsn_notify=env.dsn_notify))

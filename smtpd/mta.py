@@ -23,6 +23,7 @@ import ipaddress
 import logging
 import time
 
+from common.vis import COMMAND, log_text
 from common import stat
 from common.durations import duration_to_text
 from common.envelope import Envelope
@@ -320,7 +321,7 @@ class Mta:
             log.info('%016x mta delivery evpid=%016x from=<%s> to=<%s> rcpt=<%s> source="%s" '
                      'relay="%s" delay=%s result="%s" stat="%s"', session_id, env.id, env.sender,
                      env.dest, env.rcpt if env.rcpt != env.dest else "-", "-", relay,
-                     duration_to_text(now - env.ctime), word, detail)
+                     duration_to_text(now - env.ctime), word, log_text(detail, COMMAND))
             esc = _esc_code(detail)
             await self.pony.mesh.send("queue", DeliveryResult(
                 evpid=env.id, agent="mta", status=status if status in ("ok", "permfail") else "tempfail",

@@ -15,6 +15,7 @@ import queue as threadqueue
 import threading
 import time
 
+from common.vis import COMMAND, log_text
 from common import privsep
 from common.durations import duration_to_text
 from common.envelope import DSN_SUCCESS, EnvelopeError
@@ -442,7 +443,7 @@ class Process:
             delay = duration_to_text(int(time.time()) - env.ctime)
             log.info("%s: %s for %016x: from=<%s>, to=<%s>, rcpt=<%s>, delay=%s, stat=%s",
                      "relay" if env.type == "mta" else "delivery", event, evpid, env.sender,
-                     env.dest, env.rcpt or "-", delay, stat)
+                     env.dest, env.rcpt or "-", delay, log_text(stat, COMMAND))
         except (OSError, EnvelopeError):
             pass
         self.spool.delete_envelope(evpid)

@@ -21,6 +21,7 @@ import logging
 import os
 import time
 
+from common.vis import COMMAND, log_text
 from common import stat
 from common.envelope import DSN_DELAY, DSN_FAILURE, DSN_NEVER, DSN_SUCCESS, Envelope, EnvelopeError
 from common.ipc import PeerTimeout
@@ -175,10 +176,10 @@ class Bouncer:
         stat.decrement("bounce.envelope", len(group))
         for env in group:
             log.info("%016x bounce delivery evpid=%016x from=<> to=<%s> type=%s result=%s stat=%s",
-                     env.id, env.id, env.sender, env.bounce_type, word, text)
+                     env.id, env.id, env.sender, env.bounce_type, word, log_text(text, COMMAND))
         if status == "ok" or status == "permfail":
             if status == "permfail":
-                log.warning("warn: queue: bounce to <%s> refused, dropped: %s", group[0].sender, text)
+                log.warning("warn: queue: bounce to <%s> refused, dropped: %s", group[0].sender, log_text(text, COMMAND))
             for env in group:
                 spool.delete_envelope(env.id)
                 reply = QueueDeliveryOk if status == "ok" else QueueDeliveryPermfail
