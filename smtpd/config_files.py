@@ -50,14 +50,27 @@ def file_problem(st: os.stat_result, secret: bool, uid: int) -> str | None:
     return None
 
 
-def _open_checked(path: Path, secret: bool) -> tuple[int, os.stat_result]:
-    """A descriptor of ``path`` that passed the checks."""
+def open_regular(path: Path) -> tuple[int, os.stat_result]:
+    """A descriptor of ``path`` and its stat, opened without blocking (a FIFO must be
+    refused, not wait for a writer) and refused unless it is a regular file.  The one
+    way a file the configuration names is opened (here, and smtpd/tls.py for pki and
+    ca files); FileRefused says why not."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as exc:
         raise FileRefused(exc.strerror or str(exc)) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a file")
+        raise FileRefused(f"not a regular file ({kind})")
+    return fd, st
+
+
+def _open_checked(path: Path, secret: bool) -> tuple[int, os.stat_result]:
+    """A descriptor of ``path`` that passed the checks."""
+    fd, st = open_regular(path)
     try:
-        st = os.fstat(fd)
         problem = file_problem(st, secret, os.getuid())
         if problem:
             raise FileRefused(problem)

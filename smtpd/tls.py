@@ -19,11 +19,11 @@ from __future__ import annotations
 import contextlib
 import os
 import ssl
-import stat
 import tempfile
 from pathlib import Path
 
 from smtpd.config import Config, ConfigError, Listener
+from smtpd.config_files import FileRefused, open_regular
 
 # ssl.c ssl_load_file / ssl_load_key: the most a certificate or a key file may allow
 CERT_MODE_MAX = 0o755
@@ -57,20 +57,16 @@ def _mode_text(mode: int) -> str:
 
 
 def read_secret_file(path: str, mode_max: int, root: Path | None = None) -> bytes:
-    """The file's bytes if its owner is root (or the daemon's own user when it runs
-    unprivileged) and its mode allows no more than ``mode_max``; raises OSError with
-    the reason otherwise."""
+    """The file's bytes if it is a regular file owned by root (or the daemon's own user
+    when it runs unprivileged) whose mode allows no more than ``mode_max``; raises
+    FileRefused with the reason otherwise."""
     real = root / Path(path).relative_to("/") if root is not None and Path(path).is_absolute() else Path(path)
-    # O_NONBLOCK: a FIFO named as a key must be refused, not wait for a writer
-    fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd, st = open_regular(real)
     with open(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(f"{path}: not a regular file")
         if st.st_uid not in (0, os.geteuid()):
-            raise OSError(f"{path}: not owned by uid 0")
+            raise FileRefused("not owned by uid 0")
         if st.st_mode & 0o777 & ~mode_max:
-            raise OSError(f"{path}: insecure permissions: must be at most {_mode_text(mode_max)}")
+            raise FileRefused(f"insecure permissions: must be at most {_mode_text(mode_max)}")
         return f.read()
 
 
@@ -87,9 +83,9 @@ def read_tls_files(config: Config, root: Path | None = None) -> dict[str, bytes]
                               f"{'key' if kind == 'key' else 'certificate'} file")
         try:
             data = read_secret_file(path, mode_max, root)
-        except OSError as exc:
-            raise ConfigError(owner.file, owner.lineno,
-                              f"{label}: {exc.strerror and f'{path}: {exc.strerror}' or exc}") from None
+        except (FileRefused, OSError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise ConfigError(owner.file, owner.lineno, f"{label}: {path}: {reason}") from None
         # a file named as both cert and key is checked with the key's stricter mode
         files[path] = data
 
