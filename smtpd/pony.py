@@ -60,7 +60,7 @@ def tls_contexts(config, files=None) -> dict[int, object]:
     """{id(listener): SSLContext} of the listeners with TLS: built while pony can still
     read the key files (prepare, as root), or from their contents (a reload)."""
     return {id(listener): tls.server_context(config, listener, files=files)
-            for listener in config.listeners if getattr(listener, "tls", "")}
+            for listener in config.listeners if listener.tls}
 
 
 def prepare(opts, config) -> Prepared:

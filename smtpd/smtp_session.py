@@ -126,16 +126,14 @@ class Session(asyncio.Protocol):
 
     def _settings(self) -> Settings:
         lis, config = self.listener, self.config
-        tls = getattr(lis, "tls", "") or ""
         has_tls = self.pony.tls_context(lis) is not None
-        auth = getattr(lis, "auth", "") or ""
         return Settings(
             hostname=self.name, max_message_size=config.max_message_size,
             max_rcpt=config.smtp_max_rcpt, max_mails=config.smtp_max_mails,
-            dsn=not getattr(lis, "no_dsn", False),
-            starttls=has_tls and tls in ("starttls", "require"),
-            tls_require=tls == "require", smtps=self.ssl_object is not None,
-            auth=auth, proxy_v2=bool(getattr(lis, "proxy_v2", False)),
+            dsn=not lis.no_dsn,
+            starttls=has_tls and lis.tls in ("starttls", "require"),
+            tls_require=lis.tls == "require", smtps=self.ssl_object is not None,
+            auth=lis.auth, proxy_v2=lis.proxy_v2,
             proxy_parser=self.pony.proxy_parser(), peer=self.peer_ip)
 
     @property
@@ -242,7 +240,7 @@ class Session(asyncio.Protocol):
                 conn.accept()
 
     async def _mail(self, conn: ServerConnection, event: MailFrom) -> None:
-        senders = getattr(self.listener, "senders", None)
+        senders = self.listener.senders
         if senders and conn.authenticated:
             check = getattr(messages, "SmtpCheckSender", None)
             reply = await self.pony.mesh.request("lka", check(
@@ -293,8 +291,8 @@ class Session(asyncio.Protocol):
             esmtp=conn.extended, msgid=self.msgid, rcpts=conn.tx.rcpts, secure=conn.secure,
             user=conn.username if conn.authenticated else "",
             tls_clause=self.pony.tls_received_clause(self.ssl_object) if conn.secure else "",
-            mask_src=bool(getattr(lis, "mask_src", False)),
-            received_auth=bool(getattr(lis, "received_auth", False)))
+            mask_src=lis.mask_src,
+            received_auth=lis.received_auth)
         self.data_size = len(received)
         await self.pony.mesh.send("queue", SmtpMessageData(msgid=self.msgid, chunk=received))
         conn.accept()
@@ -363,7 +361,7 @@ class Session(asyncio.Protocol):
         else:
             reply = await self.pony.mesh.request("lka", request(
                 reqid=self.pony.ctx.new_id(), session=self.session_id,
-                table=getattr(self.listener, "auth_table", None), user=event.user,
+                table=self.listener.auth_table, user=event.user,
                 password=event.password), (messages.SmtpAuthenticateReply,))
             result = reply.result
         log_authentication(self.session_id, event.user, result)
