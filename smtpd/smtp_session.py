@@ -228,6 +228,8 @@ class Session(asyncio.Protocol):
         if not filters.wants(phase):
             await filters.flush()
             return True
+        if phase == "mail-from":
+            self.tx_junk = False             # a new transaction: only its own junk marks count
         param = {Helo: lambda e: e.name, MailFrom: lambda e: e.sender, RcptTo: lambda e: e.rcpt,
                  AuthCredentials: lambda e: e.mechanism}.get(type(event), lambda e: "")(event)
         decision, text = await filters.ask(phase, param, time.time())
@@ -386,7 +388,6 @@ class Session(asyncio.Protocol):
         self.msgid = msgid
         self.envelopes = []
         self.dsn = (event.dsn_ret, event.dsn_envid)
-        self.tx_junk = False
         self._report("tx-begin", f"{msgid:08x}")
         conn.accept()
 
@@ -460,6 +461,7 @@ class Session(asyncio.Protocol):
             if not await self._filter_phase(conn, event):
                 return
         msgid, self.msgid = self.msgid, 0
+        self.tx_junk = False                 # the transaction ends here, whatever its outcome
         if event.error or not msgid:
             if msgid:
                 await self.pony.mesh.send("queue", SmtpMessageRollback(msgid=msgid))
@@ -589,6 +591,7 @@ class Session(asyncio.Protocol):
         if self._pump is not None:
             self._pump.cancel()
             self._pump = None
+        self.tx_junk = False
         if self.msgid:
             msgid, self.msgid = self.msgid, 0
             self._report("tx-rollback", f"{msgid:08x}")
