@@ -208,6 +208,21 @@ class Runtime:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def status(self) -> dict[str, str]:
+        """``smtpctl show status``: each process's state (docs/filters.md)."""
+        out = {}
+        for name, proc in self.procs.items():
+            if proc.ready.is_set():
+                state = "running"
+            elif proc.sock is not None:
+                state = "starting"
+            elif proc.restart is not None:
+                state = f"restarting (failures {proc.failures})"
+            else:
+                state = "stopped"
+            out[name] = state
+        return out
+
     @property
     def enabled(self) -> bool:
         return bool(self.procs) or bool(self.config.filters)
@@ -466,7 +481,9 @@ class Runtime:
                 reqid = self.waiting.pop(item.session, None)
                 if reqid is None:
                     continue
-                stat.increment(f"filter.decision.{item.decision}")
+                fs = self.engine.sessions.get(item.session)
+                if fs is not None:
+                    stat.increment(f"filter.{fs.filter}.{item.decision}")
                 self._spawn(self.ctx.mesh.send("pony", FilterSmtpProtocolReply(
                     reqid=reqid, decision=item.decision, param=item.param)))
             elif isinstance(item, DataOut):

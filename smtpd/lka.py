@@ -9,6 +9,7 @@ and which senders an authenticated user may use (smtpd/auth.py).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 
@@ -18,6 +19,7 @@ import dns.resolver
 import msgspec
 
 from common.messages import (
+    CtlReply, CtlRequest,
     LkaEnvelopeCommit, LkaEnvelopeSubmit, MdaLookupUserinfo, MdaLookupUserinfoReply,
     MtaDnsLookup, MtaDnsReply, SmtpAuthenticate, SmtpAuthenticateReply, SmtpCheckSender,
     SmtpCheckSenderReply, SmtpExpandRcpt, SmtpExpandRcptReply,
@@ -94,6 +96,9 @@ class Process:
                 self._spawn(self._authenticate(msg))
             case SmtpAuthenticateReply() if peer == "parent":
                 await self.ctx.mesh.send("pony", msg)
+            case CtlRequest(command="show filters"):
+                await self.ctx.mesh.send(peer, CtlReply(reqid=msg.reqid, ok=True,
+                                                        text=json.dumps(self.filters.status())))
             case SmtpCheckSender() if peer == "pony":
                 result = auth.sender_allowed(self.tables.get(msg.table), msg.user, msg.sender,
                                              self.config.sub_addr_delim)

@@ -154,6 +154,8 @@ def test_python_filter_rewrites_adds_drops_lines_and_rejects_at_rcpt(make_daemon
         assert uid == pwd.getpwnam("_smtpd").pw_uid
     st = stats(d)
     assert st["filter.py.running"] == "1" and int(st["filter.py.requests"]) >= 2
+    assert st["filter.py.reject"] == "1" and st["filter.py.proceed"] == "1"
+    assert "Filter py running" in d.smtpctl("show", "status").stdout.splitlines()
 
 
 def test_shell_filter_junks_and_disconnects(make_daemon, tmp_path, scripts):
