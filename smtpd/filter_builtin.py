@@ -10,7 +10,7 @@ A builtin filter is one condition and one decision, registered for one phase::
     filter spamtrap   phase rcpt-to   match rcpt-to <traps>       report "spamtrap hit"
 
 ``evaluate(spec, phase, facts, tables)`` answers one filter at one phase with a
-``Decision``; the chain around it (which filter comes next, proc filters, what the
+``Decision`` (``matches`` only says whether its condition holds); the chain around it (which filter comes next, proc filters, what the
 session does with the answer) is the caller's.  Nothing here does I/O: the client's
 reverse name and its forward confirmation are looked up by the daemon (pony asks lka,
 as OpenSMTPD's smtp_session.c asks its resolver) and handed in as ``Facts``; table
@@ -20,7 +20,7 @@ What OpenSMTPD does, and so what this module does (lka_filter.c, parse.y, 6.8 to
 
 * Every condition lka_filter.c knows is evaluated at every phase that has builtins
   (connect, helo, ehlo, mail-from, rcpt-to, data, commit); the grammar decides which
-  conditions a phase may name (``CONDITIONS_BY_PHASE``).  The rcpt-to condition is only
+  conditions a phase may name (smtpd/parse_filter.py).  The rcpt-to condition is only
   looked at in the rcpt-to phase, on that command's address.  At the other phases
   (starttls, auth, data-line, rset, quit, noop, help, wiz) a builtin never matches.
 * ``!`` negates the condition's result, whatever it is.
@@ -81,51 +81,25 @@ PROCEED = Decision(Verdict.PROCEED)
 
 
 @dataclass(frozen=True, slots=True)
-class Condition:
-    """``[!]WHAT [regex] [<table>|{...}]`` of a builtin filter.
-
-    ``what`` is one of ``fcrdns``, ``rdns``, ``src``, ``helo``, ``auth``, ``mail-from``,
-    ``rcpt-to``; ``table`` is a table name as the configuration's table set knows it
-    (an inline ``{ ... }`` list is an anonymous table there), None for bare ``fcrdns``,
-    ``rdns`` and ``auth``."""
-    what: str
-    table: str | None = None
-    regex: bool = False
-    negate: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class BuiltinFilter:
-    """``filter NAME phase PHASE match CONDITION DECISION``.
-
-    ``action`` is ``reject``, ``disconnect``, ``rewrite``, ``report`` (each with
-    ``text``), ``junk`` or ``bypass``."""
-    name: str
-    phase: str
-    condition: Condition
-    action: str
-    text: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class Facts:
-    """What the session knows when a phase is filtered (lka_filter.c's filter_session).
+    """What the session knows when a phase is filtered (lka_filter.c's filter_session);
+    the field names are those of lka_filter.Facts, which may stand in for this class.
 
     src: the client's address as text ("192.0.2.1", "2001:db8::1") or "local".
     rdns: its reverse name, "<unknown>" (or "") when there is none.
-    fcrdns: "pass" (the name resolves back to ``src``), "fail" or "error", as the
-        link-connect report says it.
+    fcrdns: True (or "pass") when the forward lookup of ``rdns`` gave back ``src``.
     helo: the HELO/EHLO argument, once given (the current command's in those phases).
+    username: the user name of a successful AUTH.
     mail_from: the sender address without <> ("" for the null sender), once given.
-    rcpt_to: the address of the RCPT TO being filtered (rcpt-to phase only).
-    auth_user: the user name of a successful AUTH."""
+    rcpt_to: the address of the RCPT TO being filtered (rcpt-to phase only; the
+        ``param`` argument of ``evaluate`` takes precedence)."""
     src: str
     rdns: str = "<unknown>"
-    fcrdns: str = "fail"
+    fcrdns: bool | str = False
     helo: str | None = None
+    username: str | None = None
     mail_from: str | None = None
     rcpt_to: str | None = None
-    auth_user: str | None = None
 
 
 class _Table(Protocol):
@@ -137,93 +111,82 @@ class Tables(Protocol):
     def get(self, name: str) -> _Table: ...
 
 
-# Conditions each phase may name (parse.y filter_phase_*_options).  ``auth`` is listed for
-# the grammar's sake: OpenSMTPD accepts it and never runs a builtin at AUTH.
-_GLOBAL = ("fcrdns", "rdns", "src")
-_SESSION = ("helo", "auth", "mail-from")
-CONDITIONS_BY_PHASE: dict[str, tuple[str, ...]] = {
-    "connect": _GLOBAL,
-    "helo": _GLOBAL + ("helo",),
-    "ehlo": _GLOBAL + ("helo",),
-    "auth": _GLOBAL + ("helo", "auth"),
-    "mail-from": _GLOBAL + _SESSION,
-    "rcpt-to": _GLOBAL + _SESSION + ("rcpt-to",),
-    "data": _GLOBAL + _SESSION,
-    "commit": _GLOBAL + _SESSION,
-}
-# Decisions each phase may take: junk and bypass are refused at commit (parse.y
-# filter_action_builtin_nojunk), the message being already complete.
-ACTIONS = ("reject", "disconnect", "rewrite", "report", "junk", "bypass")
-ACTIONS_WITH_TEXT = ("reject", "disconnect", "rewrite", "report")
-ACTIONS_BY_PHASE: dict[str, tuple[str, ...]] = {
-    phase: ACTIONS_WITH_TEXT if phase == "commit" else ACTIONS for phase in CONDITIONS_BY_PHASE}
 # Phases at which lka_filter.c evaluates builtins (filter_execs[]; the rest are notimpl).
 EVALUATED_PHASES = frozenset({"connect", "helo", "ehlo", "mail-from", "rcpt-to", "data", "commit"})
 
 
-def evaluate(spec: BuiltinFilter, phase, facts: Facts, tables: Tables) -> Decision:
+def evaluate(spec, phase, facts, tables: Tables, param: str | None = None) -> Decision:
     """The decision of one builtin filter at ``phase`` (a phase name or smtp_proto.Phase).
 
-    Raises nothing for missing facts: an unknown one is "not found".  A table the
-    configuration does not know is the caller's bug (parse time refuses it)."""
+    ``spec`` is a ``config.Filter`` of kind "builtin" (``phase``, ``check`` with ``kind``,
+    ``negate``, ``regex``, ``table``; ``action``, ``action_text``); ``param`` the filtered
+    command's parameter (the address, at rcpt-to).  Raises nothing for missing facts: an
+    unknown one is "not found"."""
+    if not matches(spec, phase, facts, tables, param):
+        return PROCEED
+    return _decision(spec.action, spec.action_text or None)
+
+
+def matches(spec, phase, facts, tables: Tables, param: str | None = None) -> bool:
+    """Whether the filter's condition, negation applied, holds at ``phase``: the
+    decision is then the filter's action (lka_filter.c filter_execs[phase].func)."""
     phase = getattr(phase, "value", phase)
     if phase != spec.phase or phase not in EVALUATED_PHASES:
-        return PROCEED
-    cond = spec.condition
-    if cond.what == "rcpt-to" and phase != "rcpt-to":
-        return PROCEED
-    if _holds(cond, facts, tables) == cond.negate:
-        return PROCEED
-    return _decision(spec)
+        return False
+    check = spec.check
+    if check.kind == "rcpt-to" and phase != "rcpt-to":
+        return False
+    return _holds(check, facts, tables, param) != check.negate
 
 
-def _decision(spec: BuiltinFilter) -> Decision:
+def _decision(action: str, text: str | None) -> Decision:
     # lka_filter_protocol_internal tests them in this order; the grammar sets exactly one.
-    if spec.action == "rewrite":
-        return Decision(Verdict.REWRITE, spec.text)
-    if spec.action == "disconnect":
-        return Decision(Verdict.DISCONNECT, spec.text)
-    if spec.action == "junk":
+    if action == "rewrite":
+        return Decision(Verdict.REWRITE, text)
+    if action == "disconnect":
+        return Decision(Verdict.DISCONNECT, text)
+    if action == "junk":
         return Decision(Verdict.JUNK)
-    if spec.action == "report":
-        return Decision(Verdict.REPORT, spec.text)
-    if spec.action == "bypass":
+    if action == "report":
+        return Decision(Verdict.REPORT, text)
+    if action == "bypass":
         return Decision(Verdict.BYPASS)
-    return Decision(Verdict.REJECT, spec.text)
+    return Decision(Verdict.REJECT, text)
 
 
-def _holds(cond: Condition, facts: Facts, tables: Tables) -> bool:
-    """The condition before negation (filter_check_*)."""
-    what = cond.what
-    if what == "fcrdns":
-        return facts.fcrdns == "pass"
-    if what == "rdns" and cond.table is None:
+def _holds(check, facts, tables: Tables, param: str | None) -> bool:
+    """The condition before negation (lka_filter.c filter_check_*)."""
+    kind = check.kind
+    username = getattr(facts, "username", None) or None
+    if kind == "fcrdns":
+        return facts.fcrdns is True or facts.fcrdns == "pass"
+    if kind == "rdns" and check.table is None:
         return has_rdns(facts.rdns)
-    if what == "auth" and cond.table is None:
-        return bool(facts.auth_user)
-    if what == "rdns":
-        return _lookup(tables, cond, "domain", facts.rdns or "<unknown>")
-    if what == "src":
-        text = src_text(facts.src) if cond.regex else facts.src
-        return _lookup(tables, cond, "netaddr", text)
-    if what == "helo":
-        return _lookup(tables, cond, "domain", facts.helo)
-    if what == "auth":
+    if kind == "auth" and check.table is None:
+        return username is not None
+    if kind == "rdns":
+        return _lookup(tables, check, "domain", facts.rdns or "<unknown>")
+    if kind == "src":
+        return _lookup(tables, check, "netaddr", src_text(facts.src) if check.regex else facts.src)
+    if kind == "helo":
+        return _lookup(tables, check, "domain", facts.helo or None)
+    if kind == "auth":
         # looked up as a string and as a credentials key (a user of a creds table)
-        return (_lookup(tables, cond, "string", facts.auth_user)
-                or _lookup(tables, cond, "credentials", facts.auth_user))
-    if what == "mail-from":
-        return _lookup(tables, cond, "mailaddr", facts.mail_from)
-    if what == "rcpt-to":
-        return _lookup(tables, cond, "mailaddr", facts.rcpt_to)
-    raise ValueError(f"unknown builtin filter condition: {what!r}")
+        return (_lookup(tables, check, "string", username)
+                or _lookup(tables, check, "credentials", username))
+    if kind == "mail-from":
+        return _lookup(tables, check, "mailaddr", facts.mail_from)
+    if kind == "rcpt-to":
+        return _lookup(tables, check, "mailaddr", param if param is not None
+                       else getattr(facts, "rcpt_to", None))
+    raise ValueError(f"unknown builtin filter check: {kind!r}")
 
 
-def _lookup(tables: Tables, cond: Condition, service: str, key: str | None) -> bool:
-    if key is None or cond.table is None:
+def _lookup(tables: Tables, check, service: str, key: str | None) -> bool:
+    if key is None or check.table is None:
         return False
     # table.c table_lookup: keys are compared lower-cased
-    return tables.get(cond.table).check(service, key.lower(), cond.regex)
+    return tables.get(check.table).check(service, key.lower(), check.regex)
 
 
 def has_rdns(rdns: str | None) -> bool:
