@@ -23,7 +23,7 @@ from common.messages import (
     SmtpCheckSenderReply, SmtpExpandRcpt, SmtpExpandRcptReply,
 )
 from common.vis import COMMAND, log_text
-from smtpd import auth, expand
+from smtpd import auth, expand, filter_proc
 from smtpd.ruleset import TableSet
 
 log = logging.getLogger("smtpd")
@@ -43,14 +43,27 @@ class Process:
         self.tables: TableSet = ctx.prepared
         self.resolver = dns.asyncresolver.Resolver()
         self.tasks: set[asyncio.Task] = set()
+        fd = getattr(ctx.opts, "fd_channel", -1)
+        channel = socket.socket(fileno=fd) if fd is not None and fd >= 0 else None
+        self.filters = filter_proc.Runtime(ctx, channel, self._builtin_filter())
+
+    def _builtin_filter(self):
+        """smtpd/filter_builtin.py's evaluate(spec, phase, facts, tables) -> matched
+        (docs/filters.md), with this process's tables."""
+        try:
+            from smtpd import filter_builtin
+        except ImportError:
+            return None
+        return lambda spec, phase, facts: filter_builtin.evaluate(spec, phase, facts, self.tables)
 
     async def start(self) -> None:
         pass
 
     async def on_conf_end(self) -> None:
-        pass
+        await self.filters.start()
 
     async def stop(self) -> None:
+        self.filters.stop()
         for task in list(self.tasks):
             task.cancel()
 
@@ -68,6 +81,8 @@ class Process:
         task.add_done_callback(self.tasks.discard)
 
     async def handle(self, peer: str, msg) -> None:
+        if peer == "pony" and await self.filters.handle(peer, msg):
+            return
         match msg:
             case SmtpExpandRcpt():
                 await self._expand(msg)

@@ -1,0 +1,232 @@
+"""Filters against the real daemon (issue 9): filters written here in Python and in
+/bin/sh speak smtpd-filters(7) with pysmtpd, and what they decide shows in the replies
+and in the delivered message; a filter that crashes, hangs or writes garbage costs its
+sessions a 4xx, is restarted, and the daemon keeps serving."""
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import smtplib
+import stat
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port, wait_for
+from tests.e2e.helpers import config, maildir_messages, send
+
+PYTHON = "/usr/bin/python3"     # the filters run as _smtpd when root: a Python it can run
+
+# A filter in Python, by what the recipient's local part asks for:
+#   bob@     rejected at rcpt-to with the filter's text
+#   crash@   the filter exits          hang@    it stops answering
+#   garbage@ it writes a line outside the protocol
+# data lines: a header added after Received, "hello" rewritten to "HELLO", lines with
+# "DROPME" dropped.  It also says on stderr who it runs as, with an escape character.
+PY_FILTER = r'''
+import os, sys, time
+def out(line):
+    sys.stdout.write(line + "\n"); sys.stdout.flush()
+sys.stderr.write("started uid=%d \x1b[31m\n" % os.getuid()); sys.stderr.flush()
+for line in sys.stdin:
+    line = line.rstrip("\n")
+    if line == "config|ready":
+        for phase in ("rcpt-to", "data-line"):
+            out("register|filter|smtp-in|" + phase)
+        out("register|report|smtp-in|tx-commit")
+        out("register|ready")
+        continue
+    f = line.split("|")
+    if f[0] == "report":
+        sys.stderr.write("report %s\n" % f[4]); sys.stderr.flush()
+        continue
+    if f[0] != "filter":
+        continue
+    sid, tok = f[5], f[6]
+    if f[4] == "rcpt-to":
+        rcpt = f[7]
+        if rcpt.startswith("bob@"):
+            out("filter-result|%s|%s|reject|550 5.7.1 bob may not receive mail here" % (sid, tok))
+        elif rcpt.startswith("crash@"):
+            sys.exit(3)
+        elif rcpt.startswith("hang@"):
+            time.sleep(3600)
+        elif rcpt.startswith("garbage@"):
+            out("this is not the protocol")
+        else:
+            out("filter-result|%s|%s|proceed" % (sid, tok))
+    elif f[4] == "data-line":
+        data = "|".join(f[7:])
+        if "DROPME" in data:
+            continue
+        out("filter-dataline|%s|%s|%s" % (sid, tok, data.replace("hello", "HELLO")))
+        if data.startswith("Received:"):
+            out("filter-dataline|%s|%s|X-Filtered-By: python" % (sid, tok))
+'''
+
+# A filter in /bin/sh: junk at mail-from for senders of spam.test, disconnect at helo
+# for a client that says "evil", proceed otherwise.
+SH_FILTER = r'''#!/bin/sh
+while IFS= read -r line; do
+    case "$line" in
+    config\|ready)
+        echo "register|filter|smtp-in|helo"
+        echo "register|filter|smtp-in|ehlo"
+        echo "register|filter|smtp-in|mail-from"
+        echo "register|ready"
+        ;;
+    filter\|*)
+        phase=$(echo "$line" | cut -d'|' -f5)
+        sid=$(echo "$line" | cut -d'|' -f6)
+        tok=$(echo "$line" | cut -d'|' -f7)
+        arg=$(echo "$line" | cut -d'|' -f8-)
+        case "$phase:$arg" in
+        helo:evil*|ehlo:evil*) echo "filter-result|$sid|$tok|disconnect|554 5.7.1 go away, evil" ;;
+        mail-from:*@spam.test) echo "filter-result|$sid|$tok|junk" ;;
+        *) echo "filter-result|$sid|$tok|proceed" ;;
+        esac
+        ;;
+    esac
+done
+'''
+
+
+@pytest.fixture
+def scripts():
+    """A directory the filters' user can read (pytest's own is root's, mode 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="pysmtpd-filters-"))
+    os.chmod(path, 0o755)
+    (path / "pyfilter.py").write_text(PY_FILTER)
+    (path / "shfilter.sh").write_text(SH_FILTER)
+    for f in path.iterdir():
+        os.chmod(f, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def filtered_config(tmp_path, port: int, filters: str, name: str, extra: str = "") -> str:
+    text = config(tmp_path / "d", port, extra=extra)
+    return filters + text.replace(f"listen on 127.0.0.1 port {port}\n",
+                                  f"listen on 127.0.0.1 port {port} filter {name}\n")
+
+
+def stats(d) -> dict[str, str]:
+    out = d.smtpctl("show", "stats").stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def body_of(tmp_path, user: str, index: int = -1) -> str:
+    wait_for(lambda: maildir_messages(tmp_path / "d", user), 20, f"mail for {user}")
+    return maildir_messages(tmp_path / "d", user)[index].decode()
+
+
+def test_python_filter_rewrites_adds_drops_lines_and_rejects_at_rcpt(make_daemon, tmp_path, scripts):
+    port = free_port()
+    d = make_daemon(filtered_config(tmp_path, port, f'filter py proc-exec "{PYTHON} {scripts}/pyfilter.py"\n',
+                                    "py")).start()
+    d.wait_log("info: filter py: ready")
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+        s.ehlo("client.test")
+        s.mail("sender@remote.test")
+        code, text = s.rcpt("bob@example.test")
+        assert (code, text) == (550, b"5.7.1 bob may not receive mail here")
+        assert s.rcpt("alice@example.test")[0] == 250
+        code, _ = s.data(b"Subject: filtered\r\n\r\nhello world\r\nDROPME please\r\n.a dotted line\r\n")  # smtplib dot-stuffs it
+        assert code == 250
+    msg = body_of(tmp_path, "alice")
+    headers, _, body = msg.partition("\n\n")
+    lines = headers.splitlines()
+    received = next(i for i, ln in enumerate(lines) if ln.startswith("Received:"))
+    assert "X-Filtered-By: python" in lines[received + 1:]   # added after the Received field
+    assert body == "HELLO world\n.a dotted line\n"              # rewritten, dropped, dots intact
+    log = d.log_since_start()
+    assert 'TO:<bob@example.test>" result="550 5.7.1 bob may not receive mail here"' in log
+    d.wait_log("warn: filter py: report tx-commit")              # report events reach it
+    # its stderr is logged, escaped; it does not run as root
+    line = next(ln for ln in log.splitlines() if "warn: filter py: started uid=" in ln)
+    assert "\x1b" not in line and "\\^[[31m" in line
+    uid = int(line.split("uid=")[1].split()[0])
+    assert uid != 0
+    if os.geteuid() == 0:
+        assert uid == pwd.getpwnam("_smtpd").pw_uid
+    st = stats(d)
+    assert st["filter.py.running"] == "1" and int(st["filter.py.requests"]) >= 2
+
+
+def test_shell_filter_junks_and_disconnects(make_daemon, tmp_path, scripts):
+    port = free_port()
+    d = make_daemon(filtered_config(tmp_path, port, f'filter sh proc-exec "/bin/sh {scripts}/shfilter.sh"\n',
+                                    "sh")).start()
+    d.wait_log("info: filter sh: ready")
+    send(port, "ham@remote.test", ["alice@example.test"], "Subject: ham\n\nham\n")
+    send(port, "spammer@spam.test", ["alice@example.test"], "Subject: spam\n\nbuy\n")
+    wait_for(lambda: len(maildir_messages(tmp_path / "d", "alice")) == 2, 20, "two messages")
+    by_subject = {("spam" if "Subject: spam" in m.decode() else "ham"): m.decode()
+                  for m in maildir_messages(tmp_path / "d", "alice")}
+    spam_headers = by_subject["spam"].partition("\n\n")[0].splitlines()
+    assert "X-Spam: Yes" in spam_headers
+    assert spam_headers.index("X-Spam: Yes") < next(i for i, h in enumerate(spam_headers) if h.startswith("Received:"))
+    assert "X-Spam" not in by_subject["ham"]
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+        code, text = s.ehlo("evil.test")
+        assert (code, text) == (554, b"5.7.1 go away, evil")
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            s.noop()
+    send(port, "ham@remote.test", ["alice@example.test"])        # still serving
+
+
+def failing_daemon(make_daemon, tmp_path, scripts, port):
+    text = filtered_config(tmp_path, port, f'filter py proc-exec "{PYTHON} {scripts}/pyfilter.py"\n', "py",
+                           extra="smtp limit filter-timeout 3s")
+    d = make_daemon(text).start()
+    d.wait_log("info: filter py: ready")
+    return d
+
+
+@pytest.mark.parametrize("how, cause", [
+    ("crash", "exited"), ("hang", "no answer in 3s"), ("garbage", "protocol error"),
+])
+def test_failing_filter_gives_4xx_keeps_what_was_committed_and_is_restarted(
+        make_daemon, tmp_path, scripts, how, cause):
+    port = free_port()
+    d = failing_daemon(make_daemon, tmp_path, scripts, port)
+    started = time.monotonic()
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as s:
+        s.ehlo("client.test")
+        # a message committed before the failure stays queued and is delivered
+        s.mail("a@remote.test")
+        assert s.rcpt("alice@example.test")[0] == 250
+        assert s.data(b"Subject: before\r\n\r\nbefore the failure\r\n")[0] == 250
+        s.mail("a@remote.test")
+        code, text = s.rcpt(f"{how}@example.test")
+        assert (code, text) == (451, b"4.3.0 Temporary failure"), (code, text)
+    if how == "hang":
+        assert time.monotonic() - started >= 2.5
+    assert "before the failure" in body_of(tmp_path, "alice")
+    log = d.wait_log("info: filter py: ready", 30)
+    assert f"warn: filter py: {cause}" in log and "restarting it" in log
+    wait_for(lambda: d.log_since_start().count("info: filter py: ready") >= 2, 30, "the filter back")
+    send(port, "a@remote.test", ["alice@example.test"], "Subject: after\n\nafter the restart\n")
+    wait_for(lambda: any(b"after the restart" in m for m in maildir_messages(tmp_path / "d", "alice")),
+             20, "mail after the restart")
+    st = stats(d)
+    assert int(st["filter.py.restarts"]) >= 1 and int(st["filter.py.failures"]) >= 1
+    assert d.proc.poll() is None
+
+
+def test_filter_that_never_registers_gives_421_and_the_daemon_serves_the_others(make_daemon, tmp_path, scripts):
+    port, other = free_port(), free_port()
+    (scripts / "mute.sh").write_text("#!/bin/sh\nexec sleep 3600\n")
+    os.chmod(scripts / "mute.sh", 0o755)
+    text = filtered_config(tmp_path, port, f'filter mute proc-exec "/bin/sh {scripts}/mute.sh"\n', "mute",
+                           extra=f"smtp limit filter-timeout 2s\nlisten on 127.0.0.1 port {other}")
+    d = make_daemon(text).start()
+    with smtplib.SMTP("127.0.0.1", other, timeout=30) as s:     # an unfiltered listener serves
+        assert s.ehlo("x")[0] == 250
+    with pytest.raises(smtplib.SMTPConnectError) as err:
+        smtplib.SMTP("127.0.0.1", port, timeout=30)
+    assert err.value.smtp_code == 421
+    assert stat.S_ISDIR(os.stat(scripts).st_mode)
