@@ -519,7 +519,8 @@ class Runtime:
             await self.ctx.mesh.send(peer, FilterSmtpBeginReply(reqid=msg.reqid, phases=[], events=[], ok=False))
             return
         fcrdns = await self._fcrdns(msg.rdns, msg.src)
-        facts = Facts(rdns=msg.rdns, fcrdns=fcrdns, src=msg.src, dest=msg.dest)
+        ip = "local" if msg.src.startswith("unix:") else msg.src.rsplit(":", 1)[0].strip("[]")
+        facts = Facts(rdns=msg.rdns, fcrdns=fcrdns, src=ip, dest=msg.dest)
         fs = self.engine.begin(msg.session, msg.filter, facts)
         phases, events = self.engine.registered(msg.filter)
         await self.ctx.mesh.send(peer, FilterSmtpBeginReply(

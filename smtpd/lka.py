@@ -25,7 +25,7 @@ from common.messages import (
     SmtpCheckSenderReply, SmtpExpandRcpt, SmtpExpandRcptReply,
 )
 from common.vis import COMMAND, log_text
-from smtpd import auth, expand, filter_proc
+from smtpd import auth, expand, filter_builtin, filter_proc
 from smtpd.ruleset import TableSet
 
 log = logging.getLogger("smtpd")
@@ -50,13 +50,10 @@ class Process:
         self.filters = filter_proc.Runtime(ctx, channel, self._builtin_filter())
 
     def _builtin_filter(self):
-        """smtpd/filter_builtin.py's evaluate(spec, phase, facts, tables) -> matched
-        (docs/filters.md), with this process's tables."""
-        try:
-            from smtpd import filter_builtin
-        except ImportError:
-            return None
-        return lambda spec, phase, facts: filter_builtin.evaluate(spec, phase, facts, self.tables)
+        """smtpd/filter_builtin.py's matches(spec, phase, facts, tables, param): whether a
+        builtin filter's condition holds (the chain applies its action), with this
+        process's tables."""
+        return lambda spec, phase, facts, param: filter_builtin.matches(spec, phase, facts, self.tables, param)
 
     async def start(self) -> None:
         pass
