@@ -135,6 +135,7 @@ install_test_tools() {
     # zsh and fish run smtpctl's completion scripts; mandoc and groff check the manual
     # pages; rpm's Python dependency generator needs the system Python's packaging module;
     # swaks needs Net::SSLeay and IO::Socket::SSL for --tls.
+    # The filter tests run their filters with the system's python3 (as _smtpd when root).
     # The fidelity oracle (tests/oracle/opensmtpd.py) makes its CA with openssl, runs Debian's
     # OpenSMTPD unpacked (never installed) in a mount namespace (unshare), which needs the
     # package's libraries: libevent and libdb are the ones a minimal Debian lacks.
@@ -142,7 +143,7 @@ install_test_tools() {
     for tool in swaks:swaks rpmbuild:rpm rpm2cpio:rpm rpmlint:rpmlint cpio:cpio \
                 systemd-analyze:systemd systemd-sysusers:systemd setpriv:util-linux \
                 zsh:zsh fish:fish mandoc:mandoc groff:groff-base \
-                unshare:util-linux openssl:openssl; do
+                unshare:util-linux openssl:openssl python3:python3; do
         command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
     done
     if [ -x /usr/bin/python3 ] && ! /usr/bin/python3 -c 'import packaging' 2>/dev/null; then

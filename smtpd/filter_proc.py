@@ -27,6 +27,8 @@ import socket
 import subprocess
 import time
 
+import msgspec
+
 from common import privsep, stat
 from common.messages import (
     FilterProcFork, FilterProcKill, FilterSmtpBegin, FilterSmtpBeginReply, FilterSmtpData,
@@ -50,6 +52,17 @@ START_WAIT = 20.0            # lka waits this long at start for every filter's r
 def make_channel() -> tuple[socket.socket, socket.socket]:
     """(the parent's end, lka's end)."""
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
+def filters_changed(old, new) -> bool:
+    """A reload that changes filters is refused: the processes are the ones started."""
+    def key(c):
+        # where a line is (lineno, file) is not what it says
+        def plain(obj):
+            return {k: v for k, v in msgspec.to_builtins(obj).items() if k not in ("lineno", "file")}
+        return ({n: plain(p) for n, p in c.filter_procs.items()},
+                {n: plain(f) for n, f in c.filters.items()}, c.filter_timeout)
+    return key(old) != key(new)
 
 
 # --- the parent's half -----------------------------------------------------------------------

@@ -86,3 +86,11 @@ def test_errors_name_the_line(tmp_path, text, message):
 def test_filter_timeout_limit(tmp_path):
     assert parse(tmp_path, "smtp limit filter-timeout 5s\n").filter_timeout == 5
     assert parse(tmp_path, "").filter_timeout == 60
+
+
+def test_a_reload_that_changes_filters_is_refused(tmp_path):
+    from smtpd.filter_proc import filters_changed
+    a = parse(tmp_path, 'filter f proc-exec "a"\nlisten on 127.0.0.1 filter f\n')
+    same = parse(tmp_path, '# moved down a line\nfilter f proc-exec "a"\nlisten on 127.0.0.1 port 26 filter f\n')
+    other = parse(tmp_path, 'filter f proc-exec "b"\nlisten on 127.0.0.1 filter f\n')
+    assert not filters_changed(a, same) and filters_changed(a, other)
