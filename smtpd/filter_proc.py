@@ -236,10 +236,6 @@ class Runtime:
             out[name] = state
         return out
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.procs) or bool(self.config.filters)
-
     async def start(self) -> None:
         """At conf_end: start every process and wait (bounded) for its register|ready."""
         if not self.procs or self.channel is None:

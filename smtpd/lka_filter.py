@@ -73,10 +73,11 @@ class FilterDataline:
 
 @dataclass(slots=True)
 class ReportLine:
-    """``report|VERSION|TIME|smtp-in|EVENT|SESSION|...`` written by a filter: forwarded
-    as a ``filter-report`` event (lka_report_proc)."""
+    """``report|VERSION|TIME|smtp-in|EVENT|SESSION|...`` written by a filter: forwarded,
+    with its time, as a ``filter-report`` event (lka_report_proc)."""
     session: int
     message: str
+    time: float = 0.0
 
 
 def _hex(text: str, what: str, line: str) -> int:
@@ -138,7 +139,7 @@ def parse_output(line: str):
         sec, dot, usec = parts[1].partition(".")
         if not (sec.isdigit() and dot and usec.isdigit() and len(usec) == 6):
             raise ProtocolError(f"invalid report: invalid time: {line}")
-        return ReportLine(_hex(parts[4], "reqid", line), f"{parts[3]}|{parts[5]}")
+        return ReportLine(_hex(parts[4], "reqid", line), f"{parts[3]}|{parts[5]}", int(sec) + int(usec) / 1e6)
     raise ProtocolError(f"invalid filter message type: {line}")
 
 
@@ -262,6 +263,7 @@ class FSession:
     generations: dict[str, int]
     phase: str = ""
     param: str = ""
+    time: float = 0.0      # when pony asked: the time of the chain's further requests
     token: int = 0
     index: int = -1        # the chain entry the pending request is at
     entries: list[Member] = field(default_factory=list)
@@ -279,7 +281,7 @@ class Engine:
         self.config = config
         self.builtin = builtin          # (spec, phase, facts, param) -> matched: smtpd/filter_builtin.py
         self.procs: dict[str, ProcState] = {
-            name: ProcState(name, getattr(p, "protocol", DEFAULT_VERSION) or DEFAULT_VERSION)
+            name: ProcState(name, p.protocol)
             for name, p in config.filter_procs.items()}
         self.sessions: dict[int, FSession] = {}
         self._out: list = []
@@ -290,7 +292,7 @@ class Engine:
 
     # -- processes ----------------------------------------------------------------------
 
-    def proc_started(self, name: str, generation: int, now_version: str | None = None) -> None:
+    def proc_started(self, name: str, generation: int) -> None:
         """A (new) process of ``name`` runs: it registers again from scratch."""
         state = self.procs[name]
         state.ready, state.phases, state.events, state.generation = False, set(), set(), generation
@@ -334,7 +336,7 @@ class Engine:
         if isinstance(msg, ReportLine):
             fs = self.sessions.get(msg.session)
             if fs is not None:
-                self._report_filter(fs, "proc", proc, msg.message)
+                self._report_filter(fs, msg.time, "proc", proc, msg.message)
             return
         fs = self.sessions.get(msg.session)
         if fs is None:
@@ -404,9 +406,8 @@ class Engine:
             if event in st.events and st.ready and st.generation == fs.generations[proc]:
                 self._out.append(Write(proc, report_line(st.version, now, event, fs.id, params)))
 
-    def _report_filter(self, fs: FSession, kind: str, name: str, message: str, now: float = 0.0) -> None:
-        import time as _time            # a report written by a filter carries no time of ours
-        self._broadcast(fs, now or _time.time(), "filter-report", (kind, name, message))
+    def _report_filter(self, fs: FSession, now: float, kind: str, name: str, message: str) -> None:
+        self._broadcast(fs, now, "filter-report", (kind, name, message))
 
     # -- filter requests ----------------------------------------------------------------
 
@@ -424,7 +425,7 @@ class Engine:
             fs.facts.helo = param
         elif phase == "mail-from":
             fs.facts.mail_from = param
-        fs.phase, fs.param, fs.reports = phase, param, []
+        fs.phase, fs.param, fs.reports, fs.time = phase, param, [], now
         fs.entries = self._entries(fs, phase)
         self._next(fs, now, 0)
 
@@ -446,7 +447,7 @@ class Engine:
                     return
                 if spec.action == "report":
                     fs.reports.append(spec.action_text)
-                    self._report_filter(fs, "builtin", spec.name, spec.action_text, now)
+                    self._report_filter(fs, now, "builtin", spec.name, spec.action_text)
                 elif spec.action == "bypass":
                     self._decide(fs, "proceed", None)
                     return
@@ -467,10 +468,10 @@ class Engine:
         if msg.decision == "junk" and fs.phase == "commit":
             raise ProtocolError("filter-result junk after DATA")
         if msg.decision == "proceed":
-            self._next(fs, 0.0, fs.index + 1)
+            self._next(fs, fs.time, fs.index + 1)
         elif msg.decision == "report":
-            self._report_filter(fs, "proc", proc, msg.param or "")
-            self._next(fs, 0.0, fs.index + 1)
+            self._report_filter(fs, fs.time, "proc", proc, msg.param or "")
+            self._next(fs, fs.time, fs.index + 1)
         else:
             self._decide(fs, msg.decision, msg.param)
 
@@ -496,6 +497,7 @@ class Engine:
         fs = self.sessions.get(session)
         if fs is None or fs.data_done:
             return
+        fs.time = now
         self._feed(fs, now, 0, lines)
 
     def _feed(self, fs: FSession, now: float, index: int, lines: list[str]) -> None:
@@ -522,7 +524,7 @@ class Engine:
             raise ProtocolError("misbehaving filter: another filter's token")
         if fs.data_done:
             return
-        self._feed(fs, 0.0, index + 1, [msg.line])
+        self._feed(fs, fs.time, index + 1, [msg.line])
 
 
 def stuff(body_lines: list[bytes]) -> list[str]:

@@ -613,6 +613,20 @@ class Session(asyncio.Protocol):
             self.pony.release(self)
             stat.decrement("smtp.session")
 
+    def _report_reply(self, reply: str) -> None:
+        """protocol-server, and the tx-* events whose result is the reply (report_smtp.c)."""
+        for line in reply.split("\r\n"):
+            self._report("protocol-server", line)
+        event = self._event
+        if isinstance(event, MailFrom):
+            self._report("tx-mail", f"{self.msgid:08x}", _tx_result(reply), event.sender)
+        elif isinstance(event, RcptTo):
+            self._report("tx-rcpt", f"{self.msgid:08x}", _tx_result(reply), event.rcpt)
+        elif isinstance(event, Helo) and reply[:1] == "2":
+            self._report("link-identify", "EHLO" if event.extended else "HELO", event.name)
+        elif isinstance(event, Command) and event.phase is Phase.RSET:
+            self._report("tx-reset", f"{self.msgid:08x}" if self.msgid else "")
+
     # -- logging -------------------------------------------------------------------------
 
     def _on_command(self, conn: ServerConnection, line: str) -> None:
@@ -637,24 +651,6 @@ class Session(asyncio.Protocol):
 
 def _tx_result(reply: str) -> str:
     return "ok" if reply[:1] == "2" else "permfail" if reply[:1] == "5" else "tempfail"
-
-
-def _report_reply(self, reply: str) -> None:
-    """protocol-server, and the tx-* events whose result is the reply (report_smtp.c)."""
-    for line in reply.split("\r\n"):
-        self._report("protocol-server", line)
-    event = self._event
-    if isinstance(event, MailFrom):
-        self._report("tx-mail", f"{self.msgid:08x}", _tx_result(reply), event.sender)
-    elif isinstance(event, RcptTo):
-        self._report("tx-rcpt", f"{self.msgid:08x}", _tx_result(reply), event.rcpt)
-    elif isinstance(event, Helo) and reply[:1] == "2":
-        self._report("link-identify", "EHLO" if event.extended else "HELO", event.name)
-    elif isinstance(event, Command) and event.phase is Phase.RSET:
-        self._report("tx-reset", f"{self.msgid:08x}" if self.msgid else "")
-
-
-Session._report_reply = _report_reply
 
 
 def vis_command(command: str) -> str:

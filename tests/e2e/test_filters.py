@@ -254,11 +254,12 @@ for line in sys.stdin:
 '''
 
 
-def test_builtin_and_proc_filters_in_a_chain_with_every_report_event(make_daemon, tmp_path, scripts):
+@pytest.mark.parametrize("version", ["0.7", "0.6", "0.5"])
+def test_builtin_and_proc_filters_in_a_chain_with_every_report_event(make_daemon, tmp_path, scripts, version):
     (scripts / "reporter.py").write_text(REPORTER)
     port = free_port()
     filters = ('filter closed phase rcpt-to match rcpt-to { "carol@example.test" } reject "550 5.7.1 carol is closed"\n'
-               f'filter rep proc-exec "{PYTHON} {scripts}/reporter.py"\n'
+               f'filter rep proc-exec "{PYTHON} {scripts}/reporter.py" protocol {version}\n'
                "filter both chain { closed, rep }\n")
     d = make_daemon(filtered_config(tmp_path, port, filters, "both")).start()
     d.wait_log("info: filter rep: ready")
@@ -274,7 +275,7 @@ def test_builtin_and_proc_filters_in_a_chain_with_every_report_event(make_daemon
     reports = [ln.split("warn: filter rep: ", 1)[1] for ln in log.splitlines() if "warn: filter rep: report|" in ln]
     events = {r.split("|")[4]: r.split("|")[5:] for r in reports}
     sid = events["link-connect"][0]
-    assert all(r.startswith("report|0.7|") and r.split("|")[3] == "smtp-in" for r in reports)
+    assert all(r.startswith(f"report|{version}|") and r.split("|")[3] == "smtp-in" for r in reports)
     host = log.split("smtp connected address=127.0.0.1 host=", 1)[1].split()[0]
     assert events["link-connect"][1] == host
     assert events["link-connect"][2] == ("pass" if host == "localhost" else events["link-connect"][2]) in ("pass", "fail")

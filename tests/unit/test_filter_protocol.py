@@ -64,7 +64,8 @@ def test_parse_what_filters_write():
     assert parse_output("filter-result|1|2|reject|550 no | never") == FilterResult(1, 2, "reject", "550 no | never")
     assert parse_output("filter-dataline|1|2|a|b") == FilterDataline(1, 2, "a|b")
     assert parse_output("filter-dataline|1|2|") == FilterDataline(1, 2, "")
-    assert parse_output("report|0.7|1576146008.006099|smtp-in|filter-report|1|hello") == ReportLine(1, "filter-report|hello")
+    assert parse_output("report|0.7|1576146008.006099|smtp-in|filter-report|1|hello") == ReportLine(
+        1, "filter-report|hello", 1576146008.006099)
 
 
 @pytest.mark.parametrize("line", [
