@@ -499,7 +499,7 @@ class Runtime:
                 self._write(proc, item.line)
                 written.add(item.proc)
                 if item.line.startswith("filter|"):
-                    stat.increment(f"filter.{item.proc}.requests")
+                    stat.increment(f"filter.{item.proc}.requests", item.line.count("\n") + 1)
             elif isinstance(item, Decision):
                 reqid = self.waiting.pop(item.session, None)
                 if reqid is None:

@@ -201,6 +201,7 @@ def checked_reply(decision: str, text: str) -> tuple[str, str]:
 
 @dataclass(slots=True)
 class Write:
+    """Lines to a process (more than one, newline-separated, for a batch of data lines)."""
     proc: str
     line: str
 
@@ -285,8 +286,18 @@ class Engine:
             for name, p in config.filter_procs.items()}
         self.sessions: dict[int, FSession] = {}
         self._out: list = []
+        # filter-dataline lines read, per (session, next chain index): fed on in one batch
+        self._lines_read: dict[tuple[int, int], list[str]] = {}
+        # "SESSION|TOKEN|" of each data-line stream -> (session, next chain index, process)
+        self._streams: dict[str, tuple[int, int, str]] = {}
 
     def take_output(self) -> list:
+        if self._lines_read:
+            batches, self._lines_read = self._lines_read, {}
+            for (sid, index), lines in batches.items():
+                fs = self.sessions.get(sid)
+                if fs is not None and not fs.data_done:
+                    self._feed(fs, fs.time, index, lines)
         out, self._out = self._out, []
         return out
 
@@ -318,6 +329,19 @@ class Engine:
 
     def receive(self, proc: str, line: str) -> None:
         """A line ``proc`` wrote; ProtocolError if it is not one it may write now."""
+        if line.startswith("filter-dataline|"):
+            # the hot path (a message's every line): "SESSION|TOKEN|" exactly as we wrote it
+            stream = self._streams.get(line[16:50])
+            if stream is not None and stream[2] == proc:
+                fs = self.sessions.get(stream[0])
+                if fs is not None and fs.phase == "data-line" and not fs.data_done:
+                    key = (stream[0], stream[1])
+                    batch = self._lines_read.get(key)
+                    if batch is None:
+                        self._lines_read[key] = [line[50:]]
+                    else:
+                        batch.append(line[50:])
+                    return
         msg = parse_output(line)
         state = self.procs[proc]
         if isinstance(msg, RegisterReady):
@@ -362,7 +386,13 @@ class Engine:
         return fs
 
     def end(self, session: int) -> None:
-        self.sessions.pop(session, None)
+        fs = self.sessions.pop(session, None)
+        if fs is not None:
+            self._forget_streams(fs)
+
+    def _forget_streams(self, fs: FSession) -> None:
+        for token in fs.data_tokens:
+            self._streams.pop(f"{fs.id:016x}|{token:016x}|", None)
 
     def registered(self, filter_name: str) -> tuple[set[str], set[str]]:
         """(phases, report events) the chain of ``filter_name`` asks for: pony skips the
@@ -485,7 +515,10 @@ class Engine:
             return False
         fs.data_entries = self._entries(fs, "data-line")
         fs.data_entries = [m for m in fs.data_entries if m.kind == "proc"]
+        self._forget_streams(fs)
         fs.data_tokens = [secrets.randbits(64) or 1 for _ in fs.data_entries]
+        for index, (m, token) in enumerate(zip(fs.data_entries, fs.data_tokens)):
+            self._streams[f"{fs.id:016x}|{token:016x}|"] = (fs.id, index + 1, m.proc)
         fs.phase, fs.index, fs.data_done = "data-line", -1, False
         if fs.broken:
             fs.data_done = True
@@ -509,9 +542,9 @@ class Engine:
             return
         m = fs.data_entries[index]
         st = self.procs[m.proc]
-        token = fs.data_tokens[index]
-        for line in lines:
-            self._out.append(Write(m.proc, filter_line(st.version, now, "data-line", fs.id, token, line)))
+        # one Write of many lines: one time stamp per batch (they came together)
+        prefix = filter_line(st.version, now, "data-line", fs.id, fs.data_tokens[index], "")
+        self._out.append(Write(m.proc, "\n".join([prefix + line for line in lines])))
 
     def _dataline_from(self, fs: FSession, proc: str, msg: FilterDataline) -> None:
         if fs.phase != "data-line":
@@ -524,7 +557,11 @@ class Engine:
             raise ProtocolError("misbehaving filter: another filter's token")
         if fs.data_done:
             return
-        self._feed(fs, fs.time, index + 1, [msg.line])
+        batch = self._lines_read.get((fs.id, index + 1))
+        if batch is None:
+            self._lines_read[(fs.id, index + 1)] = [msg.line]
+        else:
+            batch.append(msg.line)
 
 
 def stuff(body_lines: list[bytes]) -> list[str]:
