@@ -213,8 +213,26 @@ class Runtime:
         self._check: asyncio.TimerHandle | None = None
         self._stopping = False
         self._tasks: set[asyncio.Task] = set()
+        self._outbox: list = []              # to pony, in order, sent by one task
+        self._sending = False
         for name in self.procs:
             stat.set(f"filter.{name}.running", 0)
+
+    def _to_pony(self, msg) -> None:
+        """Queue a message for pony; one sender task keeps them in order (no task per message)."""
+        self._outbox.append(msg)
+        if not self._sending:
+            self._sending = True
+            self._spawn(self._send_outbox())
+
+    async def _send_outbox(self) -> None:
+        try:
+            while self._outbox:
+                batch, self._outbox = self._outbox, []
+                for msg in batch:
+                    await self.ctx.mesh.send("pony", msg)
+        finally:
+            self._sending = False
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -507,8 +525,7 @@ class Runtime:
                 fs = self.engine.sessions.get(item.session)
                 if fs is not None:
                     stat.increment(f"filter.{fs.filter}.{item.decision}")
-                self._spawn(self.ctx.mesh.send("pony", FilterSmtpProtocolReply(
-                    reqid=reqid, decision=item.decision, param=item.param)))
+                self._to_pony(FilterSmtpProtocolReply(reqid=reqid, decision=item.decision, param=item.param))
             elif isinstance(item, DataOut):
                 pending = data.get(item.session)
                 if pending is None:
@@ -519,8 +536,8 @@ class Runtime:
                     pending.failed |= item.failed
         for item in data.values():
             chunk = lka_filter.unstuff(item.lines[:-1] if item.done and item.lines else item.lines)
-            self._spawn(self.ctx.mesh.send("pony", FilterSmtpDataOut(
-                session=item.session, chunk=chunk, done=item.done, failed=item.failed)))
+            self._to_pony(FilterSmtpDataOut(session=item.session, chunk=chunk, done=item.done,
+                                            failed=item.failed))
         for name in written:
             self._drain(self.procs[name])
 
