@@ -448,15 +448,19 @@ class Session(asyncio.Protocol):
             trace("smtp: %016x: <<< [EOM]", self.session_id)
         pump, self._pump = self._pump, None
         if pump is not None:
-            if not event.error and self.msgid:
-                await self.filters.data(b"", last=True)
-            try:
-                async with asyncio.timeout(self.filters.timeout):
-                    written = await pump if not event.error else (pump.cancel() or True)
-            except TimeoutError:
-                written = False
-            if not written:
-                raise FilterFailed(f"filter {self.filters.name}: data-line filter failed")
+            # the final dot goes to the filters even when the message is refused (as
+            # OpenSMTPD's smtp_tx_filtered_dataline): their stream ends either way
+            await self.filters.data(b"", last=True)
+            if event.error or not self.msgid:
+                pump.cancel()
+            else:
+                try:
+                    async with asyncio.timeout(self.filters.timeout):
+                        written = await pump
+                except TimeoutError:
+                    written = False
+                if not written:
+                    raise FilterFailed(f"filter {self.filters.name}: data-line filter failed")
         if self.filters is not None and not event.error and self.msgid:
             if not await self._filter_phase(conn, event):
                 return
@@ -591,6 +595,8 @@ class Session(asyncio.Protocol):
         if self._pump is not None:
             self._pump.cancel()
             self._pump = None
+            if not self._lost:
+                await self.filters.data(b"", last=True)     # end the filters' stream
         self.tx_junk = False
         if self.msgid:
             msgid, self.msgid = self.msgid, 0
