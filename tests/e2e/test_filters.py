@@ -8,7 +8,6 @@ import os
 import pwd
 import shutil
 import smtplib
-import stat
 import tempfile
 import time
 from pathlib import Path
@@ -231,7 +230,9 @@ def test_filter_that_never_registers_gives_421_and_the_daemon_serves_the_others(
     with pytest.raises(smtplib.SMTPConnectError) as err:
         smtplib.SMTP("127.0.0.1", port, timeout=30)
     assert err.value.smtp_code == 421
-    assert stat.S_ISDIR(os.stat(scripts).st_mode)
+    log = d.log_since_start()
+    assert "warn: filter: not ready after start: mute" in log
+    assert "Filter mute starting" in d.smtpctl("show", "status").stdout.splitlines()
 
 
 # Registers every report event and echoes each line to stderr (so to the log); rewrites
@@ -313,3 +314,37 @@ def test_a_refused_message_still_ends_the_data_line_stream(make_daemon, tmp_path
         assert s.data(b"Subject: small\r\n\r\nhello\r\n")[0] == 250
     assert "HELLO" in body_of(tmp_path, "alice")
     assert "restarting it" not in d.log_since_start()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start the daemon as another user")
+def test_filters_in_unprivileged_mode_run_as_the_daemons_user(scripts):
+    """Started by a normal user (nobody, through setpriv as test_daemon.py does), the
+    filter runs as that user and works the same."""
+    from tests.conftest import Daemon
+    nobody = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="pysmtpd-unpriv-"))
+    d = None
+    try:
+        os.chown(base, nobody.pw_uid, nobody.pw_gid)
+        port = free_port()
+        text = config(base / "mail", port)
+        text = (f'filter py proc-exec "{PYTHON} {scripts}/pyfilter.py"\n'
+                + text.replace(f"port {port}\n", f"port {port} filter py\n"))
+        d = Daemon(base, text, prefix=[
+            "setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups",
+            "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"])
+        d.start()
+        d.wait_log("info: filter py: ready")
+        send(port, "a@remote.test", ["alice@example.test"], "Subject: unpriv\n\nhello\n")
+        wait_for(lambda: maildir_messages(base / "mail", "alice"), 20, "delivery")
+        msg = maildir_messages(base / "mail", "alice")[0].decode()
+        assert "X-Filtered-By: python" in msg and "HELLO" in msg
+        assert f"warn: filter py: started uid={nobody.pw_uid} " in d.log_since_start()
+    finally:
+        if d is not None:
+            d.stop()
+            assert not d.children(), "processes left behind"
+        homes = base / "mail" / "home"
+        if homes.is_symlink():
+            shutil.rmtree(homes.resolve(), ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)
