@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port, wait_for
-from tests.e2e.helpers import config, maildir_messages, send
+from tests.e2e.helpers import config, maildir_messages, send, unprivileged_daemon
 
 PYTHON = "/usr/bin/python3"     # the filters run as _smtpd when root: a Python it can run
 
@@ -318,33 +318,16 @@ def test_a_refused_message_still_ends_the_data_line_stream(make_daemon, tmp_path
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start the daemon as another user")
 def test_filters_in_unprivileged_mode_run_as_the_daemons_user(scripts):
-    """Started by a normal user (nobody, through setpriv as test_daemon.py does), the
-    filter runs as that user and works the same."""
-    from tests.conftest import Daemon
-    nobody = pwd.getpwnam("nobody")
-    base = Path(tempfile.mkdtemp(prefix="pysmtpd-unpriv-"))
-    d = None
-    try:
-        os.chown(base, nobody.pw_uid, nobody.pw_gid)
-        port = free_port()
+    """Started by a normal user (nobody), the filter runs as that user and works the same."""
+    def make_config(base, port):
         text = config(base / "mail", port)
-        text = (f'filter py proc-exec "{PYTHON} {scripts}/pyfilter.py"\n'
+        return (f'filter py proc-exec "{PYTHON} {scripts}/pyfilter.py"\n'
                 + text.replace(f"port {port}\n", f"port {port} filter py\n"))
-        d = Daemon(base, text, prefix=[
-            "setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups",
-            "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"])
-        d.start()
+    with unprivileged_daemon(make_config) as (d, base, port):
         d.wait_log("info: filter py: ready")
         send(port, "a@remote.test", ["alice@example.test"], "Subject: unpriv\n\nhello\n")
         wait_for(lambda: maildir_messages(base / "mail", "alice"), 20, "delivery")
         msg = maildir_messages(base / "mail", "alice")[0].decode()
         assert "X-Filtered-By: python" in msg and "HELLO" in msg
-        assert f"warn: filter py: started uid={nobody.pw_uid} " in d.log_since_start()
-    finally:
-        if d is not None:
-            d.stop()
-            assert not d.children(), "processes left behind"
-        homes = base / "mail" / "home"
-        if homes.is_symlink():
-            shutil.rmtree(homes.resolve(), ignore_errors=True)
-        shutil.rmtree(base, ignore_errors=True)
+        uid = pwd.getpwnam("nobody").pw_uid
+        assert f"warn: filter py: started uid={uid} " in d.log_since_start()
