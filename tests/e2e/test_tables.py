@@ -11,6 +11,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import re
 import shutil
 import smtplib
 import subprocess
@@ -226,3 +227,31 @@ def test_db_files_are_shared_with_opensmtpd_makemap(make_daemon, tmp_path, share
     res = run(theirs / "makemap", "-U", ours, group=gid)
     assert res.returncode == 0, res.stderr
     assert sorted(res.stdout.splitlines()) == ["postmaster\talice", "team\talice, bob"]
+
+
+def test_debian_table_passwd_as_userbase(make_daemon, tmp_path, shared):
+    """Debian 12's opensmtpd-extras table-passwd (OpenSMTPD 6's imsg protocol), unpacked
+    and unchanged, answers the daemon's userbase lookups."""
+    from tests.table_programs import fetch_extras
+    try:
+        extras = fetch_extras()
+    except oracle.Unavailable as exc:
+        oracle.unavailable(str(exc))
+    program = shared / "table-passwd"
+    shutil.copy(extras / "usr/libexec/opensmtpd/table-passwd", program)   # where _smtpd may run it
+    program.chmod(0o755)
+    base = tmp_path / "d"
+    users = dict(re.findall(r'(\w+) = "([^"]+)"', userbase(base)))          # uid:gid:home
+    passwd = shared / "passwd"
+    passwd.write_text("".join(f"{name}:x:{info.split(':')[0]}:{info.split(':')[1]}::"
+                              f"{info.split(':', 2)[2]}:/bin/sh\n" for name, info in users.items()))
+    passwd.chmod(0o644)
+    port = free_port()
+    d = make_daemon(f"listen on 127.0.0.1 port {port}\n"
+                    f'table passwd "proc-exec:{program} {passwd}"\n'
+                    'action "local" maildir "~/Maildir" userbase <passwd>\n'
+                    'match from any for domain "example.test" action "local"\n').start()
+    send(port, "alice@example.test")
+    wait_for(lambda: count(base, "alice") == 1, 20, "delivery through table-passwd")
+    assert rcpt(port, "mallory@example.test")[0] == 550
+    assert d.smtpctl("update", "table", "passwd").stdout.strip() == "command succeeded"

@@ -124,3 +124,41 @@ def test_a_program_that_cannot_run_or_handshake_gives_temporary_failures(tmp_pat
                 await table.lookup("alias", "x")
             await table.close()
     run(scenario())
+
+
+def test_debian_extras_table_passwd_speaks_imsg_and_works_unchanged(tmp_path):
+    """Debian 12's opensmtpd-extras (6.7) table-passwd, unpacked: it exits on the 0.1
+    handshake, and answers in OpenSMTPD 6's imsg protocol."""
+    from tests.oracle import opensmtpd as oracle
+    from tests.table_programs import fetch_extras
+    try:
+        root = fetch_extras()
+    except oracle.Unavailable as exc:
+        oracle.unavailable(str(exc))
+    program = root / "usr/libexec/opensmtpd/table-passwd"
+    passwd = tmp_path / "passwd"
+    passwd.write_text("alice:$2b$08$hashhashhash:1001:1001::/home/alice:/bin/sh\n"
+                      "bob:secret:1002:1002:Bob:/srv/bob:\n")
+
+    async def scenario():
+        table = ProcTable("users", "passwd", None, (str(program), ["users", str(passwd)]))
+        table.bind_loop()
+        await table.open()
+        try:
+            assert table.protocol == "imsg"
+            assert await table.lookup("userinfo", "ALICE") == "1001:1001:/home/alice"
+            assert await table.lookup("credentials", "bob") == "bob:secret"
+            assert await table.lookup("userinfo", "carol") is None
+            with pytest.raises(TableUnavailable):               # table-passwd: check is -1
+                await table.check("userinfo", "alice")
+            passwd.write_text("carol:x:1003:1003::/home/carol:\n")
+            assert await table.update() is None
+            assert await table.lookup("userinfo", "carol") == "1003:1003:/home/carol"
+            pid = table.process.pid
+            table.process.kill()                                # crashed: restarted, same protocol
+            await table.process.wait()
+            assert await table.lookup("userinfo", "carol") == "1003:1003:/home/carol"
+            assert table.process.pid != pid and table.protocol == "imsg"
+        finally:
+            await table.close()
+    run(scenario())
