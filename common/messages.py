@@ -610,6 +610,16 @@ class FilterProcKill(Msg, **_m("filter_proc_kill")):
     name: str
     pid: int
 
+# --- tables (issue 11): smtpctl update table -----------------------------------------------
+
+class CtlUpdateTable(Msg, **_m("ctl_update_table")):
+    """control -> lka: ``smtpctl update table NAME``: reload what the table's backend
+    caches (re-read its file, reopen its db, send ``update`` to its program); lka
+    answers CtlReply (ok, or text saying why not).  lka is the one process that holds
+    tables; the others ask it."""
+    reqid: int
+    name: str
+
 
 Message = Union[
     RequestFailed, SetupDone, ConfEnd, CtlVerbose, MdaFork, MdaDone,
@@ -631,6 +641,7 @@ Message = Union[
     QueueEnvelopeSubmitBatch,
     FilterSmtpBegin, FilterSmtpBeginReply, FilterSmtpEnd, FilterSmtpReport, FilterSmtpProtocol,
     FilterSmtpProtocolReply, FilterSmtpData, FilterSmtpDataOut, FilterProcFork, FilterProcKill,
+    CtlUpdateTable,
 ]
 
 _encoder = msgspec.msgpack.Encoder()
