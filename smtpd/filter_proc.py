@@ -208,6 +208,21 @@ class Runtime:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def status(self) -> dict[str, str]:
+        """``smtpctl show status``: each process's state (docs/filters.md)."""
+        out = {}
+        for name, proc in self.procs.items():
+            if proc.ready.is_set():
+                state = "running"
+            elif proc.sock is not None:
+                state = "starting"
+            elif proc.restart is not None:
+                state = f"restarting (failures {proc.failures})"
+            else:
+                state = "stopped"
+            out[name] = state
+        return out
+
     @property
     def enabled(self) -> bool:
         return bool(self.procs) or bool(self.config.filters)
@@ -466,7 +481,9 @@ class Runtime:
                 reqid = self.waiting.pop(item.session, None)
                 if reqid is None:
                     continue
-                stat.increment(f"filter.decision.{item.decision}")
+                fs = self.engine.sessions.get(item.session)
+                if fs is not None:
+                    stat.increment(f"filter.{fs.filter}.{item.decision}")
                 self._spawn(self.ctx.mesh.send("pony", FilterSmtpProtocolReply(
                     reqid=reqid, decision=item.decision, param=item.param)))
             elif isinstance(item, DataOut):
@@ -502,7 +519,8 @@ class Runtime:
             await self.ctx.mesh.send(peer, FilterSmtpBeginReply(reqid=msg.reqid, phases=[], events=[], ok=False))
             return
         fcrdns = await self._fcrdns(msg.rdns, msg.src)
-        facts = Facts(rdns=msg.rdns, fcrdns=fcrdns, src=msg.src, dest=msg.dest)
+        ip = "local" if msg.src.startswith("unix:") else msg.src.rsplit(":", 1)[0].strip("[]")
+        facts = Facts(rdns=msg.rdns, fcrdns=fcrdns, src=ip, dest=msg.dest)
         fs = self.engine.begin(msg.session, msg.filter, facts)
         phases, events = self.engine.registered(msg.filter)
         await self.ctx.mesh.send(peer, FilterSmtpBeginReply(

@@ -9,6 +9,7 @@ and which senders an authenticated user may use (smtpd/auth.py).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 
@@ -18,12 +19,13 @@ import dns.resolver
 import msgspec
 
 from common.messages import (
+    CtlReply, CtlRequest,
     LkaEnvelopeCommit, LkaEnvelopeSubmit, MdaLookupUserinfo, MdaLookupUserinfoReply,
     MtaDnsLookup, MtaDnsReply, SmtpAuthenticate, SmtpAuthenticateReply, SmtpCheckSender,
     SmtpCheckSenderReply, SmtpExpandRcpt, SmtpExpandRcptReply,
 )
 from common.vis import COMMAND, log_text
-from smtpd import auth, expand, filter_proc
+from smtpd import auth, expand, filter_builtin, filter_proc
 from smtpd.ruleset import TableSet
 
 log = logging.getLogger("smtpd")
@@ -48,13 +50,10 @@ class Process:
         self.filters = filter_proc.Runtime(ctx, channel, self._builtin_filter())
 
     def _builtin_filter(self):
-        """smtpd/filter_builtin.py's evaluate(spec, phase, facts, tables) -> matched
-        (docs/filters.md), with this process's tables."""
-        try:
-            from smtpd import filter_builtin
-        except ImportError:
-            return None
-        return lambda spec, phase, facts: filter_builtin.evaluate(spec, phase, facts, self.tables)
+        """smtpd/filter_builtin.py's matches(spec, phase, facts, tables, param): whether a
+        builtin filter's condition holds (the chain applies its action), with this
+        process's tables."""
+        return lambda spec, phase, facts, param: filter_builtin.matches(spec, phase, facts, self.tables, param)
 
     async def start(self) -> None:
         pass
@@ -94,6 +93,9 @@ class Process:
                 self._spawn(self._authenticate(msg))
             case SmtpAuthenticateReply() if peer == "parent":
                 await self.ctx.mesh.send("pony", msg)
+            case CtlRequest(command="show filters"):
+                await self.ctx.mesh.send(peer, CtlReply(reqid=msg.reqid, ok=True,
+                                                        text=json.dumps(self.filters.status())))
             case SmtpCheckSender() if peer == "pony":
                 result = auth.sender_allowed(self.tables.get(msg.table), msg.user, msg.sender,
                                              self.config.sub_addr_delim)

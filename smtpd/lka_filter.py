@@ -246,7 +246,7 @@ class Facts:
     """What builtin filters look at (lka_filter.c's struct filter_session)."""
     rdns: str = ""
     fcrdns: bool = False
-    src: str = ""
+    src: str = ""          # the client's address, without port ("local" for a local client)
     dest: str = ""
     helo: str = ""
     username: str | None = None
@@ -277,7 +277,7 @@ class Engine:
 
     def __init__(self, config, builtin=None) -> None:
         self.config = config
-        self.builtin = builtin          # (spec, phase, facts) -> matched: smtpd/filter_builtin.py
+        self.builtin = builtin          # (spec, phase, facts, param) -> matched: smtpd/filter_builtin.py
         self.procs: dict[str, ProcState] = {
             name: ProcState(name, getattr(p, "protocol", DEFAULT_VERSION) or DEFAULT_VERSION)
             for name, p in config.filter_procs.items()}
@@ -439,7 +439,7 @@ class Engine:
                     st.version, now, fs.phase, fs.id, fs.token, fs.param, fs.facts.rdns)))
                 return
             spec = m.spec
-            matched = bool(self.builtin(spec, fs.phase, fs.facts)) if self.builtin else False
+            matched = bool(self.builtin(spec, fs.phase, fs.facts, fs.param)) if self.builtin else False
             if matched:
                 if spec.action in ("rewrite", "disconnect", "reject", "junk"):
                     self._decide(fs, spec.action, spec.action_text or None)

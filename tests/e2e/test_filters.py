@@ -154,6 +154,8 @@ def test_python_filter_rewrites_adds_drops_lines_and_rejects_at_rcpt(make_daemon
         assert uid == pwd.getpwnam("_smtpd").pw_uid
     st = stats(d)
     assert st["filter.py.running"] == "1" and int(st["filter.py.requests"]) >= 2
+    assert st["filter.py.reject"] == "1" and st["filter.py.proceed"] == "1"
+    assert "Filter py running" in d.smtpctl("show", "status").stdout.splitlines()
 
 
 def test_shell_filter_junks_and_disconnects(make_daemon, tmp_path, scripts):
@@ -230,3 +232,64 @@ def test_filter_that_never_registers_gives_421_and_the_daemon_serves_the_others(
         smtplib.SMTP("127.0.0.1", port, timeout=30)
     assert err.value.smtp_code == 421
     assert stat.S_ISDIR(os.stat(scripts).st_mode)
+
+
+# Registers every report event and echoes each line to stderr (so to the log); rewrites
+# the sender at mail-from.
+REPORTER = r'''
+import sys
+def out(line):
+    sys.stdout.write(line + "\n"); sys.stdout.flush()
+for line in sys.stdin:
+    line = line.rstrip("\n")
+    if line == "config|ready":
+        out("register|report|smtp-in|*")
+        out("register|filter|smtp-in|mail-from")
+        out("register|ready")
+    elif line.startswith("report|"):
+        sys.stderr.write(line + "\n"); sys.stderr.flush()
+    elif line.startswith("filter|"):
+        f = line.split("|")
+        out("filter-result|%s|%s|rewrite|<rewritten@remote.test>" % (f[5], f[6]))
+'''
+
+
+def test_builtin_and_proc_filters_in_a_chain_with_every_report_event(make_daemon, tmp_path, scripts):
+    (scripts / "reporter.py").write_text(REPORTER)
+    port = free_port()
+    filters = ('filter closed phase rcpt-to match rcpt-to { "carol@example.test" } reject "550 5.7.1 carol is closed"\n'
+               f'filter rep proc-exec "{PYTHON} {scripts}/reporter.py"\n'
+               "filter both chain { closed, rep }\n")
+    d = make_daemon(filtered_config(tmp_path, port, filters, "both")).start()
+    d.wait_log("info: filter rep: ready")
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+        s.ehlo("client.test")
+        assert s.mail("original@remote.test")[0] == 250
+        assert s.rcpt("carol@example.test") == (550, b"5.7.1 carol is closed")
+        assert s.rcpt("alice@example.test")[0] == 250
+        assert s.data(b"Subject: chain\r\n\r\nhi\r\n")[0] == 250
+    msg = body_of(tmp_path, "alice")
+    assert msg.startswith("Return-Path: <rewritten@remote.test>\n")
+    log = d.wait_log("|link-disconnect|")
+    reports = [ln.split("warn: filter rep: ", 1)[1] for ln in log.splitlines() if "warn: filter rep: report|" in ln]
+    events = {r.split("|")[4]: r.split("|")[5:] for r in reports}
+    sid = events["link-connect"][0]
+    assert all(r.startswith("report|0.7|") and r.split("|")[3] == "smtp-in" for r in reports)
+    host = log.split("smtp connected address=127.0.0.1 host=", 1)[1].split()[0]
+    assert events["link-connect"][1] == host
+    assert events["link-connect"][2] == ("pass" if host == "localhost" else events["link-connect"][2]) in ("pass", "fail")
+    assert events["link-connect"][3].startswith("127.0.0.1:") and events["link-connect"][4] == f"127.0.0.1:{port}"
+    assert events["link-identify"] == [sid, "EHLO", "client.test"]
+    msgid = events["tx-begin"][1]
+    assert events["tx-mail"] == [sid, msgid, "ok", "rewritten@remote.test"]
+    rcpts = [r.split("|")[6:] for r in reports if r.split("|")[4] == "tx-rcpt"]
+    assert rcpts == [[msgid, "permfail", "carol@example.test"], [msgid, "ok", "alice@example.test"]]
+    assert events["tx-envelope"][1] == msgid and len(events["tx-envelope"][2]) == 16
+    assert events["tx-data"] == [sid, msgid, "ok"]
+    assert events["tx-commit"][:2] == [sid, msgid] and int(events["tx-commit"][2]) > 0
+    assert ["protocol-client", "ehlo client.test"] in [r.split("|")[4:7:2] for r in reports]   # as smtplib sent it
+    assert any(r.split("|")[4] == "protocol-server" and r.endswith("|250 2.0.0 Ok") for r in reports)
+    responses = [r.split("|")[6:] for r in reports if r.split("|")[4] == "filter-response"]
+    assert responses == [["mail-from", "rewrite", "<rewritten@remote.test>"],
+                         ["rcpt-to", "reject", "550 5.7.1 carol is closed"], ["rcpt-to", "proceed"]]
+    assert events["link-disconnect"] == [sid]

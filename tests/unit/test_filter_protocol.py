@@ -256,8 +256,8 @@ def test_junk_at_commit_is_refused():
 def test_builtin_filters_are_asked_through_the_evaluate_call():
     seen = []
 
-    def evaluate(spec, phase, facts):
-        seen.append((spec.name, phase, facts.rdns))
+    def evaluate(spec, phase, facts, param):
+        seen.append((spec.name, phase, facts.rdns, param))
         return True
     rej = Filter("norc", "builtin", phase="rcpt-to", check=FilterCheck("rdns"), action="reject",
                  action_text="550 no rDNS")
@@ -268,4 +268,4 @@ def test_builtin_filters_are_asked_through_the_evaluate_call():
     assert e.take_output() == [Decision(SID, "helo", "proceed", None, [])]
     e.protocol(SID, 1.0, "rcpt-to", "joe@x.test")
     assert e.take_output() == [Decision(SID, "rcpt-to", "reject", "550 no rDNS", [])]
-    assert seen == [("norc", "rcpt-to", "r.test")]
+    assert seen == [("norc", "rcpt-to", "r.test", "joe@x.test")]
