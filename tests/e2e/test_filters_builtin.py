@@ -199,15 +199,7 @@ def test_junk_adds_x_spam_to_the_message_of_a_listed_sender(server):
     assert _headers(server.delivered("clean"), "X-Spam") == []
 
 
-# lka_filter.Engine hands builtins no RCPT TO address (smtpd/lka_filter.py, Engine._next calls
-# builtin(spec, phase, facts) without fs.param; Facts has no recipient): pysmtpd's rcpt-to
-# builtins never match yet.  Strict: this fails as soon as that is fixed, to drop the mark.
-RCPT_TO_BUG = pytest.mark.xfail(strict=True, reason="lka_filter.Engine passes no rcpt-to param to builtins")
-
-
-def test_rcpt_to_table(server, request):
-    if server.kind == "pysmtpd":
-        request.node.add_marker(RCPT_TO_BUG)
+def test_rcpt_to_table(server):
     with _client(server, "rcptto") as s:
         s.ehlo("client.example.test")
         assert s.mail("alice@example.net")[0] == 250
