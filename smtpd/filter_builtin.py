@@ -9,12 +9,13 @@ A builtin filter is one condition and one decision, registered for one phase::
     filter known      phase mail-from match src <trusted>         bypass
     filter spamtrap   phase rcpt-to   match rcpt-to <traps>       report "spamtrap hit"
 
-``evaluate(spec, phase, facts, tables)`` answers one filter at one phase with a
-``Decision`` (``matches`` only says whether its condition holds); the chain around it (which filter comes next, proc filters, what the
-session does with the answer) is the caller's.  Nothing here does I/O: the client's
-reverse name and its forward confirmation are looked up by the daemon (pony asks lka,
-as OpenSMTPD's smtp_session.c asks its resolver) and handed in as ``Facts``; table
-lookups go through the table set the caller passes (lka's ``ruleset.TableSet``).
+``evaluate(spec, phase, facts, tables, param)`` answers one filter at one phase with a
+``Decision``; ``matches`` only says whether its condition holds, for lka_filter.Engine,
+which owns the chain (which filter comes next, proc filters) and applies the action.
+Nothing here does I/O: the client's reverse name and its forward confirmation are
+looked up by the daemon (pony asks lka for the name; lka's filter_proc.py confirms it)
+and come in ``lka_filter.Facts``; table lookups go through the table set the caller
+passes (lka's ``ruleset.TableSet``).  Users' documentation: docs/filters.md.
 
 What OpenSMTPD does, and so what this module does (lka_filter.c, parse.y, 6.8 to 7.8):
 
@@ -210,22 +211,3 @@ def src_text(src: str) -> str:
     if src == "local" or ":" not in src or src.startswith("["):
         return src
     return f"[{src}]"
-
-
-def fcrdns_verdict(src: str, forward: list[str] | None, error: bool = False) -> str:
-    """smtp_session.c smtp_getaddrinfo_cb: "pass" when the forward lookup of the client's
-    reverse name (``forward``: its addresses; None = no such name or no address) gives
-    back ``src``, "error" when the lookup itself failed, else "fail"."""
-    if error:
-        return "error"
-    try:
-        client = ipaddress.ip_address(client_address(src))
-    except ValueError:
-        return "fail"
-    for addr in forward or ():
-        try:
-            if ipaddress.ip_address(addr.strip("[]")) == client:
-                return "pass"
-        except ValueError:
-            continue
-    return "fail"

@@ -10,7 +10,7 @@ import dataclasses
 
 from smtpd.config import Filter, FilterCheck
 from smtpd.filter_builtin import (
-    PROCEED, Decision, Verdict, client_address, evaluate, fcrdns_verdict, has_rdns, matches,
+    PROCEED, Decision, Verdict, client_address, evaluate, has_rdns, matches,
     src_text)
 from smtpd.ruleset import TableSet
 
@@ -228,14 +228,3 @@ def test_builtins_never_act_where_opensmtpd_has_no_builtin(tables, phase):
 def test_unknown_condition_is_a_bug_not_a_silent_pass(tables):
     with pytest.raises(ValueError):
         evaluate(spec("connect", "tag", "names"), "connect", facts(), tables)
-
-
-# --- forward-confirmed reverse DNS --------------------------------------------------------
-
-def test_fcrdns_verdict():
-    assert fcrdns_verdict("192.0.2.1", ["198.51.100.1", "192.0.2.1"]) == "pass"
-    assert fcrdns_verdict("2001:db8::1", ["2001:0db8:0:0::1"]) == "pass"
-    assert fcrdns_verdict("192.0.2.1", ["192.0.2.2"]) == "fail"
-    assert fcrdns_verdict("192.0.2.1", None) == "fail"
-    assert fcrdns_verdict("192.0.2.1", None, error=True) == "error"
-    assert fcrdns_verdict("local", ["127.0.0.1"]) == "fail"
