@@ -45,6 +45,20 @@ class FilterUnavailable(Exception):
     """A filter program cannot be had here; the message says why."""
 
 
+def private_dns(records: dict[str, dict[str, list[str]]]) -> "PrivateDns":
+    """A PrivateDns for a test module.  It needs root: run unprivileged (a developer's
+    checkout), the module is skipped with the reason; under CI (which runs as root) and
+    for any other cause it fails."""
+    if os.geteuid() != 0 and not os.environ.get("CI"):
+        import pytest
+        pytest.skip("the filter tests need root (port 53 and a mount namespace for the private DNS)")
+    try:
+        return PrivateDns(records)
+    except FilterUnavailable as exc:
+        import pytest
+        pytest.fail(f"private DNS unavailable: {exc}")
+
+
 def cache_dir() -> Path:
     configured = os.environ.get("PYSMTPD_FILTER_CACHE")
     path = Path(configured) if configured else Path(tempfile.gettempdir()) / f"pysmtpd-filters-{os.getuid()}"
@@ -139,7 +153,7 @@ class PrivateDns:
     Needs root (port 53, the mount namespace).  Use as a context manager; ``prefix`` is
     what tests/conftest.py's Daemon puts before its command."""
 
-    def __init__(self, records: dict[str, dict[str, list[str]]], directory: Path) -> None:
+    def __init__(self, records: dict[str, dict[str, list[str]]]) -> None:
         if os.geteuid() != 0:
             raise FilterUnavailable("a private resolver needs root (port 53, a mount namespace)")
         if shutil.which("unshare") is None:
@@ -148,8 +162,8 @@ class PrivateDns:
         self.server.udp.close()
         self.server.udp = _bind_dns_port()
         self.server.port = 53
-        directory.mkdir(parents=True, exist_ok=True)
-        self.resolv = directory / "resolv.conf"
+        self.directory = shared_dir("pysmtpd-filter-dns-")
+        self.resolv = self.directory / "resolv.conf"
         self.resolv.write_text(f"nameserver {DNS_ADDRESS}\noptions timeout:2 attempts:1\n")
         self.resolv.chmod(0o644)
 
@@ -169,6 +183,7 @@ class PrivateDns:
 
     def __exit__(self, *exc) -> None:
         self.server.__exit__(*exc)
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def _bind_dns_port() -> socket.socket:
@@ -233,7 +248,11 @@ def start_server(kind: str, base: Path, config_text: str, ports: dict[str, int],
     sink.start()
     if kind == "pysmtpd":
         daemon = Daemon(base, config_text, prefix=dns.prefix)
-        server = Server(kind, ports, sink, daemon.log, daemon.stop)
+
+        def stop_daemon() -> None:
+            daemon.stop()
+            assert not daemon.children(), "processes left behind"
+        server = Server(kind, ports, sink, daemon.log, stop_daemon)
         try:
             daemon.start()
         except BaseException:

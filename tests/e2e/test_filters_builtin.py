@@ -22,7 +22,7 @@ import pytest
 from tests.conftest import free_port
 from tests.e2e.sink import Sink
 from tests.filter_programs import (
-    SERVERS, FilterUnavailable, PrivateDns, relay_config, shared_dir, start_server)
+    SERVERS, private_dns, relay_config, shared_dir, start_server)
 
 HOSTNAME = "mx.example.test"
 PYTHON = "/usr/bin/python3"      # filters run as _smtpd (opensmtpd for the oracle) when root
@@ -97,11 +97,7 @@ def _config(ports: dict[str, int], sink_port: int, watcher: Path) -> str:
 
 @pytest.fixture(scope="module")
 def dns():
-    try:
-        server = PrivateDns(DNS_RECORDS, shared_dir("pysmtpd-filter-dns-"))
-    except FilterUnavailable as exc:
-        pytest.fail(f"private DNS unavailable: {exc}")
-    with server:
+    with private_dns(DNS_RECORDS) as server:
         yield server
 
 
