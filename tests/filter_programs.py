@@ -77,7 +77,7 @@ def debian_filter(package: str, program: str) -> Path:
         _fetch(package, root)
     if not binary.exists():
         raise FilterUnavailable(f"{package} has no usr/libexec/opensmtpd/{program}")
-    missing = missing_libraries(binary)
+    missing = opensmtpd.missing_libraries(binary)
     if missing:
         raise FilterUnavailable(f"{program}: libraries missing: {', '.join(missing)} "
                                 "(contrib/dev.sh install_test_tools installs them)")
@@ -109,6 +109,7 @@ def _fetch(package: str, root: Path) -> None:
 
 
 def _download(package: str, directory: Path) -> Path | None:
+    # tests/oracle/opensmtpd.py's _download, for any package
     try:
         subprocess.run(["apt-get", "download", "-qq", package], cwd=directory,
                        capture_output=True, timeout=300, check=True)
@@ -116,11 +117,6 @@ def _download(package: str, directory: Path) -> Path | None:
         return None
     debs = sorted(directory.glob(f"{package}_*.deb"))
     return debs[-1] if debs else None
-
-
-def missing_libraries(binary: Path) -> list[str]:
-    out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True).stdout
-    return [line.split()[0] for line in out.splitlines() if "=> not found" in line]
 
 
 def libopensmtpd_filter(name: str, source: str) -> Path:
