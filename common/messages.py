@@ -548,12 +548,18 @@ class FilterSmtpEnd(Msg, **_m("filter_smtp_end")):
     session: int
 
 
-class FilterSmtpReport(Msg, **_m("filter_smtp_report")):
-    """pony -> lka: one report event (IMSG_REPORT_SMTP_*), for the filters registered to it."""
-    session: int
+class FilterReportEvent(msgspec.Struct, kw_only=True):
+    """One report event (IMSG_REPORT_SMTP_*): its name, parameters and time."""
     event: str
     params: list[str]
     time: float
+
+
+class FilterSmtpReport(Msg, **_m("filter_smtp_report")):
+    """pony -> lka: the report events of a session since its last message to lka, for the
+    filters registered to them (one message per batch, not per event)."""
+    session: int
+    events: list[FilterReportEvent]
 
 
 class FilterSmtpProtocol(Msg, **_m("filter_smtp_protocol")):

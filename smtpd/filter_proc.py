@@ -300,6 +300,7 @@ class Runtime:
         for line in lka_filter.handshake(state.version, self._version(), self.config.smtp_command_timeout,
                                          self.config.hostname):
             self._write(proc, line)
+        self._drain(proc)
         log.info("info: filter %s: started, pid %d", proc.name, pid)
         stat.increment(f"filter.{proc.name}.starts")
 
@@ -366,6 +367,12 @@ class Runtime:
             return
         proc.last_read = time.monotonic()
         proc.inbuf += data
+        try:
+            self._lines(proc)
+        finally:
+            self._flush_engine()        # what this read produced, in one batch
+
+    def _lines(self, proc: Proc) -> None:
         while True:
             nl = proc.inbuf.find(b"\n")
             if nl < 0:
@@ -381,6 +388,7 @@ class Runtime:
                 self.engine.receive(proc.name, line)
             except ProtocolError as exc:
                 stat.increment(f"filter.{proc.name}.protocol_errors")
+                self._flush_engine()
                 self._lost(proc, f"protocol error: {log_text(str(exc)[:300], COMMAND)}", kill=True)
                 return
             if self.engine.procs[proc.name].ready and not proc.ready.is_set():
@@ -388,9 +396,6 @@ class Runtime:
                 proc.waiting_since = None
                 stat.set(f"filter.{proc.name}.running", 1)
                 log.info("info: filter %s: ready", proc.name)
-            self._flush_engine()
-            if proc.sock is None:
-                return
 
     def _stderr(self, proc: Proc) -> None:
         try:
@@ -417,12 +422,14 @@ class Runtime:
         if FLAGS.filters:
             trace("filters: lka -> %s: %s", proc.name, log_text(line[:1000], COMMAND))
         proc.outbuf += line.encode("utf-8", "surrogateescape") + b"\n"
+
+    def _drain(self, proc: Proc) -> None:
+        """Write what is buffered (once per batch of lines, not per line)."""
+        if proc.sock is None or not proc.outbuf:
+            return
         if len(proc.outbuf) > WRITE_BUFFER_MAX:
             self._lost(proc, "does not read its input", kill=True)
             return
-        self._drain(proc)
-
-    def _drain(self, proc: Proc) -> None:
         loop = asyncio.get_running_loop()
         try:
             sent = proc.sock.send(proc.outbuf)
@@ -436,6 +443,8 @@ class Runtime:
             loop.add_writer(proc.sock.fileno(), self._writable, proc)
 
     def _writable(self, proc: Proc) -> None:
+        if proc.sock is None:
+            return
         asyncio.get_running_loop().remove_writer(proc.sock.fileno())
         self._drain(proc)
 
@@ -469,12 +478,17 @@ class Runtime:
     # -- engine output -> processes and pony ---------------------------------------------
 
     def _flush_engine(self) -> None:
+        """The engine's output: lines to processes (written once per call), decisions and
+        filtered body lines to pony (one message per session and call)."""
+        written: set[str] = set()
+        data: dict[int, DataOut] = {}
         for item in self.engine.take_output():
             if isinstance(item, Write):
                 proc = self.procs[item.proc]
                 if proc.waiting_since is None:
                     proc.waiting_since = time.monotonic()
                 self._write(proc, item.line)
+                written.add(item.proc)
                 if item.line.startswith("filter|"):
                     stat.increment(f"filter.{item.proc}.requests")
             elif isinstance(item, Decision):
@@ -487,9 +501,19 @@ class Runtime:
                 self._spawn(self.ctx.mesh.send("pony", FilterSmtpProtocolReply(
                     reqid=reqid, decision=item.decision, param=item.param)))
             elif isinstance(item, DataOut):
-                chunk = lka_filter.unstuff(item.lines[:-1] if item.done and item.lines else item.lines)
-                self._spawn(self.ctx.mesh.send("pony", FilterSmtpDataOut(
-                    session=item.session, chunk=chunk, done=item.done, failed=item.failed)))
+                pending = data.get(item.session)
+                if pending is None:
+                    data[item.session] = DataOut(item.session, list(item.lines), item.done, item.failed)
+                else:
+                    pending.lines += item.lines
+                    pending.done |= item.done
+                    pending.failed |= item.failed
+        for item in data.values():
+            chunk = lka_filter.unstuff(item.lines[:-1] if item.done and item.lines else item.lines)
+            self._spawn(self.ctx.mesh.send("pony", FilterSmtpDataOut(
+                session=item.session, chunk=chunk, done=item.done, failed=item.failed)))
+        for name in written:
+            self._drain(self.procs[name])
 
     # -- pony's messages ---------------------------------------------------------------------
 
@@ -501,7 +525,8 @@ class Runtime:
                 self.waiting[msg.session] = msg.reqid
                 self.engine.protocol(msg.session, msg.time, msg.phase, msg.param)
             case FilterSmtpReport():
-                self.engine.report(msg.session, msg.time, msg.event, tuple(msg.params))
+                for ev in msg.events:
+                    self.engine.report(msg.session, ev.time, ev.event, tuple(ev.params))
             case FilterSmtpData():
                 self._data(msg)
             case FilterSmtpEnd():

@@ -15,8 +15,8 @@ import asyncio
 
 from common.ipc import PeerTimeout
 from common.messages import (
-    FilterSmtpBegin, FilterSmtpBeginReply, FilterSmtpData, FilterSmtpEnd, FilterSmtpProtocol,
-    FilterSmtpProtocolReply, FilterSmtpReport,
+    FilterReportEvent, FilterSmtpBegin, FilterSmtpBeginReply, FilterSmtpData, FilterSmtpEnd,
+    FilterSmtpProtocol, FilterSmtpProtocolReply, FilterSmtpReport,
 )
 
 EXTRA_WAIT = 15.0
@@ -36,7 +36,7 @@ class SessionFilters:
         self.name = filter_name
         self.phases: set[str] = set()
         self.events: set[str] = set()
-        self.reports: list[FilterSmtpReport] = []
+        self.reports: list[FilterReportEvent] = []
         self.data_out: asyncio.Queue | None = None
         self.ended = False
 
@@ -53,12 +53,12 @@ class SessionFilters:
 
     def report(self, now: float, event: str, *params: str) -> None:
         if (event in self.events or event in ALWAYS_REPORTED) and not self.ended:
-            self.reports.append(FilterSmtpReport(session=self.session.session_id, event=event,
-                                                 params=list(params), time=now))
+            self.reports.append(FilterReportEvent(event=event, params=list(params), time=now))
 
     async def flush(self) -> None:
-        while self.reports:
-            await self.pony.mesh.send("lka", self.reports.pop(0))
+        if self.reports:
+            events, self.reports = self.reports, []
+            await self.pony.mesh.send("lka", FilterSmtpReport(session=self.session.session_id, events=events))
 
     def wants(self, phase: str) -> bool:
         return phase in self.phases
@@ -96,6 +96,6 @@ class SessionFilters:
     async def end(self) -> None:
         if self.ended:
             return
+        await self.flush()
         self.ended = True
-        self.reports.clear()
         await self.pony.mesh.send("lka", FilterSmtpEnd(session=self.session.session_id))
