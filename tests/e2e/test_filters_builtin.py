@@ -63,7 +63,7 @@ for line in sys.stdin:
 '''
 
 LISTENERS = ("rdns", "fcrdns", "helo", "mailfrom", "junk", "rcptto", "bypass", "report",
-             "rewrite", "badtext")
+             "rewrite", "badtext", "authphase")
 
 
 def _config(ports: dict[str, int], sink_port: int, watcher: Path) -> str:
@@ -86,10 +86,12 @@ def _config(ports: dict[str, int], sink_port: int, watcher: Path) -> str:
         'filter "rewrite-spammers" phase mail-from match mail-from <spammers> '
         'rewrite "<postmaster@example.test>"',
         'filter "bad-text" phase ehlo match helo regex { "^bad" } reject "go away"',
+        'filter "auth-phase" phase auth match !auth reject "550 5.7.1 authenticate first"',
     ]
     used = {"rdns": "no-rdns", "fcrdns": "no-fcrdns", "helo": "bad-helo", "mailfrom": "bulk",
             "junk": "junk-spammers", "rcptto": "trap", "bypass": "trusted-then-helo",
-            "report": "reported", "rewrite": "rewrite-spammers", "badtext": "bad-text"}
+            "report": "reported", "rewrite": "rewrite-spammers", "badtext": "bad-text",
+            "authphase": "auth-phase"}
     lines += [f'listen on 127.0.0.1 port {ports[name]} hostname {HOSTNAME} filter "{used[name]}"'
               for name in LISTENERS]
     return "\n".join(lines) + "\n" + relay_config(sink_port)
@@ -232,3 +234,16 @@ def test_a_reply_that_is_not_smtp_becomes_421_and_disconnects(server):
         assert s.ehlo("bad.example.test") == (421, b"Internal server error")
         with pytest.raises(smtplib.SMTPServerDisconnected):
             s.noop()
+
+
+def test_phase_auth_filters_differ_as_docs_filters_md_says(server):
+    """A chosen difference (docs/filters.md): OpenSMTPD's parse.y leaves ``phase auth``
+    filters at connect, where ``!auth`` holds for everyone; pysmtpd keeps them at AUTH,
+    where builtins never act."""
+    if server.kind == "opensmtpd":
+        with pytest.raises(smtplib.SMTPConnectError) as refused:
+            _client(server, "authphase")
+        assert (refused.value.smtp_code, refused.value.smtp_error) == (550, b"5.7.1 authenticate first")
+    else:
+        with _client(server, "authphase") as s:
+            assert s.ehlo("client.example.test")[0] == 250
