@@ -23,7 +23,6 @@ import re
 import shutil
 import smtplib
 import subprocess
-import time
 
 import pytest
 
