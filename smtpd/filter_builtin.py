@@ -72,11 +72,6 @@ class Decision:
     verdict: Verdict
     text: str | None = None      # reply, rewritten parameter or report text
 
-    def __bool__(self) -> bool:
-        """True when the filter's condition held, i.e. its action applies (lka's chain,
-        lka_filter.Engine, asks ``bool(evaluate(...))``)."""
-        return self.verdict is not Verdict.PROCEED
-
     @property
     def ends_chain(self) -> bool:
         """True when no later filter of the chain is asked at this phase."""
