@@ -56,6 +56,7 @@ class FilterProc:
     user: str | None = None
     group: str | None = None
     chroot: str | None = None
+    protocol: str = "0.7"              # pysmtpd's ``protocol 0.6``: the version spoken to it
     lineno: int = 0
     file: str = ""
 

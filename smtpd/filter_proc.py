@@ -27,6 +27,8 @@ import socket
 import subprocess
 import time
 
+import msgspec
+
 from common import privsep, stat
 from common.messages import (
     FilterProcFork, FilterProcKill, FilterSmtpBegin, FilterSmtpBeginReply, FilterSmtpData,
@@ -50,6 +52,17 @@ START_WAIT = 20.0            # lka waits this long at start for every filter's r
 def make_channel() -> tuple[socket.socket, socket.socket]:
     """(the parent's end, lka's end)."""
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
+def filters_changed(old, new) -> bool:
+    """A reload that changes filters is refused: the processes are the ones started."""
+    def key(c):
+        # where a line is (lineno, file) is not what it says
+        def plain(obj):
+            return {k: v for k, v in msgspec.to_builtins(obj).items() if k not in ("lineno", "file")}
+        return ({n: plain(p) for n, p in c.filter_procs.items()},
+                {n: plain(f) for n, f in c.filters.items()}, c.filter_timeout)
+    return key(old) != key(new)
 
 
 # --- the parent's half -----------------------------------------------------------------------
@@ -200,8 +213,26 @@ class Runtime:
         self._check: asyncio.TimerHandle | None = None
         self._stopping = False
         self._tasks: set[asyncio.Task] = set()
+        self._outbox: list = []              # to pony, in order, sent by one task
+        self._sending = False
         for name in self.procs:
             stat.set(f"filter.{name}.running", 0)
+
+    def _to_pony(self, msg) -> None:
+        """Queue a message for pony; one sender task keeps them in order (no task per message)."""
+        self._outbox.append(msg)
+        if not self._sending:
+            self._sending = True
+            self._spawn(self._send_outbox())
+
+    async def _send_outbox(self) -> None:
+        try:
+            while self._outbox:
+                batch, self._outbox = self._outbox, []
+                for msg in batch:
+                    await self.ctx.mesh.send("pony", msg)
+        finally:
+            self._sending = False
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -222,10 +253,6 @@ class Runtime:
                 state = "stopped"
             out[name] = state
         return out
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.procs) or bool(self.config.filters)
 
     async def start(self) -> None:
         """At conf_end: start every process and wait (bounded) for its register|ready."""
@@ -490,7 +517,7 @@ class Runtime:
                 self._write(proc, item.line)
                 written.add(item.proc)
                 if item.line.startswith("filter|"):
-                    stat.increment(f"filter.{item.proc}.requests")
+                    stat.increment(f"filter.{item.proc}.requests", item.line.count("\n") + 1)
             elif isinstance(item, Decision):
                 reqid = self.waiting.pop(item.session, None)
                 if reqid is None:
@@ -498,8 +525,7 @@ class Runtime:
                 fs = self.engine.sessions.get(item.session)
                 if fs is not None:
                     stat.increment(f"filter.{fs.filter}.{item.decision}")
-                self._spawn(self.ctx.mesh.send("pony", FilterSmtpProtocolReply(
-                    reqid=reqid, decision=item.decision, param=item.param)))
+                self._to_pony(FilterSmtpProtocolReply(reqid=reqid, decision=item.decision, param=item.param))
             elif isinstance(item, DataOut):
                 pending = data.get(item.session)
                 if pending is None:
@@ -510,8 +536,8 @@ class Runtime:
                     pending.failed |= item.failed
         for item in data.values():
             chunk = lka_filter.unstuff(item.lines[:-1] if item.done and item.lines else item.lines)
-            self._spawn(self.ctx.mesh.send("pony", FilterSmtpDataOut(
-                session=item.session, chunk=chunk, done=item.done, failed=item.failed)))
+            self._to_pony(FilterSmtpDataOut(session=item.session, chunk=chunk, done=item.done,
+                                            failed=item.failed))
         for name in written:
             self._drain(self.procs[name])
 

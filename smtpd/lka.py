@@ -69,6 +69,9 @@ class Process:
     # -- configuration reload (smtpd/reload.py): the parent re-read the table files -----------
 
     def prepare_config(self, config, msg) -> TableSet:
+        if filter_proc.filters_changed(self.config, config):
+            # the running processes and their sessions belong to the old lines
+            raise ValueError("filter or proc statements changed: restart smtpd to apply them")
         return TableSet(config)
 
     def apply_config(self, config, tables: TableSet) -> None:

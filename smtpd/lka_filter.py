@@ -73,10 +73,11 @@ class FilterDataline:
 
 @dataclass(slots=True)
 class ReportLine:
-    """``report|VERSION|TIME|smtp-in|EVENT|SESSION|...`` written by a filter: forwarded
-    as a ``filter-report`` event (lka_report_proc)."""
+    """``report|VERSION|TIME|smtp-in|EVENT|SESSION|...`` written by a filter: forwarded,
+    with its time, as a ``filter-report`` event (lka_report_proc)."""
     session: int
     message: str
+    time: float = 0.0
 
 
 def _hex(text: str, what: str, line: str) -> int:
@@ -138,7 +139,7 @@ def parse_output(line: str):
         sec, dot, usec = parts[1].partition(".")
         if not (sec.isdigit() and dot and usec.isdigit() and len(usec) == 6):
             raise ProtocolError(f"invalid report: invalid time: {line}")
-        return ReportLine(_hex(parts[4], "reqid", line), f"{parts[3]}|{parts[5]}")
+        return ReportLine(_hex(parts[4], "reqid", line), f"{parts[3]}|{parts[5]}", int(sec) + int(usec) / 1e6)
     raise ProtocolError(f"invalid filter message type: {line}")
 
 
@@ -200,6 +201,7 @@ def checked_reply(decision: str, text: str) -> tuple[str, str]:
 
 @dataclass(slots=True)
 class Write:
+    """Lines to a process (more than one, newline-separated, for a batch of data lines)."""
     proc: str
     line: str
 
@@ -262,6 +264,7 @@ class FSession:
     generations: dict[str, int]
     phase: str = ""
     param: str = ""
+    time: float = 0.0      # when pony asked: the time of the chain's further requests
     token: int = 0
     index: int = -1        # the chain entry the pending request is at
     entries: list[Member] = field(default_factory=list)
@@ -279,18 +282,28 @@ class Engine:
         self.config = config
         self.builtin = builtin          # (spec, phase, facts, param) -> matched: smtpd/filter_builtin.py
         self.procs: dict[str, ProcState] = {
-            name: ProcState(name, getattr(p, "protocol", DEFAULT_VERSION) or DEFAULT_VERSION)
+            name: ProcState(name, p.protocol)
             for name, p in config.filter_procs.items()}
         self.sessions: dict[int, FSession] = {}
         self._out: list = []
+        # filter-dataline lines read, per (session, next chain index): fed on in one batch
+        self._lines_read: dict[tuple[int, int], list[str]] = {}
+        # "SESSION|TOKEN|" of each data-line stream -> (session, next chain index, process)
+        self._streams: dict[str, tuple[int, int, str]] = {}
 
     def take_output(self) -> list:
+        if self._lines_read:
+            batches, self._lines_read = self._lines_read, {}
+            for (sid, index), lines in batches.items():
+                fs = self.sessions.get(sid)
+                if fs is not None and not fs.data_done:
+                    self._feed(fs, fs.time, index, lines)
         out, self._out = self._out, []
         return out
 
     # -- processes ----------------------------------------------------------------------
 
-    def proc_started(self, name: str, generation: int, now_version: str | None = None) -> None:
+    def proc_started(self, name: str, generation: int) -> None:
         """A (new) process of ``name`` runs: it registers again from scratch."""
         state = self.procs[name]
         state.ready, state.phases, state.events, state.generation = False, set(), set(), generation
@@ -316,6 +329,19 @@ class Engine:
 
     def receive(self, proc: str, line: str) -> None:
         """A line ``proc`` wrote; ProtocolError if it is not one it may write now."""
+        if line.startswith("filter-dataline|"):
+            # the hot path (a message's every line): "SESSION|TOKEN|" exactly as we wrote it
+            stream = self._streams.get(line[16:50])
+            if stream is not None and stream[2] == proc:
+                fs = self.sessions.get(stream[0])
+                if fs is not None and fs.phase == "data-line" and not fs.data_done:
+                    key = (stream[0], stream[1])
+                    batch = self._lines_read.get(key)
+                    if batch is None:
+                        self._lines_read[key] = [line[50:]]
+                    else:
+                        batch.append(line[50:])
+                    return
         msg = parse_output(line)
         state = self.procs[proc]
         if isinstance(msg, RegisterReady):
@@ -334,7 +360,7 @@ class Engine:
         if isinstance(msg, ReportLine):
             fs = self.sessions.get(msg.session)
             if fs is not None:
-                self._report_filter(fs, "proc", proc, msg.message)
+                self._report_filter(fs, msg.time, "proc", proc, msg.message)
             return
         fs = self.sessions.get(msg.session)
         if fs is None:
@@ -360,7 +386,13 @@ class Engine:
         return fs
 
     def end(self, session: int) -> None:
-        self.sessions.pop(session, None)
+        fs = self.sessions.pop(session, None)
+        if fs is not None:
+            self._forget_streams(fs)
+
+    def _forget_streams(self, fs: FSession) -> None:
+        for token in fs.data_tokens:
+            self._streams.pop(f"{fs.id:016x}|{token:016x}|", None)
 
     def registered(self, filter_name: str) -> tuple[set[str], set[str]]:
         """(phases, report events) the chain of ``filter_name`` asks for: pony skips the
@@ -404,9 +436,8 @@ class Engine:
             if event in st.events and st.ready and st.generation == fs.generations[proc]:
                 self._out.append(Write(proc, report_line(st.version, now, event, fs.id, params)))
 
-    def _report_filter(self, fs: FSession, kind: str, name: str, message: str, now: float = 0.0) -> None:
-        import time as _time            # a report written by a filter carries no time of ours
-        self._broadcast(fs, now or _time.time(), "filter-report", (kind, name, message))
+    def _report_filter(self, fs: FSession, now: float, kind: str, name: str, message: str) -> None:
+        self._broadcast(fs, now, "filter-report", (kind, name, message))
 
     # -- filter requests ----------------------------------------------------------------
 
@@ -424,7 +455,7 @@ class Engine:
             fs.facts.helo = param
         elif phase == "mail-from":
             fs.facts.mail_from = param
-        fs.phase, fs.param, fs.reports = phase, param, []
+        fs.phase, fs.param, fs.reports, fs.time = phase, param, [], now
         fs.entries = self._entries(fs, phase)
         self._next(fs, now, 0)
 
@@ -446,7 +477,7 @@ class Engine:
                     return
                 if spec.action == "report":
                     fs.reports.append(spec.action_text)
-                    self._report_filter(fs, "builtin", spec.name, spec.action_text, now)
+                    self._report_filter(fs, now, "builtin", spec.name, spec.action_text)
                 elif spec.action == "bypass":
                     self._decide(fs, "proceed", None)
                     return
@@ -467,10 +498,10 @@ class Engine:
         if msg.decision == "junk" and fs.phase == "commit":
             raise ProtocolError("filter-result junk after DATA")
         if msg.decision == "proceed":
-            self._next(fs, 0.0, fs.index + 1)
+            self._next(fs, fs.time, fs.index + 1)
         elif msg.decision == "report":
-            self._report_filter(fs, "proc", proc, msg.param or "")
-            self._next(fs, 0.0, fs.index + 1)
+            self._report_filter(fs, fs.time, "proc", proc, msg.param or "")
+            self._next(fs, fs.time, fs.index + 1)
         else:
             self._decide(fs, msg.decision, msg.param)
 
@@ -484,7 +515,10 @@ class Engine:
             return False
         fs.data_entries = self._entries(fs, "data-line")
         fs.data_entries = [m for m in fs.data_entries if m.kind == "proc"]
+        self._forget_streams(fs)
         fs.data_tokens = [secrets.randbits(64) or 1 for _ in fs.data_entries]
+        for index, (m, token) in enumerate(zip(fs.data_entries, fs.data_tokens)):
+            self._streams[f"{fs.id:016x}|{token:016x}|"] = (fs.id, index + 1, m.proc)
         fs.phase, fs.index, fs.data_done = "data-line", -1, False
         if fs.broken:
             fs.data_done = True
@@ -496,6 +530,7 @@ class Engine:
         fs = self.sessions.get(session)
         if fs is None or fs.data_done:
             return
+        fs.time = now
         self._feed(fs, now, 0, lines)
 
     def _feed(self, fs: FSession, now: float, index: int, lines: list[str]) -> None:
@@ -507,9 +542,9 @@ class Engine:
             return
         m = fs.data_entries[index]
         st = self.procs[m.proc]
-        token = fs.data_tokens[index]
-        for line in lines:
-            self._out.append(Write(m.proc, filter_line(st.version, now, "data-line", fs.id, token, line)))
+        # one Write of many lines: one time stamp per batch (they came together)
+        prefix = filter_line(st.version, now, "data-line", fs.id, fs.data_tokens[index], "")
+        self._out.append(Write(m.proc, "\n".join([prefix + line for line in lines])))
 
     def _dataline_from(self, fs: FSession, proc: str, msg: FilterDataline) -> None:
         if fs.phase != "data-line":
@@ -522,7 +557,11 @@ class Engine:
             raise ProtocolError("misbehaving filter: another filter's token")
         if fs.data_done:
             return
-        self._feed(fs, 0.0, index + 1, [msg.line])
+        batch = self._lines_read.get((fs.id, index + 1))
+        if batch is None:
+            self._lines_read[(fs.id, index + 1)] = [msg.line]
+        else:
+            batch.append(msg.line)
 
 
 def stuff(body_lines: list[bytes]) -> list[str]:

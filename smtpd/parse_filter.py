@@ -1,7 +1,7 @@
 """smtpd.conf's filter grammar: ``proc``, ``filter``, and the listener's ``filter`` option
 (OpenSMTPD 6.4+ parse.y: its ``proc``, ``filter``, ``filter_phase_*`` and ``filterel`` rules).
 
-    proc NAME "command" [user U] [group G] [chroot D]
+    proc NAME "command" [user U] [group G] [chroot D] [protocol 0.5|0.6|0.7]
     filter NAME proc PROCNAME
     filter NAME proc-exec "command" [user U] [group G] [chroot D]
     filter NAME phase PHASE match [!] CHECK ACTION      (``builtin`` is taken for ``phase``)
@@ -19,6 +19,7 @@ FilterCheck; what the filters do is docs/filters.md.
 from __future__ import annotations
 
 from smtpd.config import Filter, FilterCheck, FilterProc
+from smtpd.lka_filter import PROTOCOL_VERSIONS
 
 GLOBAL_CHECKS = ("fcrdns", "rdns", "src")
 _HELO = GLOBAL_CHECKS + ("helo",)
@@ -52,13 +53,18 @@ def parse_proc(parser, c) -> None:
 
 
 def _proc_params(parser, c, proc: FilterProc) -> None:
+    seen: set[str] = set()
     while c.more():
-        opt = c.word("user, group or chroot")
-        if opt not in ("user", "group", "chroot"):
-            raise parser.err(f'syntax error: unexpected "{opt}", expected one of: user, group, chroot')
-        if getattr(proc, opt) is not None:
+        opt = c.word("user, group, chroot or protocol")
+        if opt not in ("user", "group", "chroot", "protocol"):
+            raise parser.err(f'syntax error: unexpected "{opt}", expected one of: user, group, chroot, protocol')
+        if opt in seen:
             raise parser.err(f"{opt} already specified for this processor")
-        setattr(proc, opt, str(c.word(f"a {opt}")))
+        seen.add(opt)
+        value = str(c.word(f"a {opt}"))
+        if opt == "protocol" and value not in PROTOCOL_VERSIONS:
+            raise parser.err(f'unsupported filter protocol "{value}", expected one of: ' + ", ".join(PROTOCOL_VERSIONS))
+        setattr(proc, opt, value)
     if not proc.command.strip():
         raise parser.err(f"empty command for processor {proc.name}")
 
@@ -171,16 +177,3 @@ def listen_filter(parser, c) -> str:
         raise parser.err(f"no filter exist with that name: {name}")
     return name
 
-
-def procs_of(config, filter_name: str | None) -> list[str]:
-    """The processes a listener's filter uses, in chain order."""
-    if not filter_name or filter_name not in config.filters:
-        return []
-    flt = config.filters[filter_name]
-    members = [config.filters[m] for m in flt.chain] if flt.kind == "chain" else [flt]
-    return [m.proc for m in members if m.kind == "proc" and m.proc]
-
-
-def used_procs(config) -> list[str]:
-    """Processes to run: OpenSMTPD forks every declared one; so do we."""
-    return list(config.filter_procs)

@@ -448,15 +448,19 @@ class Session(asyncio.Protocol):
             trace("smtp: %016x: <<< [EOM]", self.session_id)
         pump, self._pump = self._pump, None
         if pump is not None:
-            if not event.error and self.msgid:
-                await self.filters.data(b"", last=True)
-            try:
-                async with asyncio.timeout(self.filters.timeout):
-                    written = await pump if not event.error else (pump.cancel() or True)
-            except TimeoutError:
-                written = False
-            if not written:
-                raise FilterFailed(f"filter {self.filters.name}: data-line filter failed")
+            # the final dot goes to the filters even when the message is refused (as
+            # OpenSMTPD's smtp_tx_filtered_dataline): their stream ends either way
+            await self.filters.data(b"", last=True)
+            if event.error or not self.msgid:
+                pump.cancel()
+            else:
+                try:
+                    async with asyncio.timeout(self.filters.timeout):
+                        written = await pump
+                except TimeoutError:
+                    written = False
+                if not written:
+                    raise FilterFailed(f"filter {self.filters.name}: data-line filter failed")
         if self.filters is not None and not event.error and self.msgid:
             if not await self._filter_phase(conn, event):
                 return
@@ -591,6 +595,8 @@ class Session(asyncio.Protocol):
         if self._pump is not None:
             self._pump.cancel()
             self._pump = None
+            if not self._lost:
+                await self.filters.data(b"", last=True)     # end the filters' stream
         self.tx_junk = False
         if self.msgid:
             msgid, self.msgid = self.msgid, 0
@@ -612,6 +618,20 @@ class Session(asyncio.Protocol):
             self._counted = False
             self.pony.release(self)
             stat.decrement("smtp.session")
+
+    def _report_reply(self, reply: str) -> None:
+        """protocol-server, and the tx-* events whose result is the reply (report_smtp.c)."""
+        for line in reply.split("\r\n"):
+            self._report("protocol-server", line)
+        event = self._event
+        if isinstance(event, MailFrom):
+            self._report("tx-mail", f"{self.msgid:08x}", _tx_result(reply), event.sender)
+        elif isinstance(event, RcptTo):
+            self._report("tx-rcpt", f"{self.msgid:08x}", _tx_result(reply), event.rcpt)
+        elif isinstance(event, Helo) and reply[:1] == "2":
+            self._report("link-identify", "EHLO" if event.extended else "HELO", event.name)
+        elif isinstance(event, Command) and event.phase is Phase.RSET:
+            self._report("tx-reset", f"{self.msgid:08x}" if self.msgid else "")
 
     # -- logging -------------------------------------------------------------------------
 
@@ -637,24 +657,6 @@ class Session(asyncio.Protocol):
 
 def _tx_result(reply: str) -> str:
     return "ok" if reply[:1] == "2" else "permfail" if reply[:1] == "5" else "tempfail"
-
-
-def _report_reply(self, reply: str) -> None:
-    """protocol-server, and the tx-* events whose result is the reply (report_smtp.c)."""
-    for line in reply.split("\r\n"):
-        self._report("protocol-server", line)
-    event = self._event
-    if isinstance(event, MailFrom):
-        self._report("tx-mail", f"{self.msgid:08x}", _tx_result(reply), event.sender)
-    elif isinstance(event, RcptTo):
-        self._report("tx-rcpt", f"{self.msgid:08x}", _tx_result(reply), event.rcpt)
-    elif isinstance(event, Helo) and reply[:1] == "2":
-        self._report("link-identify", "EHLO" if event.extended else "HELO", event.name)
-    elif isinstance(event, Command) and event.phase is Phase.RSET:
-        self._report("tx-reset", f"{self.msgid:08x}" if self.msgid else "")
-
-
-Session._report_reply = _report_reply
 
 
 def vis_command(command: str) -> str:

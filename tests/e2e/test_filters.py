@@ -180,9 +180,9 @@ def test_shell_filter_junks_and_disconnects(make_daemon, tmp_path, scripts):
     send(port, "ham@remote.test", ["alice@example.test"])        # still serving
 
 
-def failing_daemon(make_daemon, tmp_path, scripts, port):
+def failing_daemon(make_daemon, tmp_path, scripts, port, extra: str = ""):
     text = filtered_config(tmp_path, port, f'filter py proc-exec "{PYTHON} {scripts}/pyfilter.py"\n', "py",
-                           extra="smtp limit filter-timeout 3s")
+                           extra="smtp limit filter-timeout 3s\n" + extra)
     d = make_daemon(text).start()
     d.wait_log("info: filter py: ready")
     return d
@@ -254,11 +254,12 @@ for line in sys.stdin:
 '''
 
 
-def test_builtin_and_proc_filters_in_a_chain_with_every_report_event(make_daemon, tmp_path, scripts):
+@pytest.mark.parametrize("version", ["0.7", "0.6", "0.5"])
+def test_builtin_and_proc_filters_in_a_chain_with_every_report_event(make_daemon, tmp_path, scripts, version):
     (scripts / "reporter.py").write_text(REPORTER)
     port = free_port()
     filters = ('filter closed phase rcpt-to match rcpt-to { "carol@example.test" } reject "550 5.7.1 carol is closed"\n'
-               f'filter rep proc-exec "{PYTHON} {scripts}/reporter.py"\n'
+               f'filter rep proc-exec "{PYTHON} {scripts}/reporter.py" protocol {version}\n'
                "filter both chain { closed, rep }\n")
     d = make_daemon(filtered_config(tmp_path, port, filters, "both")).start()
     d.wait_log("info: filter rep: ready")
@@ -274,7 +275,7 @@ def test_builtin_and_proc_filters_in_a_chain_with_every_report_event(make_daemon
     reports = [ln.split("warn: filter rep: ", 1)[1] for ln in log.splitlines() if "warn: filter rep: report|" in ln]
     events = {r.split("|")[4]: r.split("|")[5:] for r in reports}
     sid = events["link-connect"][0]
-    assert all(r.startswith("report|0.7|") and r.split("|")[3] == "smtp-in" for r in reports)
+    assert all(r.startswith(f"report|{version}|") and r.split("|")[3] == "smtp-in" for r in reports)
     host = log.split("smtp connected address=127.0.0.1 host=", 1)[1].split()[0]
     assert events["link-connect"][1] == host
     assert events["link-connect"][2] == ("pass" if host == "localhost" else events["link-connect"][2]) in ("pass", "fail")
@@ -293,3 +294,22 @@ def test_builtin_and_proc_filters_in_a_chain_with_every_report_event(make_daemon
     assert responses == [["mail-from", "rewrite", "<rewritten@remote.test>"],
                          ["rcpt-to", "reject", "550 5.7.1 carol is closed"], ["rcpt-to", "proceed"]]
     assert events["link-disconnect"] == [sid]
+
+
+def test_a_refused_message_still_ends_the_data_line_stream(make_daemon, tmp_path, scripts):
+    """Too big for max-message-size: 554, and the filter still gets its final dot, so it
+    is not taken for hung (filter-timeout 3s) and the next message goes through it."""
+    port = free_port()
+    d = failing_daemon(make_daemon, tmp_path, scripts, port, extra="smtp max-message-size 4k")
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+        s.ehlo("client.test")
+        s.mail("a@remote.test")
+        s.rcpt("alice@example.test")
+        code, _ = s.data(b"Subject: big\r\n\r\n" + b"x" * 100 + b"\r\n" * 200 + b"y" * 8000 + b"\r\n")
+        assert code == 554
+        time.sleep(4.5)                     # past the filter timeout
+        s.mail("a@remote.test")
+        s.rcpt("alice@example.test")
+        assert s.data(b"Subject: small\r\n\r\nhello\r\n")[0] == 250
+    assert "HELLO" in body_of(tmp_path, "alice")
+    assert "restarting it" not in d.log_since_start()

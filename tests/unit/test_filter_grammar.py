@@ -86,3 +86,18 @@ def test_errors_name_the_line(tmp_path, text, message):
 def test_filter_timeout_limit(tmp_path):
     assert parse(tmp_path, "smtp limit filter-timeout 5s\n").filter_timeout == 5
     assert parse(tmp_path, "").filter_timeout == 60
+
+
+def test_a_reload_that_changes_filters_is_refused(tmp_path):
+    from smtpd.filter_proc import filters_changed
+    a = parse(tmp_path, 'filter f proc-exec "a"\nlisten on 127.0.0.1 filter f\n')
+    same = parse(tmp_path, '# moved down a line\nfilter f proc-exec "a"\nlisten on 127.0.0.1 port 26 filter f\n')
+    other = parse(tmp_path, 'filter f proc-exec "b"\nlisten on 127.0.0.1 filter f\n')
+    assert not filters_changed(a, same) and filters_changed(a, other)
+
+
+def test_protocol_version_of_a_proc(tmp_path):
+    c = parse(tmp_path, 'proc old "x" protocol 0.6\nfilter f proc-exec "y" protocol "0.5"\nproc new "z"\n')
+    assert (c.filter_procs["old"].protocol, c.filter_procs["f"].protocol, c.filter_procs["new"].protocol) == (
+        "0.6", "0.5", "0.7")
+    assert "unsupported filter protocol" in error(tmp_path, 'proc p "x" protocol 0.4\n').message

@@ -64,7 +64,8 @@ def test_parse_what_filters_write():
     assert parse_output("filter-result|1|2|reject|550 no | never") == FilterResult(1, 2, "reject", "550 no | never")
     assert parse_output("filter-dataline|1|2|a|b") == FilterDataline(1, 2, "a|b")
     assert parse_output("filter-dataline|1|2|") == FilterDataline(1, 2, "")
-    assert parse_output("report|0.7|1576146008.006099|smtp-in|filter-report|1|hello") == ReportLine(1, "filter-report|hello")
+    assert parse_output("report|0.7|1576146008.006099|smtp-in|filter-report|1|hello") == ReportLine(
+        1, "filter-report|hello", 1576146008.006099)
 
 
 @pytest.mark.parametrize("line", [
@@ -195,15 +196,14 @@ def test_data_lines_stream_through_the_chain_and_may_be_rewritten_added_or_dropp
     e = chain_engine()
     assert e.data_begin(SID)
     e.data(SID, 1.0, ["Subject: x", "", "..dot", "."])
-    lines = writes(e.take_output(), "a")
+    lines = "\n".join(writes(e.take_output(), "a")).split("\n")       # one write for the batch
     assert [ln.split("|", 7)[7] for ln in lines] == ["Subject: x", "", "..dot", "."]
     tok = token_of(lines[0])
     for text in ("X-Added: 1", "Subject: x", "", "."):       # ..dot dropped, a header added
         e.receive("a", f"filter-dataline|{SID:016x}|{tok}|{text}")
     out = e.take_output()
-    assert [o for o in out if isinstance(o, DataOut)] == [
-        DataOut(SID, ["X-Added: 1"]), DataOut(SID, ["Subject: x"]), DataOut(SID, [""]),
-        DataOut(SID, ["."], done=True)]
+    assert [o for o in out if isinstance(o, DataOut)] == [    # gathered: one per read batch
+        DataOut(SID, ["X-Added: 1", "Subject: x", "", "."], done=True)]
     with pytest.raises(ProtocolError):          # a filter-result in the data-line phase
         e.receive("a", f"filter-result|{SID:016x}|{tok}|proceed")
 
@@ -269,3 +269,13 @@ def test_builtin_filters_are_asked_through_the_evaluate_call():
     e.protocol(SID, 1.0, "rcpt-to", "joe@x.test")
     assert e.take_output() == [Decision(SID, "rcpt-to", "reject", "550 no rDNS", [])]
     assert seen == [("norc", "rcpt-to", "r.test", "joe@x.test")]
+
+
+def test_data_lines_echoed_with_other_hex_case_take_the_parsing_path():
+    e = chain_engine()
+    e.data_begin(SID)
+    e.data(SID, 1.0, ["a", "."])
+    tok = token_of(writes(e.take_output(), "a")[0].split("\n")[0])
+    e.receive("a", f"filter-dataline|{SID:016X}|{tok.upper()}|a")
+    e.receive("a", f"filter-dataline|{SID:016x}|{tok}|.")
+    assert [o for o in e.take_output() if isinstance(o, DataOut)] == [DataOut(SID, ["a", "."], done=True)]
