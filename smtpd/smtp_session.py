@@ -192,16 +192,17 @@ class Session(asyncio.Protocol):
         self.pony.filtered[self.session_id] = filters
         peer = self.transport.get_extra_info("peername")
         local = self.transport.get_extra_info("sockname")
-        src = f"{peer[0]}:{peer[1]}" if peer else "unix:local"
-        dest = f"{local[0]}:{local[1]}" if isinstance(local, tuple) else "unix:local"
+        # OpenSMTPD's ss_to_text: IPv6 in brackets; ADDRESS:PORT in link-connect
+        src = f"{_text_addr(peer[0])}:{peer[1]}" if peer else "unix:local"
+        dest = f"{_text_addr(local[0])}:{local[1]}" if isinstance(local, tuple) else "unix:local"
         if self.peer_ip != (peer[0] if peer else "local"):
-            src = f"{self.peer_ip}:0"          # the PROXY header's client
+            src = f"{_text_addr(self.peer_ip)}:0"          # the PROXY header's client
         try:
             ok = await filters.begin(self.rdns, src, dest, time.time())
             if not ok:
                 raise FilterFailed(f"filter {self.listener.filter}: not running")
             if filters.wants("connect"):
-                decision, param = await filters.ask("connect", self.peer_ip, time.time())
+                decision, param = await filters.ask("connect", _text_addr(self.peer_ip), time.time())
                 self._filter_response("connect", decision, param)
                 if decision in ("reject", "disconnect"):
                     self.conn.shutdown(param)
@@ -669,6 +670,11 @@ def log_authentication(session_id: int, user: str, result: str) -> None:
     """OpenSMTPD's AUTH outcome line (``result`` ok, permfail or tempfail), which ban
     tools key on."""
     log.info("%016x smtp authentication user=%s result=%s", session_id, vis(user), result)
+
+
+def _text_addr(ip: str) -> str:
+    """An address as OpenSMTPD's ss_to_text writes it in filter lines: IPv6 in brackets."""
+    return f"[{ip}]" if ":" in ip else ip
 
 
 def _sockaddr_text(ip: str) -> str:
