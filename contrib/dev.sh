@@ -152,6 +152,15 @@ install_test_tools() {
     if ! perl -MNet::SSLeay -MIO::Socket::SSL -e 1 2>/dev/null; then
         missing+=(libnet-ssleay-perl libio-socket-ssl-perl)
     fi
+    # The filter tests (tests/filter_programs.py) compile a filter against OpenSMTPD's filter
+    # library (gcc, libc6-dev: gcc only recommends it, libopensmtpd-dev) and run Debian's
+    # filter-dkimsign (libopensmtpd0, libssl3).
+    command -v cc >/dev/null 2>&1 || missing+=(gcc)
+    [ -f /usr/include/stdio.h ] || missing+=(libc6-dev)
+    [ -f /usr/include/opensmtpd.h ] || missing+=(libopensmtpd-dev)
+    for lib in libopensmtpd.so.0:libopensmtpd0 libssl.so.3:libssl3; do
+        ldconfig -p 2>/dev/null | grep -q "${lib%%:*}" || missing+=("${lib#*:}")
+    done
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then   # the oracle runs as root only
         for lib in libevent-2.1.so.7:libevent-2.1-7 libdb-5.3.so:libdb5.3; do
             ldconfig -p 2>/dev/null | grep -q "${lib%%:*}" || missing+=("${lib#*:}")

@@ -9,12 +9,13 @@ A builtin filter is one condition and one decision, registered for one phase::
     filter known      phase mail-from match src <trusted>         bypass
     filter spamtrap   phase rcpt-to   match rcpt-to <traps>       report "spamtrap hit"
 
-``evaluate(spec, phase, facts, tables)`` answers one filter at one phase with a
-``Decision`` (``matches`` only says whether its condition holds); the chain around it (which filter comes next, proc filters, what the
-session does with the answer) is the caller's.  Nothing here does I/O: the client's
-reverse name and its forward confirmation are looked up by the daemon (pony asks lka,
-as OpenSMTPD's smtp_session.c asks its resolver) and handed in as ``Facts``; table
-lookups go through the table set the caller passes (lka's ``ruleset.TableSet``).
+``evaluate(spec, phase, facts, tables, param)`` answers one filter at one phase with a
+``Decision``; ``matches`` only says whether its condition holds, for lka_filter.Engine,
+which owns the chain (which filter comes next, proc filters) and applies the action.
+Nothing here does I/O: the client's reverse name and its forward confirmation are
+looked up by the daemon (pony asks lka for the name; lka's filter_proc.py confirms it)
+and come in ``lka_filter.Facts``; table lookups go through the table set the caller
+passes (lka's ``ruleset.TableSet``).  Users' documentation: docs/filters.md.
 
 What OpenSMTPD does, and so what this module does (lka_filter.c, parse.y, 6.8 to 7.8):
 
@@ -80,28 +81,6 @@ class Decision:
 PROCEED = Decision(Verdict.PROCEED)
 
 
-@dataclass(frozen=True, slots=True)
-class Facts:
-    """What the session knows when a phase is filtered (lka_filter.c's filter_session);
-    the field names are those of lka_filter.Facts, which may stand in for this class.
-
-    src: the client's address as text ("192.0.2.1", "2001:db8::1") or "local".
-    rdns: its reverse name, "<unknown>" (or "") when there is none.
-    fcrdns: True (or "pass") when the forward lookup of ``rdns`` gave back ``src``.
-    helo: the HELO/EHLO argument, once given (the current command's in those phases).
-    username: the user name of a successful AUTH.
-    mail_from: the sender address without <> ("" for the null sender), once given.
-    rcpt_to: the address of the RCPT TO being filtered (rcpt-to phase only; the
-        ``param`` argument of ``evaluate`` takes precedence)."""
-    src: str
-    rdns: str = "<unknown>"
-    fcrdns: bool | str = False
-    helo: str | None = None
-    username: str | None = None
-    mail_from: str | None = None
-    rcpt_to: str | None = None
-
-
 class _Table(Protocol):
     def check(self, service: str, key: str, regex: bool = False) -> bool: ...
 
@@ -119,9 +98,18 @@ def evaluate(spec, phase, facts, tables: Tables, param: str | None = None) -> De
     """The decision of one builtin filter at ``phase`` (a phase name or smtp_proto.Phase).
 
     ``spec`` is a ``config.Filter`` of kind "builtin" (``phase``, ``check`` with ``kind``,
-    ``negate``, ``regex``, ``table``; ``action``, ``action_text``); ``param`` the filtered
-    command's parameter (the address, at rcpt-to).  Raises nothing for missing facts: an
-    unknown one is "not found"."""
+    ``negate``, ``regex``, ``table``; ``action``, ``action_text``).  ``facts`` is what the
+    session knows, an ``lka_filter.Facts`` (lka_filter.c's filter_session):
+
+    * src: the client as the link-connect report gives it ("192.0.2.1:1234",
+      "[2001:db8::1]:1234", "unix:...") or the bare address;
+    * rdns: its reverse name, "<unknown>" (or "") when it has none;
+    * fcrdns: True (or "pass") when the forward lookup of rdns gave back the client;
+    * helo, mail_from (without <>, "" for the null sender), username (of a successful
+      AUTH): None or "" until known.
+
+    ``param`` is the filtered command's parameter: the address, at rcpt-to (lka_filter.c
+    looks at the command's parameter there).  A fact not known yet is "not found"."""
     if not matches(spec, phase, facts, tables, param):
         return PROCEED
     return _decision(spec.action, spec.action_text or None)
@@ -167,7 +155,8 @@ def _holds(check, facts, tables: Tables, param: str | None) -> bool:
     if kind == "rdns":
         return _lookup(tables, check, "domain", facts.rdns or "<unknown>")
     if kind == "src":
-        return _lookup(tables, check, "netaddr", src_text(facts.src) if check.regex else facts.src)
+        src = client_address(facts.src)
+        return _lookup(tables, check, "netaddr", src_text(src) if check.regex else src)
     if kind == "helo":
         return _lookup(tables, check, "domain", facts.helo or None)
     if kind == "auth":
@@ -177,8 +166,7 @@ def _holds(check, facts, tables: Tables, param: str | None) -> bool:
     if kind == "mail-from":
         return _lookup(tables, check, "mailaddr", facts.mail_from)
     if kind == "rcpt-to":
-        return _lookup(tables, check, "mailaddr", param if param is not None
-                       else getattr(facts, "rcpt_to", None))
+        return _lookup(tables, check, "mailaddr", param)
     raise ValueError(f"unknown builtin filter check: {kind!r}")
 
 
@@ -201,27 +189,20 @@ def has_rdns(rdns: str | None) -> bool:
     return False
 
 
+def client_address(src: str) -> str:
+    """The address alone from ``src``, which may carry a port ("192.0.2.1:25",
+    "[2001:db8::1]:25") or be a local socket ("unix:...", "local")."""
+    if src == "local" or src.startswith("unix:"):
+        return "local"
+    if src.startswith("["):
+        return src[1:src.index("]")] if "]" in src else src.strip("[")
+    if src.count(":") == 1:
+        return src.split(":", 1)[0]
+    return src
+
+
 def src_text(src: str) -> str:
     """The client address as OpenSMTPD prints it (to.c ss_to_text): IPv6 in brackets."""
     if src == "local" or ":" not in src or src.startswith("["):
         return src
     return f"[{src}]"
-
-
-def fcrdns_verdict(src: str, forward: list[str] | None, error: bool = False) -> str:
-    """smtp_session.c smtp_getaddrinfo_cb: "pass" when the forward lookup of the client's
-    reverse name (``forward``: its addresses; None = no such name or no address) gives
-    back ``src``, "error" when the lookup itself failed, else "fail"."""
-    if error:
-        return "error"
-    try:
-        client = ipaddress.ip_address(src.strip("[]"))
-    except ValueError:
-        return "fail"
-    for addr in forward or ():
-        try:
-            if ipaddress.ip_address(addr.strip("[]")) == client:
-                return "pass"
-        except ValueError:
-            continue
-    return "fail"

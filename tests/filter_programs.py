@@ -45,6 +45,20 @@ class FilterUnavailable(Exception):
     """A filter program cannot be had here; the message says why."""
 
 
+def private_dns(records: dict[str, dict[str, list[str]]]) -> "PrivateDns":
+    """A PrivateDns for a test module.  It needs root: run unprivileged (a developer's
+    checkout), the module is skipped with the reason; under CI (which runs as root) and
+    for any other cause it fails."""
+    if os.geteuid() != 0 and not os.environ.get("CI"):
+        import pytest
+        pytest.skip("the filter tests need root (port 53 and a mount namespace for the private DNS)")
+    try:
+        return PrivateDns(records)
+    except FilterUnavailable as exc:
+        import pytest
+        pytest.fail(f"private DNS unavailable: {exc}")
+
+
 def cache_dir() -> Path:
     configured = os.environ.get("PYSMTPD_FILTER_CACHE")
     path = Path(configured) if configured else Path(tempfile.gettempdir()) / f"pysmtpd-filters-{os.getuid()}"
@@ -63,7 +77,7 @@ def debian_filter(package: str, program: str) -> Path:
         _fetch(package, root)
     if not binary.exists():
         raise FilterUnavailable(f"{package} has no usr/libexec/opensmtpd/{program}")
-    missing = missing_libraries(binary)
+    missing = opensmtpd.missing_libraries(binary)
     if missing:
         raise FilterUnavailable(f"{program}: libraries missing: {', '.join(missing)} "
                                 "(contrib/dev.sh install_test_tools installs them)")
@@ -95,6 +109,7 @@ def _fetch(package: str, root: Path) -> None:
 
 
 def _download(package: str, directory: Path) -> Path | None:
+    # tests/oracle/opensmtpd.py's _download, for any package
     try:
         subprocess.run(["apt-get", "download", "-qq", package], cwd=directory,
                        capture_output=True, timeout=300, check=True)
@@ -102,11 +117,6 @@ def _download(package: str, directory: Path) -> Path | None:
         return None
     debs = sorted(directory.glob(f"{package}_*.deb"))
     return debs[-1] if debs else None
-
-
-def missing_libraries(binary: Path) -> list[str]:
-    out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True).stdout
-    return [line.split()[0] for line in out.splitlines() if "=> not found" in line]
 
 
 def libopensmtpd_filter(name: str, source: str) -> Path:
@@ -139,7 +149,7 @@ class PrivateDns:
     Needs root (port 53, the mount namespace).  Use as a context manager; ``prefix`` is
     what tests/conftest.py's Daemon puts before its command."""
 
-    def __init__(self, records: dict[str, dict[str, list[str]]], directory: Path) -> None:
+    def __init__(self, records: dict[str, dict[str, list[str]]]) -> None:
         if os.geteuid() != 0:
             raise FilterUnavailable("a private resolver needs root (port 53, a mount namespace)")
         if shutil.which("unshare") is None:
@@ -148,8 +158,8 @@ class PrivateDns:
         self.server.udp.close()
         self.server.udp = _bind_dns_port()
         self.server.port = 53
-        directory.mkdir(parents=True, exist_ok=True)
-        self.resolv = directory / "resolv.conf"
+        self.directory = shared_dir("pysmtpd-filter-dns-")
+        self.resolv = self.directory / "resolv.conf"
         self.resolv.write_text(f"nameserver {DNS_ADDRESS}\noptions timeout:2 attempts:1\n")
         self.resolv.chmod(0o644)
 
@@ -169,6 +179,7 @@ class PrivateDns:
 
     def __exit__(self, *exc) -> None:
         self.server.__exit__(*exc)
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def _bind_dns_port() -> socket.socket:
@@ -233,7 +244,11 @@ def start_server(kind: str, base: Path, config_text: str, ports: dict[str, int],
     sink.start()
     if kind == "pysmtpd":
         daemon = Daemon(base, config_text, prefix=dns.prefix)
-        server = Server(kind, ports, sink, daemon.log, daemon.stop)
+
+        def stop_daemon() -> None:
+            daemon.stop()
+            assert not daemon.children(), "processes left behind"
+        server = Server(kind, ports, sink, daemon.log, stop_daemon)
         try:
             daemon.start()
         except BaseException:

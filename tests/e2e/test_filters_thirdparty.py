@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import base64
 import re
+import shutil
 import smtplib
 import subprocess
-import time
 
 import pytest
 
 from tests.conftest import free_port
 from tests.e2e.sink import Sink
 from tests.filter_programs import (
-    SERVERS, FilterUnavailable, PrivateDns, debian_filter, libopensmtpd_filter, relay_config,
+    SERVERS, FilterUnavailable, private_dns, debian_filter, libopensmtpd_filter, relay_config,
     shared_dir, start_server)
 
 HOSTNAME = "mx.example.test"
@@ -175,11 +175,7 @@ def _config(ports: dict[str, int], sink_port: int, programs: dict, key: str) -> 
 
 @pytest.fixture(scope="module")
 def dns(tmp_path_factory):
-    try:
-        server = PrivateDns(DNS_RECORDS, shared_dir("pysmtpd-filter-dns-"))
-    except FilterUnavailable as exc:
-        pytest.fail(f"private DNS unavailable: {exc}")
-    with server:
+    with private_dns(DNS_RECORDS) as server:
         yield server
 
 
@@ -189,7 +185,7 @@ def keys():
     try:
         yield _dkim_key(directory)
     finally:
-        subprocess.run(["rm", "-rf", str(directory)], check=False)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="module", params=SERVERS)
