@@ -173,8 +173,11 @@ def _holds(check, facts, tables: Tables, param: str | None) -> bool:
 def _lookup(tables: Tables, check, service: str, key: str | None) -> bool:
     if key is None or check.table is None:
         return False
-    # table.c table_lookup: keys are compared lower-cased
-    return tables.get(check.table).check(service, key.lower(), check.regex)
+    # table.c table_lookup: keys are compared lower-cased; smtpd.table's check() is a
+    # coroutine, its check_now() the synchronous answer a builtin filter needs
+    table = tables.get(check.table)
+    ask = getattr(table, "check_now", None) or table.check
+    return ask(service, key.lower(), check.regex)
 
 
 def has_rdns(rdns: str | None) -> bool:

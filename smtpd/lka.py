@@ -59,8 +59,9 @@ class Process:
     def _builtin_filter(self):
         """smtpd/filter_builtin.py's matches(spec, phase, facts, tables, param): whether a
         builtin filter's condition holds (the chain applies its action), with this
-        process's tables."""
-        return lambda spec, phase, facts, param: filter_builtin.matches(spec, phase, facts, self.tables, param)
+        process's tables, asked synchronously (the filter engine is sans I/O)."""
+        return lambda spec, phase, facts, param: filter_builtin.matches(
+            spec, phase, facts, _SyncTables(self.tables), param)
 
     async def start(self) -> None:
         pass
@@ -258,3 +259,41 @@ class Process:
 
 class NullMx(Exception):
     pass
+
+
+class _SyncTables:
+    """The table set as builtin filters ask it: ``get(name).check(service, key, regex)``
+    answered at once (``check_now``).  A table that must be awaited (a proc table:
+    ``blocking``) cannot be asked from the event loop's thread
+    without waiting on itself: for a builtin filter it finds nothing, and says so once."""
+
+    warned: set[str] = set()
+
+    def __init__(self, tables) -> None:
+        self.tables = tables
+
+    def get(self, name: str):
+        table = self.tables.get(name)
+        if table.blocking:
+            if name not in self.warned:
+                self.warned.add(name)
+                log.warning("warn: filter: table %s cannot be used by a builtin filter "
+                            "(its answers must be awaited): nothing matches in it", name)
+            return _Nothing()
+        return _Now(table)
+
+
+class _Now:
+    __slots__ = ("table",)
+
+    def __init__(self, table) -> None:
+        self.table = table
+
+    def check(self, service: str, key: str, regex: bool = False) -> bool:
+        return self.table.check_now(service, key, regex)
+
+
+class _Nothing:
+    @staticmethod
+    def check(service: str, key: str, regex: bool = False) -> bool:
+        return False
