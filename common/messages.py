@@ -521,6 +521,17 @@ class RequestFailed(Msg, **_m("request_failed")):
     error: str
 
 
+# --- tables (issue 11): smtpctl update table -----------------------------------------------
+
+class CtlUpdateTable(Msg, **_m("ctl_update_table")):
+    """control -> lka: ``smtpctl update table NAME``: reload what the table's backend
+    caches (re-read its file, reopen its db, send ``update`` to its program); lka
+    answers CtlReply (ok, or text saying why not).  lka is the one process that holds
+    tables; the others ask it."""
+    reqid: int
+    name: str
+
+
 # --- recipient expansion (issue 11): lka asks the parent for users' files ----------------
 
 class LkaOpenForward(Msg, **_m("lka_open_forward")):
@@ -562,6 +573,7 @@ Message = Union[
     CtlContentReply, QueueEnvelopeRemove,
     PonyEnqueue, PonyEnqueueReply,
     QueueEnvelopeSubmitBatch,
+    CtlUpdateTable,
     LkaOpenForward, LkaOpenForwardReply,
 ]
 

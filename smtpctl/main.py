@@ -226,8 +226,8 @@ ONE_WORD_COMMANDS = (
          "<subsystem>", SUBSYSTEM, debug_commands.run, "unprofile"),
         (resume, "route", "Resume a route disabled after errors (not supported yet).",
          "<routeid>", "a route number (show routes)", actions.not_supported, "resume route"),
-        (update, "table", "Make the daemon reload a table's cached contents (not supported yet).",
-         "<name>", "the table's name", actions.not_supported, "update table"))
+        (update, "table", "Make the daemon reload a table (re-read its file, reopen its db, "
+         "tell its program).", "<name>", "the table's name", actions.update_table))
 for entry in ONE_WORD_COMMANDS:
     _word_command(*entry)
 

@@ -19,6 +19,7 @@ from common.trace import FLAGS, trace
 from smtpd.expand_parse import (
     ADDRESS, ERROR, FILENAME, FILTER, INCLUDE, USERNAME, LineError, Target, file_lines, parse_line,
 )
+from smtpd.table.services import parse_userinfo
 
 log = logging.getLogger("smtpd")
 
@@ -127,16 +128,6 @@ class _Fail(Exception):
 def split_address(addr: str) -> tuple[str, str]:
     user, _, domain = addr.rpartition("@")
     return (user, domain) if user else (addr, "")
-
-
-def parse_userinfo(value) -> tuple[int, int, str] | None:
-    """A userinfo table value ``uid:gid:home`` (None if malformed)."""
-    text = value if isinstance(value, str) else (value[0] if value else "")
-    try:
-        uid, gid, home = text.split(":", 2)
-        return int(uid), int(gid), home
-    except ValueError:
-        return None
 
 
 def _has_control(text: str) -> bool:
@@ -306,11 +297,11 @@ class Expansion:
         if not info:
             self._trace("expand: lka_expand: user-part does not match system user")
             raise _Fail(550, f"5.1.1 Invalid recipient: {self._rcpt()}")
-        parsed = parse_userinfo(info)
-        if parsed is None:
-            log.warning("warn: lka: bad userinfo for user %s in table %s", user, action.userbase)
-            raise self._tempfail()
-        uid, gid, home = parsed
+        try:
+            uid, gid, home = parse_userinfo(user, info if isinstance(info, str) else info[0])
+        except ValueError as exc:
+            log.warning("warn: lka: table %s: bad userinfo for %s: %s", action.userbase, user, exc)
+            raise self._tempfail() from None
         node.realuser, node.realuser_uid = True, uid
         if node.sameuser and node.parent.forwarded:
             self._trace("expand: lka_expand: same user, submitting")

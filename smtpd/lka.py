@@ -7,6 +7,13 @@ pony with the SMTP error.  The expansion (smtpd/expand.py) asks for what it need
 users' .forward and :include: files (lka_session.c's IMSG_LKA_OPEN_FORWARD).  At delivery time it answers user and DNS lookups.
 It checks AUTH credentials against tables (the parent checks system accounts)
 and which senders an authenticated user may use (smtpd/auth.py).
+
+lka owns the tables (smtpd/table/): it opens them after its privilege drop, as
+OpenSMTPD's lka does on CONF_END (file tables were read by the parent while parsing;
+db files are opened and table programs started here, as smtpd's user), and reloads
+one on ``smtpctl update table``.  Code that still looks tables up synchronously
+(expansion, credentials, senders) runs in a worker thread when some table must be
+awaited (a proc table), so the event loop never waits for a table program.
 """
 from __future__ import annotations
 
@@ -24,41 +31,42 @@ import msgspec
 from common import privsep
 from common.ipc import PeerTimeout
 from common.messages import (
-    LkaEnvelopeCommit, LkaEnvelopeSubmit, LkaOpenForward, LkaOpenForwardReply,
+    CtlReply, CtlUpdateTable, LkaEnvelopeCommit, LkaEnvelopeSubmit, LkaOpenForward, LkaOpenForwardReply,
     MdaLookupUserinfo, MdaLookupUserinfoReply,
     MtaDnsLookup, MtaDnsReply, SmtpAuthenticate, SmtpAuthenticateReply, SmtpCheckSender,
     SmtpCheckSenderReply, SmtpExpandRcpt, SmtpExpandRcptReply,
 )
 from common.vis import COMMAND, log_text
-from smtpd import auth, expand
+from smtpd import auth
 from smtpd.expand import (
     TEMPFAIL, ExpandResult, Expansion, FileAnswer, MatchRule, ReadForward, ReadInclude, TableLookup,
 )
-from smtpd.ruleset import MatchContext, TableSet, TableUnavailable, match
+from smtpd.ruleset import MatchContext, match_async
+from smtpd.table import TableSet, TableUnavailable
+from smtpd.table.services import parse_userinfo
 
 log = logging.getLogger("smtpd")
 
 FILE_TIMEOUT = 60.0      # a .forward on a hung NFS home: the RCPT fails temporarily
 
 
-def prepare(opts, config) -> TableSet:
-    """Open the tables while still privileged (their files need not be readable later),
-    and libcrypt for the password hashes of credentials tables."""
+def prepare(opts, config) -> None:
+    """libcrypt, for the password hashes of credentials tables, while still privileged.
+    The tables are opened after the drop (Process.start)."""
     auth.load_libcrypt()
-    return TableSet(config)
 
 
 class Process:
     def __init__(self, ctx) -> None:
         self.ctx = ctx
         self.config = ctx.config
-        self.tables: TableSet = ctx.prepared
+        self.tables = TableSet(self.config)
         self.resolver = dns.asyncresolver.Resolver()
         self.tasks: set[asyncio.Task] = set()
         self.smtpd_user = _unprivileged_user()
 
     async def start(self) -> None:
-        pass
+        await self.tables.open()
 
     async def on_conf_end(self) -> None:
         pass
@@ -66,14 +74,29 @@ class Process:
     async def stop(self) -> None:
         for task in list(self.tasks):
             task.cancel()
+        await self.tables.close()
 
     # -- configuration reload (smtpd/reload.py): the parent re-read the table files -----------
 
-    def prepare_config(self, config, msg) -> TableSet:
-        return TableSet(config)
+    async def prepare_config(self, config, msg) -> TableSet:
+        tables = TableSet(config)
+        await tables.open()
+        return tables
 
-    def apply_config(self, config, tables: TableSet) -> None:
-        self.config, self.tables = config, tables
+    async def apply_config(self, config, tables: TableSet) -> None:
+        old, self.config, self.tables = self.tables, config, tables
+        await old.close()
+
+    async def abort_config(self, tables: TableSet) -> None:
+        await tables.close()
+
+    async def _sync(self, func, *args):
+        """``func(*args)``, a synchronous caller of the tables: inline when every table
+        answers at once, else in a worker thread, where a proc table's answer is waited
+        for without blocking the event loop (smtpd/table/base.py BlockingTable)."""
+        if self.tables.blocking:
+            return await asyncio.to_thread(func, *args)
+        return func(*args)
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
@@ -86,7 +109,9 @@ class Process:
                 # in a task: an expansion may wait for the parent (a .forward)
                 self._spawn(self._expand(msg))
             case MdaLookupUserinfo():
-                await self.ctx.mesh.send(peer, self._userinfo(msg))
+                await self.ctx.mesh.send(peer, await self._userinfo(msg))
+            case CtlUpdateTable() if peer == "control":
+                self._spawn(self._update_table(peer, msg))
             case MtaDnsLookup():
                 self._spawn(self._dns(peer, msg))
             case SmtpAuthenticate() if peer == "pony":
@@ -94,8 +119,8 @@ class Process:
             case SmtpAuthenticateReply() if peer == "parent":
                 await self.ctx.mesh.send("pony", msg)
             case SmtpCheckSender() if peer == "pony":
-                result = auth.sender_allowed(self.tables.get(msg.table), msg.user, msg.sender,
-                                             self.config.sub_addr_delim)
+                result = await self._sync(auth.sender_allowed, self.tables.get(msg.table), msg.user,
+                                          msg.sender, self.config.sub_addr_delim)
                 await self.ctx.mesh.send(peer, SmtpCheckSenderReply(
                     reqid=msg.reqid, ok=result == "ok", result=result))
             case _:
@@ -136,17 +161,33 @@ class Process:
         await send("queue", LkaEnvelopeCommit(reqid=req.reqid, msgid=req.msgid,
                                               count=len(result.envelopes)))
 
-    def _userinfo(self, req: MdaLookupUserinfo) -> MdaLookupUserinfoReply:
-        value = lookup_table(self.tables, req.table or "<getpwnam>", "userinfo", req.user.lower())
-        if value is TEMPFAIL:
+    async def _userinfo(self, req: MdaLookupUserinfo) -> MdaLookupUserinfoReply:
+        """lka_userinfo: a userbase table's ``uid:gid:home``, or the system's (getpwnam,
+        answered here: lka may read the user database, the delivery side may not)."""
+        try:
+            value = await self.tables.get(req.table or "getpwnam").lookup("userinfo", req.user.lower())
+            if value is None:
+                return MdaLookupUserinfoReply(reqid=req.reqid, status="notfound")
+            uid, gid, home = parse_userinfo(req.user, value)
+        except TableUnavailable:
             return MdaLookupUserinfoReply(reqid=req.reqid, status="tempfail")
-        if not value:
-            return MdaLookupUserinfoReply(reqid=req.reqid, status="notfound")
-        info = expand.parse_userinfo(value)
-        if info is None:
+        except ValueError as exc:
+            log.warning("warn: lka: table %s: bad userinfo for %s: %s", req.table or "getpwnam",
+                        log_text(req.user), exc)
             return MdaLookupUserinfoReply(reqid=req.reqid, status="tempfail")
-        uid, gid, home = info
         return MdaLookupUserinfoReply(reqid=req.reqid, status="ok", uid=uid, gid=gid, home=home)
+
+    async def _update_table(self, peer: str, req: CtlUpdateTable) -> None:
+        """``smtpctl update table NAME`` (lka.c IMSG_CTL_UPDATE_TABLE): smtpctl prints
+        OpenSMTPD's bare ``command failed``; the reason is in the log."""
+        if req.name not in self.config.tables:
+            log.warning("warn: Lookup table not found: \"%s\"", log_text(req.name))
+            problem = "not found"
+        else:
+            problem = await self.tables.update(req.name)
+            if problem is not None:
+                log.warning("warn: table %s: update failed: %s", req.name, log_text(problem))
+        await self.ctx.mesh.send(peer, CtlReply(reqid=req.reqid, ok=problem is None))
 
     async def _dns(self, peer: str, req: MtaDnsLookup) -> None:
         try:
@@ -216,11 +257,11 @@ class NullMx(Exception):
     pass
 
 
-def lookup_table(tables: TableSet, table: str, service: str, key: str):
-    """The one place lka asks a table for a value: the value, None, or TEMPFAIL.
-    (Re-pointed to the asynchronous table interface when it lands.)"""
+async def lookup_table(tables: TableSet, table: str, service: str, key: str):
+    """The one place an expansion's lookups reach a table: the value, None, or
+    TEMPFAIL (awaited: a proc table's program may take its time)."""
     try:
-        return tables.get(table).lookup(service, key)
+        return await tables.get(table).lookup(service, key)
     except TableUnavailable:
         return TEMPFAIL
 
@@ -260,9 +301,9 @@ class ExpansionDriver:
     async def answer(self, request):
         match request:
             case MatchRule():
-                return self._match(request)
+                return await self._match(request)
             case TableLookup():
-                return lookup_table(self.tables, request.table, request.service, request.key)
+                return await lookup_table(self.tables, request.table, request.service, request.key)
             case ReadForward():
                 return await self._read_file(LkaOpenForward(
                     reqid=self.lka.ctx.new_id(), kind="forward", user=request.user,
@@ -272,7 +313,7 @@ class ExpansionDriver:
                     reqid=self.lka.ctx.new_id(), kind="include", path=request.path))
         raise TypeError(f"unknown expansion request {request!r}")
 
-    def _match(self, request: MatchRule):
+    async def _match(self, request: MatchRule):
         base, req = self.req.envelope, self.req
         context = MatchContext(
             source="local" if request.internal else base.sockaddr.strip("[]"), rdns=req.rdns or None,
@@ -280,7 +321,7 @@ class ExpansionDriver:
             auth_user=base.username or None, tls=req.tls,
             local_listener=request.internal or req.local_listener)
         try:
-            return match(self.config, self.tables, context)
+            return await match_async(self.config, self.tables, context)
         except TableUnavailable:
             return TEMPFAIL
 

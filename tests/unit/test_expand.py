@@ -14,7 +14,8 @@ from smtpd.expand import (
     MatchRule, ReadForward, ReadInclude, TableLookup,
 )
 from smtpd.parse import parse_config
-from smtpd.ruleset import MatchContext, TableSet, match
+from smtpd.ruleset import MatchContext, match
+from smtpd.table import TableSet
 
 CONF = """
 table aliases { unused = "x" }
