@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import smtplib
+import tempfile
 from pathlib import Path
 
 from tests.conftest import free_port, wait_for
@@ -24,6 +26,11 @@ def _mail_owner() -> tuple[int, int]:
         nobody = pwd.getpwnam("nobody")
         return nobody.pw_uid, nobody.pw_gid
     return os.getuid(), os.getgid()
+
+
+def _alias_runner() -> str:
+    """Who runs commands and writes files named in aliases tables: smtpd's unprivileged user."""
+    return "_smtpd" if os.getuid() == 0 else pwd.getpwuid(os.getuid()).pw_name
 
 
 def _write(path: Path, text: str, mode: int = 0o644, owner: tuple[int, int] | None = None) -> Path:
@@ -114,8 +121,7 @@ def test_aliases_includes_commands_files_errors_and_forward_files(make_daemon, t
         ("team@example.test", "alice", ""), ("team@example.test", "bob", ""),
         ("team@example.test", "carol", ""),                # through bob's .forward
         ("staff@example.test", "carol", ""), ("staff@example.test", "alice", ""),
-        ("bugs@example.test", "_smtpd" if os.getuid() == 0 else pwd.getpwuid(os.getuid()).pw_name, "exec"),
-        ("archive@example.test", "_smtpd" if os.getuid() == 0 else pwd.getpwuid(os.getuid()).pw_name, "file"),
+        ("bugs@example.test", _alias_runner(), "exec"), ("archive@example.test", _alias_runner(), "file"),
         ("bob@example.test", "carol", ""), ("bob@example.test", "bob", ""),
         ("dave@example.test", "dave", "exec"),
     ])
@@ -146,3 +152,32 @@ def test_hostile_recipients_are_refused_before_any_envelope(make_daemon, tmp_pat
         assert replies[rcpt][0] in (550, 501, 553), (rcpt, replies[rcpt])
     assert d.queue_lines() == []
     assert not Path("/tmp/pysmtpd-pwned").exists()
+
+
+def test_an_alias_table_program_is_awaited_and_its_failure_is_424(make_daemon, tmp_path):
+    """Aliases from a table program (smtpd/table/proc.py): the expansion waits for its
+    answers; a program that dies on a lookup fails the recipient temporarily."""
+    from tests.table_programs import python_for_tables, write_programs
+    shared = Path(tempfile.mkdtemp(prefix="pysmtpd-aliases-"))     # reachable by smtpd's user
+    try:
+        os.chmod(shared, 0o755)
+        program, _ = write_programs(shared)
+        data = _write(shared / "aliases.data", "alias team alice, |/bin/true from-proc\n")
+        port = free_port()
+        base = tmp_path / "d"
+        conf = "\n".join([
+            f"listen on 127.0.0.1 port {port}",
+            f"table users {userbase(base, USERS)}",
+            f'table aliases "proc-exec:{python_for_tables()} {program} {data}"',
+            'action "local" maildir "~/Maildir" alias <aliases> userbase <users>',
+            'match from any for domain "example.test" action "local"',
+        ]) + "\n"
+        d = make_daemon(conf, extra_args=["-P", "mda"]).start()
+        replies = _rcpt_replies(port, ["team@example.test", "crash@example.test"])
+        assert replies["team@example.test"][0] == 250, replies
+        assert replies["crash@example.test"] == (
+            424, "4.2.4 Mailing list expansion problem: <crash@example.test>")
+        envs = {(e.get("mda-user"), e.get("mda-method", ""), e.get("mda-exec", "")) for e in _envelopes(d)}
+        assert envs == {(_alias_runner(), "exec", "/bin/true from-proc"), ("alice", "", "")}
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
