@@ -8,8 +8,8 @@ users' .forward and :include: files (lka_session.c's IMSG_LKA_OPEN_FORWARD).  At
 It checks AUTH credentials against tables (the parent checks system accounts)
 and which senders an authenticated user may use (smtpd/auth.py).
 
-lka owns the tables (smtpd/table/): it opens them after its privilege drop, as
-OpenSMTPD's lka does on CONF_END (file tables were read by the parent while parsing;
+lka owns the tables (smtpd/table/): it opens them after its privilege drop, on
+CONF_END as OpenSMTPD's lka does (file tables were read by the parent while parsing;
 db files are opened and table programs started here, as smtpd's user), and reloads
 one on ``smtpctl update table``.  Code that still looks tables up synchronously
 (expansion, credentials, senders) runs in a worker thread when some table must be
@@ -66,10 +66,11 @@ class Process:
         self.smtpd_user = _unprivileged_user()
 
     async def start(self) -> None:
-        await self.tables.open()
+        pass
 
     async def on_conf_end(self) -> None:
-        pass
+        """lka.c on IMSG_CONF_END: table_open_all (db files, table programs)."""
+        await self.tables.open()
 
     async def stop(self) -> None:
         for task in list(self.tasks):

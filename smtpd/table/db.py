@@ -207,7 +207,9 @@ class DbTable(Table):
             try:
                 self._reopen()
             except OSError as exc:
+                log.info("info: Failed to update table \"%s\": %s", self.name, exc)
                 return str(exc)
+        log.info("info: Table \"%s\" successfully updated", self.name)
         return None
 
     async def close(self) -> None:
