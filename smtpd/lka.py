@@ -65,10 +65,10 @@ class Process:
         self.tables = TableSet(self.config)
         self.resolver = dns.asyncresolver.Resolver()
         self.tasks: set[asyncio.Task] = set()
-        self.smtpd_user = _unprivileged_user()
         fd = getattr(ctx.opts, "fd_channel", -1)
         channel = socket.socket(fileno=fd) if fd is not None and fd >= 0 else None
         self.filters = filter_proc.Runtime(ctx, channel, self._builtin_filter())
+        self.smtpd_user = _unprivileged_user()
 
     def _builtin_filter(self):
         """smtpd/filter_builtin.py's matches(spec, phase, facts, tables, param): whether a
@@ -317,7 +317,6 @@ class _Nothing:
     @staticmethod
     def check(service: str, key: str, regex: bool = False) -> bool:
         return False
-
 
 async def lookup_table(tables: TableSet, table: str, service: str, key: str):
     """The one place an expansion's lookups reach a table: the value, None, or

@@ -30,8 +30,10 @@ from common.messages import (
     LkaOpenForwardReply, MdaDone, MdaFork, Msg, SetupDone, SmtpAuthenticate, SmtpAuthenticateReply,
     StatGet, StatReply,
 )
-from smtpd import (auth, fdpass, filter_proc, forward, introspection, listeners, local_delivery, metrics,
-                   offline, sdnotify, tls)
+from smtpd import (
+    auth, fdpass, filter_proc, forward, introspection, listeners, local_delivery, metrics, offline, sdnotify,
+    tls,
+)
 from smtpd.config import ConfigError
 from smtpd.main import CHILDREN, EXIT_CONFIG, VERSION, load_config
 from smtpd.reload import Reloader
