@@ -495,6 +495,12 @@ class PonyEnqueue(Msg, **_m("pony_enqueue")):
     data: bytes
     bounce: bool = False
     origin: str = ""         # for log lines: "bounce", "offline"
+    # issue 11 (sendmail): DSN options (-N, -R, -V; checked) and the submitting
+    # user's uid (SO_PEERCRED, or the offline file's owner), for the log line.
+    dsn_notify: int = 0
+    dsn_ret: str = ""
+    dsn_envid: str = ""
+    uid: int = -1
 
 
 class PonyEnqueueReply(Msg, **_m("pony_enqueue_reply")):
@@ -521,6 +527,26 @@ class RequestFailed(Msg, **_m("request_failed")):
     error: str
 
 
+# --- issue 11: sendmail(8) through the running daemon -------------------------------------
+
+class CtlEnqueue(Msg, **_m("ctl_enqueue")):
+    """control -> parent: a message a local user submits with sendmail (the
+    ``enqueue`` request of the control socket).  ``uid`` is the client's, from
+    SO_PEERCRED: the parent (root, not chrooted) turns it into the login name that is
+    the default sender and into the full name of the From: field; ``sender`` is
+    sendmail's -f, which any user may give.  Answered by PonyEnqueueReply (same
+    reqid), once pony has stored the message or refused it."""
+    reqid: int
+    uid: int
+    sender: str              # -f/-r, as given; "" = the user's login name
+    fullname: str            # -F, "" = the GECOS name
+    recipients: list[str]
+    data: bytes              # the message, LF line endings, Bcc fields already removed
+    dsn_notify: str = ""     # -N, -R, -V as given (the parent checks them)
+    dsn_ret: str = ""
+    dsn_envid: str = ""
+
+
 Message = Union[
     RequestFailed, SetupDone, ConfEnd, CtlVerbose, MdaFork, MdaDone,
     SmtpMessageCreate, SmtpMessageCreateReply, SmtpExpandRcpt, SmtpExpandRcptReply,
@@ -539,6 +565,7 @@ Message = Union[
     CtlContentReply, QueueEnvelopeRemove,
     PonyEnqueue, PonyEnqueueReply,
     QueueEnvelopeSubmitBatch,
+    CtlEnqueue,
 ]
 
 _encoder = msgspec.msgpack.Encoder()
@@ -598,7 +625,8 @@ class ClientEnd(msgspec.Struct, tag="client_end", kw_only=True):
 
 
 class ClientContent(msgspec.Struct, tag="client_content", kw_only=True):
-    """A piece of a spool file (show envelope / show message), in order; ClientEnd ends it."""
+    """A piece of a spool file (show envelope / show message), in order; ClientEnd ends it.
+    Also client -> control after an ``enqueue`` request: the message sendmail submits."""
     data: bytes
 
 

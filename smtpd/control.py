@@ -9,8 +9,8 @@ counters of every process (stat_backend) and serves them to Prometheus if asked
 
 Permissions, as OpenSMTPD's control.c: every command needs root (here: root, or the
 user the daemon runs as when started unprivileged); any other user gets
-``need root privileges``.  OpenSMTPD lets any user ask only for an SMTP session (the
-sendmail path), which comes with its issue: UNPRIVILEGED_COMMANDS is where it goes.
+``need root privileges``.  Any user may submit mail (``enqueue``, the sendmail path,
+OpenSMTPD's SMTP session request): UNPRIVILEGED_COMMANDS.
 A client connection may carry several requests (``monitor`` asks once a second).
 
 What a client makes control log (refusals, dropped connections, the per-uid cap) is
@@ -32,7 +32,7 @@ from common.control_wire import PERMISSION_DENIED, WireError, frame, read_frame
 from common.ipc import PeerTimeout
 from common.messages import (
     PROTOCOL_VERSION, ClientContent, ClientEnd, ClientQueueBatch, ClientRequest, ClientResult,
-    CtlContentReply, CtlListReply, CtlReply, CtlRequest,
+    CtlContentReply, CtlEnqueue, CtlListReply, CtlReply, CtlRequest, PonyEnqueueReply,
 )
 from common.vis import COMMAND, log_text
 from smtpd import control_trace, metrics
@@ -50,7 +50,12 @@ QUEUE_FILE_COMMANDS = frozenset({"show envelope", "show message"})
 CLIENT_TIMEOUT = 30.0
 # OpenSMTPD's CONTROL_MAXCONN_PER_CLIENT: connections one uid may hold at once.
 MAX_CONNECTIONS_PER_UID = 32
-UNPRIVILEGED_COMMANDS: frozenset[str] = frozenset()
+# "enqueue": sendmail's submission, open to every local user as OpenSMTPD's
+# IMSG_CTL_SMTP_SESSION (the sender's identity is the client's uid: _enqueue).
+UNPRIVILEGED_COMMANDS: frozenset[str] = frozenset({"enqueue"})
+ENQUEUE_TIMEOUT = 330.0         # the parent gives pony 300 s (smtpd/offline.py)
+ENQUEUE_FIELDS = ("sender", "fullname", "dsn_notify", "dsn_ret", "dsn_envid")
+ENQUEUE_FIELD_SIZE = 1000       # characters of an address, a full name, a DSN option
 # Lines about one uid's clients logged per interval; the rest are counted and
 # summed up in one line when the interval ends.  20: smtpctl run by hand, or a
 # script's few mistakes, are all logged; a flood is cut after a screenful.
@@ -256,6 +261,10 @@ class Process:
                                      "warn: control: %s refused to uid %d: need root privileges",
                                      log_text(req.command, COMMAND, COMMAND_LOG_SIZE), uid)
                     writer.write(frame(ClientResult(ok=False, text=PERMISSION_DENIED)))
+                elif req.command == "enqueue":
+                    await self._enqueue(uid, req, reader, writer)
+                    await writer.drain()
+                    return
                 else:
                     await self._command(req, writer)
                 await writer.drain()
@@ -265,6 +274,50 @@ class Process:
                 self._client_log(uid, logging.INFO, "control: dropping client of uid %d: %s",
                                  uid, log_text(str(exc) or type(exc).__name__, COMMAND))
                 return
+
+    async def _enqueue(self, uid: int, req: ClientRequest, reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter) -> None:
+        """sendmail: the request (recipients, -f, -F, DSN options), then the message in
+        ClientContent frames ended by ClientEnd, which goes to the parent with the
+        client's uid (SO_PEERCRED); the parent decides the sender and has pony store
+        it.  One message per connection.  Refused while ``pause smtp`` holds, as
+        OpenSMTPD's control refuses the session."""
+        def refuse(text: str) -> None:
+            writer.write(frame(ClientResult(ok=False, text=text)))
+        args = req.args
+        rcpts = args.get("recipients")
+        fields = {name: args.get(name, "") for name in ENQUEUE_FIELDS}
+        if (not isinstance(rcpts, list) or not all(isinstance(r, str) and len(r) <= ENQUEUE_FIELD_SIZE
+                                                   for r in rcpts)
+                or not all(isinstance(v, str) and len(v) <= ENQUEUE_FIELD_SIZE for v in fields.values())):
+            return refuse("malformed enqueue request")
+        if len(rcpts) > self.ctx.config.smtp_max_rcpt:
+            return refuse("452 4.5.3 Too many recipients")
+        if self.paused["smtp"]:
+            return refuse("server disallowed submission request")
+        limit = self.ctx.config.max_message_size
+        data = bytearray()
+        while True:
+            try:
+                piece = await asyncio.wait_for(read_frame(reader), CLIENT_TIMEOUT)
+            except (TimeoutError, asyncio.IncompleteReadError) as exc:
+                raise WireError(f"message not received: {type(exc).__name__}") from None
+            if isinstance(piece, ClientEnd):
+                break
+            if not isinstance(piece, ClientContent):
+                raise WireError("not message content")
+            data += piece.data
+            if len(data) > limit:
+                return refuse("552 5.3.4 Message too big")
+        try:
+            reply = await self.ctx.mesh.request(
+                "parent", CtlEnqueue(reqid=self.ctx.new_id(), uid=uid, recipients=rcpts, data=bytes(data),
+                                     **fields), (PonyEnqueueReply,), timeout=ENQUEUE_TIMEOUT)
+        except PeerTimeout as exc:
+            log.warning("warn: control: enqueue for uid %d failed: %s", uid, exc)
+            return refuse("451 4.3.0 Temporary failure")
+        writer.write(frame(ClientResult(ok=reply.status == "ok", text=reply.text,
+                                        data={"status": reply.status, "msgid": reply.msgid})))
 
     async def _ask(self, peer: str, command: str, ident: int = 0) -> CtlReply:
         return await self.ctx.mesh.request(

@@ -26,7 +26,7 @@ from common import log as logsetup
 from common.ids import UidGenerator
 from common.ipc import Mesh
 from common.messages import (
-    ConfEnd, ConfEndDone, CtlReply, CtlRequest, MdaDone, MdaFork, Msg, SetupDone, SmtpAuthenticate,
+    ConfEnd, ConfEndDone, CtlEnqueue, CtlReply, CtlRequest, MdaDone, MdaFork, Msg, SetupDone, SmtpAuthenticate,
     SmtpAuthenticateReply, StatGet, StatReply,
 )
 from smtpd import auth, fdpass, introspection, listeners, local_delivery, metrics, offline, sdnotify, tls
@@ -223,11 +223,18 @@ class Parent:
             asyncio.get_running_loop().call_later(0.3, self.shutdown, 0)
         elif isinstance(msg, StatReply):
             pass            # an answer to the watchdog that came after its deadline
+        elif isinstance(msg, CtlEnqueue) and peer == "control":
+            # sendmail while the daemon runs (smtpd/offline.py): a task, as pony answers later
+            self.spawn_task(self._enqueue_for(peer, msg))
         elif isinstance(msg, CtlRequest) and msg.command == "reload":
             # In a task: the reload talks to control too, whose channel this handler holds.
             self.spawn_task(self._reload_for(peer, msg.reqid))
         else:
             log.warning("warn: parent: unexpected %s from %s", type(msg).__name__, peer)
+
+    async def _enqueue_for(self, peer: str, msg: CtlEnqueue) -> None:
+        reply = await offline.enqueue_for_client(self.mesh, UidGenerator(), msg, self.config.hostname)
+        await self.mesh.send(peer, reply)
 
     async def _reload_for(self, peer: str, reqid: int) -> None:
         ok, text = await self.reloader.reload("smtpctl reload")
