@@ -4,8 +4,9 @@ As OpenSMTPD's smtpctl does when it cannot reach the control socket (do_show_que
 every envelope file of ``queue/`` (16 hex digits under ``XX/<msgid>/``) is read and
 printed with the runstate ``offline``; the expiry is the envelope's ctime + ttl, as
 OpenSMTPD prints it offline (the daemon's configuration is not read).  The spool's
-directories are the queue user's, mode 0700: only root can read them, as only root
-may run ``show queue`` (``need root privileges`` otherwise).  The spool is
+directories are the queue user's, mode 0700: only root (or the user an unprivileged
+daemon runs as) may list them, as only they may run ``show queue`` (``need root
+privileges`` otherwise).  The spool is
 ``$SMTPD_SPOOL``, else ``/var/spool/smtpd``.
 """
 from __future__ import annotations
@@ -70,6 +71,10 @@ def show_offline(as_json: bool, msgid: int = 0) -> int:
     """Print the queue from the spool; the exit status."""
     queue = spool_path() / "queue"
     try:
+        # root, or the user an unprivileged daemon runs as (who owns queue/): the
+        # same users control lets run show queue, whatever else could read the files
+        if os.geteuid() not in (0, queue.stat().st_uid):
+            raise PermissionError
         files = list(envelope_files(queue, msgid))
     except PermissionError:
         print("smtpctl: need root privileges", file=sys.stderr)
