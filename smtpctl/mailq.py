@@ -80,7 +80,8 @@ def show_offline(as_json: bool, msgid: int = 0) -> int:
         print("smtpctl: need root privileges", file=sys.stderr)
         return 1
     except FileNotFoundError:
-        print(f"smtpctl: {queue}: no such directory (is $SMTPD_SPOOL right?)", file=sys.stderr)
+        # no spool either: nothing to list, as for any command without the daemon
+        print("smtpctl: smtpd doesn't seem to be running", file=sys.stderr)
         return 1
     for evpid, path in files:
         try:
