@@ -1,4 +1,5 @@
-"""Offline enqueue: messages left in <spool>/offline/ while the daemon was down.
+"""Messages local users submit with sendmail: left in <spool>/offline/ while the
+daemon was down, or handed over through control while it runs (enqueue_for_client).
 
 When sendmail(8) cannot reach the daemon it writes ``offline/<time>.<random>``: one
 line with its arguments joined by ``|``, then the message (OpenSMTPD's format).  At
@@ -7,10 +8,12 @@ enqueue it through the internal enqueue path (``PonyEnqueue``), as a local sessi
 of the file's owner; the file is removed once the message is queued, and kept (and
 logged) when it cannot be.
 
-Trust: a file is opened with O_NOFOLLOW and must be a regular file with one link;
-the sender is the ``-f``/``-r`` argument, as sendmail allows any user to give one,
-else the file OWNER's login name at the server's hostname.  Nothing else in the
-file names a user.
+Trust: offline/ is root's, mode 01777 (users create their own files, none can remove
+or rename another's); a file is opened with O_NOFOLLOW and must be a regular file
+with one link; the sender is the ``-f``/``-r`` argument, as sendmail allows any user
+to give one, else the file OWNER's login name at the server's hostname.  Nothing
+else in the file names a user.  Through control, the uid is the connection's
+(SO_PEERCRED) and the same rule applies (docs/sendmail.md).
 """
 from __future__ import annotations
 
