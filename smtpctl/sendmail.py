@@ -45,6 +45,9 @@ EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
 EX_TEMPFAIL = 75
 CHUNK = MAX_REQUEST - 1024          # message bytes per ClientContent frame
+# How long the daemon may take to answer (its parent gives pony 300 s): giving up
+# sooner would report a failure for a message that may still be queued.
+REPLY_TIMEOUT = 400.0
 USAGE = "usage: {prog} [-tv] [-f from] [-F name] to ..."
 
 
@@ -78,6 +81,7 @@ def request_enqueue(conn: Connection, opts: submission.SendmailOptions, rcpts: l
     args = {"recipients": rcpts, "sender": opts.sender, "fullname": opts.fullname,
             "dsn_notify": opts.dsn_notify, "dsn_ret": opts.dsn_ret, "dsn_envid": opts.dsn_envid}
     sock = conn.sock
+    sock.settimeout(REPLY_TIMEOUT)
     try:
         sock.sendall(frame(ClientRequest(version=PROTOCOL_VERSION, command="enqueue", args=args)))
         for start in range(0, len(message), CHUNK):

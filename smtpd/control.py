@@ -56,6 +56,10 @@ UNPRIVILEGED_COMMANDS: frozenset[str] = frozenset({"enqueue"})
 ENQUEUE_TIMEOUT = 330.0         # the parent gives pony 300 s (smtpd/offline.py)
 ENQUEUE_FIELDS = ("sender", "fullname", "dsn_notify", "dsn_ret", "dsn_envid")
 ENQUEUE_FIELD_SIZE = 1000       # characters of an address, a full name, a DSN option
+# Messages one uid may be submitting at once: control holds each whole (up to
+# `smtp max-message-size`) before the parent takes it, so 32 connections of 35 MB
+# each would be a local user's way to take a gigabyte; sendmail submits one at a time.
+ENQUEUE_MAX_PER_UID = 4
 # Lines about one uid's clients logged per interval; the rest are counted and
 # summed up in one line when the interval ends.  20: smtpctl run by hand, or a
 # script's few mistakes, are all logged; a flood is cut after a screenful.
@@ -149,6 +153,7 @@ class Process:
         for agent in ctx.opts.pause:
             self.paused[agent] = True
         self.connections: dict[int, int] = {}      # uid -> open control connections
+        self.enqueuing: dict[int, int] = {}        # uid -> messages being submitted
         self.switches = control_trace.Switches(ctx)
         self.stats = Stats(ctx)
         self.metrics: metrics.Endpoint | None = None
@@ -295,6 +300,20 @@ class Process:
             return refuse("452 4.5.3 Too many recipients")
         if self.paused["smtp"]:
             return refuse("server disallowed submission request")
+        if self.enqueuing.get(uid, 0) >= ENQUEUE_MAX_PER_UID:
+            self._client_log(uid, logging.WARNING, "warn: control: uid %d submits more than %d "
+                             "messages at once", uid, ENQUEUE_MAX_PER_UID)
+            return refuse("451 4.7.0 Too many messages submitted at once, try again")
+        self.enqueuing[uid] = self.enqueuing.get(uid, 0) + 1
+        try:
+            await self._enqueue_message(uid, rcpts, fields, reader, writer)
+        finally:
+            self.enqueuing[uid] -= 1
+            if not self.enqueuing[uid]:
+                del self.enqueuing[uid]
+
+    async def _enqueue_message(self, uid: int, rcpts: list[str], fields: dict, reader: asyncio.StreamReader,
+                               writer: asyncio.StreamWriter) -> None:
         limit = self.ctx.config.max_message_size
         data = bytearray()
         while True:
@@ -308,14 +327,15 @@ class Process:
                 raise WireError("not message content")
             data += piece.data
             if len(data) > limit:
-                return refuse("552 5.3.4 Message too big")
+                writer.write(frame(ClientResult(ok=False, text="552 5.3.4 Message too big")))
+                return
         try:
             reply = await self.ctx.mesh.request(
                 "parent", CtlEnqueue(reqid=self.ctx.new_id(), uid=uid, recipients=rcpts, data=bytes(data),
                                      **fields), (PonyEnqueueReply,), timeout=ENQUEUE_TIMEOUT)
         except PeerTimeout as exc:
             log.warning("warn: control: enqueue for uid %d failed: %s", uid, exc)
-            return refuse("451 4.3.0 Temporary failure")
+            reply = PonyEnqueueReply(reqid=0, status="tempfail", text="451 4.3.0 Temporary failure")
         writer.write(frame(ClientResult(ok=reply.status == "ok", text=reply.text,
                                         data={"status": reply.status, "msgid": reply.msgid})))
 

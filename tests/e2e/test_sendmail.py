@@ -235,3 +235,47 @@ def test_mailq_reads_the_spool_when_the_daemon_is_down(site, users):
     assert fields[4].startswith("pysm-cron@") and fields[11:13] == ["offline", ""]
     res = as_user(cron, [str(site[0] / "bin" / "mailq")], env_for(d))
     assert res.returncode == 1 and b"need root privileges" in res.stderr
+
+
+def test_control_checks_what_a_client_submits(site, users):
+    """The enqueue request as any client may send it: malformed fields, a message over
+    smtp max-message-size, more messages at once than a uid may submit; each refused
+    alone, the daemon goes on."""
+    from common.control_wire import frame, recv_frame
+    from common.messages import PROTOCOL_VERSION, ClientContent, ClientEnd, ClientRequest
+    from smtpctl.client import Connection
+    base, daemons = site
+    d = Daemon(base, config(base / "mail", free_port(), extra="smtp max-message-size 10K"))
+    daemons.append(d)
+    d.start()
+
+    def submit(args: dict, data: bytes = b"Subject: s\n\nx\n", end: bool = True) -> Connection:
+        conn = Connection(str(d.socket))
+        conn.sock.sendall(frame(ClientRequest(version=PROTOCOL_VERSION, command="enqueue", args=args)))
+        for start in range(0, len(data), 60_000):
+            conn.sock.sendall(frame(ClientContent(data=data[start:start + 60_000])))
+        if end:
+            conn.sock.sendall(frame(ClientEnd()))
+        return conn
+
+    def result(conn: Connection):
+        with conn:
+            return recv_frame(conn.sock)
+
+    assert result(submit({"recipients": "alice@example.test"})).text == "malformed enqueue request"
+    assert result(submit({"recipients": ["alice@example.test"], "sender": 7})).text == "malformed enqueue request"
+    assert result(submit({"recipients": ["a" * 2000]})).text == "malformed enqueue request"
+    big = result(submit({"recipients": ["alice@example.test"]}, b"Subject: s\n\n" + b"x" * 20_000))
+    assert (big.ok, big.text) == (False, "552 5.3.4 Message too big")
+    # four messages being sent (no end yet) by one uid: a fifth is refused for now
+    pending = [submit({"recipients": ["alice@example.test"]}, end=False) for _ in range(4)]
+    fifth = result(submit({"recipients": ["alice@example.test"]}))
+    assert fifth.text.startswith("451 4.7.0 Too many messages submitted at once")
+    for conn in pending:
+        conn.sock.sendall(frame(ClientEnd()))
+        reply = result(conn)
+        assert reply.ok and reply.text.endswith("Message accepted for delivery"), reply
+    ok = result(submit({"recipients": ["bob@example.test"], "sender": "me@example.test"}))
+    assert ok.ok and ok.data["msgid"] > 0
+    assert len(delivered(d, "alice", 4)) == 4 and delivered(d, "bob")
+    assert d.proc.poll() is None
