@@ -25,6 +25,10 @@ WITH_VALUE = frozenset("ABbeFfLNopRrV")
 # Options whose value may only be glued (getopt's "E::" and "J::").
 OPTIONAL_VALUE = frozenset("EJ")
 WITHOUT_VALUE = frozenset("imqStvx")
+# The options that set a field of SendmailOptions (the others are accepted and ignored).
+SWITCHES = {"t": "by_headers", "v": "verbose", "q": "queue_run"}
+VALUES = {"f": "sender", "r": "sender", "F": "fullname", "N": "dsn_notify", "R": "dsn_ret",
+          "V": "dsn_envid"}
 MODES = {"s": "smtp", "p": "mailq", "i": "newaliases", "m": "deliver"}
 # A message whose first lines name none of these fields has no header (enqueue.c's
 # keywords[]): all of it is body.
@@ -70,12 +74,8 @@ def parse_args(args: list[str]) -> SendmailOptions:
             flag = arg[pos]
             pos += 1
             if flag in WITHOUT_VALUE:
-                if flag == "t":
-                    opts.by_headers = True
-                elif flag == "v":
-                    opts.verbose = True
-                elif flag == "q":
-                    opts.queue_run = True
+                if flag in SWITCHES:
+                    setattr(opts, SWITCHES[flag], True)
                 continue
             if flag in OPTIONAL_VALUE:
                 break
@@ -93,16 +93,8 @@ def parse_args(args: list[str]) -> SendmailOptions:
 
 
 def _set(opts: SendmailOptions, flag: str, value: str) -> None:
-    if flag in "fr":
-        opts.sender = value
-    elif flag == "F":
-        opts.fullname = value
-    elif flag == "N":
-        opts.dsn_notify = value
-    elif flag == "R":
-        opts.dsn_ret = value
-    elif flag == "V":
-        opts.dsn_envid = value
+    if flag in VALUES:
+        setattr(opts, VALUES[flag], value)
     elif flag == "b":
         # -bs, -bp, -bi; -bm is the default; other modes (-bd, -bt, -bv...) are
         # sendmail's own and ignored, as OpenSMTPD ignores every -b.

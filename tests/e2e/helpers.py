@@ -69,3 +69,13 @@ def send(port: int, sender: str, rcpts: list[str], body: str = "Subject: test\n\
         code, text = s.data(body.replace("\n", "\r\n").encode())
         assert code == 250, (code, text)
         return text.decode()
+
+
+def remove_test_tree(base: Path) -> None:
+    """A test's directory made outside pytest's (for other users to reach), with the
+    homes userbase() made for it when the daemon ran as root."""
+    import shutil
+    homes = base / "mail" / "home"
+    if homes.is_symlink():
+        shutil.rmtree(homes.resolve(), ignore_errors=True)
+    shutil.rmtree(base, ignore_errors=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, free_port, wait_for
-from tests.e2e.helpers import config, maildir_messages, send
+from tests.e2e.helpers import config, maildir_messages, remove_test_tree, send
 
 CHILDREN = ("control", "lka", "queue", "scheduler", "pony")
 
@@ -94,7 +94,6 @@ def test_unprivileged_mode_as_a_normal_user(tmp_path):
     mail flows.  The daemon is started as nobody through setpriv; the one capability it
     keeps (CAP_DAC_READ_SEARCH, ambient) only lets it read the interpreter, which lives
     under /root here, and changes no code path (pysmtpd decides on the effective uid)."""
-    import shutil
     import tempfile
     from tests.conftest import Daemon
     nobody = pwd.getpwnam("nobody")
@@ -121,7 +120,4 @@ def test_unprivileged_mode_as_a_normal_user(tmp_path):
         if d is not None:
             d.stop()
             assert not d.children(), "processes left behind"
-        homes = base / "mail" / "home"
-        if homes.is_symlink():
-            shutil.rmtree(homes.resolve(), ignore_errors=True)
-        shutil.rmtree(base, ignore_errors=True)
+        remove_test_tree(base)

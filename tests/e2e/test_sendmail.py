@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import shutil
 import stat
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Daemon, free_port, wait_for
-from tests.e2e.helpers import config, maildir_messages
+from tests.e2e.helpers import config, maildir_messages, remove_test_tree
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates system users and runs as them")
 
@@ -60,10 +59,7 @@ def site():
     for d in daemons:
         d.stop()
         assert not d.children(), "processes left behind"
-    homes = base / "mail" / "home"
-    if homes.is_symlink():
-        shutil.rmtree(homes.resolve(), ignore_errors=True)
-    shutil.rmtree(base, ignore_errors=True)
+    remove_test_tree(base)
 
 
 def daemon(site, relay: str | None = None) -> Daemon:
