@@ -15,7 +15,7 @@ unit test also checks that both hold the same commands, in the same order).
 The options (``--socket``/``-s``, ``--json``, ``-h``/``--help``) may stand anywhere on the
 line, as before.  Run as ``mailq`` (argv[0]), smtpctl is ``smtpctl show queue``; as
 ``sendmail``/``send-mail`` it is sendmail(8) (smtpctl.sendmail); as ``newaliases`` or
-``makemap``, those commands (the tables' work: smtpctl.sendmail.newaliases).
+``makemap``, those commands (the tables' work: smtpctl.sendmail.tables_command).
 
 Startup time matters (mailq runs from scripts): rich is never loaded (plain help), and
 typer's value conversion, which loads pydantic, is skipped (Verbatim).
@@ -417,8 +417,7 @@ def main() -> None:
         sys.exit(sendmail.main(prog, sys.argv[1:]))
     if prog in ("newaliases", "makemap"):
         from smtpctl import sendmail
-        sys.exit(sendmail.newaliases(prog, sys.argv[1:]) if prog == "newaliases"
-                 else sendmail.makemap_main(prog, sys.argv[1:]))
+        sys.exit(sendmail.tables_command(prog, sys.argv[1:]))
     argv = sys.argv[1:]
     if os.environ.get(COMPLETE_VAR):
         # A completion script asks for candidates: answered from the command tree alone,

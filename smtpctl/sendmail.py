@@ -189,7 +189,8 @@ def main(prog: str, args: list[str]) -> int:
         print(USAGE.format(prog=prog), file=sys.stderr)
         return EX_USAGE
     if opts.mode == "newaliases":
-        return newaliases(prog, args)
+        return tables_command("newaliases", [])     # sendmail's own options are not newaliases'
+
     if opts.mode == "mailq":
         from smtpctl import main as smtpctl_main
         return smtpctl_main.run_status(["show", "queue"])
@@ -206,22 +207,13 @@ def main(prog: str, args: list[str]) -> int:
         return exc.status
 
 
-def newaliases(prog: str, args: list[str]) -> int:
-    """``sendmail -bi`` and ``newaliases``: smtpctl/makemap.py's, once it exists (the
-    tables work of issue 11); until then a clear refusal."""
+def tables_command(name: str, args: list[str]) -> int:
+    """``newaliases`` or ``makemap`` (also ``sendmail -bi``, OpenSMTPD's newaliases
+    mode): smtpctl/makemap.py's ``main_by_name``, the tables' work of issue 11; while
+    it is not there, a clear refusal (exit 69)."""
     try:
         from smtpctl import makemap  # type: ignore[attr-defined]
     except ImportError:
-        warn(prog, "newaliases is not supported yet")
+        warn(name, f"{name} is not supported yet")
         return EX_UNAVAILABLE
-    return makemap.main("newaliases", args)
-
-
-def makemap_main(prog: str, args: list[str]) -> int:
-    """``makemap``: smtpctl/makemap.py's, once it exists (as newaliases)."""
-    try:
-        from smtpctl import makemap  # type: ignore[attr-defined]
-    except ImportError:
-        warn(prog, "makemap is not supported yet")
-        return EX_UNAVAILABLE
-    return makemap.main("makemap", args)
+    return makemap.main_by_name(name, args)
