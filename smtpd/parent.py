@@ -27,7 +27,7 @@ from common.ids import UidGenerator
 from common.ipc import Mesh
 from common.messages import (
     ConfEnd, ConfEndDone, CtlEnqueue, CtlReply, CtlRequest, MdaDone, MdaFork, Msg, SetupDone, SmtpAuthenticate,
-    SmtpAuthenticateReply, StatGet, StatReply,
+    SmtpAuthenticateReply, StatGet, StatReply, PonyEnqueueReply,
 )
 from smtpd import auth, fdpass, introspection, listeners, local_delivery, metrics, offline, sdnotify, tls
 from smtpd.config import ConfigError
@@ -129,6 +129,7 @@ class Parent:
                  notifier: sdnotify.Notifier) -> None:
         self.opts = opts
         self.config = config
+        self.enqueue_ids = UidGenerator()      # sendmail's messages (CtlEnqueue)
         self.rundir = rundir
         self.bound = bound
         self.notifier = notifier
@@ -233,7 +234,12 @@ class Parent:
             log.warning("warn: parent: unexpected %s from %s", type(msg).__name__, peer)
 
     async def _enqueue_for(self, peer: str, msg: CtlEnqueue) -> None:
-        reply = await offline.enqueue_for_client(self.mesh, UidGenerator(), msg, self.config.hostname)
+        try:
+            reply = await offline.enqueue_for_client(self.mesh, self.enqueue_ids, msg, self.config.hostname)
+        except Exception:
+            # a fault of ours: the user hears "try again" now rather than after control's timeout
+            log.exception("warn: parent: enqueue for uid %d failed", msg.uid)
+            reply = PonyEnqueueReply(reqid=msg.reqid, status="tempfail", text="451 4.3.0 Temporary failure")
         await self.mesh.send(peer, reply)
 
     async def _reload_for(self, peer: str, reqid: int) -> None:
