@@ -188,10 +188,15 @@ def test_offline_when_down_then_delivered_and_not_forgeable(site, users):
     assert before.startswith(b"-t\nTo: alice@example.test\n")
     # the other user, with the shell's tools only
     for argv in (["cat", str(path)], ["rm", "-f", str(path)], ["mv", str(path), str(offline / "mine")],
-                 ["sh", "-c", f"echo To: other@example.test >> {path}"],
-                 ["ln", str(path), str(offline / "hardlink")], ["touch", str(path)]):
+                 ["sh", "-c", f"echo To: other@example.test >> {path}"], ["touch", str(path)]):
         res = as_user(other, argv, env_for(d), python=False)
         assert res.returncode != 0, (argv, res)
+    # a hard link to it: refused by the kernel where fs.protected_hardlinks is on (the
+    # default); where it is off the daemon refuses any file with two links
+    # (tests/unit/test_offline.py), which holds the message back but never misattributes it
+    if Path("/proc/sys/fs/protected_hardlinks").read_text().strip() == "1":
+        res = as_user(other, ["ln", str(path), str(offline / "hardlink")], env_for(d), python=False)
+        assert res.returncode != 0, res
     assert path.read_bytes() == before and path.lstat().st_uid == cron.pw_uid
     # what the other user can do: a symlink to it, and a file of their own
     res = as_user(other, ["ln", "-s", str(path), str(offline / "1.SYMLINKED")], env_for(d), python=False)
