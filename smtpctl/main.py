@@ -15,7 +15,7 @@ unit test also checks that both hold the same commands, in the same order).
 The options (``--socket``/``-s``, ``--json``, ``-h``/``--help``) may stand anywhere on the
 line, as before.  Run as ``mailq`` (argv[0]), smtpctl is ``smtpctl show queue``; as
 ``sendmail``/``send-mail`` it is sendmail(8) (smtpctl.sendmail); as ``newaliases`` or
-``makemap``, those commands (the tables' work: smtpctl.sendmail.tables_command).
+``makemap``, those commands (smtpctl.mapfiles).
 
 Startup time matters (mailq runs from scripts): rich is never loaded (plain help), and
 typer's value conversion, which loads pydantic, is skipped (Verbatim).
@@ -229,8 +229,8 @@ ONE_WORD_COMMANDS = (
          "<subsystem>", SUBSYSTEM, debug_commands.run, "unprofile"),
         (resume, "route", "Resume a route disabled after errors (not supported yet).",
          "<routeid>", "a route number (show routes)", actions.not_supported, "resume route"),
-        (update, "table", "Make the daemon reload a table's cached contents (not supported yet).",
-         "<name>", "the table's name", actions.not_supported, "update table"))
+        (update, "table", "Make the daemon reload a table (re-read its file, reopen its db, "
+         "tell its program).", "<name>", "the table's name", actions.update_table))
 for entry in ONE_WORD_COMMANDS:
     _word_command(*entry)
 
@@ -415,10 +415,12 @@ def main() -> None:
     if prog in ("sendmail", "send-mail"):
         from smtpctl import sendmail
         sys.exit(sendmail.main(prog, sys.argv[1:]))
-    if prog in ("newaliases", "makemap"):
-        from smtpctl import sendmail
-        sys.exit(sendmail.tables_command(prog, sys.argv[1:]))
     argv = sys.argv[1:]
+    # makemap(8) and newaliases(8) are smtpctl called by those names (smtpctl/mapfiles.py)
+    name = os.path.basename(sys.argv[0]).split(".")[0]
+    if name in ("makemap", "newaliases"):
+        from smtpctl import mapfiles     # not "makemap.py": alternatives(8) owns that name
+        sys.exit(mapfiles.main_by_name(name, argv))
     if os.environ.get(COMPLETE_VAR):
         # A completion script asks for candidates: answered from the command tree alone,
         # never from the daemon.

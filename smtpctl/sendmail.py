@@ -208,12 +208,6 @@ def main(prog: str, args: list[str]) -> int:
 
 
 def tables_command(name: str, args: list[str]) -> int:
-    """``newaliases`` or ``makemap`` (also ``sendmail -bi``, OpenSMTPD's newaliases
-    mode): smtpctl/makemap.py's ``main_by_name``, the tables' work of issue 11; while
-    it is not there, a clear refusal (exit 69)."""
-    try:
-        from smtpctl import makemap  # type: ignore[attr-defined]
-    except ImportError:
-        warn(name, f"{name} is not supported yet")
-        return EX_UNAVAILABLE
-    return makemap.main_by_name(name, args)
+    """``sendmail -bi`` is OpenSMTPD's newaliases mode: smtpctl/mapfiles.py's."""
+    from smtpctl import mapfiles
+    return mapfiles.main_by_name(name, args)
