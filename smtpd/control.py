@@ -21,6 +21,7 @@ a client is escaped (common/vis.py) before it is logged.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -362,7 +363,15 @@ class Process:
         cmd, args = req.command, req.args
         out = writer.write
         if cmd == "show status":
-            out(frame(ClientResult(ok=True, data=dict(self.paused))))
+            status = dict(self.paused)
+            if self.ctx.config.filter_procs:
+                # each filter process's state, from lka which runs them (docs/filters.md)
+                try:
+                    reply = await self._ask("lka", "show filters")
+                    status["filters"] = json.loads(reply.text or "{}")
+                except (PeerTimeout, ValueError):
+                    status["filters"] = {name: "unknown" for name in self.ctx.config.filter_procs}
+            out(frame(ClientResult(ok=True, data=status)))
         elif cmd in ("pause mda", "pause mta", "pause smtp", "resume mda", "resume mta", "resume smtp"):
             verb, agent = cmd.split()
             want = verb == "pause"
