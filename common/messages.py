@@ -521,6 +521,23 @@ class RequestFailed(Msg, **_m("request_failed")):
     error: str
 
 
+# --- relay AUTH (issue 10): pony -> lka, the credentials of a relay URL's label ------------
+
+class MtaLookupCredentials(Msg, **_m("mta_lookup_credentials")):
+    """IMSG_MTA_LOOKUP_CREDENTIALS: ``label`` of ``smtp+tls://label@host`` in the
+    action's ``auth <table>``."""
+    reqid: int
+    table: str
+    label: str
+
+
+class MtaCredentialsReply(Msg, **_m("mta_credentials_reply")):
+    reqid: int
+    status: str              # "ok" | "permfail" (no such label) | "tempfail"
+    user: str = ""
+    password: str = ""
+
+
 Message = Union[
     RequestFailed, SetupDone, ConfEnd, CtlVerbose, MdaFork, MdaDone,
     SmtpMessageCreate, SmtpMessageCreateReply, SmtpExpandRcpt, SmtpExpandRcptReply,
@@ -539,6 +556,7 @@ Message = Union[
     CtlContentReply, QueueEnvelopeRemove,
     PonyEnqueue, PonyEnqueueReply,
     QueueEnvelopeSubmitBatch,
+    MtaLookupCredentials, MtaCredentialsReply,
 ]
 
 _encoder = msgspec.msgpack.Encoder()
