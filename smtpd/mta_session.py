@@ -235,7 +235,7 @@ class Connection:
             if FLAGS.mta:
                 trace("mta: %016x: connection to %s failed: %s", self.session, self.relay, exc)
             if isinstance(exc, ssl.SSLError):
-                return f"IO Error: {exc.reason or exc}"
+                return tls_error_text(exc)
             return "Connection timeout" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
         if not self.counted:
             self.counted = True
@@ -267,8 +267,7 @@ class Connection:
             await asyncio.wait_for(self.writer.start_tls(
                 self.options.context, server_hostname=self.server_name), self.timeout)
         except (OSError, TimeoutError, ConnectionError) as exc:
-            reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
-            return f"IO Error: {reason}"
+            return tls_error_text(exc)
         self._tls_started()
         self.client.tls_started()
         return None
@@ -372,6 +371,16 @@ class Connection:
             _ROUTES.discard(("", self.host))
             if FLAGS.mta:
                 trace("mta: %016x: closed", self.session)
+
+
+def tls_error_text(exc: BaseException) -> str:
+    """Why a TLS handshake failed, for the delivery line (mta_session.c "IO Error: ...")."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"IO Error: certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, TimeoutError):
+        return "IO Error: TLS handshake timeout"
+    reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+    return f"IO Error: {reason or type(exc).__name__}"
 
 
 def failure_text(exc: BaseException) -> str:
