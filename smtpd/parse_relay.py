@@ -4,6 +4,7 @@ dispatcher_remote_option: ``tls [no-verify]``, ``auth <table>``, ``pki``, ``ca``
 from __future__ import annotations
 
 from smtpd.config import Action
+from smtpd.relay_url import RelayUrlError, parse_relay_url
 from smtpd.tls import TLSConfigError, protocol_range
 
 
@@ -23,6 +24,12 @@ def relay_option(parser, c, act: Action, opt: str) -> bool:
             raise parser.err("auth may not be specified without host on a dispatcher")
         once("auth_table", "auth mapping")
         act.auth_table = c.table_ref()
+        # to.c text_to_relayhost: a label only with smtp+tls:// or smtps://, so
+        # credentials never go out in plain text; said now rather than at each delivery
+        try:
+            parse_relay_url(act.host)
+        except RelayUrlError as exc:
+            raise parser.err(f"relay host {act.host}: {exc}") from None
     elif opt == "pki":
         once("relay_pki", "pki")
         name = str(c.word("a pki name")).lower()

@@ -1,0 +1,103 @@
+"""AUTH to a smarthost (issue 10 point 3) against the real daemon:
+``relay host smtp+tls://label@host auth <secrets>`` with OpenSMTPD's credentials
+table format (label -> "user:password"), to an aiosmtpd sink that requires STARTTLS
+and AUTH; PLAIN, LOGIN when only LOGIN is offered, and the failures."""
+from __future__ import annotations
+
+import threading
+
+from aiosmtpd.smtp import AuthResult
+
+from tests.conftest import wait_for
+from tests.e2e.helpers import send
+from tests.e2e.sink import Sink
+from tests.e2e.test_relay_tls import NAME, Setup, relay_config, server_context
+
+
+class Authenticator:
+    """Takes user "bob" with password "s3cr:et"; records every try."""
+
+    def __init__(self) -> None:
+        self.tries: list[tuple[str, str, str]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, server, session, envelope, mechanism, auth_data) -> AuthResult:
+        login, password = auth_data.login.decode(), auth_data.password.decode()
+        with self.lock:
+            self.tries.append((mechanism, login, password))
+        return AuthResult(success=(login, password) == ("bob", "s3cr:et"), handled=False)
+
+
+def auth_sink(s: Setup, **kwargs) -> tuple[Sink, Authenticator]:
+    authenticator = Authenticator()
+    sink = Sink(s.sink_port, tls_context=server_context(s.ca.issue(NAME)), require_starttls=True,
+                auth_required=True, authenticator=authenticator, **kwargs).start()
+    return sink, authenticator
+
+
+def secrets(entry: str) -> str:
+    return f"table secrets {{ {entry} }}\n"
+
+
+def _config(s: Setup, entry: str, url: str, auth: str = "auth <secrets>"):
+    extra = f'ca relayca cert "{s.ca.cert}"\n' + secrets(entry)
+    text = relay_config(s.tmp_path / "d", s.port, f'host "{url}" {auth} ca relayca', extra)
+    return s.make_daemon(text).start()
+
+
+def test_auth_plain_with_a_credentials_table(make_daemon, tmp_path):
+    s = Setup(make_daemon, tmp_path)
+    sink, authenticator = auth_sink(s)
+    try:
+        d = _config(s, 'relay1 = "bob:s3cr:et"', f"smtp+tls://relay1@{NAME}:{s.sink_port}")
+        send(s.port, "alice@example.test", ["carol@remote.test"])
+        wait_for(lambda: sink.transactions, 30, "the relayed message")
+        d.wait_log('result="Ok"')
+        assert authenticator.tries == [("PLAIN", "bob", "s3cr:et")]
+        assert "s3cr" not in d.log()
+    finally:
+        sink.stop()
+
+
+def test_auth_login_when_only_login_is_offered(make_daemon, tmp_path):
+    s = Setup(make_daemon, tmp_path)
+    sink, authenticator = auth_sink(s, auth_exclude_mechanism=["PLAIN"])
+    try:
+        d = _config(s, 'relay1 = "bob:s3cr:et"', f"smtp+tls://relay1@{NAME}:{s.sink_port}")
+        send(s.port, "alice@example.test", ["carol@remote.test"])
+        wait_for(lambda: sink.transactions, 30, "the relayed message")
+        d.wait_log('result="Ok"')
+        assert authenticator.tries == [("LOGIN", "bob", "s3cr:et")]
+    finally:
+        sink.stop()
+
+
+def test_wrong_password_is_a_temporary_failure(make_daemon, tmp_path):
+    s = Setup(make_daemon, tmp_path)
+    sink, authenticator = auth_sink(s)
+    try:
+        d = _config(s, 'relay1 = "bob:wrong"', f"smtp+tls://relay1@{NAME}:{s.sink_port}")
+        send(s.port, "alice@example.test", ["carol@remote.test"])
+        log = d.wait_log('result="TempFail"', 30)
+        assert 'stat="AUTH rejected: 535 5.7.8 Authentication credentials invalid"' in log
+        assert sink.transactions == [] and len(d.queue_lines()) == 1
+    finally:
+        sink.stop()
+
+
+def test_unknown_label_and_missing_auth_table(make_daemon, tmp_path):
+    s = Setup(make_daemon, tmp_path)
+    sink, authenticator = auth_sink(s)
+    try:
+        d = _config(s, 'other = "bob:s3cr:et"', f"smtp+tls://relay1@{NAME}:{s.sink_port}")
+        send(s.port, "alice@example.test", ["carol@remote.test"])
+        log = d.wait_log('result="TempFail"', 30)
+        assert 'stat="Failed to retrieve secret"' in log
+        assert "credentials not found for secrets:relay1" in log
+        d.stop()
+        d = _config(s, 'relay1 = "bob:s3cr:et"', f"smtp+tls://relay1@{NAME}:{s.sink_port}", auth="")
+        send(s.port, "alice@example.test", ["carol@remote.test"])
+        assert 'stat="No auth table for relaying"' in d.wait_log('result="TempFail"', 30)
+        assert authenticator.tries == [] and sink.transactions == []
+    finally:
+        sink.stop()
