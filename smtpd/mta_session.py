@@ -186,7 +186,7 @@ class Connection:
         self.extensions: dict[str, str] = {}
         self.usable = False          # greeted, and the last transaction ended cleanly
         self.transactions = 0
-        self.txn_replies = 0         # reads in the current transaction (0: nothing came back)
+        self.txn_replies = 0         # reads with data in the current transaction (0: no reply)
         self.tls_text = ""           # VERSION:CIPHER:BITS once TLS is on
 
     # -- pumping ---------------------------------------------------------------------------
@@ -211,7 +211,8 @@ class Connection:
             if event is not NEED_DATA:
                 return event
             data = await asyncio.wait_for(self.reader.read(READ_SIZE), self.timeout)
-            self.txn_replies += 1
+            if data:
+                self.txn_replies += 1    # an end of file is not a reply (mta.py retries then)
             if FLAGS.io:
                 trace("mta: %016x: IO_DATAIN %d bytes", self.session, len(data))
             if FLAGS.mta:

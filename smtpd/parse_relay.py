@@ -30,18 +30,13 @@ def relay_option(parser, c, act: Action, opt: str) -> bool:
             parse_relay_url(act.host)
         except RelayUrlError as exc:
             raise parser.err(f"relay host {act.host}: {exc}") from None
-    elif opt == "pki":
-        once("relay_pki", "pki")
-        name = str(c.word("a pki name")).lower()
-        if name not in parser.config.pki:
-            raise parser.err(f"pki name not found: {name}")
-        act.relay_pki = name
-    elif opt == "ca":
-        once("relay_ca", "ca")
-        name = str(c.word("a ca name")).lower()
-        if name not in parser.config.ca:
-            raise parser.err(f"ca name not found: {name}")
-        act.relay_ca = name
+    elif opt in ("pki", "ca"):
+        field = f"relay_{opt}"
+        once(field, opt)
+        name = str(c.word(f"a {opt} name")).lower()
+        if name not in getattr(parser.config, opt):        # config.pki / config.ca
+            raise parser.err(f"{opt} name not found: {name}")
+        setattr(act, field, name)
     elif opt == "protocols":
         once("relay_protocols", "protocols")
         act.relay_protocols = str(c.word("a protocols string"))

@@ -77,8 +77,7 @@ def test_wrong_password_is_a_temporary_failure(make_daemon, tmp_path):
     sink, authenticator = auth_sink(s)
     try:
         d = _config(s, 'relay1 = "bob:wrong"', f"smtp+tls://relay1@{NAME}:{s.sink_port}")
-        send(s.port, "alice@example.test", ["carol@remote.test"])
-        log = d.wait_log('result="TempFail"', 30)
+        log = s.relay_once(d, "TempFail")
         assert 'stat="AUTH rejected: 535 5.7.8 Authentication credentials invalid"' in log
         assert sink.transactions == [] and len(d.queue_lines()) == 1
     finally:
@@ -90,14 +89,12 @@ def test_unknown_label_and_missing_auth_table(make_daemon, tmp_path):
     sink, authenticator = auth_sink(s)
     try:
         d = _config(s, 'other = "bob:s3cr:et"', f"smtp+tls://relay1@{NAME}:{s.sink_port}")
-        send(s.port, "alice@example.test", ["carol@remote.test"])
-        log = d.wait_log('result="TempFail"', 30)
+        log = s.relay_once(d, "TempFail")
         assert 'stat="Failed to retrieve secret"' in log
         assert "credentials not found for secrets:relay1" in log
         d.stop()
         d = _config(s, 'relay1 = "bob:s3cr:et"', f"smtp+tls://relay1@{NAME}:{s.sink_port}", auth="")
-        send(s.port, "alice@example.test", ["carol@remote.test"])
-        assert 'stat="No auth table for relaying"' in d.wait_log('result="TempFail"', 30)
+        assert 'stat="No auth table for relaying"' in s.relay_once(d, "TempFail")
         assert authenticator.tries == [] and sink.transactions == []
     finally:
         sink.stop()

@@ -7,6 +7,8 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import free_port, wait_for
 from tests.e2e.helpers import send, userbase
 from tests.e2e.raw_sink import RawSink
@@ -39,6 +41,11 @@ class Setup:
         self.make_daemon, self.tmp_path = make_daemon, tmp_path
         self.ca = CertificateAuthority(tmp_path / "ca")
         self.port, self.sink_port = free_port(), free_port()
+
+    def relay_once(self, d, result: str) -> str:
+        """Send alice -> carol@remote.test; the log once a delivery line says ``result``."""
+        send(self.port, "alice@example.test", ["carol@remote.test"])
+        return d.wait_log(f'result="{result}"', 30)
 
     def daemon(self, relay_line: str, with_ca: bool = True):
         extra = f'ca relayca cert "{self.ca.cert}"' if with_ca else ""
@@ -79,8 +86,7 @@ def _refused(s: Setup, issued, relay_line: str, reason: str) -> None:
     sink = Sink(s.sink_port, tls_context=server_context(issued)).start()
     try:
         d = s.daemon(relay_line)
-        send(s.port, "alice@example.test", ["carol@remote.test"])
-        log = d.wait_log('result="TempFail"', 30)
+        log = s.relay_once(d, "TempFail")
         assert reason in log, log
         assert sink.transactions == []
         assert len(d.queue_lines()) == 1          # kept for a later try, not bounced
@@ -150,35 +156,23 @@ def test_starttls_refused_goes_on_in_plain_text_unless_tls_is_required(make_daem
         d.wait_log('result="Ok"')
         d.stop()
         d = s.daemon(f'host "smtp://{NAME}:{s.sink_port}" tls', with_ca=False)
-        send(s.port, "alice@example.test", ["carol@remote.test"])
-        log = d.wait_log('result="TempFail"', 30)
+        log = s.relay_once(d, "TempFail")
         assert "STARTTLS rejected: 454 4.7.0 TLS not available" in log
         assert len(sink.recorded) == 1
     finally:
         sink.stop()
 
 
-def test_tls_required_with_a_server_without_starttls(make_daemon, tmp_path):
+@pytest.mark.parametrize("scheme, reason", [
+    ("smtp", "TLS required but not supported by remote host"),     # the sink offers no STARTTLS
+    ("smtp+notls", 'stat="TLS required for relaying"'),            # refused before connecting
+])
+def test_tls_required_and_not_possible(make_daemon, tmp_path, scheme, reason):
     s = Setup(make_daemon, tmp_path)
     sink = Sink(s.sink_port).start()
     try:
-        d = s.daemon(f'host "smtp://{NAME}:{s.sink_port}" tls', with_ca=False)
-        send(s.port, "alice@example.test", ["carol@remote.test"])
-        log = d.wait_log('result="TempFail"', 30)
-        assert "TLS required but not supported by remote host" in log
-        assert sink.transactions == []
-    finally:
-        sink.stop()
-
-
-def test_tls_with_smtp_notls_is_refused(make_daemon, tmp_path):
-    s = Setup(make_daemon, tmp_path)
-    sink = Sink(s.sink_port).start()
-    try:
-        d = s.daemon(f'host "smtp+notls://{NAME}:{s.sink_port}" tls', with_ca=False)
-        send(s.port, "alice@example.test", ["carol@remote.test"])
-        log = d.wait_log('result="TempFail"', 30)
-        assert 'stat="TLS required for relaying"' in log
+        d = s.daemon(f'host "{scheme}://{NAME}:{s.sink_port}" tls', with_ca=False)
+        assert reason in s.relay_once(d, "TempFail")
         assert sink.transactions == []
     finally:
         sink.stop()
