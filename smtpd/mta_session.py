@@ -16,6 +16,7 @@ Interface with smtpd/mta.py (which picks relays, hosts and routes; keep it stabl
   Hashable: part of the key under which idle connections wait for reuse.
 - ``Connection(address, port, helo=, session=, options=, server_name=)``: the
   ``server_name`` (MX or smarthost name) is the one TLS verifies and sends as SNI.
+  An ``address`` starting with "/" is a UNIX socket (``lmtp=True`` for an LMTP server).
   ``options.schema`` is the scheme of the ``mta connecting address=`` log line.
 - ``await open_and_send(conn, sender, rcpts, message, size, dsn)`` ->
   ``TransactionResult``: greets if not yet, runs one transaction; ``connected``
@@ -229,9 +230,13 @@ class Connection:
         """A connection (TLS from the start for smtps); an error text if none."""
         smtps = mode == "smtps"
         try:
-            self.reader, self.writer = await asyncio.wait_for(asyncio.open_connection(
-                self.host, self.port, ssl=self.options.context if smtps else None,
-                server_hostname=self.server_name if smtps else None), self.connect_timeout)
+            if self.host.startswith("/"):        # an LMTP server's UNIX socket
+                connecting = asyncio.open_unix_connection(self.host)
+            else:
+                connecting = asyncio.open_connection(
+                    self.host, self.port, ssl=self.options.context if smtps else None,
+                    server_hostname=self.server_name if smtps else None)
+            self.reader, self.writer = await asyncio.wait_for(connecting, self.connect_timeout)
         except (OSError, TimeoutError) as exc:
             if FLAGS.mta:
                 trace("mta: %016x: connection to %s failed: %s", self.session, self.relay, exc)
