@@ -176,3 +176,23 @@ def test_tls_required_and_not_possible(make_daemon, tmp_path, scheme, reason):
         assert sink.transactions == []
     finally:
         sink.stop()
+
+
+def test_client_certificate_from_the_action_pki(make_daemon, tmp_path):
+    """A relay that wants a client certificate (the handshake fails without one) gets
+    the action's ``pki``."""
+    s = Setup(make_daemon, tmp_path)
+    ctx = server_context(s.ca.issue(NAME))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cafile=str(s.ca.cert))
+    client = s.ca.issue("client.example.test", client=True)
+    sink = Sink(s.sink_port, tls_context=ctx, require_starttls=True).start()
+    try:
+        extra = (f'ca relayca cert "{s.ca.cert}"\n'
+                 f'pki client.example.test cert "{client.cert}"\n'
+                 f'pki client.example.test key "{client.key}"')
+        d = s.make_daemon(relay_config(s.tmp_path / "d", s.port, f'host "smtp+tls://{NAME}:{s.sink_port}" '
+                                       "ca relayca pki client.example.test", extra)).start()
+        delivered_over_tls(d, sink, "valid", s.port)
+    finally:
+        sink.stop()
