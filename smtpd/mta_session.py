@@ -127,7 +127,7 @@ async def session_options(pony, action, url: RelayUrl | None = None) -> SessionO
     credentials = None
     if url is not None and url.label:
         credentials = await lookup_credentials(pony, action.auth_table, url.label)
-    context = getattr(pony, "client_tls", {}).get((action.name, verify))
+    context = pony.client_tls.get((action.name, verify))
     if context is None and mode != "no":
         if mode != "opportunistic":
             raise RelayRefused("tempfail", "No TLS context for relaying")
