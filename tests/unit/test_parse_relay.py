@@ -39,7 +39,6 @@ def test_options_are_parsed(tmp_path):
 @pytest.mark.parametrize("action, message", [
     ("tls tls", "tls already specified for this dispatcher"),
     ("auth <secrets>", "auth may not be specified without host on a dispatcher"),
-    ('host "smtp://a@mx.test" auth <secrets>', "credentials are only allowed with smtp+tls:// or smtps://"),
     ('host "smtp+tls://a@mx.test" auth <nosuch>', "undefined table: <nosuch>"),
     ("pki nosuch", "pki name not found: nosuch"),
     ("ca nosuch", "ca name not found: nosuch"),
