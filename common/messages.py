@@ -538,6 +538,129 @@ class MtaCredentialsReply(Msg, **_m("mta_credentials_reply")):
     password: str = ""
 
 
+# --- filters (issue 9): pony <-> lka, lka <-> parent (docs/filters.md) -----------------------
+
+class FilterSmtpBegin(Msg, **_m("filter_smtp_begin")):
+    """pony -> lka: a session of a listener with ``filter NAME`` starts (IMSG_FILTER_SMTP_BEGIN
+    with IMSG_REPORT_SMTP_LINK_CONNECT's facts); lka answers which phases and report
+    events its chain asks for, so pony asks nothing else."""
+    reqid: int
+    session: int
+    filter: str
+    rdns: str
+    src: str                 # "ip:port" or "unix:PATH"
+    dest: str
+    time: float
+
+
+class FilterSmtpBeginReply(Msg, **_m("filter_smtp_begin_reply")):
+    reqid: int
+    phases: list[str]
+    events: list[str]
+    ok: bool = True          # False: a filter of the chain is not running (the session gets 421)
+
+
+class FilterSmtpEnd(Msg, **_m("filter_smtp_end")):
+    """pony -> lka: the session is over (IMSG_FILTER_SMTP_END)."""
+    session: int
+
+
+class FilterReportEvent(msgspec.Struct, kw_only=True):
+    """One report event (IMSG_REPORT_SMTP_*): its name, parameters and time."""
+    event: str
+    params: list[str]
+    time: float
+
+
+class FilterSmtpReport(Msg, **_m("filter_smtp_report")):
+    """pony -> lka: the report events of a session since its last message to lka, for the
+    filters registered to them (one message per batch, not per event)."""
+    session: int
+    events: list[FilterReportEvent]
+
+
+class FilterSmtpProtocol(Msg, **_m("filter_smtp_protocol")):
+    """pony -> lka: what does the chain say about this phase (IMSG_FILTER_SMTP_PROTOCOL)."""
+    reqid: int
+    session: int
+    phase: str
+    param: str
+    time: float
+
+
+class FilterSmtpProtocolReply(Msg, **_m("filter_smtp_protocol_reply")):
+    """lka -> pony: proceed, junk, reject, disconnect, rewrite (``param``: the reply or the
+    new parameter) or tempfail (a filter failed: 421/451 4.3.0)."""
+    reqid: int
+    decision: str
+    param: str | None = None
+
+
+class FilterSmtpData(Msg, **_m("filter_smtp_data")):
+    """pony -> lka: body bytes of a filtered message (unstuffed, LF), as they come, in
+    chunks (one message per chunk, not per line); ``last``: the final dot."""
+    session: int
+    chunk: bytes
+    last: bool = False
+    first: bool = False
+
+
+class FilterSmtpDataOut(Msg, **_m("filter_smtp_data_out")):
+    """lka -> pony: what the data-line filters wrote, gathered per read; ``done`` after
+    their final dot; ``failed``: a filter failed (the message gets 451 4.3.0)."""
+    session: int
+    chunk: bytes
+    done: bool = False
+    failed: bool = False
+
+
+class FilterProcFork(Msg, **_m("filter_proc_fork")):
+    """lka -> parent: start (or restart) filter process NAME; its stdin/stdout and stderr
+    reach lka over the fd channel (smtpd/filter_proc.py), as OpenSMTPD's parent forks
+    processors and hands their fds to lka."""
+    name: str
+    generation: int
+
+
+class FilterProcKill(Msg, **_m("filter_proc_kill")):
+    """lka -> parent: kill filter process ``pid`` of NAME (it hung or wrote garbage)."""
+    name: str
+    pid: int
+
+# --- tables (issue 11): smtpctl update table -----------------------------------------------
+
+class CtlUpdateTable(Msg, **_m("ctl_update_table")):
+    """control -> lka: ``smtpctl update table NAME``: reload what the table's backend
+    caches (re-read its file, reopen its db, send ``update`` to its program); lka
+    answers CtlReply (ok, or text saying why not).  lka is the one process that holds
+    tables; the others ask it."""
+    reqid: int
+    name: str
+
+
+# --- recipient expansion (issue 11): lka asks the parent for users' files ----------------
+
+class LkaOpenForward(Msg, **_m("lka_open_forward")):
+    """lka -> parent: the text of a file an expansion needs, read as root with
+    OpenSMTPD's checks (smtpd/forward.py; OpenSMTPD's IMSG_LKA_OPEN_FORWARD).
+    ``kind`` "forward": ``home``/.forward of ``user`` (uid ``uid``); "include": the
+    :include: file ``path`` an aliases table names."""
+    reqid: int
+    kind: str                # "forward" | "include"
+    user: str = ""
+    home: str = ""
+    uid: int = -1
+    gid: int = -1
+    path: str = ""
+
+
+class LkaOpenForwardReply(Msg, **_m("lka_open_forward_reply")):
+    """parent -> lka."""
+    reqid: int
+    status: str              # "ok" | "absent" | "tempfail" | "permfail"
+    content: str = ""
+
+
 Message = Union[
     RequestFailed, SetupDone, ConfEnd, CtlVerbose, MdaFork, MdaDone,
     SmtpMessageCreate, SmtpMessageCreateReply, SmtpExpandRcpt, SmtpExpandRcptReply,
@@ -557,6 +680,10 @@ Message = Union[
     PonyEnqueue, PonyEnqueueReply,
     QueueEnvelopeSubmitBatch,
     MtaLookupCredentials, MtaCredentialsReply,
+    FilterSmtpBegin, FilterSmtpBeginReply, FilterSmtpEnd, FilterSmtpReport, FilterSmtpProtocol,
+    FilterSmtpProtocolReply, FilterSmtpData, FilterSmtpDataOut, FilterProcFork, FilterProcKill,
+    CtlUpdateTable,
+    LkaOpenForward, LkaOpenForwardReply,
 ]
 
 _encoder = msgspec.msgpack.Encoder()

@@ -21,6 +21,7 @@ a client is escaped (common/vis.py) before it is logged.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -32,7 +33,7 @@ from common.control_wire import PERMISSION_DENIED, WireError, frame, read_frame
 from common.ipc import PeerTimeout
 from common.messages import (
     PROTOCOL_VERSION, ClientContent, ClientEnd, ClientQueueBatch, ClientRequest, ClientResult,
-    CtlContentReply, CtlListReply, CtlReply, CtlRequest,
+    CtlContentReply, CtlListReply, CtlReply, CtlRequest, CtlUpdateTable,
 )
 from common.vis import COMMAND, log_text
 from smtpd import control_trace, metrics
@@ -289,7 +290,15 @@ class Process:
         cmd, args = req.command, req.args
         out = writer.write
         if cmd == "show status":
-            out(frame(ClientResult(ok=True, data=dict(self.paused))))
+            status = dict(self.paused)
+            if self.ctx.config.filter_procs:
+                # each filter process's state, from lka which runs them (docs/filters.md)
+                try:
+                    reply = await self._ask("lka", "show filters")
+                    status["filters"] = json.loads(reply.text or "{}")
+                except (PeerTimeout, ValueError):
+                    status["filters"] = {name: "unknown" for name in self.ctx.config.filter_procs}
+            out(frame(ClientResult(ok=True, data=status)))
         elif cmd in ("pause mda", "pause mta", "pause smtp", "resume mda", "resume mta", "resume smtp"):
             verb, agent = cmd.split()
             want = verb == "pause"
@@ -326,6 +335,15 @@ class Process:
             out(frame(ClientResult(ok=reply.ok)))
         elif cmd == "reload":
             reply = await self._ask("parent", "reload")
+            out(frame(ClientResult(ok=reply.ok, text=reply.text)))
+        elif cmd == "update table":
+            name = args.get("name")
+            if not isinstance(name, str) or not name or len(name) >= 1024:
+                out(frame(ClientResult(ok=False, text="invalid table name")))
+                return
+            # lka holds every table (the others ask it), so it alone reloads
+            reply = await self.ctx.mesh.request(
+                "lka", CtlUpdateTable(reqid=self.ctx.new_id(), name=name), (CtlReply,))
             out(frame(ClientResult(ok=reply.ok, text=reply.text)))
         else:
             out(frame(ClientResult(ok=False, text=f"command not supported yet: {cmd}")))

@@ -26,10 +26,14 @@ from common import log as logsetup
 from common.ids import UidGenerator
 from common.ipc import Mesh
 from common.messages import (
-    ConfEnd, ConfEndDone, CtlReply, CtlRequest, MdaDone, MdaFork, Msg, SetupDone, SmtpAuthenticate,
-    SmtpAuthenticateReply, StatGet, StatReply,
+    ConfEnd, ConfEndDone, CtlReply, CtlRequest, FilterProcFork, FilterProcKill, LkaOpenForward,
+    LkaOpenForwardReply, MdaDone, MdaFork, Msg, SetupDone, SmtpAuthenticate, SmtpAuthenticateReply,
+    StatGet, StatReply,
 )
-from smtpd import auth, fdpass, introspection, listeners, local_delivery, metrics, offline, sdnotify, tls
+from smtpd import (
+    auth, fdpass, filter_proc, forward, introspection, listeners, local_delivery, metrics, offline, sdnotify,
+    tls,
+)
 from smtpd.config import ConfigError
 from smtpd.main import CHILDREN, EXIT_CONFIG, VERSION, load_config
 from smtpd.reload import Reloader
@@ -96,7 +100,8 @@ CHILD_ENTRY = (
     "from smtpd.main import main; main()")
 
 
-def child_argv(opts, name: str, rundir: Path, listen_fds: str, fd_channel: int = -1) -> list[str]:
+def child_argv(opts, name: str, rundir: Path, listen_fds: str, fd_channel: int = -1,
+               filter_channel: int = -1) -> list[str]:
     """``python -I -c ENTRY ARGS``: isolated from the working directory (which
     ``python -m`` would put first on the path, and the children start as root),
     from $PYTHONPATH and friends, and from the user site."""
@@ -115,6 +120,8 @@ def child_argv(opts, name: str, rundir: Path, listen_fds: str, fd_channel: int =
     argv += ["-v"] * opts.verbose
     if name == "pony":
         argv += ["--listen-fds", listen_fds, "--fd-channel", str(fd_channel)]
+    elif name == "lka" and filter_channel >= 0:
+        argv += ["--fd-channel", str(filter_channel)]
     return argv
 
 
@@ -133,6 +140,9 @@ class Parent:
         self.bound = bound
         self.notifier = notifier
         self.fd_channel, self.pony_fd_channel = fdpass.make_channel()
+        # filter processes' descriptors go to lka on a channel of their own (smtpd/filter_proc.py)
+        self.filter_channel, self.lka_filter_channel = filter_proc.make_channel()
+        self.filters = filter_proc.Spawner(config, self.filter_channel)
         self.reloader = Reloader(self, load_config)
         self.tasks: set[asyncio.Task] = set()
         self.children: dict[str, subprocess.Popen] = {}
@@ -155,13 +165,16 @@ class Parent:
         listen_fds = ",".join(f"{b.sock.fileno()}:{b.index}" for b in self.bound)
         loop = asyncio.get_running_loop()
         for name in CHILDREN:
-            argv = child_argv(self.opts, name, self.rundir, listen_fds, self.pony_fd_channel.fileno())
-            proc = subprocess.Popen(argv, pass_fds=fds if name == "pony" else (), close_fds=True,
+            argv = child_argv(self.opts, name, self.rundir, listen_fds, self.pony_fd_channel.fileno(),
+                              self.lka_filter_channel.fileno())
+            passed = fds if name == "pony" else [self.lka_filter_channel.fileno()] if name == "lka" else ()
+            proc = subprocess.Popen(argv, pass_fds=passed, close_fds=True,
                                     env=child_environment())
             self.children[name] = proc
             pidfd = os.pidfd_open(proc.pid)
             loop.add_reader(pidfd, self._child_exited, name, pidfd)
         self.pony_fd_channel.close()          # pony has its end; a dead pony then reads as EOF
+        self.lka_filter_channel.close()
 
     def status_text(self) -> str:
         paused = " (smtp paused)" if "smtp" in self.opts.pause else ""
@@ -191,6 +204,7 @@ class Parent:
             return
         self.stopping = True
         self.exit_code = code
+        self.filters.stop()
         self.notifier.stopping("stopping")
         for proc in self.children.values():
             if proc.poll() is None:
@@ -212,6 +226,12 @@ class Parent:
                 self.all_conf_done.set()
         elif isinstance(msg, SmtpAuthenticate) and peer == "lka":
             self.spawn_task(self._authenticate(msg))
+        elif isinstance(msg, FilterProcFork) and peer == "lka":
+            self.filters.fork(msg)
+        elif isinstance(msg, FilterProcKill) and peer == "lka":
+            self.filters.kill(msg)
+        elif isinstance(msg, LkaOpenForward) and peer == "lka":
+            self.spawn_task(self._open_forward(msg))
         elif isinstance(msg, MdaFork):
             task = asyncio.create_task(self._deliver(msg))
             self.deliveries.add(task)
@@ -244,6 +264,19 @@ class Parent:
         the parent can read the shadow file.  The answer goes back through lka."""
         result = await asyncio.to_thread(auth.authenticate_system, msg.user, msg.password)
         await self.mesh.send("lka", SmtpAuthenticateReply(reqid=msg.reqid, result=result))
+
+    async def _open_forward(self, msg: LkaOpenForward) -> None:
+        """A user's .forward or an :include: file for lka's expansion: only root can
+        read every home (smtpd/forward.py has the checks)."""
+        try:
+            if msg.kind == "forward":
+                status, text = await asyncio.to_thread(forward.read_forward, msg.user, msg.home, msg.uid)
+            else:
+                status, text = await asyncio.to_thread(forward.read_include, msg.path)
+        except Exception:
+            log.exception("warn: smtpd: reading %s for lka failed", msg.path or f"{msg.home}/.forward")
+            status, text = "tempfail", ""
+        await self.mesh.send("lka", LkaOpenForwardReply(reqid=msg.reqid, status=status, content=text))
 
     async def _deliver(self, msg: MdaFork) -> None:
         status, error = await self.delivery.run(msg)

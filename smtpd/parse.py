@@ -15,10 +15,13 @@ import re
 from pathlib import Path
 
 from common.durations import parse_duration
+from smtpd import parse_table
+from smtpd.parse_table import load_table_file  # noqa: F401  (tests and callers read files through it)
 from smtpd.config import (
     Action, Ca, Condition, Config, ConfigError, Listener, Pki, Rule, Table, default_hostname,
 )
 from smtpd.config_files import FileRefused, check_file, read_checked
+from smtpd import parse_filter
 from smtpd.parse_relay import relay_option
 
 OLD_GRAMMAR = {"accept", "deliver", "map", "expire", "ssl", "limit"}
@@ -160,7 +163,7 @@ class Parser:
             "listen": self.p_listen, "table": self.p_table, "action": self.p_action,
             "match": self.p_match, "smtp": self.p_smtp, "queue": self.p_queue,
             "bounce": self.p_bounce, "mta": self.p_mta, "mda": self.p_loose,
-            "pki": self.p_pki, "ca": self.p_ca, "filter": self.p_loose, "proc": self.p_loose,
+            "pki": self.p_pki, "ca": self.p_ca, "filter": self.p_filter, "proc": self.p_proc,
             "admd": self.p_loose, "srs": self.p_loose, "scheduler": self.p_loose,
             "metrics": self.p_metrics,
         }.get(head)
@@ -230,6 +233,7 @@ class Parser:
                 lis.auth = "required" if opt == "auth" else "optional"
                 if c.peek_ref() or c.peek() == "{":
                     lis.auth_table = c.table_ref()
+                    parse_table.check_use(self, lis.auth_table, "listen-auth")
             elif opt == "senders":
                 once("senders")
                 lis.senders = c.table_ref()
@@ -244,8 +248,7 @@ class Parser:
                 setattr(lis, opt.replace("-", "_"), True)
             elif opt == "filter":
                 once("filter")
-                c.name_or_list("a filter name or { list }")
-                self.not_yet('listen option "filter"')
+                lis.filter = parse_filter.listen_filter(self, c)
             else:
                 raise self.err(f'syntax error: unexpected "{opt}" in listen, expected one of: '
                                "inet4, inet6, port, hostname, tag, tls, tls-require, smtps, pki, ca, "
@@ -266,13 +269,11 @@ class Parser:
         self.config.listeners.append(lis)
 
     def check_table_use(self, name: str, message: str, *, lists: bool = True, maps: bool = True) -> None:
-        """parse.y's table_check_use for static tables: a table whose content is a list
-        cannot answer a mapping lookup, nor a mapping a list one (an empty file is both).
-        ``message`` names the table as ``{}``."""
-        table = self.config.tables.get(name)
-        if table is None or table.backend != "static" or not table.values:
-            return
-        if (isinstance(table.values, dict) and not maps) or (isinstance(table.values, list) and not lists):
+        """parse.y's table_check_use for the uses not in parse_table.USES: a table whose
+        content is a list cannot answer a mapping lookup, nor a mapping a list one (an
+        empty file is both).  ``message`` names the table as ``{}``."""
+        kind, _ = parse_table.table_kind_and_services(self.config, name)
+        if (kind == "hash" and not maps) or (kind == "list" and not lists):
             raise self.err(message.format(f'"{name}"'))
 
     def p_table(self, c: "Cursor") -> None:
@@ -283,14 +284,7 @@ class Parser:
             self.config.tables[name] = c.inline_table(name)
         else:
             spec = c.word("a table backend and path")
-            backend, sep, path = spec.partition(":")
-            if not sep:
-                backend, path = "file", spec
-            if backend == "file":
-                values = load_table_file(self.fs(Path(path)), self)
-                self.config.tables[name] = Table(name, "static", path, values, self.line)
-            else:
-                self.config.tables[name] = Table(name, backend, path, None, self.line)
+            self.config.tables[name] = parse_table.parse_table_spec(self, name, str(spec))
         c.end()
 
     def p_action(self, c: "Cursor") -> None:
@@ -301,7 +295,7 @@ class Parser:
         act = Action(name=name, method=method, lineno=self.line)
         if method not in LOCAL_METHODS and method != "relay":
             raise self.err(f'syntax error: unknown delivery method "{method}"')
-        if method not in ("maildir", "relay"):
+        if method not in ("maildir", "relay", "forward-only", "expand-only"):
             self.not_yet(f'delivery method "{method}"')
         if method == "maildir" and c.peek() is not None and (c.peek().quoted or c.peek() not in MAILDIR_OPTIONS):
             act.target = c.word("")
@@ -313,6 +307,7 @@ class Parser:
             opt = c.word("an action option")
             if method in LOCAL_METHODS and opt in ("alias", "virtual", "userbase"):
                 setattr(act, opt, c.table_ref())
+                parse_table.check_use(self, getattr(act, opt), opt)
             elif method == "maildir" and opt == "junk":
                 act.junk = True
             elif method in LOCAL_METHODS and opt in ("user", "wrapper"):
@@ -439,6 +434,8 @@ class Parser:
                     self.config.smtp_command_timeout = c.duration()
                 elif key == "data-timeout":
                     self.config.smtp_data_timeout = c.duration()
+                elif key == "filter-timeout":
+                    self.config.filter_timeout = c.duration()
                 else:
                     raise self.err(f'syntax error: unexpected "{key}" in smtp limit')
         elif opt == "sub-addr-delim":
@@ -539,6 +536,12 @@ class Parser:
         if self.config.metrics_address is not None:
             raise self.err("metrics listen on: already defined")
         self.config.metrics_address, self.config.metrics_port = address, port
+
+    def p_filter(self, c: "Cursor") -> None:
+        parse_filter.parse_filter(self, c)          # smtpd/parse_filter.py: issue 9's grammar
+
+    def p_proc(self, c: "Cursor") -> None:
+        parse_filter.parse_proc(self, c)
 
     def p_loose(self, c: "Cursor") -> None:
         """Statements accepted and checked only for shape until their issue lands."""
@@ -697,28 +700,6 @@ def _is_ip(text: str) -> bool:
         return True
     except ValueError:
         return False
-
-
-def load_table_file(path: Path, parser: Parser, secret: bool = False):
-    """table(5) files: one value per line (list) or ``key value`` / ``key: a, b`` (map).
-    ``secret``: the table holds credentials (its modes are checked as a key's)."""
-    lines = parser.read_file(path, "table file ", secret)[0].splitlines()
-    items, pairs = [], {}
-    for raw in lines:
-        line = _strip_comment(raw).strip()
-        if not line:
-            continue
-        m = re.match(r"^(\S+?):?\s+(.+)$", line)
-        if m:
-            pairs[m.group(1).rstrip(":")] = m.group(2).strip()
-        else:
-            items.append(line.rstrip(":"))
-    if pairs and not items:
-        return pairs
-    if items and pairs:
-        pairs.update({i: "" for i in items})
-        return pairs
-    return items
 
 
 def parse_config(path: str | Path, macros: dict[str, str] | None = None,
