@@ -547,6 +547,23 @@ class CtlEnqueue(Msg, **_m("ctl_enqueue")):
     dsn_envid: str = ""
 
 
+# --- relay AUTH (issue 10): pony -> lka, the credentials of a relay URL's label ------------
+
+class MtaLookupCredentials(Msg, **_m("mta_lookup_credentials")):
+    """IMSG_MTA_LOOKUP_CREDENTIALS: ``label`` of ``smtp+tls://label@host`` in the
+    action's ``auth <table>``."""
+    reqid: int
+    table: str
+    label: str
+
+
+class MtaCredentialsReply(Msg, **_m("mta_credentials_reply")):
+    reqid: int
+    status: str              # "ok" | "permfail" (no such label) | "tempfail"
+    user: str = ""
+    password: str = ""
+
+
 # --- filters (issue 9): pony <-> lka, lka <-> parent (docs/filters.md) -----------------------
 
 class FilterSmtpBegin(Msg, **_m("filter_smtp_begin")):
@@ -689,6 +706,7 @@ Message = Union[
     PonyEnqueue, PonyEnqueueReply,
     QueueEnvelopeSubmitBatch,
     CtlEnqueue,
+    MtaLookupCredentials, MtaCredentialsReply,
     FilterSmtpBegin, FilterSmtpBeginReply, FilterSmtpEnd, FilterSmtpReport, FilterSmtpProtocol,
     FilterSmtpProtocolReply, FilterSmtpData, FilterSmtpDataOut, FilterProcFork, FilterProcKill,
     CtlUpdateTable,

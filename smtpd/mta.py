@@ -33,7 +33,10 @@ from common.messages import (
     DeliveryResult, MessageContent, MessageOpen, MtaDnsLookup, MtaDnsReply, MtaHoldqRelease,
 )
 from smtpd.dsn_params import mail_params, rcpt_params
-from smtpd.mta_session import Connection, DsnRequest, TransactionResult, open_and_send
+from smtpd.mta_session import (
+    Connection, DsnRequest, RelayRefused, SessionOptions, TransactionResult, open_and_send,
+    session_options,
+)
 from smtpd.relay_url import RelayUrlError, parse_relay_url
 
 log = logging.getLogger("smtpd")
@@ -207,6 +210,12 @@ class Mta:
                 self._relay_failed(relay_key)
             await self._report(envelopes, status, error, "-", 0)
             return
+        try:
+            options = await session_options(self.pony, action)    # TLS and AUTH (mta_session)
+        except RelayRefused as exc:
+            log.warning("warn: mta: action %s: %s", first.dispatcher, exc.text)
+            await self._report(envelopes, exc.status, exc.text, "-", 0)
+            return
         message = await self._message(first.msgid)
         if message is None:
             await self._report(envelopes, "tempfail", "Cannot read message from the queue", "-", 0)
@@ -222,7 +231,7 @@ class Mta:
                          rcpts=[rcpt_params(e.dsn_notify, e.dsn_orcpt) for e in envelopes])
         for name, address in hosts:
             result = await self._send(session_id, name, address, port, helo, first.sender,
-                                      [e.dest for e in envelopes], message, dsn)
+                                      [e.dest for e in envelopes], message, dsn, options)
             relay = f"{name} [{address}]:{port}" if name != address else f"[{address}]:{port}"
             if not result.connected:
                 last_error = result.results[0].reply if result.results else "Connection failed"
@@ -237,8 +246,9 @@ class Mta:
 
     async def _send(self, session_id: int, name: str, address: str, port: int, helo: str,
                     sender: str, rcpts: list[str], message: bytes,
-                    dsn: DsnRequest | None = None) -> TransactionResult:
-        key = (address, port, helo)
+                    dsn: DsnRequest | None = None,
+                    options: SessionOptions | None = None) -> TransactionResult:
+        key = (address, port, helo, name, options)
         conn = self._take_idle(key)
         if conn is not None:
             result = await open_and_send(conn, sender, rcpts, message, len(message), dsn)
@@ -246,8 +256,11 @@ class Mta:
                 self._release(key, conn)
                 return result
             await conn.close(quit=False)   # closed by the peer while idle: nothing was sent
-        log.info("%016x mta connecting address=smtp://%s:%d host=%s", session_id, address, port, name)
-        conn = Connection(address, port, helo=helo, session=session_id)
+        options = options or SessionOptions()
+        log.info("%016x mta connecting address=%s%s:%d host=%s", session_id, options.schema,
+                 address, port, name)
+        conn = Connection(address, port, helo=helo, session=session_id, options=options,
+                          server_name=name)
         result = await open_and_send(conn, sender, rcpts, message, len(message), dsn)
         self._release(key, conn)
         return result

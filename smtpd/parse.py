@@ -22,6 +22,7 @@ from smtpd.config import (
 )
 from smtpd.config_files import FileRefused, check_file, read_checked
 from smtpd import parse_filter
+from smtpd.parse_relay import relay_option
 
 OLD_GRAMMAR = {"accept", "deliver", "map", "expire", "ssl", "limit"}
 OLD_HINT = ' (pre-6.4 accept/deliver grammar; see smtpd.conf(5): use "action" and "match")'
@@ -323,17 +324,15 @@ class Parser:
                     c.word("")
                     c.word("a hostname")
                 self.not_yet(f'relay option "{opt}"')
-            elif method == "relay" and opt == "tls":
-                if c.peek() == "no-verify":
-                    c.word("")
-                self.not_yet('relay option "tls"')
-            elif method == "relay" and opt in ("domain", "helo-src", "auth", "src"):
+            elif method == "relay" and relay_option(self, c, act, opt):
+                pass                     # tls, auth, pki, ca, protocols, ciphers (parse_relay.py)
+            elif method == "relay" and opt in ("domain", "helo-src", "src"):
                 c.table_ref() if c.peek_ref() else c.word(f"a {opt} value")
                 self.not_yet(f'relay option "{opt}"')
             elif method == "relay" and opt == "filter":
                 c.name_or_list("a filter name or { list }")
                 self.not_yet('relay option "filter"')
-            elif method == "relay" and opt in ("pki", "ca", "mail-from", "protocols", "ciphers"):
+            elif method == "relay" and opt == "mail-from":
                 c.word(f"a {opt} value")
                 self.not_yet(f'relay option "{opt}"')
             elif opt == "ttl":
