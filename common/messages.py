@@ -521,6 +521,25 @@ class RequestFailed(Msg, **_m("request_failed")):
     error: str
 
 
+# --- MTA routing administration (issue 10: smtpd/mta.py, smtpd/mta_routes.py) --------------
+# control -> pony: CtlRequest(command="show routes"|"show hosts"|"show relays"|"show hoststats"|
+# "show mta paused") answered with CtlLinesReply; CtlRequest(command="resume route", id=ROUTE
+# or 0 for all) and CtlMtaBlock answered with CtlReply.
+
+class CtlLinesReply(Msg, **_m("ctl_lines_reply")):
+    """pony -> control: the lines of a `show routes|hosts|relays|hoststats|mta paused`."""
+    reqid: int
+    lines: list[str] = []
+
+
+class CtlMtaBlock(Msg, **_m("ctl_mta_block")):
+    """control -> pony: `smtpctl pause|resume mta from SOURCE for DOMAIN` (block: pause)."""
+    reqid: int
+    block: bool
+    source: str
+    domain: str
+
+
 Message = Union[
     RequestFailed, SetupDone, ConfEnd, CtlVerbose, MdaFork, MdaDone,
     SmtpMessageCreate, SmtpMessageCreateReply, SmtpExpandRcpt, SmtpExpandRcptReply,
@@ -539,6 +558,7 @@ Message = Union[
     CtlContentReply, QueueEnvelopeRemove,
     PonyEnqueue, PonyEnqueueReply,
     QueueEnvelopeSubmitBatch,
+    CtlLinesReply, CtlMtaBlock,
 ]
 
 _encoder = msgspec.msgpack.Encoder()

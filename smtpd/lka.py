@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 
-import dns.asyncresolver
 import dns.exception
 import dns.resolver
 import msgspec
@@ -24,6 +22,7 @@ from common.messages import (
 )
 from common.vis import COMMAND, log_text
 from smtpd import auth, expand
+from smtpd.dns import NullMx, Resolver
 from smtpd.ruleset import TableSet
 
 log = logging.getLogger("smtpd")
@@ -41,7 +40,7 @@ class Process:
         self.ctx = ctx
         self.config = ctx.config
         self.tables: TableSet = ctx.prepared
-        self.resolver = dns.asyncresolver.Resolver()
+        self.resolver = Resolver(self.config.mta_resolver, self.config.mta_resolver_port)
         self.tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
@@ -61,6 +60,7 @@ class Process:
 
     def apply_config(self, config, tables: TableSet) -> None:
         self.config, self.tables = config, tables
+        self.resolver = Resolver(config.mta_resolver, config.mta_resolver_port)
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
@@ -127,11 +127,11 @@ class Process:
     async def _dns(self, peer: str, req: MtaDnsLookup) -> None:
         try:
             if req.kind == "ptr":
-                hosts = [(0, await self._ptr(req.name), req.name)]
+                hosts = [(0, await self.resolver.ptr(req.name), req.name)]
             elif req.kind == "mx":
-                hosts = await self._mx(req.name)
+                hosts = await self.resolver.mx(req.name)
             else:
-                hosts = [(0, req.name, a) for a in await self._addresses(req.name)]
+                hosts = [(0, req.name, a) for a in await self.resolver.addresses(req.name)]
             reply = MtaDnsReply(reqid=req.reqid, status="ok" if hosts else "tempfail", hosts=hosts,
                                 error="" if hosts else ("No MX found for domain" if req.kind == "mx" else "Host not found"))
         except dns.resolver.NXDOMAIN:
@@ -145,48 +145,3 @@ class Process:
             reply = MtaDnsReply(reqid=req.reqid, status="tempfail",
                                 error="Temporary failure in MX lookup" if req.kind == "mx" else "Host not found")
         await self.ctx.mesh.send(peer, reply)
-
-    async def _mx(self, domain: str) -> list[tuple[int, str, str]]:
-        if domain.startswith("[") and domain.endswith("]"):
-            literal = domain[1:-1]
-            if literal.lower().startswith("ipv6:"):
-                literal = literal[5:]
-            return [(-1, domain, literal)]
-        try:
-            answer = await self.resolver.resolve(domain, "MX", lifetime=30)
-            records = sorted((r.preference, r.exchange.to_text(omit_final_dot=True)) for r in answer)
-        except dns.resolver.NoAnswer:
-            records = [(0, domain)]          # implicit MX: the domain's own addresses
-        if records and all(name in ("", ".", "localhost") for _, name in records):
-            raise NullMx()
-        hosts = []
-        for pref, name in records:
-            if name in ("", ".", "localhost"):
-                continue
-            try:
-                for addr in await self._addresses(name):
-                    hosts.append((pref, name, addr))
-            except (OSError, dns.exception.DNSException):
-                continue
-        return hosts
-
-    async def _ptr(self, ip: str) -> str:
-        loop = asyncio.get_running_loop()
-        host, _ = await asyncio.wait_for(
-            loop.getnameinfo((ip, 0), socket.NI_NAMEREQD), 10)
-        return host
-
-    async def _addresses(self, name: str) -> list[str]:
-        loop = asyncio.get_running_loop()
-        infos = await asyncio.wait_for(
-            loop.getaddrinfo(name, None, type=socket.SOCK_STREAM), 30)
-        seen: list[str] = []
-        for info in infos:
-            addr = info[4][0]
-            if addr not in seen:
-                seen.append(addr)
-        return seen
-
-
-class NullMx(Exception):
-    pass

@@ -18,6 +18,7 @@ from common.durations import parse_duration
 from smtpd.config import (
     Action, Ca, Condition, Config, ConfigError, Listener, Pki, Rule, Table, default_hostname,
 )
+from smtpd import parse_mta
 from smtpd.config_files import FileRefused, check_file, read_checked
 
 OLD_GRAMMAR = {"accept", "deliver", "map", "expire", "ssl", "limit"}
@@ -323,16 +324,15 @@ class Parser:
                 act.host = c.table_ref() if c.peek_ref() else c.word("a relay URL")
             elif method == "relay" and opt == "helo":
                 act.helo = c.word("a hostname")
+            elif method == "relay" and parse_mta.relay_option(self, c, act, opt):
+                pass
             elif method == "relay" and opt in ("backup", "srs"):
-                if opt == "backup" and c.peek() == "mx":
-                    c.word("")
-                    c.word("a hostname")
                 self.not_yet(f'relay option "{opt}"')
             elif method == "relay" and opt == "tls":
                 if c.peek() == "no-verify":
                     c.word("")
                 self.not_yet('relay option "tls"')
-            elif method == "relay" and opt in ("domain", "helo-src", "auth", "src"):
+            elif method == "relay" and opt in ("domain", "auth"):
                 c.table_ref() if c.peek_ref() else c.word(f"a {opt} value")
                 self.not_yet(f'relay option "{opt}"')
             elif method == "relay" and opt == "filter":
@@ -481,13 +481,12 @@ class Parser:
         c.end()
 
     def p_mta(self, c: "Cursor") -> None:
-        opt = c.word("max-deferred or limit")
+        opt = c.word("max-deferred, limit, resolver or mx-port")
         if opt == "max-deferred":
             self.config.mta_max_deferred = c.number(c.word("a number"), 0, 1 << 31)
             c.end()
-        elif opt == "limit":
-            c.rest()
-            self.not_yet('"mta limit"')
+        elif parse_mta.p_mta_option(self, c, str(opt)):
+            pass
         else:
             raise self.err(f'syntax error: unexpected "{opt}" after mta')
 
