@@ -53,18 +53,19 @@ CONNECTOR_FLAGS = [
     ("limit_host", "LIMIT_HOST"), ("limit_route", "LIMIT_ROUTE"), ("limit_source", "LIMIT_SOURCE"),
     ("limit_relay", "LIMIT_RELAY"), ("limit_conn", "LIMIT_CONN"), ("limit_domain", "LIMIT_DOMAIN"),
 ]
-ERRORS = ("error_family", "error_source", "error_mx", "error_route_net", "error_route_smtp",
-          "error_blocked")
+# in the order mta.c picks the failure text when several connectors' errors are set
+ERRORS = ("error_route_smtp", "error_route_net", "error_mx", "error_family", "error_blocked",
+          "error_source")
 LIMITS = ("limit_host", "limit_route", "limit_source", "limit_relay", "limit_conn", "limit_domain")
 
-# why a relay cannot deliver, as mta.c's failstr for each connector error
+# why a relay cannot deliver: mta.c's failstr for each connector error
 FAILURE_TEXT = {
-    "error_blocked": "Connection blocked for this destination",
-    "error_source": "Could not retrieve source address",
     "error_route_smtp": "Destination seem to reject all mails",
     "error_route_net": "Network error on destination MXs",
     "error_mx": "No MX found for destination",
     "error_family": "Address family mismatch on destination MXs",
+    "error_blocked": "All routes to destination blocked",
+    "error_source": "Could not retrieve source address",
 }
 
 
@@ -299,7 +300,12 @@ class Routing:
     # -- deciding to connect (mta_connect, mta_find_route) ------------------------------------
 
     def is_blocked(self, source: Source, domain: str) -> bool:
-        return (source.address, domain) in self.blocks or (source.address, "") in self.blocks
+        """`pause mta from ADDR for DOMAIN`.  A relay without `src` lets the system pick its
+        local address, so any ADDR paused for the domain stops it (pysmtpd; OpenSMTPD's
+        block applies only to relays whose source is that very address)."""
+        if source.address:
+            return (source.address, domain) in self.blocks
+        return any(d == domain for _, d in self.blocks)
 
     def wants_connection(self, relay: Relay) -> bool:
         """Not more connections than needed (mta_connect's first test)."""
