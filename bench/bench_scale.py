@@ -57,13 +57,16 @@ BODY = (b"From: bench@local.test\nTo: user@remote.test\nSubject: scale\n\n"
         + b"scale benchmark message body line\n" * 30)
 
 
-def fill_spool(spool: Spool, messages: int, rcpts: int, owner: tuple[int, int] | None) -> int:
-    """Committed messages written as the queue writes them (no fsync: one sync at the end)."""
+def fill_spool(spool: Spool, messages: int, rcpts: int, owner: tuple[int, int] | None,
+               domains: list[str] | None = None) -> int:
+    """Committed messages written as the queue writes them (no fsync: one sync at the end);
+    the recipients are at remote.test, or at ``domains`` in turn (one per message)."""
     now = int(time.time())
     used: set[int] = set()
     count = 0
     buckets: set[Path] = set()
-    for _ in range(messages):
+    for i in range(messages):
+        domain = domains[i % len(domains)] if domains else "remote.test"
         msgid = random_msgid()
         while msgid in used:
             msgid = random_msgid()
@@ -85,8 +88,8 @@ def fill_spool(spool: Spool, messages: int, rcpts: int, owner: tuple[int, int] |
             evpids.add(evpid)
             env = Envelope(id=evpid, dispatcher="outbound", type="mta", smtpname="bench.test",
                            helo="client.test", hostname="localhost", sockaddr="127.0.0.1",
-                           sender="bench@local.test", rcpt=f"u{j}@remote.test",
-                           dest=f"u{j}@remote.test", ctime=now)
+                           sender="bench@local.test", rcpt=f"u{j}@{domain}",
+                           dest=f"u{j}@{domain}", ctime=now)
             (d / f"{evpid:016x}").write_bytes(envcodec.dump(env))
             names.append(f"{evpid:016x}")
             count += 1
