@@ -540,6 +540,14 @@ class CtlMtaBlock(Msg, **_m("ctl_mta_block")):
     domain: str
 
 
+class SchedEnvelopeWithdraw(Msg, **_m("sched_envelope_withdraw")):
+    """scheduler -> queue -> pony: an envelope in flight was removed or paused
+    (`smtpctl remove|pause envelope`): the MTA takes it out of a task not yet sent and
+    answers it with a temporary failure, so the scheduler finishes the removal or
+    keeps it paused at once.  The queue passes it on unchanged; no answer."""
+    evpid: int
+
+
 Message = Union[
     RequestFailed, SetupDone, ConfEnd, CtlVerbose, MdaFork, MdaDone,
     SmtpMessageCreate, SmtpMessageCreateReply, SmtpExpandRcpt, SmtpExpandRcptReply,
@@ -558,7 +566,7 @@ Message = Union[
     CtlContentReply, QueueEnvelopeRemove,
     PonyEnqueue, PonyEnqueueReply,
     QueueEnvelopeSubmitBatch,
-    CtlLinesReply, CtlMtaBlock,
+    CtlLinesReply, CtlMtaBlock, SchedEnvelopeWithdraw,
 ]
 
 _encoder = msgspec.msgpack.Encoder()

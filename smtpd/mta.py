@@ -488,6 +488,38 @@ class Mta:
                 trace("mta: relay %s works again: releasing holdq %016x", relay_key, relay.holdq)
             await self.pony.mesh.send("queue", MtaHoldqRelease(holdq=relay.holdq, n=0))
 
+    def withdraw(self, evpid: int) -> None:
+        """`smtpctl remove|pause envelope` of an envelope in flight: taken out of its task
+        if that task is not being sent, and given back to the scheduler (a temporary
+        failure the scheduler turns into the removal, or keeps paused)."""
+        env = None
+        for gather, envelopes in self.pending.items():
+            env = _pop_envelope(envelopes, evpid)
+            if env is not None:
+                if not envelopes:
+                    del self.pending[gather]
+                break
+        else:
+            for relay in self.routing.relays.values():
+                for task in relay.tasks:
+                    env = _pop_envelope(task.envelopes, evpid)
+                    if env is not None:
+                        if not task.envelopes:
+                            relay.tasks.remove(task)
+                            stat.decrement("mta.task")
+                        break
+                if env is not None:
+                    break
+        if env is None:
+            return              # being sent, or not the MTA's: its attempt ends as it will
+        if FLAGS.mta:
+            trace("mta: evp:%016x withdrawn by the administrator", evpid)
+        if env.id in self.outstanding:
+            self.outstanding.discard(env.id)
+            stat.decrement("mta.envelope")
+        self.pony.spawn(self.pony.mesh.send("queue", DeliveryResult(
+            evpid=evpid, agent="mta", status="tempfail", errorline="Withdrawn by administrator")))
+
     # -- smtpctl (show routes|hosts|relays|hoststats, mta paused, resume route, pause mta from) --
 
     def control(self, msg) -> CtlReply | CtlLinesReply:
@@ -544,6 +576,13 @@ class Mta:
             await self.pony.mesh.send("queue", DeliveryResult(
                 evpid=env.id, agent="mta", status=status if status in ("ok", "permfail") else "tempfail",
                 errorline=detail, esc_code=esc, dsn_notify=env.dsn_notify, remote_dsn=remote_dsn))
+
+
+def _pop_envelope(envelopes: list[Envelope], evpid: int) -> Envelope | None:
+    for i, env in enumerate(envelopes):
+        if env.id == evpid:
+            return envelopes.pop(i)
+    return None
 
 
 def _closed_by_peer(conn: Connection) -> bool:

@@ -107,6 +107,18 @@ def test_message_rate_holds_mail_back_without_failing_it(make_daemon):
                             r"timeout=\d+s wait=connector", relays[0]), relays
         assert relays[1].startswith("  connector [] refcount=0 nconn=0 ")
 
+        # removed and paused while waiting in the relay: given back at once, never sent
+        waiting = [line.split("|")[0] for line in d.queue_lines()]
+        assert d.smtpctl("remove", waiting[0]).stdout.strip() == "1 envelope removed"
+        wait_for(lambda: len(d.queue_lines()) == 2, 10, "the removed envelope out of the queue")
+        assert d.smtpctl("pause", "envelope", waiting[1]).stdout.strip() == "1 envelope paused"
+        wait_for(lambda: any(line.startswith(waiting[1]) and "|pending|" in line
+                             for line in d.queue_lines()), 10, "the paused envelope back from the MTA")
+        relays = d.smtpctl("show", "relays").stdout.splitlines()
+        assert "ntask=1 " in relays[0], relays
+        assert len(sink.transactions) == 2
+        assert not re.search(rf"mta delivery evpid={waiting[0]}", d.log())
+
 
 def test_pause_mta_from_for_blocks_a_domain_until_resumed(make_daemon):
     port, mx_port = free_port(), free_port()
