@@ -548,6 +548,23 @@ class SchedEnvelopeWithdraw(Msg, **_m("sched_envelope_withdraw")):
     evpid: int
 
 
+# --- relay AUTH (issue 10): pony -> lka, the credentials of a relay URL's label ------------
+
+class MtaLookupCredentials(Msg, **_m("mta_lookup_credentials")):
+    """IMSG_MTA_LOOKUP_CREDENTIALS: ``label`` of ``smtp+tls://label@host`` in the
+    action's ``auth <table>``."""
+    reqid: int
+    table: str
+    label: str
+
+
+class MtaCredentialsReply(Msg, **_m("mta_credentials_reply")):
+    reqid: int
+    status: str              # "ok" | "permfail" (no such label) | "tempfail"
+    user: str = ""
+    password: str = ""
+
+
 Message = Union[
     RequestFailed, SetupDone, ConfEnd, CtlVerbose, MdaFork, MdaDone,
     SmtpMessageCreate, SmtpMessageCreateReply, SmtpExpandRcpt, SmtpExpandRcptReply,
@@ -567,6 +584,7 @@ Message = Union[
     PonyEnqueue, PonyEnqueueReply,
     QueueEnvelopeSubmitBatch,
     CtlLinesReply, CtlMtaBlock, SchedEnvelopeWithdraw,
+    MtaLookupCredentials, MtaCredentialsReply,
 ]
 
 _encoder = msgspec.msgpack.Encoder()

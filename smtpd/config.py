@@ -96,6 +96,14 @@ class Action:
     src: str | None = None             # a source address, or a table's name
     helo_src: str | None = None        # a table: source address -> HELO name
     mail_from: str | None = None
+    # relay TLS and AUTH (issue 10, smtpd/parse_relay.py, docs/mta.md)
+    tls_required: bool = False         # ``tls [no-verify]``: STARTTLS at least, never plain text
+    tls_verify: bool = False           # ``tls`` without no-verify: the server's certificate checked
+    auth_table: str | None = None      # ``auth <table>``: credentials for the relay URL's label
+    relay_pki: str | None = None       # ``pki NAME``: the client certificate shown to the relay
+    relay_ca: str | None = None        # ``ca NAME``: trusted instead of the system's CAs
+    relay_protocols: str | None = None
+    relay_ciphers: str | None = None
 
 
 @dataclass

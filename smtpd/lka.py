@@ -17,7 +17,7 @@ import msgspec
 
 from common.messages import (
     LkaEnvelopeCommit, LkaEnvelopeSubmit, MdaLookupUserinfo, MdaLookupUserinfoReply,
-    MtaDnsLookup, MtaDnsReply, SmtpAuthenticate, SmtpAuthenticateReply, SmtpCheckSender,
+    MtaCredentialsReply, MtaDnsLookup, MtaDnsReply, MtaLookupCredentials, SmtpAuthenticate, SmtpAuthenticateReply, SmtpCheckSender,
     SmtpCheckSenderReply, SmtpExpandRcpt, SmtpExpandRcptReply,
 )
 from common.vis import COMMAND, log_text
@@ -84,8 +84,33 @@ class Process:
                                              self.config.sub_addr_delim)
                 await self.ctx.mesh.send(peer, SmtpCheckSenderReply(
                     reqid=msg.reqid, ok=result == "ok", result=result))
+            case MtaLookupCredentials() if peer == "pony":
+                await self.ctx.mesh.send(peer, self._credentials(msg))
             case _:
                 log.warning("warn: lka: unexpected %s from %s", type(msg).__name__, peer)
+
+    def _credentials(self, req: MtaLookupCredentials) -> MtaCredentialsReply:
+        """lka_credentials: a relay's user and password from a credentials table
+        (table.c K_CREDENTIALS: "user:password"; no colon: the label is the user)."""
+        if req.table not in self.config.tables:
+            log.warning("warn: credentials table %s missing", req.table)
+            return MtaCredentialsReply(reqid=req.reqid, status="tempfail")
+        try:
+            value = self.tables.get(req.table).lookup("credentials", req.label)
+        except Exception as exc:        # an external table that cannot answer
+            log.warning("warn: credentials lookup fail for %s:%s: %s", req.table,
+                        log_text(req.label), log_text(str(exc), COMMAND))
+            return MtaCredentialsReply(reqid=req.reqid, status="tempfail")
+        if value is None:
+            log.warning("warn: credentials not found for %s:%s", req.table, log_text(req.label))
+            return MtaCredentialsReply(reqid=req.reqid, status="permfail")
+        user, colon, password = str(value).partition(":")
+        if not colon:
+            user, password = req.label, str(value)
+        if len(str(value)) < 3 or not user or not password:
+            log.warning("warn: credentials parse error for %s:%s", req.table, log_text(req.label))
+            return MtaCredentialsReply(reqid=req.reqid, status="tempfail")
+        return MtaCredentialsReply(reqid=req.reqid, status="ok", user=user, password=password)
 
     async def _authenticate(self, req: SmtpAuthenticate) -> None:
         """lka_authenticate; system accounts (no table) are the parent's to check."""

@@ -36,7 +36,9 @@ from common.trace import FLAGS, SESSION, trace
 from common.vis import COMMAND, log_text
 from smtpd.dsn_params import mail_params, rcpt_params
 from smtpd.mta_routes import FAILURE_TEXT, Limits, Relay, RelayKey, Route, Routing
-from smtpd.mta_session import Connection, DsnRequest, ProtocolError, failure_text
+from smtpd.mta_session import (
+    Connection, DsnRequest, ProtocolError, RelayRefused, failure_text, session_options,
+)
 from smtpd.relay_url import RelayUrlError, parse_relay_url
 
 log = logging.getLogger("smtpd")
@@ -134,18 +136,18 @@ class Mta:
     # -- envelopes in --------------------------------------------------------------------------
 
     def relay_key(self, action, domain: str) -> RelayKey:
-        helo = action.helo if action is not None else None
-        if action is not None and action.host:
+        if action is None:
+            return RelayKey(domain)
+        helo, name = action.helo, action.name
+        if action.host:
             try:
                 url = parse_relay_url(action.host)
-                return RelayKey(url.host.lower(), url.port, as_host=True, helo=helo)
+                return RelayKey(url.host.lower(), url.port, as_host=True, scheme=url.scheme,
+                                helo=helo, action=name)
             except RelayUrlError:
-                return RelayKey(action.host, 0, as_host=True, helo=helo)
-        backup = None
-        if action is not None and action.backup:
-            backup = action.backup_mx or self.config.hostname
-        return RelayKey(domain, 0, backup=backup, helo=helo,
-                        source=(action.src or "") if action is not None else "")
+                return RelayKey(action.host, 0, as_host=True, helo=helo, action=name)
+        backup = (action.backup_mx or self.config.hostname) if action.backup else None
+        return RelayKey(domain, 0, backup=backup, helo=helo, source=action.src or "", action=name)
 
     def add(self, env: Envelope) -> None:
         action = self.config.actions.get(env.dispatcher)
@@ -295,9 +297,17 @@ class Mta:
             if host.ptrname is None:
                 host.ptrname = await self._ptr(host.address)
             helo = relay.key.helo or self.config.hostname
-            log.info("%016x mta connecting address=smtp://%s:%d host=%s", session_id,
+            action = self.config.actions.get(relay.key.action)
+            try:
+                options = await session_options(self.pony, action)     # TLS and AUTH
+            except RelayRefused as exc:
+                log.warning("warn: mta: action %s: %s", relay.key.action, exc.text)
+                self._fail_tasks(relay, exc.status, exc.text)
+                return
+            log.info("%016x mta connecting address=%s%s:%d host=%s", session_id, options.schema,
                      _bracket(host.address), port, host.ptrname or host.address)
-            conn = Connection(host.address, port, helo=helo, session=session_id)
+            conn = Connection(host.address, port, helo=helo, session=session_id, options=options,
+                              server_name=mx_name)
             try:
                 refused = await conn.open()
             except _NETWORK_ERRORS as exc:

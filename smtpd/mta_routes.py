@@ -176,6 +176,7 @@ class RelayKey:
     backup: str | None = None          # `relay backup [mx NAME]`: our own MX name
     helo: str | None = None
     source: str = ""
+    action: str = ""                   # the relay action (its TLS and AUTH options)
 
     def text(self) -> str:
         parts = [f"[relay:{self.domain}"]

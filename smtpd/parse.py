@@ -20,6 +20,7 @@ from smtpd.config import (
 )
 from smtpd import parse_mta
 from smtpd.config_files import FileRefused, check_file, read_checked
+from smtpd.parse_relay import relay_option
 
 OLD_GRAMMAR = {"accept", "deliver", "map", "expire", "ssl", "limit"}
 OLD_HINT = ' (pre-6.4 accept/deliver grammar; see smtpd.conf(5): use "action" and "match")'
@@ -326,21 +327,16 @@ class Parser:
                 act.helo = c.word("a hostname")
             elif method == "relay" and parse_mta.relay_option(self, c, act, opt):
                 pass
-            elif method == "relay" and opt in ("backup", "srs"):
+            elif method == "relay" and opt == "srs":
                 self.not_yet(f'relay option "{opt}"')
-            elif method == "relay" and opt == "tls":
-                if c.peek() == "no-verify":
-                    c.word("")
-                self.not_yet('relay option "tls"')
-            elif method == "relay" and opt in ("domain", "auth"):
+            elif method == "relay" and relay_option(self, c, act, opt):
+                pass                     # tls, auth, pki, ca, protocols, ciphers (parse_relay.py)
+            elif method == "relay" and opt == "domain":
                 c.table_ref() if c.peek_ref() else c.word(f"a {opt} value")
                 self.not_yet(f'relay option "{opt}"')
             elif method == "relay" and opt == "filter":
                 c.name_or_list("a filter name or { list }")
                 self.not_yet('relay option "filter"')
-            elif method == "relay" and opt in ("pki", "ca", "mail-from", "protocols", "ciphers"):
-                c.word(f"a {opt} value")
-                self.not_yet(f'relay option "{opt}"')
             elif opt == "ttl":
                 act.ttl = c.duration()
             else:

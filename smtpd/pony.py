@@ -73,7 +73,9 @@ def prepare(opts, config) -> Prepared:
     channel = socket.socket(fileno=opts.fd_channel) if opts.fd_channel >= 0 else None
     if tls is not None and privsep.chroot_dir("pony", opts.rundir, opts.spool) == opts.rundir:
         tls.scratch_dir = "/" + tls.SCRATCH_DIR_NAME     # as seen from the chroot
-    return Prepared(out, channel, tls_contexts(config))
+    prepared = Prepared(out, channel, tls_contexts(config))
+    prepared.client_tls = tls.client_contexts(config)     # relay actions (smtpd/mta_session.py)
+    return prepared
 
 
 class Process:
@@ -93,6 +95,8 @@ class Process:
         self.auth_failures: dict[str, int] = {}  # client address -> failed AUTH (smtp_session)
         self._tls_contexts: dict[int, object] = ctx.prepared.tls_contexts
         self._reload_tls_contexts: dict[int, object] = {}   # of the pending reload
+        self.client_tls: dict = getattr(ctx.prepared, "client_tls", {})   # tls.client_contexts
+        self._reload_client_tls: dict = {}
 
     async def start(self) -> None:
         if self.fd_receiver is not None:
@@ -158,6 +162,7 @@ class Process:
             # unprivileged, cannot read them): a key that does not load refuses the
             # reload here, so the current certificates stay in service.
             self._reload_tls_contexts = tls_contexts(config, files=msg.tls_files)
+            self._reload_client_tls = tls.client_contexts(config, files=msg.tls_files)
         except Exception:
             for sock in socks:
                 sock.close()
@@ -174,6 +179,7 @@ class Process:
         self.config = self.mta.config = self.mda.config = config
         previous, contexts = self._tls_contexts, self._reload_tls_contexts
         self._tls_contexts, self._reload_tls_contexts = contexts, {}
+        self.client_tls, self._reload_client_tls = self._reload_client_tls, {}
         current = {entry.key: entry for entry in self.listening}
         wanted = {entry.key: entry for entry in new}
         for key, entry in current.items():
@@ -205,6 +211,7 @@ class Process:
 
     def abort_config(self, new: list[Listening]) -> None:
         self._reload_tls_contexts = {}
+        self._reload_client_tls = {}
         for entry in new:
             entry.sock.close()
 
