@@ -147,7 +147,8 @@ class Mta:
             except RelayUrlError:
                 return RelayKey(action.host, 0, as_host=True, helo=helo, action=name)
         backup = (action.backup_mx or self.config.hostname) if action.backup else None
-        return RelayKey(domain, 0, backup=backup, helo=helo, source=action.src or "", action=name)
+        # `src` is parsed but not bound yet (parse_mta): the system picks the source
+        return RelayKey(domain, 0, backup=backup, helo=helo, action=name)
 
     def add(self, env: Envelope) -> None:
         action = self.config.actions.get(env.dispatcher)
