@@ -409,9 +409,10 @@ class Mta:
             log.info("%016x mta error reason=%s", session_id, log_text(text, COMMAND))
             await self._task_report(task, "tempfail", text, relay_text, session_id)
             return False
-        mid = message_id(message)
+        mid, source = message_id(message), _local_address(conn)
         for env, res in zip(envelopes, result.results):
-            await self._report([env], res.status, res.reply, relay_text, session_id, result.dsn, mid)
+            await self._report([env], res.status, res.reply, relay_text, session_id, result.dsn, mid,
+                               source)
         if not relay.key.as_host:
             self.routing.hoststat(relay.key.domain, result.results[0].reply, time.time())
         if any(res.status == "ok" for res in result.results):
@@ -570,7 +571,7 @@ class Mta:
         await self._report(task.envelopes, status, detail, relay, session_id)
 
     async def _report(self, envelopes, status: str, detail: str, relay: str, session_id: int,
-                      remote_dsn: bool = False, mid: str = "") -> None:
+                      remote_dsn: bool = False, mid: str = "", source: str = "-") -> None:
         now = int(time.time())
         word = {"ok": "Ok", "tempfail": "TempFail", "permfail": "PermFail"}.get(status, "TempFail")
         # pysmtpd adds the message's Message-ID at the end of the line, when known
@@ -581,7 +582,7 @@ class Mta:
                 stat.decrement("mta.envelope")
             log.info('%016x mta delivery evpid=%016x from=<%s> to=<%s> rcpt=<%s> source="%s" '
                      'relay="%s" delay=%s result="%s" stat="%s"%s', session_id, env.id, env.sender,
-                     env.dest, env.rcpt if env.rcpt != env.dest else "-", "-", relay,
+                     env.dest, env.rcpt if env.rcpt != env.dest else "-", source, relay,
                      duration_to_text(now - env.ctime), word, log_text(detail, COMMAND), extra)
             esc = _esc_code(detail)
             await self.pony.mesh.send("queue", DeliveryResult(
@@ -594,6 +595,13 @@ def _pop_envelope(envelopes: list[Envelope], evpid: int) -> Envelope | None:
         if env.id == evpid:
             return envelopes.pop(i)
     return None
+
+
+def _local_address(conn: Connection) -> str:
+    """The connection's local address (the delivery line's source=), "-" if unknown."""
+    writer = getattr(conn, "writer", None)
+    sockname = writer.get_extra_info("sockname") if writer is not None else None
+    return str(sockname[0]) if sockname else "-"
 
 
 def _closed_by_peer(conn: Connection) -> bool:

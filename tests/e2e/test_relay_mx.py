@@ -123,7 +123,7 @@ def test_mx_relay_skips_a_down_and_a_refusing_mx_and_logs_as_opensmtpd(make_daem
         assert re.search(rf"mta connecting address=smtp://127\.0\.0\.4:{mx_port} host=mx-ok\.multi\.test", log)
         assert re.search(r"[0-9a-f]{16} mta connected", log)
         assert re.search(r'mta delivery evpid=[0-9a-f]{16} from=<me@local.test> to=<rcpt@multi.test> '
-                         r'rcpt=<-> source="-" relay="127\.0\.0\.4 \(mx-ok\.multi\.test\)" delay=\d+s '
+                         r'rcpt=<-> source="127\.0\.0\.1" relay="127\.0\.0\.4 \(mx-ok\.multi\.test\)" delay=\d+s '
                          r'result="Ok" stat="250 2\.0\.0 Ok: queued" message-id=<mx-test-1@local\.test>', log)
 
         routes = d.smtpctl("show", "routes").stdout.splitlines()
@@ -168,3 +168,55 @@ def test_implicit_mx_null_mx_and_ipv6(make_daemon):
         send(port, "me@local.test", ["c@v6.test"])
         wait_for(lambda: ok6.transactions, 30, "delivery to the IPv6 MX")
         assert re.search(rf"mta connecting address=smtp://\[::1\]:{mx_port} ", d.log())
+
+
+def _mta_lines(log: str) -> list[str]:
+    """The MTA's lines of a log with what differs between runs and daemons made uniform:
+    session and envelope ids, ports, delays."""
+    out = []
+    for line in log.splitlines():
+        m = re.search(r"[0-9a-f]{16} (mta (?:connecting|connected|delivery|disconnected).*)", line)
+        if m:
+            text = re.sub(r"evpid=[0-9a-f]{16}", "evpid=ID", m.group(1))
+            text = re.sub(r":\d+ host=", ":PORT host=", text)
+            out.append(re.sub(r"delay=\d+s", "delay=Ns", text))
+    return out
+
+
+def test_smarthost_relay_log_lines_are_opensmtpd_s(make_daemon, tmp_path):
+    """The same relay by OpenSMTPD 6.8 (tests/oracle) and by pysmtpd: the same MTA lines."""
+    from tests.oracle import opensmtpd
+    from tests.e2e.sink import Sink
+
+    def relay_once(start) -> str:
+        port, sink_port = free_port(), free_port()
+        sink = Sink(sink_port).start()
+        try:
+            daemon = start(port, sink_port)
+            send(port, "me@local.test", ["x@remote.test"], "Subject: t\n\nhi\n")
+            wait_for(lambda: sink.transactions, 30, "the relayed message")
+            wait_for(lambda: "mta disconnected" in daemon.log(), 30, "the session's end")
+            return daemon.log()
+        finally:
+            sink.stop()
+
+    conf = ('listen on 127.0.0.1 port {port}\naction "out" relay host smtp://127.0.0.1:{sink}\n'
+            'match from any for any action "out"\n')
+    oracle = None
+    try:
+        def start_oracle(port, sink_port):
+            nonlocal oracle
+            oracle = opensmtpd.OpenSmtpd.prepare(tmp_path / "oracle", conf.format(port=port, sink=sink_port))
+            return oracle.start([port])
+        (tmp_path / "oracle").mkdir()
+        try:
+            theirs = relay_once(start_oracle)
+        except opensmtpd.Unavailable as exc:
+            opensmtpd.unavailable(str(exc))
+    finally:
+        if oracle is not None:
+            oracle.stop()
+    ours = relay_once(lambda port, sink_port: make_daemon(
+        conf.format(port=port, sink=sink_port) + "mta limit session-keepalive 1\n").start())
+    assert len(_mta_lines(theirs)) == 4, theirs
+    assert _mta_lines(ours) == _mta_lines(theirs), (ours, theirs)
