@@ -22,11 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pwd
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -36,7 +33,7 @@ REPO = BENCH.parent
 sys.path[:0] = [str(REPO), str(BENCH)]
 
 from bench_mail import BenchError, free_port, stop_process_group  # noqa: E402
-from bench_scale import Run, fill_spool  # noqa: E402
+from bench_scale import Run, fill_spool, new_base, stop_all  # noqa: E402
 from smtpd.queue_fs import Spool  # noqa: E402
 from tests.dns_server import DnsServer  # noqa: E402
 
@@ -118,12 +115,7 @@ def zone(domains: list[str], hosts: list[str]) -> dict:
 
 
 def run(args) -> dict:
-    base = Path(tempfile.mkdtemp(prefix="pysmtpd-mx-"))
-    os.chmod(base, 0o711)
-    owner = None
-    if os.getuid() == 0:
-        q = pwd.getpwnam("_smtpq")
-        owner = (q.pw_uid, q.pw_gid)
+    base, owner = new_base("pysmtpd-mx-")
     hosts = [f"127.0.0.{11 + i}" for i in range(args.hosts)]
     domains = [f"d{i}.bench.test" for i in range(args.domains)]
     result: dict = {"messages": args.messages, "domains": args.domains, "hosts": args.hosts,
@@ -168,14 +160,7 @@ def run(args) -> dict:
             })
             result["within_limit"] = result["max_open"] <= args.max_conn_per_host
         finally:
-            if daemon is not None:
-                daemon.stop()
-            if sink is not None:
-                sink.stop()
-            if args.keep:
-                print(f"kept {base}", file=sys.stderr)
-            else:
-                shutil.rmtree(base, ignore_errors=True)
+            stop_all([daemon, sink], base, args.keep)
     return result
 
 

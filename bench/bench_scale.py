@@ -196,13 +196,30 @@ def settled_rss_kib(pid: int, seconds: float = 1.0) -> int:
     return last
 
 
-def run(args) -> dict:
-    base = Path(tempfile.mkdtemp(prefix="pysmtpd-scale-"))
+def new_base(prefix: str) -> tuple[Path, tuple[int, int] | None]:
+    """A run's directory, and the owner its spool files need (_smtpq's when root)."""
+    base = Path(tempfile.mkdtemp(prefix=prefix))
     os.chmod(base, 0o711)
     owner = None
     if os.getuid() == 0:
         q = pwd.getpwnam("_smtpq")
         owner = (q.pw_uid, q.pw_gid)
+    return base, owner
+
+
+def stop_all(started: list, base: Path, keep: bool) -> None:
+    """Stop what was started (None: never was), then remove the run's directory unless kept."""
+    for thing in started:
+        if thing is not None:
+            thing.stop()
+    if keep:
+        print(f"kept {base}", file=sys.stderr)
+    else:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def run(args) -> dict:
+    base, owner = new_base("pysmtpd-scale-")
     result: dict = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     "nproc": os.cpu_count(), "python": platform.python_version(), "uid": os.getuid(),
                     "machine": platform.machine(), "messages": args.messages, "rcpts": args.rcpts}
@@ -259,15 +276,7 @@ def run(args) -> dict:
         # 6. the pure model
         result["model"] = model_ops(result["envelopes"])
     finally:
-        for r in (empty, full):
-            if r is not None:
-                r.stop()
-        if sink is not None:
-            sink.stop()
-        if args.keep:
-            print(f"kept {base}", file=sys.stderr)
-        else:
-            shutil.rmtree(base, ignore_errors=True)
+        stop_all([empty, full, sink], base, args.keep)
     return result
 
 

@@ -14,15 +14,13 @@ from aiosmtpd.smtp import SMTP
 from tests.conftest import free_port, wait_for
 from tests.dns_server import DnsServer
 from tests.e2e.helpers import send
-from tests.e2e.sink import SinkHandler
-from tests.e2e.test_relay_mx import mx_config
+from tests.e2e.test_relay_mx import MxSink, mx_config
 
 
-class CountingSink:
+class CountingSink(MxSink):
     """A sink on 127.0.0.5 that counts its open connections and their maximum."""
 
     def __init__(self, port: int) -> None:
-        self.handler = SinkHandler()
         self.lock = threading.Lock()
         self.open = self.max_open = self.connections = 0
         sink = self
@@ -44,20 +42,7 @@ class CountingSink:
             def factory(self):
                 return CountingSMTP(self.handler, **self.SMTP_kwargs)
 
-        self.controller = CountingController(self.handler, hostname="127.0.0.5", port=port,
-                                             ready_timeout=10)
-
-    def __enter__(self) -> "CountingSink":
-        self.controller.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.controller.stop()
-
-    @property
-    def transactions(self):
-        with self.handler.lock:
-            return list(self.handler.transactions)
+        super().__init__("127.0.0.5", port, CountingController)
 
 
 def zone(*domains: str) -> dict:

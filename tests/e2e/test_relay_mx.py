@@ -19,9 +19,9 @@ from tests.e2e.sink import SinkHandler
 class MxSink:
     """An aiosmtpd sink on any loopback address (tests/e2e/sink.py's handler)."""
 
-    def __init__(self, address: str, port: int) -> None:
+    def __init__(self, address: str, port: int, controller_class=Controller) -> None:
         self.handler = SinkHandler()
-        self.controller = Controller(self.handler, hostname=address, port=port, ready_timeout=10)
+        self.controller = controller_class(self.handler, hostname=address, port=port, ready_timeout=10)
 
     def __enter__(self) -> "MxSink":
         self.controller.start()
