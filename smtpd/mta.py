@@ -49,8 +49,12 @@ HOLD_WINDOW = 15         # seconds x failures² a failed relay holds new envelop
 HOLD_WINDOW_MAX = 3600
 MESSAGE_ID_SCAN = 64 * 1024   # the header of a message is looked at up to this size
 
+# OpenSMTPD's mta.* populations: relays with work, their connectors (relay x source:
+# the one default source today), the domains routed by MX, the sources in use
 _RELAYS = stat.Population("mta.relay")
+_CONNECTORS = stat.Population("mta.connector")
 _DOMAINS = stat.Population("mta.domain")
+_SOURCES = stat.Population("mta.source")
 _NETWORK_ERRORS = (TimeoutError, ProtocolError, OSError, ConnectionError)
 
 
@@ -180,6 +184,8 @@ class Mta:
         relay = self.routing.relay(key)
         if is_new:
             _RELAYS.add(key)
+            _CONNECTORS.add((key, ""))
+            _SOURCES.add("")
             if not key.as_host:
                 _DOMAINS.add(key.domain)
         relay.tasks.append(Task(envelopes, action))
@@ -199,7 +205,9 @@ class Mta:
 
     def _drain(self, relay: Relay) -> None:
         if relay.mxs is None:
-            if "MX" not in relay.waiting and relay.tasks:
+            if not relay.tasks:
+                self._maybe_forget(relay)
+            elif "MX" not in relay.waiting:
                 relay.waiting.add("MX")
                 self.pony.spawn(self._lookup(relay))
             return
@@ -258,6 +266,8 @@ class Mta:
                 timer.cancel()
             self.work.pop(relay.key, None)
             _RELAYS.discard(relay.key)
+            _CONNECTORS.discard((relay.key, ""))
+            _SOURCES.discard("")
             if not relay.key.as_host:
                 _DOMAINS.discard(relay.key.domain)
 
@@ -293,16 +303,18 @@ class Mta:
         SESSION.set(session_id)
         port = relay.key.port or self.config.mta_mx_port
         ready = False
+        penalize = True          # a failed first connection disables the route
         stat.increment("mta.task.running")
         try:
             if host.ptrname is None:
-                host.ptrname = await self._ptr(host.address)
+                host.ptrname = await self._ptr(host.address) or ""     # "": no name, not asked again
             helo = relay.key.helo or self.config.hostname
             action = self.config.actions.get(relay.key.action)
             try:
                 options = await session_options(self.pony, action)     # TLS and AUTH
             except RelayRefused as exc:
                 log.warning("warn: mta: action %s: %s", relay.key.action, exc.text)
+                penalize = False         # the configuration's fault, not the route's
                 self._fail_tasks(relay, exc.status, exc.text)
                 return
             log.info("%016x mta connecting address=%s%s:%d host=%s", session_id, options.schema,
@@ -335,7 +347,7 @@ class Mta:
             log.exception("warn: mta: session %016x failed", session_id)
         finally:
             stat.decrement("mta.task.running")
-            delay = self.routing.closed(relay, route, ready, time.monotonic())
+            delay = self.routing.closed(relay, route, ready, time.monotonic(), penalize)
             if delay:
                 log.info("smtp-out: Disabling route %s for %ds", route.text(), delay)
                 self._schedule_enable()

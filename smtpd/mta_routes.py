@@ -442,7 +442,8 @@ class Routing:
             self.connector(relay, route.src).flags.difference_update(
                 ("error_route_net", "error_route_smtp"))
 
-    def closed(self, relay: Relay, route: Route, was_ready: bool, now: float) -> int | None:
+    def closed(self, relay: Relay, route: Route, was_ready: bool, now: float,
+               penalize: bool = True) -> int | None:
         """A session ended (mta_route_collect).  A route whose first connection failed is
         disabled: the delay in seconds is returned (the caller logs it)."""
         c = self.connector(relay, route.src)
@@ -453,7 +454,7 @@ class Routing:
         route.lastdisc = now
         if route.nconn == 0:
             route.flags &= ~ROUTE_KEEPALIVE
-        if route.flags & ROUTE_NEW and not was_ready:
+        if route.flags & ROUTE_NEW and not was_ready and penalize:
             route.nerror += 1
             return self.disable(route, 1, ROUTE_DISABLED_NET, now)
         return None

@@ -175,3 +175,53 @@ def test_relay_text_as_opensmtpd():
     assert RelayKey("mx.example.org", 2525, as_host=True).text() == "[relay:mx.example.org,port=2525,smtp,mx]"
     assert RelayKey("example.org", backup="b.example.org", helo="me").text() == \
         "[relay:example.org,smtp,backup=b.example.org,heloname=me]"
+
+
+# -- the grammar (smtpd/parse_mta.py) and the limits it gives (smtpd/mta.py) ----------------
+
+def parsed(tmp_path, text):
+    from smtpd.parse import parse_config
+    path = tmp_path / "smtpd.conf"
+    path.write_text(text)
+    return parse_config(path)
+
+
+def test_mta_limit_resolver_mx_port_and_relay_options_parse(tmp_path):
+    from smtpd.mta import limits_from_config
+    config = parsed(tmp_path, "\n".join([
+        "mta limit max-conn-per-host 2 session-mail-max 10",
+        "mta limit for domain Example.ORG max-conn-per-route 1 max-msg-rate 10/min inet6",
+        "mta resolver 127.0.0.1 ::1 port 5353",
+        "mta mx-port 2525",
+        'action "out" relay backup mx mx2.example.org mail-from <bounce@example.org>',
+        'match from local for any action "out"', ""]))
+    default, per_domain = limits_from_config(config)
+    assert (default.max_conn_per_host, default.session_mail_max, default.max_conn_per_route) == (2, 10, 5)
+    org = per_domain["example.org"]
+    assert (org.max_conn_per_host, org.max_conn_per_route, org.family) == (2, 1, 6)
+    assert (org.max_msg_rate, org.max_msg_period) == (10, 60)
+    assert (config.mta_resolver, config.mta_resolver_port, config.mta_mx_port) == (["127.0.0.1", "::1"], 5353, 2525)
+    out = config.actions["out"]
+    assert (out.backup, out.backup_mx, out.mail_from) == (True, "mx2.example.org", "bounce@example.org")
+    assert config.not_applied == []
+
+
+def test_mta_grammar_errors_name_the_problem(tmp_path):
+    import pytest
+    from smtpd.config import ConfigError
+    for text, message in (("mta limit max-conn-per-moon 3", "invalid mta limit keyword: max-conn-per-moon"),
+                          ("mta limit max-msg-rate 10/fortnight", 'invalid rate "10/fortnight"'),
+                          ("mta limit max-conn-per-host -1", 'invalid number "-1"'),
+                          ("mta resolver dns.example port 53", 'invalid address "dns.example"'),
+                          ("mta mx-port 0", 'invalid port "0"')):
+        with pytest.raises(ConfigError) as info:
+            parsed(tmp_path, text + '\naction "out" relay\nmatch from local for any action "out"\n')
+        assert message in str(info.value), (text, str(info.value))
+
+
+def test_relay_src_and_helo_src_are_reported_not_applied(tmp_path):
+    config = parsed(tmp_path, 'table h { 127.0.0.1 = "me.example.org" }\n'
+                              'action "out" relay src 127.0.0.1 helo-src <h>\n'
+                              'match from local for any action "out"\n')
+    assert any('relay option "src"' in n for n in config.not_applied)
+    assert any('relay option "helo-src"' in n for n in config.not_applied)
