@@ -157,7 +157,7 @@ class Mta:
     def add(self, env: Envelope) -> None:
         action = self.config.actions.get(env.dispatcher)
         key = self.relay_key(action, env.dest.rpartition("@")[2].lower())
-        if self._hold(env, key.text()):
+        if self._hold(env, key.text()) or self._hiwat(env, key):
             return
         if env.id not in self.outstanding:
             self.outstanding.add(env.id)
@@ -260,6 +260,8 @@ class Mta:
         self._maybe_forget(relay)
 
     def _maybe_forget(self, relay: Relay) -> None:
+        if not relay.tasks:
+            self._release_holdq(relay)
         if self.routing.forget(relay):
             timer = self.timers.pop(relay.key, None)
             if timer is not None:
@@ -369,6 +371,7 @@ class Mta:
                     break
                 continue
             stat.decrement("mta.task")
+            self._task_taken(relay)
             if not await self._send_task(task, relay, conn, session_id, relay_text):
                 break
             messages += 1
@@ -485,6 +488,41 @@ class Mta:
         self.pony.spawn(self.pony.mesh.send("queue", DeliveryResult(
             evpid=env.id, agent="mta", status="hold", holdq=relay.holdq)))
         return True
+
+    def _hiwat(self, env: Envelope, key: RelayKey) -> bool:
+        """mta.c: a relay with `task-hiwat` tasks waiting holds new envelopes in a hold
+        queue of its own, released by `task-release` when it is down to `task-lowat`."""
+        relay = self.routing.relays.get(key)
+        if relay is None:
+            return False
+        if not relay.onhold and relay.ntask >= relay.limits.task_hiwat:
+            log.info("smtp-out: hiwat reached on %s: holding envelopes", key.text())
+            relay.onhold = True
+        if not relay.onhold:
+            return False
+        if not relay.holdq:
+            self.holdq_ids += 1
+            relay.holdq = self.holdq_ids
+        self.pony.spawn(self.pony.mesh.send("queue", DeliveryResult(
+            evpid=env.id, agent="mta", status="hold", holdq=relay.holdq)))
+        return True
+
+    def _task_taken(self, relay: Relay) -> None:
+        if relay.ntask == relay.limits.task_lowat:
+            if relay.onhold:
+                log.info("smtp-out: back to lowat on %s: releasing", relay.key.text())
+                relay.onhold = False
+            if relay.holdq:
+                self.pony.spawn(self.pony.mesh.send("queue", MtaHoldqRelease(
+                    holdq=relay.holdq, n=relay.limits.task_release)))
+        elif relay.ntask == 0:
+            self._release_holdq(relay)
+
+    def _release_holdq(self, relay: Relay) -> None:
+        if relay.holdq:
+            self.pony.spawn(self.pony.mesh.send("queue", MtaHoldqRelease(holdq=relay.holdq, n=0)))
+            relay.holdq = 0
+            relay.onhold = False
 
     def _relay_failed(self, relay_key: str) -> None:
         now = time.monotonic()

@@ -211,6 +211,8 @@ class Relay:
     connectors: dict[str, Connector] = field(default_factory=dict)
     sent: deque = field(default_factory=deque)       # send times, for max-msg-rate
     probe: bool = False      # a retried envelope came: try the disabled routes once more
+    onhold: bool = False     # task-hiwat reached: new envelopes are held until task-lowat
+    holdq: int = 0           # the scheduler's hold queue of those envelopes (0: none yet)
 
     @property
     def ntask(self) -> int:
@@ -591,7 +593,8 @@ class Routing:
             wait = ",".join(w for w in ("MX", "limits", "connector") if w in relay.waiting)
             lastconn = duration_to_text(int(wall - relay.lastconn_wall)) if relay.lastconn_wall else "-"
             out.append(f"{relay.key.text()} refcount={relay.refcount} ntask={relay.ntask} "
-                       f"nconn={relay.nconn} lastconn={lastconn} timeout={timeout} wait={wait}")
+                       f"nconn={relay.nconn} lastconn={lastconn} timeout={timeout} wait={wait}"
+                       f"{'ONHOLD' if relay.onhold else ''}")
             for c in relay.connectors.values():
                 ctimeout = duration_to_text(int(c.retry_at - now)) if "wait" in c.flags and c.retry_at else "-"
                 clast = duration_to_text(int(wall - c.lastconn_wall)) if c.lastconn_wall else "-"

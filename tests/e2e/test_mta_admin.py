@@ -127,3 +127,18 @@ def test_pause_mta_from_for_blocks_a_domain_until_resumed(make_daemon):
         d.smtpctl("schedule", "all")
         wait_for(lambda: len(sink.transactions) == 2, 30, "the paused domain's message after resume")
         assert sink.transactions[1].rcpt_tos == ["a@paused.test"]
+
+
+def test_task_hiwat_holds_envelopes_in_the_scheduler(make_daemon):
+    port, mx_port = free_port(), free_port()
+    with DnsServer(zone("hi.test")) as dns, CountingSink(mx_port) as sink:
+        d = make_daemon(mx_config(port, dns.port, mx_port, "mta limit for domain hi.test "
+                                  "max-msg-rate 1/min task-hiwat 2 task-lowat 1 task-release 1")).start()
+        send_many(port, [f"u{n}@hi.test" for n in range(6)])
+        log = d.wait_log("smtp-out: hiwat reached on [relay:hi.test,smtp]: holding envelopes")
+        wait_for(lambda: sink.transactions, 30, "the one message the rate allows")
+        relays = d.smtpctl("show", "relays").stdout.splitlines()
+        assert re.fullmatch(r"\[relay:hi\.test,smtp\] refcount=0 ntask=2 nconn=\d lastconn=\d+s "
+                            r"timeout=\S+ wait=(connector)?ONHOLD", relays[0]), relays
+        assert len(d.queue_lines()) == 5 and len(sink.transactions) == 1
+        assert "TempFail" not in log and "PermFail" not in log
