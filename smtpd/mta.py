@@ -123,6 +123,7 @@ class Mta:
         self.outstanding: set[int] = set()      # evpids given to the MTA, not yet reported
         self.failing: dict[str, FailingRelay] = {}
         self.holdq_ids = 0
+        self.gathering: dict[RelayKey, int] = {}        # tasks being gathered, per relay
         self.work: dict[RelayKey, asyncio.Event] = {}   # set when a relay gets a task
         self.timers: dict[RelayKey, asyncio.TimerHandle] = {}
         self.enable_timer: asyncio.TimerHandle | None = None
@@ -157,7 +158,7 @@ class Mta:
     def add(self, env: Envelope) -> None:
         action = self.config.actions.get(env.dispatcher)
         key = self.relay_key(action, env.dest.rpartition("@")[2].lower())
-        if self._hold(env, key.text()) or self._hiwat(env, key):
+        if self._hold(env, key.text()) or self._hiwat(env, self._relay(key)):
             return
         if env.id not in self.outstanding:
             self.outstanding.add(env.id)
@@ -166,28 +167,38 @@ class Mta:
         batch = self.pending.get(gather)
         if batch is None:
             self.pending[gather] = [env]
+            self.gathering[key] = self.gathering.get(key, 0) + 1
             asyncio.get_running_loop().call_later(GATHER_DELAY, self._flush, gather)
         else:
             batch.append(env)
 
-    def _flush(self, gather: tuple) -> None:
-        envelopes = self.pending.pop(gather, [])
-        if not envelopes:
-            return
-        action = self.config.actions.get(envelopes[0].dispatcher)
-        if action is None or action.method != "relay":
-            self.pony.spawn(self._report(envelopes, "tempfail", f"action {envelopes[0].dispatcher!r} "
-                                         "is not a relay action in the configuration", "-", 0))
-            return
-        key = gather[2]
-        is_new = key not in self.routing.relays
-        relay = self.routing.relay(key)
-        if is_new:
+    def _relay(self, key: RelayKey) -> Relay:
+        relay = self.routing.relays.get(key)
+        if relay is None:
+            relay = self.routing.relay(key)
             _RELAYS.add(key)
             _CONNECTORS.add((key, ""))
             _SOURCES.add("")
             if not key.as_host:
                 _DOMAINS.add(key.domain)
+        return relay
+
+    def _flush(self, gather: tuple) -> None:
+        key = gather[2]
+        self.gathering[key] -= 1
+        if not self.gathering[key]:
+            del self.gathering[key]
+        envelopes = self.pending.pop(gather, [])
+        relay = self._relay(key)
+        if not envelopes:
+            self._maybe_forget(relay)
+            return
+        action = self.config.actions.get(envelopes[0].dispatcher)
+        if action is None or action.method != "relay":
+            self.pony.spawn(self._report(envelopes, "tempfail", f"action {envelopes[0].dispatcher!r} "
+                                         "is not a relay action in the configuration", "-", 0))
+            self._maybe_forget(relay)
+            return
         relay.tasks.append(Task(envelopes, action))
         if any(env.retry for env in envelopes):
             relay.probe = True
@@ -260,6 +271,8 @@ class Mta:
         self._maybe_forget(relay)
 
     def _maybe_forget(self, relay: Relay) -> None:
+        if self.gathering.get(relay.key):
+            return
         if not relay.tasks:
             self._release_holdq(relay)
         if self.routing.forget(relay):
@@ -489,14 +502,13 @@ class Mta:
             evpid=env.id, agent="mta", status="hold", holdq=relay.holdq)))
         return True
 
-    def _hiwat(self, env: Envelope, key: RelayKey) -> bool:
-        """mta.c: a relay with `task-hiwat` tasks waiting holds new envelopes in a hold
-        queue of its own, released by `task-release` when it is down to `task-lowat`."""
-        relay = self.routing.relays.get(key)
-        if relay is None:
-            return False
-        if not relay.onhold and relay.ntask >= relay.limits.task_hiwat:
-            log.info("smtp-out: hiwat reached on %s: holding envelopes", key.text())
+    def _hiwat(self, env: Envelope, relay: Relay) -> bool:
+        """mta.c: a relay with `task-hiwat` tasks waiting (being gathered included) holds
+        new envelopes in a hold queue of its own, released by `task-release` when it is
+        down to `task-lowat`."""
+        waiting = relay.ntask + self.gathering.get(relay.key, 0)
+        if not relay.onhold and waiting >= relay.limits.task_hiwat:
+            log.info("smtp-out: hiwat reached on %s: holding envelopes", relay.key.text())
             relay.onhold = True
         if not relay.onhold:
             return False
