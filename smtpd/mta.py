@@ -33,7 +33,7 @@ from common.messages import (
     MtaDnsLookup, MtaDnsReply, MtaHoldqRelease,
 )
 from common.trace import FLAGS, SESSION, trace
-from common.vis import COMMAND, log_text
+from common.vis import COMMAND, VIS_DQ, log_text
 from smtpd.dsn_params import mail_params, rcpt_params
 from smtpd.mta_routes import FAILURE_TEXT, Limits, Relay, RelayKey, Route, Routing
 from smtpd.mta_session import (
@@ -265,7 +265,8 @@ class Mta:
             self._relay_failed(relay.key.text())
         for task in tasks:
             stat.decrement("mta.task")
-            self.pony.spawn(self._task_report(task, status, text, "-", 0))
+            # mta_flush: relay= is the relay's domain (or smarthost) name
+            self.pony.spawn(self._task_report(task, status, text, relay.key.domain, 0))
         relay.mxs = None             # looked up again for the next task
         relay.fail = None
         self._maybe_forget(relay)
@@ -637,7 +638,7 @@ class Mta:
         now = int(time.time())
         word = {"ok": "Ok", "tempfail": "TempFail", "permfail": "PermFail"}.get(status, "TempFail")
         # pysmtpd adds the message's Message-ID at the end of the line, when known
-        extra = f" message-id={log_text(mid, COMMAND)}" if mid else ""
+        extra = f' message-id="{log_text(mid, COMMAND | VIS_DQ)}"' if mid else ""
         for env in envelopes:
             if env.id in self.outstanding:
                 self.outstanding.discard(env.id)
