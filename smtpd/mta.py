@@ -78,11 +78,12 @@ class FailingRelay:
 
 class Task:
     """One message's envelopes for one relay, delivered in one transaction."""
-    __slots__ = ("envelopes", "action")
+    __slots__ = ("envelopes", "action", "probed")
 
     def __init__(self, envelopes: list[Envelope], action) -> None:
         self.envelopes = envelopes
         self.action = action
+        self.probed = False      # the relay's disabled routes were tried once more for it
 
 
 def limits_from_config(config) -> tuple[Limits, dict[str, Limits]]:
@@ -200,8 +201,6 @@ class Mta:
             self._maybe_forget(relay)
             return
         relay.tasks.append(Task(envelopes, action))
-        if any(env.retry for env in envelopes):
-            relay.probe = True
         stat.increment("mta.task")
         self._event(key).set()
         self._drain(relay)
@@ -233,10 +232,16 @@ class Mta:
                 self.routing.opened(relay, decision.route, time.monotonic(), time.time())
                 self.pony.spawn(self._session(relay, decision.route, decision.host_name))
                 continue
-            if decision.error is not None:
-                if relay.nconn == 0:
-                    log.info("smtp-out: No valid route for %s", relay.key.text())
-                    self._fail_tasks(relay, "tempfail", FAILURE_TEXT[decision.error])
+            if decision.error is not None and relay.nconn == 0:
+                if decision.error.startswith("error_route") and any(not t.probed for t in relay.tasks):
+                    # pysmtpd: a task is not failed by routes another task disabled;
+                    # they are tried once more for it (penalty kept), see docs/mta.md
+                    for task in relay.tasks:
+                        task.probed = True
+                    relay.probe = True
+                    continue
+                log.info("smtp-out: No valid route for %s", relay.key.text())
+                self._fail_tasks(relay, "tempfail", FAILURE_TEXT[decision.error])
             elif decision.retry_at is not None:
                 self._retry_at(relay, decision.retry_at)
             break
@@ -367,6 +372,8 @@ class Mta:
             if delay:
                 log.info("smtp-out: Disabling route %s for %ds", route.text(), delay)
                 self._schedule_enable()
+                for task in relay.tasks:     # this failure was their try
+                    task.probed = True
             self._drain(relay)
 
     async def _serve(self, relay: Relay, conn: Connection, session_id: int, relay_text: str) -> int:

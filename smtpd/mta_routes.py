@@ -210,7 +210,7 @@ class Relay:
     timeout_at: float | None = None
     connectors: dict[str, Connector] = field(default_factory=dict)
     sent: deque = field(default_factory=deque)       # send times, for max-msg-rate
-    probe: bool = False      # a retried envelope came: try the disabled routes once more
+    probe: bool = False      # a task not tried yet found every route disabled: try them once more
     onhold: bool = False     # task-hiwat reached: new envelopes are held until task-lowat
     holdq: int = 0           # the scheduler's hold queue of those envelopes (0: none yet)
 
@@ -505,9 +505,9 @@ class Routing:
         return out
 
     def _probe(self, relay: Relay, source: Source) -> None:
-        """pysmtpd: an envelope whose retry time came (or that `smtpctl schedule` made
-        due) is tried even if the relay's routes are disabled: those routes are enabled
-        again, penalty kept, so one more failure disables them for longer."""
+        """pysmtpd: a task that finds every route of its relay disabled (by other tasks'
+        failures) has them enabled again once, penalty kept, so one more failure
+        disables them for longer."""
         for _, host in relay.mxs or []:
             route = self.routes.get((source.address, host.address))
             if route is not None and route.flags & ROUTE_DISABLED:
