@@ -88,9 +88,10 @@ def test_message_rate_holds_mail_back_without_failing_it(make_daemon):
         assert len(d.queue_lines()) == 3          # still queued, none failed
         assert "TempFail" not in d.log() and "PermFail" not in d.log()
         relays = d.smtpctl("show", "relays").stdout.splitlines()
-        assert re.fullmatch(r"\[relay:rate\.test,smtp\] refcount=0 ntask=3 nconn=0 lastconn=\d+s "
+        # (the last session may still be saying QUIT)
+        assert re.fullmatch(r"\[relay:rate\.test,smtp\] refcount=0 ntask=3 nconn=[01] lastconn=\d+s "
                             r"timeout=\d+s wait=connector", relays[0]), relays
-        assert relays[1].startswith("  connector [] refcount=0 nconn=0 ")
+        assert re.match(r"  connector \[\] refcount=0 nconn=[01] ", relays[1]), relays
 
         # removed and paused while waiting in the relay: given back at once, never sent
         waiting = [line.split("|")[0] for line in d.queue_lines()]
