@@ -16,6 +16,7 @@ Interface with smtpd/mta.py (which picks relays, hosts and routes; keep it stabl
   Hashable: part of the key under which idle connections wait for reuse.
 - ``Connection(address, port, helo=, session=, options=, server_name=)``: the
   ``server_name`` (MX or smarthost name) is the one TLS verifies and sends as SNI.
+  An ``address`` starting with "/" is a UNIX socket (``lmtp=True`` for an LMTP server).
   ``options.schema`` is the scheme of the ``mta connecting address=`` log line.
 - ``await open_and_send(conn, sender, rcpts, message, size, dsn)`` ->
   ``TransactionResult``: greets if not yet, runs one transaction; ``connected``
@@ -126,7 +127,7 @@ async def session_options(pony, action, url: RelayUrl | None = None) -> SessionO
     credentials = None
     if url is not None and url.label:
         credentials = await lookup_credentials(pony, action.auth_table, url.label)
-    context = getattr(pony, "client_tls", {}).get((action.name, verify))
+    context = pony.client_tls.get((action.name, verify))
     if context is None and mode != "no":
         if mode != "opportunistic":
             raise RelayRefused("tempfail", "No TLS context for relaying")
@@ -186,7 +187,7 @@ class Connection:
         self.extensions: dict[str, str] = {}
         self.usable = False          # greeted, and the last transaction ended cleanly
         self.transactions = 0
-        self.txn_replies = 0         # reads in the current transaction (0: nothing came back)
+        self.txn_replies = 0         # reads with data in the current transaction (0: no reply)
         self.tls_text = ""           # VERSION:CIPHER:BITS once TLS is on
 
     # -- pumping ---------------------------------------------------------------------------
@@ -211,7 +212,8 @@ class Connection:
             if event is not NEED_DATA:
                 return event
             data = await asyncio.wait_for(self.reader.read(READ_SIZE), self.timeout)
-            self.txn_replies += 1
+            if data:
+                self.txn_replies += 1    # an end of file is not a reply (mta.py retries then)
             if FLAGS.io:
                 trace("mta: %016x: IO_DATAIN %d bytes", self.session, len(data))
             if FLAGS.mta:
@@ -228,9 +230,13 @@ class Connection:
         """A connection (TLS from the start for smtps); an error text if none."""
         smtps = mode == "smtps"
         try:
-            self.reader, self.writer = await asyncio.wait_for(asyncio.open_connection(
-                self.host, self.port, ssl=self.options.context if smtps else None,
-                server_hostname=self.server_name if smtps else None), self.connect_timeout)
+            if self.host.startswith("/"):        # an LMTP server's UNIX socket
+                connecting = asyncio.open_unix_connection(self.host)
+            else:
+                connecting = asyncio.open_connection(
+                    self.host, self.port, ssl=self.options.context if smtps else None,
+                    server_hostname=self.server_name if smtps else None)
+            self.reader, self.writer = await asyncio.wait_for(connecting, self.connect_timeout)
         except (OSError, TimeoutError) as exc:
             if FLAGS.mta:
                 trace("mta: %016x: connection to %s failed: %s", self.session, self.relay, exc)

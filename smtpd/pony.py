@@ -50,10 +50,12 @@ class Listening:
 
 class Prepared:
     def __init__(self, listening: list[Listening], fd_channel: socket.socket | None,
-                 tls_contexts: dict[int, object] | None = None) -> None:
+                 tls_contexts: dict[int, object] | None = None,
+                 client_tls: dict | None = None) -> None:
         self.listening = listening
         self.fd_channel = fd_channel
         self.tls_contexts = tls_contexts or {}
+        self.client_tls = client_tls or {}       # relay actions' contexts (tls.client_contexts)
 
 
 def tls_contexts(config, files=None) -> dict[int, object]:
@@ -73,9 +75,7 @@ def prepare(opts, config) -> Prepared:
     channel = socket.socket(fileno=opts.fd_channel) if opts.fd_channel >= 0 else None
     if tls is not None and privsep.chroot_dir("pony", opts.rundir, opts.spool) == opts.rundir:
         tls.scratch_dir = "/" + tls.SCRATCH_DIR_NAME     # as seen from the chroot
-    prepared = Prepared(out, channel, tls_contexts(config))
-    prepared.client_tls = tls.client_contexts(config)     # relay actions (smtpd/mta_session.py)
-    return prepared
+    return Prepared(out, channel, tls_contexts(config), tls.client_contexts(config))
 
 
 class Process:
@@ -95,7 +95,7 @@ class Process:
         self.auth_failures: dict[str, int] = {}  # client address -> failed AUTH (smtp_session)
         self._tls_contexts: dict[int, object] = ctx.prepared.tls_contexts
         self._reload_tls_contexts: dict[int, object] = {}   # of the pending reload
-        self.client_tls: dict = getattr(ctx.prepared, "client_tls", {})   # tls.client_contexts
+        self.client_tls: dict = ctx.prepared.client_tls     # smtpd/mta_session.py reads it
         self._reload_client_tls: dict = {}
 
     async def start(self) -> None:

@@ -210,20 +210,24 @@ def cipher_string(text: str) -> str:
     return _CIPHER_KEYWORDS.get(text.lower(), text)
 
 
-def _base_context(config: Config, listener: Listener, files: dict[str, bytes]) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    low, high = protocol_range(listener.protocols or "secure")
+def _set_protocols_and_ciphers(ctx: ssl.SSLContext, protocols: str | None, ciphers: str | None) -> None:
+    """libtls's ``protocols`` (default "secure") and ``ciphers`` strings on a context."""
+    low, high = protocol_range(protocols or "secure")
     try:
         ctx.minimum_version, ctx.maximum_version = low, high
     except ValueError as exc:
-        raise TLSConfigError(f"invalid protocols: {listener.protocols} ({exc})") from None
-    ciphers = listener.ciphers or config.tls_ciphers
+        raise TLSConfigError(f"invalid protocols: {protocols} ({exc})") from None
     if ciphers:
         try:
             ctx.set_ciphers(cipher_string(ciphers))
         except ssl.SSLError:
             raise TLSConfigError(f"invalid ciphers: {ciphers}") from None
+
+
+def _base_context(config: Config, listener: Listener, files: dict[str, bytes]) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    _set_protocols_and_ciphers(ctx, listener.protocols, listener.ciphers or config.tls_ciphers)
     if listener.tls_verify:
         ctx.verify_mode = ssl.CERT_REQUIRED
         if listener.ca is not None:
@@ -318,17 +322,7 @@ def client_context(config: Config, action, verify: bool,
     without ``verify`` (opportunistic TLS, ``tls no-verify``) any certificate is taken."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.options |= ssl.OP_NO_COMPRESSION
-    low, high = protocol_range(action.relay_protocols or "secure")
-    try:
-        ctx.minimum_version, ctx.maximum_version = low, high
-    except ValueError as exc:
-        raise TLSConfigError(f"invalid protocols: {action.relay_protocols} ({exc})") from None
-    ciphers = action.relay_ciphers or config.tls_ciphers
-    if ciphers:
-        try:
-            ctx.set_ciphers(cipher_string(ciphers))
-        except ssl.SSLError:
-            raise TLSConfigError(f"invalid ciphers: {ciphers}") from None
+    _set_protocols_and_ciphers(ctx, action.relay_protocols, action.relay_ciphers or config.tls_ciphers)
     if action.relay_pki:
         pki = config.pki[action.relay_pki]
         _load_chain(ctx, files[pki.cert], files[pki.key])

@@ -7,6 +7,8 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import free_port, wait_for
 from tests.e2e.helpers import send, userbase
 from tests.e2e.raw_sink import RawSink
@@ -39,6 +41,11 @@ class Setup:
         self.make_daemon, self.tmp_path = make_daemon, tmp_path
         self.ca = CertificateAuthority(tmp_path / "ca")
         self.port, self.sink_port = free_port(), free_port()
+
+    def relay_once(self, d, result: str) -> str:
+        """Send alice -> carol@remote.test; the log once a delivery line says ``result``."""
+        send(self.port, "alice@example.test", ["carol@remote.test"])
+        return d.wait_log(f'result="{result}"', 30)
 
     def daemon(self, relay_line: str, with_ca: bool = True):
         extra = f'ca relayca cert "{self.ca.cert}"' if with_ca else ""
@@ -79,8 +86,7 @@ def _refused(s: Setup, issued, relay_line: str, reason: str) -> None:
     sink = Sink(s.sink_port, tls_context=server_context(issued)).start()
     try:
         d = s.daemon(relay_line)
-        send(s.port, "alice@example.test", ["carol@remote.test"])
-        log = d.wait_log('result="TempFail"', 30)
+        log = s.relay_once(d, "TempFail")
         assert reason in log, log
         assert sink.transactions == []
         assert len(d.queue_lines()) == 1          # kept for a later try, not bounced
@@ -101,25 +107,17 @@ def test_untrusted_ca_refused_when_verification_is_required(make_daemon, tmp_pat
              "IO Error: certificate verify failed: unable to get local issuer certificate")
 
 
-def test_tls_no_verify_takes_any_certificate(make_daemon, tmp_path):
+@pytest.mark.parametrize("options, with_ca", [
+    ("tls no-verify", True),            # TLS required, any certificate
+    ("", False),                        # opportunistic STARTTLS: never verified
+])
+def test_unverified_tls_takes_any_certificate(make_daemon, tmp_path, options, with_ca):
     s = Setup(make_daemon, tmp_path)
     stranger = CertificateAuthority(tmp_path / "other-ca", name="not trusted")
     sink = Sink(s.sink_port, tls_context=server_context(stranger.issue("other.test")),
                 require_starttls=True).start()
     try:
-        d = s.daemon(f'host "smtp://{NAME}:{s.sink_port}" tls no-verify')
-        delivered_over_tls(d, sink, "unverified", s.port)
-    finally:
-        sink.stop()
-
-
-def test_opportunistic_starttls_unverified_by_default(make_daemon, tmp_path):
-    s = Setup(make_daemon, tmp_path)
-    stranger = CertificateAuthority(tmp_path / "other-ca", name="not trusted")
-    sink = Sink(s.sink_port, tls_context=server_context(stranger.issue("other.test")),
-                require_starttls=True).start()
-    try:
-        d = s.daemon(f'host "smtp://{NAME}:{s.sink_port}"', with_ca=False)
+        d = s.daemon(f'host "smtp://{NAME}:{s.sink_port}" {options}'.rstrip(), with_ca=with_ca)
         delivered_over_tls(d, sink, "unverified", s.port)
     finally:
         sink.stop()
@@ -130,9 +128,8 @@ def test_opportunistic_tls_failure_falls_back_to_plain_text(make_daemon, tmp_pat
     sink = RawSink(s.sink_port, starttls="break").start()
     try:
         d = s.daemon(f'host "smtp://{NAME}:{s.sink_port}"', with_ca=False)
-        send(s.port, "alice@example.test", ["carol@remote.test"])
-        wait_for(lambda: sink.recorded, 30, "the message in plain text")
-        log = d.wait_log('result="Ok"')
+        log = s.relay_once(d, "Ok")
+        assert len(sink.recorded) == 1
         assert "opportunistic TLS failed, downgrading to plain" in log
         assert f"mta connecting address=smtp+notls://127.0.0.1:{s.sink_port}" in log
         assert sink.connections == 2
@@ -145,40 +142,47 @@ def test_starttls_refused_goes_on_in_plain_text_unless_tls_is_required(make_daem
     sink = RawSink(s.sink_port, starttls="refuse").start()
     try:
         d = s.daemon(f'host "smtp://{NAME}:{s.sink_port}"', with_ca=False)
-        send(s.port, "alice@example.test", ["carol@remote.test"])
-        wait_for(lambda: sink.recorded, 30, "the message in plain text")
-        d.wait_log('result="Ok"')
+        s.relay_once(d, "Ok")
+        assert len(sink.recorded) == 1 and sink.connections == 1
         d.stop()
         d = s.daemon(f'host "smtp://{NAME}:{s.sink_port}" tls', with_ca=False)
-        send(s.port, "alice@example.test", ["carol@remote.test"])
-        log = d.wait_log('result="TempFail"', 30)
+        log = s.relay_once(d, "TempFail")
         assert "STARTTLS rejected: 454 4.7.0 TLS not available" in log
         assert len(sink.recorded) == 1
     finally:
         sink.stop()
 
 
-def test_tls_required_with_a_server_without_starttls(make_daemon, tmp_path):
+@pytest.mark.parametrize("scheme, reason", [
+    ("smtp", "TLS required but not supported by remote host"),     # the sink offers no STARTTLS
+    ("smtp+notls", 'stat="TLS required for relaying"'),            # refused before connecting
+])
+def test_tls_required_and_not_possible(make_daemon, tmp_path, scheme, reason):
     s = Setup(make_daemon, tmp_path)
     sink = Sink(s.sink_port).start()
     try:
-        d = s.daemon(f'host "smtp://{NAME}:{s.sink_port}" tls', with_ca=False)
-        send(s.port, "alice@example.test", ["carol@remote.test"])
-        log = d.wait_log('result="TempFail"', 30)
-        assert "TLS required but not supported by remote host" in log
+        d = s.daemon(f'host "{scheme}://{NAME}:{s.sink_port}" tls', with_ca=False)
+        assert reason in s.relay_once(d, "TempFail")
         assert sink.transactions == []
     finally:
         sink.stop()
 
 
-def test_tls_with_smtp_notls_is_refused(make_daemon, tmp_path):
+def test_client_certificate_from_the_action_pki(make_daemon, tmp_path):
+    """A relay that wants a client certificate (the handshake fails without one) gets
+    the action's ``pki``."""
     s = Setup(make_daemon, tmp_path)
-    sink = Sink(s.sink_port).start()
+    ctx = server_context(s.ca.issue(NAME))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cafile=str(s.ca.cert))
+    client = s.ca.issue("client.example.test", client=True)
+    sink = Sink(s.sink_port, tls_context=ctx, require_starttls=True).start()
     try:
-        d = s.daemon(f'host "smtp+notls://{NAME}:{s.sink_port}" tls', with_ca=False)
-        send(s.port, "alice@example.test", ["carol@remote.test"])
-        log = d.wait_log('result="TempFail"', 30)
-        assert 'stat="TLS required for relaying"' in log
-        assert sink.transactions == []
+        extra = (f'ca relayca cert "{s.ca.cert}"\n'
+                 f'pki client.example.test cert "{client.cert}"\n'
+                 f'pki client.example.test key "{client.key}"')
+        d = s.make_daemon(relay_config(s.tmp_path / "d", s.port, f'host "smtp+tls://{NAME}:{s.sink_port}" '
+                                       "ca relayca pki client.example.test", extra)).start()
+        delivered_over_tls(d, sink, "valid", s.port)
     finally:
         sink.stop()
