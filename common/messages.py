@@ -565,6 +565,17 @@ class MtaCredentialsReply(Msg, **_m("mta_credentials_reply")):
     password: str = ""
 
 
+# --- tables (issue 11): smtpctl update table -----------------------------------------------
+
+class CtlUpdateTable(Msg, **_m("ctl_update_table")):
+    """control -> lka: ``smtpctl update table NAME``: reload what the table's backend
+    caches (re-read its file, reopen its db, send ``update`` to its program); lka
+    answers CtlReply (ok, or text saying why not).  lka is the one process that holds
+    tables; the others ask it."""
+    reqid: int
+    name: str
+
+
 Message = Union[
     RequestFailed, SetupDone, ConfEnd, CtlVerbose, MdaFork, MdaDone,
     SmtpMessageCreate, SmtpMessageCreateReply, SmtpExpandRcpt, SmtpExpandRcptReply,
@@ -585,6 +596,7 @@ Message = Union[
     QueueEnvelopeSubmitBatch,
     CtlLinesReply, CtlMtaBlock, SchedEnvelopeWithdraw,
     MtaLookupCredentials, MtaCredentialsReply,
+    CtlUpdateTable,
 ]
 
 _encoder = msgspec.msgpack.Encoder()

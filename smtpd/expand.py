@@ -37,7 +37,7 @@ def split_address(addr: str) -> tuple[str, str]:
 def lookup_userinfo(tables, table: str, user: str):
     """(status, (uid, gid, home) | None) from a userbase table or the password db."""
     try:
-        value = tables.get(table or "<getpwnam>").lookup("userinfo", user.lower())
+        value = tables.get(table or "<getpwnam>").lookup_now("userinfo", user.lower())
     except TableUnavailable:
         return "tempfail", None
     if not value:
@@ -100,7 +100,7 @@ def expand_recipient(config, tables, req) -> ExpandResult:
         try:
             backend = tables.get(table)
             for key in dict.fromkeys(keys):
-                value = backend.lookup(service, key)
+                value = backend.lookup_now(service, key)
                 if value:
                     return [value] if isinstance(value, str) else list(value)
         except TableUnavailable:

@@ -5,6 +5,13 @@ envelopes and submits them straight to the queue (as OpenSMTPD does), or answers
 pony with the SMTP error.  At delivery time it answers user and DNS lookups.
 It checks AUTH credentials against tables (the parent checks system accounts)
 and which senders an authenticated user may use (smtpd/auth.py).
+
+lka owns the tables (smtpd/table/): it opens them after its privilege drop, on
+CONF_END as OpenSMTPD's lka does (file tables were read by the parent while parsing;
+db files are opened and table programs started here, as smtpd's user), and reloads
+one on ``smtpctl update table``.  Code that still looks tables up synchronously
+(expansion, credentials, senders) runs in a worker thread when some table must be
+awaited (a proc table), so the event loop never waits for a table program.
 """
 from __future__ import annotations
 
@@ -16,30 +23,31 @@ import dns.resolver
 import msgspec
 
 from common.messages import (
-    LkaEnvelopeCommit, LkaEnvelopeSubmit, MdaLookupUserinfo, MdaLookupUserinfoReply,
-    MtaCredentialsReply, MtaDnsLookup, MtaDnsReply, MtaLookupCredentials, SmtpAuthenticate, SmtpAuthenticateReply, SmtpCheckSender,
+    CtlReply, CtlUpdateTable, LkaEnvelopeCommit, LkaEnvelopeSubmit, MdaLookupUserinfo,
+    MdaLookupUserinfoReply, MtaCredentialsReply, MtaDnsLookup, MtaDnsReply, MtaLookupCredentials,
+    SmtpAuthenticate, SmtpAuthenticateReply, SmtpCheckSender,
     SmtpCheckSenderReply, SmtpExpandRcpt, SmtpExpandRcptReply,
 )
 from common.vis import COMMAND, log_text
 from smtpd import auth, expand
 from smtpd.dns import NullMx, Resolver
-from smtpd.ruleset import TableSet
+from smtpd.table import TableSet, TableUnavailable
+from smtpd.table.services import parse_userinfo
 
 log = logging.getLogger("smtpd")
 
 
-def prepare(opts, config) -> TableSet:
-    """Open the tables while still privileged (their files need not be readable later),
-    and libcrypt for the password hashes of credentials tables."""
+def prepare(opts, config) -> None:
+    """libcrypt, for the password hashes of credentials tables, while still privileged.
+    The tables are opened after the drop (Process.start)."""
     auth.load_libcrypt()
-    return TableSet(config)
 
 
 class Process:
     def __init__(self, ctx) -> None:
         self.ctx = ctx
         self.config = ctx.config
-        self.tables: TableSet = ctx.prepared
+        self.tables = TableSet(self.config)
         self.resolver = Resolver(self.config.mta_resolver, self.config.mta_resolver_port)
         self.tasks: set[asyncio.Task] = set()
 
@@ -47,20 +55,36 @@ class Process:
         pass
 
     async def on_conf_end(self) -> None:
-        pass
+        """lka.c on IMSG_CONF_END: table_open_all (db files, table programs)."""
+        await self.tables.open()
 
     async def stop(self) -> None:
         for task in list(self.tasks):
             task.cancel()
+        await self.tables.close()
 
     # -- configuration reload (smtpd/reload.py): the parent re-read the table files -----------
 
-    def prepare_config(self, config, msg) -> TableSet:
-        return TableSet(config)
+    async def prepare_config(self, config, msg) -> TableSet:
+        tables = TableSet(config)
+        await tables.open()
+        return tables
 
-    def apply_config(self, config, tables: TableSet) -> None:
-        self.config, self.tables = config, tables
+    async def apply_config(self, config, tables: TableSet) -> None:
+        old, self.config, self.tables = self.tables, config, tables
         self.resolver = Resolver(config.mta_resolver, config.mta_resolver_port)
+        await old.close()
+
+    async def abort_config(self, tables: TableSet) -> None:
+        await tables.close()
+
+    async def _sync(self, func, *args):
+        """``func(*args)``, a synchronous caller of the tables: inline when every table
+        answers at once, else in a worker thread, where a proc table's answer is waited
+        for without blocking the event loop (smtpd/table/base.py BlockingTable)."""
+        if self.tables.blocking:
+            return await asyncio.to_thread(func, *args)
+        return func(*args)
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
@@ -72,7 +96,9 @@ class Process:
             case SmtpExpandRcpt():
                 await self._expand(msg)
             case MdaLookupUserinfo():
-                await self.ctx.mesh.send(peer, self._userinfo(msg))
+                await self.ctx.mesh.send(peer, await self._userinfo(msg))
+            case CtlUpdateTable() if peer == "control":
+                self._spawn(self._update_table(peer, msg))
             case MtaDnsLookup():
                 self._spawn(self._dns(peer, msg))
             case SmtpAuthenticate() if peer == "pony":
@@ -80,23 +106,26 @@ class Process:
             case SmtpAuthenticateReply() if peer == "parent":
                 await self.ctx.mesh.send("pony", msg)
             case SmtpCheckSender() if peer == "pony":
-                result = auth.sender_allowed(self.tables.get(msg.table), msg.user, msg.sender,
-                                             self.config.sub_addr_delim)
+                result = await self._sync(auth.sender_allowed, self.tables.get(msg.table), msg.user,
+                                          msg.sender, self.config.sub_addr_delim)
                 await self.ctx.mesh.send(peer, SmtpCheckSenderReply(
                     reqid=msg.reqid, ok=result == "ok", result=result))
             case MtaLookupCredentials() if peer == "pony":
-                await self.ctx.mesh.send(peer, self._credentials(msg))
+                self._spawn(self._send_credentials(peer, msg))
             case _:
                 log.warning("warn: lka: unexpected %s from %s", type(msg).__name__, peer)
 
-    def _credentials(self, req: MtaLookupCredentials) -> MtaCredentialsReply:
+    async def _send_credentials(self, peer: str, req: MtaLookupCredentials) -> None:
+        await self.ctx.mesh.send(peer, await self._credentials(req))
+
+    async def _credentials(self, req: MtaLookupCredentials) -> MtaCredentialsReply:
         """lka_credentials: a relay's user and password from a credentials table
         (table.c K_CREDENTIALS: "user:password"; no colon: the label is the user)."""
         if req.table not in self.config.tables:
             log.warning("warn: credentials table %s missing", req.table)
             return MtaCredentialsReply(reqid=req.reqid, status="tempfail")
         try:
-            value = self.tables.get(req.table).lookup("credentials", req.label)
+            value = await self.tables.get(req.table).lookup("credentials", req.label)
         except Exception as exc:        # an external table that cannot answer
             log.warning("warn: credentials lookup fail for %s:%s: %s", req.table,
                         log_text(req.label), log_text(str(exc), COMMAND))
@@ -132,7 +161,7 @@ class Process:
             # the envelope records who authenticated (OpenSMTPD's evp.username), which
             # `match auth` and `from auth` rules look at
             req.envelope = msgspec.structs.replace(req.envelope, username=req.auth_user)
-        result = expand.expand_recipient(self.config, self.tables, req)
+        result = await self._sync(expand.expand_recipient, self.config, self.tables, req)
         if result.error is not None:
             code, text = result.error
             await send("pony", SmtpExpandRcptReply(reqid=req.reqid, code=code, text=text))
@@ -142,12 +171,33 @@ class Process:
         await send("queue", LkaEnvelopeCommit(reqid=req.reqid, msgid=req.msgid,
                                               count=len(result.envelopes)))
 
-    def _userinfo(self, req: MdaLookupUserinfo) -> MdaLookupUserinfoReply:
-        status, info = expand.lookup_userinfo(self.tables, req.table, req.user)
-        if info is None:
-            return MdaLookupUserinfoReply(reqid=req.reqid, status=status)
-        uid, gid, home = info
+    async def _userinfo(self, req: MdaLookupUserinfo) -> MdaLookupUserinfoReply:
+        """lka_userinfo: a userbase table's ``uid:gid:home``, or the system's (getpwnam,
+        answered here: lka may read the user database, the delivery side may not)."""
+        try:
+            value = await self.tables.get(req.table or "getpwnam").lookup("userinfo", req.user.lower())
+            if value is None:
+                return MdaLookupUserinfoReply(reqid=req.reqid, status="notfound")
+            uid, gid, home = parse_userinfo(req.user, value)
+        except TableUnavailable:
+            return MdaLookupUserinfoReply(reqid=req.reqid, status="tempfail")
+        except ValueError as exc:
+            log.warning("warn: lka: table %s: bad userinfo for %s: %s", req.table or "getpwnam",
+                        log_text(req.user), exc)
+            return MdaLookupUserinfoReply(reqid=req.reqid, status="tempfail")
         return MdaLookupUserinfoReply(reqid=req.reqid, status="ok", uid=uid, gid=gid, home=home)
+
+    async def _update_table(self, peer: str, req: CtlUpdateTable) -> None:
+        """``smtpctl update table NAME`` (lka.c IMSG_CTL_UPDATE_TABLE): smtpctl prints
+        OpenSMTPD's bare ``command failed``; the reason is in the log."""
+        if req.name not in self.config.tables:
+            log.warning("warn: Lookup table not found: \"%s\"", log_text(req.name))
+            problem = "not found"
+        else:
+            problem = await self.tables.update(req.name)
+            if problem is not None:
+                log.warning("warn: table %s: update failed: %s", req.name, log_text(problem))
+        await self.ctx.mesh.send(peer, CtlReply(reqid=req.reqid, ok=problem is None))
 
     async def _dns(self, peer: str, req: MtaDnsLookup) -> None:
         try:
