@@ -35,7 +35,9 @@ from common.messages import (
 from common.trace import FLAGS, SESSION, trace
 from common.vis import COMMAND, VIS_DQ, log_text
 from smtpd.dsn_params import mail_params, rcpt_params
-from smtpd.mta_routes import FAILURE_TEXT, Limits, Relay, RelayKey, Route, Routing
+from smtpd.mta_routes import (
+    FAILURE_TEXT, ROUTE_DISABLED_NET, ROUTE_DISABLED_SMTP, Limits, Relay, RelayKey, Route, Routing,
+)
 from smtpd.mta_session import (
     Connection, DsnRequest, ProtocolError, RelayRefused, failure_text, session_options,
 )
@@ -241,7 +243,10 @@ class Mta:
                     relay.probe = True
                     continue
                 log.info("smtp-out: No valid route for %s", relay.key.text())
-                self._fail_tasks(relay, "tempfail", FAILURE_TEXT[decision.error])
+                # pysmtpd: the last refusal or network error says more than mta.c's failstr
+                text = relay.last_error if decision.error.startswith("error_route") and relay.last_error \
+                    else FAILURE_TEXT[decision.error]
+                self._fail_tasks(relay, "tempfail", text)
             elif decision.retry_at is not None:
                 self._retry_at(relay, decision.retry_at)
             break
@@ -325,6 +330,7 @@ class Mta:
         port = relay.key.port or self.config.mta_mx_port
         ready = False
         penalize = True          # a failed first connection disables the route
+        reason = ROUTE_DISABLED_NET
         stat.increment("mta.task.running")
         try:
             if host.ptrname is None:
@@ -346,14 +352,17 @@ class Mta:
                 refused = await conn.open()
             except _NETWORK_ERRORS as exc:
                 refused = failure_text(exc)
-            if isinstance(refused, str):
+            if isinstance(refused, str) and conn.writer is None:
+                relay.last_error = refused
                 log.info("%016x mta error reason=Connection failed: %s", session_id,
                          log_text(refused, COMMAND))
                 await conn.close(quit=False)
                 return
             log.info("%016x mta connected", session_id)
-            if refused is not None:
-                log.info("%016x mta error reason=%s", session_id, log_text(refused.text, COMMAND))
+            if refused is not None:          # banner, EHLO, TLS or AUTH refused
+                relay.last_error = refused if isinstance(refused, str) else refused.text
+                reason = ROUTE_DISABLED_SMTP
+                log.info("%016x mta error reason=%s", session_id, log_text(relay.last_error, COMMAND))
                 await conn.close(quit=False)
                 return
             ready = True
@@ -368,7 +377,7 @@ class Mta:
             log.exception("warn: mta: session %016x failed", session_id)
         finally:
             stat.decrement("mta.task.running")
-            delay = self.routing.closed(relay, route, ready, time.monotonic(), penalize)
+            delay = self.routing.closed(relay, route, ready, time.monotonic(), penalize, reason)
             if delay:
                 log.info("smtp-out: Disabling route %s for %ds", route.text(), delay)
                 self._schedule_enable()

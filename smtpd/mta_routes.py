@@ -211,6 +211,7 @@ class Relay:
     connectors: dict[str, Connector] = field(default_factory=dict)
     sent: deque = field(default_factory=deque)       # send times, for max-msg-rate
     probe: bool = False      # a task not tried yet found every route disabled: try them once more
+    last_error: str = ""     # the last session's connection error or refusal
     onhold: bool = False     # task-hiwat reached: new envelopes are held until task-lowat
     holdq: int = 0           # the scheduler's hold queue of those envelopes (0: none yet)
 
@@ -445,7 +446,7 @@ class Routing:
                 ("error_route_net", "error_route_smtp"))
 
     def closed(self, relay: Relay, route: Route, was_ready: bool, now: float,
-               penalize: bool = True) -> int | None:
+               penalize: bool = True, reason: int = ROUTE_DISABLED_NET) -> int | None:
         """A session ended (mta_route_collect).  A route whose first connection failed is
         disabled: the delay in seconds is returned (the caller logs it)."""
         c = self.connector(relay, route.src)
@@ -458,7 +459,7 @@ class Routing:
             route.flags &= ~ROUTE_KEEPALIVE
         if route.flags & ROUTE_NEW and not was_ready and penalize:
             route.nerror += 1
-            return self.disable(route, 1, ROUTE_DISABLED_NET, now)
+            return self.disable(route, 1, reason, now)
         return None
 
     def disable(self, route: Route, penalty: int, reason: int, now: float) -> int:
