@@ -576,6 +576,29 @@ class CtlUpdateTable(Msg, **_m("ctl_update_table")):
     name: str
 
 
+# --- recipient expansion (issue 11): lka asks the parent for users' files ----------------
+
+class LkaOpenForward(Msg, **_m("lka_open_forward")):
+    """lka -> parent: the text of a file an expansion needs, read as root with
+    OpenSMTPD's checks (smtpd/forward.py; OpenSMTPD's IMSG_LKA_OPEN_FORWARD).
+    ``kind`` "forward": ``home``/.forward of ``user`` (uid ``uid``); "include": the
+    :include: file ``path`` an aliases table names."""
+    reqid: int
+    kind: str                # "forward" | "include"
+    user: str = ""
+    home: str = ""
+    uid: int = -1
+    gid: int = -1
+    path: str = ""
+
+
+class LkaOpenForwardReply(Msg, **_m("lka_open_forward_reply")):
+    """parent -> lka."""
+    reqid: int
+    status: str              # "ok" | "absent" | "tempfail" | "permfail"
+    content: str = ""
+
+
 Message = Union[
     RequestFailed, SetupDone, ConfEnd, CtlVerbose, MdaFork, MdaDone,
     SmtpMessageCreate, SmtpMessageCreateReply, SmtpExpandRcpt, SmtpExpandRcptReply,
@@ -597,6 +620,7 @@ Message = Union[
     CtlLinesReply, CtlMtaBlock, SchedEnvelopeWithdraw,
     MtaLookupCredentials, MtaCredentialsReply,
     CtlUpdateTable,
+    LkaOpenForward, LkaOpenForwardReply,
 ]
 
 _encoder = msgspec.msgpack.Encoder()

@@ -2,39 +2,52 @@
 
 For each RCPT pony asks lka which rule matches; lka expands the recipient into
 envelopes and submits them straight to the queue (as OpenSMTPD does), or answers
-pony with the SMTP error.  At delivery time it answers user and DNS lookups.
-It checks AUTH credentials against tables (the parent checks system accounts)
-and which senders an authenticated user may use (smtpd/auth.py).
+pony with the SMTP error.  The expansion (smtpd/expand.py) asks for what it needs;
+``ExpansionDriver`` answers it from the rules and tables, and from the parent for
+users' .forward and :include: files (lka_session.c's IMSG_LKA_OPEN_FORWARD), awaiting
+each.  At delivery time it answers user and DNS lookups.  It checks AUTH credentials
+against tables (the parent checks system accounts) and which senders an
+authenticated user may use (smtpd/auth.py).
 
 lka owns the tables (smtpd/table/): it opens them after its privilege drop, on
 CONF_END as OpenSMTPD's lka does (file tables were read by the parent while parsing;
 db files are opened and table programs started here, as smtpd's user), and reloads
 one on ``smtpctl update table``.  Code that still looks tables up synchronously
-(expansion, credentials, senders) runs in a worker thread when some table must be
+(credentials, senders) runs in a worker thread when some table must be
 awaited (a proc table), so the event loop never waits for a table program.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import pwd
 
 import dns.exception
 import dns.resolver
 import msgspec
 
+from common import privsep
+from common.ipc import PeerTimeout
 from common.messages import (
-    CtlReply, CtlUpdateTable, LkaEnvelopeCommit, LkaEnvelopeSubmit, MdaLookupUserinfo,
-    MdaLookupUserinfoReply, MtaCredentialsReply, MtaDnsLookup, MtaDnsReply, MtaLookupCredentials,
-    SmtpAuthenticate, SmtpAuthenticateReply, SmtpCheckSender,
+    CtlReply, CtlUpdateTable, LkaEnvelopeCommit, LkaEnvelopeSubmit, LkaOpenForward, LkaOpenForwardReply,
+    MdaLookupUserinfo, MdaLookupUserinfoReply, MtaCredentialsReply, MtaDnsLookup, MtaDnsReply,
+    MtaLookupCredentials, SmtpAuthenticate, SmtpAuthenticateReply, SmtpCheckSender,
     SmtpCheckSenderReply, SmtpExpandRcpt, SmtpExpandRcptReply,
 )
 from common.vis import COMMAND, log_text
-from smtpd import auth, expand
+from smtpd import auth
 from smtpd.dns import NullMx, Resolver
+from smtpd.expand import (
+    TEMPFAIL, ExpandResult, Expansion, FileAnswer, MatchRule, ReadForward, ReadInclude, TableLookup,
+)
+from smtpd.ruleset import MatchContext, match_async
 from smtpd.table import TableSet, TableUnavailable
 from smtpd.table.services import parse_userinfo
 
 log = logging.getLogger("smtpd")
+
+FILE_TIMEOUT = 60.0      # a .forward on a hung NFS home: the RCPT fails temporarily
 
 
 def prepare(opts, config) -> None:
@@ -50,6 +63,7 @@ class Process:
         self.tables = TableSet(self.config)
         self.resolver = Resolver(self.config.mta_resolver, self.config.mta_resolver_port)
         self.tasks: set[asyncio.Task] = set()
+        self.smtpd_user = _unprivileged_user()
 
     async def start(self) -> None:
         pass
@@ -94,7 +108,8 @@ class Process:
     async def handle(self, peer: str, msg) -> None:
         match msg:
             case SmtpExpandRcpt():
-                await self._expand(msg)
+                # in a task: an expansion may wait for the parent (a .forward)
+                self._spawn(self._expand(msg))
             case MdaLookupUserinfo():
                 await self.ctx.mesh.send(peer, await self._userinfo(msg))
             case CtlUpdateTable() if peer == "control":
@@ -161,7 +176,12 @@ class Process:
             # the envelope records who authenticated (OpenSMTPD's evp.username), which
             # `match auth` and `from auth` rules look at
             req.envelope = msgspec.structs.replace(req.envelope, username=req.auth_user)
-        result = await self._sync(expand.expand_recipient, self.config, self.tables, req)
+        try:
+            result = await ExpansionDriver(self, req).run()
+        except Exception:
+            # a fault of ours is a temporary failure, never a 5xx
+            log.exception("warn: lka: expansion of <%s> failed", log_text(req.envelope.rcpt))
+            result = ExpandResult(error=(451, "4.3.0 Temporary failure"))
         if result.error is not None:
             code, text = result.error
             await send("pony", SmtpExpandRcptReply(reqid=req.reqid, code=code, text=text))
@@ -220,3 +240,80 @@ class Process:
             reply = MtaDnsReply(reqid=req.reqid, status="tempfail",
                                 error="Temporary failure in MX lookup" if req.kind == "mx" else "Host not found")
         await self.ctx.mesh.send(peer, reply)
+
+async def lookup_table(tables: TableSet, table: str, service: str, key: str):
+    """The one place an expansion's lookups reach a table: the value, None, or
+    TEMPFAIL (awaited: a proc table's program may take its time)."""
+    try:
+        return await tables.get(table).lookup(service, key)
+    except TableUnavailable:
+        return TEMPFAIL
+
+
+def _unprivileged_user() -> str:
+    """Who runs commands and writes files named in aliases tables (OpenSMTPD's
+    SMTPD_USER): lka's own user, ``_smtpd`` when started as root."""
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return privsep.SMTPD_USER
+
+
+class ExpansionDriver:
+    """Runs one recipient's Expansion: answers its requests from the configuration,
+    the tables and the parent, until it has a result."""
+
+    MAX_REQUESTS = 10000     # far above what MAX_NODES allows: a bound, not a limit
+
+    def __init__(self, lka: Process, req: SmtpExpandRcpt) -> None:
+        self.lka, self.req = lka, req
+        self.config, self.tables = lka.config, lka.tables
+        self.expansion = Expansion(req.envelope, self.config.actions,
+                                   sub_addr_delim=self.config.sub_addr_delim,
+                                   smtpd_user=lka.smtpd_user)
+
+    async def run(self) -> ExpandResult:
+        for _ in range(self.MAX_REQUESTS):
+            request = self.expansion.next_request()
+            if request is None:
+                break
+            self.expansion.feed(await self.answer(request))
+        if self.expansion.result is None:
+            raise RuntimeError("expansion did not finish")
+        return self.expansion.result
+
+    async def answer(self, request):
+        match request:
+            case MatchRule():
+                return await self._match(request)
+            case TableLookup():
+                return await lookup_table(self.tables, request.table, request.service, request.key)
+            case ReadForward():
+                return await self._read_file(LkaOpenForward(
+                    reqid=self.lka.ctx.new_id(), kind="forward", user=request.user,
+                    home=request.home, uid=request.uid, gid=request.gid))
+            case ReadInclude():
+                return await self._read_file(LkaOpenForward(
+                    reqid=self.lka.ctx.new_id(), kind="include", path=request.path))
+        raise TypeError(f"unknown expansion request {request!r}")
+
+    async def _match(self, request: MatchRule):
+        base, req = self.req.envelope, self.req
+        context = MatchContext(
+            source="local" if request.internal else base.sockaddr.strip("[]"), rdns=req.rdns or None,
+            helo=base.helo, mail_from=base.sender, rcpt=request.address, tag=base.tag or None,
+            auth_user=base.username or None, tls=req.tls,
+            local_listener=request.internal or req.local_listener)
+        try:
+            return await match_async(self.config, self.tables, context)
+        except TableUnavailable:
+            return TEMPFAIL
+
+    async def _read_file(self, msg: LkaOpenForward) -> FileAnswer:
+        try:
+            reply = await self.lka.ctx.mesh.request("parent", msg, (LkaOpenForwardReply,),
+                                                    timeout=FILE_TIMEOUT)
+        except PeerTimeout as exc:
+            log.warning("warn: lka: %s", exc)
+            return FileAnswer("tempfail")
+        return FileAnswer(reply.status, reply.content)

@@ -88,6 +88,9 @@ class Mda:
         action = self.config.actions.get(env.dispatcher)
         if action is None:
             return "tempfail", f"action {env.dispatcher!r} not found in the configuration"
+        if env.mda_method:
+            # |command and /path targets of aliases and .forward files (docs/expansion.md)
+            return "tempfail", f"delivery to an alias {env.mda_method} target is not supported yet"
         if action.method != "maildir":
             return "tempfail", f"delivery method {action.method} is not supported yet"
         mesh, new_id = self.pony.mesh, self.pony.ctx.new_id

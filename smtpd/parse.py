@@ -296,7 +296,7 @@ class Parser:
         act = Action(name=name, method=method, lineno=self.line)
         if method not in LOCAL_METHODS and method != "relay":
             raise self.err(f'syntax error: unknown delivery method "{method}"')
-        if method not in ("maildir", "relay"):
+        if method not in ("maildir", "relay", "forward-only", "expand-only"):
             self.not_yet(f'delivery method "{method}"')
         if method == "maildir" and c.peek() is not None and (c.peek().quoted or c.peek() not in MAILDIR_OPTIONS):
             act.target = c.word("")
