@@ -17,7 +17,8 @@ import socket
 from common import privsep
 from common.ipc import PeerTimeout
 from common.messages import (
-    CtlReply, CtlRequest, FilterSmtpDataOut, MtaDnsLookup, MtaDnsReply, PonyEnqueue, PonyEnqueueReply, QueueDeliver,
+    CtlMtaBlock, CtlReply, CtlRequest, FilterSmtpDataOut, SchedEnvelopeWithdraw, MtaDnsLookup, MtaDnsReply,
+    PonyEnqueue, PonyEnqueueReply, QueueDeliver,
     QueueEnvelopeSubmitReply, QueueTransfer, SmtpMessageCreateReply, SmtpMessageRollback,
 )
 from smtpd import enqueue, fdpass
@@ -331,5 +332,10 @@ class Process:
                     await self._listen()
                     log.info("smtp: resuming listening sockets")
                 await self.mesh.send(peer, CtlReply(reqid=msg.reqid, ok=ok))
+            case SchedEnvelopeWithdraw(evpid=evpid):
+                self.mta.withdraw(evpid)
+            case CtlMtaBlock() | CtlRequest(command="resume route" | "show routes" | "show hosts" |
+                                            "show relays" | "show hoststats" | "show mta paused"):
+                await self.mesh.send(peer, self.mta.control(msg))
             case _:
                 log.warning("warn: pony: unexpected %s from %s", type(msg).__name__, peer)
