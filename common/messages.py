@@ -495,6 +495,12 @@ class PonyEnqueue(Msg, **_m("pony_enqueue")):
     data: bytes
     bounce: bool = False
     origin: str = ""         # for log lines: "bounce", "offline"
+    # issue 11 (sendmail): DSN options (-N, -R, -V; checked) and the submitting
+    # user's uid (SO_PEERCRED, or the offline file's owner), for the log line.
+    dsn_notify: int = 0
+    dsn_ret: str = ""
+    dsn_envid: str = ""
+    uid: int = -1
 
 
 class PonyEnqueueReply(Msg, **_m("pony_enqueue_reply")):
@@ -519,6 +525,70 @@ class RequestFailed(Msg, **_m("request_failed")):
     fails at once (common.ipc.PeerFailed) instead of waiting for its timeout."""
     reqid: int
     error: str
+
+
+# --- issue 11: sendmail(8) through the running daemon -------------------------------------
+
+class CtlEnqueue(Msg, **_m("ctl_enqueue")):
+    """control -> parent: a message a local user submits with sendmail (the
+    ``enqueue`` request of the control socket).  ``uid`` is the client's, from
+    SO_PEERCRED: the parent (root, not chrooted) turns it into the login name that is
+    the default sender and into the full name of the From: field; ``sender`` is
+    sendmail's -f, which any user may give.  Answered by PonyEnqueueReply (same
+    reqid), once pony has stored the message or refused it."""
+    reqid: int
+    uid: int
+    sender: str              # -f/-r, as given; "" = the user's login name
+    fullname: str            # -F, "" = the GECOS name
+    recipients: list[str]
+    data: bytes              # the message, LF line endings, Bcc fields already removed
+    dsn_notify: str = ""     # -N, -R, -V as given (the parent checks them)
+    dsn_ret: str = ""
+    dsn_envid: str = ""
+
+
+# --- MTA routing administration (issue 10: smtpd/mta.py, smtpd/mta_routes.py) --------------
+# control -> pony: CtlRequest(command="show routes"|"show hosts"|"show relays"|"show hoststats"|
+# "show mta paused") answered with CtlLinesReply; CtlRequest(command="resume route", id=ROUTE
+# or 0 for all) and CtlMtaBlock answered with CtlReply.
+
+class CtlLinesReply(Msg, **_m("ctl_lines_reply")):
+    """pony -> control: the lines of a `show routes|hosts|relays|hoststats|mta paused`."""
+    reqid: int
+    lines: list[str] = []
+
+
+class CtlMtaBlock(Msg, **_m("ctl_mta_block")):
+    """control -> pony: `smtpctl pause|resume mta from SOURCE for DOMAIN` (block: pause)."""
+    reqid: int
+    block: bool
+    source: str
+    domain: str
+
+
+class SchedEnvelopeWithdraw(Msg, **_m("sched_envelope_withdraw")):
+    """scheduler -> queue -> pony: an envelope in flight was removed or paused
+    (`smtpctl remove|pause envelope`): the MTA takes it out of a task not yet sent and
+    answers it with a temporary failure, so the scheduler finishes the removal or
+    keeps it paused at once.  The queue passes it on unchanged; no answer."""
+    evpid: int
+
+
+# --- relay AUTH (issue 10): pony -> lka, the credentials of a relay URL's label ------------
+
+class MtaLookupCredentials(Msg, **_m("mta_lookup_credentials")):
+    """IMSG_MTA_LOOKUP_CREDENTIALS: ``label`` of ``smtp+tls://label@host`` in the
+    action's ``auth <table>``."""
+    reqid: int
+    table: str
+    label: str
+
+
+class MtaCredentialsReply(Msg, **_m("mta_credentials_reply")):
+    reqid: int
+    status: str              # "ok" | "permfail" (no such label) | "tempfail"
+    user: str = ""
+    password: str = ""
 
 
 # --- filters (issue 9): pony <-> lka, lka <-> parent (docs/filters.md) -----------------------
@@ -662,6 +732,9 @@ Message = Union[
     CtlContentReply, QueueEnvelopeRemove,
     PonyEnqueue, PonyEnqueueReply,
     QueueEnvelopeSubmitBatch,
+    CtlEnqueue,
+    MtaLookupCredentials, MtaCredentialsReply,
+    CtlLinesReply, CtlMtaBlock, SchedEnvelopeWithdraw,
     FilterSmtpBegin, FilterSmtpBeginReply, FilterSmtpEnd, FilterSmtpReport, FilterSmtpProtocol,
     FilterSmtpProtocolReply, FilterSmtpData, FilterSmtpDataOut, FilterProcFork, FilterProcKill,
     CtlUpdateTable,
@@ -725,7 +798,8 @@ class ClientEnd(msgspec.Struct, tag="client_end", kw_only=True):
 
 
 class ClientContent(msgspec.Struct, tag="client_content", kw_only=True):
-    """A piece of a spool file (show envelope / show message), in order; ClientEnd ends it."""
+    """A piece of a spool file (show envelope / show message), in order; ClientEnd ends it.
+    Also client -> control after an ``enqueue`` request: the message sendmail submits."""
     data: bytes
 
 

@@ -134,7 +134,8 @@ install_test_tools() {
     # systemd-tmpfiles check the units; setpriv (util-linux) confines the daemon as the unit does;
     # zsh and fish run smtpctl's completion scripts; mandoc and groff check the manual
     # pages; rpm's Python dependency generator needs the system Python's packaging module;
-    # swaks needs Net::SSLeay and IO::Socket::SSL for --tls.
+    # swaks needs Net::SSLeay and IO::Socket::SSL for --tls.  s-nail is the mail client
+    # tests/e2e/test_sendmail.py sends through our sendmail with (no MTA recommended).
     # The filter tests run their filters with the system's python3 (as _smtpd when root).
     # The fidelity oracle (tests/oracle/opensmtpd.py) makes its CA with openssl, runs Debian's
     # OpenSMTPD unpacked (never installed) in a mount namespace (unshare), which needs the
@@ -143,7 +144,7 @@ install_test_tools() {
     for tool in swaks:swaks rpmbuild:rpm rpm2cpio:rpm rpmlint:rpmlint cpio:cpio \
                 systemd-analyze:systemd systemd-sysusers:systemd setpriv:util-linux \
                 zsh:zsh fish:fish mandoc:mandoc groff:groff-base \
-                unshare:util-linux openssl:openssl python3:python3; do
+                unshare:util-linux openssl:openssl python3:python3 s-nail:s-nail; do
         command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
     done
     if [ -x /usr/bin/python3 ] && ! /usr/bin/python3 -c 'import packaging' 2>/dev/null; then

@@ -13,7 +13,9 @@ spelled out in full, so the grammar and the tree cannot disagree about what runs
 unit test also checks that both hold the same commands, in the same order).
 
 The options (``--socket``/``-s``, ``--json``, ``-h``/``--help``) may stand anywhere on the
-line, as before.  Run as ``mailq`` (argv[0]), smtpctl is ``smtpctl show queue``.
+line, as before.  Run as ``mailq`` (argv[0]), smtpctl is ``smtpctl show queue``; as
+``sendmail``/``send-mail`` it is sendmail(8) (smtpctl.sendmail); as ``newaliases`` or
+``makemap``, those commands (smtpctl.mapfiles).
 
 Startup time matters (mailq runs from scripts): rich is never loaded (plain help), and
 typer's value conversion, which loads pydantic, is skipped (Verbatim).
@@ -29,8 +31,9 @@ from typing import Optional
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from smtpctl import actions, debug_commands, monitor
+from smtpctl import actions, debug_commands, mailq, monitor
 from smtpctl import reload as reload_command
+from smtpctl.client import socket_path
 from smtpctl.parser import GRAMMAR, PLACEHOLDERS, CommandError, evpid_to_text, msgid_to_text, parse_command
 
 PROG = "smtpctl"
@@ -135,7 +138,7 @@ def _on_daemon(ctx: typer.Context, action, *args) -> None:
 ENVELOPE_OR_MESSAGE = "an envelope id (16 hex digits) or a message id (8 hex digits: every envelope of it)"
 SUBSYSTEM = "a subsystem, as smtpctl(8) lists them (e.g. smtp, queue, imsg, all)"
 ROUTE = typer.Argument(None, metavar="from <addr> for <str>", show_default=False,
-                       help="only the route from this local address to this domain (not supported yet)")
+                       help="only relaying from this local address to this domain")
 
 # --- the command tree (command() puts each group's commands in the grammar's order) ----------
 
@@ -172,8 +175,8 @@ def _word_command(group: typer.Typer, name: str, doc: str, metavar: str, word_he
 
 # (group, name, help, action, action's first arguments)
 NO_ARGUMENT_COMMANDS = (
-        (show_mta, "paused", "The routes whose relaying is paused (not supported yet).",
-         actions.not_supported, "show mta paused"),
+        (show_mta, "paused", "The sources and domains whose relaying is paused (pause mta from ... for ...).",
+         actions.show_lines, "show mta paused"),
         (log, "brief", "Turn verbose (debug) logging off.", debug_commands.run, "log brief"),
         (log, "verbose", "Turn verbose (debug) logging on.", debug_commands.run, "log verbose"),
         (app, "monitor", "Print the daemon's main counters every second (increments; two are absolute).",
@@ -182,13 +185,11 @@ NO_ARGUMENT_COMMANDS = (
         (pause, "smtp", "Stop accepting incoming SMTP sessions for now.", actions.simple, "pause smtp"),
         (resume, "mda", "Resume local deliveries.", actions.simple, "resume mda"),
         (resume, "smtp", "Resume accepting incoming SMTP sessions.", actions.simple, "resume smtp"),
-        (show, "hoststats", "The last delivery status per domain over the last 4 hours (not supported yet).",
-         actions.not_supported, "show hoststats"),
-        (show, "hosts", "The remote MX hosts known (not supported yet).", actions.not_supported, "show hosts"),
-        (show, "relays", "The active relays and their connectors (not supported yet).",
-         actions.not_supported, "show relays"),
-        (show, "routes", "The routes known and their state (not supported yet).",
-         actions.not_supported, "show routes"),
+        (show, "hoststats", "The last delivery status per domain over the last 4 hours.",
+         actions.show_lines, "show hoststats"),
+        (show, "hosts", "The remote MX hosts known.", actions.show_lines, "show hosts"),
+        (show, "relays", "The active relays and their connectors.", actions.show_lines, "show relays"),
+        (show, "routes", "The routes known and their state.", actions.show_lines, "show routes"),
         (show, "stats", "Every counter of the daemon, key=value.", monitor.run, "show stats"),
         (show, "status", "Whether MDA, MTA and SMTP are running or paused.", actions.show_status),
         (app, "stop", "Stop the daemon.", actions.simple, "stop"),
@@ -224,8 +225,8 @@ ONE_WORD_COMMANDS = (
          "<subsystem>", SUBSYSTEM, debug_commands.run, "profile"),
         (app, "unprofile", "Turn off real-time profiling of a subsystem.",
          "<subsystem>", SUBSYSTEM, debug_commands.run, "unprofile"),
-        (resume, "route", "Resume a route disabled after errors (not supported yet).",
-         "<routeid>", "a route number (show routes)", actions.not_supported, "resume route"),
+        (resume, "route", "Resume a route disabled after errors.",
+         "<routeid>", "a route number (show routes)", actions.resume_route, "resume route"),
         (update, "table", "Make the daemon reload a table (re-read its file, reopen its db, "
          "tell its program).", "<name>", "the table's name", actions.update_table))
 for entry in ONE_WORD_COMMANDS:
@@ -234,7 +235,10 @@ for entry in ONE_WORD_COMMANDS:
 
 def _mta(ctx: typer.Context, verb: str, route: Optional[list[str]]) -> None:
     if route:
-        _on_daemon(ctx, actions.not_supported, f"{verb} mta from for")
+        if len(route) != 4 or route[0] != "from" or route[2] != "for":
+            actions.die(f"usage: {verb} mta [from <addr> for <str>]")
+        _on_daemon(ctx, actions.mta_route, f"{verb} mta from", route[1], route[3])
+        return
     _on_daemon(ctx, actions.simple, f"{verb} mta")
 
 
@@ -256,7 +260,14 @@ def show_queue(ctx: typer.Context,
                                                      help="only this message's envelopes"),
                as_json: bool = typer.Option(False, "--json", help="one JSON object per envelope")) -> None:
     """One line per envelope in the queue, fields separated by '|' (what mailq prints)."""
-    _on_daemon(ctx, actions.show_queue, as_json, int(msgid, 16) if msgid else 0)
+    ident = int(msgid, 16) if msgid else 0
+    if mailq.daemon_down(socket_path(ctx.find_root().obj.socket)):
+        # as OpenSMTPD's smtpctl: the spool itself, runstate "offline" (smtpctl/mailq.py)
+        status = mailq.show_offline(as_json, ident)
+        if status:
+            raise typer.Exit(status)
+        return
+    _on_daemon(ctx, actions.show_queue, as_json, ident)
 
 
 @app.command()
@@ -384,7 +395,27 @@ def show_help(words: list[str]) -> None:
     command().main([*path, "--help"], prog_name=PROG)
 
 
+def run_status(words: list[str], sock: Optional[str] = None) -> int:
+    """``run`` for another mode of the program (sendmail -bp): its exit status."""
+    try:
+        run(words, sock, False)
+    except typer.Exit as exc:
+        return exc.exit_code
+    return 0
+
+
+def program_name(argv0: str) -> str:
+    """The mode argv[0] names, as OpenSMTPD's smtpctl reads __progname: ``sendmail``,
+    ``send-mail``, ``mailq``, ``newaliases``, ``makemap`` or ``smtpctl``; a suffix
+    after a dot is ignored (``sendmail.pysmtpd``, the name alternatives(8) links)."""
+    return os.path.basename(argv0).split(".")[0]
+
+
 def main() -> None:
+    prog = program_name(sys.argv[0])
+    if prog in ("sendmail", "send-mail"):
+        from smtpctl import sendmail
+        sys.exit(sendmail.main(prog, sys.argv[1:]))
     argv = sys.argv[1:]
     # makemap(8) and newaliases(8) are smtpctl called by those names (smtpctl/mapfiles.py)
     name = os.path.basename(sys.argv[0]).split(".")[0]
@@ -403,7 +434,7 @@ def main() -> None:
     except OtherOption:
         command().main(argv, prog_name=PROG)
         return
-    if os.path.basename(sys.argv[0]).split(".")[0] == "mailq":    # mailq.pysmtpd too
+    if prog == "mailq":
         line.words[:0] = ["show", "queue"]
     if line.help or line.words[:1] == ["help"]:
         show_help(line.words[1:] if line.words[:1] == ["help"] else line.words)

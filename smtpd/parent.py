@@ -26,9 +26,9 @@ from common import log as logsetup
 from common.ids import UidGenerator
 from common.ipc import Mesh
 from common.messages import (
-    ConfEnd, ConfEndDone, CtlReply, CtlRequest, FilterProcFork, FilterProcKill, LkaOpenForward,
+    ConfEnd, ConfEndDone, CtlEnqueue, CtlReply, CtlRequest, FilterProcFork, FilterProcKill, LkaOpenForward,
     LkaOpenForwardReply, MdaDone, MdaFork, Msg, SetupDone, SmtpAuthenticate, SmtpAuthenticateReply,
-    StatGet, StatReply,
+    StatGet, StatReply, PonyEnqueueReply,
 )
 from smtpd import (
     auth, fdpass, filter_proc, forward, introspection, listeners, local_delivery, metrics, offline, sdnotify,
@@ -136,6 +136,7 @@ class Parent:
                  notifier: sdnotify.Notifier) -> None:
         self.opts = opts
         self.config = config
+        self.enqueue_ids = UidGenerator()      # sendmail's messages (CtlEnqueue)
         self.rundir = rundir
         self.bound = bound
         self.notifier = notifier
@@ -243,11 +244,23 @@ class Parent:
             asyncio.get_running_loop().call_later(0.3, self.shutdown, 0)
         elif isinstance(msg, StatReply):
             pass            # an answer to the watchdog that came after its deadline
+        elif isinstance(msg, CtlEnqueue) and peer == "control":
+            # sendmail while the daemon runs (smtpd/offline.py): a task, as pony answers later
+            self.spawn_task(self._enqueue_for(peer, msg))
         elif isinstance(msg, CtlRequest) and msg.command == "reload":
             # In a task: the reload talks to control too, whose channel this handler holds.
             self.spawn_task(self._reload_for(peer, msg.reqid))
         else:
             log.warning("warn: parent: unexpected %s from %s", type(msg).__name__, peer)
+
+    async def _enqueue_for(self, peer: str, msg: CtlEnqueue) -> None:
+        try:
+            reply = await offline.enqueue_for_client(self.mesh, self.enqueue_ids, msg, self.config.hostname)
+        except Exception:
+            # a fault of ours: the user hears "try again" now rather than after control's timeout
+            log.exception("warn: parent: enqueue for uid %d failed", msg.uid)
+            reply = PonyEnqueueReply(reqid=msg.reqid, status="tempfail", text="451 4.3.0 Temporary failure")
+        await self.mesh.send(peer, reply)
 
     async def _reload_for(self, peer: str, reqid: int) -> None:
         ok, text = await self.reloader.reload("smtpctl reload")

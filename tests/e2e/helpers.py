@@ -73,6 +73,15 @@ def send(port: int, sender: str, rcpts: list[str], body: str = "Subject: test\n\
         return text.decode()
 
 
+def remove_test_tree(base: Path) -> None:
+    """A test's directory made outside pytest's (for other users to reach), with the
+    homes userbase() made for it when the daemon ran as root."""
+    homes = base / "mail" / "home"
+    if homes.is_symlink():
+        shutil.rmtree(homes.resolve(), ignore_errors=True)
+    shutil.rmtree(base, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def unprivileged_daemon(make_config):
     """A daemon started by a normal user (nobody, through setpriv), in a directory of its
@@ -96,7 +105,4 @@ def unprivileged_daemon(make_config):
         if d is not None:
             d.stop()
             assert not d.children(), "processes left behind"
-        homes = base / "mail" / "home"
-        if homes.is_symlink():
-            shutil.rmtree(homes.resolve(), ignore_errors=True)
-        shutil.rmtree(base, ignore_errors=True)
+        remove_test_tree(base)
