@@ -29,7 +29,7 @@ from common.messages import (
     ConfEnd, ConfEndDone, CtlReply, CtlRequest, MdaDone, MdaFork, Msg, SetupDone, SmtpAuthenticate,
     SmtpAuthenticateReply, StatGet, StatReply,
 )
-from smtpd import auth, fdpass, introspection, listeners, local_delivery, metrics, offline, sdnotify, tls
+from smtpd import auth, fd_channel, fdpass, introspection, listeners, local_delivery, metrics, offline, sdnotify, tls
 from smtpd.config import ConfigError
 from smtpd.main import CHILDREN, EXIT_CONFIG, VERSION, load_config
 from smtpd.reload import Reloader
@@ -96,7 +96,8 @@ CHILD_ENTRY = (
     "from smtpd.main import main; main()")
 
 
-def child_argv(opts, name: str, rundir: Path, listen_fds: str, fd_channel: int = -1) -> list[str]:
+def child_argv(opts, name: str, rundir: Path, listen_fds: str, fd_channel: int = -1,
+               queue_fd_channel: int = -1) -> list[str]:
     """``python -I -c ENTRY ARGS``: isolated from the working directory (which
     ``python -m`` would put first on the path, and the children start as root),
     from $PYTHONPATH and friends, and from the user site."""
@@ -115,6 +116,9 @@ def child_argv(opts, name: str, rundir: Path, listen_fds: str, fd_channel: int =
     argv += ["-v"] * opts.verbose
     if name == "pony":
         argv += ["--listen-fds", listen_fds, "--fd-channel", str(fd_channel)]
+    if name in ("pony", "queue") and queue_fd_channel >= 0:
+        # queue -> pony descriptors of messages for local delivery (smtpd/fd_channel.py)
+        argv += ["--queue-fd-channel", str(queue_fd_channel)]
     return argv
 
 
@@ -133,6 +137,10 @@ class Parent:
         self.bound = bound
         self.notifier = notifier
         self.fd_channel, self.pony_fd_channel = fdpass.make_channel()
+        # message descriptors: queue -> pony, and pony -> parent on the pair above
+        # (docs/delivery.md); the parent's end of the latter is read here
+        self.queue_pony_fds = fd_channel.make_pair()
+        self.message_fds = fd_channel.FdReceiver(self.fd_channel)
         self.reloader = Reloader(self, load_config)
         self.tasks: set[asyncio.Task] = set()
         self.children: dict[str, subprocess.Popen] = {}
@@ -151,17 +159,23 @@ class Parent:
             name, StatGet(reqid=ping_id()), (StatReply,), timeout=deadline))
 
     def spawn(self) -> None:
-        fds = [b.sock.fileno() for b in self.bound] + [self.pony_fd_channel.fileno()]
+        queue_end, pony_end = self.queue_pony_fds
+        fds = [b.sock.fileno() for b in self.bound] + [self.pony_fd_channel.fileno(), pony_end.fileno()]
         listen_fds = ",".join(f"{b.sock.fileno()}:{b.index}" for b in self.bound)
         loop = asyncio.get_running_loop()
         for name in CHILDREN:
-            argv = child_argv(self.opts, name, self.rundir, listen_fds, self.pony_fd_channel.fileno())
-            proc = subprocess.Popen(argv, pass_fds=fds if name == "pony" else (), close_fds=True,
-                                    env=child_environment())
+            end = {"pony": pony_end, "queue": queue_end}.get(name)
+            argv = child_argv(self.opts, name, self.rundir, listen_fds, self.pony_fd_channel.fileno(),
+                              end.fileno() if end is not None else -1)
+            passed = fds if name == "pony" else [queue_end.fileno()] if name == "queue" else ()
+            proc = subprocess.Popen(argv, pass_fds=passed, close_fds=True, env=child_environment())
             self.children[name] = proc
             pidfd = os.pidfd_open(proc.pid)
             loop.add_reader(pidfd, self._child_exited, name, pidfd)
         self.pony_fd_channel.close()          # pony has its end; a dead pony then reads as EOF
+        queue_end.close()
+        pony_end.close()
+        self.message_fds.start()
 
     def status_text(self) -> str:
         paused = " (smtp paused)" if "smtp" in self.opts.pause else ""
