@@ -1,9 +1,11 @@
 """The envelope: one recipient of one message, and its on-disk text codec.
 
 The file format is OpenSMTPD's (envelope.c, version 3): ``key: value`` lines in a
-fixed order, a line omitted when its value renders empty.  pysmtpd adds nothing
-to the format; the action is stored by NAME (``dispatcher``), never as a resolved
-command, so that queued mail follows a corrected configuration.
+fixed order, a line omitted when its value renders empty.  The action is stored by
+NAME (``dispatcher``), never as a resolved command, so that queued mail follows a
+corrected configuration.  pysmtpd adds two keys of its own to ``mda`` envelopes,
+``mda-method`` and ``mda-file``, for what an alias or .forward names instead of a
+user (docs/expansion.md); both are empty, so absent from the file, for a user.
 """
 from __future__ import annotations
 
@@ -20,6 +22,10 @@ DSN_DELAY = 4
 DSN_NEVER = 8
 
 FLAG_NAMES = ("authenticated", "bounce", "internal")
+
+# mda-method: "" the action's delivery for mda_user, "exec" an alias's or .forward's
+# |command (mda_exec), "file" its /path (mda_file)
+MDA_METHODS = ("", "exec", "file")
 
 
 class EnvelopeError(ValueError):
@@ -55,6 +61,12 @@ class Envelope(msgspec.Struct, kw_only=True):
     mda_exec: str = ""
     mda_subaddress: str = ""
     mda_user: str = ""
+    # What an alias or .forward target asks for instead of the action's delivery
+    # (docs/expansion.md): "" deliver to mda_user by the action's method (maildir,
+    # mbox, lmtp, mda); "exec" pipe to the command in mda_exec, run as mda_user;
+    # "file" append mbox-style to the file mda_file, written as mda_user.
+    mda_method: str = ""
+    mda_file: str = ""
     bounce_ttl: int = 0
     bounce_delay: int = 0
     bounce_type: str = ""
@@ -77,7 +89,8 @@ _COMMON = [
 ]
 _BY_TYPE = {
     "mda": [("mda-exec", "mda_exec", "s"), ("mda-subaddress", "mda_subaddress", "s"),
-            ("mda-user", "mda_user", "s")],
+            ("mda-user", "mda_user", "s"), ("mda-method", "mda_method", "s"),
+            ("mda-file", "mda_file", "s")],
     "mta": [],
     "bounce": [("bounce-ttl", "bounce_ttl", "i"), ("bounce-delay", "bounce_delay", "i"),
                ("bounce-type", "bounce_type", "s")],
@@ -159,6 +172,8 @@ def load(data: bytes, evpid: int = 0) -> Envelope:
     env = Envelope(id=evpid, **values)  # type: ignore[arg-type]
     if env.type not in _BY_TYPE:
         raise EnvelopeError(f"unknown envelope type {env.type!r}")
+    if env.mda_method not in MDA_METHODS:
+        raise EnvelopeError(f"unknown mda-method {env.mda_method!r}")
     if not env.dispatcher:
         raise EnvelopeError("no dispatcher")
     return env
