@@ -48,20 +48,8 @@ class CtlVerbose(Msg, **_m("ctl_verbose")):
     reqid: int = 0
 
 
-class MdaFork(Msg, **_m("mda_fork")):
-    """pony -> parent: deliver one message locally as a user (the parent can switch uid)."""
-    reqid: int
-    evpid: int
-    method: str          # "maildir"
-    path: str            # expanded maildir path
-    junk: bool
-    uid: int
-    gid: int
-    home: str
-    message: bytes       # with Return-Path/Delivered-To already prepended
-
-
 class MdaDone(Msg, **_m("mda_done")):
+    """parent -> pony: the outcome of an MdaDeliver."""
     reqid: int
     status: str          # "ok" | "tempfail" | "permfail"
     error: str = ""
@@ -560,10 +548,11 @@ class MdaDeliver(Msg, **_m("mda_deliver")):
     rcpt: str
     dest: str
     subaddress: str = ""
+    lmtp_rcpt: str = ""  # lmtp: the address of RCPT TO (dest, or rcpt with `rcpt-to`)
 
 
 Message = Union[
-    RequestFailed, SetupDone, ConfEnd, CtlVerbose, MdaFork, MdaDone,
+    RequestFailed, SetupDone, ConfEnd, CtlVerbose, MdaDone,
     SmtpMessageCreate, SmtpMessageCreateReply, SmtpExpandRcpt, SmtpExpandRcptReply,
     SmtpAuthenticate, SmtpAuthenticateReply, SmtpCheckSender, SmtpCheckSenderReply,
     LkaEnvelopeSubmit, LkaEnvelopeCommit, QueueEnvelopeSubmitReply, QueueEnvelopeCommitReply,

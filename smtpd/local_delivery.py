@@ -57,6 +57,7 @@ class _Request(msgspec.Struct, array_like=True):
     username: str
     home: str
     subaddress: str
+    lmtp_rcpt: str
 
 
 class _Reply(msgspec.Struct, array_like=True):
@@ -81,7 +82,7 @@ def _deliver_one(req: _Request, fd: int) -> _Reply:
             status, error = delivery_mda.run(req.target, body, env, req.home)
             return _Reply(status, error[:1000])
         if req.method == "lmtp":
-            status, error = delivery_lmtp.deliver(req.target, body, req.sender, req.dest, req.home)
+            status, error = delivery_lmtp.deliver(req.target, body, req.sender, req.lmtp_rcpt or req.dest)
             return _Reply(status, error[:1000])
         return _Reply("permfail", f"delivery method {req.method} not supported")
     except MaildirError as exc:
@@ -287,7 +288,7 @@ class DeliveryPool:
             try:
                 return await worker.deliver(_Request(
                     msg.method, target, msg.junk, msg.prefix, msg.sender, msg.rcpt, msg.dest,
-                    msg.username, msg.home, msg.subaddress), fd)
+                    msg.username, msg.home, msg.subaddress, msg.lmtp_rcpt), fd)
             finally:
                 await self._release(key, worker)
         finally:

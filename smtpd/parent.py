@@ -26,10 +26,10 @@ from common import log as logsetup
 from common.ids import UidGenerator
 from common.ipc import Mesh
 from common.messages import (
-    ConfEnd, ConfEndDone, CtlReply, CtlRequest, MdaDone, MdaFork, Msg, SetupDone, SmtpAuthenticate,
+    ConfEnd, ConfEndDone, CtlReply, CtlRequest, MdaDeliver, MdaDone, Msg, SetupDone, SmtpAuthenticate,
     SmtpAuthenticateReply, StatGet, StatReply,
 )
-from smtpd import auth, fd_channel, fdpass, introspection, listeners, local_delivery, metrics, offline, sdnotify, tls
+from smtpd import auth, delivery_mbox, fd_channel, fdpass, introspection, listeners, local_delivery, metrics, offline, sdnotify, tls
 from smtpd.config import ConfigError
 from smtpd.main import CHILDREN, EXIT_CONFIG, VERSION, load_config
 from smtpd.reload import Reloader
@@ -226,7 +226,7 @@ class Parent:
                 self.all_conf_done.set()
         elif isinstance(msg, SmtpAuthenticate) and peer == "lka":
             self.spawn_task(self._authenticate(msg))
-        elif isinstance(msg, MdaFork):
+        elif isinstance(msg, MdaDeliver) and peer == "pony":
             task = asyncio.create_task(self._deliver(msg))
             self.deliveries.add(task)
             task.add_done_callback(self.deliveries.discard)
@@ -259,8 +259,18 @@ class Parent:
         result = await asyncio.to_thread(auth.authenticate_system, msg.user, msg.password)
         await self.mesh.send("lka", SmtpAuthenticateReply(reqid=msg.reqid, result=result))
 
-    async def _deliver(self, msg: MdaFork) -> None:
-        status, error = await self.delivery.run(msg)
+    async def _deliver(self, msg: MdaDeliver) -> None:
+        """A local delivery: the message's descriptor, which pony sent just before,
+        goes to the user's worker unread (docs/delivery.md)."""
+        try:
+            fd = await self.message_fds.take(msg.reqid, timeout=10.0)
+        except TimeoutError:
+            status, error = "tempfail", "the message descriptor did not arrive"
+        else:
+            action = self.config.actions.get(msg.action)
+            spool = (action.target if action is not None and action.method == "mbox" and action.target
+                     else delivery_mbox.MBOX_SPOOL)
+            status, error = await self.delivery.run(msg, fd, spool)
         await self.mesh.send("pony", MdaDone(reqid=msg.reqid, status=status, error=error))
 
     async def main(self) -> int:
@@ -285,6 +295,7 @@ class Parent:
         ready_wait.cancel()
         await done_wait
         self.delivery.close()
+        self.message_fds.stop()
         await self._reap()
         return self.exit_code
 
