@@ -11,6 +11,7 @@ connection that fails, temporary.
 """
 from __future__ import annotations
 
+import encodings.idna  # noqa: F401  loaded now: the worker, as the user, may not read the stdlib
 import socket
 import time
 
@@ -78,10 +79,10 @@ def _dialogue(sock: socket.socket, client, message: bytes, sender: str, rcpt: st
               deadline: float) -> tuple[str, str]:
     result: tuple[str, str] | None = None
     for _ in range(10_000):                      # bounded: a few events per reply
-        out = client.data_to_send()
+        event = client.next_event()
+        out = client.data_to_send()              # what the replies just read called for
         if out:
             sock.sendall(out)
-        event = client.next_event()
         if event is smtp_client.NEED_DATA:
             if result is not None and client.state in (smtp_client.CLOSED, smtp_client.FAILED):
                 return result
@@ -96,6 +97,7 @@ def _dialogue(sock: socket.socket, client, message: bytes, sender: str, rcpt: st
                 client.quit()
                 continue
             client.send_mail(smtp_client.Transaction(mail_from=sender, rcpts=(rcpt,), body=message))
+            sock.sendall(client.data_to_send())
         elif isinstance(event, smtp_client.SessionFailed):
             return event.status, event.text
         elif isinstance(event, smtp_client.TransactionDone):
