@@ -20,6 +20,7 @@ of descriptors.
 """
 from __future__ import annotations
 
+import array
 import asyncio
 import os
 import socket
@@ -39,7 +40,8 @@ async def send_fd(channel: socket.socket, key: int, fd: int) -> None:
     """Send ``fd`` under ``key`` (the caller keeps its own copy and closes it)."""
     for _ in range(1000):                         # bounded: about 10 s of a full channel
         try:
-            socket.send_fds(channel, [KEY.pack(key)], [fd], socket.MSG_DONTWAIT)
+            channel.sendmsg([KEY.pack(key)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))],
+                            socket.MSG_DONTWAIT)     # (socket.send_fds drops its flags)
             return
         except (BlockingIOError, InterruptedError):
             await asyncio.sleep(0.01)
@@ -74,7 +76,7 @@ class FdReceiver:
         now = asyncio.get_running_loop().time()
         for _ in range(64):                           # bounded per wake-up
             try:
-                data, fds, _flags, _addr = socket.recv_fds(self.channel, KEY.size, 4, socket.MSG_DONTWAIT)
+                data, fds, _flags, _addr = _recv_fds(self.channel, KEY.size, 4, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
@@ -116,6 +118,17 @@ class FdReceiver:
             except TimeoutError:
                 pass
         return self.pending.pop(key)[0]
+
+
+def _recv_fds(sock: socket.socket, bufsize: int, maxfds: int, flags: int):
+    """socket.recv_fds with its flags honoured (Python 3.12.1's drops them, and the
+    MSG_DONTWAIT here is what keeps a shared, blocking socket from blocking)."""
+    fds = array.array("i")
+    msg, ancdata, msg_flags, addr = sock.recvmsg(bufsize, socket.CMSG_LEN(maxfds * fds.itemsize), flags)
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - (len(data) % fds.itemsize)])
+    return msg, list(fds), msg_flags, addr
 
 
 def _close(fd: int) -> None:
