@@ -97,6 +97,7 @@ def test_file_list(built):
     flags = dict(l.split() for l in query(rpm, "--qf", "[%{FILENAMES} %{FILEFLAGS:fflags}\\n]").splitlines()
                  if len(l.split()) == 2)
     assert flags["/etc/smtpd.conf"] == "cn"                     # %config(noreplace)
+    assert flags["/usr/share/licenses/pysmtpd/LICENSE"] == "l"  # %license
     assert dump["/var/spool/smtpd"][4] == "040711" and dump["/var/spool/smtpd"][5:7] == ["root", "root"]
     assert not any(f.startswith("/var/spool/smtpd/") for f in files)
     assert query(rpm, "--qf", "%{ARCH}").strip() == "noarch"
