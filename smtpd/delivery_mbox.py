@@ -8,9 +8,10 @@ ourselves, in the user's delivery worker, doing what mail.local does:
   worker gets the request (OpenSMTPD's mda_mbox_init: O_CREAT|O_EXCL, owned by the
   user, mode 0600), since a user cannot create files in a root-owned /var/mail;
 - ``<spool>/<user>.lock`` is taken as a dot-lock (O_CREAT|O_EXCL, bounded retries),
-  skipped (as mail.local does) when the spool is world-writable and, unlike
-  mail.local, which would use its setgid lockspool helper, when the user cannot
-  write the spool: the fcntl lock below is then the only lock;
+  skipped when the spool is world-writable (mail.local, which may run as root,
+  refuses such a spool outright) or when the user cannot write the spool (where
+  mail.local would use its setgid lockspool helper): the fcntl lock below is then
+  the only lock;
 - the mailbox must be a regular file with one link and the same inode before and
   after opening (O_NOFOLLOW, no symlink or hard-link games), then is locked with
   fcntl (what mutt, procmail and dovecot take);
@@ -131,7 +132,7 @@ class _DotLock:
         except OSError as exc:
             raise DeliveryFailure(True, f"{parent}: {exc.strerror}") from None
         if st.st_mode & stat.S_IWOTH:
-            return                   # mail.local: no lock files in a world-writable spool
+            return                   # no lock files in a world-writable spool (docs/delivery.md)
         wait = LOCK_FIRST_WAIT
         for attempt in range(LOCK_TRIES):
             try:
