@@ -111,3 +111,31 @@ def test_unsupported_method_is_a_permanent_failure(tmp_path):
             pool.close()
     status, error = asyncio.run(go())
     assert status == "permfail" and "smoke-signals" in error
+
+
+def test_every_method_through_the_worker(mailroot):
+    """mbox (mailbox made by the pool, as root), /file, an mda command and maildir,
+    each from a descriptor, as the user."""
+    async def go():
+        pool = DeliveryPool()
+        try:
+            msg, fd, _ = order(mailroot / "Maildir", 1)
+            results = [await pool.run(msg, fd, str(mailroot))]
+            msg, fd, _ = order("", 2, method="mbox")
+            results.append(await pool.run(msg, fd, str(mailroot)))
+            msg, fd, _ = order(mailroot / "copy.mbox", 3, method="file")
+            results.append(await pool.run(msg, fd, str(mailroot)))
+            msg, fd, _ = order(f'cat > {mailroot}/piped; echo "$USER $RECIPIENT" >> {mailroot}/piped', 4,
+                               method="mda")
+            results.append(await pool.run(msg, fd, str(mailroot)))
+            return results
+        finally:
+            pool.close()
+    assert asyncio.run(go()) == [("ok", "")] * 4
+    assert (mailroot / "nobody").read_bytes().startswith(b"From s@example.test ")
+    assert b"Subject: 2\n\nbody 2\n\n" in (mailroot / "nobody").read_bytes()
+    assert (mailroot / "copy.mbox").read_bytes().endswith(b"Subject: 3\n\nbody 3\n\n")
+    assert (mailroot / "piped").read_bytes() == \
+        b"Delivered-To: x@example.test\nSubject: 4\n\nbody 4\nnobody x@example.test\n"
+    if os.getuid() == 0:
+        assert (mailroot / "nobody").stat().st_uid == 65534
