@@ -5,21 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import tempfile
 
 import pytest
 
 from smtpd import fd_channel
 from smtpd.delivery_body import MessageBody, read_head
-
-
-def message(data: bytes) -> int:
-    fd, name = tempfile.mkstemp()
-    os.write(fd, data)
-    os.close(fd)
-    ro = os.open(name, os.O_RDONLY)
-    os.unlink(name)
-    return ro
+from tests.unit.delivery_helpers import message_fd as message
 
 
 def test_descriptors_arrive_by_key_in_any_order():

@@ -3,23 +3,13 @@ from __future__ import annotations
 
 import fcntl
 import os
-import tempfile
 import time
 
 import pytest
 
 from smtpd import delivery_mbox
-from smtpd.delivery_body import MessageBody
+from tests.unit.delivery_helpers import body
 from smtpd.delivery_mbox import DeliveryFailure, append_mbox, from_line, prepare_mailbox, quoted
-
-
-def body(data: bytes, prefix: bytes = b"") -> MessageBody:
-    fd, name = tempfile.mkstemp()
-    os.write(fd, data)
-    os.close(fd)
-    ro = os.open(name, os.O_RDONLY)
-    os.unlink(name)
-    return MessageBody(prefix, ro)
 
 
 def test_quoting_follows_mail_local():

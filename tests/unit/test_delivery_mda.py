@@ -2,21 +2,10 @@
 message goes to its standard input whole."""
 from __future__ import annotations
 
-import os
-import tempfile
 
 from smtpd import delivery_mda
-from smtpd.delivery_body import MessageBody
+from tests.unit.delivery_helpers import body
 from smtpd.delivery_mda import environment, run, status_of
-
-
-def body(data: bytes, prefix: bytes = b"") -> MessageBody:
-    fd, name = tempfile.mkstemp()
-    os.write(fd, data)
-    os.close(fd)
-    ro = os.open(name, os.O_RDONLY)
-    os.unlink(name)
-    return MessageBody(prefix, ro)
 
 
 ENV = environment(home="/", username="alice", sender="", rcpt="alice+x@example.test",

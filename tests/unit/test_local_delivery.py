@@ -14,16 +14,7 @@ import pytest
 from common.messages import MdaDeliver
 from smtpd import local_delivery
 from smtpd.local_delivery import DeliveryPool
-
-
-def message_fd(data: bytes) -> int:
-    """A read-only descriptor of a file holding ``data``, as the queue passes one."""
-    fd, name = tempfile.mkstemp()
-    os.write(fd, data)
-    os.close(fd)
-    ro = os.open(name, os.O_RDONLY)
-    os.unlink(name)
-    return ro
+from tests.unit.delivery_helpers import message_fd
 
 
 def order(path, n: int, **kw) -> tuple[MdaDeliver, int, str]:
