@@ -49,12 +49,13 @@ async def send_fd(channel: socket.socket, key: int, fd: int) -> None:
 
 
 class FdReceiver:
-    """One end of a channel: descriptors kept by key until taken."""
+    """One end of a channel: descriptors kept by key until taken.  A taker waits on a
+    future of its own key (no wake-up of every waiter at each arrival)."""
 
     def __init__(self, channel: socket.socket) -> None:
         self.channel = channel            # left blocking: it may be shared (MSG_DONTWAIT here)
         self.pending: dict[int, tuple[int, float]] = {}      # key -> (fd, arrival time)
-        self.arrived = asyncio.Event()
+        self.waiters: dict[int, asyncio.Future] = {}
         self.running = False
 
     def start(self) -> None:
@@ -71,6 +72,10 @@ class FdReceiver:
         for fd, _ in self.pending.values():
             _close(fd)
         self.pending.clear()
+        for waiter in self.waiters.values():
+            if not waiter.done():
+                waiter.set_exception(TimeoutError("descriptor channel closed"))
+        self.waiters.clear()
 
     def _readable(self) -> None:
         now = asyncio.get_running_loop().time()
@@ -90,12 +95,15 @@ class FdReceiver:
                     _close(fd)
                 continue
             key = KEY.unpack(data)[0]
+            waiter = self.waiters.pop(key, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(fds[0])
+                continue
             old = self.pending.pop(key, None)
             if old is not None:
                 _close(old[0])
             self.pending[key] = (fds[0], now)
         self._expire(now)
-        self.arrived.set()
 
     def _expire(self, now: float) -> None:
         for key, (fd, when) in list(self.pending.items()):
@@ -106,18 +114,19 @@ class FdReceiver:
     async def take(self, key: int, timeout: float) -> int:
         """The descriptor sent under ``key`` (now the caller's to close); TimeoutError
         if it does not come in ``timeout`` seconds."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while key not in self.pending:
-            remaining = deadline - loop.time()
-            if remaining <= 0 or not self.running:
-                raise TimeoutError(f"descriptor {key:016x} did not arrive")
-            self.arrived.clear()
-            try:
-                await asyncio.wait_for(self.arrived.wait(), remaining)
-            except TimeoutError:
-                pass
-        return self.pending.pop(key)[0]
+        if key in self.pending:
+            return self.pending.pop(key)[0]
+        if not self.running:
+            raise TimeoutError(f"descriptor {key:016x}: channel closed")
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiters[key] = waiter
+        try:
+            return await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            raise TimeoutError(f"descriptor {key:016x} did not arrive") from None
+        finally:
+            if self.waiters.get(key) is waiter:
+                del self.waiters[key]
 
 
 def _recv_fds(sock: socket.socket, bufsize: int, maxfds: int, flags: int):
