@@ -549,6 +549,38 @@ class MdaDeliver(Msg, **_m("mda_deliver")):
     dest: str
     subaddress: str = ""
     lmtp_rcpt: str = ""  # lmtp: the address of RCPT TO (dest, or rcpt with `rcpt-to`)
+# --- tables (issue 11): smtpctl update table -----------------------------------------------
+
+class CtlUpdateTable(Msg, **_m("ctl_update_table")):
+    """control -> lka: ``smtpctl update table NAME``: reload what the table's backend
+    caches (re-read its file, reopen its db, send ``update`` to its program); lka
+    answers CtlReply (ok, or text saying why not).  lka is the one process that holds
+    tables; the others ask it."""
+    reqid: int
+    name: str
+
+
+# --- recipient expansion (issue 11): lka asks the parent for users' files ----------------
+
+class LkaOpenForward(Msg, **_m("lka_open_forward")):
+    """lka -> parent: the text of a file an expansion needs, read as root with
+    OpenSMTPD's checks (smtpd/forward.py; OpenSMTPD's IMSG_LKA_OPEN_FORWARD).
+    ``kind`` "forward": ``home``/.forward of ``user`` (uid ``uid``); "include": the
+    :include: file ``path`` an aliases table names."""
+    reqid: int
+    kind: str                # "forward" | "include"
+    user: str = ""
+    home: str = ""
+    uid: int = -1
+    gid: int = -1
+    path: str = ""
+
+
+class LkaOpenForwardReply(Msg, **_m("lka_open_forward_reply")):
+    """parent -> lka."""
+    reqid: int
+    status: str              # "ok" | "absent" | "tempfail" | "permfail"
+    content: str = ""
 
 
 Message = Union[
@@ -570,6 +602,8 @@ Message = Union[
     PonyEnqueue, PonyEnqueueReply,
     QueueEnvelopeSubmitBatch,
     MdaMessageOpen, MdaMessageOpened, MdaDeliver,
+    CtlUpdateTable,
+    LkaOpenForward, LkaOpenForwardReply,
 ]
 
 _encoder = msgspec.msgpack.Encoder()

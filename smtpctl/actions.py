@@ -73,6 +73,15 @@ def simple(conn: Connection, name: str) -> None:
         raise typer.Exit(1)
 
 
+def update_table(conn: Connection, name: str) -> None:
+    """``update table NAME``: lka reloads the table; ``command succeeded`` or
+    ``command failed`` (an unknown table, a file that cannot be read: see the log)."""
+    reply = conn.request("update table", name=name)
+    print(fmt.command_result(reply.ok, reply.text or None))
+    if not reply.ok:
+        raise typer.Exit(1)
+
+
 def not_supported(conn: Connection, name: str, *words: str) -> None:
     """A command of smtpctl(8) smtpd does not carry out yet (smtpctl checks the daemon
     is there first, as for any command)."""

@@ -226,8 +226,8 @@ ONE_WORD_COMMANDS = (
          "<subsystem>", SUBSYSTEM, debug_commands.run, "unprofile"),
         (resume, "route", "Resume a route disabled after errors (not supported yet).",
          "<routeid>", "a route number (show routes)", actions.not_supported, "resume route"),
-        (update, "table", "Make the daemon reload a table's cached contents (not supported yet).",
-         "<name>", "the table's name", actions.not_supported, "update table"))
+        (update, "table", "Make the daemon reload a table (re-read its file, reopen its db, "
+         "tell its program).", "<name>", "the table's name", actions.update_table))
 for entry in ONE_WORD_COMMANDS:
     _word_command(*entry)
 
@@ -386,6 +386,11 @@ def show_help(words: list[str]) -> None:
 
 def main() -> None:
     argv = sys.argv[1:]
+    # makemap(8) and newaliases(8) are smtpctl called by those names (smtpctl/makemap.py)
+    name = os.path.basename(sys.argv[0]).split(".")[0]
+    if name in ("makemap", "newaliases"):
+        from smtpctl import makemap
+        sys.exit(makemap.main_by_name(name, argv))
     if os.environ.get(COMPLETE_VAR):
         # A completion script asks for candidates: answered from the command tree alone,
         # never from the daemon.

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import bcrypt
 
 from smtpd.config import ConfigError
-from smtpd.ruleset import TableUnavailable
+from smtpd.table import TableUnavailable
 
 # smtp_session.c: the PLAIN buffer is 1024 bytes with a NUL kept; a user name must
 # fit s->username (SMTPD_MAXMAILADDRSIZE); LOGIN's password buffer is LINE_MAX.
@@ -213,7 +213,7 @@ def authenticate_with_table(table, user: str, password: str) -> str:
     """lka_authenticate: "ok", "permfail" (no such user, wrong password) or "tempfail"
     (the table cannot answer, a malformed entry).  ``table`` is a ruleset table."""
     try:
-        stored = credentials_hash(table.lookup("credentials", user))
+        stored = credentials_hash(table.lookup_now("credentials", user))
     except (TableUnavailable, CredentialsError):
         return "tempfail"
     if stored is None:
@@ -330,7 +330,7 @@ def sender_allowed(table, user: str, sender: str, delimiter: str = "+") -> str:
     """lka_mailaddrmap: may the authenticated ``user`` send as ``sender``?  "ok",
     "permfail" (not listed) or "tempfail" (the table cannot answer)."""
     try:
-        value = table.lookup("mailaddrmap", user)
+        value = table.lookup_now("mailaddrmap", user)
     except TableUnavailable:
         return "tempfail"
     if value is None:

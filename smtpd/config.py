@@ -74,6 +74,11 @@ class Table:
     config: str | None
     values: list[str] | dict[str, str] | None
     lineno: int = 0
+    # smtpd/parse_table.py: "list" or "hash" (a file or inline table), "dynamic" (others);
+    # the file as the parent found it (under -r root); a table program's (path, argv)
+    kind: str = ""
+    source: str = ""
+    command: tuple[str, list[str]] | None = None
 
 
 @dataclass

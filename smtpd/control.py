@@ -32,7 +32,7 @@ from common.control_wire import PERMISSION_DENIED, WireError, frame, read_frame
 from common.ipc import PeerTimeout
 from common.messages import (
     PROTOCOL_VERSION, ClientContent, ClientEnd, ClientQueueBatch, ClientRequest, ClientResult,
-    CtlContentReply, CtlListReply, CtlReply, CtlRequest,
+    CtlContentReply, CtlListReply, CtlReply, CtlRequest, CtlUpdateTable,
 )
 from common.vis import COMMAND, log_text
 from smtpd import control_trace, metrics
@@ -326,6 +326,15 @@ class Process:
             out(frame(ClientResult(ok=reply.ok)))
         elif cmd == "reload":
             reply = await self._ask("parent", "reload")
+            out(frame(ClientResult(ok=reply.ok, text=reply.text)))
+        elif cmd == "update table":
+            name = args.get("name")
+            if not isinstance(name, str) or not name or len(name) >= 1024:
+                out(frame(ClientResult(ok=False, text="invalid table name")))
+                return
+            # lka holds every table (the others ask it), so it alone reloads
+            reply = await self.ctx.mesh.request(
+                "lka", CtlUpdateTable(reqid=self.ctx.new_id(), name=name), (CtlReply,))
             out(frame(ClientResult(ok=reply.ok, text=reply.text)))
         else:
             out(frame(ClientResult(ok=False, text=f"command not supported yet: {cmd}")))

@@ -77,12 +77,19 @@ def split_line(line: str) -> list[str]:
     return [item.strip() for item in items if item.strip()]
 
 
+def _after_keyword(text: str, keyword: str) -> str | None:
+    """What follows ``:keyword:`` or ``keyword:`` (any case), or None."""
+    lower = text[:len(keyword) + 2].lower()
+    for prefix in (f":{keyword}:", f"{keyword}:"):
+        if lower.startswith(prefix):
+            return text[len(prefix):]
+    return None
+
+
 def _is_error(text: str) -> Target | None:
-    lower = text[:7].lower()
-    skip = 7 if lower.startswith(":error:") else 6 if lower.startswith("error:") else 0
-    if not skip:
+    body = _after_keyword(text, "error")
+    if body is None:
         return None
-    body = text[skip:]
     # [45][0-9]{2} [a-zA-Z0-9].*
     if (len(body) < 5 or body[0] not in "45" or not body[1:3].isdigit() or not body[1:3].isascii()
             or body[3] != " " or not (body[4].isascii() and body[4].isalnum())):
@@ -91,11 +98,9 @@ def _is_error(text: str) -> Target | None:
 
 
 def _is_include(text: str) -> Target | None:
-    lower = text[:9].lower()
-    skip = 9 if lower.startswith(":include:") else 8 if lower.startswith("include:") else 0
-    if not skip:
+    path = _after_keyword(text, "include")
+    if path is None:
         return None
-    path = text[skip:]
     if not path.startswith("/"):
         raise LineError(f"include needs an absolute path: {text!r}")
     return Target(INCLUDE, path)

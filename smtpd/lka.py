@@ -2,14 +2,25 @@
 
 For each RCPT pony asks lka which rule matches; lka expands the recipient into
 envelopes and submits them straight to the queue (as OpenSMTPD does), or answers
-pony with the SMTP error.  At delivery time it answers user and DNS lookups.
+pony with the SMTP error.  The expansion (smtpd/expand.py) asks for what it needs;
+``ExpansionDriver`` answers it from the rules and tables, and from the parent for
+users' .forward and :include: files (lka_session.c's IMSG_LKA_OPEN_FORWARD).  At delivery time it answers user and DNS lookups.
 It checks AUTH credentials against tables (the parent checks system accounts)
 and which senders an authenticated user may use (smtpd/auth.py).
+
+lka owns the tables (smtpd/table/): it opens them after its privilege drop, as
+OpenSMTPD's lka does on CONF_END (file tables were read by the parent while parsing;
+db files are opened and table programs started here, as smtpd's user), and reloads
+one on ``smtpctl update table``.  Code that still looks tables up synchronously
+(expansion, credentials, senders) runs in a worker thread when some table must be
+awaited (a proc table), so the event loop never waits for a table program.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import pwd
 import socket
 
 import dns.asyncresolver
@@ -17,35 +28,45 @@ import dns.exception
 import dns.resolver
 import msgspec
 
+from common import privsep
+from common.ipc import PeerTimeout
 from common.messages import (
-    LkaEnvelopeCommit, LkaEnvelopeSubmit, MdaLookupUserinfo, MdaLookupUserinfoReply,
+    CtlReply, CtlUpdateTable, LkaEnvelopeCommit, LkaEnvelopeSubmit, LkaOpenForward, LkaOpenForwardReply,
+    MdaLookupUserinfo, MdaLookupUserinfoReply,
     MtaDnsLookup, MtaDnsReply, SmtpAuthenticate, SmtpAuthenticateReply, SmtpCheckSender,
     SmtpCheckSenderReply, SmtpExpandRcpt, SmtpExpandRcptReply,
 )
 from common.vis import COMMAND, log_text
-from smtpd import auth, expand
-from smtpd.ruleset import TableSet
+from smtpd import auth
+from smtpd.expand import (
+    TEMPFAIL, ExpandResult, Expansion, FileAnswer, MatchRule, ReadForward, ReadInclude, TableLookup,
+)
+from smtpd.ruleset import MatchContext, match_async
+from smtpd.table import TableSet, TableUnavailable
+from smtpd.table.services import parse_userinfo
 
 log = logging.getLogger("smtpd")
 
+FILE_TIMEOUT = 60.0      # a .forward on a hung NFS home: the RCPT fails temporarily
 
-def prepare(opts, config) -> TableSet:
-    """Open the tables while still privileged (their files need not be readable later),
-    and libcrypt for the password hashes of credentials tables."""
+
+def prepare(opts, config) -> None:
+    """libcrypt, for the password hashes of credentials tables, while still privileged.
+    The tables are opened after the drop (Process.start)."""
     auth.load_libcrypt()
-    return TableSet(config)
 
 
 class Process:
     def __init__(self, ctx) -> None:
         self.ctx = ctx
         self.config = ctx.config
-        self.tables: TableSet = ctx.prepared
+        self.tables = TableSet(self.config)
         self.resolver = dns.asyncresolver.Resolver()
         self.tasks: set[asyncio.Task] = set()
+        self.smtpd_user = _unprivileged_user()
 
     async def start(self) -> None:
-        pass
+        await self.tables.open()
 
     async def on_conf_end(self) -> None:
         pass
@@ -53,14 +74,29 @@ class Process:
     async def stop(self) -> None:
         for task in list(self.tasks):
             task.cancel()
+        await self.tables.close()
 
     # -- configuration reload (smtpd/reload.py): the parent re-read the table files -----------
 
-    def prepare_config(self, config, msg) -> TableSet:
-        return TableSet(config)
+    async def prepare_config(self, config, msg) -> TableSet:
+        tables = TableSet(config)
+        await tables.open()
+        return tables
 
-    def apply_config(self, config, tables: TableSet) -> None:
-        self.config, self.tables = config, tables
+    async def apply_config(self, config, tables: TableSet) -> None:
+        old, self.config, self.tables = self.tables, config, tables
+        await old.close()
+
+    async def abort_config(self, tables: TableSet) -> None:
+        await tables.close()
+
+    async def _sync(self, func, *args):
+        """``func(*args)``, a synchronous caller of the tables: inline when every table
+        answers at once, else in a worker thread, where a proc table's answer is waited
+        for without blocking the event loop (smtpd/table/base.py BlockingTable)."""
+        if self.tables.blocking:
+            return await asyncio.to_thread(func, *args)
+        return func(*args)
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
@@ -70,9 +106,12 @@ class Process:
     async def handle(self, peer: str, msg) -> None:
         match msg:
             case SmtpExpandRcpt():
-                await self._expand(msg)
+                # in a task: an expansion may wait for the parent (a .forward)
+                self._spawn(self._expand(msg))
             case MdaLookupUserinfo():
-                await self.ctx.mesh.send(peer, self._userinfo(msg))
+                await self.ctx.mesh.send(peer, await self._userinfo(msg))
+            case CtlUpdateTable() if peer == "control":
+                self._spawn(self._update_table(peer, msg))
             case MtaDnsLookup():
                 self._spawn(self._dns(peer, msg))
             case SmtpAuthenticate() if peer == "pony":
@@ -80,8 +119,8 @@ class Process:
             case SmtpAuthenticateReply() if peer == "parent":
                 await self.ctx.mesh.send("pony", msg)
             case SmtpCheckSender() if peer == "pony":
-                result = auth.sender_allowed(self.tables.get(msg.table), msg.user, msg.sender,
-                                             self.config.sub_addr_delim)
+                result = await self._sync(auth.sender_allowed, self.tables.get(msg.table), msg.user,
+                                          msg.sender, self.config.sub_addr_delim)
                 await self.ctx.mesh.send(peer, SmtpCheckSenderReply(
                     reqid=msg.reqid, ok=result == "ok", result=result))
             case _:
@@ -107,7 +146,12 @@ class Process:
             # the envelope records who authenticated (OpenSMTPD's evp.username), which
             # `match auth` and `from auth` rules look at
             req.envelope = msgspec.structs.replace(req.envelope, username=req.auth_user)
-        result = expand.expand_recipient(self.config, self.tables, req)
+        try:
+            result = await ExpansionDriver(self, req).run()
+        except Exception:
+            # a fault of ours is a temporary failure, never a 5xx
+            log.exception("warn: lka: expansion of <%s> failed", log_text(req.envelope.rcpt))
+            result = ExpandResult(error=(451, "4.3.0 Temporary failure"))
         if result.error is not None:
             code, text = result.error
             await send("pony", SmtpExpandRcptReply(reqid=req.reqid, code=code, text=text))
@@ -117,12 +161,33 @@ class Process:
         await send("queue", LkaEnvelopeCommit(reqid=req.reqid, msgid=req.msgid,
                                               count=len(result.envelopes)))
 
-    def _userinfo(self, req: MdaLookupUserinfo) -> MdaLookupUserinfoReply:
-        status, info = expand.lookup_userinfo(self.tables, req.table, req.user)
-        if info is None:
-            return MdaLookupUserinfoReply(reqid=req.reqid, status=status)
-        uid, gid, home = info
+    async def _userinfo(self, req: MdaLookupUserinfo) -> MdaLookupUserinfoReply:
+        """lka_userinfo: a userbase table's ``uid:gid:home``, or the system's (getpwnam,
+        answered here: lka may read the user database, the delivery side may not)."""
+        try:
+            value = await self.tables.get(req.table or "getpwnam").lookup("userinfo", req.user.lower())
+            if value is None:
+                return MdaLookupUserinfoReply(reqid=req.reqid, status="notfound")
+            uid, gid, home = parse_userinfo(req.user, value)
+        except TableUnavailable:
+            return MdaLookupUserinfoReply(reqid=req.reqid, status="tempfail")
+        except ValueError as exc:
+            log.warning("warn: lka: table %s: bad userinfo for %s: %s", req.table or "getpwnam",
+                        log_text(req.user), exc)
+            return MdaLookupUserinfoReply(reqid=req.reqid, status="tempfail")
         return MdaLookupUserinfoReply(reqid=req.reqid, status="ok", uid=uid, gid=gid, home=home)
+
+    async def _update_table(self, peer: str, req: CtlUpdateTable) -> None:
+        """``smtpctl update table NAME`` (lka.c IMSG_CTL_UPDATE_TABLE): smtpctl prints
+        OpenSMTPD's bare ``command failed``; the reason is in the log."""
+        if req.name not in self.config.tables:
+            log.warning("warn: Lookup table not found: \"%s\"", log_text(req.name))
+            problem = "not found"
+        else:
+            problem = await self.tables.update(req.name)
+            if problem is not None:
+                log.warning("warn: table %s: update failed: %s", req.name, log_text(problem))
+        await self.ctx.mesh.send(peer, CtlReply(reqid=req.reqid, ok=problem is None))
 
     async def _dns(self, peer: str, req: MtaDnsLookup) -> None:
         try:
@@ -190,3 +255,81 @@ class Process:
 
 class NullMx(Exception):
     pass
+
+
+async def lookup_table(tables: TableSet, table: str, service: str, key: str):
+    """The one place an expansion's lookups reach a table: the value, None, or
+    TEMPFAIL (awaited: a proc table's program may take its time)."""
+    try:
+        return await tables.get(table).lookup(service, key)
+    except TableUnavailable:
+        return TEMPFAIL
+
+
+def _unprivileged_user() -> str:
+    """Who runs commands and writes files named in aliases tables (OpenSMTPD's
+    SMTPD_USER): lka's own user, ``_smtpd`` when started as root."""
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return privsep.SMTPD_USER
+
+
+class ExpansionDriver:
+    """Runs one recipient's Expansion: answers its requests from the configuration,
+    the tables and the parent, until it has a result."""
+
+    MAX_REQUESTS = 10000     # far above what MAX_NODES allows: a bound, not a limit
+
+    def __init__(self, lka: Process, req: SmtpExpandRcpt) -> None:
+        self.lka, self.req = lka, req
+        self.config, self.tables = lka.config, lka.tables
+        self.expansion = Expansion(req.envelope, self.config.actions,
+                                   sub_addr_delim=self.config.sub_addr_delim,
+                                   smtpd_user=lka.smtpd_user)
+
+    async def run(self) -> ExpandResult:
+        for _ in range(self.MAX_REQUESTS):
+            request = self.expansion.next_request()
+            if request is None:
+                break
+            self.expansion.feed(await self.answer(request))
+        if self.expansion.result is None:
+            raise RuntimeError("expansion did not finish")
+        return self.expansion.result
+
+    async def answer(self, request):
+        match request:
+            case MatchRule():
+                return await self._match(request)
+            case TableLookup():
+                return await lookup_table(self.tables, request.table, request.service, request.key)
+            case ReadForward():
+                return await self._read_file(LkaOpenForward(
+                    reqid=self.lka.ctx.new_id(), kind="forward", user=request.user,
+                    home=request.home, uid=request.uid, gid=request.gid))
+            case ReadInclude():
+                return await self._read_file(LkaOpenForward(
+                    reqid=self.lka.ctx.new_id(), kind="include", path=request.path))
+        raise TypeError(f"unknown expansion request {request!r}")
+
+    async def _match(self, request: MatchRule):
+        base, req = self.req.envelope, self.req
+        context = MatchContext(
+            source="local" if request.internal else base.sockaddr.strip("[]"), rdns=req.rdns or None,
+            helo=base.helo, mail_from=base.sender, rcpt=request.address, tag=base.tag or None,
+            auth_user=base.username or None, tls=req.tls,
+            local_listener=request.internal or req.local_listener)
+        try:
+            return await match_async(self.config, self.tables, context)
+        except TableUnavailable:
+            return TEMPFAIL
+
+    async def _read_file(self, msg: LkaOpenForward) -> FileAnswer:
+        try:
+            reply = await self.lka.ctx.mesh.request("parent", msg, (LkaOpenForwardReply,),
+                                                    timeout=FILE_TIMEOUT)
+        except PeerTimeout as exc:
+            log.warning("warn: lka: %s", exc)
+            return FileAnswer("tempfail")
+        return FileAnswer(reply.status, reply.content)

@@ -148,6 +148,11 @@ class Mda:
         username = action.user or env.mda_user
         user = await mesh.request("lka", MdaLookupUserinfo(
             reqid=new_id(), table=action.userbase or "", user=username), (MdaLookupUserinfoReply,))
+        if user.status == "notfound" and env.mda_method in ("exec", "file") and action.userbase:
+            # an alias's |command or /file runs as smtpd's own user (docs/expansion.md),
+            # a system account a userbase table does not list
+            user = await mesh.request("lka", MdaLookupUserinfo(
+                reqid=new_id(), table="", user=username), (MdaLookupUserinfoReply,))
         if user.status == "notfound":
             return "permfail", "Permanent failure in user lookup"
         if user.status != "ok":

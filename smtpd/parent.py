@@ -26,10 +26,13 @@ from common import log as logsetup
 from common.ids import UidGenerator
 from common.ipc import Mesh
 from common.messages import (
-    ConfEnd, ConfEndDone, CtlReply, CtlRequest, MdaDeliver, MdaDone, Msg, SetupDone, SmtpAuthenticate,
-    SmtpAuthenticateReply, StatGet, StatReply,
+    ConfEnd, ConfEndDone, CtlReply, CtlRequest, LkaOpenForward, LkaOpenForwardReply, MdaDeliver, MdaDone,
+    Msg, SetupDone, SmtpAuthenticate, SmtpAuthenticateReply, StatGet, StatReply,
 )
-from smtpd import auth, delivery_mbox, fd_channel, fdpass, introspection, listeners, local_delivery, metrics, offline, sdnotify, tls
+from smtpd import (
+    auth, delivery_mbox, fd_channel, fdpass, forward, introspection, listeners, local_delivery, metrics,
+    offline, sdnotify, tls,
+)
 from smtpd.config import ConfigError
 from smtpd.main import CHILDREN, EXIT_CONFIG, VERSION, load_config
 from smtpd.reload import Reloader
@@ -226,6 +229,8 @@ class Parent:
                 self.all_conf_done.set()
         elif isinstance(msg, SmtpAuthenticate) and peer == "lka":
             self.spawn_task(self._authenticate(msg))
+        elif isinstance(msg, LkaOpenForward) and peer == "lka":
+            self.spawn_task(self._open_forward(msg))
         elif isinstance(msg, MdaDeliver) and peer == "pony":
             task = asyncio.create_task(self._deliver(msg))
             self.deliveries.add(task)
@@ -258,6 +263,19 @@ class Parent:
         the parent can read the shadow file.  The answer goes back through lka."""
         result = await asyncio.to_thread(auth.authenticate_system, msg.user, msg.password)
         await self.mesh.send("lka", SmtpAuthenticateReply(reqid=msg.reqid, result=result))
+
+    async def _open_forward(self, msg: LkaOpenForward) -> None:
+        """A user's .forward or an :include: file for lka's expansion: only root can
+        read every home (smtpd/forward.py has the checks)."""
+        try:
+            if msg.kind == "forward":
+                status, text = await asyncio.to_thread(forward.read_forward, msg.user, msg.home, msg.uid)
+            else:
+                status, text = await asyncio.to_thread(forward.read_include, msg.path)
+        except Exception:
+            log.exception("warn: smtpd: reading %s for lka failed", msg.path or f"{msg.home}/.forward")
+            status, text = "tempfail", ""
+        await self.mesh.send("lka", LkaOpenForwardReply(reqid=msg.reqid, status=status, content=text))
 
     async def _deliver(self, msg: MdaDeliver) -> None:
         """A local delivery: the message's descriptor, which pony sent just before,

@@ -15,6 +15,8 @@ import re
 from pathlib import Path
 
 from common.durations import parse_duration
+from smtpd import parse_table
+from smtpd.parse_table import load_table_file  # noqa: F401  (tests and callers read files through it)
 from smtpd.config import (
     Action, Ca, Condition, Config, ConfigError, Listener, Pki, Rule, Table, default_hostname,
 )
@@ -230,6 +232,7 @@ class Parser:
                 lis.auth = "required" if opt == "auth" else "optional"
                 if c.peek_ref() or c.peek() == "{":
                     lis.auth_table = c.table_ref()
+                    parse_table.check_use(self, lis.auth_table, "listen-auth")
             elif opt == "senders":
                 once("senders")
                 lis.senders = c.table_ref()
@@ -266,13 +269,11 @@ class Parser:
         self.config.listeners.append(lis)
 
     def check_table_use(self, name: str, message: str, *, lists: bool = True, maps: bool = True) -> None:
-        """parse.y's table_check_use for static tables: a table whose content is a list
-        cannot answer a mapping lookup, nor a mapping a list one (an empty file is both).
-        ``message`` names the table as ``{}``."""
-        table = self.config.tables.get(name)
-        if table is None or table.backend != "static" or not table.values:
-            return
-        if (isinstance(table.values, dict) and not maps) or (isinstance(table.values, list) and not lists):
+        """parse.y's table_check_use for the uses not in parse_table.USES: a table whose
+        content is a list cannot answer a mapping lookup, nor a mapping a list one (an
+        empty file is both).  ``message`` names the table as ``{}``."""
+        kind, _ = parse_table.table_kind_and_services(self.config, name)
+        if (kind == "hash" and not maps) or (kind == "list" and not lists):
             raise self.err(message.format(f'"{name}"'))
 
     def p_table(self, c: "Cursor") -> None:
@@ -283,14 +284,7 @@ class Parser:
             self.config.tables[name] = c.inline_table(name)
         else:
             spec = c.word("a table backend and path")
-            backend, sep, path = spec.partition(":")
-            if not sep:
-                backend, path = "file", spec
-            if backend == "file":
-                values = load_table_file(self.fs(Path(path)), self)
-                self.config.tables[name] = Table(name, "static", path, values, self.line)
-            else:
-                self.config.tables[name] = Table(name, backend, path, None, self.line)
+            self.config.tables[name] = parse_table.parse_table_spec(self, name, str(spec))
         c.end()
 
     def p_action(self, c: "Cursor") -> None:
@@ -301,7 +295,7 @@ class Parser:
         act = Action(name=name, method=method, lineno=self.line)
         if method not in LOCAL_METHODS and method != "relay":
             raise self.err(f'syntax error: unknown delivery method "{method}"')
-        if method not in ("maildir", "relay", "mbox", "lmtp", "mda"):
+        if method not in ("maildir", "relay", "mbox", "lmtp", "mda", "forward-only", "expand-only"):
             self.not_yet(f'delivery method "{method}"')
         if method == "maildir" and c.peek() is not None and (c.peek().quoted or c.peek() not in MAILDIR_OPTIONS):
             act.target = c.word("")
@@ -316,6 +310,7 @@ class Parser:
             opt = c.word("an action option")
             if method in LOCAL_METHODS and opt in ("alias", "virtual", "userbase"):
                 setattr(act, opt, c.table_ref())
+                parse_table.check_use(self, getattr(act, opt), opt)
             elif method == "maildir" and opt == "junk":
                 act.junk = True
             elif method in LOCAL_METHODS and opt in ("user", "wrapper"):
@@ -702,28 +697,6 @@ def _is_ip(text: str) -> bool:
         return True
     except ValueError:
         return False
-
-
-def load_table_file(path: Path, parser: Parser, secret: bool = False):
-    """table(5) files: one value per line (list) or ``key value`` / ``key: a, b`` (map).
-    ``secret``: the table holds credentials (its modes are checked as a key's)."""
-    lines = parser.read_file(path, "table file ", secret)[0].splitlines()
-    items, pairs = [], {}
-    for raw in lines:
-        line = _strip_comment(raw).strip()
-        if not line:
-            continue
-        m = re.match(r"^(\S+?):?\s+(.+)$", line)
-        if m:
-            pairs[m.group(1).rstrip(":")] = m.group(2).strip()
-        else:
-            items.append(line.rstrip(":"))
-    if pairs and not items:
-        return pairs
-    if items and pairs:
-        pairs.update({i: "" for i in items})
-        return pairs
-    return items
 
 
 def parse_config(path: str | Path, macros: dict[str, str] | None = None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import tempfile
 import threading
@@ -298,3 +299,31 @@ def test_lmtp_server_down_is_a_tempfail(make_daemon, tmp_path):
     send(port, "bob@remote.test", ["alice@example.test"])
     log = d.wait_log("result=TempFail")
     assert "cannot connect to 127.0.0.1" in log
+
+
+def test_alias_pipe_and_file_targets(make_daemon, tmp_path):
+    """``|command`` and ``/file`` in an aliases table: run and written as smtpd's own
+    user (``_smtpd`` as root), the file appended mbox-style."""
+    out = Path(tempfile.mkdtemp(prefix="pysmtpd-alias-"))
+    os.chmod(out, 0o1777)                        # smtpd's user writes here
+    try:
+        port = free_port()
+        base = tmp_path / "d"
+        users = userbase(base)
+        d = make_daemon("\n".join([
+            f"listen on 127.0.0.1 port {port}", f"table users {users}",
+            f'table aliases {{ piped = "|cat > {out}/piped; id -un >> {out}/piped", '
+            f'filed = "{out}/copy.mbox" }}',
+            'action "local" maildir alias <aliases> userbase <users>',
+            'match from any for domain "example.test" action "local"']) + "\n").start()
+        send(port, "bob@remote.test", ["piped@example.test", "filed@example.test"],
+             "Subject: alias\n\nFrom the alias\n")
+        wait_for(lambda: d.log_since_start().count("result=Ok") == 2, 30, "both deliveries")
+        runner = "_smtpd" if os.getuid() == 0 else __import__("pwd").getpwuid(os.getuid()).pw_name
+        piped = (out / "piped").read_text()
+        assert piped.startswith("Return-Path: <bob@remote.test>\nDelivered-To: piped@example.test\n")
+        assert piped.endswith(f"Subject: alias\n\nFrom the alias\n{runner}\n")
+        box = (out / "copy.mbox").read_text()
+        assert box.startswith("From bob@remote.test ") and box.endswith("\n\n>From the alias\n\n")
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
