@@ -45,14 +45,10 @@ _USERS = stat.Population("mda.user")
 class Mda:
     def __init__(self, pony) -> None:
         self.pony = pony
+        self.config = pony.config          # replaced at a reload (smtpd/reload.py)
         self.slots = asyncio.Semaphore(MAX_SESSIONS)
         fd = getattr(pony.ctx.opts, "queue_fd_channel", -1)
         self.message_fds = fd_channel.FdReceiver(socket.socket(fileno=fd)) if fd >= 0 else None
-
-    @property
-    def config(self):
-        """pony's current configuration (a reload replaces it)."""
-        return self.pony.config
 
     def start(self) -> None:
         if self.message_fds is not None:

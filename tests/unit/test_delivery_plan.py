@@ -19,14 +19,9 @@ def parsed(tmp_path, text: str):
     return parse_config(path)
 
 
-class _Pony:
-    def __init__(self, config) -> None:
-        self.config = config
-
-
 def planner(config) -> Mda:
     mda = Mda.__new__(Mda)
-    mda.pony = _Pony(config)
+    mda.config = config
     return mda
 
 
