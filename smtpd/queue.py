@@ -292,8 +292,7 @@ class Process:
             await self.ctx.mesh.send(peer, MdaMessageOpened(reqid=reqid, ok=False, error="no descriptor channel"))
             return
         try:
-            fd = os.open(self.spool.message_dir(msgid) / "message",
-                         os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY)
+            fd = self.spool.open_message(msgid)
         except OSError as exc:
             if self.spool.message_dir(msgid).is_dir():
                 await self._corrupt(msgid, f"message: {exc.strerror or exc}")
