@@ -386,11 +386,11 @@ def show_help(words: list[str]) -> None:
 
 def main() -> None:
     argv = sys.argv[1:]
-    # makemap(8) and newaliases(8) are smtpctl called by those names (smtpctl/makemap.py)
+    # makemap(8) and newaliases(8) are smtpctl called by those names (smtpctl/mapfiles.py)
     name = os.path.basename(sys.argv[0]).split(".")[0]
     if name in ("makemap", "newaliases"):
-        from smtpctl import makemap
-        sys.exit(makemap.main_by_name(name, argv))
+        from smtpctl import mapfiles     # not "makemap.py": alternatives(8) owns that name
+        sys.exit(mapfiles.main_by_name(name, argv))
     if os.environ.get(COMPLETE_VAR):
         # A completion script asks for candidates: answered from the command tree alone,
         # never from the daemon.

@@ -4,15 +4,16 @@ For each RCPT pony asks lka which rule matches; lka expands the recipient into
 envelopes and submits them straight to the queue (as OpenSMTPD does), or answers
 pony with the SMTP error.  The expansion (smtpd/expand.py) asks for what it needs;
 ``ExpansionDriver`` answers it from the rules and tables, and from the parent for
-users' .forward and :include: files (lka_session.c's IMSG_LKA_OPEN_FORWARD).  At delivery time it answers user and DNS lookups.
-It checks AUTH credentials against tables (the parent checks system accounts)
-and which senders an authenticated user may use (smtpd/auth.py).
+users' .forward and :include: files (lka_session.c's IMSG_LKA_OPEN_FORWARD), awaiting
+each.  At delivery time it answers user and DNS lookups.  It checks AUTH credentials
+against tables (the parent checks system accounts) and which senders an
+authenticated user may use (smtpd/auth.py).
 
-lka owns the tables (smtpd/table/): it opens them after its privilege drop, as
-OpenSMTPD's lka does on CONF_END (file tables were read by the parent while parsing;
+lka owns the tables (smtpd/table/): it opens them after its privilege drop, on
+CONF_END as OpenSMTPD's lka does (file tables were read by the parent while parsing;
 db files are opened and table programs started here, as smtpd's user), and reloads
 one on ``smtpctl update table``.  Code that still looks tables up synchronously
-(expansion, credentials, senders) runs in a worker thread when some table must be
+(credentials, senders) runs in a worker thread when some table must be
 awaited (a proc table), so the event loop never waits for a table program.
 """
 from __future__ import annotations
@@ -66,10 +67,11 @@ class Process:
         self.smtpd_user = _unprivileged_user()
 
     async def start(self) -> None:
-        await self.tables.open()
+        pass
 
     async def on_conf_end(self) -> None:
-        pass
+        """lka.c on IMSG_CONF_END: table_open_all (db files, table programs)."""
+        await self.tables.open()
 
     async def stop(self) -> None:
         for task in list(self.tasks):

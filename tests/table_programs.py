@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+from tests.oracle import opensmtpd as oracle
 
 PYTHON_TABLE = r'''
 import sys, time
@@ -112,3 +116,37 @@ def write_programs(directory: Path) -> tuple[Path, Path]:
     sh.write_text(SHELL_TABLE)
     sh.chmod(0o755)
     return py, sh
+
+
+EXTRAS = "opensmtpd-extras"
+
+
+def fetch_extras(cache: Path = oracle.CACHE) -> Path:
+    """Debian's opensmtpd-extras unpacked (``apt-get download`` + ``dpkg -x``, never
+    installed): its root directory.  Raises oracle.Unavailable with the reason."""
+    root = cache / "extras-root"
+    if (root / "usr/libexec/opensmtpd/table-passwd").exists():
+        return root
+    if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
+        raise oracle.Unavailable("apt-get/dpkg not found (a Debian-family system is needed)")
+    cache.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="fetch-extras-", dir=cache))
+    try:
+        for attempt in range(2):
+            res = subprocess.run(["apt-get", "download", "-qq", EXTRAS], cwd=work,
+                                 capture_output=True, timeout=300)
+            if res.returncode == 0 or attempt or os.geteuid() != 0:
+                break
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=300)
+        debs = sorted(work.glob(f"{EXTRAS}_*.deb"))
+        if not debs:
+            raise oracle.Unavailable(f"apt-get download {EXTRAS} failed (no Debian registry reachable?)")
+        subprocess.run(["dpkg", "-x", str(debs[-1]), str(work / "root")], check=True, timeout=120)
+        try:
+            os.rename(work / "root", root)
+        except OSError:
+            if not (root / "usr/libexec/opensmtpd/table-passwd").exists():
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return root

@@ -89,7 +89,11 @@ class BlockingTable(Table):
         self.loop_thread: int | None = None
 
     def bind_loop(self) -> None:
-        self.loop = asyncio.get_running_loop()
+        """The event loop that answers (the one running now; none outside a loop)."""
+        try:
+            self.loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
         self.loop_thread = threading.get_ident()
 
     def _wait(self, coro):

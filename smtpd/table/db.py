@@ -2,7 +2,7 @@
 
 The format is the one OpenSMTPD uses on Linux: libdb's hash (or btree) access method
 through its 4.4BSD ``dbopen`` interface, every key and value stored with its ending
-NUL byte, keys lowercased.  Our makemap (smtpctl/makemap.py) writes the same files,
+NUL byte, keys lowercased.  Our makemap (smtpctl/mapfiles.py) writes the same files,
 so a db made by either program is read by both.  libdb is reached through ctypes
 (libdb5.3 is part of every Debian system: PAM and apt use it), loaded on first use,
 not at import (docs/tables.md says why this format and not another).
@@ -207,7 +207,9 @@ class DbTable(Table):
             try:
                 self._reopen()
             except OSError as exc:
+                log.info("info: Failed to update table \"%s\": %s", self.name, exc)
                 return str(exc)
+        log.info("info: Table \"%s\" successfully updated", self.name)
         return None
 
     async def close(self) -> None:

@@ -15,15 +15,16 @@ request at a time, each with a fresh 8-hex-digit id::
     table|0.1|<time>|<name>|fetch|<service>|<id>         -> fetch-result|<id>|found|<value>
     table|0.1|<time>|<name>|update|<id>                   -> update-result|<id>|ok
 
-(or ``not-found``, or ``error[|message]``).  Where OpenSMTPD exits on a program that
+(or ``not-found``, or ``error[|message]``).  A program that exits at once on this
+handshake is started again and spoken to in OpenSMTPD 6's imsg protocol
+(proc_imsg.py), which Debian 12's opensmtpd-extras programs speak; the protocol that
+worked is kept for its restarts.  Where OpenSMTPD exits on a program that
 dies, hangs or answers out of protocol, we kill it, answer a temporary failure and
 start it again on a later lookup (at most once per RESTART_DELAY): the daemon lives.
 
 The program is either OpenSMTPD's ``table-<type>`` in its libexec directory
 (``table NAME TYPE:ARG``, argv[0] the table's name, argv[1] ARG), ``proc:/path`` (a
 program of ours, argv[0] the table's name) or ``proc-exec:"command args"``.
-Debian 12's opensmtpd-extras programs speak OpenSMTPD 6's imsg protocol instead,
-which this backend does not (docs/tables.md).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ import socket
 import time
 
 from common.vis import log_text
+from smtpd.table import proc_imsg
 from smtpd.table.base import BlockingTable, TableUnavailable
 from smtpd.table.services import SERVICES, wire_service
 
@@ -50,6 +52,9 @@ MAX_LINE = 65536
 
 class ProtocolError(Exception):
     pass
+
+
+EOF = "unexpected end of file"
 
 
 class ProcTable(BlockingTable):
@@ -68,6 +73,7 @@ class ProcTable(BlockingTable):
         self.lock = asyncio.Lock()
         self.failed_at: float | None = None
         self.registered: frozenset[str] = frozenset()
+        self.protocol: str | None = None       # "line" or "imsg", once a handshake worked
 
     # -- the program's life ----------------------------------------------------------------
 
@@ -85,6 +91,25 @@ class ProcTable(BlockingTable):
     async def _start(self) -> None:
         if self.executable is None:
             self._fail(f"no program for table type {self.type}")
+        for protocol in ((self.protocol,) if self.protocol else ("line", "imsg")):
+            await self._spawn()
+            try:
+                await asyncio.wait_for(self._handshake() if protocol == "line" else self._open_imsg(),
+                                       HANDSHAKE_TIMEOUT)
+            except ProtocolError as exc:
+                await self._stop()
+                if protocol == "line" and str(exc) == EOF and self.protocol is None:
+                    continue            # exited on our first words: try OpenSMTPD 6's protocol
+                self._fail(f"handshake failed: {exc}")
+            except (TimeoutError, OSError, ValueError) as exc:
+                await self._stop()
+                self._fail(f"handshake failed: {exc or 'no answer'}")
+            self.protocol = protocol
+            log.debug("debug: table-proc: %s started (pid %d, %s protocol), services %s", self.name,
+                      self.process.pid, protocol, ",".join(sorted(self.registered)))
+            return
+
+    async def _spawn(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.process = await asyncio.create_subprocess_exec(
@@ -96,13 +121,22 @@ class ProcTable(BlockingTable):
         finally:
             child.close()
         self.reader, self.writer = await asyncio.open_unix_connection(sock=parent, limit=MAX_LINE)
+
+    async def _open_imsg(self) -> None:
+        self.writer.write(proc_imsg.open_frame(self.name))
+        await self.writer.drain()
+        await self._read_imsg("open")
+        self.registered = SERVICES          # the imsg protocol registers none: K_ANY
+
+    async def _read_imsg(self, what: str) -> str:
         try:
-            await asyncio.wait_for(self._handshake(), HANDSHAKE_TIMEOUT)
-        except (TimeoutError, OSError, ProtocolError, ValueError) as exc:
-            await self._stop()
-            self._fail(f"handshake failed: {exc or 'no answer'}")
-        log.debug("debug: table-proc: %s started (pid %d), services %s", self.name,
-                  self.process.pid, ",".join(sorted(self.registered)))
+            header = await self.reader.readexactly(proc_imsg.HEADER.size)
+            data = await self.reader.readexactly(proc_imsg.body_length(header))
+        except asyncio.IncompleteReadError:
+            raise ProtocolError(EOF) from None
+        except proc_imsg.ImsgError as exc:
+            raise ProtocolError(str(exc)) from None
+        return "" if what == "open" else proc_imsg.reply_text(what, data)
 
     async def _handshake(self) -> None:
         self.writer.write((f"config|smtpd-version|{SMTPD_VERSION}\n"
@@ -130,7 +164,7 @@ class ProcTable(BlockingTable):
     async def _read_line(self) -> str:
         raw = await self.reader.readline()
         if not raw.endswith(b"\n"):
-            raise ProtocolError("unexpected end of file")
+            raise ProtocolError(EOF)
         return raw[:-1].decode("utf-8", "replace").rstrip("\r")
 
     async def _stop(self) -> None:
@@ -157,8 +191,8 @@ class ProcTable(BlockingTable):
 
     async def _request(self, what: str, service: str | None, key: str | None) -> str:
         """One request and the text of its reply after ``<what>-result|<id>|``."""
-        if key is not None and ("\r" in key or "\n" in key):
-            raise TableUnavailable(f"table {self.name}: key with a line break")
+        if key is not None and ("\r" in key or "\n" in key or "\0" in key):
+            raise TableUnavailable(f"table {self.name}: key with a line break or a NUL")
         async with self.lock:
             if self.process is None or self.process.returncode is not None:
                 if self.process is not None:
@@ -167,24 +201,33 @@ class ProcTable(BlockingTable):
                 if self.failed_at is not None and time.monotonic() - self.failed_at < RESTART_DELAY:
                     raise TableUnavailable(f"table {self.name}: restarting")
                 await self._start()
-            reqid = f"{secrets.randbits(32):08x}"
-            now = time.time()
-            head = f"table|{PROTOCOL_VERSION}|{int(now)}.{int(now % 1 * 1e6):06d}|{self.name}|{what}"
-            line = f"{head}|{wire_service(service)}|{reqid}" if service else f"{head}|{reqid}"
-            if key is not None:
-                line += f"|{key}"
             try:
-                self.writer.write(line.encode() + b"\n")
-                await asyncio.wait_for(self.writer.drain(), REPLY_TIMEOUT)
-                reply = await asyncio.wait_for(self._read_line(), REPLY_TIMEOUT)
+                if self.protocol == "imsg":
+                    return await self._exchange_imsg(what, service, key)
+                return await self._exchange_line(what, service, key)
             except (TimeoutError, OSError, ProtocolError, ValueError) as exc:
                 await self._stop()
                 self._fail(f"{what}: {exc or 'no answer in %ds' % REPLY_TIMEOUT}")
-            prefix = f"{what}-result|{reqid}|"
-            if not reply.startswith(prefix):
-                await self._stop()
-                self._fail(f"{what}: reply out of protocol: {reply[:200]!r}")
-            return reply[len(prefix):]
+
+    async def _exchange_line(self, what: str, service: str | None, key: str | None) -> str:
+        reqid = f"{secrets.randbits(32):08x}"
+        now = time.time()
+        head = f"table|{PROTOCOL_VERSION}|{int(now)}.{int(now % 1 * 1e6):06d}|{self.name}|{what}"
+        line = f"{head}|{wire_service(service)}|{reqid}" if service else f"{head}|{reqid}"
+        if key is not None:
+            line += f"|{key}"
+        self.writer.write(line.encode() + b"\n")
+        await asyncio.wait_for(self.writer.drain(), REPLY_TIMEOUT)
+        reply = await asyncio.wait_for(self._read_line(), REPLY_TIMEOUT)
+        prefix = f"{what}-result|{reqid}|"
+        if not reply.startswith(prefix):
+            raise ProtocolError(f"reply out of protocol: {reply[:200]!r}")
+        return reply[len(prefix):]
+
+    async def _exchange_imsg(self, what: str, service: str | None, key: str | None) -> str:
+        self.writer.write(proc_imsg.request_frame(what, wire_service(service) if service else None, key))
+        await asyncio.wait_for(self.writer.drain(), REPLY_TIMEOUT)
+        return await asyncio.wait_for(self._read_imsg(what), REPLY_TIMEOUT)
 
     def _fail_soft(self, why: str) -> None:
         self.failed_at = time.monotonic() - RESTART_DELAY      # restart now, once

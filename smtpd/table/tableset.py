@@ -2,6 +2,7 @@
 table_create / table_find / table_open_all / table_update)."""
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from common.trace import FLAGS, trace
@@ -33,6 +34,9 @@ class TableSet:
         self.tables: dict[str, Table] = {name: make_table(spec) for name, spec in config.tables.items()}
         self.specials: dict[str, Table] = {name: SpecialTable(name, config) for name in SPECIAL_NAMES}
         self.specials["getpwnam"] = GetpwnamTable("getpwnam")
+        for table in self.tables.values():
+            if table.blocking:
+                table.bind_loop()          # lka builds its tables in its loop
         local_addresses()
 
     @property
@@ -42,12 +46,11 @@ class TableSet:
         return any(t.blocking for t in self.tables.values())
 
     async def open(self) -> None:
-        """table_open_all: after the privilege drop (proc tables are started here)."""
-        for table in self.tables.values():
-            if table.blocking:
-                table.bind_loop()
-            await table.open()
-            if FLAGS.tables:
+        """table_open_all: after the privilege drop (proc tables are started here, all at
+        once: each handshake may take its timeout)."""
+        await asyncio.gather(*(table.open() for table in self.tables.values()))
+        if FLAGS.tables:
+            for table in self.tables.values():
                 trace("table: opened %s (%s)", table.label, table.config or "inline")
 
     async def close(self) -> None:

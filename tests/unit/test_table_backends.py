@@ -18,7 +18,7 @@ from smtpd.table.db import DbFile, DbTable
 from smtpd.table.file_format import MalformedTable, parse_table_text
 from smtpd.table.getpwnam import GetpwnamTable
 from smtpd.table.static import StaticTable
-from smtpctl import makemap
+from smtpctl import mapfiles as makemap
 
 
 # --- table(5) files ---------------------------------------------------------------------------
