@@ -606,7 +606,44 @@ def smtp_source_load(tools: Path, port: int, n: int, sessions: int, size: int, r
 
 # --------------------------------------------------------------------------- daemon
 
-def build_config(base: Path, port: int, mode: str, sink_port: int) -> tuple[str, Path]:
+# ``--filter passthrough``: a proc-exec filter registered on every phase (data-line
+# included) and every report event, that lets everything through unchanged: what the
+# filter protocol itself costs (docs/filters.md).  Run by the system's Python 3, which
+# the filter's user (_smtpd when root) can execute.
+PASSTHROUGH_FILTER = r"""
+import sys
+PHASES = ("connect", "helo", "ehlo", "starttls", "auth", "mail-from", "rcpt-to", "data",
+          "data-line", "rset", "quit", "noop", "help", "wiz", "commit")
+out = sys.stdout
+for line in sys.stdin:
+    if line.startswith("filter|"):
+        f = line.rstrip("\n").split("|", 7)
+        if f[4] == "data-line":
+            out.write("filter-dataline|%s|%s|%s\n" % (f[5], f[6], f[7]))
+        else:
+            out.write("filter-result|%s|%s|proceed\n" % (f[5], f[6]))
+        out.flush()
+    elif line == "config|ready\n":
+        for phase in PHASES:
+            out.write("register|filter|smtp-in|%s\n" % phase)
+        out.write("register|report|smtp-in|*\nregister|ready\n")
+        out.flush()
+"""
+
+
+def filter_lines(base: Path, kind: str) -> list[str]:
+    if kind == "none":
+        return []
+    path = base / "passthrough.py"
+    path.write_text(PASSTHROUGH_FILTER)
+    os.chmod(base, 0o755)
+    os.chmod(path, 0o644)
+    python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+    return [f'filter bench proc-exec "{python} {path}"']
+
+
+def build_config(base: Path, port: int, mode: str, sink_port: int,
+                 filter_kind: str = "none") -> tuple[str, Path]:
     """The configuration and the Maildir new/ directory that the run fills."""
     uid, gid = os.getuid(), os.getgid()
     if uid == 0:
@@ -617,9 +654,11 @@ def build_config(base: Path, port: int, mode: str, sink_port: int) -> tuple[str,
     os.chmod(base / "home", 0o711)
     if os.getuid() == 0:
         os.chown(home, uid, gid)
+    filters = filter_lines(base, filter_kind)
     lines = [
         "# pysmtpd benchmark configuration (bench/bench_mail.py)",
-        f"listen on 127.0.0.1 port {port}",
+        *filters,
+        f"listen on 127.0.0.1 port {port}" + (" filter bench" if filters else ""),
         f'table users {{ {MAILDIR_USER} = "{uid}:{gid}:{home}" }}',
         f'action "outbound" relay host "smtp://127.0.0.1:{sink_port}"',
         'action "local" maildir "~/Maildir" userbase <users>',
@@ -711,6 +750,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true",
                    help="keep the temporary directory (config, spool, logs, Maildir)")
     p.add_argument("--label", default="", help="free text copied into the JSON line")
+    p.add_argument("--filter", choices=["none", "passthrough"], default="none",
+                   help="passthrough: a proc-exec filter on every phase, data-line and report event")
     p.add_argument("--trace", action="append", default=[], metavar="WORD",
                    help="start smtpd with -T WORD (tracing on; see bench/bench_trace.py)")
     args = p.parse_args(argv)
@@ -733,6 +774,7 @@ def run(args: argparse.Namespace) -> dict:
     result: dict = {
         "bench": "mail", "mode": args.mode, "n": args.n, "sessions": args.s, "size": args.size,
         "per_session": args.per_session, "client": args.client, "label": args.label,
+        "filter": args.filter,
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "nproc": os.cpu_count(), "python": platform.python_version(),
         "uid": os.getuid(), "timed_out": False, "error": None, "hold": args.hold,
@@ -753,7 +795,7 @@ def run(args: argparse.Namespace) -> dict:
         if tools is None and (args.client == "smtp-source" or args.sink == "postfix"):
             raise BenchError("Postfix tools required but bench/get-postfix-tools.sh failed")
         port, sink_port = free_port(), free_port()
-        config_text, new_dir = build_config(base, port, args.mode, sink_port)
+        config_text, new_dir = build_config(base, port, args.mode, sink_port, args.filter)
         if args.mode == "relay":
             sink = PostfixSink(tools, sink_port, base) if tools is not None else AiosmtpdSink(sink_port, base)
             sink.start()

@@ -483,6 +483,12 @@ class PonyEnqueue(Msg, **_m("pony_enqueue")):
     data: bytes
     bounce: bool = False
     origin: str = ""         # for log lines: "bounce", "offline"
+    # issue 11 (sendmail): DSN options (-N, -R, -V; checked) and the submitting
+    # user's uid (SO_PEERCRED, or the offline file's owner), for the log line.
+    dsn_notify: int = 0
+    dsn_ret: str = ""
+    dsn_envid: str = ""
+    uid: int = -1
 
 
 class PonyEnqueueReply(Msg, **_m("pony_enqueue_reply")):
@@ -549,6 +555,117 @@ class MdaDeliver(Msg, **_m("mda_deliver")):
     dest: str
     subaddress: str = ""
     lmtp_rcpt: str = ""  # lmtp: the address of RCPT TO (dest, or rcpt with `rcpt-to`)
+
+
+# --- issue 11: sendmail(8) through the running daemon -------------------------------------
+
+class CtlEnqueue(Msg, **_m("ctl_enqueue")):
+    """control -> parent: a message a local user submits with sendmail (the
+    ``enqueue`` request of the control socket).  ``uid`` is the client's, from
+    SO_PEERCRED: the parent (root, not chrooted) turns it into the login name that is
+    the default sender and into the full name of the From: field; ``sender`` is
+    sendmail's -f, which any user may give.  Answered by PonyEnqueueReply (same
+    reqid), once pony has stored the message or refused it."""
+    reqid: int
+    uid: int
+    sender: str              # -f/-r, as given; "" = the user's login name
+    fullname: str            # -F, "" = the GECOS name
+    recipients: list[str]
+    data: bytes              # the message, LF line endings, Bcc fields already removed
+    dsn_notify: str = ""     # -N, -R, -V as given (the parent checks them)
+    dsn_ret: str = ""
+    dsn_envid: str = ""
+
+
+# --- filters (issue 9): pony <-> lka, lka <-> parent (docs/filters.md) -----------------------
+
+class FilterSmtpBegin(Msg, **_m("filter_smtp_begin")):
+    """pony -> lka: a session of a listener with ``filter NAME`` starts (IMSG_FILTER_SMTP_BEGIN
+    with IMSG_REPORT_SMTP_LINK_CONNECT's facts); lka answers which phases and report
+    events its chain asks for, so pony asks nothing else."""
+    reqid: int
+    session: int
+    filter: str
+    rdns: str
+    src: str                 # "ip:port" or "unix:PATH"
+    dest: str
+    time: float
+
+
+class FilterSmtpBeginReply(Msg, **_m("filter_smtp_begin_reply")):
+    reqid: int
+    phases: list[str]
+    events: list[str]
+    ok: bool = True          # False: a filter of the chain is not running (the session gets 421)
+
+
+class FilterSmtpEnd(Msg, **_m("filter_smtp_end")):
+    """pony -> lka: the session is over (IMSG_FILTER_SMTP_END)."""
+    session: int
+
+
+class FilterReportEvent(msgspec.Struct, kw_only=True):
+    """One report event (IMSG_REPORT_SMTP_*): its name, parameters and time."""
+    event: str
+    params: list[str]
+    time: float
+
+
+class FilterSmtpReport(Msg, **_m("filter_smtp_report")):
+    """pony -> lka: the report events of a session since its last message to lka, for the
+    filters registered to them (one message per batch, not per event)."""
+    session: int
+    events: list[FilterReportEvent]
+
+
+class FilterSmtpProtocol(Msg, **_m("filter_smtp_protocol")):
+    """pony -> lka: what does the chain say about this phase (IMSG_FILTER_SMTP_PROTOCOL)."""
+    reqid: int
+    session: int
+    phase: str
+    param: str
+    time: float
+
+
+class FilterSmtpProtocolReply(Msg, **_m("filter_smtp_protocol_reply")):
+    """lka -> pony: proceed, junk, reject, disconnect, rewrite (``param``: the reply or the
+    new parameter) or tempfail (a filter failed: 421/451 4.3.0)."""
+    reqid: int
+    decision: str
+    param: str | None = None
+
+
+class FilterSmtpData(Msg, **_m("filter_smtp_data")):
+    """pony -> lka: body bytes of a filtered message (unstuffed, LF), as they come, in
+    chunks (one message per chunk, not per line); ``last``: the final dot."""
+    session: int
+    chunk: bytes
+    last: bool = False
+    first: bool = False
+
+
+class FilterSmtpDataOut(Msg, **_m("filter_smtp_data_out")):
+    """lka -> pony: what the data-line filters wrote, gathered per read; ``done`` after
+    their final dot; ``failed``: a filter failed (the message gets 451 4.3.0)."""
+    session: int
+    chunk: bytes
+    done: bool = False
+    failed: bool = False
+
+
+class FilterProcFork(Msg, **_m("filter_proc_fork")):
+    """lka -> parent: start (or restart) filter process NAME; its stdin/stdout and stderr
+    reach lka over the fd channel (smtpd/filter_proc.py), as OpenSMTPD's parent forks
+    processors and hands their fds to lka."""
+    name: str
+    generation: int
+
+
+class FilterProcKill(Msg, **_m("filter_proc_kill")):
+    """lka -> parent: kill filter process ``pid`` of NAME (it hung or wrote garbage)."""
+    name: str
+    pid: int
+
 # --- tables (issue 11): smtpctl update table -----------------------------------------------
 
 class CtlUpdateTable(Msg, **_m("ctl_update_table")):
@@ -602,6 +719,9 @@ Message = Union[
     PonyEnqueue, PonyEnqueueReply,
     QueueEnvelopeSubmitBatch,
     MdaMessageOpen, MdaMessageOpened, MdaDeliver,
+    CtlEnqueue,
+    FilterSmtpBegin, FilterSmtpBeginReply, FilterSmtpEnd, FilterSmtpReport, FilterSmtpProtocol,
+    FilterSmtpProtocolReply, FilterSmtpData, FilterSmtpDataOut, FilterProcFork, FilterProcKill,
     CtlUpdateTable,
     LkaOpenForward, LkaOpenForwardReply,
 ]
@@ -663,7 +783,8 @@ class ClientEnd(msgspec.Struct, tag="client_end", kw_only=True):
 
 
 class ClientContent(msgspec.Struct, tag="client_content", kw_only=True):
-    """A piece of a spool file (show envelope / show message), in order; ClientEnd ends it."""
+    """A piece of a spool file (show envelope / show message), in order; ClientEnd ends it.
+    Also client -> control after an ``enqueue`` request: the message sendmail submits."""
     data: bytes
 
 

@@ -134,7 +134,9 @@ install_test_tools() {
     # systemd-tmpfiles check the units; setpriv (util-linux) confines the daemon as the unit does;
     # zsh and fish run smtpctl's completion scripts; mandoc and groff check the manual
     # pages; rpm's Python dependency generator needs the system Python's packaging module;
-    # swaks needs Net::SSLeay and IO::Socket::SSL for --tls.
+    # swaks needs Net::SSLeay and IO::Socket::SSL for --tls.  s-nail is the mail client
+    # tests/e2e/test_sendmail.py sends through our sendmail with (no MTA recommended).
+    # The filter tests run their filters with the system's python3 (as _smtpd when root).
     # The fidelity oracle (tests/oracle/opensmtpd.py) makes its CA with openssl, runs Debian's
     # OpenSMTPD unpacked (never installed) in a mount namespace (unshare), which needs the
     # package's libraries: libevent and libdb are the ones a minimal Debian lacks.
@@ -142,7 +144,7 @@ install_test_tools() {
     for tool in swaks:swaks rpmbuild:rpm rpm2cpio:rpm rpmlint:rpmlint cpio:cpio \
                 systemd-analyze:systemd systemd-sysusers:systemd setpriv:util-linux \
                 zsh:zsh fish:fish mandoc:mandoc groff:groff-base \
-                unshare:util-linux openssl:openssl; do
+                unshare:util-linux openssl:openssl python3:python3 s-nail:s-nail; do
         command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
     done
     if [ -x /usr/bin/python3 ] && ! /usr/bin/python3 -c 'import packaging' 2>/dev/null; then
@@ -151,6 +153,15 @@ install_test_tools() {
     if ! perl -MNet::SSLeay -MIO::Socket::SSL -e 1 2>/dev/null; then
         missing+=(libnet-ssleay-perl libio-socket-ssl-perl)
     fi
+    # The filter tests (tests/filter_programs.py) compile a filter against OpenSMTPD's filter
+    # library (gcc, libc6-dev: gcc only recommends it, libopensmtpd-dev) and run Debian's
+    # filter-dkimsign (libopensmtpd0, libssl3).
+    command -v cc >/dev/null 2>&1 || missing+=(gcc)
+    [ -f /usr/include/stdio.h ] || missing+=(libc6-dev)
+    [ -f /usr/include/opensmtpd.h ] || missing+=(libopensmtpd-dev)
+    for lib in libopensmtpd.so.0:libopensmtpd0 libssl.so.3:libssl3; do
+        ldconfig -p 2>/dev/null | grep -q "${lib%%:*}" || missing+=("${lib#*:}")
+    done
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then   # the oracle runs as root only
         for lib in libevent-2.1.so.7:libevent-2.1-7 libdb-5.3.so:libdb5.3; do
             ldconfig -p 2>/dev/null | grep -q "${lib%%:*}" || missing+=("${lib#*:}")

@@ -229,8 +229,13 @@ def format_status(flags: Mapping[str, Any] | int) -> list[str]:
     if isinstance(flags, int):
         return [f"{label} {'paused' if flags & bit else 'running'}"
                 for _, label, bit in _STATUS]
-    return [f"{label} {'paused' if _paused(flags, key) else 'running'}"
-            for key, label, _ in _STATUS]
+    lines = [f"{label} {'paused' if _paused(flags, key) else 'running'}"
+             for key, label, _ in _STATUS]
+    # pysmtpd: one line per filter process (docs/filters.md), as "Filter NAME STATE"
+    filters = flags.get("filters")
+    if isinstance(filters, Mapping):
+        lines += [f"Filter {name} {state}" for name, state in sorted(filters.items())]
+    return lines
 
 
 # --- show stats ------------------------------------------------------------

@@ -13,7 +13,9 @@ spelled out in full, so the grammar and the tree cannot disagree about what runs
 unit test also checks that both hold the same commands, in the same order).
 
 The options (``--socket``/``-s``, ``--json``, ``-h``/``--help``) may stand anywhere on the
-line, as before.  Run as ``mailq`` (argv[0]), smtpctl is ``smtpctl show queue``.
+line, as before.  Run as ``mailq`` (argv[0]), smtpctl is ``smtpctl show queue``; as
+``sendmail``/``send-mail`` it is sendmail(8) (smtpctl.sendmail); as ``newaliases`` or
+``makemap``, those commands (smtpctl.mapfiles).
 
 Startup time matters (mailq runs from scripts): rich is never loaded (plain help), and
 typer's value conversion, which loads pydantic, is skipped (Verbatim).
@@ -29,8 +31,9 @@ from typing import Optional
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from smtpctl import actions, debug_commands, monitor
+from smtpctl import actions, debug_commands, mailq, monitor
 from smtpctl import reload as reload_command
+from smtpctl.client import socket_path
 from smtpctl.parser import GRAMMAR, PLACEHOLDERS, CommandError, evpid_to_text, msgid_to_text, parse_command
 
 PROG = "smtpctl"
@@ -256,7 +259,14 @@ def show_queue(ctx: typer.Context,
                                                      help="only this message's envelopes"),
                as_json: bool = typer.Option(False, "--json", help="one JSON object per envelope")) -> None:
     """One line per envelope in the queue, fields separated by '|' (what mailq prints)."""
-    _on_daemon(ctx, actions.show_queue, as_json, int(msgid, 16) if msgid else 0)
+    ident = int(msgid, 16) if msgid else 0
+    if mailq.daemon_down(socket_path(ctx.find_root().obj.socket)):
+        # as OpenSMTPD's smtpctl: the spool itself, runstate "offline" (smtpctl/mailq.py)
+        status = mailq.show_offline(as_json, ident)
+        if status:
+            raise typer.Exit(status)
+        return
+    _on_daemon(ctx, actions.show_queue, as_json, ident)
 
 
 @app.command()
@@ -384,7 +394,27 @@ def show_help(words: list[str]) -> None:
     command().main([*path, "--help"], prog_name=PROG)
 
 
+def run_status(words: list[str], sock: Optional[str] = None) -> int:
+    """``run`` for another mode of the program (sendmail -bp): its exit status."""
+    try:
+        run(words, sock, False)
+    except typer.Exit as exc:
+        return exc.exit_code
+    return 0
+
+
+def program_name(argv0: str) -> str:
+    """The mode argv[0] names, as OpenSMTPD's smtpctl reads __progname: ``sendmail``,
+    ``send-mail``, ``mailq``, ``newaliases``, ``makemap`` or ``smtpctl``; a suffix
+    after a dot is ignored (``sendmail.pysmtpd``, the name alternatives(8) links)."""
+    return os.path.basename(argv0).split(".")[0]
+
+
 def main() -> None:
+    prog = program_name(sys.argv[0])
+    if prog in ("sendmail", "send-mail"):
+        from smtpctl import sendmail
+        sys.exit(sendmail.main(prog, sys.argv[1:]))
     argv = sys.argv[1:]
     # makemap(8) and newaliases(8) are smtpctl called by those names (smtpctl/mapfiles.py)
     name = os.path.basename(sys.argv[0]).split(".")[0]
@@ -403,7 +433,7 @@ def main() -> None:
     except OtherOption:
         command().main(argv, prog_name=PROG)
         return
-    if os.path.basename(sys.argv[0]).split(".")[0] == "mailq":    # mailq.pysmtpd too
+    if prog == "mailq":
         line.words[:0] = ["show", "queue"]
     if line.help or line.words[:1] == ["help"]:
         show_help(line.words[1:] if line.words[:1] == ["help"] else line.words)

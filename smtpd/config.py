@@ -44,6 +44,47 @@ class Listener:
     mask_src: bool = False
     no_dsn: bool = False
     received_auth: bool = False
+    filter: str | None = None          # ``filter NAME`` / ``filter { a, b }``: the chain its sessions go through
+
+
+@dataclass
+class FilterProc:
+    """``proc NAME "cmd" [user U] [group G] [chroot D]``, or the process of a
+    ``filter NAME proc-exec "cmd"`` (named after its filter)."""
+    name: str
+    command: str
+    user: str | None = None
+    group: str | None = None
+    chroot: str | None = None
+    protocol: str = "0.7"              # pysmtpd's ``protocol 0.6``: the version spoken to it
+    lineno: int = 0
+    file: str = ""
+
+
+@dataclass
+class FilterCheck:
+    """One condition of a builtin filter: ``[!] KIND [regex] [<table>]`` (smtpd.conf(5))."""
+    kind: str                          # fcrdns | rdns | src | helo | auth | mail-from | rcpt-to
+    negate: bool = False
+    regex: bool = False
+    table: str | None = None           # None: the bare ``rdns``, ``fcrdns``, ``auth``
+
+
+@dataclass
+class Filter:
+    """``filter NAME proc P`` / ``proc-exec "cmd"`` (kind "proc", ``proc`` names the
+    FilterProc), ``filter NAME phase PHASE match CHECK ACTION`` (kind "builtin"),
+    ``filter NAME chain { a, b }`` (kind "chain", ``chain`` lists filter names)."""
+    name: str
+    kind: str                          # "proc" | "builtin" | "chain"
+    proc: str | None = None
+    phase: str = ""                    # builtin: connect, helo, ehlo, auth, mail-from, rcpt-to, data, commit
+    check: FilterCheck | None = None
+    action: str = ""                   # builtin: junk | bypass | reject | disconnect | rewrite | report
+    action_text: str = ""              # the reply (reject/disconnect), parameter (rewrite) or report text
+    chain: list[str] = field(default_factory=list)
+    lineno: int = 0
+    file: str = ""
 
 
 @dataclass
@@ -145,6 +186,10 @@ class Config:
     # pysmtpd's Prometheus endpoint ("metrics listen on ADDR port N"), off when None.
     metrics_address: str | None = None
     metrics_port: int = 0
+    # filters (issue 9, smtpd/parse_filter.py, docs/filters.md)
+    filter_procs: dict[str, FilterProc] = field(default_factory=dict)
+    filters: dict[str, Filter] = field(default_factory=dict)
+    filter_timeout: int = 60           # ``smtp limit filter-timeout D``: a filter silent this long is restarted
     # "file:line: X is accepted but not applied yet": statements of the grammar whose
     # feature comes with a later issue.  Logged at start and by smtpd -n, never silent.
     not_applied: list[str] = field(default_factory=list)

@@ -177,7 +177,8 @@ async def run(pony, req: PonyEnqueue) -> PonyEnqueueReply:
     for rcpt in req.recipients:
         env = Envelope(smtpname=name, helo=name, hostname="localhost", sockaddr="local",
                        sender=req.sender, rcpt=rcpt, dest=rcpt, ctime=int(time.time()),
-                       flags=["bounce"] if req.bounce else [])
+                       flags=["bounce"] if req.bounce else [], dsn_notify=req.dsn_notify,
+                       dsn_ret=req.dsn_ret, dsn_envid=req.dsn_envid)
         refused, evpids = await expand_rcpt(pony, msgid, env, rdns="localhost", local_listener=True)
         if refused:
             await rollback(pony, msgid)
@@ -192,8 +193,9 @@ async def run(pony, req: PonyEnqueue) -> PonyEnqueueReply:
     failed = await store_message(pony, msgid, message)
     if failed:
         return PonyEnqueueReply(reqid=req.reqid, status=_status_of(failed), text=failed)
-    log.info("%016x smtp message msgid=%08x size=%d nrcpt=%d proto=ESMTP origin=%s", session, msgid,
-             len(message), len(req.recipients), req.origin or "internal")
+    log.info("%016x smtp message msgid=%08x size=%d nrcpt=%d proto=ESMTP origin=%s%s", session, msgid,
+             len(message), len(req.recipients), req.origin or "internal",
+             f" uid={req.uid}" if req.uid >= 0 else "")
     for evpid, rcpt in envelopes:
         log.info("%016x smtp envelope evpid=%016x from=<%s> to=<%s>", session, evpid, req.sender, rcpt)
     return PonyEnqueueReply(reqid=req.reqid, status="ok", text=f"250 2.0.0 {msgid:08x} Message accepted for delivery",

@@ -19,6 +19,7 @@ awaited (a proc table), so the event loop never waits for a table program.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import pwd
@@ -32,13 +33,13 @@ import msgspec
 from common import privsep
 from common.ipc import PeerTimeout
 from common.messages import (
-    CtlReply, CtlUpdateTable, LkaEnvelopeCommit, LkaEnvelopeSubmit, LkaOpenForward, LkaOpenForwardReply,
-    MdaLookupUserinfo, MdaLookupUserinfoReply,
+    CtlReply, CtlRequest, CtlUpdateTable, LkaEnvelopeCommit, LkaEnvelopeSubmit, LkaOpenForward,
+    LkaOpenForwardReply, MdaLookupUserinfo, MdaLookupUserinfoReply,
     MtaDnsLookup, MtaDnsReply, SmtpAuthenticate, SmtpAuthenticateReply, SmtpCheckSender,
     SmtpCheckSenderReply, SmtpExpandRcpt, SmtpExpandRcptReply,
 )
 from common.vis import COMMAND, log_text
-from smtpd import auth
+from smtpd import auth, filter_builtin, filter_proc
 from smtpd.expand import (
     TEMPFAIL, ExpandResult, Expansion, FileAnswer, MatchRule, ReadForward, ReadInclude, TableLookup,
 )
@@ -64,16 +65,29 @@ class Process:
         self.tables = TableSet(self.config)
         self.resolver = dns.asyncresolver.Resolver()
         self.tasks: set[asyncio.Task] = set()
+        fd = getattr(ctx.opts, "fd_channel", -1)
+        channel = socket.socket(fileno=fd) if fd is not None and fd >= 0 else None
+        self.filters = filter_proc.Runtime(ctx, channel, self._builtin_filter())
         self.smtpd_user = _unprivileged_user()
+
+    def _builtin_filter(self):
+        """smtpd/filter_builtin.py's matches(spec, phase, facts, tables, param): whether a
+        builtin filter's condition holds (the chain applies its action), with this
+        process's tables, asked synchronously (the filter engine is sans I/O)."""
+        return lambda spec, phase, facts, param: filter_builtin.matches(
+            spec, phase, facts, _SyncTables(self.tables), param)
 
     async def start(self) -> None:
         pass
 
     async def on_conf_end(self) -> None:
-        """lka.c on IMSG_CONF_END: table_open_all (db files, table programs)."""
+        """lka.c on IMSG_CONF_END: table_open_all (db files, table programs), then the
+        filter processes (lka_filter.c: lka serves once they have registered)."""
         await self.tables.open()
+        await self.filters.start()
 
     async def stop(self) -> None:
+        self.filters.stop()
         for task in list(self.tasks):
             task.cancel()
         await self.tables.close()
@@ -81,6 +95,9 @@ class Process:
     # -- configuration reload (smtpd/reload.py): the parent re-read the table files -----------
 
     async def prepare_config(self, config, msg) -> TableSet:
+        if filter_proc.filters_changed(self.config, config):
+            # the running processes and their sessions belong to the old lines
+            raise ValueError("filter or proc statements changed: restart smtpd to apply them")
         tables = TableSet(config)
         await tables.open()
         return tables
@@ -106,6 +123,8 @@ class Process:
         task.add_done_callback(self.tasks.discard)
 
     async def handle(self, peer: str, msg) -> None:
+        if peer == "pony" and await self.filters.handle(peer, msg):
+            return
         match msg:
             case SmtpExpandRcpt():
                 # in a task: an expansion may wait for the parent (a .forward)
@@ -120,6 +139,9 @@ class Process:
                 self._spawn(self._authenticate(msg))
             case SmtpAuthenticateReply() if peer == "parent":
                 await self.ctx.mesh.send("pony", msg)
+            case CtlRequest(command="show filters"):
+                await self.ctx.mesh.send(peer, CtlReply(reqid=msg.reqid, ok=True,
+                                                        text=json.dumps(self.filters.status())))
             case SmtpCheckSender() if peer == "pony":
                 result = await self._sync(auth.sender_allowed, self.tables.get(msg.table), msg.user,
                                           msg.sender, self.config.sub_addr_delim)
@@ -258,6 +280,43 @@ class Process:
 class NullMx(Exception):
     pass
 
+
+class _SyncTables:
+    """The table set as builtin filters ask it: ``get(name).check(service, key, regex)``
+    answered at once (``check_now``).  A table that must be awaited (a proc table:
+    ``blocking``) cannot be asked from the event loop's thread
+    without waiting on itself: for a builtin filter it finds nothing, and says so once."""
+
+    warned: set[str] = set()
+
+    def __init__(self, tables) -> None:
+        self.tables = tables
+
+    def get(self, name: str):
+        table = self.tables.get(name)
+        if table.blocking:
+            if name not in self.warned:
+                self.warned.add(name)
+                log.warning("warn: filter: table %s cannot be used by a builtin filter "
+                            "(its answers must be awaited): nothing matches in it", name)
+            return _Nothing()
+        return _Now(table)
+
+
+class _Now:
+    __slots__ = ("table",)
+
+    def __init__(self, table) -> None:
+        self.table = table
+
+    def check(self, service: str, key: str, regex: bool = False) -> bool:
+        return self.table.check_now(service, key, regex)
+
+
+class _Nothing:
+    @staticmethod
+    def check(service: str, key: str, regex: bool = False) -> bool:
+        return False
 
 async def lookup_table(tables: TableSet, table: str, service: str, key: str):
     """The one place an expansion's lookups reach a table: the value, None, or

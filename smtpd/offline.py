@@ -1,4 +1,5 @@
-"""Offline enqueue: messages left in <spool>/offline/ while the daemon was down.
+"""Messages local users submit with sendmail: left in <spool>/offline/ while the
+daemon was down, or handed over through control while it runs (enqueue_for_client).
 
 When sendmail(8) cannot reach the daemon it writes ``offline/<time>.<random>``: one
 line with its arguments joined by ``|``, then the message (OpenSMTPD's format).  At
@@ -7,15 +8,16 @@ enqueue it through the internal enqueue path (``PonyEnqueue``), as a local sessi
 of the file's owner; the file is removed once the message is queued, and kept (and
 logged) when it cannot be.
 
-Trust: a file is opened with O_NOFOLLOW and must be a regular file with one link;
-the sender is the ``-f``/``-r`` argument, as sendmail allows any user to give one,
-else the file OWNER's login name at the server's hostname.  Nothing else in the
-file names a user.
+Trust: offline/ is root's, mode 01777 (users create their own files, none can remove
+or rename another's); a file is opened with O_NOFOLLOW and must be a regular file
+with one link; the sender is the ``-f``/``-r`` argument, as sendmail allows any user
+to give one, else the file OWNER's login name at the server's hostname.  Nothing
+else in the file names a user.  Through control, the uid is the connection's
+(SO_PEERCRED) and the same rule applies (docs/sendmail.md).
 """
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
 import os
 import pwd
@@ -23,15 +25,15 @@ import stat as statmod
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.ipc import PeerTimeout
-from common.messages import PonyEnqueue, PonyEnqueueReply
+from common import submission
+from common.ipc import PeerFailed, PeerTimeout
+from common.messages import CtlEnqueue, PonyEnqueue, PonyEnqueueReply
+from smtpd import dsn_params
 
 log = logging.getLogger("smtpd")
 
 START_DELAY = 1.0                # OpenSMTPD scans offline/ one second after start
 ENQUEUE_TIMEOUT = 300.0
-# sendmail options that take a value (the value may be glued: -fuser or -f user).
-_WITH_VALUE = set("BCFNORVXfhLpr")
 
 
 class OfflineError(Exception):
@@ -43,71 +45,57 @@ class OfflineMessage:
     sender: str
     recipients: list[str] = field(default_factory=list)
     data: bytes = b""
-
-
-def parse_args(args: list[str]) -> tuple[str, bool, list[str]]:
-    """(sender from -f/-r, -t given, recipient arguments) of a sendmail command line."""
-    sender, by_headers, rcpts = "", False, []
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        i += 1
-        if arg == "--":
-            rcpts.extend(a for a in args[i:] if a)
-            break
-        if not arg.startswith("-") or arg == "-":
-            if arg:
-                rcpts.append(arg)
-            continue
-        flag = arg[1:2]
-        if flag == "t":
-            by_headers = True
-        elif flag in _WITH_VALUE:
-            value = arg[2:]
-            if not value and i < len(args):
-                value = args[i]
-                i += 1
-            if flag in "fr":
-                sender = value
-        elif flag == "o" and arg[2:3] in ("i", "m", "e"):
-            pass        # -oi, -om, -oem...: no value of their own
-        # -i, -v, -U, -S, -bm and the like change nothing here
-    return sender, by_headers, rcpts
+    uid: int = -1
+    dsn: dict = field(default_factory=dict)
 
 
 def qualify(addr: str, hostname: str) -> str:
-    addr = addr.strip()
-    if addr.startswith("<") and addr.endswith(">"):
-        addr = addr[1:-1]
-    return addr if "@" in addr or not addr else f"{addr}@{hostname}"
+    try:
+        return submission.qualify(addr, hostname)
+    except submission.UsageError as exc:
+        raise OfflineError(str(exc)) from None
 
 
-def _split_headers(message: bytes) -> tuple[bytes, bytes]:
-    end = message.find(b"\n\n")
-    return (message, b"") if end < 0 else (message[:end + 1], message[end + 1:])
+def local_user(uid: int) -> pwd.struct_passwd:
+    """The passwd entry of a submitting uid (the sender's identity: SO_PEERCRED, or an
+    offline file's owner; never a name the client gives)."""
+    try:
+        return pwd.getpwuid(uid)
+    except KeyError:
+        raise OfflineError(f"uid {uid} has no login name") from None
 
 
-def _header_recipients(head: bytes) -> tuple[list[str], bytes]:
-    """Addresses of To/Cc/Bcc (sendmail -t), and the header without its Bcc fields."""
-    fields: list[tuple[str, str]] = []
-    kept: list[bytes] = []
-    current = None
-    for line in head.split(b"\n"):
-        if not line:
-            continue
-        if line[:1] in (b" ", b"\t") and current is not None:
-            fields[-1] = (fields[-1][0], fields[-1][1] + " " + line.decode("utf-8", "replace").strip())
-            if current != "bcc":
-                kept.append(line)
-            continue
-        name, _, value = line.decode("utf-8", "replace").partition(":")
-        current = name.strip().lower()
-        fields.append((current, value.strip()))
-        if current != "bcc":
-            kept.append(line)
-    values = [v for n, v in fields if n in ("to", "cc", "bcc")]
-    addrs = [a for _, a in email.utils.getaddresses(values) if a]
-    return addrs, b"\n".join(kept) + b"\n"
+def dsn_fields(notify: str, ret: str, envid: str) -> dict:
+    """PonyEnqueue's DSN fields from sendmail's -N, -R, -V (checked as the SMTP DSN
+    parameters are: a bad one refuses the message)."""
+    out: dict = {}
+    if ret or envid:
+        parsed = dsn_params.parse_mail_options(
+            ([f"RET={ret}"] if ret else []) + ([f"ENVID={envid}"] if envid else []))
+        if isinstance(parsed, str):
+            raise OfflineError(parsed)
+        out["dsn_ret"], out["dsn_envid"] = parsed
+    if notify:
+        rcpt = dsn_params.parse_rcpt_options([f"NOTIFY={notify}"])
+        if isinstance(rcpt, str):
+            raise OfflineError(rcpt)
+        out["dsn_notify"] = rcpt.notify
+    return out
+
+
+def build_message(user: pwd.struct_passwd, hostname: str, sender: str, fullname: str,
+                  recipients: list[str], data: bytes, dsn: dict) -> OfflineMessage:
+    """What a local user submits, ready for pony: the sender is ``-f`` when given (as
+    sendmail allows any user), else the user's login name at ``hostname``; a message
+    without From: gets one, with ``-F`` or the GECOS full name."""
+    envelope_sender = qualify(sender, hostname) if sender else f"{user.pw_name}@{hostname}"
+    if not recipients:
+        raise OfflineError("no recipient")
+    name = fullname or (submission.gecos_name(user.pw_gecos, user.pw_name) if not sender else "")
+    data = submission.complete_headers(submission.drop_envelope_lines(submission.normalize(data)),
+                                       envelope_sender, name)
+    return OfflineMessage(sender=envelope_sender, uid=user.pw_uid, dsn=dsn, data=data,
+                          recipients=[qualify(r, hostname) for r in recipients])
 
 
 def read_file(path: Path, hostname: str, max_size: int) -> OfflineMessage | None:
@@ -126,10 +114,7 @@ def read_file(path: Path, hostname: str, max_size: int) -> OfflineMessage | None
             return None
         if st.st_size > max_size + 65536:
             raise OfflineError("too large")
-        try:
-            owner = pwd.getpwuid(st.st_uid).pw_name
-        except KeyError:
-            raise OfflineError(f"owner uid {st.st_uid} has no login name") from None
+        user = local_user(st.st_uid)
         with os.fdopen(os.dup(fd), "rb") as f:
             content = f.read()
     finally:
@@ -138,21 +123,43 @@ def read_file(path: Path, hostname: str, max_size: int) -> OfflineMessage | None
     if not nl:
         raise OfflineError("no argument line")
     try:
-        args = first.decode("utf-8").split("|")
+        opts = submission.parse_args(first.decode("utf-8").split("|"))
     except UnicodeDecodeError:
         raise OfflineError("argument line is not UTF-8") from None
-    sender, by_headers, rcpts = parse_args(args)
-    sender = qualify(sender, hostname) if sender else f"{owner}@{hostname}"
-    head, body = _split_headers(message)
-    if by_headers:
-        found, head = _header_recipients(head)
-        rcpts = rcpts + found
-    if not rcpts:
-        raise OfflineError("no recipient")
-    if b"\nfrom:" not in b"\n" + head.lower():
-        head = f"From: {sender}\n".encode() + head
-    return OfflineMessage(sender=sender, recipients=[qualify(r, hostname) for r in rcpts],
-                          data=head + body)
+    except submission.UsageError as exc:
+        raise OfflineError(str(exc)) from None
+    rcpts = submission.split_recipients(opts.recipients)
+    if opts.by_headers:
+        found, message = submission.header_recipients(message)
+        rcpts += found
+    return build_message(user, hostname, opts.sender, opts.fullname, rcpts, message,
+                         dsn_fields(opts.dsn_notify, opts.dsn_ret, opts.dsn_envid))
+
+
+async def _enqueue(mesh, new_id, msg: OfflineMessage, origin: str) -> PonyEnqueueReply:
+    req = PonyEnqueue(reqid=new_id(), sender=msg.sender, recipients=msg.recipients,
+                      data=msg.data, origin=origin, uid=msg.uid, **msg.dsn)
+    try:
+        return await mesh.request("pony", req, (PonyEnqueueReply,), timeout=ENQUEUE_TIMEOUT)
+    except (PeerTimeout, PeerFailed) as exc:
+        log.warning("warn: smtpd: %s enqueue failed: %s", origin, exc)
+        return PonyEnqueueReply(reqid=req.reqid, status="tempfail", text="451 4.3.0 Temporary failure")
+
+
+async def enqueue_for_client(mesh, new_id, req: CtlEnqueue, hostname: str) -> PonyEnqueueReply:
+    """A message a local user submits with sendmail while the daemon runs (control's
+    ``enqueue`` request): the same checks and steps as an offline file, the uid from
+    control's SO_PEERCRED.  The reply carries control's reqid."""
+    try:
+        msg = build_message(local_user(req.uid), hostname, req.sender, req.fullname,
+                            req.recipients, req.data,
+                            dsn_fields(req.dsn_notify, req.dsn_ret, req.dsn_envid))
+    except OfflineError as exc:
+        text = str(exc)
+        return PonyEnqueueReply(reqid=req.reqid, status="permfail",
+                                text=text if text[:1].isdigit() else f"550 5.5.1 {text}")
+    reply = await _enqueue(mesh, new_id, msg, "sendmail")
+    return PonyEnqueueReply(reqid=req.reqid, status=reply.status, text=reply.text, msgid=reply.msgid)
 
 
 async def enqueue_all(mesh, new_id, spool: str, hostname: str, max_size: int) -> None:
@@ -174,12 +181,7 @@ async def enqueue_all(mesh, new_id, spool: str, hostname: str, max_size: int) ->
         if msg is None:
             path.unlink(missing_ok=True)
             continue
-        req = PonyEnqueue(reqid=new_id(), sender=msg.sender, recipients=msg.recipients,
-                          data=msg.data, origin="offline")
-        try:
-            reply = await mesh.request("pony", req, (PonyEnqueueReply,), timeout=ENQUEUE_TIMEOUT)
-        except PeerTimeout:
-            reply = PonyEnqueueReply(reqid=req.reqid, status="tempfail", text="timeout")
+        reply = await _enqueue(mesh, new_id, msg, "offline")
         if reply.status != "ok":
             log.warning("warn: smtpd: couldn't enqueue offline message %s; %s", path, reply.text)
             continue

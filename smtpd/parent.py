@@ -26,12 +26,13 @@ from common import log as logsetup
 from common.ids import UidGenerator
 from common.ipc import Mesh
 from common.messages import (
-    ConfEnd, ConfEndDone, CtlReply, CtlRequest, LkaOpenForward, LkaOpenForwardReply, MdaDeliver, MdaDone,
-    Msg, SetupDone, SmtpAuthenticate, SmtpAuthenticateReply, StatGet, StatReply,
+    ConfEnd, ConfEndDone, CtlEnqueue, CtlReply, CtlRequest, FilterProcFork, FilterProcKill, LkaOpenForward,
+    LkaOpenForwardReply, MdaDeliver, MdaDone, Msg, SetupDone, SmtpAuthenticate, SmtpAuthenticateReply,
+    StatGet, StatReply, PonyEnqueueReply,
 )
 from smtpd import (
-    auth, delivery_mbox, fd_channel, fdpass, forward, introspection, listeners, local_delivery, metrics,
-    offline, sdnotify, tls,
+    auth, delivery_mbox, fd_channel, fdpass, filter_proc, forward, introspection, listeners, local_delivery,
+    metrics, offline, sdnotify, tls,
 )
 from smtpd.config import ConfigError
 from smtpd.main import CHILDREN, EXIT_CONFIG, VERSION, load_config
@@ -100,7 +101,7 @@ CHILD_ENTRY = (
 
 
 def child_argv(opts, name: str, rundir: Path, listen_fds: str, fd_channel: int = -1,
-               queue_fd_channel: int = -1) -> list[str]:
+               filter_channel: int = -1, queue_fd_channel: int = -1) -> list[str]:
     """``python -I -c ENTRY ARGS``: isolated from the working directory (which
     ``python -m`` would put first on the path, and the children start as root),
     from $PYTHONPATH and friends, and from the user site."""
@@ -119,6 +120,8 @@ def child_argv(opts, name: str, rundir: Path, listen_fds: str, fd_channel: int =
     argv += ["-v"] * opts.verbose
     if name == "pony":
         argv += ["--listen-fds", listen_fds, "--fd-channel", str(fd_channel)]
+    elif name == "lka" and filter_channel >= 0:
+        argv += ["--fd-channel", str(filter_channel)]
     if name in ("pony", "queue") and queue_fd_channel >= 0:
         # queue -> pony descriptors of messages for local delivery (smtpd/fd_channel.py)
         argv += ["--queue-fd-channel", str(queue_fd_channel)]
@@ -136,6 +139,7 @@ class Parent:
                  notifier: sdnotify.Notifier) -> None:
         self.opts = opts
         self.config = config
+        self.enqueue_ids = UidGenerator()      # sendmail's messages (CtlEnqueue)
         self.rundir = rundir
         self.bound = bound
         self.notifier = notifier
@@ -144,6 +148,9 @@ class Parent:
         # (docs/delivery.md); the parent's end of the latter is read here
         self.queue_pony_fds = fd_channel.make_pair()
         self.message_fds = fd_channel.FdReceiver(self.fd_channel)
+        # filter processes' descriptors go to lka on a channel of their own (smtpd/filter_proc.py)
+        self.filter_channel, self.lka_filter_channel = filter_proc.make_channel()
+        self.filters = filter_proc.Spawner(config, self.filter_channel)
         self.reloader = Reloader(self, load_config)
         self.tasks: set[asyncio.Task] = set()
         self.children: dict[str, subprocess.Popen] = {}
@@ -169,13 +176,15 @@ class Parent:
         for name in CHILDREN:
             end = {"pony": pony_end, "queue": queue_end}.get(name)
             argv = child_argv(self.opts, name, self.rundir, listen_fds, self.pony_fd_channel.fileno(),
-                              end.fileno() if end is not None else -1)
-            passed = fds if name == "pony" else [queue_end.fileno()] if name == "queue" else ()
+                              self.lka_filter_channel.fileno(), end.fileno() if end is not None else -1)
+            passed = (fds if name == "pony" else [queue_end.fileno()] if name == "queue"
+                      else [self.lka_filter_channel.fileno()] if name == "lka" else ())
             proc = subprocess.Popen(argv, pass_fds=passed, close_fds=True, env=child_environment())
             self.children[name] = proc
             pidfd = os.pidfd_open(proc.pid)
             loop.add_reader(pidfd, self._child_exited, name, pidfd)
         self.pony_fd_channel.close()          # pony has its end; a dead pony then reads as EOF
+        self.lka_filter_channel.close()
         queue_end.close()
         pony_end.close()
         self.message_fds.start()
@@ -208,6 +217,7 @@ class Parent:
             return
         self.stopping = True
         self.exit_code = code
+        self.filters.stop()
         self.notifier.stopping("stopping")
         for proc in self.children.values():
             if proc.poll() is None:
@@ -229,6 +239,10 @@ class Parent:
                 self.all_conf_done.set()
         elif isinstance(msg, SmtpAuthenticate) and peer == "lka":
             self.spawn_task(self._authenticate(msg))
+        elif isinstance(msg, FilterProcFork) and peer == "lka":
+            self.filters.fork(msg)
+        elif isinstance(msg, FilterProcKill) and peer == "lka":
+            self.filters.kill(msg)
         elif isinstance(msg, LkaOpenForward) and peer == "lka":
             self.spawn_task(self._open_forward(msg))
         elif isinstance(msg, MdaDeliver) and peer == "pony":
@@ -242,11 +256,23 @@ class Parent:
             asyncio.get_running_loop().call_later(0.3, self.shutdown, 0)
         elif isinstance(msg, StatReply):
             pass            # an answer to the watchdog that came after its deadline
+        elif isinstance(msg, CtlEnqueue) and peer == "control":
+            # sendmail while the daemon runs (smtpd/offline.py): a task, as pony answers later
+            self.spawn_task(self._enqueue_for(peer, msg))
         elif isinstance(msg, CtlRequest) and msg.command == "reload":
             # In a task: the reload talks to control too, whose channel this handler holds.
             self.spawn_task(self._reload_for(peer, msg.reqid))
         else:
             log.warning("warn: parent: unexpected %s from %s", type(msg).__name__, peer)
+
+    async def _enqueue_for(self, peer: str, msg: CtlEnqueue) -> None:
+        try:
+            reply = await offline.enqueue_for_client(self.mesh, self.enqueue_ids, msg, self.config.hostname)
+        except Exception:
+            # a fault of ours: the user hears "try again" now rather than after control's timeout
+            log.exception("warn: parent: enqueue for uid %d failed", msg.uid)
+            reply = PonyEnqueueReply(reqid=msg.reqid, status="tempfail", text="451 4.3.0 Temporary failure")
+        await self.mesh.send(peer, reply)
 
     async def _reload_for(self, peer: str, reqid: int) -> None:
         ok, text = await self.reloader.reload("smtpctl reload")

@@ -22,6 +22,7 @@ from smtpd.config import (
 )
 from smtpd.config_files import FileRefused, check_file, read_checked
 from smtpd import parse_action
+from smtpd import parse_filter
 
 OLD_GRAMMAR = {"accept", "deliver", "map", "expire", "ssl", "limit"}
 OLD_HINT = ' (pre-6.4 accept/deliver grammar; see smtpd.conf(5): use "action" and "match")'
@@ -162,7 +163,7 @@ class Parser:
             "listen": self.p_listen, "table": self.p_table, "action": self.p_action,
             "match": self.p_match, "smtp": self.p_smtp, "queue": self.p_queue,
             "bounce": self.p_bounce, "mta": self.p_mta, "mda": self.p_mda,
-            "pki": self.p_pki, "ca": self.p_ca, "filter": self.p_loose, "proc": self.p_loose,
+            "pki": self.p_pki, "ca": self.p_ca, "filter": self.p_filter, "proc": self.p_proc,
             "admd": self.p_loose, "srs": self.p_loose, "scheduler": self.p_loose,
             "metrics": self.p_metrics,
         }.get(head)
@@ -247,8 +248,7 @@ class Parser:
                 setattr(lis, opt.replace("-", "_"), True)
             elif opt == "filter":
                 once("filter")
-                c.name_or_list("a filter name or { list }")
-                self.not_yet('listen option "filter"')
+                lis.filter = parse_filter.listen_filter(self, c)
             else:
                 raise self.err(f'syntax error: unexpected "{opt}" in listen, expected one of: '
                                "inet4, inet6, port, hostname, tag, tls, tls-require, smtps, pki, ca, "
@@ -436,6 +436,8 @@ class Parser:
                     self.config.smtp_command_timeout = c.duration()
                 elif key == "data-timeout":
                     self.config.smtp_data_timeout = c.duration()
+                elif key == "filter-timeout":
+                    self.config.filter_timeout = c.duration()
                 else:
                     raise self.err(f'syntax error: unexpected "{key}" in smtp limit')
         elif opt == "sub-addr-delim":
@@ -539,6 +541,12 @@ class Parser:
 
     def p_mda(self, c: "Cursor") -> None:
         parse_action.p_mda(self, c)           # mda wrapper (smtpd/parse_action.py)
+
+    def p_filter(self, c: "Cursor") -> None:
+        parse_filter.parse_filter(self, c)          # smtpd/parse_filter.py: issue 9's grammar
+
+    def p_proc(self, c: "Cursor") -> None:
+        parse_filter.parse_proc(self, c)
 
     def p_loose(self, c: "Cursor") -> None:
         """Statements accepted and checked only for shape until their issue lands."""

@@ -17,7 +17,7 @@ import socket
 from common import privsep
 from common.ipc import PeerTimeout
 from common.messages import (
-    CtlReply, CtlRequest, MtaDnsLookup, MtaDnsReply, PonyEnqueue, PonyEnqueueReply, QueueDeliver,
+    CtlReply, CtlRequest, FilterSmtpDataOut, MtaDnsLookup, MtaDnsReply, PonyEnqueue, PonyEnqueueReply, QueueDeliver,
     QueueEnvelopeSubmitReply, QueueTransfer, SmtpMessageCreateReply, SmtpMessageRollback,
 )
 from smtpd import enqueue, fdpass
@@ -89,6 +89,7 @@ class Process:
         self.tasks: set[asyncio.Task] = set()
         self.evpids: dict[int, list[int]] = {}   # RCPT reqid -> evpids the queue wrote
         self.sessions: dict[str, int] = {}      # client address -> open sessions
+        self.filtered: dict[int, object] = {}  # session id -> its SessionFilters (smtpd/smtp_filters.py)
         self.sessions_open = 0
         self.auth_failures: dict[str, int] = {}  # client address -> failed AUTH (smtp_session)
         self._tls_contexts: dict[int, object] = ctx.prepared.tls_contexts
@@ -307,6 +308,10 @@ class Process:
                 self.mda.add(env)
             case PonyEnqueue():
                 self.spawn(self._enqueue(peer, msg))
+            case FilterSmtpDataOut():
+                filters = self.filtered.get(msg.session)
+                if filters is not None:
+                    filters.data_received(msg.chunk, msg.done, msg.failed)
             case CtlRequest(command="pause smtp"):
                 ok = not self.smtp_paused
                 if ok:

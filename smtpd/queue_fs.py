@@ -6,7 +6,7 @@
       queue/<XX>/<msgid>/       committed: ``message`` and one file per envelope
       corrupt/<msgid>/          messages whose files could not be read
       purge/                    trash, emptied at start
-      offline/                  sendmail drop box while the daemon is down
+      offline/                  sendmail drop box while the daemon is down (root, 01777)
 
 Durability (group commit): the messages whose DATA ended meanwhile are committed
 together.  Their bodies are renamed into incoming/<msgid>/, one syncfs(2) makes
@@ -93,9 +93,16 @@ class Spool:
         for name in SUBDIRS:
             d = self.root / name
             d.mkdir(mode=0o700, exist_ok=True)
-            if privileged:
+            if privileged and name == "offline":
+                # sendmail's drop box (smtpd/offline.py): every user may create a file
+                # there, owned by them; the sticky bit keeps them from removing or
+                # renaming another's.  OpenSMTPD's is 0770 _smtpq with a setgid
+                # smtpctl, which a Python program cannot be.
+                os.chown(d, 0, 0)
+                os.chmod(d, 0o1777)
+            elif privileged:
                 os.chown(d, uid, gid)
-                os.chmod(d, 0o770 if name == "offline" else 0o700)
+                os.chmod(d, 0o700)
         if privileged:
             os.chown(self.root, 0, 0)
             os.chmod(self.root, 0o711)

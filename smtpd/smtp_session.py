@@ -25,6 +25,8 @@ from common.messages import SmtpMessageData, SmtpMessageRollback
 from common.trace import FLAGS, SESSION, trace
 from common.vis import COMMAND, log_text as vis
 from smtpd import enqueue, smtp_proto
+from smtpd.lka_filter import RESPONSE_PHASE
+from smtpd.smtp_filters import FilterFailed, SessionFilters
 from smtpd.smtp_proto import (
     NEED_DATA, PAUSED, AuthCredentials, Command, ConnectionClosed, DataChunk, DataEnd, DataStart,
     Helo, MailFrom, Phase, ProxyReceived, RcptTo, ServerConnection, Settings, StartTls,
@@ -66,6 +68,12 @@ class Session(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._waiting_client = False
         self._end_reason = ""
+        # filters (docs/filters.md): the chain of the listener, the junk marks it gave
+        self.filters: SessionFilters | None = None
+        self.junk = False
+        self.tx_junk = False
+        self._event = None                # the event being answered (for tx-* reports)
+        self._pump: asyncio.Task | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
@@ -164,8 +172,115 @@ class Session(asyncio.Protocol):
         log.info("%016x smtp connected address=%s host=%s", self.session_id, self.peer_ip, self.rdns)
         if self.ssl_object is not None:
             self._log_tls()
+        if self.listener.filter and not await self._filter_connect():
+            self._flush()
+            return
         self.conn.greet()
+        self._report("link-greeting", self.name)
         self._flush()
+
+    # -- filters (smtpd/smtp_filters.py, docs/filters.md) ---------------------------------
+
+    def _report(self, event: str, *params: str) -> None:
+        if self.filters is not None:
+            self.filters.report(time.time(), event, *params)
+
+    async def _filter_connect(self) -> bool:
+        """Begin the session at lka and ask the connect phase; False: it was refused."""
+        filters = SessionFilters(self, self.listener.filter)
+        self.filters = filters
+        self.pony.filtered[self.session_id] = filters
+        peer = self.transport.get_extra_info("peername")
+        local = self.transport.get_extra_info("sockname")
+        # OpenSMTPD's ss_to_text: IPv6 in brackets; ADDRESS:PORT in link-connect
+        src = f"{_text_addr(peer[0])}:{peer[1]}" if peer else "unix:local"
+        dest = f"{_text_addr(local[0])}:{local[1]}" if isinstance(local, tuple) else "unix:local"
+        if self.peer_ip != (peer[0] if peer else "local"):
+            src = f"{_text_addr(self.peer_ip)}:0"          # the PROXY header's client
+        try:
+            ok = await filters.begin(self.rdns, src, dest, time.time())
+            if not ok:
+                raise FilterFailed(f"filter {self.listener.filter}: not running")
+            if filters.wants("connect"):
+                decision, param = await filters.ask("connect", _text_addr(self.peer_ip), time.time())
+                self._filter_response("connect", decision, param)
+                if decision in ("reject", "disconnect"):
+                    self.conn.shutdown(param)
+                    return False
+                if decision == "junk":
+                    self.junk = True
+        except PeerTimeout as exc:
+            log.warning("warn: smtp: %016x: internal error, temporary failure: %s", self.session_id, exc)
+            self.conn.shutdown(smtp_proto.R_TEMPFAIL)
+            return False
+        return True
+
+    def _filter_response(self, phase: str, decision: str, param: str | None) -> None:
+        shown = RESPONSE_PHASE.get(phase, phase)
+        if param is None or decision in ("proceed", "junk"):
+            self._report("filter-response", shown, decision)
+        else:
+            self._report("filter-response", shown, decision, param)
+
+    async def _filter_phase(self, conn: ServerConnection, event) -> bool:
+        """Ask the chain about the event's phase; False when it answered the event itself."""
+        filters = self.filters
+        phase = event.phase.value
+        if not filters.wants(phase):
+            await filters.flush()
+            return True
+        if phase == "mail-from":
+            self.tx_junk = False             # a new transaction: only its own junk marks count
+        param = {Helo: lambda e: e.name, MailFrom: lambda e: e.sender, RcptTo: lambda e: e.rcpt,
+                 AuthCredentials: lambda e: e.mechanism}.get(type(event), lambda e: "")(event)
+        decision, text = await filters.ask(phase, param, time.time())
+        self._filter_response(phase, decision, text)
+        if decision == "junk":
+            if phase in ("helo", "ehlo", "starttls", "auth"):
+                self.junk = True
+            else:
+                self.tx_junk = True
+        elif decision == "reject":
+            if phase == "commit":
+                await self._rollback()
+            conn.refuse(text)
+            return False
+        elif decision == "disconnect":
+            await self._rollback()
+            conn.shutdown(text)
+            return False
+        elif decision == "rewrite" and text is not None:
+            return self._rewrite(conn, event, text)
+        return True
+
+    def _rewrite(self, conn: ServerConnection, event, text: str) -> bool:
+        """A filter's new parameter for the command, checked as the client's would be."""
+        if isinstance(event, Helo):
+            event.name = text
+        elif isinstance(event, (MailFrom, RcptTo)):
+            mail = isinstance(event, MailFrom)
+            address, _ = smtp_proto.parse_path(text if text.startswith("<") else f"<{text}>",
+                                               domain=self.name, mailfrom=mail)
+            if address is None:
+                conn.refuse(smtp_proto.R_SENDER_SYNTAX if mail else smtp_proto.R_RCPT_SYNTAX)
+                return False
+            if mail:
+                event.sender = address
+            else:
+                event.rcpt = address
+        return True
+
+    async def _pump_filtered(self, msgid: int) -> bool:
+        """What the data-line filters write goes to the queue; False if one failed."""
+        while True:
+            chunk, done, failed = await self.filters.data_out.get()
+            if failed:
+                return False
+            if chunk:
+                self.data_size += len(chunk)
+                await self.pony.mesh.send("queue", SmtpMessageData(msgid=msgid, chunk=chunk))
+            if done:
+                return True
 
     async def _serve(self, conn: ServerConnection) -> str:
         while True:
@@ -205,8 +320,19 @@ class Session(asyncio.Protocol):
                 conn.internal_error()
 
     async def _answer(self, conn: ServerConnection, event) -> None:
-        """One wait point of the core.  Filters (next issue) hook in here, before the
-        work: a rejecting filter answers ``conn.refuse(reply)`` instead."""
+        """One wait point of the core.  Filters hook in here, before the work: a
+        rejecting filter answers ``conn.refuse(reply)`` instead (the commit phase is
+        asked in _data_end, once the data-line filters have written the body)."""
+        self._event = event
+        try:
+            if (self.filters is not None and not isinstance(event, (ProxyReceived, DataEnd))
+                    and not await self._filter_phase(conn, event)):
+                return
+            await self._work(conn, event)
+        finally:
+            self._event = None
+
+    async def _work(self, conn: ServerConnection, event) -> None:
         match event:
             case ProxyReceived(header=header):
                 if not header.local and header.src is not None:
@@ -263,6 +389,7 @@ class Session(asyncio.Protocol):
         self.msgid = msgid
         self.envelopes = []
         self.dsn = (event.dsn_ret, event.dsn_envid)
+        self._report("tx-begin", f"{msgid:08x}")
         conn.accept()
 
     async def _rcpt(self, conn: ServerConnection, event: RcptTo) -> None:
@@ -282,6 +409,8 @@ class Session(asyncio.Protocol):
             conn.refuse(refused)
             return
         self.envelopes.extend((evpid, event.rcpt) for evpid in evpids)
+        for evpid in evpids:
+            self._report("tx-envelope", f"{self.msgid:08x}", f"{evpid:016x}")
         conn.accept()
 
     async def _data_start(self, conn: ServerConnection) -> None:
@@ -293,11 +422,23 @@ class Session(asyncio.Protocol):
             tls_clause=self.pony.tls_received_clause(self.ssl_object) if conn.secure else "",
             mask_src=lis.mask_src,
             received_auth=lis.received_auth)
+        if self.junk or self.tx_junk:
+            received = b"X-Spam: Yes\n" + received      # as OpenSMTPD, before the Received line
+        self._report("tx-data", f"{self.msgid:08x}", "ok")
+        if self.filters is not None and self.filters.wants_data:
+            self.data_size = 0
+            await self.filters.data(received, first=True)
+            self._pump = asyncio.ensure_future(self._pump_filtered(self.msgid))
+            conn.accept()
+            return
         self.data_size = len(received)
         await self.pony.mesh.send("queue", SmtpMessageData(msgid=self.msgid, chunk=received))
         conn.accept()
 
     async def _data_chunk(self, event: DataChunk) -> None:
+        if self._pump is not None:
+            await self.filters.data(event.data)
+            return
         self.data_size += len(event.data)
         if self.msgid:
             # awaits only when the queue's pipe is full: the client waits with us
@@ -306,7 +447,26 @@ class Session(asyncio.Protocol):
     async def _data_end(self, conn: ServerConnection, event: DataEnd) -> None:
         if FLAGS.smtp:
             trace("smtp: %016x: <<< [EOM]", self.session_id)
+        pump, self._pump = self._pump, None
+        if pump is not None:
+            # the final dot goes to the filters even when the message is refused (as
+            # OpenSMTPD's smtp_tx_filtered_dataline): their stream ends either way
+            await self.filters.data(b"", last=True)
+            if event.error or not self.msgid:
+                pump.cancel()
+            else:
+                try:
+                    async with asyncio.timeout(self.filters.timeout):
+                        written = await pump
+                except TimeoutError:
+                    written = False
+                if not written:
+                    raise FilterFailed(f"filter {self.filters.name}: data-line filter failed")
+        if self.filters is not None and not event.error and self.msgid:
+            if not await self._filter_phase(conn, event):
+                return
         msgid, self.msgid = self.msgid, 0
+        self.tx_junk = False                 # the transaction ends here, whatever its outcome
         if event.error or not msgid:
             if msgid:
                 await self.pony.mesh.send("queue", SmtpMessageRollback(msgid=msgid))
@@ -321,6 +481,7 @@ class Session(asyncio.Protocol):
             return
         nrcpt = len(conn.tx.rcpts)
         sender = conn.tx.sender
+        self._report("tx-commit", f"{msgid:08x}", str(self.data_size))
         conn.accept(msgid=msgid)
         # As OpenSMTPD: the message line, then one line per envelope, once committed.
         log.info("%016x smtp message msgid=%08x size=%d nrcpt=%d proto=%s",
@@ -349,6 +510,7 @@ class Session(asyncio.Protocol):
         self.ssl_object = transport.get_extra_info("ssl_object")
         conn.tls_established()
         self._log_tls()
+        self._report("link-tls", self.pony.tls_log_text(self.ssl_object))
 
     def _log_tls(self) -> None:
         text = self.pony.tls_log_text(self.ssl_object)
@@ -365,6 +527,7 @@ class Session(asyncio.Protocol):
                 password=event.password), (messages.SmtpAuthenticateReply,))
             result = reply.result
         log_authentication(self.session_id, event.user, result)
+        self._report("link-auth", {"ok": "pass", "permfail": "fail"}.get(result, "error"), event.user)
         failures = self.pony.auth_failures
         if result == "ok":
             failures.pop(self.peer_ip, None)
@@ -421,6 +584,7 @@ class Session(asyncio.Protocol):
         limit = self._timeout()
         if self._waiting_client and idle >= limit:
             self._end_reason = "timeout"
+            self._report("timeout")
             self._lost = True
             self.transport.abort()
             self._wake.set()
@@ -429,8 +593,15 @@ class Session(asyncio.Protocol):
         self._timer = loop.call_later(max(0.5, limit - idle), self._check_timeout)
 
     async def _rollback(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+            self._pump = None
+            if not self._lost:
+                await self.filters.data(b"", last=True)     # end the filters' stream
+        self.tx_junk = False
         if self.msgid:
             msgid, self.msgid = self.msgid, 0
+            self._report("tx-rollback", f"{msgid:08x}")
             await self.pony.mesh.send("queue", SmtpMessageRollback(msgid=msgid))
 
     def _end(self, reason: str) -> None:
@@ -441,27 +612,52 @@ class Session(asyncio.Protocol):
         # after bad input OpenSMTPD's session has entered its QUIT state: it says reason=quit
         shown = "quit" if reason == "bad-input" else reason
         log.info("%016x smtp disconnected reason=%s", self.session_id, self._end_reason or shown)
+        if self.filters is not None:
+            self.pony.filtered.pop(self.session_id, None)
+            self.pony.spawn(self.filters.end())
         if self._counted:
             self._counted = False
             self.pony.release(self)
             stat.decrement("smtp.session")
+
+    def _report_reply(self, reply: str) -> None:
+        """protocol-server, and the tx-* events whose result is the reply (report_smtp.c)."""
+        for line in reply.split("\r\n"):
+            self._report("protocol-server", line)
+        event = self._event
+        if isinstance(event, MailFrom):
+            self._report("tx-mail", f"{self.msgid:08x}", _tx_result(reply), event.sender)
+        elif isinstance(event, RcptTo):
+            self._report("tx-rcpt", f"{self.msgid:08x}", _tx_result(reply), event.rcpt)
+        elif isinstance(event, Helo) and reply[:1] == "2":
+            self._report("link-identify", "EHLO" if event.extended else "HELO", event.name)
+        elif isinstance(event, Command) and event.phase is Phase.RSET:
+            self._report("tx-reset", f"{self.msgid:08x}" if self.msgid else "")
 
     # -- logging -------------------------------------------------------------------------
 
     def _on_command(self, conn: ServerConnection, line: str) -> None:
         if FLAGS.smtp:
             trace("smtp: %016x: <<< %s", self.session_id, line[:1000])
+        if self.filters is not None:
+            self._report("protocol-client", line)
 
     def _on_reply(self, conn: ServerConnection, command: str, reply: str) -> None:
         if FLAGS.smtp:
             for line in reply.split("\r\n"):
                 trace("smtp: %016x: >>> %s", self.session_id, line)
+        if self.filters is not None:
+            self._report_reply(reply)
         if reply[:1] in ("4", "5"):
             if command == "" and reply in (smtp_proto.R_LINE_TOO_LONG, smtp_proto.R_COMMAND_TOO_LONG):
                 log.info('%016x smtp bad-input result="%s"', self.session_id, reply)
             else:
                 log.info('%016x smtp failed-command command="%s" result="%s"',
                          self.session_id, vis_command(command), reply)
+
+
+def _tx_result(reply: str) -> str:
+    return "ok" if reply[:1] == "2" else "permfail" if reply[:1] == "5" else "tempfail"
 
 
 def vis_command(command: str) -> str:
@@ -474,6 +670,11 @@ def log_authentication(session_id: int, user: str, result: str) -> None:
     """OpenSMTPD's AUTH outcome line (``result`` ok, permfail or tempfail), which ban
     tools key on."""
     log.info("%016x smtp authentication user=%s result=%s", session_id, vis(user), result)
+
+
+def _text_addr(ip: str) -> str:
+    """An address as OpenSMTPD's ss_to_text writes it in filter lines: IPv6 in brackets."""
+    return f"[{ip}]" if ":" in ip else ip
 
 
 def _sockaddr_text(ip: str) -> str:

@@ -1,8 +1,10 @@
 """Configurations and mail helpers for the end-to-end tests."""
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
+import shutil
 import smtplib
 import tempfile
 from pathlib import Path
@@ -69,3 +71,38 @@ def send(port: int, sender: str, rcpts: list[str], body: str = "Subject: test\n\
         code, text = s.data(body.replace("\n", "\r\n").encode())
         assert code == 250, (code, text)
         return text.decode()
+
+
+def remove_test_tree(base: Path) -> None:
+    """A test's directory made outside pytest's (for other users to reach), with the
+    homes userbase() made for it when the daemon ran as root."""
+    homes = base / "mail" / "home"
+    if homes.is_symlink():
+        shutil.rmtree(homes.resolve(), ignore_errors=True)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def unprivileged_daemon(make_config):
+    """A daemon started by a normal user (nobody, through setpriv), in a directory of its
+    own: yields (daemon, base, port); stopped and removed after.  The one capability it
+    keeps (CAP_DAC_READ_SEARCH, ambient) only lets it read the interpreter, which lives
+    under /root here, and changes no code path (pysmtpd decides on the effective uid).
+    ``make_config(base, port)`` gives the configuration's text."""
+    from tests.conftest import Daemon, free_port
+    nobody = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="pysmtpd-unpriv-"))
+    d = None
+    try:
+        os.chown(base, nobody.pw_uid, nobody.pw_gid)
+        port = free_port()
+        d = Daemon(base, make_config(base, port), prefix=[
+            "setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups",
+            "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"])
+        d.start()
+        yield d, base, port
+    finally:
+        if d is not None:
+            d.stop()
+            assert not d.children(), "processes left behind"
+        remove_test_tree(base)

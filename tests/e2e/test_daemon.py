@@ -7,12 +7,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO, free_port, wait_for
-from tests.e2e.helpers import config, maildir_messages, send
+from tests.e2e.helpers import config, maildir_messages, send, unprivileged_daemon
 
 CHILDREN = ("control", "lka", "queue", "scheduler", "pony")
 
@@ -91,22 +90,9 @@ def test_privilege_separation_as_root(make_daemon, tmp_path):
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start the daemon as another user")
 def test_unprivileged_mode_as_a_normal_user(tmp_path):
     """Started by a normal user, the same processes run as that user, no dropping, and
-    mail flows.  The daemon is started as nobody through setpriv; the one capability it
-    keeps (CAP_DAC_READ_SEARCH, ambient) only lets it read the interpreter, which lives
-    under /root here, and changes no code path (pysmtpd decides on the effective uid)."""
-    import shutil
-    import tempfile
-    from tests.conftest import Daemon
+    mail flows (tests/e2e/helpers.py unprivileged_daemon: nobody, through setpriv)."""
     nobody = pwd.getpwnam("nobody")
-    base = Path(tempfile.mkdtemp(prefix="pysmtpd-unpriv-"))
-    d = None
-    try:
-        os.chown(base, nobody.pw_uid, nobody.pw_gid)
-        port = free_port()
-        d = Daemon(base, config(base / "mail", port), prefix=[
-            "setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups",
-            "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"])
-        d.start()
+    with unprivileged_daemon(lambda base, port: config(base / "mail", port)) as (d, base, port):
         procs = d.children()
         assert set(procs) == {"smtpd: [priv]", *(f"smtpd: {c}" for c in CHILDREN)}, procs
         for title, pid in procs.items():
@@ -117,11 +103,3 @@ def test_unprivileged_mode_as_a_normal_user(tmp_path):
         new = base / "mail" / "home" / "alice" / "Maildir" / "new"
         assert all(p.stat().st_uid == nobody.pw_uid for p in new.iterdir())
         assert d.smtpctl("show", "status").stdout.splitlines() == ["MDA running", "MTA running", "SMTP running"]
-    finally:
-        if d is not None:
-            d.stop()
-            assert not d.children(), "processes left behind"
-        homes = base / "mail" / "home"
-        if homes.is_symlink():
-            shutil.rmtree(homes.resolve(), ignore_errors=True)
-        shutil.rmtree(base, ignore_errors=True)

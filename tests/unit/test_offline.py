@@ -6,13 +6,19 @@ import pwd
 
 import pytest
 
-from smtpd.offline import OfflineError, parse_args, qualify, read_file
+from common.submission import parse_args
+from smtpd.offline import OfflineError, qualify, read_file
+
+
+def _summary(args):
+    opts = parse_args(args)
+    return opts.sender, opts.by_headers, opts.recipients
 
 
 def test_sendmail_arguments():
-    assert parse_args(["-f", "a@b.test", "-oi", "--", "x@y.test", "z"]) == ("a@b.test", False, ["x@y.test", "z"])
-    assert parse_args(["-fa@b.test", "-t", "-F", "Full Name", "r@x.test"]) == ("a@b.test", True, ["r@x.test"])
-    assert parse_args(["-r", "bounce@b.test", "-i", "-v"]) == ("bounce@b.test", False, [])
+    assert _summary(["-f", "a@b.test", "-oi", "--", "x@y.test", "z"]) == ("a@b.test", False, ["x@y.test", "z"])
+    assert _summary(["-fa@b.test", "-t", "-F", "Full Name", "r@x.test"]) == ("a@b.test", True, ["r@x.test"])
+    assert _summary(["-r", "bounce@b.test", "-i", "-v"]) == ("bounce@b.test", False, [])
     assert qualify("bob", "mx.test") == "bob@mx.test" and qualify("<a@b>", "mx.test") == "a@b"
 
 
@@ -23,10 +29,11 @@ def write(tmp_path, text: str, name: str = "f"):
 
 
 def test_read_file_by_arguments_and_by_headers(tmp_path):
-    owner = pwd.getpwuid(os.getuid()).pw_name
-    msg = read_file(write(tmp_path, "-oi|--|alice\nSubject: s\n\nbody\n"), "mx.test", 10_000)
-    assert msg.sender == f"{owner}@mx.test" and msg.recipients == ["alice@mx.test"]
-    assert msg.data == f"From: {owner}@mx.test\nSubject: s\n\nbody\n".encode()
+    owner = pwd.getpwuid(os.getuid())
+    msg = read_file(write(tmp_path, "-oi|-F|Full Name|--|alice\nSubject: s\n\nbody\n"), "mx.test", 10_000)
+    assert msg.sender == f"{owner.pw_name}@mx.test" and msg.recipients == ["alice@mx.test"]
+    assert msg.uid == owner.pw_uid
+    assert msg.data == f"From: Full Name <{owner.pw_name}@mx.test>\nSubject: s\n\nbody\n".encode()
     msg = read_file(write(tmp_path, "-t|-f|me@x.test\nFrom: me@x.test\nTo: A <a@x.test>, b@x.test\n"
                                     "Bcc: hidden@x.test,\n  also@x.test\nSubject: s\n\nbody\nTo: not@x.test\n"),
                     "mx.test", 10_000)
