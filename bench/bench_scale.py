@@ -57,13 +57,16 @@ BODY = (b"From: bench@local.test\nTo: user@remote.test\nSubject: scale\n\n"
         + b"scale benchmark message body line\n" * 30)
 
 
-def fill_spool(spool: Spool, messages: int, rcpts: int, owner: tuple[int, int] | None) -> int:
-    """Committed messages written as the queue writes them (no fsync: one sync at the end)."""
+def fill_spool(spool: Spool, messages: int, rcpts: int, owner: tuple[int, int] | None,
+               domains: list[str] | None = None) -> int:
+    """Committed messages written as the queue writes them (no fsync: one sync at the end);
+    the recipients are at remote.test, or at ``domains`` in turn (one per message)."""
     now = int(time.time())
     used: set[int] = set()
     count = 0
     buckets: set[Path] = set()
-    for _ in range(messages):
+    for i in range(messages):
+        domain = domains[i % len(domains)] if domains else "remote.test"
         msgid = random_msgid()
         while msgid in used:
             msgid = random_msgid()
@@ -85,8 +88,8 @@ def fill_spool(spool: Spool, messages: int, rcpts: int, owner: tuple[int, int] |
             evpids.add(evpid)
             env = Envelope(id=evpid, dispatcher="outbound", type="mta", smtpname="bench.test",
                            helo="client.test", hostname="localhost", sockaddr="127.0.0.1",
-                           sender="bench@local.test", rcpt=f"u{j}@remote.test",
-                           dest=f"u{j}@remote.test", ctime=now)
+                           sender="bench@local.test", rcpt=f"u{j}@{domain}",
+                           dest=f"u{j}@{domain}", ctime=now)
             (d / f"{evpid:016x}").write_bytes(envcodec.dump(env))
             names.append(f"{evpid:016x}")
             count += 1
@@ -193,13 +196,30 @@ def settled_rss_kib(pid: int, seconds: float = 1.0) -> int:
     return last
 
 
-def run(args) -> dict:
-    base = Path(tempfile.mkdtemp(prefix="pysmtpd-scale-"))
+def new_base(prefix: str) -> tuple[Path, tuple[int, int] | None]:
+    """A run's directory, and the owner its spool files need (_smtpq's when root)."""
+    base = Path(tempfile.mkdtemp(prefix=prefix))
     os.chmod(base, 0o711)
     owner = None
     if os.getuid() == 0:
         q = pwd.getpwnam("_smtpq")
         owner = (q.pw_uid, q.pw_gid)
+    return base, owner
+
+
+def stop_all(started: list, base: Path, keep: bool) -> None:
+    """Stop what was started (None: never was), then remove the run's directory unless kept."""
+    for thing in started:
+        if thing is not None:
+            thing.stop()
+    if keep:
+        print(f"kept {base}", file=sys.stderr)
+    else:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def run(args) -> dict:
+    base, owner = new_base("pysmtpd-scale-")
     result: dict = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     "nproc": os.cpu_count(), "python": platform.python_version(), "uid": os.getuid(),
                     "machine": platform.machine(), "messages": args.messages, "rcpts": args.rcpts}
@@ -256,15 +276,7 @@ def run(args) -> dict:
         # 6. the pure model
         result["model"] = model_ops(result["envelopes"])
     finally:
-        for r in (empty, full):
-            if r is not None:
-                r.stop()
-        if sink is not None:
-            sink.stop()
-        if args.keep:
-            print(f"kept {base}", file=sys.stderr)
-        else:
-            shutil.rmtree(base, ignore_errors=True)
+        stop_all([empty, full, sink], base, args.keep)
     return result
 
 

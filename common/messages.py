@@ -577,6 +577,50 @@ class CtlEnqueue(Msg, **_m("ctl_enqueue")):
     dsn_envid: str = ""
 
 
+# --- MTA routing administration (issue 10: smtpd/mta.py, smtpd/mta_routes.py) --------------
+# control -> pony: CtlRequest(command="show routes"|"show hosts"|"show relays"|"show hoststats"|
+# "show mta paused") answered with CtlLinesReply; CtlRequest(command="resume route", id=ROUTE
+# or 0 for all) and CtlMtaBlock answered with CtlReply.
+
+class CtlLinesReply(Msg, **_m("ctl_lines_reply")):
+    """pony -> control: the lines of a `show routes|hosts|relays|hoststats|mta paused`."""
+    reqid: int
+    lines: list[str] = []
+
+
+class CtlMtaBlock(Msg, **_m("ctl_mta_block")):
+    """control -> pony: `smtpctl pause|resume mta from SOURCE for DOMAIN` (block: pause)."""
+    reqid: int
+    block: bool
+    source: str
+    domain: str
+
+
+class SchedEnvelopeWithdraw(Msg, **_m("sched_envelope_withdraw")):
+    """scheduler -> queue -> pony: an envelope in flight was removed or paused
+    (`smtpctl remove|pause envelope`): the MTA takes it out of a task not yet sent and
+    answers it with a temporary failure, so the scheduler finishes the removal or
+    keeps it paused at once.  The queue passes it on unchanged; no answer."""
+    evpid: int
+
+
+# --- relay AUTH (issue 10): pony -> lka, the credentials of a relay URL's label ------------
+
+class MtaLookupCredentials(Msg, **_m("mta_lookup_credentials")):
+    """IMSG_MTA_LOOKUP_CREDENTIALS: ``label`` of ``smtp+tls://label@host`` in the
+    action's ``auth <table>``."""
+    reqid: int
+    table: str
+    label: str
+
+
+class MtaCredentialsReply(Msg, **_m("mta_credentials_reply")):
+    reqid: int
+    status: str              # "ok" | "permfail" (no such label) | "tempfail"
+    user: str = ""
+    password: str = ""
+
+
 # --- filters (issue 9): pony <-> lka, lka <-> parent (docs/filters.md) -----------------------
 
 class FilterSmtpBegin(Msg, **_m("filter_smtp_begin")):
@@ -720,6 +764,8 @@ Message = Union[
     QueueEnvelopeSubmitBatch,
     MdaMessageOpen, MdaMessageOpened, MdaDeliver,
     CtlEnqueue,
+    MtaLookupCredentials, MtaCredentialsReply,
+    CtlLinesReply, CtlMtaBlock, SchedEnvelopeWithdraw,
     FilterSmtpBegin, FilterSmtpBeginReply, FilterSmtpEnd, FilterSmtpReport, FilterSmtpProtocol,
     FilterSmtpProtocolReply, FilterSmtpData, FilterSmtpDataOut, FilterProcFork, FilterProcKill,
     CtlUpdateTable,

@@ -73,6 +73,34 @@ def simple(conn: Connection, name: str) -> None:
         raise typer.Exit(1)
 
 
+def show_lines(conn: Connection, name: str) -> None:
+    """show routes|hosts|relays|hoststats, show mta paused: the daemon's lines as they
+    are (OpenSMTPD's smtpctl prints each line the MTA sends)."""
+    reply = conn.request(name)
+    if not reply.ok:
+        die(fmt.command_result(False, reply.text))
+    lines = reply.data.get("lines", [])
+    if lines:
+        sys.stdout.write("".join(f"{line}\n" for line in lines))
+
+
+def resume_route(conn: Connection, name: str, word: str) -> None:
+    """resume route <routeid> (0: every disabled route): ``command succeeded``."""
+    reply = conn.request(name, id=int(word))
+    print(fmt.command_result(reply.ok, reply.text or None))
+    if not reply.ok:
+        raise typer.Exit(1)
+
+
+def mta_route(conn: Connection, name: str, source: str, domain: str) -> None:
+    """pause|resume mta from <addr> for <str>: stop or resume relaying from a local
+    address to a domain."""
+    reply = conn.request(name, source=source, domain=domain)
+    print(fmt.command_result(reply.ok, reply.text or None))
+    if not reply.ok:
+        raise typer.Exit(1)
+
+
 def update_table(conn: Connection, name: str) -> None:
     """``update table NAME``: lka reloads the table; ``command succeeded`` or
     ``command failed`` (an unknown table, a file that cannot be read: see the log)."""

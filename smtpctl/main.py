@@ -138,7 +138,7 @@ def _on_daemon(ctx: typer.Context, action, *args) -> None:
 ENVELOPE_OR_MESSAGE = "an envelope id (16 hex digits) or a message id (8 hex digits: every envelope of it)"
 SUBSYSTEM = "a subsystem, as smtpctl(8) lists them (e.g. smtp, queue, imsg, all)"
 ROUTE = typer.Argument(None, metavar="from <addr> for <str>", show_default=False,
-                       help="only the route from this local address to this domain (not supported yet)")
+                       help="only relaying from this local address to this domain")
 
 # --- the command tree (command() puts each group's commands in the grammar's order) ----------
 
@@ -175,8 +175,8 @@ def _word_command(group: typer.Typer, name: str, doc: str, metavar: str, word_he
 
 # (group, name, help, action, action's first arguments)
 NO_ARGUMENT_COMMANDS = (
-        (show_mta, "paused", "The routes whose relaying is paused (not supported yet).",
-         actions.not_supported, "show mta paused"),
+        (show_mta, "paused", "The sources and domains whose relaying is paused (pause mta from ... for ...).",
+         actions.show_lines, "show mta paused"),
         (log, "brief", "Turn verbose (debug) logging off.", debug_commands.run, "log brief"),
         (log, "verbose", "Turn verbose (debug) logging on.", debug_commands.run, "log verbose"),
         (app, "monitor", "Print the daemon's main counters every second (increments; two are absolute).",
@@ -185,13 +185,11 @@ NO_ARGUMENT_COMMANDS = (
         (pause, "smtp", "Stop accepting incoming SMTP sessions for now.", actions.simple, "pause smtp"),
         (resume, "mda", "Resume local deliveries.", actions.simple, "resume mda"),
         (resume, "smtp", "Resume accepting incoming SMTP sessions.", actions.simple, "resume smtp"),
-        (show, "hoststats", "The last delivery status per domain over the last 4 hours (not supported yet).",
-         actions.not_supported, "show hoststats"),
-        (show, "hosts", "The remote MX hosts known (not supported yet).", actions.not_supported, "show hosts"),
-        (show, "relays", "The active relays and their connectors (not supported yet).",
-         actions.not_supported, "show relays"),
-        (show, "routes", "The routes known and their state (not supported yet).",
-         actions.not_supported, "show routes"),
+        (show, "hoststats", "The last delivery status per domain over the last 4 hours.",
+         actions.show_lines, "show hoststats"),
+        (show, "hosts", "The remote MX hosts known.", actions.show_lines, "show hosts"),
+        (show, "relays", "The active relays and their connectors.", actions.show_lines, "show relays"),
+        (show, "routes", "The routes known and their state.", actions.show_lines, "show routes"),
         (show, "stats", "Every counter of the daemon, key=value.", monitor.run, "show stats"),
         (show, "status", "Whether MDA, MTA and SMTP are running or paused.", actions.show_status),
         (app, "stop", "Stop the daemon.", actions.simple, "stop"),
@@ -227,8 +225,8 @@ ONE_WORD_COMMANDS = (
          "<subsystem>", SUBSYSTEM, debug_commands.run, "profile"),
         (app, "unprofile", "Turn off real-time profiling of a subsystem.",
          "<subsystem>", SUBSYSTEM, debug_commands.run, "unprofile"),
-        (resume, "route", "Resume a route disabled after errors (not supported yet).",
-         "<routeid>", "a route number (show routes)", actions.not_supported, "resume route"),
+        (resume, "route", "Resume a route disabled after errors.",
+         "<routeid>", "a route number (show routes)", actions.resume_route, "resume route"),
         (update, "table", "Make the daemon reload a table (re-read its file, reopen its db, "
          "tell its program).", "<name>", "the table's name", actions.update_table))
 for entry in ONE_WORD_COMMANDS:
@@ -237,7 +235,10 @@ for entry in ONE_WORD_COMMANDS:
 
 def _mta(ctx: typer.Context, verb: str, route: Optional[list[str]]) -> None:
     if route:
-        _on_daemon(ctx, actions.not_supported, f"{verb} mta from for")
+        if len(route) != 4 or route[0] != "from" or route[2] != "for":
+            actions.die(f"usage: {verb} mta [from <addr> for <str>]")
+        _on_daemon(ctx, actions.mta_route, f"{verb} mta from", route[1], route[3])
+        return
     _on_daemon(ctx, actions.simple, f"{verb} mta")
 
 

@@ -138,6 +138,20 @@ class Action:
     helo: str | None = None
     ttl: int | None = None
     lineno: int = 0
+    # relay routing options (smtpd/parse_mta.py): `backup [mx NAME]`, `src`, `helo-src`, `mail-from`
+    backup: bool = False
+    backup_mx: str | None = None
+    src: str | None = None             # a source address, or a table's name
+    helo_src: str | None = None        # a table: source address -> HELO name
+    mail_from: str | None = None
+    # relay TLS and AUTH (issue 10, smtpd/parse_relay.py, docs/mta.md)
+    tls_required: bool = False         # ``tls [no-verify]``: STARTTLS at least, never plain text
+    tls_verify: bool = False           # ``tls`` without no-verify: the server's certificate checked
+    auth_table: str | None = None      # ``auth <table>``: credentials for the relay URL's label
+    relay_pki: str | None = None       # ``pki NAME``: the client certificate shown to the relay
+    relay_ca: str | None = None        # ``ca NAME``: trusted instead of the system's CAs
+    relay_protocols: str | None = None
+    relay_ciphers: str | None = None
 
 
 @dataclass
@@ -182,6 +196,14 @@ class Config:
     smtp_data_timeout: int = 300
     sub_addr_delim: str = "+"
     mta_max_deferred: int = 100
+    # `mta limit [for domain D] KEY VALUE` (smtpd/parse_mta.py): per domain ("" for the
+    # default) the keys set, applied over smtpd/mta_routes.Limits' defaults
+    mta_limits: dict[str, dict[str, int]] = field(default_factory=dict)
+    # `mta resolver ADDR... [port N]`: the DNS servers lka asks (default: the system's)
+    mta_resolver: list[str] = field(default_factory=list)
+    mta_resolver_port: int = 53
+    # `mta mx-port N`: the port MX relaying connects to (25; a test and ops knob)
+    mta_mx_port: int = 25
     macros: dict[str, str] = field(default_factory=dict)
     # pysmtpd's Prometheus endpoint ("metrics listen on ADDR port N"), off when None.
     metrics_address: str | None = None

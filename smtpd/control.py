@@ -21,6 +21,7 @@ a client is escaped (common/vis.py) before it is logged.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import os
@@ -33,7 +34,8 @@ from common.control_wire import PERMISSION_DENIED, WireError, frame, read_frame
 from common.ipc import PeerTimeout
 from common.messages import (
     PROTOCOL_VERSION, ClientContent, ClientEnd, ClientQueueBatch, ClientRequest, ClientResult,
-    CtlContentReply, CtlEnqueue, CtlListReply, CtlReply, CtlRequest, CtlUpdateTable, PonyEnqueueReply,
+    CtlContentReply, CtlEnqueue, CtlLinesReply, CtlListReply, CtlMtaBlock, CtlReply, CtlRequest,
+    CtlUpdateTable, PonyEnqueueReply,
 )
 from common.vis import COMMAND, log_text
 from smtpd import control_trace, metrics
@@ -48,6 +50,9 @@ CONTENT_CHUNK = 1024 * 1024         # show message: frames of at most this many 
 SCHEDULER_ID_COMMANDS = frozenset({"schedule", "remove", "pause envelope", "resume envelope"})
 QUEUE_ID_COMMANDS = frozenset({"discover", "uncorrupt"})
 QUEUE_FILE_COMMANDS = frozenset({"show envelope", "show message"})
+# The MTA's routing state, kept by pony (smtpd/mta.py)
+MTA_COMMANDS = frozenset({"show routes", "show hosts", "show relays", "show hoststats",
+                          "show mta paused", "resume route", "pause mta from", "resume mta from"})
 CLIENT_TIMEOUT = 30.0
 # OpenSMTPD's CONTROL_MAXCONN_PER_CLIENT: connections one uid may hold at once.
 MAX_CONNECTIONS_PER_UID = 32
@@ -409,6 +414,8 @@ class Process:
         elif cmd == "reload":
             reply = await self._ask("parent", "reload")
             out(frame(ClientResult(ok=reply.ok, text=reply.text)))
+        elif cmd in MTA_COMMANDS:
+            await self._mta_command(cmd, args, writer)
         elif cmd == "update table":
             name = args.get("name")
             if not isinstance(name, str) or not name or len(name) >= 1024:
@@ -420,6 +427,34 @@ class Process:
             out(frame(ClientResult(ok=reply.ok, text=reply.text)))
         else:
             out(frame(ClientResult(ok=False, text=f"command not supported yet: {cmd}")))
+
+    async def _mta_command(self, cmd: str, args: dict, writer: asyncio.StreamWriter) -> None:
+        """The MTA's routing state (pony keeps it): show routes|hosts|relays|hoststats and
+        show mta paused answer lines; resume route, pause|resume mta from ADDR for DOMAIN."""
+        reqid = self.ctx.new_id()
+        if cmd in ("pause mta from", "resume mta from"):
+            source, domain = args.get("source"), args.get("domain")
+            try:
+                source = str(ipaddress.ip_address(source)) if isinstance(source, str) else None
+            except ValueError:
+                source = None
+            if source is None or not isinstance(domain, str) or not 0 < len(domain) < 256:
+                writer.write(frame(ClientResult(ok=False, text="invalid source address or domain")))
+                return
+            msg = CtlMtaBlock(reqid=reqid, block=cmd.startswith("pause"), source=source, domain=domain)
+        elif cmd == "resume route":
+            ident = args.get("id", 0)
+            if not isinstance(ident, int) or not 0 <= ident < 1 << 64:
+                writer.write(frame(ClientResult(ok=False, text="invalid route id")))
+                return
+            msg = CtlRequest(reqid=reqid, command=cmd, id=ident)
+        else:
+            msg = CtlRequest(reqid=reqid, command=cmd)
+        reply = await self.ctx.mesh.request("pony", msg, (CtlReply, CtlLinesReply))
+        if isinstance(reply, CtlLinesReply):
+            writer.write(frame(ClientResult(ok=True, data={"lines": reply.lines})))
+        else:
+            writer.write(frame(ClientResult(ok=reply.ok, text=reply.text)))
 
     async def _show_queue(self, writer: asyncio.StreamWriter, msgid: int = 0) -> None:
         """Every envelope, or only those of ``msgid`` (show queue MSGID): evpids sort by

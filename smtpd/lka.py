@@ -23,9 +23,7 @@ import json
 import logging
 import os
 import pwd
-import socket
 
-import dns.asyncresolver
 import dns.exception
 import dns.resolver
 import msgspec
@@ -34,12 +32,13 @@ from common import privsep
 from common.ipc import PeerTimeout
 from common.messages import (
     CtlReply, CtlRequest, CtlUpdateTable, LkaEnvelopeCommit, LkaEnvelopeSubmit, LkaOpenForward,
-    LkaOpenForwardReply, MdaLookupUserinfo, MdaLookupUserinfoReply,
-    MtaDnsLookup, MtaDnsReply, SmtpAuthenticate, SmtpAuthenticateReply, SmtpCheckSender,
-    SmtpCheckSenderReply, SmtpExpandRcpt, SmtpExpandRcptReply,
+    LkaOpenForwardReply, MdaLookupUserinfo, MdaLookupUserinfoReply, MtaCredentialsReply,
+    MtaDnsLookup, MtaDnsReply, MtaLookupCredentials, SmtpAuthenticate, SmtpAuthenticateReply,
+    SmtpCheckSender, SmtpCheckSenderReply, SmtpExpandRcpt, SmtpExpandRcptReply,
 )
 from common.vis import COMMAND, log_text
 from smtpd import auth, filter_builtin, filter_proc
+from smtpd.dns import NullMx, Resolver
 from smtpd.expand import (
     TEMPFAIL, ExpandResult, Expansion, FileAnswer, MatchRule, ReadForward, ReadInclude, TableLookup,
 )
@@ -63,7 +62,7 @@ class Process:
         self.ctx = ctx
         self.config = ctx.config
         self.tables = TableSet(self.config)
-        self.resolver = dns.asyncresolver.Resolver()
+        self.resolver = Resolver(self.config.mta_resolver, self.config.mta_resolver_port)
         self.tasks: set[asyncio.Task] = set()
         fd = getattr(ctx.opts, "fd_channel", -1)
         channel = socket.socket(fileno=fd) if fd is not None and fd >= 0 else None
@@ -104,6 +103,7 @@ class Process:
 
     async def apply_config(self, config, tables: TableSet) -> None:
         old, self.config, self.tables = self.tables, config, tables
+        self.resolver = Resolver(config.mta_resolver, config.mta_resolver_port)
         await old.close()
 
     async def abort_config(self, tables: TableSet) -> None:
@@ -147,8 +147,36 @@ class Process:
                                           msg.sender, self.config.sub_addr_delim)
                 await self.ctx.mesh.send(peer, SmtpCheckSenderReply(
                     reqid=msg.reqid, ok=result == "ok", result=result))
+            case MtaLookupCredentials() if peer == "pony":
+                self._spawn(self._send_credentials(peer, msg))
             case _:
                 log.warning("warn: lka: unexpected %s from %s", type(msg).__name__, peer)
+
+    async def _send_credentials(self, peer: str, req: MtaLookupCredentials) -> None:
+        await self.ctx.mesh.send(peer, await self._credentials(req))
+
+    async def _credentials(self, req: MtaLookupCredentials) -> MtaCredentialsReply:
+        """lka_credentials: a relay's user and password from a credentials table
+        (table.c K_CREDENTIALS: "user:password"; no colon: the label is the user)."""
+        if req.table not in self.config.tables:
+            log.warning("warn: credentials table %s missing", req.table)
+            return MtaCredentialsReply(reqid=req.reqid, status="tempfail")
+        try:
+            value = await self.tables.get(req.table).lookup("credentials", req.label)
+        except (TableUnavailable, OSError) as exc:      # a table that cannot answer now
+            log.warning("warn: credentials lookup fail for %s:%s: %s", req.table,
+                        log_text(req.label), log_text(str(exc), COMMAND))
+            return MtaCredentialsReply(reqid=req.reqid, status="tempfail")
+        if value is None:
+            log.warning("warn: credentials not found for %s:%s", req.table, log_text(req.label))
+            return MtaCredentialsReply(reqid=req.reqid, status="permfail")
+        user, colon, password = str(value).partition(":")
+        if not colon:
+            user, password = req.label, str(value)
+        if len(str(value)) < 3 or not user or not password:
+            log.warning("warn: credentials parse error for %s:%s", req.table, log_text(req.label))
+            return MtaCredentialsReply(reqid=req.reqid, status="tempfail")
+        return MtaCredentialsReply(reqid=req.reqid, status="ok", user=user, password=password)
 
     async def _authenticate(self, req: SmtpAuthenticate) -> None:
         """lka_authenticate; system accounts (no table) are the parent's to check."""
@@ -216,11 +244,11 @@ class Process:
     async def _dns(self, peer: str, req: MtaDnsLookup) -> None:
         try:
             if req.kind == "ptr":
-                hosts = [(0, await self._ptr(req.name), req.name)]
+                hosts = [(0, await self.resolver.ptr(req.name), req.name)]
             elif req.kind == "mx":
-                hosts = await self._mx(req.name)
+                hosts = await self.resolver.mx(req.name)
             else:
-                hosts = [(0, req.name, a) for a in await self._addresses(req.name)]
+                hosts = [(0, req.name, a) for a in await self.resolver.addresses(req.name)]
             reply = MtaDnsReply(reqid=req.reqid, status="ok" if hosts else "tempfail", hosts=hosts,
                                 error="" if hosts else ("No MX found for domain" if req.kind == "mx" else "Host not found"))
         except dns.resolver.NXDOMAIN:
@@ -234,51 +262,6 @@ class Process:
             reply = MtaDnsReply(reqid=req.reqid, status="tempfail",
                                 error="Temporary failure in MX lookup" if req.kind == "mx" else "Host not found")
         await self.ctx.mesh.send(peer, reply)
-
-    async def _mx(self, domain: str) -> list[tuple[int, str, str]]:
-        if domain.startswith("[") and domain.endswith("]"):
-            literal = domain[1:-1]
-            if literal.lower().startswith("ipv6:"):
-                literal = literal[5:]
-            return [(-1, domain, literal)]
-        try:
-            answer = await self.resolver.resolve(domain, "MX", lifetime=30)
-            records = sorted((r.preference, r.exchange.to_text(omit_final_dot=True)) for r in answer)
-        except dns.resolver.NoAnswer:
-            records = [(0, domain)]          # implicit MX: the domain's own addresses
-        if records and all(name in ("", ".", "localhost") for _, name in records):
-            raise NullMx()
-        hosts = []
-        for pref, name in records:
-            if name in ("", ".", "localhost"):
-                continue
-            try:
-                for addr in await self._addresses(name):
-                    hosts.append((pref, name, addr))
-            except (OSError, dns.exception.DNSException):
-                continue
-        return hosts
-
-    async def _ptr(self, ip: str) -> str:
-        loop = asyncio.get_running_loop()
-        host, _ = await asyncio.wait_for(
-            loop.getnameinfo((ip, 0), socket.NI_NAMEREQD), 10)
-        return host
-
-    async def _addresses(self, name: str) -> list[str]:
-        loop = asyncio.get_running_loop()
-        infos = await asyncio.wait_for(
-            loop.getaddrinfo(name, None, type=socket.SOCK_STREAM), 30)
-        seen: list[str] = []
-        for info in infos:
-            addr = info[4][0]
-            if addr not in seen:
-                seen.append(addr)
-        return seen
-
-
-class NullMx(Exception):
-    pass
 
 
 class _SyncTables:

@@ -1,20 +1,21 @@
-"""The MTA side of pony: relaying queued envelopes over SMTP.
+"""The MTA side of pony: relaying queued envelopes over SMTP (OpenSMTPD's mta.c).
 
 Envelopes arrive one by one from the queue; those of one message going to the
-same relay (smarthost, or the recipient domain's MXs) are gathered for a moment
-and sent in one transaction.  Connections to a relay are kept a moment after a
-transaction and reused for the next message to it (as OpenSMTPD's MTA does, up to
-MAX_MESSAGES_PER_SESSION); the SMTP dialogue itself is mta_session.  This module
-picks the hosts and reports each recipient's result to the queue.  TLS, AUTH and route penalties come with later issues.
+same relay (a smarthost, or the recipient domain's MXs) are gathered for a moment
+into one task.  Tasks wait in their relay (smtpd/mta_routes.py: relays, hosts,
+routes, connectors, limits and penalties); the relay opens sessions when its limits
+allow, each on the route mta_routes picks (MX preference, fewest connections), and
+every session carries task after task (up to `session-mail-max`) until the relay
+has none left for `session-keepalive` seconds.  The SMTP dialogue itself is
+mta_session's.  A route whose first connection fails is disabled for a while; a
+relay none of whose routes is usable fails its tasks (temporary failure).
 
-`mta max-deferred` (hold queues, docs/queue.md "Scheduler"): once no host of a
-relay could be reached, new envelopes for it (never tried yet) are not tried but
-answered "hold" (up to max-deferred per relay) for a while, as OpenSMTPD disables a failed route for
-15 s x penalty² (capped at 1 h); the scheduler keeps them in that relay's hold queue
-until a delivery to the relay succeeds (then they are released, due at once) or
-until their own next retry time.  When the window ends, one held envelope is
-released to probe the relay, and new envelopes are tried again; a failure opens a
-longer window.
+`mta max-deferred` (hold queues, docs/queue.md "Scheduler"): once a relay failed,
+new envelopes for it (never tried yet) are not tried but answered "hold" (up to
+max-deferred per relay) for 15 s x failures² (capped at 1 h); the scheduler keeps
+them in that relay's hold queue until a delivery to the relay succeeds (then they
+are released, due at once) or until their own next retry time.  When the window
+ends, one held envelope is released to probe the relay.
 """
 from __future__ import annotations
 
@@ -23,36 +24,40 @@ import ipaddress
 import logging
 import time
 
-from common.vis import COMMAND, log_text
 from common import stat
 from common.durations import duration_to_text
 from common.envelope import Envelope
 from common.ipc import PeerTimeout
-from common.trace import FLAGS, SESSION, trace
 from common.messages import (
-    DeliveryResult, MessageContent, MessageOpen, MtaDnsLookup, MtaDnsReply, MtaHoldqRelease,
+    CtlLinesReply, CtlMtaBlock, CtlReply, CtlRequest, DeliveryResult, MessageContent, MessageOpen,
+    MtaDnsLookup, MtaDnsReply, MtaHoldqRelease,
 )
+from common.trace import FLAGS, SESSION, trace
+from common.vis import COMMAND, VIS_DQ, log_text
 from smtpd.dsn_params import mail_params, rcpt_params
-from smtpd.mta_session import Connection, DsnRequest, TransactionResult, open_and_send
+from smtpd.mta_routes import (
+    FAILURE_TEXT, ROUTE_DISABLED_NET, ROUTE_DISABLED_SMTP, Limits, Relay, RelayKey, Route, Routing,
+)
+from smtpd.mta_session import (
+    Connection, DsnRequest, ProtocolError, RelayRefused, failure_text, session_options,
+)
 from smtpd.relay_url import RelayUrlError, parse_relay_url
 
 log = logging.getLogger("smtpd")
 
 GATHER_DELAY = 0.02      # seconds to wait for the other envelopes of a message
-MAX_SESSIONS = 100
-MAX_MESSAGES_PER_SESSION = 100
-IDLE_TIMEOUT = 2.0       # seconds an idle connection waits for another message
 FAILING_TTL = 4 * 3600   # a failing relay is forgotten after this (OpenSMTPD's hoststat entries)
 HOLD_WINDOW = 15         # seconds x failures² a failed relay holds new envelopes (route penalty)
 HOLD_WINDOW_MAX = 3600
+MESSAGE_ID_SCAN = 64 * 1024   # the header of a message is looked at up to this size
 
-# OpenSMTPD's MTA objects that have work, counted as its mta.* stats: a relay (a
-# smarthost, or a domain's MXs) per task's destination, its connector (relay x source:
-# we have the one default source), the domains routed by MX, and the sources in use.
+# OpenSMTPD's mta.* populations: relays with work, their connectors (relay x source:
+# the one default source today), the domains routed by MX, the sources in use
 _RELAYS = stat.Population("mta.relay")
 _CONNECTORS = stat.Population("mta.connector")
 _DOMAINS = stat.Population("mta.domain")
 _SOURCES = stat.Population("mta.source")
+_NETWORK_ERRORS = (TimeoutError, ProtocolError, OSError, ConnectionError)
 
 
 class FailingRelay:
@@ -73,34 +78,420 @@ class FailingRelay:
         self.until = now + min(HOLD_WINDOW * self.failures ** 2, HOLD_WINDOW_MAX)
 
 
+class Task:
+    """One message's envelopes for one relay, delivered in one transaction."""
+    __slots__ = ("envelopes", "action", "probed")
+
+    def __init__(self, envelopes: list[Envelope], action) -> None:
+        self.envelopes = envelopes
+        self.action = action
+        self.probed = False      # the relay's disabled routes were tried once more for it
+
+
+def limits_from_config(config) -> tuple[Limits, dict[str, Limits]]:
+    """`mta limit` settings over mta_routes.Limits' defaults: the default limits, and
+    those of each domain named (which start from the default ones)."""
+    def build(*settings: dict[str, int]) -> Limits:
+        limits = Limits()
+        for s in settings:
+            for key, value in s.items():
+                setattr(limits, key.replace("-", "_"), value)
+        return limits
+    base = config.mta_limits.get("", {})
+    return build(base), {d: build(base, s) for d, s in config.mta_limits.items() if d}
+
+
+def message_id(message: bytes) -> str:
+    """The Message-ID header of a message, unfolded, or "" if it has none."""
+    head = message[:MESSAGE_ID_SCAN].replace(b"\r\n", b"\n").split(b"\n\n", 1)[0]
+    value = None
+    for line in head.split(b"\n"):
+        if value is not None and line[:1] in (b" ", b"\t"):
+            value += line.strip()
+            continue
+        if value is not None:
+            break
+        name, sep, rest = line.partition(b":")
+        if sep and name.strip().lower() == b"message-id":
+            value = rest.strip()
+    return value.decode("utf-8", "replace") if value else ""
+
+
 class Mta:
     def __init__(self, pony) -> None:
         self.pony = pony
+        self.routing = Routing()
         self.config = pony.config
         self.pending: dict[tuple, list[Envelope]] = {}
-        self.slots = asyncio.Semaphore(MAX_SESSIONS)
-        self.idle: dict[tuple, list[Connection]] = {}
         self.outstanding: set[int] = set()      # evpids given to the MTA, not yet reported
         self.failing: dict[str, FailingRelay] = {}
         self.holdq_ids = 0
+        self.gathering: dict[RelayKey, int] = {}        # tasks being gathered, per relay
+        self.work: dict[RelayKey, asyncio.Event] = {}   # set when a relay gets a task
+        self.timers: dict[RelayKey, asyncio.TimerHandle] = {}
+        self.enable_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def config(self):
+        return self._config
+
+    @config.setter
+    def config(self, config) -> None:
+        """At start and at a reload: the limits apply to the relays made from now on."""
+        self._config = config
+        self.routing.default_limits, self.routing.domain_limits = limits_from_config(config)
+
+    # -- envelopes in --------------------------------------------------------------------------
+
+    def relay_key(self, action, domain: str) -> RelayKey:
+        if action is None:
+            return RelayKey(domain)
+        helo, name = action.helo, action.name
+        if action.host:
+            try:
+                url = parse_relay_url(action.host)
+                return RelayKey(url.host.lower(), url.port, as_host=True, scheme=url.scheme,
+                                helo=helo, action=name)
+            except RelayUrlError:
+                return RelayKey(action.host, 0, as_host=True, helo=helo, action=name)
+        backup = (action.backup_mx or self.config.hostname) if action.backup else None
+        # `src` is parsed but not bound yet (parse_mta): the system picks the source
+        return RelayKey(domain, 0, backup=backup, helo=helo, action=name)
 
     def add(self, env: Envelope) -> None:
         action = self.config.actions.get(env.dispatcher)
-        domain = env.dest.rpartition("@")[2].lower()
-        relay_key = (action.host if action is not None and action.host else domain)
-        if self._hold(env, relay_key):
+        key = self.relay_key(action, env.dest.rpartition("@")[2].lower())
+        if self._hold(env, key.text()) or self._hiwat(env, self._relay(key)):
             return
-        key = (env.msgid, env.dispatcher, relay_key)
         if env.id not in self.outstanding:
             self.outstanding.add(env.id)
             stat.increment("mta.envelope")
-        batch = self.pending.get(key)
+        gather = (env.msgid, env.dispatcher, key)
+        batch = self.pending.get(gather)
         if batch is None:
-            self.pending[key] = [env]
-            self._task_started(relay_key, by_mx=not (action is not None and action.host))
-            asyncio.get_running_loop().call_later(GATHER_DELAY, self._flush, key)
+            self.pending[gather] = [env]
+            self.gathering[key] = self.gathering.get(key, 0) + 1
+            asyncio.get_running_loop().call_later(GATHER_DELAY, self._flush, gather)
         else:
             batch.append(env)
+
+    def _relay(self, key: RelayKey) -> Relay:
+        relay = self.routing.relays.get(key)
+        if relay is None:
+            relay = self.routing.relay(key)
+            _RELAYS.add(key)
+            _CONNECTORS.add((key, ""))
+            _SOURCES.add("")
+            if not key.as_host:
+                _DOMAINS.add(key.domain)
+        return relay
+
+    def _flush(self, gather: tuple) -> None:
+        key = gather[2]
+        self.gathering[key] -= 1
+        if not self.gathering[key]:
+            del self.gathering[key]
+        envelopes = self.pending.pop(gather, [])
+        relay = self._relay(key)
+        if not envelopes:
+            self._maybe_forget(relay)
+            return
+        action = self.config.actions.get(envelopes[0].dispatcher)
+        if action is None or action.method != "relay":
+            self.pony.spawn(self._report(envelopes, "tempfail", f"action {envelopes[0].dispatcher!r} "
+                                         "is not a relay action in the configuration", "-", 0))
+            self._maybe_forget(relay)
+            return
+        relay.tasks.append(Task(envelopes, action))
+        stat.increment("mta.task")
+        self._event(key).set()
+        self._drain(relay)
+
+    def _event(self, key: RelayKey) -> asyncio.Event:
+        event = self.work.get(key)
+        if event is None:
+            event = self.work[key] = asyncio.Event()
+        return event
+
+    # -- opening sessions (mta_drain, mta_connect) ---------------------------------------------
+
+    def _drain(self, relay: Relay) -> None:
+        if relay.mxs is None:
+            if not relay.tasks:
+                self._maybe_forget(relay)
+            elif "MX" not in relay.waiting:
+                relay.waiting.add("MX")
+                self.pony.spawn(self._lookup(relay))
+            return
+        if relay.fail is not None:
+            status, text = relay.fail
+            self._fail_tasks(relay, status, text)
+            return
+        source = self.routing.source(relay.key.source)
+        for _ in range(1000):
+            decision = self.routing.connect(relay, source, time.monotonic())
+            if decision.route is not None:
+                self.routing.opened(relay, decision.route, time.monotonic(), time.time())
+                self.pony.spawn(self._session(relay, decision.route, decision.host_name))
+                continue
+            if decision.error is not None and relay.nconn == 0:
+                if decision.error.startswith("error_route") and any(not t.probed for t in relay.tasks):
+                    # pysmtpd: a task is not failed by routes another task disabled;
+                    # they are tried once more for it (penalty kept), see docs/mta.md
+                    for task in relay.tasks:
+                        task.probed = True
+                    relay.probe = True
+                    continue
+                log.info("smtp-out: No valid route for %s", relay.key.text())
+                # pysmtpd: the last refusal or network error says more than mta.c's failstr
+                text = relay.last_error if decision.error.startswith("error_route") and relay.last_error \
+                    else FAILURE_TEXT[decision.error]
+                self._fail_tasks(relay, "tempfail", text)
+            elif decision.retry_at is not None:
+                self._retry_at(relay, decision.retry_at)
+            break
+        self._maybe_forget(relay)
+
+    def _retry_at(self, relay: Relay, when: float) -> None:
+        old = self.timers.pop(relay.key, None)
+        if old is not None:
+            old.cancel()
+        relay.timeout_at = when
+        relay.waiting.add("connector")
+
+        def fire() -> None:
+            self.timers.pop(relay.key, None)
+            relay.timeout_at = None
+            relay.waiting.discard("connector")
+            if self.routing.relays.get(relay.key) is relay:
+                self._drain(relay)
+        self.timers[relay.key] = asyncio.get_running_loop().call_later(
+            max(0.0, when - time.monotonic()), fire)
+
+    def _fail_tasks(self, relay: Relay, status: str, text: str) -> None:
+        tasks = list(relay.tasks)
+        relay.tasks.clear()
+        if status == "tempfail":
+            self._relay_failed(relay.key.text())
+        for task in tasks:
+            stat.decrement("mta.task")
+            # mta_flush: relay= is the relay's domain (or smarthost) name
+            self.pony.spawn(self._task_report(task, status, text, relay.key.domain, 0))
+        relay.mxs = None             # looked up again for the next task
+        relay.fail = None
+        self._maybe_forget(relay)
+
+    def _maybe_forget(self, relay: Relay) -> None:
+        if self.gathering.get(relay.key):
+            return
+        if not relay.tasks:
+            self._release_holdq(relay)
+        if self.routing.forget(relay):
+            timer = self.timers.pop(relay.key, None)
+            if timer is not None:
+                timer.cancel()
+            self.work.pop(relay.key, None)
+            _RELAYS.discard(relay.key)
+            _CONNECTORS.discard((relay.key, ""))
+            _SOURCES.discard("")
+            if not relay.key.as_host:
+                _DOMAINS.discard(relay.key.domain)
+
+    async def _lookup(self, relay: Relay) -> None:
+        key = relay.key
+        try:
+            ipaddress.ip_address(key.domain)
+            hosts, status, error = [(0, key.domain, key.domain)], "ok", ""
+        except ValueError:
+            try:
+                reply = await self.pony.mesh.request(
+                    "lka", MtaDnsLookup(reqid=self.pony.ctx.new_id(), kind="host" if key.as_host else "mx",
+                                        name=key.domain), (MtaDnsReply,), timeout=60)
+                hosts, status, error = reply.hosts, reply.status, reply.error
+            except PeerTimeout:
+                hosts, status, error = [], "tempfail", "Temporary failure in MX lookup"
+        relay.waiting.discard("MX")
+        if status == "ok" and hosts:
+            self.routing.set_mxs(relay, hosts, key.backup)
+            if FLAGS.mta:
+                trace("mta: %s: hosts %s", key.text(), ", ".join(f"{p}:{n}[{a}]" for p, n, a in hosts))
+        else:
+            log.info("smtp-out: Failed to resolve MX for %s: %s", key.text(), error)
+            relay.mxs = []
+            relay.fail = (status if status != "ok" else "tempfail", error or "No MX found for domain")
+        self._drain(relay)
+
+    # -- a session: connect, greet, then task after task ---------------------------------------
+
+    async def _session(self, relay: Relay, route: Route, mx_name: str) -> None:
+        host = route.dst
+        session_id = self.pony.ctx.new_id()
+        SESSION.set(session_id)
+        port = relay.key.port or self.config.mta_mx_port
+        ready = False
+        penalize = True          # a failed first connection disables the route
+        reason = ROUTE_DISABLED_NET
+        stat.increment("mta.task.running")
+        try:
+            if host.ptrname is None:
+                host.ptrname = await self._ptr(host.address) or ""     # "": no name, not asked again
+            helo = relay.key.helo or self.config.hostname
+            action = self.config.actions.get(relay.key.action)
+            try:
+                options = await session_options(self.pony, action)     # TLS and AUTH
+            except RelayRefused as exc:
+                log.warning("warn: mta: action %s: %s", relay.key.action, exc.text)
+                penalize = False         # the configuration's fault, not the route's
+                self._fail_tasks(relay, exc.status, exc.text)
+                return
+            log.info("%016x mta connecting address=%s%s:%d host=%s", session_id, options.schema,
+                     _bracket(host.address), port, host.ptrname or host.address)
+            conn = Connection(host.address, port, helo=helo, session=session_id, options=options,
+                              server_name=mx_name)
+            try:
+                refused = await conn.open()
+            except _NETWORK_ERRORS as exc:
+                refused = failure_text(exc)
+            if isinstance(refused, str) and conn.writer is None:
+                relay.last_error = refused
+                log.info("%016x mta error reason=Connection failed: %s", session_id,
+                         log_text(refused, COMMAND))
+                await conn.close(quit=False)
+                return
+            log.info("%016x mta connected", session_id)
+            if refused is not None:          # banner, EHLO, TLS or AUTH refused
+                relay.last_error = refused if isinstance(refused, str) else refused.text
+                reason = ROUTE_DISABLED_SMTP
+                log.info("%016x mta error reason=%s", session_id, log_text(relay.last_error, COMMAND))
+                await conn.close(quit=False)
+                return
+            ready = True
+            self.routing.ready(relay, route)
+            messages = await self._serve(relay, conn, session_id, host.text())
+            if conn.usable:
+                await conn.close()
+                log.info("%016x mta disconnected reason=quit messages=%d", session_id, messages)
+            else:
+                await conn.close(quit=False)
+        except Exception:
+            log.exception("warn: mta: session %016x failed", session_id)
+        finally:
+            stat.decrement("mta.task.running")
+            delay = self.routing.closed(relay, route, ready, time.monotonic(), penalize, reason)
+            if delay:
+                log.info("smtp-out: Disabling route %s for %ds", route.text(), delay)
+                self._schedule_enable()
+                for task in relay.tasks:     # this failure was their try
+                    task.probed = True
+            self._drain(relay)
+
+    async def _serve(self, relay: Relay, conn: Connection, session_id: int, relay_text: str) -> int:
+        """Send the relay's tasks on ``conn`` until none comes for `session-keepalive`
+        seconds, the session's quota is reached, or the connection fails."""
+        limits = relay.limits
+        event = self._event(relay.key)
+        messages = 0
+        while messages < limits.session_mail_max and conn.usable:
+            if _closed_by_peer(conn):
+                conn.usable = False     # the server hung up while we were idle: nothing lost
+                break
+            task = self.routing.take_task(relay, time.monotonic())
+            if task is None:
+                if not await self._wait_task(relay, event, limits.session_keepalive):
+                    break
+                continue
+            stat.decrement("mta.task")
+            self._task_taken(relay)
+            if not await self._send_task(task, relay, conn, session_id, relay_text):
+                break
+            messages += 1
+            if limits.session_transaction_delay:
+                await asyncio.sleep(limits.session_transaction_delay)
+        return messages
+
+    async def _wait_task(self, relay: Relay, event: asyncio.Event, keepalive: float) -> bool:
+        """Whether a task may be there for this session within ``keepalive`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + keepalive
+        for _ in range(100_000):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            if relay.tasks:
+                wait = self.routing.rate_wait(relay, time.monotonic())
+                if wait <= 0:
+                    return True
+                if wait > remaining:      # over the rate for longer: let the connection go
+                    self._retry_at(relay, time.monotonic() + wait)
+                    return False
+                await asyncio.sleep(wait)
+                continue
+            event.clear()
+            try:
+                await asyncio.wait_for(event.wait(), remaining)
+            except TimeoutError:
+                return False
+        return False
+
+    async def _send_task(self, task: Task, relay: Relay, conn: Connection, session_id: int,
+                         relay_text: str) -> bool:
+        """One transaction; False if the connection is no longer usable."""
+        envelopes = task.envelopes
+        first = envelopes[0]
+        message = await self._message(first.msgid)
+        if message is None:
+            await self._task_report(task, "tempfail", "Cannot read message from the queue", "-", session_id)
+            return True
+        sender = first.sender if task.action.mail_from is None else task.action.mail_from
+        dsn = DsnRequest(mail=mail_params(first.dsn_ret, first.dsn_envid),
+                         rcpts=[rcpt_params(e.dsn_notify, e.dsn_orcpt) for e in envelopes])
+        try:
+            result = await conn.transaction(sender, [e.dest for e in envelopes], message,
+                                            len(message), dsn)
+        except _NETWORK_ERRORS as exc:
+            conn.usable = False
+            text = failure_text(exc)
+            log.info("%016x mta error reason=%s", session_id, log_text(text, COMMAND))
+            await self._task_report(task, "tempfail", text, relay_text, session_id)
+            return False
+        mid, source = message_id(message), _local_address(conn)
+        for env, res in zip(envelopes, result.results):
+            await self._report([env], res.status, res.reply, relay_text, session_id, result.dsn, mid,
+                               source)
+        if not relay.key.as_host:
+            self.routing.hoststat(relay.key.domain, result.results[0].reply, time.time())
+        if any(res.status == "ok" for res in result.results):
+            await self._relay_works(relay.key.text())
+        return conn.usable
+
+    def _schedule_enable(self) -> None:
+        when = self.routing.next_enable()
+        if when is None:
+            return
+        if self.enable_timer is not None:
+            self.enable_timer.cancel()
+
+        def fire() -> None:
+            self.enable_timer = None
+            for route in self.routing.enable_due(time.monotonic()):
+                log.info("smtp-out: Enabling route %s", route.text())
+            self._drain_all()
+            self._schedule_enable()
+        self.enable_timer = asyncio.get_running_loop().call_later(max(0.0, when - time.monotonic()), fire)
+
+    def _drain_all(self) -> None:
+        for relay in list(self.routing.relays.values()):
+            if relay.tasks:
+                self._drain(relay)
+
+    async def _ptr(self, address: str) -> str | None:
+        try:
+            reply = await self.pony.mesh.request(
+                "lka", MtaDnsLookup(reqid=self.pony.ctx.new_id(), kind="ptr", name=address),
+                (MtaDnsReply,), timeout=15)
+        except PeerTimeout:
+            return None
+        return reply.hosts[0][1] if reply.status == "ok" and reply.hosts else None
 
     # -- hold queues (`mta max-deferred`) ------------------------------------------------
 
@@ -128,6 +519,40 @@ class Mta:
             evpid=env.id, agent="mta", status="hold", holdq=relay.holdq)))
         return True
 
+    def _hiwat(self, env: Envelope, relay: Relay) -> bool:
+        """mta.c: a relay with `task-hiwat` tasks waiting (being gathered included) holds
+        new envelopes in a hold queue of its own, released by `task-release` when it is
+        down to `task-lowat`."""
+        waiting = relay.ntask + self.gathering.get(relay.key, 0)
+        if not relay.onhold and waiting >= relay.limits.task_hiwat:
+            log.info("smtp-out: hiwat reached on %s: holding envelopes", relay.key.text())
+            relay.onhold = True
+        if not relay.onhold:
+            return False
+        if not relay.holdq:
+            self.holdq_ids += 1
+            relay.holdq = self.holdq_ids
+        self.pony.spawn(self.pony.mesh.send("queue", DeliveryResult(
+            evpid=env.id, agent="mta", status="hold", holdq=relay.holdq)))
+        return True
+
+    def _task_taken(self, relay: Relay) -> None:
+        if relay.ntask == relay.limits.task_lowat:
+            if relay.onhold:
+                log.info("smtp-out: back to lowat on %s: releasing", relay.key.text())
+                relay.onhold = False
+            if relay.holdq:
+                self.pony.spawn(self.pony.mesh.send("queue", MtaHoldqRelease(
+                    holdq=relay.holdq, n=relay.limits.task_release)))
+        elif relay.ntask == 0:
+            self._release_holdq(relay)
+
+    def _release_holdq(self, relay: Relay) -> None:
+        if relay.holdq:
+            self.pony.spawn(self.pony.mesh.send("queue", MtaHoldqRelease(holdq=relay.holdq, n=0)))
+            relay.holdq = 0
+            relay.onhold = False
+
     def _relay_failed(self, relay_key: str) -> None:
         now = time.monotonic()
         for key in [k for k, r in self.failing.items() if now - r.since > FAILING_TTL]:
@@ -154,153 +579,64 @@ class Mta:
                 trace("mta: relay %s works again: releasing holdq %016x", relay_key, relay.holdq)
             await self.pony.mesh.send("queue", MtaHoldqRelease(holdq=relay.holdq, n=0))
 
-    def _task_started(self, relay_key: str, by_mx: bool) -> None:
-        stat.increment("mta.task")
-        _RELAYS.add(relay_key)
-        _CONNECTORS.add((relay_key, ""))
-        _SOURCES.add("")
-        if by_mx:
-            _DOMAINS.add(relay_key)
-
-    def _task_done(self, relay_key: str, by_mx: bool) -> None:
-        stat.decrement("mta.task")
-        _RELAYS.discard(relay_key)
-        _CONNECTORS.discard((relay_key, ""))
-        _SOURCES.discard("")
-        if by_mx:
-            _DOMAINS.discard(relay_key)
-
-    def _flush(self, key: tuple) -> None:
-        envelopes = self.pending.pop(key, [])
-        if envelopes:
-            self.pony.spawn(self._run(envelopes, key[2]))
-
-    async def _run(self, envelopes: list[Envelope], relay_key: str) -> None:
-        action = self.config.actions.get(envelopes[0].dispatcher)
-        by_mx = not (action is not None and action.host)
-        try:
-            async with self.slots:
-                stat.increment("mta.task.running")
-                if FLAGS.mta:
-                    trace("mta: task for relay %s: msgid %08x, %d envelope(s)", relay_key,
-                          envelopes[0].msgid, len(envelopes))
-                try:
-                    await self._deliver(envelopes, relay_key)
-                except Exception as exc:
-                    log.exception("warn: mta: delivery of %08x failed", envelopes[0].msgid)
-                    await self._report(envelopes, "tempfail", f"Internal error: {exc}", "-", 0)
-                finally:
-                    stat.decrement("mta.task.running")
-        finally:
-            self._task_done(relay_key, by_mx)
-
-    async def _deliver(self, envelopes: list[Envelope], relay_key: str) -> None:
-        first = envelopes[0]
-        action = self.config.actions.get(first.dispatcher)
-        if action is None or action.method != "relay":
-            await self._report(envelopes, "tempfail",
-                               f"action {first.dispatcher!r} is not a relay action in the configuration", "-", 0)
-            return
-        hosts, error, status, port = await self._hosts(action, first.dest.rpartition("@")[2])
-        if not hosts:
-            if status == "tempfail":
-                self._relay_failed(relay_key)
-            await self._report(envelopes, status, error, "-", 0)
-            return
-        message = await self._message(first.msgid)
-        if message is None:
-            await self._report(envelopes, "tempfail", "Cannot read message from the queue", "-", 0)
-            return
-        helo = action.helo or self.config.hostname
-        session_id = self.pony.ctx.new_id()
-        SESSION.set(session_id)          # names this session in `trace mproc` lines
-        if FLAGS.mta:
-            trace("mta: %016x: relay hosts for %s: %s", session_id, first.dest.rpartition("@")[2],
-                  ", ".join(f"{n} [{a}]" for n, a in hosts))
-        last_error = "No MX found for destination"
-        dsn = DsnRequest(mail=mail_params(first.dsn_ret, first.dsn_envid),
-                         rcpts=[rcpt_params(e.dsn_notify, e.dsn_orcpt) for e in envelopes])
-        for name, address in hosts:
-            result = await self._send(session_id, name, address, port, helo, first.sender,
-                                      [e.dest for e in envelopes], message, dsn)
-            relay = f"{name} [{address}]:{port}" if name != address else f"[{address}]:{port}"
-            if not result.connected:
-                last_error = result.results[0].reply if result.results else "Connection failed"
-                continue
-            for env, res in zip(envelopes, result.results):
-                await self._report([env], res.status, res.reply, relay, session_id, result.dsn)
-            if any(res.status == "ok" for res in result.results):
-                await self._relay_works(relay_key)
-            return
-        self._relay_failed(relay_key)
-        await self._report(envelopes, "tempfail", last_error, "-", session_id)
-
-    async def _send(self, session_id: int, name: str, address: str, port: int, helo: str,
-                    sender: str, rcpts: list[str], message: bytes,
-                    dsn: DsnRequest | None = None) -> TransactionResult:
-        key = (address, port, helo)
-        conn = self._take_idle(key)
-        if conn is not None:
-            result = await open_and_send(conn, sender, rcpts, message, len(message), dsn)
-            if conn.usable or conn.txn_replies:
-                self._release(key, conn)
-                return result
-            await conn.close(quit=False)   # closed by the peer while idle: nothing was sent
-        log.info("%016x mta connecting address=smtp://%s:%d host=%s", session_id, address, port, name)
-        conn = Connection(address, port, helo=helo, session=session_id)
-        result = await open_and_send(conn, sender, rcpts, message, len(message), dsn)
-        self._release(key, conn)
-        return result
-
-    def _take_idle(self, key: tuple) -> Connection | None:
-        conns = self.idle.get(key)
-        while conns:
-            conn = conns.pop()
-            if conn.reader is not None and not conn.reader.at_eof():
-                return conn
-            self.pony.spawn(conn.close(quit=False))
-        return None
-
-    def _release(self, key: tuple, conn: Connection) -> None:
-        if not conn.usable or conn.transactions >= MAX_MESSAGES_PER_SESSION:
-            self.pony.spawn(conn.close())
-            return
-        self.idle.setdefault(key, []).append(conn)
-        asyncio.get_running_loop().call_later(IDLE_TIMEOUT, self._expire, key, conn, conn.transactions)
-
-    def _expire(self, key: tuple, conn: Connection, transactions: int) -> None:
-        conns = self.idle.get(key, [])
-        if conn in conns and conn.transactions == transactions:     # not used since
-            conns.remove(conn)
-            if not conns:
-                self.idle.pop(key, None)
-            self.pony.spawn(conn.close())
-
-    async def _hosts(self, action, domain: str):
-        """[(name, address)], error text, failure status, port."""
-        port = 25
-        if action.host:
-            try:
-                url = parse_relay_url(action.host)
-            except RelayUrlError as exc:
-                return [], str(exc), "permfail", port
-            port = url.port
-            try:
-                ipaddress.ip_address(url.host)
-                return [(url.host, url.host)], "", "ok", port
-            except ValueError:
-                kind, name = "host", url.host
+    def withdraw(self, evpid: int) -> None:
+        """`smtpctl remove|pause envelope` of an envelope in flight: taken out of its task
+        if that task is not being sent, and given back to the scheduler (a temporary
+        failure the scheduler turns into the removal, or keeps paused)."""
+        env = None
+        for gather, envelopes in self.pending.items():
+            env = _pop_envelope(envelopes, evpid)
+            if env is not None:
+                if not envelopes:
+                    del self.pending[gather]
+                break
         else:
-            kind, name = "mx", domain
-        try:
-            reply = await self.pony.mesh.request(
-                "lka", MtaDnsLookup(reqid=self.pony.ctx.new_id(), kind=kind, name=name),
-                (MtaDnsReply,), timeout=60)
-        except PeerTimeout:
-            return [], "Temporary failure in MX lookup", "tempfail", port
-        if reply.status != "ok":
-            return [], reply.error, reply.status, port
-        return [(n, a) for _, n, a in sorted(reply.hosts)], "", "ok", port
+            for relay in self.routing.relays.values():
+                for task in relay.tasks:
+                    env = _pop_envelope(task.envelopes, evpid)
+                    if env is not None:
+                        if not task.envelopes:
+                            relay.tasks.remove(task)
+                            stat.decrement("mta.task")
+                        break
+                if env is not None:
+                    break
+        if env is None:
+            return              # being sent, or not the MTA's: its attempt ends as it will
+        if FLAGS.mta:
+            trace("mta: evp:%016x withdrawn by the administrator", evpid)
+        if env.id in self.outstanding:
+            self.outstanding.discard(env.id)
+            stat.decrement("mta.envelope")
+        self.pony.spawn(self.pony.mesh.send("queue", DeliveryResult(
+            evpid=evpid, agent="mta", status="tempfail", errorline="Withdrawn by administrator")))
+
+    # -- smtpctl (show routes|hosts|relays|hoststats, mta paused, resume route, pause mta from) --
+
+    def control(self, msg) -> CtlReply | CtlLinesReply:
+        now, wall = time.monotonic(), time.time()
+        routing = self.routing
+        if isinstance(msg, CtlMtaBlock):
+            (routing.block if msg.block else routing.unblock)(msg.source, msg.domain)
+            if not msg.block:
+                self._drain_all()
+            return CtlReply(reqid=msg.reqid, ok=True)
+        if msg.command == "resume route":
+            for route in routing.resume(msg.id):
+                log.info("smtp-out: Enabling route %s per admin request", route.text())
+            self._drain_all()
+            return CtlReply(reqid=msg.reqid, ok=True)
+        routing.expire_hoststats(wall)
+        lines = {"show routes": lambda: routing.show_routes(now),
+                 "show hosts": lambda: routing.show_hosts(wall),
+                 "show relays": lambda: routing.show_relays(now, wall),
+                 "show hoststats": routing.show_hoststats,
+                 "show mta paused": routing.show_blocks}.get(msg.command)
+        if lines is None:
+            return CtlReply(reqid=msg.reqid, ok=False, text=f"command not supported: {msg.command}")
+        return CtlLinesReply(reqid=msg.reqid, lines=lines())
+
+    # -- results -------------------------------------------------------------------------
 
     async def _message(self, msgid: int) -> bytes | None:
         try:
@@ -310,22 +646,50 @@ class Mta:
             return None
         return reply.data if reply.ok else None
 
+    async def _task_report(self, task: Task, status: str, detail: str, relay: str, session_id: int) -> None:
+        await self._report(task.envelopes, status, detail, relay, session_id)
+
     async def _report(self, envelopes, status: str, detail: str, relay: str, session_id: int,
-                      remote_dsn: bool = False) -> None:
+                      remote_dsn: bool = False, mid: str = "", source: str = "-") -> None:
         now = int(time.time())
         word = {"ok": "Ok", "tempfail": "TempFail", "permfail": "PermFail"}.get(status, "TempFail")
+        # pysmtpd adds the message's Message-ID at the end of the line, when known
+        extra = f' message-id="{log_text(mid, COMMAND | VIS_DQ)}"' if mid else ""
         for env in envelopes:
             if env.id in self.outstanding:
                 self.outstanding.discard(env.id)
                 stat.decrement("mta.envelope")
             log.info('%016x mta delivery evpid=%016x from=<%s> to=<%s> rcpt=<%s> source="%s" '
-                     'relay="%s" delay=%s result="%s" stat="%s"', session_id, env.id, env.sender,
-                     env.dest, env.rcpt if env.rcpt != env.dest else "-", "-", relay,
-                     duration_to_text(now - env.ctime), word, log_text(detail, COMMAND))
+                     'relay="%s" delay=%s result="%s" stat="%s"%s', session_id, env.id, env.sender,
+                     env.dest, env.rcpt if env.rcpt != env.dest else "-", source, relay,
+                     duration_to_text(now - env.ctime), word, log_text(detail, COMMAND), extra)
             esc = _esc_code(detail)
             await self.pony.mesh.send("queue", DeliveryResult(
                 evpid=env.id, agent="mta", status=status if status in ("ok", "permfail") else "tempfail",
                 errorline=detail, esc_code=esc, dsn_notify=env.dsn_notify, remote_dsn=remote_dsn))
+
+
+def _pop_envelope(envelopes: list[Envelope], evpid: int) -> Envelope | None:
+    for i, env in enumerate(envelopes):
+        if env.id == evpid:
+            return envelopes.pop(i)
+    return None
+
+
+def _local_address(conn: Connection) -> str:
+    """The connection's local address (the delivery line's source=), "-" if unknown."""
+    writer = getattr(conn, "writer", None)
+    sockname = writer.get_extra_info("sockname") if writer is not None else None
+    return str(sockname[0]) if sockname else "-"
+
+
+def _closed_by_peer(conn: Connection) -> bool:
+    reader = getattr(conn, "reader", None)
+    return reader is not None and reader.at_eof()
+
+
+def _bracket(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
 
 
 def _esc_code(reply: str) -> int:

@@ -20,9 +20,11 @@ from smtpd.parse_table import load_table_file  # noqa: F401  (tests and callers 
 from smtpd.config import (
     Action, Ca, Condition, Config, ConfigError, Listener, Pki, Rule, Table, default_hostname,
 )
+from smtpd import parse_mta
 from smtpd.config_files import FileRefused, check_file, read_checked
 from smtpd import parse_action
 from smtpd import parse_filter
+from smtpd.parse_relay import relay_option
 
 OLD_GRAMMAR = {"accept", "deliver", "map", "expire", "ssl", "limit"}
 OLD_HINT = ' (pre-6.4 accept/deliver grammar; see smtpd.conf(5): use "action" and "match")'
@@ -319,24 +321,18 @@ class Parser:
                 act.host = c.table_ref() if c.peek_ref() else c.word("a relay URL")
             elif method == "relay" and opt == "helo":
                 act.helo = c.word("a hostname")
-            elif method == "relay" and opt in ("backup", "srs"):
-                if opt == "backup" and c.peek() == "mx":
-                    c.word("")
-                    c.word("a hostname")
+            elif method == "relay" and parse_mta.relay_option(self, c, act, opt):
+                pass
+            elif method == "relay" and opt == "srs":
                 self.not_yet(f'relay option "{opt}"')
-            elif method == "relay" and opt == "tls":
-                if c.peek() == "no-verify":
-                    c.word("")
-                self.not_yet('relay option "tls"')
-            elif method == "relay" and opt in ("domain", "helo-src", "auth", "src"):
+            elif method == "relay" and relay_option(self, c, act, opt):
+                pass                     # tls, auth, pki, ca, protocols, ciphers (parse_relay.py)
+            elif method == "relay" and opt == "domain":
                 c.table_ref() if c.peek_ref() else c.word(f"a {opt} value")
                 self.not_yet(f'relay option "{opt}"')
             elif method == "relay" and opt == "filter":
                 c.name_or_list("a filter name or { list }")
                 self.not_yet('relay option "filter"')
-            elif method == "relay" and opt in ("pki", "ca", "mail-from", "protocols", "ciphers"):
-                c.word(f"a {opt} value")
-                self.not_yet(f'relay option "{opt}"')
             elif opt == "ttl":
                 act.ttl = c.duration()
             else:
@@ -479,13 +475,12 @@ class Parser:
         c.end()
 
     def p_mta(self, c: "Cursor") -> None:
-        opt = c.word("max-deferred or limit")
+        opt = c.word("max-deferred, limit, resolver or mx-port")
         if opt == "max-deferred":
             self.config.mta_max_deferred = c.number(c.word("a number"), 0, 1 << 31)
             c.end()
-        elif opt == "limit":
-            c.rest()
-            self.not_yet('"mta limit"')
+        elif parse_mta.p_mta_option(self, c, str(opt)):
+            pass
         else:
             raise self.err(f'syntax error: unexpected "{opt}" after mta')
 

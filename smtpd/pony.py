@@ -17,7 +17,8 @@ import socket
 from common import privsep
 from common.ipc import PeerTimeout
 from common.messages import (
-    CtlReply, CtlRequest, FilterSmtpDataOut, MtaDnsLookup, MtaDnsReply, PonyEnqueue, PonyEnqueueReply, QueueDeliver,
+    CtlMtaBlock, CtlReply, CtlRequest, FilterSmtpDataOut, SchedEnvelopeWithdraw, MtaDnsLookup, MtaDnsReply,
+    PonyEnqueue, PonyEnqueueReply, QueueDeliver,
     QueueEnvelopeSubmitReply, QueueTransfer, SmtpMessageCreateReply, SmtpMessageRollback,
 )
 from smtpd import enqueue, fdpass
@@ -50,10 +51,12 @@ class Listening:
 
 class Prepared:
     def __init__(self, listening: list[Listening], fd_channel: socket.socket | None,
-                 tls_contexts: dict[int, object] | None = None) -> None:
+                 tls_contexts: dict[int, object] | None = None,
+                 client_tls: dict | None = None) -> None:
         self.listening = listening
         self.fd_channel = fd_channel
         self.tls_contexts = tls_contexts or {}
+        self.client_tls = client_tls or {}       # relay actions' contexts (tls.client_contexts)
 
 
 def tls_contexts(config, files=None) -> dict[int, object]:
@@ -73,7 +76,7 @@ def prepare(opts, config) -> Prepared:
     channel = socket.socket(fileno=opts.fd_channel) if opts.fd_channel >= 0 else None
     if tls is not None and privsep.chroot_dir("pony", opts.rundir, opts.spool) == opts.rundir:
         tls.scratch_dir = "/" + tls.SCRATCH_DIR_NAME     # as seen from the chroot
-    return Prepared(out, channel, tls_contexts(config))
+    return Prepared(out, channel, tls_contexts(config), tls.client_contexts(config))
 
 
 class Process:
@@ -94,6 +97,8 @@ class Process:
         self.auth_failures: dict[str, int] = {}  # client address -> failed AUTH (smtp_session)
         self._tls_contexts: dict[int, object] = ctx.prepared.tls_contexts
         self._reload_tls_contexts: dict[int, object] = {}   # of the pending reload
+        self.client_tls: dict = ctx.prepared.client_tls     # smtpd/mta_session.py reads it
+        self._reload_client_tls: dict = {}
 
     async def start(self) -> None:
         if self.fd_receiver is not None:
@@ -161,6 +166,7 @@ class Process:
             # unprivileged, cannot read them): a key that does not load refuses the
             # reload here, so the current certificates stay in service.
             self._reload_tls_contexts = tls_contexts(config, files=msg.tls_files)
+            self._reload_client_tls = tls.client_contexts(config, files=msg.tls_files)
         except Exception:
             for sock in socks:
                 sock.close()
@@ -177,6 +183,7 @@ class Process:
         self.config = self.mta.config = self.mda.config = config
         previous, contexts = self._tls_contexts, self._reload_tls_contexts
         self._tls_contexts, self._reload_tls_contexts = contexts, {}
+        self.client_tls, self._reload_client_tls = self._reload_client_tls, {}
         current = {entry.key: entry for entry in self.listening}
         wanted = {entry.key: entry for entry in new}
         for key, entry in current.items():
@@ -208,6 +215,7 @@ class Process:
 
     def abort_config(self, new: list[Listening]) -> None:
         self._reload_tls_contexts = {}
+        self._reload_client_tls = {}
         for entry in new:
             entry.sock.close()
 
@@ -326,5 +334,10 @@ class Process:
                     await self._listen()
                     log.info("smtp: resuming listening sockets")
                 await self.mesh.send(peer, CtlReply(reqid=msg.reqid, ok=ok))
+            case SchedEnvelopeWithdraw(evpid=evpid):
+                self.mta.withdraw(evpid)
+            case CtlMtaBlock() | CtlRequest(command="resume route" | "show routes" | "show hosts" |
+                                            "show relays" | "show hoststats" | "show mta paused"):
+                await self.mesh.send(peer, self.mta.control(msg))
             case _:
                 log.warning("warn: pony: unexpected %s from %s", type(msg).__name__, peer)

@@ -35,6 +35,7 @@ from common.messages import (
 from common.messages import MtaHoldqRelease, QueueHoldqHold, QueueHoldqRelease  # hold queues
 from common.messages import MdaMessageOpen, MdaMessageOpened  # bodies by descriptor
 from smtpd import fd_channel
+from common.messages import SchedEnvelopeWithdraw  # issue 10: withdrawn from the MTA
 from smtpd import bounce
 from smtpd.queue_bounce import Bouncer
 from smtpd.queue_fs import Spool, SpoolError, close_quietly, is_disk_full
@@ -256,6 +257,8 @@ class Process:
                 await send("scheduler", QueueEnvelopeAck(evpid=evpid))
             case SchedEnvelopeExpire(evpid=evpid):
                 self._spawn(self._expire(evpid))
+            case SchedEnvelopeWithdraw():
+                await send("pony", msg)
             case SchedEnvelopeBounce(evpid=evpid, delay=delay):
                 self._spawn(self._delay_notice(evpid, delay))
             case MessageOpen(reqid=reqid, msgid=msgid):

@@ -18,7 +18,8 @@ from common.messages import (
     QueueDeliveryTempfail, QueueEnvelopeAck, QueueEnvelopeRemove, QueueEnvelopeSubmit,
     QueueEnvelopeSubmitBatch, QueueHoldqHold, QueueHoldqRelease, QueueListEntry,
     QueueMessageCommit, QueueMessageRollback, SchedEnvelopeBounce, SchedEnvelopeDeliver,
-    SchedEnvelopeExpire, SchedEnvelopeRemove, SchedEnvelopeTransfer, SchedListReply,
+    SchedEnvelopeExpire, SchedEnvelopeRemove, SchedEnvelopeTransfer, SchedEnvelopeWithdraw,
+    SchedListReply,
 )
 from smtpd.scheduler_ram import RamQueue
 
@@ -214,6 +215,9 @@ class Process:
                 count = rq.suspend(req.id)
             else:
                 count = rq.resume_envelopes(req.id, now())
+            if cmd in ("remove", "pause envelope"):
+                for evpid in rq.inflight_ids(req.id):      # the MTA gives back those not sent yet
+                    await self.ctx.mesh.send("queue", SchedEnvelopeWithdraw(evpid=evpid))
             self._sync_gauges()
         else:
             await self.ctx.mesh.send(peer, CtlReply(reqid=req.reqid, ok=False, text=f"unknown command {cmd}"))

@@ -502,6 +502,10 @@ class RamQueue:
             count += 1
         return count
 
+    def inflight_ids(self, ident: int) -> list[int]:
+        """The evpids selected by ``ident`` that are in flight."""
+        return [self.evpid[slot] for slot in self.select(ident) if self._state(slot) == _INFLIGHT]
+
     def suspend(self, ident: int) -> int:
         """``pause envelope``: out of the run queue and hold queues; one in flight is
         only flagged, and not requeued when it comes back."""

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import base64
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 MAX_REPLY_LINE = 4096       # a longer reply line ends the session (OpenSMTPD: LINE_MAX)
 MAX_REPLY_LINES = 1000

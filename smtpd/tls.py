@@ -1,6 +1,8 @@
 """TLS for inbound SMTP: the server contexts of listeners, and how OpenSMTPD shows a
 TLS session in its log and Received header (OpenSMTPD's ssl.c, smtpd.c
-load_pki_tree/load_pki_keys, smtp.c's listener TLS setup, to.c tls_to_text).
+load_pki_tree/load_pki_keys, smtp.c's listener TLS setup, to.c tls_to_text);
+and for outbound SMTP the client contexts of relay actions (mta.c
+mta_setup_dispatcher), at the end of this module.
 
 The parent checks every ``pki`` and ``ca`` at start (``check_tls``, called by
 ``config.check_config``): files readable only as OpenSMTPD allows, certificates
@@ -17,6 +19,7 @@ files' contents in ``files`` when the caller cannot open the paths itself
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import ssl
 import tempfile
@@ -118,6 +121,12 @@ def check_tls(config: Config, root: Path | None = None) -> dict[str, bytes]:
             server_context(config, listener, files=files)
         except (TLSConfigError, ssl.SSLError) as exc:
             raise ConfigError(listener.file, listener.lineno, str(exc)) from None
+    for action in config.actions.values():
+        if action.method == "relay":
+            try:
+                client_context(config, action, True, files)
+            except (TLSConfigError, ssl.SSLError) as exc:
+                raise ConfigError(config.file, action.lineno, str(exc)) from None
     return files
 
 
@@ -201,20 +210,24 @@ def cipher_string(text: str) -> str:
     return _CIPHER_KEYWORDS.get(text.lower(), text)
 
 
-def _base_context(config: Config, listener: Listener, files: dict[str, bytes]) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    low, high = protocol_range(listener.protocols or "secure")
+def _set_protocols_and_ciphers(ctx: ssl.SSLContext, protocols: str | None, ciphers: str | None) -> None:
+    """libtls's ``protocols`` (default "secure") and ``ciphers`` strings on a context."""
+    low, high = protocol_range(protocols or "secure")
     try:
         ctx.minimum_version, ctx.maximum_version = low, high
     except ValueError as exc:
-        raise TLSConfigError(f"invalid protocols: {listener.protocols} ({exc})") from None
-    ciphers = listener.ciphers or config.tls_ciphers
+        raise TLSConfigError(f"invalid protocols: {protocols} ({exc})") from None
     if ciphers:
         try:
             ctx.set_ciphers(cipher_string(ciphers))
         except ssl.SSLError:
             raise TLSConfigError(f"invalid ciphers: {ciphers}") from None
+
+
+def _base_context(config: Config, listener: Listener, files: dict[str, bytes]) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    _set_protocols_and_ciphers(ctx, listener.protocols, listener.ciphers or config.tls_ciphers)
     if listener.tls_verify:
         ctx.verify_mode = ssl.CERT_REQUIRED
         if listener.ca is not None:
@@ -278,3 +291,72 @@ def received_clause(ssl_object, *, received_auth: bool = False, user: str = "") 
     if received_auth:
         clause += f" auth=yes user={user}" if user else " auth=no"
     return clause
+
+
+# --- outbound: the client contexts of relay actions (mta.c mta_setup_dispatcher) ------------
+
+_system_ca: str | None = None
+
+
+def system_ca_data() -> str:
+    """The system's trusted CAs as PEM text, read once: pony reads them before it is
+    chrooted (an OpenSSL CA directory is read lazily, at each verification, which a
+    chroot would break), so they are loaded from the bundle file into memory."""
+    global _system_ca
+    if _system_ca is None:
+        paths = ssl.get_default_verify_paths()
+        _system_ca = ""
+        for path in (os.environ.get(paths.openssl_cafile_env), paths.cafile, paths.openssl_cafile):
+            if path and os.path.isfile(path):
+                with open(path, "rb") as f:
+                    _system_ca = f.read().decode("ascii", "replace")
+                break
+    return _system_ca
+
+
+def client_context(config: Config, action, verify: bool,
+                   files: dict[str, bytes]) -> ssl.SSLContext:
+    """A relay action's client context: its ``protocols`` and ``ciphers`` (else the
+    ``smtp ciphers`` default), its ``pki`` as client certificate, and when ``verify``
+    the server's certificate and name checked against its ``ca`` or the system's CAs;
+    without ``verify`` (opportunistic TLS, ``tls no-verify``) any certificate is taken."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.options |= ssl.OP_NO_COMPRESSION
+    _set_protocols_and_ciphers(ctx, action.relay_protocols, action.relay_ciphers or config.tls_ciphers)
+    if action.relay_pki:
+        pki = config.pki[action.relay_pki]
+        _load_chain(ctx, files[pki.cert], files[pki.key])
+    if verify:
+        cadata = (files[config.ca[action.relay_ca].cert].decode("ascii", "replace")
+                  if action.relay_ca else system_ca_data())
+        if cadata:
+            ctx.load_verify_locations(cadata=cadata)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.check_hostname = True
+    else:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def client_contexts(config: Config, files: dict[str, bytes] | None = None
+                    ) -> dict[tuple[str, bool], ssl.SSLContext]:
+    """{(action name, verify): context} for every relay action, built while the files
+    can be read (``files``: their contents, as for ``server_context``)."""
+    relays = [a for a in config.actions.values() if a.method == "relay"]
+    if not relays:
+        return {}
+    if files is None:
+        files = read_tls_files(config)
+    system_ca_data()
+    return {(a.name, verify): client_context(config, a, verify, files)
+            for a in relays for verify in (False, True)}
+
+
+def peer_certificate_text(ssl_object) -> str:
+    """mta_session.c mta_tls_started: the ``fingerprint="SHA256:..."`` of the server's
+    certificate, "" when it showed none."""
+    der = ssl_object.getpeercert(binary_form=True)
+    if not der:
+        return ""
+    return "SHA256:" + hashlib.sha256(der).hexdigest()

@@ -78,15 +78,20 @@ class DsnController(Controller):
 
 
 class Sink:
-    def __init__(self, port: int, dsn: bool = False) -> None:
+    """``ssl_context``: TLS from the first byte (smtps); ``smtp_kwargs`` go to aiosmtpd's
+    SMTP (``tls_context`` offers STARTTLS, ``authenticator``, ``auth_required``...)."""
+
+    def __init__(self, port: int, dsn: bool = False, ssl_context=None, **smtp_kwargs) -> None:
         self.port = port
         self.handler = SinkHandler(dsn=dsn)
         self.controller: Controller | None = None
+        self.ssl_context = ssl_context
+        self.smtp_kwargs = smtp_kwargs
 
     def start(self) -> "Sink":
         cls = DsnController if self.handler.dsn else Controller
         self.controller = cls(self.handler, hostname="127.0.0.1", port=self.port,
-                              ready_timeout=10)
+                              ready_timeout=10, ssl_context=self.ssl_context, **self.smtp_kwargs)
         self.controller.start()
         return self
 

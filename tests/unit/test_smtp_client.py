@@ -339,3 +339,44 @@ def test_folding_does_not_cut_a_utf8_character():
     line = b"a" * 997 + "é".encode() + b"z"
     pieces = encode_body(b"\n" + line + b"\n").split(b"\r\n")[1:-2]
     assert [p.decode() for p in pieces] == ["a" * 997, "éz"]
+
+
+# --- however the replies are split into reads ---------------------------------------------
+
+SERVER_SCRIPT = [b"220 mx\r\n", b"250-mx\r\n250-PIPELINING\r\n250 SIZE 100\r\n",
+                 b"250 ok\r\n250 ok\r\n550 no\r\n", b"354 go\r\n", b"250 queued\r\n", b"221 bye\r\n"]
+
+
+def _run_split(cuts: list[int]) -> tuple[list, bytes]:
+    """The whole session, each server answer cut into reads at ``cuts`` (a server
+    answers only what it was sent, so the steps stay in order)."""
+    client = SmtpClient(plain())
+    seen, sent = [], b""
+    for answer in SERVER_SCRIPT:
+        points = sorted({c % (len(answer) + 1) for c in cuts} | {0, len(answer)})
+        for start, end in zip(points, points[1:]):
+            seen += events(client, answer[start:end])
+        sent += client.data_to_send()
+        if seen and isinstance(seen[-1], Ready) and client.state == "ready":
+            client.send_mail(Transaction("a@x", ("b@y", "c@y"), b"hi\n"))
+            sent += client.data_to_send()
+        elif seen and isinstance(seen[-1], TransactionDone) and client.state == "ready":
+            client.quit()
+            sent += client.data_to_send()
+    return seen, sent
+
+
+def test_events_do_not_depend_on_how_replies_are_split():
+    from hypothesis import given, settings, strategies as st
+
+    reference = _run_split([])
+    assert [type(e).__name__ for e in reference[0]] == ["Ready", "TransactionDone", "Closed"]
+    assert [r.status for r in reference[0][1].results] == ["ok", "permfail"]
+    assert reference[1].endswith(b"DATA\r\nhi\r\n.\r\nQUIT\r\n")
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.integers(min_value=0, max_value=200), max_size=20))
+    def check(cuts):
+        assert _run_split(cuts) == reference
+
+    check()
