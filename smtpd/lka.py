@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import pwd
+import socket
 
 import dns.exception
 import dns.resolver
