@@ -102,9 +102,11 @@ def pgrp_pids(pgid: int) -> list[tuple[int, str]]:
     return out
 
 
-def group_cpu_seconds(pgid: int) -> float:
+def group_cpu_seconds(pgid: int, reaped: bool = False) -> float:
     """User + system CPU time of the live processes of group ``pgid`` (delivery
-    children that already exited are not counted: held runs have none)."""
+    children that already exited are not counted: held runs have none); with
+    ``reaped``, also that of the children they waited for (the parent's delivery
+    workers, gone after their idle time)."""
     total = 0
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -114,6 +116,8 @@ def group_cpu_seconds(pgid: int) -> float:
                 fields = f.read().rsplit(b")", 1)[1].split()
             if int(fields[2]) == pgid:
                 total += int(fields[11]) + int(fields[12])       # utime, stime (ticks)
+                if reaped:
+                    total += int(fields[13]) + int(fields[14])   # cutime, cstime
         except (OSError, ValueError, IndexError):
             continue
     return total / os.sysconf("SC_CLK_TCK")
@@ -830,6 +834,7 @@ def run(args: argparse.Namespace) -> dict:
         # The daemon's CPU for the load (with --hold: the SMTP side alone, nothing delivered).
         result["cpu_seconds_load"] = round(group_cpu_seconds(daemon.proc.pid) - cpu_before, 3)
         if args.hold:
+            cpu_resume = group_cpu_seconds(daemon.proc.pid, reaped=True)
             t_resume = time.monotonic()
             daemon.smtpctl("resume", agent)
         # Delivery: wait for every accepted message (or the deadline, or a dead daemon).
@@ -840,6 +845,11 @@ def run(args: argparse.Namespace) -> dict:
                 result["error"] = f"smtpd exited ({daemon.proc.returncode}) during the run"
             elif counter.count < target:
                 result["timed_out"] = True
+            if args.hold and counter.count:
+                # The daemon's CPU for delivery alone (workers included), per message.
+                spent = group_cpu_seconds(daemon.proc.pid, reaped=True) - cpu_resume
+                result["cpu_seconds_delivery"] = round(spent, 3)
+                result["cpu_ms_per_delivery"] = round(1000 * spent / counter.count, 2)
             # Duplicates show up as more than accepted: look a moment longer.
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
     except BenchError as exc:

@@ -48,20 +48,8 @@ class CtlVerbose(Msg, **_m("ctl_verbose")):
     reqid: int = 0
 
 
-class MdaFork(Msg, **_m("mda_fork")):
-    """pony -> parent: deliver one message locally as a user (the parent can switch uid)."""
-    reqid: int
-    evpid: int
-    method: str          # "maildir"
-    path: str            # expanded maildir path
-    junk: bool
-    uid: int
-    gid: int
-    home: str
-    message: bytes       # with Return-Path/Delivered-To already prepended
-
-
 class MdaDone(Msg, **_m("mda_done")):
+    """parent -> pony: the outcome of an MdaDeliver."""
     reqid: int
     status: str          # "ok" | "tempfail" | "permfail"
     error: str = ""
@@ -527,6 +515,48 @@ class RequestFailed(Msg, **_m("request_failed")):
     error: str
 
 
+# --- local delivery: bodies by descriptor (issue 11; docs/delivery.md) -----------------------
+
+class MdaMessageOpen(Msg, **_m("mda_message_open")):
+    """pony -> queue: open this message for a local delivery.  The queue sends the
+    read-only descriptor over the queue -> pony fd channel under ``reqid``
+    (smtpd/fd_channel.py), then answers MdaMessageOpened."""
+    reqid: int
+    msgid: int
+
+
+class MdaMessageOpened(Msg, **_m("mda_message_opened")):
+    reqid: int
+    ok: bool
+    error: str = ""
+
+
+class MdaDeliver(Msg, **_m("mda_deliver")):
+    """pony -> parent: deliver one message locally as a user; answered by MdaDone.
+    The message's descriptor came first over the pony -> parent fd channel under
+    ``reqid``; the parent hands it to the user's delivery worker and never reads it.
+    ``prefix``: the Return-Path/Delivered-To lines written before the message.
+    ``target``: maildir path, mda command, lmtp destination or /file path, expanded by
+    pony (an mbox path is the parent's to make: ``action`` names the action).
+    The address fields are for the mda's environment and the mbox From_ line."""
+    reqid: int
+    evpid: int
+    action: str
+    method: str          # "maildir" | "mbox" | "mda" | "lmtp" | "file"
+    target: str
+    junk: bool
+    uid: int
+    gid: int
+    home: str
+    username: str
+    prefix: bytes
+    sender: str
+    rcpt: str
+    dest: str
+    subaddress: str = ""
+    lmtp_rcpt: str = ""  # lmtp: the address of RCPT TO (dest, or rcpt with `rcpt-to`)
+
+
 # --- issue 11: sendmail(8) through the running daemon -------------------------------------
 
 class CtlEnqueue(Msg, **_m("ctl_enqueue")):
@@ -715,7 +745,7 @@ class LkaOpenForwardReply(Msg, **_m("lka_open_forward_reply")):
 
 
 Message = Union[
-    RequestFailed, SetupDone, ConfEnd, CtlVerbose, MdaFork, MdaDone,
+    RequestFailed, SetupDone, ConfEnd, CtlVerbose, MdaDone,
     SmtpMessageCreate, SmtpMessageCreateReply, SmtpExpandRcpt, SmtpExpandRcptReply,
     SmtpAuthenticate, SmtpAuthenticateReply, SmtpCheckSender, SmtpCheckSenderReply,
     LkaEnvelopeSubmit, LkaEnvelopeCommit, QueueEnvelopeSubmitReply, QueueEnvelopeCommitReply,
@@ -732,6 +762,7 @@ Message = Union[
     CtlContentReply, QueueEnvelopeRemove,
     PonyEnqueue, PonyEnqueueReply,
     QueueEnvelopeSubmitBatch,
+    MdaMessageOpen, MdaMessageOpened, MdaDeliver,
     CtlEnqueue,
     MtaLookupCredentials, MtaCredentialsReply,
     CtlLinesReply, CtlMtaBlock, SchedEnvelopeWithdraw,

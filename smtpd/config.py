@@ -132,6 +132,8 @@ class Action:
     userbase: str | None = None
     user: str | None = None
     junk: bool = False
+    wrapper: str | None = None         # ``wrapper NAME``: run the mda through ``mda wrapper NAME``
+    lmtp_rcpt_to: bool = False         # ``lmtp DEST rcpt-to``: RCPT TO the original recipient
     host: str | None = None
     helo: str | None = None
     ttl: int | None = None
@@ -213,6 +215,7 @@ class Config:
     # "file:line: X is accepted but not applied yet": statements of the grammar whose
     # feature comes with a later issue.  Logged at start and by smtpd -n, never silent.
     not_applied: list[str] = field(default_factory=list)
+    mda_wrappers: dict[str, str] = field(default_factory=dict)    # ``mda wrapper NAME "command"``
 
 
 def default_hostname(mailname_files=("/etc/mail/mailname", "/etc/mailname")) -> str:

@@ -1,114 +1,137 @@
 """Local delivery as the target user, run by the parent (the only process that
-can change uid).
+can change uid); mirrors the mda part of OpenSMTPD's smtpd.c (forkmda).
 
-The parent forks a delivery worker per user (uid, gid): the worker drops to that
-user at once and then writes the Maildir messages it is handed over a pipe, one at
-a time, answering each with a status.  A worker serves one user only, for at most
-MAX_DELIVERIES messages, and is sent away (its request pipe closed) once idle for
-IDLE_SECONDS: bursts to one mailbox cost one fork, not one each.  Up to
-WORKERS_PER_USER run side by side for one user, so one slow disk write does not
-hold the others.
+The parent forks a delivery worker per user (uid, gid): the worker gives up every
+privilege at once (no-new-privs, an empty capability bounding set, then the user's
+ids) and then delivers the messages it is handed over an AF_UNIX seqpacket pair,
+one at a time, answering each with a status.  Each request carries the message as
+a descriptor the queue opened (SCM_RIGHTS; docs/delivery.md): the worker reads it,
+the parent never does.  The methods are modules of their own: smtpd/maildir.py,
+delivery_mbox.py (mbox and /file), delivery_mda.py (mda, wrapper, |command),
+delivery_lmtp.py.  A worker serves one user only, for at most MAX_DELIVERIES
+messages, and is sent away (its socket closed) once idle for IDLE_SECONDS: bursts
+to one mailbox cost one fork, not one each.  Up to WORKERS_PER_USER run side by
+side for one user, so one slow disk write does not hold the others.
 
-A worker only runs plain Python file code and leaves with ``os._exit``: it never
-touches the parent's ZeroMQ context or event loop, which makes the fork safe.
-Only the parent decides when a worker ends (by closing its pipe), so a request can
-never race with a worker that is leaving.
+A worker only runs plain Python file code (and, for an mda, fork+exec through
+subprocess) and leaves with ``os._exit``: it never touches the parent's ZeroMQ
+context or event loop, which makes the fork safe.  Only the parent decides when a
+worker ends (by closing its socket), so a request can never race with a worker
+that is leaving.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
-import select
 import signal
-import struct
+import socket
 
 import msgspec
 
 from common import privsep
-from common.messages import MdaFork
+from common.messages import MdaDeliver
+from smtpd import delivery_lmtp, delivery_mbox, delivery_mda
+from smtpd.delivery_body import MessageBody
 from smtpd.maildir import MaildirError, deliver_maildir
 
 log = logging.getLogger("smtpd")
 
 EX_OK = 0
 EX_TEMPFAIL = 75
-EX_NOPERM = 77
-EX_PERMFAIL = 65
-DELIVERY_TIMEOUT = 300
+DELIVERY_TIMEOUT = 330         # the mda's own limit is 300 s (delivery_mda.TIMEOUT)
 IDLE_SECONDS = 2.0
 MAX_DELIVERIES = 100
 WORKERS_PER_USER = 4
-_LEN = struct.Struct("!I")
+MAX_FRAME = 1 << 16            # one request or reply per datagram: no body in it
 
 
 class _Request(msgspec.Struct, array_like=True):
     method: str
-    path: str
+    target: str
     junk: bool
-    message: bytes
+    prefix: bytes
+    sender: str
+    rcpt: str
+    dest: str
+    username: str
+    home: str
+    subaddress: str
+    lmtp_rcpt: str
 
 
 class _Reply(msgspec.Struct, array_like=True):
-    code: int
+    status: str          # "ok" | "tempfail" | "permfail"
     error: str
 
 
 # -- the worker (forked child, runs as the user) -------------------------------------------
 
-def _read_exact(fd: int, n: int) -> bytes | None:
-    chunks, left = [], n
-    while left:
-        chunk = os.read(fd, min(left, 1 << 20))
-        if not chunk:
-            return None
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _deliver_one(req: _Request) -> _Reply:
-    if req.method != "maildir":
-        return _Reply(EX_PERMFAIL, f"delivery method {req.method} not supported")
+def _deliver_one(req: _Request, fd: int) -> _Reply:
     try:
-        deliver_maildir(req.path, req.message, junk=req.junk)
-        return _Reply(EX_OK, "")
+        body = MessageBody(req.prefix, fd)
+        if req.method == "maildir":
+            deliver_maildir(req.target, body, junk=req.junk)
+            return _Reply("ok", "")
+        if req.method in ("mbox", "file"):
+            delivery_mbox.append_mbox(req.target, body, req.sender, dotlock=req.method == "mbox")
+            return _Reply("ok", "")
+        if req.method == "mda":
+            env = delivery_mda.environment(home=req.home, username=req.username, sender=req.sender,
+                                           rcpt=req.rcpt, dest=req.dest, subaddress=req.subaddress)
+            status, error = delivery_mda.run(req.target, body, env, req.home)
+            return _Reply(status, error[:1000])
+        if req.method == "lmtp":
+            status, error = delivery_lmtp.deliver(req.target, body, req.sender, req.lmtp_rcpt or req.dest)
+            return _Reply(status, error[:1000])
+        return _Reply("permfail", f"delivery method {req.method} not supported")
     except MaildirError as exc:
-        return _Reply(EX_TEMPFAIL if exc.temporary else EX_PERMFAIL, str(exc.text)[:1000])
+        return _Reply("tempfail" if exc.temporary else "permfail", str(exc.text)[:1000])
+    except delivery_mbox.DeliveryFailure as exc:
+        return _Reply("tempfail" if exc.temporary else "permfail", exc.text[:1000])
     except Exception as exc:  # anything else is a temporary failure, reported
-        return _Reply(EX_TEMPFAIL, f"{type(exc).__name__}: {exc}"[:1000])
+        return _Reply("tempfail", f"{type(exc).__name__}: {exc}"[:1000])
+    finally:
+        os.close(fd)
 
 
-def _worker(uid: int, gid: int, parent_pid: int, rfd: int, wfd: int) -> int:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Nothing of the parent's (listeners, channels, pidfds) stays open in a
-    # process that will run as a mail user.
-    low, high = sorted((rfd, wfd))
-    os.closerange(3, low)
-    os.closerange(low + 1, high)
-    os.closerange(high + 1, 65536)
+def _drop_to(uid: int, gid: int) -> None:
+    """No-new-privs and an empty bounding set (while still root: CAP_SETPCAP), then the
+    user's ids: nothing the worker runs (an mda) can gain a privilege back."""
+    privsep.restrict()
     if privsep.privileged():
         os.setgroups([])
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)
+        if os.getuid() != uid or os.geteuid() != uid or os.getgroups():
+            raise privsep.PrivsepError("delivery worker: privilege drop failed")
+
+
+def _worker(uid: int, gid: int, parent_pid: int, sock: socket.socket) -> int:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)       # a pipe to an mda that left: EPIPE
+    # Nothing of the parent's (listeners, channels, pidfds) stays open in a
+    # process that will run as a mail user.
+    keep = sock.fileno()
+    os.closerange(3, keep)
+    os.closerange(keep + 1, 65536)
+    _drop_to(uid, gid)
     privsep.die_with_parent(parent_pid)
     decode, encode = msgspec.msgpack.Decoder(_Request).decode, msgspec.msgpack.Encoder().encode
     while True:
-        head = _read_exact(rfd, _LEN.size)
-        if head is None:
+        data, fds, _flags, _addr = socket.recv_fds(sock, MAX_FRAME, 1)
+        if not data:
+            for fd in fds:
+                os.close(fd)
             return EX_OK                               # sent away by the parent
-        body = _read_exact(rfd, _LEN.unpack(head)[0])
-        if body is None:
-            return EX_TEMPFAIL
-        reply = encode(_deliver_one(decode(body)))
-        _write_all(wfd, _LEN.pack(len(reply)) + reply)
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            reply = _Reply("tempfail", "request without its message")
+        else:
+            reply = _deliver_one(decode(data), fds[0])
+        sock.sendall(encode(reply))
 
 
 # -- the parent's side ------------------------------------------------------------------
@@ -116,69 +139,65 @@ def _worker(uid: int, gid: int, parent_pid: int, rfd: int, wfd: int) -> int:
 class _Worker:
     def __init__(self, key: tuple[int, int]) -> None:
         self.key = key
-        req_r, self.req_w = os.pipe()
-        self.rep_r, rep_w = os.pipe()
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         parent_pid = os.getpid()
         pid = os.fork()
         if pid == 0:
             code = EX_TEMPFAIL
             try:
-                os.close(self.req_w)
-                os.close(self.rep_r)
-                code = _worker(key[0], key[1], parent_pid, req_r, rep_w)
+                mine.close()
+                code = _worker(key[0], key[1], parent_pid, theirs)
             finally:
                 os._exit(code)
-        os.close(req_r)
-        os.close(rep_w)
-        os.set_blocking(self.req_w, False)
-        os.set_blocking(self.rep_r, False)
+        theirs.close()
+        mine.setblocking(False)
+        self.sock = mine
         self.pid = pid
         self.served = 0
         self.busy = False
         self.idle_timer: asyncio.TimerHandle | None = None
         self.closed = False
 
-    async def deliver(self, req: _Request) -> tuple[str, str]:
+    async def deliver(self, req: _Request, fd: int) -> tuple[str, str]:
         loop = asyncio.get_running_loop()
         data = msgspec.msgpack.encode(req)
+        if len(data) > MAX_FRAME:
+            return "permfail", "delivery request too large"
         try:
-            await asyncio.wait_for(self._exchange(loop, _LEN.pack(len(data)) + data), DELIVERY_TIMEOUT)
+            reply = await asyncio.wait_for(self._exchange(loop, data, fd), DELIVERY_TIMEOUT)
         except TimeoutError:
             self.kill()
             return "tempfail", "terminated; timeout"
         except _WorkerGone:
             return "tempfail", self.reap()
-        reply = msgspec.msgpack.decode(self._reply, type=_Reply)
         self.served += 1
-        if reply.code == EX_OK:
-            return "ok", ""
-        if reply.code == EX_TEMPFAIL:
-            return "tempfail", reply.error or "temporary failure"
-        return "permfail", reply.error or f"exited with status {reply.code}"
+        try:
+            answer = msgspec.msgpack.decode(reply, type=_Reply)
+        except msgspec.DecodeError:
+            self.kill()
+            return "tempfail", "unreadable answer from the delivery process"
+        return answer.status, answer.error
 
-    async def _exchange(self, loop, frame: bytes) -> None:
-        view = memoryview(frame)
-        while view:
+    async def _exchange(self, loop, frame: bytes, fd: int) -> bytes:
+        while True:
             try:
-                view = view[os.write(self.req_w, view):]
+                socket.send_fds(self.sock, [frame], [fd])
+                break
             except BlockingIOError:
-                await _wait_fd(loop, self.req_w, writable=True)
-            except BrokenPipeError:
+                await _wait_fd(loop, self.sock.fileno(), writable=True)
+            except OSError:
                 raise _WorkerGone from None
-        buf = bytearray()
-        need = _LEN.size
-        while len(buf) < need:
+        while True:
             try:
-                chunk = os.read(self.rep_r, 1 << 16)
+                reply = self.sock.recv(MAX_FRAME)
             except BlockingIOError:
-                await _wait_fd(loop, self.rep_r, writable=False)
+                await _wait_fd(loop, self.sock.fileno(), writable=False)
                 continue
-            if not chunk:
+            except OSError:
+                raise _WorkerGone from None
+            if not reply:
                 raise _WorkerGone
-            buf += chunk
-            if len(buf) >= _LEN.size:
-                need = _LEN.size + _LEN.unpack_from(buf)[0]
-        self._reply = bytes(buf[_LEN.size:need])
+            return reply
 
     def close(self) -> None:
         """Send the worker away: it exits when it reads the end of its pipe."""
@@ -187,11 +206,7 @@ class _Worker:
         self.closed = True
         if self.idle_timer is not None:
             self.idle_timer.cancel()
-        for fd in (self.req_w, self.rep_r):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self.sock.close()
         _reap_later(self.pid)
 
     def kill(self) -> None:
@@ -208,11 +223,7 @@ class _Worker:
         except ChildProcessError:
             status = 0
         self.closed = True
-        for fd in (self.req_w, self.rep_r):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self.sock.close()
         if os.WIFSIGNALED(status):
             return f"terminated; signal {os.WTERMSIG(status)}"
         return f"delivery process exited with status {os.WEXITSTATUS(status)}"
@@ -258,16 +269,30 @@ class DeliveryPool:
         self.workers: dict[tuple[int, int], list[_Worker]] = {}
         self.freed: dict[tuple[int, int], asyncio.Condition] = {}
 
-    async def run(self, msg: MdaFork) -> tuple[str, str]:
-        """Deliver; returns (status, error) with status "ok" | "tempfail" | "permfail"."""
-        if privsep.privileged() and msg.uid == 0:
-            return "permfail", "MDA not allowed to deliver to root"
-        key = (msg.uid, msg.gid)
-        worker = await self._acquire(key)
+    async def run(self, msg: MdaDeliver, fd: int, mbox_spool: str) -> tuple[str, str]:
+        """Deliver the message open on ``fd`` (closed here); returns (status, error)
+        with status "ok" | "tempfail" | "permfail"."""
         try:
-            return await worker.deliver(_Request(msg.method, msg.path, msg.junk, msg.message))
+            if privsep.privileged() and msg.uid == 0:
+                return "permfail", "MDA not allowed to deliver to root"
+            target = msg.target
+            if msg.method == "mbox":
+                # the parent makes the path (pony never names a file root creates)
+                try:
+                    delivery_mbox.prepare_mailbox(mbox_spool, msg.username, msg.uid, msg.gid)
+                except delivery_mbox.DeliveryFailure as exc:
+                    return ("tempfail" if exc.temporary else "permfail"), exc.text
+                target = os.path.join(mbox_spool, msg.username)
+            key = (msg.uid, msg.gid)
+            worker = await self._acquire(key)
+            try:
+                return await worker.deliver(_Request(
+                    msg.method, target, msg.junk, msg.prefix, msg.sender, msg.rcpt, msg.dest,
+                    msg.username, msg.home, msg.subaddress, msg.lmtp_rcpt), fd)
+            finally:
+                await self._release(key, worker)
         finally:
-            await self._release(key, worker)
+            os.close(fd)
 
     async def _acquire(self, key: tuple[int, int]) -> _Worker:
         cond = self.freed.setdefault(key, asyncio.Condition())

@@ -396,12 +396,15 @@ def _write_tmp(md: _Maildir, message: bytes) -> str:
                            errno=errno.EEXIST)
 
     try:
-        view = memoryview(message)
-        while view:
-            written = os.write(fd, view)
-            if written <= 0:  # pragma: no cover - os.write raises instead
-                raise OSError(errno.EIO, "short write")
-            view = view[written:]
+        if hasattr(message, "write_to"):     # a MessageBody: the queued file by descriptor
+            message.write_to(fd)
+        else:
+            view = memoryview(message)
+            while view:
+                written = os.write(fd, view)
+                if written <= 0:  # pragma: no cover - os.write raises instead
+                    raise OSError(errno.EIO, "short write")
+                view = view[written:]
         os.fsync(fd)
     except OSError as err:
         os.close(fd)
@@ -419,14 +422,15 @@ def _write_tmp(md: _Maildir, message: bytes) -> str:
     return name
 
 
-def deliver_maildir(maildir: str | Path, message: bytes, *, junk: bool = False,
+def deliver_maildir(maildir: str | Path, message, *, junk: bool = False,
                     create: bool = True) -> str:
     """Deliver *message* into the Maildir at *maildir* and return the new file's path.
 
     Args:
         maildir: absolute path of the Maildir, already expanded (``~`` and format specifiers).
-        message: the message bytes, written unchanged (LF line endings by Maildir convention;
-            delivery headers are expected to be prepended already).
+        message: the message bytes, or a smtpd.delivery_body.MessageBody (delivery
+            headers, then the queued file by descriptor), written unchanged (LF line
+            endings by Maildir convention; delivery headers already in front).
         junk: when True and the message headers carry ``X-Spam: yes``, deliver into the
             ``.Junk`` Maildir++ folder inside *maildir* instead.
         create: create missing directories (mode 0700); when False a missing directory is a
@@ -446,11 +450,11 @@ def deliver_maildir(maildir: str | Path, message: bytes, *, junk: bool = False,
         directory fsync unlinks ``new/<unique>`` too, so a tempfail never leaves a copy behind.
     """
     path = _check_path(maildir)
-    if not isinstance(message, (bytes, bytearray, memoryview)):
-        raise TypeError("message must be bytes")
+    if not isinstance(message, (bytes, bytearray, memoryview)) and not hasattr(message, "head"):
+        raise TypeError("message must be bytes or a MessageBody")
 
     with _Maildir(path, parent_fd=None, name=path, create=create) as root:
-        if junk and is_spam(bytes(message)):
+        if junk and is_spam(message.head() if hasattr(message, "head") else bytes(message)):
             with _Maildir(f"{path}/{JUNK_FOLDER}", parent_fd=root.root, name=JUNK_FOLDER,
                           create=create) as target:
                 return _deliver_into(target, message)

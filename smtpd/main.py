@@ -93,6 +93,7 @@ def build_argparser() -> argparse.ArgumentParser:
     p.add_argument("--parent-pid", type=int)
     p.add_argument("--listen-fds", default="")
     p.add_argument("--fd-channel", type=int, default=-1)
+    p.add_argument("--queue-fd-channel", type=int, default=-1)
     return p
 
 

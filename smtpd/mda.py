@@ -1,13 +1,20 @@
-"""The MDA side of pony: local delivery of queued envelopes.
+"""The MDA side of pony: local delivery of queued envelopes (mirrors the
+dispatcher's part of OpenSMTPD's mda.c).
 
-pony prepares everything that needs no privilege (the user's home from lka, the
-message from the queue, the loop check, the delivery headers, the expanded
-Maildir path) and asks the parent to write it as the user.
+pony prepares everything that needs no privilege: the user's home from lka, the
+message as a descriptor from the queue (MdaMessageOpen; smtpd/fd_channel.py), the
+loop check on its header block, the delivery header lines, the expanded Maildir
+path or mda command.  It then passes the descriptor on to the parent and asks it
+(MdaDeliver) to deliver as the user; the worker reads the message, pony and the
+parent never read more than the headers (pony) or nothing (parent).
+docs/delivery.md.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 
 from common.vis import COMMAND, log_text
@@ -16,9 +23,11 @@ from common.durations import duration_to_text
 from common.envelope import Envelope
 from common.ipc import PeerTimeout
 from common.messages import (
-    DeliveryResult, MdaDone, MdaFork, MdaLookupUserinfo, MdaLookupUserinfoReply,
-    MessageContent, MessageOpen,
+    DeliveryResult, MdaDeliver, MdaDone, MdaLookupUserinfo, MdaLookupUserinfoReply,
+    MdaMessageOpen, MdaMessageOpened,
 )
+from smtpd import fd_channel
+from smtpd.delivery_body import read_head
 from smtpd.maildir import has_delivered_to_loop, prepend_delivery_headers
 from smtpd.mda_variables import FormatError, expand_format
 
@@ -26,6 +35,7 @@ log = logging.getLogger("smtpd")
 
 MAX_SESSIONS = 50
 DEFAULT_MAILDIR = "~/Maildir"
+FD_WAIT = 10.0          # a descriptor comes just before its message; this is a safety bound
 
 # OpenSMTPD's mda.* stats: envelopes in the MDA, waiting for a delivery slot
 # (pending) or being delivered (running), and the users they are for.
@@ -35,8 +45,18 @@ _USERS = stat.Population("mda.user")
 class Mda:
     def __init__(self, pony) -> None:
         self.pony = pony
-        self.config = pony.config
+        self.config = pony.config          # replaced at a reload (smtpd/reload.py)
         self.slots = asyncio.Semaphore(MAX_SESSIONS)
+        fd = getattr(pony.ctx.opts, "queue_fd_channel", -1)
+        self.message_fds = fd_channel.FdReceiver(socket.socket(fileno=fd)) if fd >= 0 else None
+
+    def start(self) -> None:
+        if self.message_fds is not None:
+            self.message_fds.start()
+
+    def stop(self) -> None:
+        if self.message_fds is not None:
+            self.message_fds.stop()
 
     def add(self, env: Envelope) -> None:
         stat.increment("mda.envelope")
@@ -84,35 +104,84 @@ class Mda:
             evpid=env.id, agent="mda", status=status, errorline=detail,
             esc_code=46 if status == "loop" else 30 if status != "ok" else 0, dsn_notify=env.dsn_notify))
 
+    def _plan(self, env: Envelope, action, home: str, username: str) -> tuple[str, str]:
+        """(method, target) of this envelope: what an alias or .forward asked for
+        (mda_method, docs/expansion.md), else the action's method; templates expanded
+        here with every envelope value sanitised (smtpd/mda_variables.py)."""
+        def expand(template: str, mda: str | None = None) -> str:
+            return expand_format(template, sender=env.sender, rcpt=env.rcpt, dest=env.dest,
+                                 user=username, home=home, mda=mda,
+                                 sub_addr_delim=self.config.sub_addr_delim)
+        method = getattr(env, "mda_method", "")
+        if method == "file":
+            return "file", env.mda_file
+        if method == "exec" or env.mda_exec:
+            command = expand(env.mda_exec)
+        elif action.method == "maildir":
+            return "maildir", expand(action.target or DEFAULT_MAILDIR)
+        elif action.method == "mbox":
+            return "mbox", ""                   # the parent makes the path
+        elif action.method == "lmtp":
+            return "lmtp", action.target or ""
+        elif action.method == "mda":
+            command = expand(action.target or "")
+        else:
+            raise FormatError(f"delivery method {action.method} delivers nothing")
+        if action.wrapper:
+            wrapper = self.config.mda_wrappers.get(action.wrapper)
+            if wrapper is None:
+                raise FormatError(f"could not find wrapper {action.wrapper}")
+            command = expand(wrapper, mda=command)
+        return "mda", command
+
     async def _deliver(self, env: Envelope) -> tuple[str, str]:
         action = self.config.actions.get(env.dispatcher)
         if action is None:
             return "tempfail", f"action {env.dispatcher!r} not found in the configuration"
-        if env.mda_method:
-            # |command and /path targets of aliases and .forward files (docs/expansion.md)
-            return "tempfail", f"delivery to an alias {env.mda_method} target is not supported yet"
-        if action.method != "maildir":
-            return "tempfail", f"delivery method {action.method} is not supported yet"
+        if self.message_fds is None:
+            return "tempfail", "no descriptor channel from the queue"
         mesh, new_id = self.pony.mesh, self.pony.ctx.new_id
+        username = action.user or env.mda_user
         user = await mesh.request("lka", MdaLookupUserinfo(
-            reqid=new_id(), table=action.userbase or "", user=env.mda_user), (MdaLookupUserinfoReply,))
+            reqid=new_id(), table=action.userbase or "", user=username), (MdaLookupUserinfoReply,))
+        if user.status == "notfound" and env.mda_method in ("exec", "file") and action.userbase:
+            # an alias's |command or /file runs as smtpd's own user (docs/expansion.md),
+            # a system account a userbase table does not list
+            user = await mesh.request("lka", MdaLookupUserinfo(
+                reqid=new_id(), table="", user=username), (MdaLookupUserinfoReply,))
         if user.status == "notfound":
             return "permfail", "Permanent failure in user lookup"
         if user.status != "ok":
             return "tempfail", "Temporary failure in user lookup"
-        content = await mesh.request("queue", MessageOpen(reqid=new_id(), msgid=env.msgid), (MessageContent,))
-        if not content.ok:
-            return "tempfail", f"Cannot read message: {content.error}"
-        if has_delivered_to_loop(content.data, env.dest):
-            return "loop", "Loop detected"
         try:
-            path = expand_format(action.target or DEFAULT_MAILDIR, sender=env.sender, rcpt=env.rcpt,
-                                 dest=env.dest, user=env.mda_user, home=user.home,
-                                 sub_addr_delim=self.config.sub_addr_delim)
+            method, target = self._plan(env, action, user.home, username)
         except FormatError as exc:
-            return "permfail", f"Bad maildir path: {exc}"
-        message = prepend_delivery_headers(content.data, sender=env.sender, dest=env.dest)
-        done = await mesh.request("parent", MdaFork(
-            reqid=new_id(), evpid=env.id, method="maildir", path=path, junk=action.junk,
-            uid=user.uid, gid=user.gid, home=user.home, message=message), (MdaDone,), timeout=330)
+            return "permfail", f"Bad {action.method} template: {exc}"
+        reqid = new_id()
+        opened = await mesh.request("queue", MdaMessageOpen(reqid=reqid, msgid=env.msgid), (MdaMessageOpened,))
+        if not opened.ok:
+            return "tempfail", f"Cannot read message: {opened.error}"
+        try:
+            fd = await self.message_fds.take(reqid, FD_WAIT)
+        except TimeoutError:
+            return "tempfail", "Cannot get the message descriptor"
+        try:
+            head = read_head(fd)
+            if has_delivered_to_loop(head, env.dest):
+                return "loop", "Loop detected"
+            try:
+                prefix = prepend_delivery_headers(head, sender=env.sender, dest=env.dest)[:-len(head) or None]
+            except ValueError as exc:
+                return "permfail", f"Bad address: {exc}"
+            key = new_id()
+            await fd_channel.send_fd(self.pony.ctx.prepared.fd_channel, key, fd)
+        finally:
+            os.close(fd)
+        done = await mesh.request("parent", MdaDeliver(
+            reqid=key, evpid=env.id, action=env.dispatcher, method=method, target=target,
+            junk=action.junk, uid=user.uid, gid=user.gid, home=user.home, username=username,
+            prefix=prefix, sender=env.sender, rcpt=env.rcpt, dest=env.dest,
+            subaddress=env.mda_subaddress,
+            lmtp_rcpt=(env.rcpt or env.dest) if action.lmtp_rcpt_to else env.dest),
+            (MdaDone,), timeout=350)
         return done.status, "Delivered" if done.status == "ok" else done.error

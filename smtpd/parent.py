@@ -27,12 +27,12 @@ from common.ids import UidGenerator
 from common.ipc import Mesh
 from common.messages import (
     ConfEnd, ConfEndDone, CtlEnqueue, CtlReply, CtlRequest, FilterProcFork, FilterProcKill, LkaOpenForward,
-    LkaOpenForwardReply, MdaDone, MdaFork, Msg, SetupDone, SmtpAuthenticate, SmtpAuthenticateReply,
+    LkaOpenForwardReply, MdaDeliver, MdaDone, Msg, SetupDone, SmtpAuthenticate, SmtpAuthenticateReply,
     StatGet, StatReply, PonyEnqueueReply,
 )
 from smtpd import (
-    auth, fdpass, filter_proc, forward, introspection, listeners, local_delivery, metrics, offline, sdnotify,
-    tls,
+    auth, delivery_mbox, fd_channel, fdpass, filter_proc, forward, introspection, listeners, local_delivery,
+    metrics, offline, sdnotify, tls,
 )
 from smtpd.config import ConfigError
 from smtpd.main import CHILDREN, EXIT_CONFIG, VERSION, load_config
@@ -101,7 +101,7 @@ CHILD_ENTRY = (
 
 
 def child_argv(opts, name: str, rundir: Path, listen_fds: str, fd_channel: int = -1,
-               filter_channel: int = -1) -> list[str]:
+               filter_channel: int = -1, queue_fd_channel: int = -1) -> list[str]:
     """``python -I -c ENTRY ARGS``: isolated from the working directory (which
     ``python -m`` would put first on the path, and the children start as root),
     from $PYTHONPATH and friends, and from the user site."""
@@ -122,6 +122,9 @@ def child_argv(opts, name: str, rundir: Path, listen_fds: str, fd_channel: int =
         argv += ["--listen-fds", listen_fds, "--fd-channel", str(fd_channel)]
     elif name == "lka" and filter_channel >= 0:
         argv += ["--fd-channel", str(filter_channel)]
+    if name in ("pony", "queue") and queue_fd_channel >= 0:
+        # queue -> pony descriptors of messages for local delivery (smtpd/fd_channel.py)
+        argv += ["--queue-fd-channel", str(queue_fd_channel)]
     return argv
 
 
@@ -141,6 +144,10 @@ class Parent:
         self.bound = bound
         self.notifier = notifier
         self.fd_channel, self.pony_fd_channel = fdpass.make_channel()
+        # message descriptors: queue -> pony, and pony -> parent on the pair above
+        # (docs/delivery.md); the parent's end of the latter is read here
+        self.queue_pony_fds = fd_channel.make_pair()
+        self.message_fds = fd_channel.FdReceiver(self.fd_channel)
         # filter processes' descriptors go to lka on a channel of their own (smtpd/filter_proc.py)
         self.filter_channel, self.lka_filter_channel = filter_proc.make_channel()
         self.filters = filter_proc.Spawner(config, self.filter_channel)
@@ -162,20 +169,25 @@ class Parent:
             name, StatGet(reqid=ping_id()), (StatReply,), timeout=deadline))
 
     def spawn(self) -> None:
-        fds = [b.sock.fileno() for b in self.bound] + [self.pony_fd_channel.fileno()]
+        queue_end, pony_end = self.queue_pony_fds
+        fds = [b.sock.fileno() for b in self.bound] + [self.pony_fd_channel.fileno(), pony_end.fileno()]
         listen_fds = ",".join(f"{b.sock.fileno()}:{b.index}" for b in self.bound)
         loop = asyncio.get_running_loop()
         for name in CHILDREN:
+            end = {"pony": pony_end, "queue": queue_end}.get(name)
             argv = child_argv(self.opts, name, self.rundir, listen_fds, self.pony_fd_channel.fileno(),
-                              self.lka_filter_channel.fileno())
-            passed = fds if name == "pony" else [self.lka_filter_channel.fileno()] if name == "lka" else ()
-            proc = subprocess.Popen(argv, pass_fds=passed, close_fds=True,
-                                    env=child_environment())
+                              self.lka_filter_channel.fileno(), end.fileno() if end is not None else -1)
+            passed = (fds if name == "pony" else [queue_end.fileno()] if name == "queue"
+                      else [self.lka_filter_channel.fileno()] if name == "lka" else ())
+            proc = subprocess.Popen(argv, pass_fds=passed, close_fds=True, env=child_environment())
             self.children[name] = proc
             pidfd = os.pidfd_open(proc.pid)
             loop.add_reader(pidfd, self._child_exited, name, pidfd)
         self.pony_fd_channel.close()          # pony has its end; a dead pony then reads as EOF
         self.lka_filter_channel.close()
+        queue_end.close()
+        pony_end.close()
+        self.message_fds.start()
 
     def status_text(self) -> str:
         paused = " (smtp paused)" if "smtp" in self.opts.pause else ""
@@ -233,7 +245,7 @@ class Parent:
             self.filters.kill(msg)
         elif isinstance(msg, LkaOpenForward) and peer == "lka":
             self.spawn_task(self._open_forward(msg))
-        elif isinstance(msg, MdaFork):
+        elif isinstance(msg, MdaDeliver) and peer == "pony":
             task = asyncio.create_task(self._deliver(msg))
             self.deliveries.add(task)
             task.add_done_callback(self.deliveries.discard)
@@ -291,8 +303,18 @@ class Parent:
             status, text = "tempfail", ""
         await self.mesh.send("lka", LkaOpenForwardReply(reqid=msg.reqid, status=status, content=text))
 
-    async def _deliver(self, msg: MdaFork) -> None:
-        status, error = await self.delivery.run(msg)
+    async def _deliver(self, msg: MdaDeliver) -> None:
+        """A local delivery: the message's descriptor, which pony sent just before,
+        goes to the user's worker unread (docs/delivery.md)."""
+        try:
+            fd = await self.message_fds.take(msg.reqid, timeout=10.0)
+        except TimeoutError:
+            status, error = "tempfail", "the message descriptor did not arrive"
+        else:
+            action = self.config.actions.get(msg.action)
+            spool = (action.target if action is not None and action.method == "mbox" and action.target
+                     else delivery_mbox.MBOX_SPOOL)
+            status, error = await self.delivery.run(msg, fd, spool)
         await self.mesh.send("pony", MdaDone(reqid=msg.reqid, status=status, error=error))
 
     async def main(self) -> int:
@@ -317,6 +339,7 @@ class Parent:
         ready_wait.cancel()
         await done_wait
         self.delivery.close()
+        self.message_fds.stop()
         await self._reap()
         return self.exit_code
 

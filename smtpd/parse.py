@@ -22,6 +22,7 @@ from smtpd.config import (
 )
 from smtpd import parse_mta
 from smtpd.config_files import FileRefused, check_file, read_checked
+from smtpd import parse_action
 from smtpd import parse_filter
 from smtpd.parse_relay import relay_option
 
@@ -163,7 +164,7 @@ class Parser:
         handler = {
             "listen": self.p_listen, "table": self.p_table, "action": self.p_action,
             "match": self.p_match, "smtp": self.p_smtp, "queue": self.p_queue,
-            "bounce": self.p_bounce, "mta": self.p_mta, "mda": self.p_loose,
+            "bounce": self.p_bounce, "mta": self.p_mta, "mda": self.p_mda,
             "pki": self.p_pki, "ca": self.p_ca, "filter": self.p_filter, "proc": self.p_proc,
             "admd": self.p_loose, "srs": self.p_loose, "scheduler": self.p_loose,
             "metrics": self.p_metrics,
@@ -296,14 +297,17 @@ class Parser:
         act = Action(name=name, method=method, lineno=self.line)
         if method not in LOCAL_METHODS and method != "relay":
             raise self.err(f'syntax error: unknown delivery method "{method}"')
-        if method not in ("maildir", "relay", "forward-only", "expand-only"):
+        if method not in ("maildir", "relay", "mbox", "lmtp", "mda", "forward-only", "expand-only"):
             self.not_yet(f'delivery method "{method}"')
         if method == "maildir" and c.peek() is not None and (c.peek().quoted or c.peek() not in MAILDIR_OPTIONS):
             act.target = c.word("")
+        elif method == "mbox" and c.peek() is not None and c.peek().quoted:
+            act.target = c.word("")           # pysmtpd: the mail spool directory (docs/delivery.md)
         elif method in ("lmtp", "mda"):
             act.target = c.word(f"a {method} destination")
             if method == "lmtp" and c.peek() in ("rcpt-to",):
                 c.word("")
+                act.lmtp_rcpt_to = True
         while c.more():
             opt = c.word("an action option")
             if method in LOCAL_METHODS and opt in ("alias", "virtual", "userbase"):
@@ -312,10 +316,7 @@ class Parser:
             elif method == "maildir" and opt == "junk":
                 act.junk = True
             elif method in LOCAL_METHODS and opt in ("user", "wrapper"):
-                value = c.word(f"a {opt}")
-                if opt == "user":
-                    act.user = value
-                self.not_yet(f'action option "{opt}"')
+                setattr(act, opt, c.word(f"a {opt}"))
             elif method == "relay" and opt == "host":
                 act.host = c.table_ref() if c.peek_ref() else c.word("a relay URL")
             elif method == "relay" and opt == "helo":
@@ -533,6 +534,9 @@ class Parser:
             raise self.err("metrics listen on: already defined")
         self.config.metrics_address, self.config.metrics_port = address, port
 
+    def p_mda(self, c: "Cursor") -> None:
+        parse_action.p_mda(self, c)           # mda wrapper (smtpd/parse_action.py)
+
     def p_filter(self, c: "Cursor") -> None:
         parse_filter.parse_filter(self, c)          # smtpd/parse_filter.py: issue 9's grammar
 
@@ -708,6 +712,7 @@ def parse_config(path: str | Path, macros: dict[str, str] | None = None,
             raise ConfigError(config.file, rule.lineno, f'undefined action "{rule.action}"')
     if not config.rules:
         raise ConfigError(config.file, parser.line or None, "no rules, nothing to do")
+    parse_action.check_actions(config)
     return _plain(config)
 
 

@@ -103,6 +103,7 @@ class Process:
     async def start(self) -> None:
         if self.fd_receiver is not None:
             self.fd_receiver.start()
+        self.mda.start()
 
     async def on_conf_end(self) -> None:
         if not self.smtp_paused:
@@ -111,6 +112,7 @@ class Process:
     async def stop(self) -> None:
         if self.fd_receiver is not None:
             self.fd_receiver.stop()
+        self.mda.stop()
         await self._unlisten()
         for task in list(self.tasks):
             task.cancel()

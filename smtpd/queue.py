@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import queue as threadqueue
 import threading
 import time
@@ -32,6 +33,8 @@ from common.messages import (
     SmtpMessageCreate, SmtpMessageCreateReply, SmtpMessageData, SmtpMessageRollback,
 )
 from common.messages import MtaHoldqRelease, QueueHoldqHold, QueueHoldqRelease  # hold queues
+from common.messages import MdaMessageOpen, MdaMessageOpened  # bodies by descriptor
+from smtpd import fd_channel
 from common.messages import SchedEnvelopeWithdraw  # issue 10: withdrawn from the MTA
 from smtpd import bounce
 from smtpd.queue_bounce import Bouncer
@@ -117,6 +120,9 @@ class Process:
         self.incoming: dict[int, Incoming] = {}
         self.committing: set[int] = set()      # msgids in the committer's hands
         self.committer = Committer(self.spool)
+        # the queue's end of the queue -> pony descriptor channel (smtpd/fd_channel.py)
+        fd = getattr(ctx.opts, "queue_fd_channel", -1)
+        self.delivery_fds = socket.socket(fileno=fd) if fd >= 0 else None
         self.tasks: set[asyncio.Task] = set()
         self.started = time.time()
         # Messages moved to corrupt/ by this run: later orders and results for their
@@ -264,6 +270,8 @@ class Process:
                         # queued, but its body is missing or unreadable
                         await self._corrupt(msgid, f"message: {exc.strerror or exc}")
                     await send(peer, MessageContent(reqid=reqid, ok=False, error=str(exc)))
+            case MdaMessageOpen(reqid=reqid, msgid=msgid):
+                await self._open_for_delivery(peer, reqid, msgid)
             case DeliveryResult(status="hold", evpid=evpid, holdq=holdq):
                 # nothing to write: no try is counted (docs/queue.md, hold queues)
                 await send("scheduler", QueueHoldqHold(evpid=evpid, holdq=holdq))
@@ -277,6 +285,30 @@ class Process:
                 await self._admin(peer, msg)
             case _:
                 log.warning("warn: queue: unexpected %s from %s", type(msg).__name__, peer)
+
+    async def _open_for_delivery(self, peer: str, reqid: int, msgid: int) -> None:
+        """A local delivery's body: the message opened read-only here (relative to the
+        spool, chroot or not) and its descriptor sent to pony, which passes it on to the
+        parent and the delivery worker (docs/delivery.md).  The queue reads nothing."""
+        channel = self.delivery_fds
+        if channel is None:
+            await self.ctx.mesh.send(peer, MdaMessageOpened(reqid=reqid, ok=False, error="no descriptor channel"))
+            return
+        try:
+            fd = self.spool.open_message(msgid)
+        except OSError as exc:
+            if self.spool.message_dir(msgid).is_dir():
+                await self._corrupt(msgid, f"message: {exc.strerror or exc}")
+            await self.ctx.mesh.send(peer, MdaMessageOpened(reqid=reqid, ok=False, error=str(exc)))
+            return
+        try:
+            await fd_channel.send_fd(channel, reqid, fd)
+        except (OSError, TimeoutError) as exc:
+            await self.ctx.mesh.send(peer, MdaMessageOpened(reqid=reqid, ok=False, error=f"cannot pass the message: {exc}"))
+            return
+        finally:
+            os.close(fd)
+        await self.ctx.mesh.send(peer, MdaMessageOpened(reqid=reqid, ok=True))
 
     async def _envelope_submit(self, reqid: int, msgid: int, env) -> None:
         inc = self.incoming.get(msgid)

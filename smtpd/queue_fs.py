@@ -364,6 +364,12 @@ class Spool:
             except OSError:
                 shutil.rmtree(msgdir, ignore_errors=True)
 
+    def open_message(self, msgid: int) -> int:
+        """A read-only descriptor of the message, for a local delivery (docs/delivery.md):
+        relative to the spool, never through a symbolic link."""
+        return os.open(self.message_dir(msgid) / "message",
+                       os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY)
+
     def read_message(self, msgid: int) -> bytes:
         with open(self.message_dir(msgid) / "message", "rb") as f:
             return f.read()

@@ -26,6 +26,7 @@ OPERATION = {
     "commit": "queue_message_commit",
     "commit_batch": "queue_message_commit",
     "read_message": "queue_message_fd_r",
+    "open_message": "queue_message_fd_r",
     "open_body": "queue_message_fd_rw",
     "write_incoming_envelope": "queue_envelope_create",
     "delete_envelope": "queue_envelope_delete",

@@ -11,15 +11,20 @@ from pathlib import Path
 
 import pytest
 
-from common.messages import MdaFork
+from common.messages import MdaDeliver
 from smtpd import local_delivery
 from smtpd.local_delivery import DeliveryPool
+from tests.unit.delivery_helpers import message_fd
 
 
-def order(path, n: int, **kw) -> MdaFork:
-    return MdaFork(reqid=n, evpid=n, method=kw.get("method", "maildir"), path=str(path), junk=False,
-                   uid=os.getuid() if os.getuid() else 65534, gid=os.getgid() if os.getuid() else 65534,
-                   home="/", message=f"Subject: {n}\n\nbody {n}\n".encode())
+def order(path, n: int, **kw) -> tuple[MdaDeliver, int, str]:
+    """(request, descriptor, mbox spool) as the parent hands them to the pool."""
+    msg = MdaDeliver(reqid=n, evpid=n, action="local", method=kw.get("method", "maildir"),
+                     target=str(path), junk=False,
+                     uid=os.getuid() if os.getuid() else 65534, gid=os.getgid() if os.getuid() else 65534,
+                     home="/", username="nobody", prefix=b"Delivered-To: x@example.test\n",
+                     sender="s@example.test", rcpt="x@example.test", dest="x@example.test")
+    return msg, message_fd(f"Subject: {n}\n\nbody {n}\n".encode()), str(path)
 
 
 @pytest.fixture
@@ -43,7 +48,7 @@ def test_burst_for_one_user_is_served_by_one_worker(mailroot, monkeypatch):
 
     async def go():
         pool = DeliveryPool()
-        results = [await pool.run(order(box, n)) for n in range(5)]
+        results = [await pool.run(*order(box, n)) for n in range(5)]
         workers = [w for ws in pool.workers.values() for w in ws]
         pids = {w.pid for w in workers}
         served = sum(w.served for w in workers)
@@ -56,7 +61,7 @@ def test_burst_for_one_user_is_served_by_one_worker(mailroot, monkeypatch):
     assert results == [("ok", "")] * 5
     assert len(pids) == 1 and served == 5 and left == {}
     bodies = sorted(p.read_bytes() for p in (box / "new").iterdir())
-    assert bodies == sorted(f"Subject: {n}\n\nbody {n}\n".encode() for n in range(5))
+    assert bodies == sorted(f"Delivered-To: x@example.test\nSubject: {n}\n\nbody {n}\n".encode() for n in range(5))
     for pid in pids:                               # the worker is gone, and reaped
         try:
             os.kill(pid, 0)
@@ -70,16 +75,16 @@ def test_a_worker_killed_mid_delivery_is_a_tempfail_and_replaced(mailroot, monke
     box = mailroot / "Maildir"
     real = local_delivery._Worker.deliver
 
-    async def deliver_then_die(self, req):
+    async def deliver_then_die(self, req, fd):
         os.kill(self.pid, signal.SIGKILL)
-        return await real(self, req)
+        return await real(self, req, fd)
 
     async def go():
         pool = DeliveryPool()
         monkeypatch.setattr(local_delivery._Worker, "deliver", deliver_then_die)
-        first = await pool.run(order(box, 1))
+        first = await pool.run(*order(box, 1))
         monkeypatch.setattr(local_delivery._Worker, "deliver", real)
-        second = await pool.run(order(box, 2))
+        second = await pool.run(*order(box, 2))
         pool.close()
         return first, second
 
@@ -92,8 +97,36 @@ def test_unsupported_method_is_a_permanent_failure(tmp_path):
     async def go():
         pool = DeliveryPool()
         try:
-            return await pool.run(order(tmp_path / "M", 1, method="mbox"))
+            return await pool.run(*order(tmp_path / "M", 1, method="smoke-signals"))
         finally:
             pool.close()
     status, error = asyncio.run(go())
-    assert status == "permfail" and "mbox" in error
+    assert status == "permfail" and "smoke-signals" in error
+
+
+def test_every_method_through_the_worker(mailroot):
+    """mbox (mailbox made by the pool, as root), /file, an mda command and maildir,
+    each from a descriptor, as the user."""
+    async def go():
+        pool = DeliveryPool()
+        try:
+            msg, fd, _ = order(mailroot / "Maildir", 1)
+            results = [await pool.run(msg, fd, str(mailroot))]
+            msg, fd, _ = order("", 2, method="mbox")
+            results.append(await pool.run(msg, fd, str(mailroot)))
+            msg, fd, _ = order(mailroot / "copy.mbox", 3, method="file")
+            results.append(await pool.run(msg, fd, str(mailroot)))
+            msg, fd, _ = order(f'cat > {mailroot}/piped; echo "$USER $RECIPIENT" >> {mailroot}/piped', 4,
+                               method="mda")
+            results.append(await pool.run(msg, fd, str(mailroot)))
+            return results
+        finally:
+            pool.close()
+    assert asyncio.run(go()) == [("ok", "")] * 4
+    assert (mailroot / "nobody").read_bytes().startswith(b"From s@example.test ")
+    assert b"Subject: 2\n\nbody 2\n\n" in (mailroot / "nobody").read_bytes()
+    assert (mailroot / "copy.mbox").read_bytes().endswith(b"Subject: 3\n\nbody 3\n\n")
+    assert (mailroot / "piped").read_bytes() == \
+        b"Delivered-To: x@example.test\nSubject: 4\n\nbody 4\nnobody x@example.test\n"
+    if os.getuid() == 0:
+        assert (mailroot / "nobody").stat().st_uid == 65534
