@@ -744,6 +744,35 @@ class LkaOpenForwardReply(Msg, **_m("lka_open_forward_reply")):
     content: str = ""
 
 
+# --- relay sources (issue 10, gaps): pony -> lka, `relay src <table>` and `helo-src <table>` ---
+
+class MtaLookupSource(Msg, **_m("mta_lookup_source")):
+    """IMSG_MTA_LOOKUP_SOURCE: the next local address of a relay's ``src`` table (lka
+    fetches the table's ``source`` service, which goes round its entries)."""
+    reqid: int
+    table: str
+
+
+class MtaSourceReply(Msg, **_m("mta_source_reply")):
+    reqid: int
+    status: str              # "ok" | "permfail" (empty table) | "tempfail"
+    address: str = ""
+
+
+class MtaLookupHelo(Msg, **_m("mta_lookup_helo")):
+    """IMSG_MTA_LOOKUP_HELO: the HELO name of a source address in a ``helo-src`` table
+    (the ``addrname`` service)."""
+    reqid: int
+    table: str
+    address: str
+
+
+class MtaHeloReply(Msg, **_m("mta_helo_reply")):
+    reqid: int
+    status: str              # "ok" | "permfail" (address not in the table) | "tempfail"
+    name: str = ""
+
+
 Message = Union[
     RequestFailed, SetupDone, ConfEnd, CtlVerbose, MdaDone,
     SmtpMessageCreate, SmtpMessageCreateReply, SmtpExpandRcpt, SmtpExpandRcptReply,
@@ -770,6 +799,7 @@ Message = Union[
     FilterSmtpProtocolReply, FilterSmtpData, FilterSmtpDataOut, FilterProcFork, FilterProcKill,
     CtlUpdateTable,
     LkaOpenForward, LkaOpenForwardReply,
+    MtaLookupSource, MtaSourceReply, MtaLookupHelo, MtaHeloReply,
 ]
 
 _encoder = msgspec.msgpack.Encoder()

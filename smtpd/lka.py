@@ -34,7 +34,8 @@ from common.ipc import PeerTimeout
 from common.messages import (
     CtlReply, CtlRequest, CtlUpdateTable, LkaEnvelopeCommit, LkaEnvelopeSubmit, LkaOpenForward,
     LkaOpenForwardReply, MdaLookupUserinfo, MdaLookupUserinfoReply, MtaCredentialsReply,
-    MtaDnsLookup, MtaDnsReply, MtaLookupCredentials, SmtpAuthenticate, SmtpAuthenticateReply,
+    MtaDnsLookup, MtaDnsReply, MtaHeloReply, MtaLookupCredentials, MtaLookupHelo,
+    MtaLookupSource, MtaSourceReply, SmtpAuthenticate, SmtpAuthenticateReply,
     SmtpCheckSender, SmtpCheckSenderReply, SmtpExpandRcpt, SmtpExpandRcptReply,
 )
 from common.vis import COMMAND, log_text
@@ -150,8 +151,30 @@ class Process:
                     reqid=msg.reqid, ok=result == "ok", result=result))
             case MtaLookupCredentials() if peer == "pony":
                 self._spawn(self._send_credentials(peer, msg))
+            case MtaLookupSource() | MtaLookupHelo() if peer == "pony":
+                self._spawn(self._send_relay_source(peer, msg))
             case _:
                 log.warning("warn: lka: unexpected %s from %s", type(msg).__name__, peer)
+
+    async def _send_relay_source(self, peer: str, req: MtaLookupSource | MtaLookupHelo) -> None:
+        """lka.c IMSG_MTA_LOOKUP_SOURCE (fetch of the ``source`` service: the table's
+        next address) and IMSG_MTA_LOOKUP_HELO (``addrname`` lookup of a source)."""
+        is_source = isinstance(req, MtaLookupSource)
+        what = "source address" if is_source else "helo"
+        status, value = "tempfail", ""
+        if req.table not in self.config.tables:
+            log.warning("warn: %s table %s missing", what, req.table)
+        else:
+            table = self.tables.get(req.table)
+            try:
+                found = await (table.fetch("source") if is_source
+                               else table.lookup("addrname", req.address))
+                status, value = ("ok", found) if found else ("permfail", "")
+            except (TableUnavailable, OSError) as exc:
+                log.warning("warn: %s lookup fail for %s: %s", what, req.table, exc)
+        reply = (MtaSourceReply(reqid=req.reqid, status=status, address=value) if is_source
+                 else MtaHeloReply(reqid=req.reqid, status=status, name=value))
+        await self.ctx.mesh.send(peer, reply)
 
     async def _send_credentials(self, peer: str, req: MtaLookupCredentials) -> None:
         await self.ctx.mesh.send(peer, await self._credentials(req))

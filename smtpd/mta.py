@@ -30,13 +30,15 @@ from common.envelope import Envelope
 from common.ipc import PeerTimeout
 from common.messages import (
     CtlLinesReply, CtlMtaBlock, CtlReply, CtlRequest, DeliveryResult, MessageContent, MessageOpen,
-    MtaDnsLookup, MtaDnsReply, MtaHoldqRelease,
+    MtaDnsLookup, MtaDnsReply, MtaHeloReply, MtaHoldqRelease, MtaLookupHelo, MtaLookupSource,
+    MtaSourceReply,
 )
 from common.trace import FLAGS, SESSION, trace
 from common.vis import COMMAND, VIS_DQ, log_text
 from smtpd.dsn_params import mail_params, rcpt_params
 from smtpd.mta_routes import (
     FAILURE_TEXT, ROUTE_DISABLED_NET, ROUTE_DISABLED_SMTP, Limits, Relay, RelayKey, Route, Routing,
+    Source,
 )
 from smtpd.mta_session import (
     Connection, DsnRequest, ProtocolError, RelayRefused, failure_text, session_options,
@@ -146,20 +148,24 @@ class Mta:
     def relay_key(self, action, domain: str) -> RelayKey:
         if action is None:
             return RelayKey(domain)
-        helo, name = action.helo, action.name
+        common = dict(helo=action.helo, action=action.name, helo_src=action.helo_src or "",
+                      **_source_fields(action.src))
         if action.host:
             try:
                 url = parse_relay_url(action.host)
-                return RelayKey(url.host.lower(), url.port, as_host=True, scheme=url.scheme,
-                                helo=helo, action=name)
+                return RelayKey(url.host.lower(), url.port, as_host=True, scheme=url.scheme, **common)
             except RelayUrlError:
-                return RelayKey(action.host, 0, as_host=True, helo=helo, action=name)
+                return RelayKey(action.host, 0, as_host=True, **common)
         backup = (action.backup_mx or self.config.hostname) if action.backup else None
-        # `src` is parsed but not bound yet (parse_mta): the system picks the source
-        return RelayKey(domain, 0, backup=backup, helo=helo, action=name)
+        return RelayKey(domain, 0, backup=backup, **common)
 
     def add(self, env: Envelope) -> None:
         action = self.config.actions.get(env.dispatcher)
+        if action is not None and action.host and not _parsable(action.host):
+            # mta.c mta_handle_envelope: a temporary failure, so the mail waits for a fixed config
+            log.warning("warn: Failed to parse smarthost %s", action.host)
+            self.pony.spawn(self._report([env], "tempfail", "Cannot parse smarthost", "-", 0))
+            return
         key = self.relay_key(action, env.dest.rpartition("@")[2].lower())
         if self._hold(env, key.text()) or self._hiwat(env, self._relay(key)):
             return
@@ -227,7 +233,37 @@ class Mta:
             status, text = relay.fail
             self._fail_tasks(relay, status, text)
             return
-        source = self.routing.source(relay.key.source)
+        if relay.key.source_table:
+            # mta_query_source: each drain asks lka for the table's next address
+            if "source" not in relay.waiting:
+                relay.waiting.add("source")
+                self.pony.spawn(self._query_source(relay))
+            return
+        self._connect_from(relay, self.routing.source(relay.key.source))
+
+    async def _query_source(self, relay: Relay) -> None:
+        try:
+            reply = await self.pony.mesh.request(
+                "lka", MtaLookupSource(reqid=self.pony.ctx.new_id(), table=relay.key.source_table),
+                (MtaSourceReply,), timeout=60)
+            address = str(ipaddress.ip_address(reply.address)) if reply.status == "ok" else ""
+        except (PeerTimeout, ValueError):
+            address = ""
+        relay.waiting.discard("source")
+        if self.routing.relays.get(relay.key) is not relay:
+            return
+        if not address:
+            # mta_on_source: no source, and no connection to carry the tasks
+            log.warning("warn: Failed to get source address for %s", relay.key.text())
+            if relay.nconn == 0 and relay.tasks:
+                self._fail_tasks(relay, "tempfail", FAILURE_TEXT["error_source"])
+            else:
+                self._maybe_forget(relay)
+            return
+        self._connect_from(relay, self.routing.source(address))
+
+    def _connect_from(self, relay: Relay, source: Source) -> None:
+        """mta_connect: open the connections the relay needs now from ``source``."""
         for _ in range(1000):
             decision = self.routing.connect(relay, source, time.monotonic())
             if decision.route is not None:
@@ -335,7 +371,9 @@ class Mta:
         try:
             if host.ptrname is None:
                 host.ptrname = await self._ptr(host.address) or ""     # "": no name, not asked again
-            helo = relay.key.helo or self.config.hostname
+            helo = await self._helo(relay, route)
+            if helo is None:
+                return                   # the route is disabled for a while, as a failed connection
             action = self.config.actions.get(relay.key.action)
             try:
                 options = await session_options(self.pony, action)     # TLS and AUTH
@@ -347,7 +385,7 @@ class Mta:
             log.info("%016x mta connecting address=%s%s:%d host=%s", session_id, options.schema,
                      _bracket(host.address), port, host.ptrname or host.address)
             conn = Connection(host.address, port, helo=helo, session=session_id, options=options,
-                              server_name=mx_name)
+                              server_name=mx_name, source_address=route.src.address or None)
             try:
                 refused = await conn.open()
             except _NETWORK_ERRORS as exc:
@@ -483,6 +521,24 @@ class Mta:
         for relay in list(self.routing.relays.values()):
             if relay.tasks:
                 self._drain(relay)
+
+    async def _helo(self, relay: Relay, route: Route) -> str | None:
+        """mta_session.c: the `helo-src` table's name for the route's source address, else
+        the action's `helo`, else our hostname; None if the table has no name for it."""
+        key = relay.key
+        if not (key.helo_src and route.src.address):
+            return key.helo or self.config.hostname
+        try:
+            reply = await self.pony.mesh.request(
+                "lka", MtaLookupHelo(reqid=self.pony.ctx.new_id(), table=key.helo_src,
+                                     address=route.src.address), (MtaHeloReply,), timeout=60)
+            if reply.status == "ok" and reply.name:
+                return reply.name
+        except PeerTimeout:
+            pass
+        relay.last_error = "Failed to retrieve helo string"
+        log.info("smtp-out: Error on route %s: %s", route.text(), relay.last_error)
+        return None
 
     async def _ptr(self, address: str) -> str | None:
         try:
@@ -667,6 +723,25 @@ class Mta:
             await self.pony.mesh.send("queue", DeliveryResult(
                 evpid=env.id, agent="mta", status=status if status in ("ok", "permfail") else "tempfail",
                 errorline=detail, esc_code=esc, dsn_notify=env.dsn_notify, remote_dsn=remote_dsn))
+
+
+def _source_fields(src: str | None) -> dict[str, str]:
+    """`src "ADDR"` binds that address; `src <table>` is looked up by lka (a table's name
+    is never an address: the parser's anonymous tables are named anon:LINE:N)."""
+    if not src:
+        return {}
+    try:
+        return {"source": str(ipaddress.ip_address(src))}
+    except ValueError:
+        return {"source_table": src}
+
+
+def _parsable(url: str) -> bool:
+    try:
+        parse_relay_url(url)
+    except RelayUrlError:
+        return False
+    return True
 
 
 def _pop_envelope(envelopes: list[Envelope], evpid: int) -> Envelope | None:

@@ -175,8 +175,10 @@ class RelayKey:
     scheme: str = "smtp"
     backup: str | None = None          # `relay backup [mx NAME]`: our own MX name
     helo: str | None = None
-    source: str = ""
+    source: str = ""                   # `src "ADDR"`: the one local address to bind
     action: str = ""                   # the relay action (its TLS and AUTH options)
+    source_table: str = ""             # `src <table>`: lka gives the next source at each drain
+    helo_src: str = ""                 # `helo-src <table>`: source address -> HELO name
 
     def text(self) -> str:
         parts = [f"[relay:{self.domain}"]
@@ -189,6 +191,10 @@ class RelayKey:
             parts.append(f"backup={self.backup}")
         if self.helo:
             parts.append(f"heloname={self.helo}")
+        if self.source or self.source_table:
+            parts.append(f"sourcetable={self.source or self.source_table}")
+        if self.helo_src:
+            parts.append(f"helotable={self.helo_src}")
         return ",".join(parts) + "]"
 
 
@@ -304,12 +310,10 @@ class Routing:
     # -- deciding to connect (mta_connect, mta_find_route) ------------------------------------
 
     def is_blocked(self, source: Source, domain: str) -> bool:
-        """`pause mta from ADDR for DOMAIN`.  A relay without `src` lets the system pick its
-        local address, so any ADDR paused for the domain stops it (pysmtpd; OpenSMTPD's
-        block applies only to relays whose source is that very address)."""
-        if source.address:
-            return (source.address, domain) in self.blocks
-        return any(d == domain for _, d in self.blocks)
+        """`pause mta from ADDR for DOMAIN` (mta_is_blocked): only the connections from
+        that very source address stop; a relay without `src` (the system picks its local
+        address) is not stopped, as in OpenSMTPD."""
+        return (source.address, domain) in self.blocks
 
     def wants_connection(self, relay: Relay) -> bool:
         """Not more connections than needed (mta_connect's first test)."""

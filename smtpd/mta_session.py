@@ -119,8 +119,9 @@ async def session_options(pony, action, url: RelayUrl | None = None) -> SessionO
     if url is None and action.host:
         try:
             url = parse_relay_url(action.host)
-        except RelayUrlError as exc:
-            raise RelayRefused("permfail", str(exc)) from None
+        except RelayUrlError:
+            # mta.c mta_handle_envelope: the envelope stays queued (the configuration may be fixed)
+            raise RelayRefused("tempfail", "Cannot parse smarthost") from None
     mode, verify = tls_policy(action, url)
     if url is not None and url.label and not action.auth_table:
         raise RelayRefused("tempfail", "No auth table for relaying")
@@ -172,8 +173,10 @@ class Connection:
 
     def __init__(self, host: str, port: int, *, helo: str, lmtp: bool = False,
                  timeout: float = 300, connect_timeout: float = 30, session: int = 0,
-                 options: SessionOptions | None = None, server_name: str | None = None) -> None:
+                 options: SessionOptions | None = None, server_name: str | None = None,
+                 source_address: str | None = None) -> None:
         self.host, self.port, self.helo = host, port, helo
+        self.source_address = source_address     # `relay src`: the local address to bind
         self.options = options or SessionOptions(lmtp=lmtp)
         self.lmtp = lmtp or self.options.lmtp
         self.server_name = server_name or host
@@ -235,7 +238,8 @@ class Connection:
             else:
                 connecting = asyncio.open_connection(
                     self.host, self.port, ssl=self.options.context if smtps else None,
-                    server_hostname=self.server_name if smtps else None)
+                    server_hostname=self.server_name if smtps else None,
+                    local_addr=(self.source_address, 0) if self.source_address else None)
             self.reader, self.writer = await asyncio.wait_for(connecting, self.connect_timeout)
         except (OSError, TimeoutError) as exc:
             if FLAGS.mta:

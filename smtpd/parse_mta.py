@@ -76,13 +76,11 @@ def relay_option(parser, c, act, opt: str) -> bool:
             act.backup_mx = str(c.word("a hostname"))
         return True
     if opt == "src":
-        # kept in the model; binding the local address is mta_session's to do
+        # an address is bound as is; a table's addresses come from lka (smtpd/mta.py)
         act.src = c.table_ref() if c.peek_ref() or c.peek() == "{" else _address(parser, str(c.word("an address")))
-        parser.not_yet('relay option "src"')
         return True
     if opt == "helo-src":
         act.helo_src = c.table_ref()
-        parser.not_yet('relay option "helo-src"')
         return True
     if opt == "mail-from":
         value = str(c.word("a mailaddr"))

@@ -19,6 +19,7 @@ class Transaction:
     data: bytes
     peer: tuple = ()         # (address, port) of the client: one per connection
     dsn_params: list[str] = field(default_factory=list)   # as sent, MAIL's then each RCPT's
+    helo: str = ""           # the name the client gave in EHLO/HELO
 
 
 @dataclass
@@ -44,7 +45,8 @@ class SinkHandler:
         with self.lock:
             self.transactions.append(Transaction(envelope.mail_from, list(envelope.rcpt_tos),
                                                  envelope.original_content, tuple(session.peer),
-                                                 list(getattr(server, "dsn_seen", []))))
+                                                 list(getattr(server, "dsn_seen", [])),
+                                                 session.host_name or ""))
             if hasattr(server, "dsn_seen"):
                 server.dsn_seen = []
         return "250 2.0.0 Ok: queued"

@@ -109,7 +109,9 @@ def test_message_rate_holds_mail_back_without_failing_it(make_daemon):
 def test_pause_mta_from_for_blocks_a_domain_until_resumed(make_daemon):
     port, mx_port = free_port(), free_port()
     with DnsServer(zone("paused.test", "open.test")) as dns, CountingSink(mx_port) as sink:
-        d = make_daemon(mx_config(port, dns.port, mx_port)).start()
+        # a block stops the relays whose `src` is its address (tests/e2e/test_relay_src.py)
+        conf = mx_config(port, dns.port, mx_port).replace('relay\n', 'relay src "127.0.0.1"\n', 1)
+        d = make_daemon(conf).start()
         assert d.smtpctl("pause", "mta", "from", "127.0.0.1", "for", "paused.test").stdout.strip() == \
             "command succeeded"
         assert d.smtpctl("show", "mta", "paused").stdout == "127.0.0.1 -> paused.test\n"
