@@ -219,9 +219,29 @@ def test_mta_grammar_errors_name_the_problem(tmp_path):
         assert message in str(info.value), (text, str(info.value))
 
 
-def test_relay_src_and_helo_src_are_reported_not_applied(tmp_path):
+def test_relay_src_and_helo_src_are_applied(tmp_path):
     config = parsed(tmp_path, 'table h { 127.0.0.1 = "me.example.org" }\n'
+                              'table s { 127.0.0.2, 127.0.0.3 }\n'
                               'action "out" relay src 127.0.0.1 helo-src <h>\n'
+                              'action "tbl" relay src <s>\n'
                               'match from local for any action "out"\n')
-    assert any('relay option "src"' in n for n in config.not_applied)
-    assert any('relay option "helo-src"' in n for n in config.not_applied)
+    assert config.not_applied == []
+    assert (config.actions["out"].src, config.actions["out"].helo_src) == ("127.0.0.1", "h")
+    assert config.actions["tbl"].src == "s"
+
+
+def test_relay_key_tells_a_source_address_from_a_source_table():
+    from smtpd.mta import _source_fields
+    assert _source_fields("127.0.0.2") == {"source": "127.0.0.2"}
+    assert _source_fields("::1") == {"source": "::1"}
+    assert _source_fields("anon:4:1") == {"source_table": "anon:4:1"}
+    assert _source_fields(None) == {}
+
+
+def test_block_stops_only_the_connections_from_its_source():
+    r = Routing()
+    r.block("127.0.0.2", "example.org")
+    assert r.is_blocked(r.source("127.0.0.2"), "example.org")
+    assert not r.is_blocked(r.source("127.0.0.3"), "example.org")
+    assert not r.is_blocked(r.source(""), "example.org")       # no `src`: OpenSMTPD's NULL source
+    assert not r.is_blocked(r.source("127.0.0.2"), "example.com")
