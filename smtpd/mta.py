@@ -7,7 +7,10 @@ routes, connectors, limits and penalties); the relay opens sessions when its lim
 allow, each on the route mta_routes picks (MX preference, fewest connections), and
 every session carries task after task (up to `session-mail-max`) until the relay
 has none left for `session-keepalive` seconds.  The SMTP dialogue itself is
-mta_session's.  A route whose first connection fails is disabled for a while; a
+mta_session's, and so are the action's TLS (opportunistic, required, smtps, verified
+or not) and AUTH to a smarthost (credentials from lka): docs/mta.md.  `relay src`
+binds the local address of the connections (a table's next address, asked of lka at
+each drain) and `helo-src` names the HELO after it (asked of lka per connection).  A route whose first connection fails is disabled for a while; a
 relay none of whose routes is usable fails its tasks (temporary failure).
 
 `mta max-deferred` (hold queues, docs/queue.md "Scheduler"): once a relay failed,

@@ -14,8 +14,9 @@ Interface with smtpd/mta.py (which picks relays, hosts and routes; keep it stabl
   lka).  Raises ``RelayRefused(status, text)`` when the action cannot relay
   (``tls`` with ``smtp+notls://``, a label without ``auth``, unknown credentials).
   Hashable: part of the key under which idle connections wait for reuse.
-- ``Connection(address, port, helo=, session=, options=, server_name=)``: the
-  ``server_name`` (MX or smarthost name) is the one TLS verifies and sends as SNI.
+- ``Connection(address, port, helo=, session=, options=, server_name=, source_address=)``:
+  the ``server_name`` (MX or smarthost name) is the one TLS verifies and sends as SNI;
+  ``source_address`` (`relay src`) the local address bound, None: the system's choice.
   An ``address`` starting with "/" is a UNIX socket (``lmtp=True`` for an LMTP server).
   ``options.schema`` is the scheme of the ``mta connecting address=`` log line.
 - ``await open_and_send(conn, sender, rcpts, message, size, dsn)`` ->
