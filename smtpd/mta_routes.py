@@ -212,7 +212,7 @@ class Relay:
     lastconn: float = 0
     lastconn_wall: float = 0
     refcount: int = 0
-    waiting: set[str] = field(default_factory=set)   # "MX", "connector", "limits"
+    waiting: set[str] = field(default_factory=set)   # "MX", "connector", "limits", "source"
     timeout_at: float | None = None
     connectors: dict[str, Connector] = field(default_factory=dict)
     sent: deque = field(default_factory=deque)       # send times, for max-msg-rate
@@ -595,7 +595,7 @@ class Routing:
         out = []
         for relay in sorted(self.relays.values(), key=lambda r: r.key.text()):
             timeout = duration_to_text(int(relay.timeout_at - now)) if relay.timeout_at is not None else "-"
-            wait = ",".join(w for w in ("MX", "limits", "connector") if w in relay.waiting)
+            wait = ",".join(w for w in ("MX", "limits", "source", "connector") if w in relay.waiting)
             lastconn = duration_to_text(int(wall - relay.lastconn_wall)) if relay.lastconn_wall else "-"
             out.append(f"{relay.key.text()} refcount={relay.refcount} ntask={relay.ntask} "
                        f"nconn={relay.nconn} lastconn={lastconn} timeout={timeout} wait={wait}"
