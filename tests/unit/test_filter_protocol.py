@@ -279,3 +279,25 @@ def test_data_lines_echoed_with_other_hex_case_take_the_parsing_path():
     e.receive("a", f"filter-dataline|{SID:016X}|{tok.upper()}|a")
     e.receive("a", f"filter-dataline|{SID:016x}|{tok}|.")
     assert [o for o in e.take_output() if isinstance(o, DataOut)] == [DataOut(SID, ["a", "."], done=True)]
+
+
+def test_fcrdns_word_of_the_link_connect_report():
+    """smtp_session.c's forward confirmation as lka_filter.c words it: pass, fail (the
+    lookup answered: no such name or no address, or none is the client's), error (the
+    lookup itself failed: a resolver failure, a timeout)."""
+    import asyncio
+    import socket
+
+    from smtpd.filter_proc import fcrdns_result
+
+    def entry(addr):
+        return (socket.AF_INET, socket.SOCK_STREAM, 6, "", (addr, 0))
+    assert fcrdns_result("192.0.2.1", [entry("192.0.2.9"), entry("192.0.2.1")]) == "pass"
+    assert fcrdns_result("192.0.2.1", [entry("192.0.2.9")]) == "fail"
+    assert fcrdns_result("192.0.2.1", []) == "fail"
+    assert fcrdns_result("192.0.2.1", socket.gaierror(socket.EAI_NONAME, "Name or service not known")) == "fail"
+    assert fcrdns_result("192.0.2.1", socket.gaierror(socket.EAI_NODATA, "No address associated")) == "fail"
+    assert fcrdns_result("192.0.2.1", socket.gaierror(socket.EAI_AGAIN, "Temporary failure")) == "error"
+    assert fcrdns_result("192.0.2.1", socket.gaierror(socket.EAI_FAIL, "Non-recoverable failure")) == "error"
+    assert fcrdns_result("192.0.2.1", asyncio.TimeoutError()) == "error"
+    assert fcrdns_result("192.0.2.1", UnicodeError("label too long")) == "fail"
