@@ -43,15 +43,19 @@ DNS_RECORDS = {
     "8.0.0.127.in-addr.arpa": {"PTR": ["bad!name.example.test."]},
 }
 
-# A proc filter that shows the builtins' ``report`` decisions: it subscribes to filter-report
-# events and writes the ones of its session into a header of the message.
-REPORT_WATCHER = r'''
+# The start of the proc filters below: an output function, the config lines skipped.
+FILTER_PRELUDE = r'''
 import sys
 def out(line):
     sys.stdout.write(line + "\n"); sys.stdout.flush()
 for line in sys.stdin:
     if line.rstrip("\n") == "config|ready":
         break
+'''
+
+# A proc filter that shows the builtins' ``report`` decisions: it subscribes to filter-report
+# events and writes the ones of its session into a header of the message.
+REPORT_WATCHER = FILTER_PRELUDE + r'''
 out("register|report|smtp-in|filter-report")
 out("register|filter|smtp-in|data-line")
 out("register|ready")
@@ -73,13 +77,7 @@ for line in sys.stdin:
 
 # A proc filter that shows what the link-connect report said: it disconnects at connect
 # with the reverse name and the fcrdns word (pass, fail or error) in the reply.
-CONNECT_WATCHER = r'''
-import sys
-def out(line):
-    sys.stdout.write(line + "\n"); sys.stdout.flush()
-for line in sys.stdin:
-    if line.rstrip("\n") == "config|ready":
-        break
+CONNECT_WATCHER = FILTER_PRELUDE + r'''
 out("register|report|smtp-in|link-connect")
 out("register|filter|smtp-in|connect")
 out("register|ready")
