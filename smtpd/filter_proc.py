@@ -37,6 +37,7 @@ from common.messages import (
 from common.trace import FLAGS, trace
 from common.vis import COMMAND, log_text
 from smtpd import lka_filter
+from smtpd.filter_builtin import has_rdns
 from smtpd.lka_filter import DataOut, Decision, Facts, ProtocolError, Write
 
 log = logging.getLogger("smtpd")
@@ -46,6 +47,9 @@ BACKOFF_MAX = 60.0
 STABLE_AFTER = 60.0          # a process that lived this long starts its backoff over
 LINE_MAX = 65536             # a longer line from a filter is garbage
 WRITE_BUFFER_MAX = 64 << 20  # a filter that does not read its input: killed as hung
+FCRDNS_TIMEOUT = 5.0         # the forward lookup of a client's reverse name: longer is "fail"
+# getaddrinfo failures that are not about DNS (the system's own): fcrdns "error"
+_SYSTEM_FAILURES = {getattr(socket, name) for name in ("EAI_SYSTEM", "EAI_MEMORY") if hasattr(socket, name)}
 START_WAIT = 20.0            # lka waits this long at start for every filter's register|ready
 
 
@@ -88,6 +92,48 @@ def process_ids(proc) -> tuple[int, int, str, str]:
     if pw.pw_uid == 0 or gid == 0:
         raise ValueError("a filter never runs as root")
     return pw.pw_uid, gid, pw.pw_dir, pw.pw_name
+
+
+def fcrdns_result(ip: str, lookup: list | BaseException) -> str:
+    """The link-connect report's fcrdns word for the forward lookup's outcome: its
+    getaddrinfo entries, or what it raised (see forward_confirmed).
+
+    OpenSMTPD says "error" when getaddrinfo fails other than EAI_NODATA/EAI_NONAME
+    (smtp_session.c smtp_getaddrinfo_cb), but its resolver, libasr, folds every DNS
+    failure (SERVFAIL, no answer in time) into EAI_NODATA: what it reports then is
+    "fail", as OpenSMTPD 6.8 does in tests/e2e/test_filters_builtin.py.  Its "error"
+    comes from a name libasr will not ask about (hnok_lenient: EAI_FAIL) and from the
+    system's own failures (EAI_SYSTEM, EAI_MEMORY); pysmtpd words them the same way."""
+    if isinstance(lookup, socket.gaierror):
+        return "error" if lookup.errno in _SYSTEM_FAILURES else "fail"
+    if isinstance(lookup, asyncio.TimeoutError):
+        return "fail"
+    if isinstance(lookup, BaseException):     # UnicodeError: not a name; OSError: the system
+        return "error"
+    return "pass" if any(info[4][0] == ip for info in lookup) else "fail"
+
+
+async def forward_confirmed(rdns: str, src: str) -> str:
+    """Forward-confirmed reverse DNS, as the link-connect report words it (smtp_session.c
+    smtp_getaddrinfo_cb, lka_filter.c lka_report_smtp_link_connect): "pass" when the name's
+    addresses include the client's; "fail" when they do not, or the lookup found none or
+    failed (fcrdns_result says why, as OpenSMTPD's resolver); "error" for a name that
+    cannot be asked about, or a failure of the system.  A local client is "pass",
+    as OpenSMTPD's local enqueue sets it; a client with no reverse name "fail", as
+    getnameinfo's EAI_NONAME (libasr's answer to any PTR failure)."""
+    if src.startswith("unix:"):
+        return "pass"
+    if not has_rdns(rdns):
+        return "fail"
+    ip = src.rsplit(":", 1)[0].strip("[]")
+    # the hints of smtp_getaddrinfo_cb: the client's family, a stream socket
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    try:
+        infos = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(
+            rdns, None, family=family, type=socket.SOCK_STREAM), FCRDNS_TIMEOUT)
+    except (OSError, UnicodeError, asyncio.TimeoutError) as exc:
+        return fcrdns_result(ip, exc)
+    return fcrdns_result(ip, infos)
 
 
 class Spawner:
@@ -569,27 +615,14 @@ class Runtime:
         if msg.filter not in self.config.filters:
             await self.ctx.mesh.send(peer, FilterSmtpBeginReply(reqid=msg.reqid, phases=[], events=[], ok=False))
             return
-        fcrdns = await self._fcrdns(msg.rdns, msg.src)
+        fcrdns = await forward_confirmed(msg.rdns, msg.src)
         ip = "local" if msg.src.startswith("unix:") else msg.src.rsplit(":", 1)[0].strip("[]")
-        facts = Facts(rdns=msg.rdns, fcrdns=fcrdns, src=ip, dest=msg.dest)
+        facts = Facts(rdns=msg.rdns, fcrdns=fcrdns == "pass", src=ip, dest=msg.dest)
         fs = self.engine.begin(msg.session, msg.filter, facts)
         phases, events = self.engine.registered(msg.filter)
         await self.ctx.mesh.send(peer, FilterSmtpBeginReply(
             reqid=msg.reqid, phases=sorted(phases), events=sorted(events), ok=not fs.broken))
-        self.engine.report(msg.session, msg.time, "link-connect",
-                           (msg.rdns, "pass" if fcrdns else "fail", msg.src, msg.dest))
-
-    async def _fcrdns(self, rdns: str, src: str) -> bool:
-        """Forward-confirmed reverse DNS: the name's addresses include the client's."""
-        if not rdns or src.startswith("unix:"):
-            return False
-        ip = src.rsplit(":", 1)[0].strip("[]")
-        try:
-            infos = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(
-                rdns, None, type=socket.SOCK_STREAM), 5)
-        except (OSError, asyncio.TimeoutError, UnicodeError):
-            return False
-        return any(info[4][0] == ip for info in infos)
+        self.engine.report(msg.session, msg.time, "link-connect", (msg.rdns, fcrdns, msg.src, msg.dest))
 
     def _data(self, msg: FilterSmtpData) -> None:
         if msg.first:

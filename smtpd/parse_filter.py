@@ -12,8 +12,9 @@ A builtin filter has one check and one action, as in parse.y: CHECK is ``fcrdns`
 ``rdns``, ``rdns [regex] <table>``, ``src [regex] <table>``, ``helo [regex] <table>``,
 ``auth``, ``auth [regex] <table>``, ``mail-from [regex] <table>``, ``rcpt-to [regex]
 <table>`` (which checks a phase accepts: PHASE_CHECKS); ACTION is ``junk``, ``bypass``,
-``reject "text"``, ``disconnect "text"``, ``rewrite "text"`` or ``report "text"`` (no
-``junk`` at commit).  The model objects are smtpd/config.py's FilterProc, Filter and
+``reject "text"``, ``disconnect "text"``, ``rewrite "text"`` or ``report "text"``; commit
+takes neither ``junk`` nor ``bypass`` (parse.y's filter_action_builtin_nojunk: at commit the
+message is complete, there is nothing left to mark or skip).  The model objects are smtpd/config.py's FilterProc, Filter and
 FilterCheck; what the filters do is docs/filters.md.
 """
 from __future__ import annotations
@@ -39,6 +40,8 @@ BARE_CHECKS = ("fcrdns", "rdns", "auth")            # allowed without a table
 TABLE_CHECKS = ("rdns", "src", "helo", "auth", "mail-from", "rcpt-to")
 ACTIONS_WITH_TEXT = ("reject", "disconnect", "rewrite", "report")
 ACTIONS = ("junk", "bypass") + ACTIONS_WITH_TEXT
+# parse.y's filter_phase_commit takes filter_action_builtin_nojunk, which has neither.
+PHASE_ACTIONS = {phase: ACTIONS_WITH_TEXT if phase == "commit" else ACTIONS for phase in PHASE_CHECKS}
 
 
 def parse_proc(parser, c) -> None:
@@ -127,9 +130,9 @@ def _builtin(parser, c, flt: Filter) -> None:
     elif kind not in BARE_CHECKS:
         raise parser.err(f"syntax error: {kind} needs a <table> or regex <table>")
     flt.check = check
-    action = str(c.word("an action: " + ", ".join(ACTIONS)))
-    if action not in ACTIONS or (action == "junk" and phase == "commit"):
-        allowed = [a for a in ACTIONS if not (a == "junk" and phase == "commit")]
+    allowed = PHASE_ACTIONS[phase]
+    action = str(c.word("an action: " + ", ".join(allowed)))
+    if action not in allowed:
         raise parser.err(f'syntax error: unexpected "{action}", expected one of: ' + ", ".join(allowed))
     flt.action = action
     if action in ACTIONS_WITH_TEXT:

@@ -3,7 +3,8 @@
 It answers from a dict of records, e.g.
 ``{"example.test": {"MX": ["10 mx.example.test."], "TXT": ['"v=spf1 a -all"']}}``
 (rdata in zone-file text), with NXDOMAIN for names it does not know and an empty
-answer for known names without the asked type.  Stands in for dnsmasq where a test
+answer for known names without the asked type.  A name whose entry has ``"RCODE":
+["SERVFAIL"]`` gets that error code for every question (a broken zone).  Stands in for dnsmasq where a test
 needs records dnsmasq cannot serve (TXT with several strings, null MX...).
 """
 from __future__ import annotations
@@ -40,6 +41,9 @@ class DnsServer:
         entry = self.records.get(q.name.canonicalize())
         if entry is None:
             reply.set_rcode(dns.rcode.NXDOMAIN)
+            return reply.to_wire()
+        if "RCODE" in entry:
+            reply.set_rcode(dns.rcode.from_text(entry["RCODE"][0]))
             return reply.to_wire()
         texts = entry.get(dns.rdatatype.to_text(q.rdtype), [])
         if texts:

@@ -9,6 +9,10 @@ tests/filter_programs.py answers (nothing leaves the machine):
     127.0.0.2  no PTR record: no rDNS
     127.0.0.3  good.example.test, whose A record is 127.0.0.3: forward-confirmed
     127.0.0.4  liar.example.test, whose A record is 192.0.2.1: rDNS, not forward-confirmed
+    127.0.0.5  broken.example.test, whose A lookup fails (SERVFAIL): not forward-confirmed
+    127.0.0.6  gone.example.test, which does not exist (NXDOMAIN): not forward-confirmed
+    127.0.0.7  its PTR lookup fails (SERVFAIL): no rDNS
+    127.0.0.8  bad!name.example.test, a PTR name no resolver accepts: no rDNS
 
 Accepted mail is relayed to a sink (the oracle, unpacked, cannot deliver locally).
 """
@@ -32,17 +36,26 @@ DNS_RECORDS = {
     "good.example.test": {"A": ["127.0.0.3"]},
     "4.0.0.127.in-addr.arpa": {"PTR": ["liar.example.test."]},
     "liar.example.test": {"A": ["192.0.2.1"]},
+    "5.0.0.127.in-addr.arpa": {"PTR": ["broken.example.test."]},
+    "broken.example.test": {"RCODE": ["SERVFAIL"]},
+    "6.0.0.127.in-addr.arpa": {"PTR": ["gone.example.test."]},
+    "7.0.0.127.in-addr.arpa": {"RCODE": ["SERVFAIL"]},
+    "8.0.0.127.in-addr.arpa": {"PTR": ["bad!name.example.test."]},
 }
 
-# A proc filter that shows the builtins' ``report`` decisions: it subscribes to filter-report
-# events and writes the ones of its session into a header of the message.
-REPORT_WATCHER = r'''
+# The start of the proc filters below: an output function, the config lines skipped.
+FILTER_PRELUDE = r'''
 import sys
 def out(line):
     sys.stdout.write(line + "\n"); sys.stdout.flush()
 for line in sys.stdin:
     if line.rstrip("\n") == "config|ready":
         break
+'''
+
+# A proc filter that shows the builtins' ``report`` decisions: it subscribes to filter-report
+# events and writes the ones of its session into a header of the message.
+REPORT_WATCHER = FILTER_PRELUDE + r'''
 out("register|report|smtp-in|filter-report")
 out("register|filter|smtp-in|data-line")
 out("register|ready")
@@ -62,11 +75,28 @@ for line in sys.stdin:
         out("filter-dataline|%s|%s|%s" % (sid, tok, data))
 '''
 
+# A proc filter that shows what the link-connect report said: it disconnects at connect
+# with the reverse name and the fcrdns word (pass, fail or error) in the reply.
+CONNECT_WATCHER = FILTER_PRELUDE + r'''
+out("register|report|smtp-in|link-connect")
+out("register|filter|smtp-in|connect")
+out("register|ready")
+seen = {}
+for line in sys.stdin:
+    f = line.rstrip("\n").split("|")
+    if f[0] == "report" and f[4] == "link-connect":
+        seen[f[5]] = (f[6], f[7])
+    elif f[0] == "filter" and f[4] == "connect":
+        rdns, fcrdns = seen.pop(f[5], ("none", "none"))
+        out("filter-result|%s|%s|disconnect|550 rdns=%s fcrdns=%s" % (f[5], f[6], rdns, fcrdns))
+'''
+
 LISTENERS = ("rdns", "fcrdns", "helo", "mailfrom", "junk", "rcptto", "bypass", "report",
-             "rewrite", "badtext", "authphase")
+             "rewrite", "badtext", "authphase", "connectwatch")
 
 
 def _config(ports: dict[str, int], sink_port: int, watcher: Path) -> str:
+    connect_watcher = watcher.with_name("connect_watcher.py")
     lines = [
         'table bulk { "^bulk-[0-9]+@" }',
         'table spammers { "spammer@example.net", "@junk.test" }',
@@ -87,11 +117,12 @@ def _config(ports: dict[str, int], sink_port: int, watcher: Path) -> str:
         'rewrite "<postmaster@example.test>"',
         'filter "bad-text" phase ehlo match helo regex { "^bad" } reject "go away"',
         'filter "auth-phase" phase auth match !auth reject "550 5.7.1 authenticate first"',
+        f'filter "connect-watcher" proc-exec "{PYTHON} {connect_watcher}"',
     ]
     used = {"rdns": "no-rdns", "fcrdns": "no-fcrdns", "helo": "bad-helo", "mailfrom": "bulk",
             "junk": "junk-spammers", "rcptto": "trap", "bypass": "trusted-then-helo",
             "report": "reported", "rewrite": "rewrite-spammers", "badtext": "bad-text",
-            "authphase": "auth-phase"}
+            "authphase": "auth-phase", "connectwatch": "connect-watcher"}
     lines += [f'listen on 127.0.0.1 port {ports[name]} hostname {HOSTNAME} filter "{used[name]}"'
               for name in LISTENERS]
     return "\n".join(lines) + "\n" + relay_config(sink_port)
@@ -109,8 +140,12 @@ def watcher():
     script = directory / "watcher.py"
     script.write_text(REPORT_WATCHER)
     script.chmod(0o644)
+    connect_watcher = directory / "connect_watcher.py"
+    connect_watcher.write_text(CONNECT_WATCHER)
+    connect_watcher.chmod(0o644)
     yield script
     script.unlink()
+    connect_watcher.unlink()
     directory.rmdir()
 
 
@@ -171,6 +206,25 @@ def test_fcrdns_at_ehlo(server, source, accepted):
         else:
             assert (code, text) == (550, b"5.7.1 forward-confirmed rDNS required")
             assert s.noop()[0] == 250                 # a reject leaves the session open
+
+
+@pytest.mark.parametrize("source, rdns, fcrdns", [
+    ("127.0.0.1", "localhost", "pass"),
+    ("127.0.0.3", "good.example.test", "pass"),
+    ("127.0.0.2", "<unknown>", "fail"),              # no PTR record
+    ("127.0.0.4", "liar.example.test", "fail"),      # the name's address is not the client's
+    ("127.0.0.6", "gone.example.test", "fail"),      # the name does not exist
+    # A failed lookup is "fail" too: OpenSMTPD's resolver (libasr) folds SERVFAIL into
+    # EAI_NODATA (getaddrinfo) and EAI_NONAME (getnameinfo); see filter_proc.fcrdns_result.
+    ("127.0.0.5", "broken.example.test", "fail"),
+    ("127.0.0.7", "<unknown>", "fail"),
+    ("127.0.0.8", "<unknown>", "fail"),              # a PTR name that is not a host name
+])
+def test_link_connect_reports_fcrdns_pass_fail_or_error(server, source, rdns, fcrdns):
+    with pytest.raises(smtplib.SMTPConnectError) as refused:
+        _client(server, "connectwatch", source=source)
+    assert (refused.value.smtp_code, refused.value.smtp_error) == (
+        550, f"rdns={rdns} fcrdns={fcrdns}".encode())
 
 
 # --- regex and tables -----------------------------------------------------------------------

@@ -24,6 +24,15 @@ from tests.conftest import REPO
 PACKAGING = REPO / "tests/packaging"
 PYVER = f"{sys.version_info[0]}.{sys.version_info[1]}"
 SITELIB = f"/usr/lib/python{PYVER}/site-packages"
+# What users read, installed as %doc (docs/ops.md, docs/sendmail.md... name one another).
+USER_DOCS = ("README.md", "architecture.md", "config.md", "ops.md", "sendmail.md", "spool.md",
+             "tables.md", "filters.md", "mta.md", "delivery.md", "expansion.md")
+# alternatives(8)'s "mta" group: the names it manages (the package's ghosts) and the
+# package's files it links them to.
+MTA_GHOSTS = ("/usr/sbin/sendmail", "/usr/lib/sendmail", "/usr/bin/mailq", "/usr/bin/newaliases",
+              "/usr/sbin/makemap", "/usr/share/man/man8/sendmail.8.gz")
+MTA_TARGETS = ("/usr/sbin/sendmail.pysmtpd", "/usr/bin/mailq.pysmtpd", "/usr/bin/newaliases.pysmtpd",
+               "/usr/sbin/makemap.pysmtpd", "/usr/share/man/man8/sendmail.pysmtpd.8.gz")
 MAN_PAGES = {"smtpd.8": "man8/smtpd.8", "smtpctl.8": "man8/smtpctl.8",
              "smtpd.conf.5": "man5/smtpd.conf.5", "sendmail.8": "man8/sendmail.pysmtpd.8"}
 
@@ -71,7 +80,8 @@ def test_file_list(built):
     for path in ("/etc/smtpd.conf", "/usr/sbin/smtpd", "/usr/sbin/smtpctl",
                  "/usr/lib/systemd/system/smtpd.service", "/usr/lib/systemd/system/smtpd.socket",
                  "/usr/lib/sysusers.d/smtpd.conf", "/usr/lib/tmpfiles.d/smtpd.conf",
-                 "/var/spool/smtpd", "/usr/share/doc/pysmtpd/ops.md",
+                 "/var/spool/smtpd",
+                 *(f"/usr/share/doc/pysmtpd/{doc}" for doc in USER_DOCS),
                  f"{SITELIB}/smtpd/main.py", f"{SITELIB}/smtpctl/main.py",
                  f"{SITELIB}/common/messages.py", f"{SITELIB}/pysmtpd-0.1.0.dist-info/METADATA",
                  "/usr/share/bash-completion/completions/smtpctl",
@@ -80,17 +90,17 @@ def test_file_list(built):
                  *(f"/usr/share/man/{page}.gz" for page in MAN_PAGES.values())):
         assert path in files, path
     assert not any("/tests/" in f for f in files)
-    # sendmail and mailq under the names alternatives(8) links to (%post); the names it
-    # manages are ghosts, never the package's; newaliases and makemap do not work yet.
+    # sendmail, mailq, newaliases and makemap under the names alternatives(8) links to
+    # (%post); the names it manages are ghosts, never the package's.  newaliases and
+    # makemap have no manual pages (so no ghosts for man1/newaliases.1, man8/makemap.8).
     assert {f for f in files if re.search(r"/(sendmail|mailq|newaliases|makemap)(\.|$)", f)
-            and SITELIB not in f and "/doc/" not in f} == {
-        "/usr/sbin/sendmail.pysmtpd", "/usr/bin/mailq.pysmtpd", "/usr/sbin/sendmail", "/usr/bin/mailq",
-        "/usr/lib/sendmail", "/usr/share/man/man8/sendmail.8.gz", "/usr/share/man/man8/sendmail.pysmtpd.8.gz"}
+            and SITELIB not in f and "/doc/" not in f} == set(MTA_TARGETS) | set(MTA_GHOSTS)
     file_flags = dict(line.partition(" ")[::2] for line in
                       query(rpm, "--qf", "[%{FILENAMES} %{FILEFLAGS:fflags}\\n]").splitlines())
-    for ghost in ("/usr/sbin/sendmail", "/usr/bin/mailq", "/usr/lib/sendmail", "/usr/share/man/man8/sendmail.8.gz"):
+    for ghost in MTA_GHOSTS:
         assert "g" in file_flags[ghost], (ghost, file_flags[ghost])
-    assert "g" not in file_flags["/usr/sbin/sendmail.pysmtpd"] + file_flags["/usr/bin/mailq.pysmtpd"]
+    for target in MTA_TARGETS:
+        assert "g" not in file_flags[target], (target, file_flags[target])
     # Byte-compiled at build time (both optimisation levels), so that root never writes
     # __pycache__ into the installed tree.
     sources = [f for f in files if f.startswith(SITELIB) and f.endswith(".py")]
@@ -127,14 +137,19 @@ def test_scriptlets_come_from_the_distribution_macros(built):
     assert f"{helper} remove-system-units smtpd.service smtpd.socket" in sections["preuninstall"]
     assert f"{helper} mark-restart-system-units smtpd.service" in sections["postuninstall"]
     assert "systemctl" not in scripts
-    # alternatives(8): sendmail, /usr/lib/sendmail, mailq and sendmail(8) as one "mta" group
+    # alternatives(8): sendmail, /usr/lib/sendmail, mailq, newaliases, makemap and
+    # sendmail(8) as one "mta" group; every ghost is a name the group manages
     install = " ".join(sections["postinstall"].replace("\\\n", " ").split())
     assert ("/usr/sbin/alternatives --install /usr/sbin/sendmail mta /usr/sbin/sendmail.pysmtpd 10 "
             "--follower /usr/lib/sendmail mta-sendmail /usr/sbin/sendmail.pysmtpd "
             "--follower /usr/bin/mailq mta-mailq /usr/bin/mailq.pysmtpd "
+            "--follower /usr/bin/newaliases mta-newaliases /usr/bin/newaliases.pysmtpd "
+            "--follower /usr/sbin/makemap mta-makemap /usr/sbin/makemap.pysmtpd "
             "--follower /usr/share/man/man8/sendmail.8.gz mta-sendmailman "
             "/usr/share/man/man8/sendmail.pysmtpd.8.gz") in install, install
-    assert "newaliases" not in scripts and "makemap" not in scripts
+    managed = re.findall(r"--(?:install|follower) (\S+) \S+ (\S+)", install)
+    assert sorted(link for link, _target in managed) == sorted(MTA_GHOSTS)
+    assert {target for _link, target in managed} == set(MTA_TARGETS)
     assert "/usr/sbin/alternatives --remove mta /usr/sbin/sendmail.pysmtpd" in sections["preuninstall"]
     assert "alternatives --set mta /usr/sbin/sendmail.pysmtpd" in sections["postuninstall"]
     assert query(rpm, "--conflicts").split() == ["opensmtpd"]
@@ -228,6 +243,13 @@ def test_installed_tree_imports_cleanly_and_runs(unpacked, tmp_path):
     res = run(sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {sitelib!r}); "
               "sys.argv = ['sendmail.pysmtpd', '-k']; from smtpctl.main import main; main()", cwd=tmp_path)
     assert res.returncode == 64 and "usage: sendmail [-tv]" in res.stderr, res.stderr
+    # newaliases.pysmtpd and makemap.pysmtpd too: links to smtpctl, which runs as the name says
+    for link, program, usage in (("usr/bin/newaliases.pysmtpd", "newaliases.pysmtpd", "usage: newaliases"),
+                                 ("usr/sbin/makemap.pysmtpd", "makemap.pysmtpd", "usage: makemap")):
+        assert (root / link).resolve() == (root / "usr/sbin/smtpctl").resolve(), link
+        res = run(sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {sitelib!r}); "
+                  f"sys.argv = [{program!r}, '-h']; from smtpctl.main import main; main()", cwd=tmp_path)
+        assert res.returncode != 0 and usage in res.stderr, (program, res.returncode, res.stderr)
     assert _tree(root) == before
     # The default configuration is valid (with /etc/aliases, which it names).
     (root / "etc/aliases").write_text("root: admin\n")

@@ -279,3 +279,39 @@ def test_data_lines_echoed_with_other_hex_case_take_the_parsing_path():
     e.receive("a", f"filter-dataline|{SID:016X}|{tok.upper()}|a")
     e.receive("a", f"filter-dataline|{SID:016x}|{tok}|.")
     assert [o for o in e.take_output() if isinstance(o, DataOut)] == [DataOut(SID, ["a", "."], done=True)]
+
+
+def test_fcrdns_word_of_the_link_connect_report():
+    """smtp_session.c's forward confirmation as lka_filter.c words it, with OpenSMTPD's
+    resolver's errors: pass; fail (no such name, no address, none is the client's, and a
+    lookup that failed: libasr folds SERVFAIL and timeouts into EAI_NODATA); error (a name
+    that cannot be asked about, a failure of the system itself)."""
+    import asyncio
+    import socket
+
+    from smtpd.filter_proc import fcrdns_result
+
+    def entry(addr):
+        return (socket.AF_INET, socket.SOCK_STREAM, 6, "", (addr, 0))
+    assert fcrdns_result("192.0.2.1", [entry("192.0.2.9"), entry("192.0.2.1")]) == "pass"
+    assert fcrdns_result("192.0.2.1", [entry("192.0.2.9")]) == "fail"
+    assert fcrdns_result("192.0.2.1", []) == "fail"
+    for code in (socket.EAI_NONAME, socket.EAI_NODATA, socket.EAI_AGAIN, socket.EAI_FAIL):
+        assert fcrdns_result("192.0.2.1", socket.gaierror(code, "lookup failed")) == "fail", code
+    assert fcrdns_result("192.0.2.1", asyncio.TimeoutError()) == "fail"
+    assert fcrdns_result("192.0.2.1", socket.gaierror(socket.EAI_SYSTEM, "System error")) == "error"
+    assert fcrdns_result("192.0.2.1", socket.gaierror(socket.EAI_MEMORY, "Memory allocation failure")) == "error"
+    assert fcrdns_result("192.0.2.1", UnicodeError("label too long")) == "error"
+
+
+def test_forward_confirmation_of_local_and_nameless_clients():
+    """Without DNS: a local client passes (OpenSMTPD's local enqueue sets fcrdns); no reverse
+    name fails and asks nothing; localhost, from /etc/hosts, gives back 127.0.0.1 only."""
+    import asyncio
+
+    from smtpd.filter_proc import forward_confirmed
+    assert asyncio.run(forward_confirmed("localhost", "unix:local")) == "pass"
+    assert asyncio.run(forward_confirmed("<unknown>", "192.0.2.1:25")) == "fail"
+    assert asyncio.run(forward_confirmed("", "192.0.2.1:25")) == "fail"
+    assert asyncio.run(forward_confirmed("localhost", "127.0.0.1:4242")) == "pass"
+    assert asyncio.run(forward_confirmed("localhost", "192.0.2.1:4242")) == "fail"
