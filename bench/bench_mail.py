@@ -747,6 +747,29 @@ def build_config(base: Path, port: int, mode: str, sink_port: int,
     return "\n".join(lines) + "\n", home / "Maildir" / "new"
 
 
+class Destination:
+    """Where the run's mail goes and what counts it: the relay sink (``relay``), or a
+    watch on the Maildir's new/ (``maildir``)."""
+
+    def __init__(self, mode: str, tools: Path | None, base: Path, sink_port: int,
+                 new_dir: Path) -> None:
+        self.sink = self.watch = None
+        if mode == "relay":
+            self.sink = PostfixSink(tools, sink_port, base) if tools is not None \
+                else AiosmtpdSink(sink_port, base)
+            self.sink.start()
+            self.counter, self.name, self.rcpt = self.sink.counter, self.sink.name, RELAY_RCPT
+        else:
+            self.watch = MaildirWatch(new_dir)
+            self.watch.start()
+            self.counter, self.name, self.rcpt = self.watch.counter, "maildir new/", MAILDIR_RCPT
+
+    def stop(self) -> None:
+        for thing in (self.watch, self.sink):
+            if thing is not None:
+                thing.stop()
+
+
 class DaemonRun:
     def __init__(self, base: Path, config_text: str) -> None:
         self.base = base
@@ -862,8 +885,7 @@ def run(args: argparse.Namespace) -> dict:
     agent = "mta" if args.mode == "relay" else "mda"
     t_resume: float | None = None
     daemon: DaemonRun | None = None
-    sink = None
-    watch: MaildirWatch | None = None
+    dest: Destination | None = None
     sampler: RssSampler | None = None
     stats = LoadStats()
     counter: Counter | None = None
@@ -875,18 +897,8 @@ def run(args: argparse.Namespace) -> dict:
             raise BenchError("Postfix tools required but bench/get-postfix-tools.sh failed")
         port, sink_port = free_port(), free_port()
         config_text, new_dir = build_config(base, port, args.mode, sink_port, args.filter)
-        if args.mode == "relay":
-            sink = PostfixSink(tools, sink_port, base) if tools is not None else AiosmtpdSink(sink_port, base)
-            sink.start()
-            counter = sink.counter
-            result["sink"] = sink.name
-            rcpt = RELAY_RCPT
-        else:
-            watch = MaildirWatch(new_dir)
-            watch.start()
-            counter = watch.counter
-            result["sink"] = "maildir new/"
-            rcpt = MAILDIR_RCPT
+        dest = Destination(args.mode, tools, base, sink_port, new_dir)
+        counter, rcpt, result["sink"] = dest.counter, dest.rcpt, dest.name
         daemon = DaemonRun(base, config_text)
         daemon.start(*(["-P", agent] if args.hold else []), *(a for w in args.trace for a in ("-T", w)))
         result["boot_seconds"] = round(time.monotonic() - t_start, 2)
@@ -938,8 +950,6 @@ def run(args: argparse.Namespace) -> dict:
         try:
             if sampler is not None:
                 sampler.stop()
-            if watch is not None:
-                watch.stop()
             if daemon is not None:
                 result["daemon_alive_at_end"] = daemon.alive()
                 log = daemon.log()
@@ -949,8 +959,8 @@ def run(args: argparse.Namespace) -> dict:
                     result["log_tail"] = daemon.log_tail(15)
                 daemon.stop()
         finally:
-            if sink is not None:
-                sink.stop()
+            if dest is not None:
+                dest.stop()
             if args.keep:
                 result["kept"] = str(base)
             else:
@@ -968,23 +978,9 @@ def run(args: argparse.Namespace) -> dict:
         "connect_latency_ms": percentiles_ms(stats.connect_seconds),
     })
     if counter is not None:
-        delivered = counter.count
-        last = counter.time_of(min(delivered, stats.accepted) or delivered) if delivered else None
-        result.update({
-            "delivered": delivered,
-            "duplicates": max(0, delivered - stats.accepted),
-            "deliver_seconds": round(last - (t_resume or t0), 3) if t0 and last else None,
-            "delivered_per_s": _r(rate(min(delivered, stats.accepted or delivered), t_resume or t0, last)),
-        })
+        result.update(delivery_results(counter, stats.accepted, t_resume or t0))
     if sampler is not None:
-        result["peak_rss_mib"] = round(sampler.peak_kib / 1024, 1)
-        result["peak_rss_processes"] = sampler.peak_procs
-        result["max_processes"] = sampler.max_procs
-        result["peak_rss_by_process_mib"] = {t: round(k / 1024, 1)
-                                            for t, k in sorted(sampler.peak_by_title.items())}
-        result["peak_pss_mib"] = round(sampler.peak_pss_kib / 1024, 1)
-        result["peak_pss_by_process_mib"] = {t: round(k / 1024, 1)
-                                            for t, k in sorted(sampler.peak_pss_by_title.items())}
+        result.update(memory_results(sampler))
         # Where the CPU went (the daemon's processes, and this load generator itself).
         by_title = cpu_seconds_by_title(sampler.cpu_ticks)
         usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -994,6 +990,31 @@ def run(args: argparse.Namespace) -> dict:
             result["cpu_ms_per_message"] = {t: round(1000 * v / stats.accepted, 2)
                                             for t, v in by_title.items()}
     return result
+
+
+def delivery_results(counter: Counter, accepted: int, t0: float | None) -> dict:
+    """What was delivered (counted by ``counter``) of ``accepted`` messages, from ``t0``."""
+    delivered = counter.count
+    last = counter.time_of(min(delivered, accepted) or delivered) if delivered else None
+    return {
+        "delivered": delivered,
+        "duplicates": max(0, delivered - accepted),
+        "deliver_seconds": round(last - t0, 3) if t0 and last else None,
+        "delivered_per_s": _r(rate(min(delivered, accepted or delivered), t0, last)),
+    }
+
+
+def memory_results(sampler: RssSampler) -> dict:
+    """Peak RSS and PSS of the daemon's processes, in all and per process title."""
+    return {
+        "peak_rss_mib": round(sampler.peak_kib / 1024, 1),
+        "peak_rss_processes": sampler.peak_procs,
+        "max_processes": sampler.max_procs,
+        "peak_rss_by_process_mib": {t: round(k / 1024, 1) for t, k in sorted(sampler.peak_by_title.items())},
+        "peak_pss_mib": round(sampler.peak_pss_kib / 1024, 1),
+        "peak_pss_by_process_mib": {t: round(k / 1024, 1)
+                                    for t, k in sorted(sampler.peak_pss_by_title.items())},
+    }
 
 
 def _r(x: float | None) -> float | None:
