@@ -49,9 +49,9 @@ sys.path.insert(0, str(BENCH))
 
 from bench_mail import (  # noqa: E402  (bench/ is not a package)
     BenchError, DaemonRun, Destination, Interrupted, LoadStats, RssSampler, SmtpError,
-    build_config, close_writer, delivery_results, free_port, get_postfix_tools,
-    latency_text, make_message, memory_results, numbered, open_session, percentiles_ms,
-    pgrp_pids, pss_kib, quit_session, send_message, vmrss_kib, wait_until,
+    build_config, close_writer, cpu_seconds_by_title, delivery_results, free_port,
+    get_postfix_tools, latency_text, make_message, memory_results, numbered, open_session,
+    percentiles_ms, pgrp_pids, pss_kib, quit_session, send_message, vmrss_kib, wait_until,
 )
 
 
@@ -213,7 +213,6 @@ def run(args: argparse.Namespace) -> dict:
     sampler: RssSampler | None = None
     client: Client | None = None
     try:
-        result["client_nofile"] = raise_nofile(args.sessions + 64)
         tools = get_postfix_tools(quiet=True) if args.mode == "relay" else None
         port, sink_port = free_port(), free_port()
         extra = () if args.default_limits else (
@@ -224,6 +223,9 @@ def run(args: argparse.Namespace) -> dict:
         daemon = DaemonRun(base, config_text)
         daemon.start()
         pgid = daemon.proc.pid
+        # after the start: the daemon keeps the limits it was given (raising them for
+        # its sessions is its own business)
+        result["client_nofile"] = raise_nofile(args.sessions + 64)
         sampler = RssSampler(pgid)
         result["idle_rss_mib"] = round(sampler.sample() / 1024, 1)
         result["idle_pss_mib"] = round(sampler.last_pss_kib / 1024, 1)
@@ -291,6 +293,11 @@ def run(args: argparse.Namespace) -> dict:
         result.update(delivery_results(dest.counter, st.accepted, client.all_open_at))
     if sampler is not None:
         result.update(memory_results(sampler))
+        by_title = cpu_seconds_by_title(sampler.cpu_ticks)
+        result["cpu_seconds_by_process"] = by_title
+        if client is not None and client.stats.accepted:
+            result["cpu_ms_per_message"] = {t: round(1000 * v / client.stats.accepted, 2)
+                                            for t, v in by_title.items()}
     return result
 
 

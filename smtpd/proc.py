@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import resource
 import signal
 import time
 from dataclasses import dataclass, field
@@ -68,6 +69,26 @@ def preload() -> None:
     time.localtime()
 
 
+# Enough for tens of thousands of sessions; a hard limit of 2^30 (some containers)
+# would be inherited by every program the children start, some of which close every
+# descriptor up to the limit one by one.
+NOFILE_CAP = 1 << 16
+
+
+def raise_nofile() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit (at most NOFILE_CAP), as OpenSMTPD's
+    config_process() does in every child: under systemd the soft limit is 1024, and
+    pony needs a descriptor per SMTP session (1,000 concurrent sessions must not stall
+    on EMFILE)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = NOFILE_CAP if hard == resource.RLIM_INFINITY else min(hard, NOFILE_CAP)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("warn: cannot raise the descriptor limit from %d to %d: %s", soft, target, exc)
+
+
 def run_child(opts, config) -> int:
     name = opts.proc
     # The syslog socket is connected here, before the chroot, and kept (common/log.py).
@@ -79,6 +100,7 @@ def run_child(opts, config) -> int:
         log.error("fatal: %s: %s", name, exc)
         return 1
     setproctitle(f"smtpd: {name}")
+    raise_nofile()
     module = importlib.import_module(f"smtpd.{name}")
     preload()
     introspection.apply_command_line(opts)
