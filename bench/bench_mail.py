@@ -947,24 +947,7 @@ def run(args: argparse.Namespace) -> dict:
     except BenchError as exc:
         result["error"] = str(exc)
     finally:
-        try:
-            if sampler is not None:
-                sampler.stop()
-            if daemon is not None:
-                result["daemon_alive_at_end"] = daemon.alive()
-                log = daemon.log()
-                result["log_warnings"] = sum(1 for l in log.splitlines()
-                                             if "warn" in l.lower() or "error" in l.lower())
-                if result.get("error") or result.get("timed_out"):
-                    result["log_tail"] = daemon.log_tail(15)
-                daemon.stop()
-        finally:
-            if dest is not None:
-                dest.stop()
-            if args.keep:
-                result["kept"] = str(base)
-            else:
-                shutil.rmtree(base, ignore_errors=True)
+        stop_run(result, sampler, daemon, dest, base, args.keep)
         result["total_seconds"] = round(time.monotonic() - t_start, 2)
 
     t0 = stats.first_connect
@@ -990,6 +973,30 @@ def run(args: argparse.Namespace) -> dict:
             result["cpu_ms_per_message"] = {t: round(1000 * v / stats.accepted, 2)
                                             for t, v in by_title.items()}
     return result
+
+
+def stop_run(result: dict, sampler: RssSampler | None, daemon: DaemonRun | None,
+             dest: Destination | None, base: Path, keep: bool) -> None:
+    """Stop what a run started (None: never was), noting in ``result`` how the daemon
+    ended and its warnings (the log's tail after a failure); remove ``base`` unless kept."""
+    try:
+        if sampler is not None:
+            sampler.stop()
+        if daemon is not None:
+            result["daemon_alive_at_end"] = daemon.alive()
+            log = daemon.log()
+            result["log_warnings"] = sum(1 for line in log.splitlines()
+                                         if "warn" in line.lower() or "error" in line.lower())
+            if result.get("error") or result.get("timed_out") or result.get("failed"):
+                result["log_tail"] = daemon.log_tail(15)
+            daemon.stop()
+    finally:
+        if dest is not None:
+            dest.stop()
+        if keep:
+            result["kept"] = str(base)
+        else:
+            shutil.rmtree(base, ignore_errors=True)
 
 
 def delivery_results(counter: Counter, accepted: int, t0: float | None) -> dict:
@@ -1040,6 +1047,12 @@ def summary(r: dict) -> str:
          f" (idle {f(r.get('idle_pss_mib'), ' MiB')}), {latency_text(r.get('commit_latency_ms'), r['client'])}")
     if r["failed"]:
         s += f", {r['failed']} failed"
+    return s + summary_alarms(r)
+
+
+def summary_alarms(r: dict) -> str:
+    """What must not go unnoticed at the end of a summary line."""
+    s = ""
     if r.get("duplicates"):
         s += f", {r['duplicates']} DUPLICATES"
     if r["timed_out"]:
@@ -1049,26 +1062,31 @@ def summary(r: dict) -> str:
     return s
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-
+def run_and_print(run_fn, summary_fn, args, expected: int) -> int:
+    """Run a bench (stopping what it started on SIGTERM/SIGINT), print its summary and
+    its JSON line; 0 if every one of ``expected`` messages was accepted and delivered."""
     def interrupted(signum, frame):
         raise Interrupted(signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, interrupted)
     signal.signal(signal.SIGINT, interrupted)
     try:
-        result = run(args)
+        result = run_fn(args)
     except Interrupted as exc:
         print(f"bench: interrupted ({exc}); everything started was stopped", file=sys.stderr)
         return 130
-    print(summary(result), flush=True)
+    print(summary_fn(result), flush=True)
     print(json.dumps(result, sort_keys=False), flush=True)
-    if result["error"] and result.get("log_tail"):
+    if result.get("log_tail") and (result["error"] or result.get("failed")):
         print(result["log_tail"], file=sys.stderr)
-    ok = (not result["error"] and not result["timed_out"] and result["accepted"] == args.n
-          and result.get("delivered", 0) == args.n)
+    ok = (not result["error"] and not result["timed_out"] and not result.get("failed")
+          and result["accepted"] == expected and result.get("delivered", 0) == expected)
     return 0 if ok else 1
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return run_and_print(run, summary, args, args.n)
 
 
 if __name__ == "__main__":

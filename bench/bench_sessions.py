@@ -33,12 +33,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as _dt
-import json
 import os
 import platform
 import resource
-import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -48,10 +45,11 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 from bench_mail import (  # noqa: E402  (bench/ is not a package)
-    BenchError, DaemonRun, Destination, Interrupted, LoadStats, RssSampler, SmtpError,
-    build_config, close_writer, cpu_seconds_by_title, delivery_results, free_port,
-    get_postfix_tools, latency_text, make_message, memory_results, numbered, open_session,
-    percentiles_ms, pgrp_pids, pss_kib, quit_session, send_message, vmrss_kib, wait_until,
+    BenchError, DaemonRun, Destination, LoadStats, RssSampler, SmtpError, build_config,
+    close_writer, cpu_seconds_by_title, delivery_results, free_port, get_postfix_tools,
+    latency_text, make_message, memory_results, numbered, open_session, percentiles_ms,
+    pgrp_pids, pss_kib, quit_session, run_and_print, send_message, stop_run, summary_alarms,
+    vmrss_kib, wait_until,
 )
 
 
@@ -248,6 +246,7 @@ def run(args: argparse.Namespace) -> dict:
         except asyncio.TimeoutError:
             result["timed_out"] = True
         accepted = client.stats.accepted
+        result["failed"] = client.stats.failed
         if accepted:
             wait_until(lambda: dest.counter.count >= accepted or not daemon.alive(), deadline, 0.05)
             if dest.counter.count < accepted:
@@ -256,24 +255,7 @@ def run(args: argparse.Namespace) -> dict:
     except BenchError as exc:
         result["error"] = str(exc)
     finally:
-        try:
-            if sampler is not None:
-                sampler.stop()
-            if daemon is not None:
-                result["daemon_alive_at_end"] = daemon.alive()
-                log = daemon.log()
-                result["log_warnings"] = sum(1 for line in log.splitlines()
-                                             if "warn" in line.lower() or "error" in line.lower())
-                if result["log_warnings"] or result["error"] or result["timed_out"]:
-                    result["log_tail"] = daemon.log_tail(15)
-                daemon.stop()
-        finally:
-            if dest is not None:
-                dest.stop()
-            if args.keep:
-                result["kept"] = str(base)
-            else:
-                shutil.rmtree(base, ignore_errors=True)
+        stop_run(result, sampler, daemon, dest, base, args.keep)
         result["total_seconds"] = round(time.monotonic() - t_start, 2)
         result["loadavg_end"] = os.getloadavg()[0]
 
@@ -314,36 +296,12 @@ def summary(r: dict) -> str:
          f" peak PSS {f(r.get('peak_pss_mib'), ' MiB')} (idle {f(r.get('idle_pss_mib'), ' MiB')}),"
          f" peak RSS {f(r.get('peak_rss_mib'), ' MiB')},"
          f" pony {f(r.get('pony_kib_per_open_session'), ' KiB')} per open session")
-    if r.get("duplicates"):
-        s += f", {r['duplicates']} DUPLICATES"
-    if r["timed_out"]:
-        s += ", TIMED OUT"
-    if r["error"]:
-        s += f", ERROR: {r['error'].splitlines()[0]}"
-    return s
+    return s + summary_alarms(r)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-
-    def interrupted(signum, frame):
-        raise Interrupted(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGTERM, interrupted)
-    signal.signal(signal.SIGINT, interrupted)
-    try:
-        result = run(args)
-    except Interrupted as exc:
-        print(f"bench: interrupted ({exc}); everything started was stopped", file=sys.stderr)
-        return 130
-    print(summary(result), flush=True)
-    print(json.dumps(result), flush=True)
-    if result.get("log_tail"):
-        print(result["log_tail"], file=sys.stderr)
-    ok = (not result["error"] and not result["timed_out"] and not result.get("failed")
-          and result.get("accepted") == result["messages"]
-          and result.get("delivered") == result["messages"])
-    return 0 if ok else 1
+    return run_and_print(run, summary, args, args.sessions * args.per_session)
 
 
 if __name__ == "__main__":
