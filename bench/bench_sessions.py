@@ -15,7 +15,8 @@ Boots the real daemon as bench/bench_mail.py does (its code, imported), then:
 
 Reports failures (connect errors, 4xx/5xx replies, timeouts), how many sessions were
 open at the same time, commit and connect latency (p50/p90/p99/max), peak PSS and RSS
-of the daemon's processes, pony's memory per open session, and deliveries.  The
+of the daemon's processes, pony's memory per open session, the daemon's CPU per message
+per process (connection set-up included), and deliveries.  The
 daemon's defaults refuse 1,000 sessions from one address (``smtp limit
 max-sessions 768 max-sessions-per-address 64``): the configuration sets both to
 ``--limit`` (default: the sessions plus 10 %), as an admin expecting that load would;
