@@ -247,6 +247,7 @@ def run_one(daemon: str, mode: str, args: argparse.Namespace, tools: Path, repea
                 watch.stop()
             if server is not None:
                 result["daemon_alive_at_end"] = server.alive()
+                result["log_warnings"] = log_warnings(server.log())
                 if result["error"] or result["timed_out"]:
                     result["log_tail"] = server.log_tail(15)
                 server.stop()
@@ -282,6 +283,12 @@ def run_one(daemon: str, mode: str, args: argparse.Namespace, tools: Path, repea
                                         for t, k in sorted(meter.peak_pss_by_title.items())},
         })
     return result
+
+
+def log_warnings(log: str) -> int:
+    """Lines of a daemon's log that report a warning or worse."""
+    words = ("warn", "error", "fatal", "panic")
+    return sum(1 for line in log.lower().splitlines() if any(w in line for w in words))
 
 
 def _r(x: float | None) -> float | None:

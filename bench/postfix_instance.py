@@ -112,7 +112,7 @@ def master_cf_text(dist: str, port: int) -> str:
     out = []
     listener = False
     for line in dist.splitlines():
-        m = _SERVICE.match(line)
+        m = None if line.startswith("#") else _SERVICE.match(line)
         if m:
             name, _, kind = m.group(1), m.group(2), m.group(3)
             chroot_at = m.start(9)
