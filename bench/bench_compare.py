@@ -55,7 +55,8 @@ from bench_mail import (  # noqa: E402
     MAILDIR_RCPT, MAILDIR_USER, RELAY_RCPT, BenchError, DaemonRun, Interrupted, LoadStats,
     MaildirWatch, PostfixSink, build_config, free_port, get_postfix_tools, rate,
     smtp_source_load, wait_until)
-from postfix_instance import PostfixError, PostfixInstance, ensure_users, session_pids  # noqa: E402
+from postfix_instance import (  # noqa: E402
+    PostfixError, PostfixInstance, ensure_users, session_members, session_pids)
 
 DAEMONS = ("postfix", "pysmtpd")
 MODES = ("relay", "maildir")
@@ -67,26 +68,6 @@ PR_SET_CHILD_SUBREAPER = 36
 
 
 # --------------------------------------------------------------------------- /proc
-
-def stat_fields(pid: int) -> list[bytes] | None:
-    """The fields of /proc/PID/stat after the command name (state is [0])."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def session_members(sid: int) -> list[tuple[int, list[bytes]]]:
-    """(pid, stat fields) of every process of session ``sid``, zombies included."""
-    out = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            fields = stat_fields(int(entry.name))
-            if fields is not None and int(fields[3]) == sid:
-                out.append((int(entry.name), fields))
-    return out
-
 
 def tree_cpu_ticks(members: list[tuple[int, list[bytes]]]) -> int:
     """utime + stime + cutime + cstime summed: every process of the session, and the
@@ -127,7 +108,7 @@ class TreeMeter(threading.Thread):
     def sample(self) -> int:
         total_pss = total_rss = 0
         by_title: dict[str, int] = {}
-        members = [pid for pid, f in session_members(self.sid) if f[0] != b"Z"]
+        members = session_pids(self.sid)
         for pid in members:
             try:
                 with open(f"/proc/{pid}/smaps_rollup") as f:

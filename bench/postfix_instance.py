@@ -295,17 +295,26 @@ class PostfixInstance:
             pass
 
 
-def session_pids(sid: int) -> list[int]:
-    """PIDs of the live (not zombie) processes of session ``sid``."""
+def stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of /proc/PID/stat after the command name (state is [0], session [3])."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def session_members(sid: int) -> list[tuple[int, list[bytes]]]:
+    """(pid, stat fields) of every process of session ``sid``, zombies included."""
     out = []
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != b"Z":
-            out.append(int(entry.name))
+        if entry.name.isdigit():
+            fields = stat_fields(int(entry.name))
+            if fields is not None and int(fields[3]) == sid:
+                out.append((int(entry.name), fields))
     return out
+
+
+def session_pids(sid: int) -> list[int]:
+    """PIDs of the live (not zombie) processes of session ``sid``."""
+    return [pid for pid, fields in session_members(sid) if fields[0] != b"Z"]
