@@ -289,6 +289,8 @@ def spread(values: list[float | None], digits: int = 0) -> str:
     if not xs:
         return "n/a"
     lo, hi = min(xs), max(xs)
+    if digits == 0 and hi < 10:
+        digits = 1                     # a rate of 4.5 msg/s is not "4"
     fmt = f"{{:.{digits}f}}"
     return fmt.format(lo) if fmt.format(lo) == fmt.format(hi) else f"{fmt.format(lo)}-{fmt.format(hi)}"
 

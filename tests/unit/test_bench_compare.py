@@ -148,6 +148,7 @@ def test_spread():
     assert bc.spread([None, None]) == "n/a"
     assert bc.spread([454.2, 480.4, None]) == "454-480"
     assert bc.spread([3.04, 3.01], 1) == "3.0"
+    assert bc.spread([4.5]) == "4.5"
 
 
 def test_table_rows_ranges_ratio_and_incomplete_runs():
