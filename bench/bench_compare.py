@@ -86,12 +86,15 @@ def pss_kib(smaps_rollup: str) -> tuple[int, int]:
     return pss, rss
 
 
-def process_title(pid: int) -> str:
+def process_title(pid: int) -> str | None:
+    """argv[0] without its directory (pysmtpd's are set by setproctitle), "(exiting)"
+    for a process on its way out, None once it is gone."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().split(b"\0")[0].decode(errors="replace").rsplit("/", 1)[-1]
+            title = f.read().split(b"\0")[0].decode(errors="replace").rsplit("/", 1)[-1]
     except OSError:
-        return "?"
+        return None
+    return title or "(exiting)"
 
 
 class TreeMeter(threading.Thread):
@@ -110,6 +113,9 @@ class TreeMeter(threading.Thread):
         by_title: dict[str, int] = {}
         members = session_pids(self.sid)
         for pid in members:
+            title = process_title(pid)
+            if title is None:
+                continue
             try:
                 with open(f"/proc/{pid}/smaps_rollup") as f:
                     pss, rss = pss_kib(f.read())
@@ -117,7 +123,6 @@ class TreeMeter(threading.Thread):
                 continue
             total_pss += pss
             total_rss += rss
-            title = process_title(pid)
             by_title[title] = by_title.get(title, 0) + pss
         self.peak_pss_kib = max(self.peak_pss_kib, total_pss)
         self.peak_rss_kib = max(self.peak_rss_kib, total_rss)
