@@ -56,19 +56,24 @@ def _title(pid: int) -> str:
         return ""
 
 
-def pss_kib(pid: int) -> int:
-    """Pss of /proc/PID/smaps_rollup (0 once the process is gone)."""
+def pss_kib(pid: int) -> tuple[int, int]:
+    """(Pss, Private_Clean + Private_Dirty) of /proc/PID/smaps_rollup, in KiB
+    ((0, 0) once the process is gone).  The private part is what the process alone
+    holds: what ending it would give back."""
+    pss = private = 0
     try:
         with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
             for line in f:
                 if line.startswith(b"Pss:"):
-                    return int(line.split()[1])
+                    pss = int(line.split()[1])
+                elif line.startswith((b"Private_Clean:", b"Private_Dirty:")):
+                    private += int(line.split()[1])
     except (OSError, ValueError, IndexError):
         pass
-    return 0
+    return pss, private
 
 
-def group_pss(pgid: int) -> dict[int, tuple[str, int]]:
+def group_pss(pgid: int) -> dict[int, tuple[str, tuple[int, int]]]:
     out = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -84,10 +89,11 @@ def group_pss(pgid: int) -> dict[int, tuple[str, int]]:
     return out
 
 
-def by_title(sample: dict[int, tuple[str, int]]) -> dict[str, float]:
+def by_title(sample, part: int = 0) -> dict[str, float]:
+    """MiB per title (summed over processes of one title): PSS, or with part=1 private."""
     out: dict[str, float] = {}
     for title, kib in sample.values():
-        out[title] = out.get(title, 0) + kib
+        out[title] = out.get(title, 0) + kib[part]
     return {t: round(v / 1024, 1) for t, v in sorted(out.items())}
 
 
@@ -107,8 +113,9 @@ def idle_sample(settle: float) -> int:
         daemon.start()
         time.sleep(settle)
         sample = group_pss(daemon.proc.pid)
-        print(json.dumps({"idle_pss_mib": round(sum(k for _, k in sample.values()) / 1024, 1),
-                          "idle_pss_by_process_mib": by_title(sample)}))
+        print(json.dumps({"idle_pss_mib": round(sum(k[0] for _, k in sample.values()) / 1024, 1),
+                          "idle_pss_by_process_mib": by_title(sample),
+                          "idle_private_by_process_mib": by_title(sample, 1)}))
     finally:
         if daemon is not None:
             daemon.stop()
@@ -147,7 +154,7 @@ def main(argv: list[str]) -> int:
             if not sample:
                 break
             samples += 1
-            total = sum(kib for _, kib in sample.values())
+            total = sum(kib[0] for _, kib in sample.values())
             if total > peak_total:
                 peak_total, peak_sample = total, sample
             for title, mib in by_title(sample).items():
@@ -164,10 +171,11 @@ def main(argv: list[str]) -> int:
             break
     print(json.dumps({
         "pss": True, "samples": samples,
-        "idle_pss_mib": round(sum(k for _, k in idle.values()) / 1024, 1),
+        "idle_pss_mib": round(sum(k[0] for _, k in idle.values()) / 1024, 1),
         "idle_pss_by_process_mib": by_title(idle),
         "peak_pss_mib": round(peak_total / 1024, 1),
         "peak_pss_by_process_mib": by_title(peak_sample),
+        "peak_private_by_process_mib": by_title(peak_sample, 1),
         "highest_pss_by_process_mib": highest,
         "max_delivery_workers": max_workers,
         "cpu_ms_per_message": bench_json.get("cpu_ms_per_message"),
