@@ -14,7 +14,8 @@ sample), peak PSS summed and per title at that peak, and the highest seen per ti
     python bench/pss.py --mode maildir -n 2000 -s 10 --client smtp-source
     python bench/pss.py --idle [SECONDS]     # boot, wait (3 s), one sample, stop
 
-Bounded: stops sampling when bench_mail.py exits (its own --timeout applies).
+Sampling stops once the daemon's log says every message was delivered (the daemon's
+stop is not load), or when bench_mail.py exits (its own --timeout applies).
 """
 from __future__ import annotations
 
@@ -123,6 +124,45 @@ def idle_sample(settle: float) -> int:
     return 0
 
 
+class DeliveryLog:
+    """The daemon's log (bench_mail.py's smtpd.log, next to the configuration it
+    starts the daemon with), read as it grows: sampling stops once every message was
+    delivered, so the stop of the daemon (bench_mail.py stops it a second later) is
+    not counted as load."""
+
+    def __init__(self, daemon: int, messages: int) -> None:
+        self.messages = messages
+        self.delivered = 0
+        self.offset = 0
+        self.partial = b""
+        try:
+            with open(f"/proc/{daemon}/cmdline", "rb") as f:
+                args = f.read().decode(errors="replace").split("\0")
+            self.path = Path(args[args.index("-f") + 1]).parent / "smtpd.log"
+        except (OSError, ValueError, IndexError):
+            self.path = None
+
+    def all_done(self) -> bool:
+        if self.path is None:
+            return False
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return False
+        self.offset += len(data)
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()
+        self.delivered += sum(1 for line in lines if b" delivery " in line
+                              and (b"result=Ok" in line or b'result="Ok"' in line))
+        return self.delivered >= self.messages
+
+
+def _messages(argv: list[str]) -> int:
+    return int(argv[argv.index("-n") + 1]) if "-n" in argv else 2000
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--idle"]:
         return idle_sample(float(argv[1]) if len(argv) > 1 else 3.0)
@@ -149,7 +189,8 @@ def main(argv: list[str]) -> int:
             time.sleep(0.05)
         time.sleep(1.0)
         idle = group_pss(daemon)
-        while bench.poll() is None:
+        deliveries = DeliveryLog(daemon, _messages(argv))
+        while bench.poll() is None and not deliveries.all_done():
             sample = group_pss(daemon)
             if not sample:
                 break

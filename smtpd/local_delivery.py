@@ -22,6 +22,7 @@ that is leaving.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -108,6 +109,11 @@ def _drop_to(uid: int, gid: int) -> None:
 
 
 def _worker(uid: int, gid: int, parent_pid: int, sock: socket.socket) -> int:
+    # What was inherited stays untouched: a collection would write to (and so copy)
+    # the parent's pages.  What the worker makes, a few objects per message, is freed
+    # by reference counting, and it lives for at most MAX_DELIVERIES messages.
+    gc.disable()
+    gc.freeze()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)       # a pipe to an mda that left: EPIPE

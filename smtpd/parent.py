@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from setproctitle import setproctitle
@@ -32,7 +33,7 @@ from common.messages import (
 )
 from smtpd import (
     auth, delivery_mbox, fd_channel, fdpass, filter_proc, forward, introspection, listeners, local_delivery,
-    metrics, offline, sdnotify, spawn, tls,
+    offline, proc_usage, sdnotify, spawn, tls,
 )
 from smtpd.config import ConfigError
 from smtpd.main import CHILDREN, EXIT_CONFIG, VERSION, load_config
@@ -41,6 +42,7 @@ from smtpd.reload import Reloader
 log = logging.getLogger("smtpd")
 
 SETUP_TIMEOUT = 30.0
+EXECUTOR_THREADS = 2
 STOP_GRACE = 3.0
 
 
@@ -209,7 +211,7 @@ class Parent:
             self.done.set()
 
     async def handle(self, peer: str, msg: Msg) -> None:
-        if await introspection.handle(self.mesh, "parent", peer, msg, processes=lambda: metrics.process_usage(
+        if await introspection.handle(self.mesh, "parent", peer, msg, processes=lambda: proc_usage.process_usage(
                 {"parent": os.getpid(), **{name: proc.pid for name, proc in self.children.items()}})):
             return
         if isinstance(msg, SetupDone):
@@ -302,6 +304,10 @@ class Parent:
 
     async def main(self) -> int:
         loop = asyncio.get_running_loop()
+        # The threads run the blocking reads of ~/.forward and :include: files and the
+        # system's password checks: two are plenty, and each costs a stack and a
+        # malloc arena (the default pool grew to six under load).
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=EXECUTOR_THREADS))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.shutdown, 0)
         loop.add_signal_handler(signal.SIGHUP, self._sighup)
