@@ -124,9 +124,40 @@ def idle_sample(settle: float) -> int:
     return 0
 
 
+def _ticks(pid: int) -> tuple[int, int]:
+    """(utime + stime, cutime + cstime) of a process, in clock ticks."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return 0, 0
+    return int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
+
+
+class ParentCpu:
+    """The parent's CPU apart from its delivery workers' (which share its title, so
+    bench_mail.py counts them together): the parent's own time, and the workers' as
+    the parent's reaped-children time plus that of the workers still alive."""
+
+    def __init__(self, parent: int) -> None:
+        self.parent = parent
+        self.own0, self.reaped0 = _ticks(parent)
+        self.live: dict[int, int] = {}
+
+    def sample(self, workers: list[int]) -> None:
+        self.own, self.reaped = _ticks(self.parent)
+        self.live = {pid: _ticks(pid)[0] for pid in workers}
+
+    def ms_per_message(self, messages: int) -> dict[str, float]:
+        hz = os.sysconf("SC_CLK_TCK")
+        if not messages or not hasattr(self, "own"):
+            return {}
+        workers = self.reaped - self.reaped0 + sum(self.live.values())
+        return {"parent alone": round(1000 * (self.own - self.own0) / hz / messages, 3),
+                "delivery workers": round(1000 * workers / hz / messages, 3)}
+
+
 class DeliveryLog:
-    """The daemon's log (bench_mail.py's smtpd.log, next to the configuration it
-    starts the daemon with), read as it grows: sampling stops once every message was
+    """The daemon's log (bench_mail.py's smtpd.log, the daemon's standard error),
+    read as it grows: sampling stops once every message was
     delivered, so the stop of the daemon (bench_mail.py stops it a second later) is
     not counted as load."""
 
@@ -135,11 +166,11 @@ class DeliveryLog:
         self.delivered = 0
         self.offset = 0
         self.partial = b""
-        try:
-            with open(f"/proc/{daemon}/cmdline", "rb") as f:
-                args = f.read().decode(errors="replace").split("\0")
-            self.path = Path(args[args.index("-f") + 1]).parent / "smtpd.log"
-        except (OSError, ValueError, IndexError):
+        try:                    # its standard error is the log file (its title hides its argv)
+            self.path = os.readlink(f"/proc/{daemon}/fd/2")
+        except OSError:
+            self.path = None
+        if self.path is not None and not self.path.endswith("smtpd.log"):
             self.path = None
 
     def all_done(self) -> bool:
@@ -180,6 +211,7 @@ def main(argv: list[str]) -> int:
         daemon = find_daemon(bench.pid)
         time.sleep(0.05)
     idle: dict[int, tuple[str, int]] = {}
+    parent_cpu = None
     peak_total, peak_sample, highest, samples, max_workers = 0, {}, {}, 0, 0
     if daemon is not None:
         # wait until the five children are up (the daemon says "ready" in its log)
@@ -190,6 +222,7 @@ def main(argv: list[str]) -> int:
         time.sleep(1.0)
         idle = group_pss(daemon)
         deliveries = DeliveryLog(daemon, _messages(argv))
+        parent_cpu = ParentCpu(daemon)
         while bench.poll() is None and not deliveries.all_done():
             sample = group_pss(daemon)
             if not sample:
@@ -200,7 +233,10 @@ def main(argv: list[str]) -> int:
                 peak_total, peak_sample = total, sample
             for title, mib in by_title(sample).items():
                 highest[title] = max(highest.get(title, 0), mib)
-            max_workers = max(max_workers, sum(1 for t, _ in sample.values() if t == "delivery worker"))
+            workers = [pid for pid, (t, _) in sample.items() if t == "delivery worker"]
+            max_workers = max(max_workers, len(workers))
+            if READY <= {t for t, _ in sample.values()}:     # (a core child's end adds to cutime)
+                parent_cpu.sample(workers)
             time.sleep(interval)
     bench.wait()
     reader.join(5)
@@ -220,6 +256,8 @@ def main(argv: list[str]) -> int:
         "highest_pss_by_process_mib": highest,
         "max_delivery_workers": max_workers,
         "cpu_ms_per_message": bench_json.get("cpu_ms_per_message"),
+        "parent_cpu_ms_per_message": parent_cpu.ms_per_message(bench_json.get("accepted") or 0)
+        if parent_cpu is not None else None,
         "accepted_per_s": bench_json.get("accepted_per_s"),
         "delivered_per_s": bench_json.get("delivered_per_s"),
     }))
