@@ -279,10 +279,12 @@ class Parent:
         """A user's .forward or an :include: file for lka's expansion: only root can
         read every home (smtpd/forward.py has the checks)."""
         try:
+            # run_in_executor: to_thread's copy of the context is not needed here
+            loop = asyncio.get_running_loop()
             if msg.kind == "forward":
-                status, text = await asyncio.to_thread(forward.read_forward, msg.user, msg.home, msg.uid)
+                status, text = await loop.run_in_executor(None, forward.read_forward, msg.user, msg.home, msg.uid)
             else:
-                status, text = await asyncio.to_thread(forward.read_include, msg.path)
+                status, text = await loop.run_in_executor(None, forward.read_include, msg.path)
         except Exception:
             log.exception("warn: smtpd: reading %s for lka failed", msg.path or f"{msg.home}/.forward")
             status, text = "tempfail", ""
