@@ -97,11 +97,8 @@ def limits_from_config(config) -> tuple[Limits, dict[str, Limits]]:
     """`mta limit` settings over mta_routes.Limits' defaults: the default limits, and
     those of each domain named (which start from the default ones)."""
     def build(*settings: dict[str, int]) -> Limits:
-        limits = Limits()
-        for s in settings:
-            for key, value in s.items():
-                setattr(limits, key.replace("-", "_"), value)
-        return limits
+        # the keys set are the Limits' explicit ones: applied exactly as OpenSMTPD does
+        return Limits(**{key.replace("-", "_"): value for s in settings for key, value in s.items()})
     base = config.mta_limits.get("", {})
     return build(base), {d: build(base, s) for d, s in config.mta_limits.items() if d}
 
@@ -368,6 +365,7 @@ class Mta:
         SESSION.set(session_id)
         port = relay.key.port or self.config.mta_mx_port
         ready = False
+        failed = True            # until the session ends cleanly
         penalize = True          # a failed first connection disables the route
         reason = ROUTE_DISABLED_NET
         stat.increment("mta.task.running")
@@ -408,7 +406,10 @@ class Mta:
                 return
             ready = True
             self.routing.ready(relay, route)
+            if relay.tasks:
+                self._drain(relay)       # a working route may take one more connection now
             messages = await self._serve(relay, conn, session_id, host.text())
+            failed = conn.failed
             if conn.usable:
                 await conn.close()
                 log.info("%016x mta disconnected reason=quit messages=%d", session_id, messages)
@@ -418,7 +419,7 @@ class Mta:
             log.exception("warn: mta: session %016x failed", session_id)
         finally:
             stat.decrement("mta.task.running")
-            delay = self.routing.closed(relay, route, ready, time.monotonic(), penalize, reason)
+            delay = self.routing.closed(relay, route, ready, time.monotonic(), penalize, reason, failed)
             if delay:
                 log.info("smtp-out: Disabling route %s for %ds", route.text(), delay)
                 self._schedule_enable()
@@ -491,6 +492,7 @@ class Mta:
                                             len(message), dsn)
         except _NETWORK_ERRORS as exc:
             conn.usable = False
+            conn.failed = True
             text = failure_text(exc)
             log.info("%016x mta error reason=%s", session_id, log_text(text, COMMAND))
             await self._task_report(task, "tempfail", text, relay_text, session_id)

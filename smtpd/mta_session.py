@@ -190,6 +190,7 @@ class Connection:
         self.client: SmtpClient | None = None
         self.extensions: dict[str, str] = {}
         self.usable = False          # greeted, and the last transaction ended cleanly
+        self.failed = False          # a transaction broke on a network or protocol error
         self.transactions = 0
         self.txn_replies = 0         # reads with data in the current transaction (0: no reply)
         self.tls_text = ""           # VERSION:CIPHER:BITS once TLS is on
