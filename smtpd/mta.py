@@ -32,7 +32,8 @@ from common.durations import duration_to_text
 from common.envelope import Envelope
 from common.ipc import PeerTimeout
 from common.messages import (
-    CtlLinesReply, CtlMtaBlock, CtlReply, CtlRequest, DeliveryResult, MessageContent, MessageOpen,
+    CtlLinesReply, CtlMtaBlock, CtlReply, CtlRequest, DeliveryResult, DeliveryResults, MessageContent,
+    MessageOpen,
     MtaDnsLookup, MtaDnsReply, MtaHeloReply, MtaHoldqRelease, MtaLookupHelo, MtaLookupSource,
     MtaSourceReply,
 )
@@ -132,6 +133,7 @@ class Mta:
         self.work: dict[RelayKey, asyncio.Event] = {}   # set when a relay gets a task
         self.timers: dict[RelayKey, asyncio.TimerHandle] = {}
         self.enable_timer: asyncio.TimerHandle | None = None
+        self.results: list[DeliveryResult] = []     # to the queue at the end of this loop turn
 
     @property
     def config(self):
@@ -585,7 +587,7 @@ class Mta:
         new envelopes in a hold queue of its own, released by `task-release` when it is
         down to `task-lowat`."""
         waiting = relay.ntask + self.gathering.get(relay.key, 0)
-        if not relay.onhold and waiting >= relay.limits.task_hiwat:
+        if not relay.onhold and waiting >= self.routing.task_marks(relay)[0]:
             log.info("smtp-out: hiwat reached on %s: holding envelopes", relay.key.text())
             relay.onhold = True
         if not relay.onhold:
@@ -598,7 +600,7 @@ class Mta:
         return True
 
     def _task_taken(self, relay: Relay) -> None:
-        if relay.ntask == relay.limits.task_lowat:
+        if relay.ntask == self.routing.task_marks(relay)[1]:
             if relay.onhold:
                 log.info("smtp-out: back to lowat on %s: releasing", relay.key.text())
                 relay.onhold = False
@@ -724,10 +726,24 @@ class Mta:
                      'relay="%s" delay=%s result="%s" stat="%s"%s', session_id, env.id, env.sender,
                      env.dest, env.rcpt if env.rcpt != env.dest else "-", source, relay,
                      duration_to_text(now - env.ctime), word, log_text(detail, COMMAND), extra)
-            esc = _esc_code(detail)
-            await self.pony.mesh.send("queue", DeliveryResult(
+            self._result(DeliveryResult(
                 evpid=env.id, agent="mta", status=status if status in ("ok", "permfail") else "tempfail",
-                errorline=detail, esc_code=esc, dsn_notify=env.dsn_notify, remote_dsn=remote_dsn))
+                errorline=detail, esc_code=_esc_code(detail), dsn_notify=env.dsn_notify,
+                remote_dsn=remote_dsn))
+
+    def _result(self, result: DeliveryResult) -> None:
+        """Results go to the queue together at the end of this turn of the event loop:
+        the sessions whose replies came in the same wake-up share one message (and one
+        wake-up of the queue).  No delay is added; nothing waits on them here."""
+        if not self.results:
+            asyncio.get_running_loop().call_soon(self._send_results)
+        self.results.append(result)
+
+    def _send_results(self) -> None:
+        results, self.results = self.results, []
+        if results:
+            self.pony.spawn(self.pony.mesh.send(
+                "queue", results[0] if len(results) == 1 else DeliveryResults(results=results)))
 
 
 def _source_fields(src: str | None) -> dict[str, str]:

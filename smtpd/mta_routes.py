@@ -605,6 +605,18 @@ class Routing:
             return 0.0
         return relay.sent[0] + lim.max_msg_period - now
 
+    def task_marks(self, relay: Relay) -> tuple[int, int]:
+        """(task-hiwat, task-lowat) of the relay now.  OpenSMTPD's marks bound the tasks a
+        relay holds in memory; pysmtpd scales the default ones by the relay's ready
+        sessions, so a relay whose connections are taking its tasks does not push its
+        new envelopes back to the scheduler (a hold and a release each) while a stuck
+        one (no ready session) still holds them at 50.  Marks the configuration sets
+        apply as they are."""
+        lim = relay.limits
+        scale = 1 if "task_hiwat" in lim.explicit or "task_lowat" in lim.explicit \
+            else max(1, relay.nconn_ready)
+        return lim.task_hiwat * scale, lim.task_lowat * scale
+
     def take_task(self, relay: Relay, now: float):
         """The next task for a session of the relay, or None; counts it against the rate."""
         if not relay.tasks or self.rate_wait(relay, now) > 0:

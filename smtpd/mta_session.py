@@ -207,7 +207,9 @@ class Connection:
         if FLAGS.io:
             trace("mta: %016x: IO_DATAOUT %d bytes", self.session, len(out))
         self.writer.write(out)
-        await asyncio.wait_for(self.writer.drain(), self.timeout)
+        if self.writer.transport.get_write_buffer_size():
+            # the kernel did not take it all (a slow peer): wait, bounded, for room
+            await asyncio.wait_for(self.writer.drain(), self.timeout)
 
     async def _next(self):
         """The dialogue's next event, reading and writing as it needs."""

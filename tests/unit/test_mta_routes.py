@@ -345,3 +345,17 @@ def test_no_connection_opens_while_the_message_rate_is_reached():
     d = r.connect(relay, r.source(), 1.0)
     assert d.route is None and d.retry_at == 60.0
     assert r.connect(relay, r.source(), 60.0).route is route
+
+
+def test_default_task_marks_grow_with_the_ready_sessions_and_configured_ones_do_not():
+    r = Routing(rng=random.Random(1))
+    relay = relay_with(r, [(10, "a", "10.0.0.1")], tasks=100)
+    assert r.task_marks(relay) == (50, 30)                   # a stuck relay: OpenSMTPD's marks
+    for _ in range(3):
+        open_ready(r, relay, 0.0)
+    assert r.task_marks(relay) == (150, 90)
+    r = Routing(Limits(task_hiwat=2, task_lowat=1), rng=random.Random(1))
+    relay = relay_with(r, [(10, "a", "10.0.0.1")], tasks=100)
+    open_ready(r, relay, 0.0)
+    open_ready(r, relay, 0.0)
+    assert r.task_marks(relay) == (2, 1)

@@ -85,29 +85,59 @@ def test_banner_refused_is_a_failure_and_quits():
     assert client.data_to_send() == b"QUIT\r\n"
 
 
-def test_pipelining_sends_mail_and_rcpts_at_once_and_data_after():
+def test_pipelining_sends_mail_rcpts_and_data_at_once_and_the_message_after_354():
     client = greeted(plain(), b"250-mx.test\r\n250-PIPELINING\r\n250 SIZE 1000\r\n")
     client.send_mail(Transaction("a@x.test", ("b@y.test", "c@y.test"), b"hi\n", size=3))
     assert client.data_to_send() == (b"MAIL FROM:<a@x.test> SIZE=3\r\nRCPT TO:<b@y.test>\r\n"
-                                     b"RCPT TO:<c@y.test>\r\n")
-    assert events(client, b"250 ok\r\n250 ok\r\n") == []
-    assert client.data_to_send() == b""          # DATA waits for every RCPT reply
-    events(client, b"250 ok\r\n")
-    assert client.data_to_send() == b"DATA\r\n"
+                                     b"RCPT TO:<c@y.test>\r\nDATA\r\n")
+    assert events(client, b"250 ok\r\n250 ok\r\n550 no\r\n") == []
+    assert client.data_to_send() == b""          # the message waits for the 354
     events(client, b"354 go\r\n")
     assert client.data_to_send() == b"hi\r\n.\r\n"
     (done,) = events(client, b"250 ok\r\n")
-    assert [r.status for r in done.results] == ["ok", "ok"]
+    assert [(r.status, r.reply) for r in done.results] == [("ok", "250 ok"), ("permfail", "550 no")]
 
 
-def test_pipelining_no_recipient_taken_means_rset_not_data():
+def test_pipelining_no_recipient_taken_means_no_message_then_rset():
+    client = greeted(plain(), b"250-mx.test\r\n250 PIPELINING\r\n")
+    client.send_mail(Transaction("a@x.test", ("b@y.test",), b"hi\n"))
+    assert client.data_to_send().endswith(b"DATA\r\n")
+    events(client, b"250 ok\r\n550 no\r\n554 no valid recipients\r\n")
+    assert client.data_to_send() == b"RSET\r\n"
+    (done,) = events(client, b"250 ok\r\n")
+    assert [(r.status, r.reply) for r in done.results] == [("permfail", "550 no")] and done.reusable
+
+
+def test_pipelining_a_354_after_no_recipient_gets_an_empty_message_not_the_body():
+    client = greeted(plain(), b"250-mx.test\r\n250 PIPELINING\r\n")
+    client.send_mail(Transaction("a@x.test", ("b@y.test", "c@y.test"), b"secret\n"))
+    client.data_to_send()
+    events(client, b"250 ok\r\n450 busy\r\n550 no\r\n354 go\r\n")
+    assert client.data_to_send() == b".\r\n"
+    assert events(client, b"554 no recipients\r\n") == []
+    assert client.data_to_send() == b"RSET\r\n"
+    (done,) = events(client, b"250 ok\r\n")
+    assert [(r.status, r.reply) for r in done.results] == [("tempfail", "450 busy"), ("permfail", "550 no")]
+
+
+def test_pipelining_refused_mail_fails_every_recipient_with_its_reply():
     client = greeted(plain(), b"250-mx.test\r\n250 PIPELINING\r\n")
     client.send_mail(Transaction("a@x.test", ("b@y.test",), b"hi\n"))
     client.data_to_send()
-    events(client, b"250 ok\r\n550 no\r\n")
+    events(client, b"451 try later\r\n503 need mail\r\n503 need rcpt\r\n")
     assert client.data_to_send() == b"RSET\r\n"
     (done,) = events(client, b"250 ok\r\n")
-    assert done.results[0].status == "permfail" and done.reusable
+    assert [(r.status, r.reply) for r in done.results] == [("tempfail", "451 try later")]
+
+
+def test_pipelining_refused_data_fails_the_recipients_taken():
+    client = greeted(plain(), b"250-mx.test\r\n250 PIPELINING\r\n")
+    client.send_mail(Transaction("a@x.test", ("b@y.test", "c@y.test"), b"hi\n"))
+    client.data_to_send()
+    events(client, b"250 ok\r\n250 ok\r\n550 no\r\n452 no room\r\n")
+    assert client.data_to_send() == b"RSET\r\n"
+    (done,) = events(client, b"250 ok\r\n")
+    assert [(r.status, r.reply) for r in done.results] == [("tempfail", "452 no room"), ("permfail", "550 no")]
 
 
 def test_size_over_the_peer_limit_fails_before_mail():
