@@ -26,6 +26,7 @@ import asyncio
 import ipaddress
 import logging
 import time
+from collections import deque
 
 from common import stat
 from common.durations import duration_to_text
@@ -130,7 +131,8 @@ class Mta:
         self.failing: dict[str, FailingRelay] = {}
         self.holdq_ids = 0
         self.gathering: dict[RelayKey, int] = {}        # tasks being gathered, per relay
-        self.work: dict[RelayKey, asyncio.Event] = {}   # set when a relay gets a task
+        # the sessions of each relay waiting for a task: a new task wakes one of them
+        self.idle: dict[RelayKey, deque[asyncio.Future]] = {}
         self.timers: dict[RelayKey, asyncio.TimerHandle] = {}
         self.enable_timer: asyncio.TimerHandle | None = None
         self.results: list[DeliveryResult] = []     # to the queue at the end of this loop turn
@@ -212,14 +214,19 @@ class Mta:
             return
         relay.tasks.append(Task(envelopes, action))
         stat.increment("mta.task")
-        self._event(key).set()
+        self._wake_one(key)
         self._drain(relay)
 
-    def _event(self, key: RelayKey) -> asyncio.Event:
-        event = self.work.get(key)
-        if event is None:
-            event = self.work[key] = asyncio.Event()
-        return event
+    def _wake_one(self, key: RelayKey) -> None:
+        """One idle session of the relay, the last one to have gone idle, looks for a
+        task (not all of them: the others would only find none and wait again; and the
+        sessions woken least go idle long enough to end at session-keepalive)."""
+        waiters = self.idle.get(key)
+        while waiters:
+            waiter = waiters.pop()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     # -- opening sessions (mta_drain, mta_connect) ---------------------------------------------
 
@@ -328,7 +335,7 @@ class Mta:
             timer = self.timers.pop(relay.key, None)
             if timer is not None:
                 timer.cancel()
-            self.work.pop(relay.key, None)
+            self.idle.pop(relay.key, None)
             _RELAYS.discard(relay.key)
             _CONNECTORS.discard((relay.key, ""))
             _SOURCES.discard("")
@@ -433,7 +440,6 @@ class Mta:
         """Send the relay's tasks on ``conn`` until none comes for `session-keepalive`
         seconds, the session's quota is reached, or the connection fails."""
         limits = relay.limits
-        event = self._event(relay.key)
         messages = 0
         while messages < limits.session_mail_max and conn.usable:
             if _closed_by_peer(conn):
@@ -441,7 +447,7 @@ class Mta:
                 break
             task = self.routing.take_task(relay, time.monotonic())
             if task is None:
-                if not await self._wait_task(relay, event, limits.session_keepalive):
+                if not await self._wait_task(relay, limits.session_keepalive):
                     break
                 continue
             stat.decrement("mta.task")
@@ -451,9 +457,11 @@ class Mta:
             messages += 1
             if limits.session_transaction_delay:
                 await asyncio.sleep(limits.session_transaction_delay)
+        if relay.tasks:
+            self._wake_one(relay.key)    # this session may have been woken for a task it leaves
         return messages
 
-    async def _wait_task(self, relay: Relay, event: asyncio.Event, keepalive: float) -> bool:
+    async def _wait_task(self, relay: Relay, keepalive: float) -> bool:
         """Whether a task may be there for this session within ``keepalive`` seconds."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + keepalive
@@ -470,11 +478,16 @@ class Mta:
                     return False
                 await asyncio.sleep(wait)
                 continue
-            event.clear()
+            waiter = loop.create_future()
+            waiters = self.idle.setdefault(relay.key, deque())
+            waiters.append(waiter)
             try:
-                await asyncio.wait_for(event.wait(), remaining)
+                await asyncio.wait_for(waiter, remaining)
             except TimeoutError:
                 return False
+            finally:
+                if waiter in waiters:        # timed out (a woken one was taken out already)
+                    waiters.remove(waiter)
         return False
 
     async def _send_task(self, task: Task, relay: Relay, conn: Connection, session_id: int,
