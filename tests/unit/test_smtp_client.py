@@ -410,3 +410,21 @@ def test_events_do_not_depend_on_how_replies_are_split():
         assert _run_split(cuts) == reference
 
     check()
+
+
+def test_the_fast_body_encoding_gives_the_bytes_of_the_line_by_line_one():
+    from hypothesis import given, settings, strategies as st
+    from smtpd.smtp_client import _encode_lines
+
+    pieces = st.sampled_from([b"a", b"\xc3\xa9", b".", b"..", b"\n", b"\n.", b"\r", b"\r\n", b" ",
+                              b"x" * 997, b"y" * 998, b"z" * 999, b":"])
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.lists(pieces, max_size=12))
+    def same(parts):
+        body = b"".join(parts)
+        assert encode_body(body) == _encode_lines(body)
+
+    same()
+    for body in (b"", b".", b"\n", b"a", b"a\n", b".a\n.b\n..c", b"\n\n.\n", b"x" * 998 + b"\n"):
+        assert encode_body(body) == _encode_lines(body), body
