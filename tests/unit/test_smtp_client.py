@@ -98,46 +98,43 @@ def test_pipelining_sends_mail_rcpts_and_data_at_once_and_the_message_after_354(
     assert [(r.status, r.reply) for r in done.results] == [("ok", "250 ok"), ("permfail", "550 no")]
 
 
-def test_pipelining_no_recipient_taken_means_no_message_then_rset():
+def pipelined(rcpts: tuple[str, ...], replies: bytes, body: bytes = b"hi\n") -> SmtpClient:
+    """A pipelined transaction (MAIL, RCPTs and DATA in one write) given ``replies``."""
     client = greeted(plain(), b"250-mx.test\r\n250 PIPELINING\r\n")
-    client.send_mail(Transaction("a@x.test", ("b@y.test",), b"hi\n"))
-    assert client.data_to_send().endswith(b"DATA\r\n")
-    events(client, b"250 ok\r\n550 no\r\n554 no valid recipients\r\n")
+    client.send_mail(Transaction("a@x.test", rcpts, body))
+    assert client.data_to_send().endswith(b"RCPT TO:<%s>\r\nDATA\r\n" % rcpts[-1].encode())
+    assert events(client, replies) == []
+    return client
+
+
+def results_after_rset(client: SmtpClient) -> list[tuple[str, str]]:
     assert client.data_to_send() == b"RSET\r\n"
     (done,) = events(client, b"250 ok\r\n")
-    assert [(r.status, r.reply) for r in done.results] == [("permfail", "550 no")] and done.reusable
+    assert done.reusable
+    return [(r.status, r.reply) for r in done.results]
+
+
+def test_pipelining_no_recipient_taken_means_no_message_then_rset():
+    client = pipelined(("b@y.test",), b"250 ok\r\n550 no\r\n554 no valid recipients\r\n")
+    assert results_after_rset(client) == [("permfail", "550 no")]
 
 
 def test_pipelining_a_354_after_no_recipient_gets_an_empty_message_not_the_body():
-    client = greeted(plain(), b"250-mx.test\r\n250 PIPELINING\r\n")
-    client.send_mail(Transaction("a@x.test", ("b@y.test", "c@y.test"), b"secret\n"))
-    client.data_to_send()
-    events(client, b"250 ok\r\n450 busy\r\n550 no\r\n354 go\r\n")
+    client = pipelined(("b@y.test", "c@y.test"), b"250 ok\r\n450 busy\r\n550 no\r\n354 go\r\n",
+                       body=b"secret\n")
     assert client.data_to_send() == b".\r\n"
     assert events(client, b"554 no recipients\r\n") == []
-    assert client.data_to_send() == b"RSET\r\n"
-    (done,) = events(client, b"250 ok\r\n")
-    assert [(r.status, r.reply) for r in done.results] == [("tempfail", "450 busy"), ("permfail", "550 no")]
+    assert results_after_rset(client) == [("tempfail", "450 busy"), ("permfail", "550 no")]
 
 
 def test_pipelining_refused_mail_fails_every_recipient_with_its_reply():
-    client = greeted(plain(), b"250-mx.test\r\n250 PIPELINING\r\n")
-    client.send_mail(Transaction("a@x.test", ("b@y.test",), b"hi\n"))
-    client.data_to_send()
-    events(client, b"451 try later\r\n503 need mail\r\n503 need rcpt\r\n")
-    assert client.data_to_send() == b"RSET\r\n"
-    (done,) = events(client, b"250 ok\r\n")
-    assert [(r.status, r.reply) for r in done.results] == [("tempfail", "451 try later")]
+    client = pipelined(("b@y.test",), b"451 try later\r\n503 need mail\r\n503 need rcpt\r\n")
+    assert results_after_rset(client) == [("tempfail", "451 try later")]
 
 
 def test_pipelining_refused_data_fails_the_recipients_taken():
-    client = greeted(plain(), b"250-mx.test\r\n250 PIPELINING\r\n")
-    client.send_mail(Transaction("a@x.test", ("b@y.test", "c@y.test"), b"hi\n"))
-    client.data_to_send()
-    events(client, b"250 ok\r\n250 ok\r\n550 no\r\n452 no room\r\n")
-    assert client.data_to_send() == b"RSET\r\n"
-    (done,) = events(client, b"250 ok\r\n")
-    assert [(r.status, r.reply) for r in done.results] == [("tempfail", "452 no room"), ("permfail", "550 no")]
+    client = pipelined(("b@y.test", "c@y.test"), b"250 ok\r\n250 ok\r\n550 no\r\n452 no room\r\n")
+    assert results_after_rset(client) == [("tempfail", "452 no room"), ("permfail", "550 no")]
 
 
 def test_size_over_the_peer_limit_fails_before_mail():
