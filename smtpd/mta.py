@@ -107,7 +107,16 @@ def limits_from_config(config) -> tuple[Limits, dict[str, Limits]]:
 
 def message_id(message: bytes) -> str:
     """The Message-ID header of a message, unfolded, or "" if it has none."""
-    head = message[:MESSAGE_ID_SCAN].replace(b"\r\n", b"\n").split(b"\n\n", 1)[0]
+    head = message[:MESSAGE_ID_SCAN]
+    # the header ends at the first empty line (LF or CRLF ends); only the lines from
+    # the first one naming message-id on can hold it (per message: kept off the body)
+    ends = [i for i in (head.find(b"\n\n"), head.find(b"\n\r\n")) if i >= 0]
+    if ends:
+        head = head[:min(ends)]
+    at = head.lower().find(b"message-id")
+    if at < 0:
+        return ""
+    head = head[head.rfind(b"\n", 0, at) + 1:].replace(b"\r\n", b"\n")
     value = None
     for line in head.split(b"\n"):
         if value is not None and line[:1] in (b" ", b"\t"):
