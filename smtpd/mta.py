@@ -33,7 +33,7 @@ from common.durations import duration_to_text
 from common.envelope import Envelope
 from common.ipc import PeerTimeout
 from common.messages import (
-    CtlLinesReply, CtlMtaBlock, CtlReply, CtlRequest, DeliveryResult, DeliveryResults, MessageContent,
+    CtlLinesReply, CtlMtaBlock, CtlReply, DeliveryResult, DeliveryResults, MessageContent,
     MessageOpen,
     MtaDnsLookup, MtaDnsReply, MtaHeloReply, MtaHoldqRelease, MtaLookupHelo, MtaLookupSource,
     MtaSourceReply,
@@ -49,6 +49,7 @@ from smtpd.mta_session import (
     Connection, DsnRequest, ProtocolError, RelayRefused, failure_text, session_options,
 )
 from smtpd.relay_url import RelayUrlError, parse_relay_url
+from smtpd.scheduler_ram import HOLDQ_MAX
 
 log = logging.getLogger("smtpd")
 
@@ -614,11 +615,14 @@ class Mta:
             relay.onhold = True
         if not relay.onhold:
             return False
-        if not relay.holdq:
+        if not relay.holdqs or relay.holdqs[-1][1] >= HOLDQ_MAX:
+            # a hold queue takes HOLDQ_MAX envelopes; one more would wait for its retry
+            # time (OpenSMTPD does that): a burst of any size is held in several
             self.holdq_ids += 1
-            relay.holdq = self.holdq_ids
+            relay.holdqs.append([self.holdq_ids, 0])
+        relay.holdqs[-1][1] += 1
         self.pony.spawn(self.pony.mesh.send("queue", DeliveryResult(
-            evpid=env.id, agent="mta", status="hold", holdq=relay.holdq)))
+            evpid=env.id, agent="mta", status="hold", holdq=relay.holdqs[-1][0])))
         return True
 
     def _task_taken(self, relay: Relay) -> None:
@@ -626,16 +630,21 @@ class Mta:
             if relay.onhold:
                 log.info("smtp-out: back to lowat on %s: releasing", relay.key.text())
                 relay.onhold = False
-            if relay.holdq:
-                self.pony.spawn(self.pony.mesh.send("queue", MtaHoldqRelease(
-                    holdq=relay.holdq, n=relay.limits.task_release)))
+            if relay.holdqs:
+                oldest = relay.holdqs[0]
+                n = relay.limits.task_release
+                self.pony.spawn(self.pony.mesh.send("queue", MtaHoldqRelease(holdq=oldest[0], n=n)))
+                oldest[1] -= n
+                if oldest[1] <= 0:
+                    relay.holdqs.popleft()
         elif relay.ntask == 0:
             self._release_holdq(relay)
 
     def _release_holdq(self, relay: Relay) -> None:
-        if relay.holdq:
-            self.pony.spawn(self.pony.mesh.send("queue", MtaHoldqRelease(holdq=relay.holdq, n=0)))
-            relay.holdq = 0
+        if relay.holdqs:
+            for holdq, _ in relay.holdqs:
+                self.pony.spawn(self.pony.mesh.send("queue", MtaHoldqRelease(holdq=holdq, n=0)))
+            relay.holdqs.clear()
             relay.onhold = False
 
     def _relay_failed(self, relay_key: str) -> None:

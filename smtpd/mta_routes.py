@@ -248,7 +248,9 @@ class Relay:
     probe: bool = False      # a task not tried yet found every route disabled: try them once more
     last_error: str = ""     # the last session's connection error or refusal
     onhold: bool = False     # task-hiwat reached: new envelopes are held until task-lowat
-    holdq: int = 0           # the scheduler's hold queue of those envelopes (0: none yet)
+    # the scheduler's hold queues of those envelopes, oldest first: [holdq id, envelopes
+    # put in it and not yet released]; a new one is started when one is full (HOLDQ_MAX)
+    holdqs: deque = field(default_factory=deque)
 
     @property
     def ntask(self) -> int:
