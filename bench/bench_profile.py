@@ -130,8 +130,10 @@ def process_label(processes: tuple[tuple[int, str], ...]) -> str:
     cmdline = processes[-1][1]
     if (m := _EXE_NAME.search(cmdline)) is not None:
         return m.group(1)
-    if cmdline.startswith(PARENT_TITLE) or cmdline == processes[0][1]:
+    if cmdline.startswith(PARENT_TITLE):
         return WORKER
+    if cmdline == processes[0][1]:
+        return "child seen before its exec"     # py-spy keeps the command line it first saw
     if cmdline.startswith("smtpd: "):
         return cmdline[len("smtpd: "):].split()[0]
     words = cmdline.split()
@@ -155,11 +157,12 @@ def title_of(label: str) -> str:
 # ``zmq/sugar/socket.py``, ``asyncio/runners.py``), its function, and/or the text
 # of the source line the frame is at (C calls such as os.fsync have no frame of
 # their own: their time shows on the Python line that calls them).
-# No frame matched: "other".  No Python frame at all: "startup/imports/config"
-# (an interpreter starting or exiting).
+# No frame matched: "other".  No Python frame at all: an interpreter starting or
+# exiting (NO_FRAME).
 
 STACK, FRAME = "stack", "frame"
 STARTUP = "startup/imports/config"
+NO_FRAME = "interpreter start/exit (no Python frame)"
 IPC = "IPC send/receive (zmq, ipc.py, fd passing)"
 NATIVE = {"zmq": "IPC: ZeroMQ I/O threads (native, from schedstat)",
           "libuv": "uvloop worker threads (native: getaddrinfo..., from schedstat)"}
@@ -187,6 +190,7 @@ class Rule:
 _OURS = r"^(smtpd|common)/"
 RULES: tuple[Rule, ...] = (
     Rule(STARTUP, STACK, file=r"^<frozen importlib|^importlib/"),
+    Rule(STARTUP, STACK, file=r"^smtpd/", function=r"^(prepare|load_config|check_config|preload)$"),
     Rule("stats/trace", STACK,
          file=r"^common/(stat|trace)\.py$|^smtpd/(stat_backend|metrics|control_trace|queue_profile)\.py$"),
     Rule("logging", STACK, file=r"^logging/|^common/log\.py$"),
@@ -216,7 +220,7 @@ RULES: tuple[Rule, ...] = (
     Rule("control", file=r"^smtpd/(control\w*|introspection|offline)\.py$"),
 )
 
-ACTIVITIES = tuple(dict.fromkeys([r.activity for r in RULES] + list(NATIVE.values()) + [OTHER]))
+ACTIVITIES = tuple(dict.fromkeys([r.activity for r in RULES] + list(NATIVE.values()) + [NO_FRAME, OTHER]))
 
 
 def _no_source(file: str, line: int) -> str:
@@ -227,7 +231,7 @@ def classify(frames: tuple[Frame, ...], source_line: Callable[[str, int], str] =
              rules: tuple[Rule, ...] = RULES) -> str:
     """The activity of one stack (frames root first), by ``rules`` (see above)."""
     if not frames:
-        return STARTUP
+        return NO_FRAME
     for rule in rules:
         if rule.scope == STACK and any(rule.matches(f, source_line) for f in frames):
             return rule.activity
@@ -262,7 +266,8 @@ class SourceLines:
 # --------------------------------------------------------------------------- summary
 
 def summarise(stacks: list[Stack], bench: dict, source_line: Callable[[str, int], str] = _no_source,
-              sched: dict[str, dict[str, float]] | None = None, top: int = 8) -> dict:
+              sched: dict[str, dict[str, float]] | None = None, top: int = 8,
+              pid_labels: dict[int, str] | None = None) -> dict:
     """Samples per process and activity, scaled to CPU ms per message by the CPU each
     process title used (bench_mail's ``cpu_seconds_by_process``); processes of one
     title (the parent and its delivery workers) share it by their samples.
@@ -270,13 +275,18 @@ def summarise(stacks: list[Stack], bench: dict, source_line: Callable[[str, int]
     ``sched`` (``sched_totals``: per process label, seconds of ``cpu``, run-queue
     ``wait``, and the CPU of the native threads py-spy cannot sample, ``zmq_cpu`` and
     ``libuv_cpu``): their share of a process's CPU is an activity of its own, and only
-    the rest is divided by samples."""
+    the rest is divided by samples.
+
+    ``pid_labels``: the label of each child by PID as /proc showed it during the run,
+    which corrects py-spy's command line of a child it first saw before its exec."""
     samples: Counter[str] = Counter()
     by_activity: dict[str, Counter[str]] = defaultdict(Counter)
     leaves: dict[str, Counter[tuple[str, str]]] = defaultdict(Counter)
     pids: dict[str, set[int]] = defaultdict(set)
     for s in stacks:
         label = process_label(s.processes)
+        if pid_labels and len(s.processes) > 1:
+            label = pid_labels.get(s.processes[-1][0], label)
         activity = classify(s.frames, source_line)
         samples[label] += s.count
         by_activity[label][activity] += s.count
@@ -378,10 +388,12 @@ def markdown(summary: dict, meta: dict) -> str:
                    f"{_f(r['cpu_ms_per_message'])} | {'n/a' if zmq is None else f'{100 * zmq:.0f} %'} | "
                    f"{_f(r.get('runqueue_wait_ms_per_message'))} |")
     out.append(f"| **all** | {summary['samples']} | 100 % | **{total_ms:.2f}** | | |")
-    startup = summary["activity_totals_ms_per_message"].get(STARTUP, 0.0)
+    totals = summary["activity_totals_ms_per_message"]
+    startup = totals.get(STARTUP, 0.0) + totals.get(NO_FRAME, 0.0)
     out.append("")
-    out.append(f"Of the {total_ms:.2f} ms, {startup:.2f} are {STARTUP} (the daemon's start, spread "
-               f"over the run's messages): {total_ms - startup:.2f} ms per message without it.")
+    out.append(f"Of the {total_ms:.2f} ms, {startup:.2f} are the daemon's start and exit ({STARTUP}, "
+               f"{NO_FRAME}) spread over the run's messages: {total_ms - startup:.2f} ms per message "
+               "without them.")
     out.append("")
     out.append("CPU ms per message by activity (rows) and process (columns):")
     out.append("")
@@ -468,13 +480,13 @@ class SchedSampler(threading.Thread):
         self.threads: dict[tuple[int, int], dict] = {}
 
     def _label(self, pid: int) -> str | None:
-        if pid not in self.labels:
-            cmdline = (_read(f"/proc/{pid}/cmdline") or b"").replace(b"\0", b" ").decode(errors="replace")
-            if not cmdline:
-                return None                     # exiting (a zombie): known from earlier samples or not at all
+        """The label of the latest command line seen: a child forked by the parent
+        shows the parent's until it execs, and its title once it set one."""
+        cmdline = (_read(f"/proc/{pid}/cmdline") or b"").replace(b"\0", b" ").decode(errors="replace")
+        if cmdline:                             # else exiting (a zombie): keep what was seen before
             outer = ((self.pgid, PARENT_TITLE),) if pid != self.pgid else ()   # the parent leads the group
             self.labels[pid] = process_label(outer + ((pid, cmdline),))
-        return self.labels[pid]
+        return self.labels.get(pid)
 
     def sample(self) -> None:
         for entry in os.scandir("/proc"):
@@ -507,6 +519,8 @@ class SchedSampler(threading.Thread):
         native threads; and the per-thread rows."""
         self.stop_event.set()
         self.join(5)
+        for row in self.threads.values():
+            row["label"] = self.labels[row["pid"]]
         return sched_totals(self.threads.values()), list(self.threads.values())
 
 
@@ -605,7 +619,8 @@ def report(out: Path, meta: dict, source_root: Path, top: int, title: str) -> di
     with open(out / "spy.txt", errors="replace") as f:
         stacks = parse_raw(f)
     lines = SourceLines([source_root, Path(sysconfig.get_paths()["stdlib"])])
-    summary = summarise(stacks, meta.get("bench", {}), lines, meta.get("schedstat"), top)
+    pid_labels = {t["pid"]: t["label"] for t in meta.get("schedstat_threads") or ()}
+    summary = summarise(stacks, meta.get("bench", {}), lines, meta.get("schedstat"), top, pid_labels)
     meta = {**meta, "title": title}
     text = markdown(summary, meta) + "\n" + markdown_leaves(summary)
     (out / "summary.md").write_text(text)
@@ -629,8 +644,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--title", default="profile", help="first words of the summary")
     p.add_argument("--summarise", type=Path, metavar="DIR",
                    help="no run: summarise DIR's spy.txt and meta.json again")
-    p.add_argument("--compare", type=Path, metavar="DIR",
-                   help="also print a before -> after table against DIR's summary.json")
+    p.add_argument("--compare", type=Path, metavar="PATH",
+                   help="also print a before -> after table against a summary.json (or a --out "
+                        "directory holding one), e.g. bench/profiles/6ddd130-maildir.json")
     return p.parse_known_args(argv)
 
 
@@ -652,7 +668,8 @@ def main(argv=None) -> int:
     result = report(out, meta, args.tree, args.top, args.title)
     print(result["text"], end="")
     if args.compare is not None:
-        before = json.loads((args.compare / "summary.json").read_text())["summary"]
+        path = args.compare / "summary.json" if args.compare.is_dir() else args.compare
+        before = json.loads(path.read_text())["summary"]
         print("\nBefore -> after, CPU ms per message:\n")
         print(compare(before, result["summary"]), end="")
     print(f"\nbench_profile: dump and summary in {out}", file=sys.stderr)

@@ -79,7 +79,7 @@ def test_blank_and_malformed_lines_are_skipped():
     (((100, "/venv/bin/python -m smtpd -d -f x"),), "priv"),          # attached before setproctitle
     (((100, "smtpd: [priv]"), (101, CHILD_CMD)), "queue"),
     (((100, "smtpd: [priv]"), (102, "smtpd: [priv]")), bp.WORKER),     # a fork of the parent
-    (((100, "python -m smtpd -d"), (102, "python -m smtpd -d")), bp.WORKER),
+    (((100, "python -m smtpd -d"), (102, "python -m smtpd -d")), "child seen before its exec"),
     (((100, "smtpd: [priv]"), (103, "smtpd: lka")), "lka"),
     (((100, "smtpd: [priv]"), (101, CHILD_CMD), (104, "/usr/bin/perl filter.pl")), "other: perl"),
     ((), "unknown"),
@@ -125,7 +125,10 @@ def test_titles_bench_mail_reports_cpu_under():
     (("<module> (smtpd/main.py:21)", "_find_and_load (<frozen importlib._bootstrap>:1360)",
       "<module> (smtpd/lka.py:5)"), bp.STARTUP),
     (("increment (common/stat.py:25)",), "stats/trace"),
-    ((), bp.STARTUP),                                     # no Python frame: a process starting
+    (("main (smtpd/main.py:180)", "run_child (smtpd/proc.py:87)", "prepare (smtpd/pony.py:79)",
+      "client_contexts (smtpd/tls.py:352)", "client_context (smtpd/tls.py:333)"), bp.STARTUP),
+    (("Pony.connect (smtpd/mta.py:50)", "client_context (smtpd/tls.py:333)"), "TLS"),
+    ((), bp.NO_FRAME),                                    # a process starting or exiting
     (("<module> (<string>:1)", "main (somewhere/else.py:3)"), bp.OTHER),
 ])
 def test_classifier(stack, activity):
@@ -214,3 +217,13 @@ def test_markdown_and_compare_show_the_figures():
     assert "| process queue | 3.00 | 3.00 | +0.00 |" in table
     assert f"| {bp.IPC} | 1.00 | 0.00 | -1.00 |" in table
     assert "| **all** | 5.00 | 5.00 | +0.00 |" in table
+
+
+def test_labels_seen_in_proc_correct_a_command_line_py_spy_saw_before_the_exec():
+    stale = [f'{PARENT};process 105:"python -m smtpd -d";Spool.sync (smtpd/queue_fs.py:238) 30\n',
+             f'{PARENT};Runner.run (asyncio/runners.py:118) 10\n']
+    bench = {"accepted": 10, "cpu_seconds_by_process": {"smtpd: [priv]": 0.1, "smtpd: queue": 0.3}}
+    s = bp.summarise(bp.parse_raw(stale), bench, source, pid_labels={105: "queue", 100: "ignored"})
+    assert set(s["processes"]) == {"priv", "queue"}
+    assert s["processes"]["queue"]["cpu_ms_per_message"] == pytest.approx(30.0)
+    assert s["processes"]["queue"]["activities_ms_per_message"] == {"fsync/syncfs": pytest.approx(30.0)}
