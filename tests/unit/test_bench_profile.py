@@ -115,6 +115,8 @@ def test_titles_bench_mail_reports_cpu_under():
       "ServerConnection.receive_data (smtpd/smtp_proto.py:853)"), "SMTP parsing"),
     (("Mesh._dispatch (common/ipc.py:228)", "decode (common/messages.py:815)"), "IPC encode/decode"),
     (("Runner.run (asyncio/runners.py:118)",), "event loop and thread wake-ups"),
+    (("Runner.run (asyncio/runners.py:118)", "MtaSession.send (smtpd/smtp_client.py:90)",
+      "StreamWriter.write (asyncio/streams.py:343)"), "MTA (relay client)"),
     (("Mesh._dispatch (common/ipc.py:250)", "Scheduler.handle (smtpd/scheduler.py:90)",
       "RamQueue._alloc (smtpd/scheduler_ram.py:218)"), "scheduling"),
     (("Lka.handle (smtpd/lka.py:300)", "expand (smtpd/expand.py:120)", "StaticTable.lookup (smtpd/table/static.py:40)"),
@@ -217,6 +219,7 @@ def test_markdown_and_compare_show_the_figures():
     assert "| process queue | 3.00 | 3.00 | +0.00 |" in table
     assert f"| {bp.IPC} | 1.00 | 0.00 | -1.00 |" in table
     assert "| **all** | 5.00 | 5.00 | +0.00 |" in table
+    assert "| **all without start and exit** | 5.00 | 5.00 | +0.00 |" in table
 
 
 def test_labels_seen_in_proc_correct_a_command_line_py_spy_saw_before_the_exec():
