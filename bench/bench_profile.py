@@ -668,7 +668,11 @@ def main(argv=None) -> int:
         def interrupted(signum, frame):
             raise KeyboardInterrupt
         signal.signal(signal.SIGTERM, interrupted)
-        meta = run_profiled(args, passthrough, out)
+        try:
+            meta = run_profiled(args, passthrough, out)
+        except KeyboardInterrupt:
+            print("bench_profile: interrupted; the bench and py-spy were stopped", file=sys.stderr)
+            return 130
     result = report(out, meta, args.tree, args.top, args.title)
     print(result["text"], end="")
     if args.compare is not None:
