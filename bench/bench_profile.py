@@ -25,7 +25,7 @@ Needs py-spy (``pip install py-spy``, into the venv that runs the bench; not a
 dependency of pysmtpd or of its tests) and the right to ptrace the daemon (root, as
 the issue 12 benchmarks run).
 
-    .venv/bin/pip install py-spy
+    .venv/bin/pip install py-spy                  # or: pip install -e ".[bench]"
     .venv/bin/python bench/bench_profile.py --mode maildir -n 2000 --out /tmp/prof-maildir
     .venv/bin/python bench/bench_profile.py --mode relay --hold -n 2000 --out /tmp/prof-relay
     # summarise a dump again (e.g. with a changed RULES table), or compare with an earlier run:
