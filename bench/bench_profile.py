@@ -158,8 +158,8 @@ def title_of(label: str) -> str:
 # of the source line the frame is at (C calls such as os.fsync have no frame of
 # their own: their time shows on the Python line that calls them).
 # asyncio's streams match no rule: their writes count for the code using them (the
-# MTA's SMTP client).  No frame matched: "other".  No Python frame at all: an interpreter starting or
-# exiting (NO_FRAME).
+# MTA's SMTP client).  No frame matched: "other".  No Python frame at all: an
+# interpreter starting or exiting (NO_FRAME).
 
 STACK, FRAME = "stack", "frame"
 STARTUP = "startup/imports/config"
@@ -200,7 +200,7 @@ RULES: tuple[Rule, ...] = (
     Rule("fork/exec/spawn", file=r"(^|/)subprocess\.py$|^asyncio/(base_)?subprocess\.py$|^multiprocessing/"),
     Rule("files: writes/renames/unlinks", file=_OURS,
          code=r"\bos\.(rename|replace|unlink|remove|link|mkdir|makedirs|rmdir|write|pwrite|writev|"
-              r"sendfile|ftruncate|fchmod|fchown)\(|\.(write_bytes|write_text|mkdir|unlink|rename|replace)\("),
+              r"sendfile|ftruncate|fchmod|fchown)\(|\.(write_bytes|write_text|mkdir|unlink)\("),
     Rule(STARTUP, file=r"^smtpd/(parse\w*|config\w*)\.py$"),
     Rule("TLS", file=r"^ssl\.py$|^asyncio/sslproto\.py$|^smtpd/tls\.py$"),
     Rule("SMTP parsing", file=r"^smtpd/(smtp_proto|dsn_params|proxy_v2)\.py$"),
@@ -212,7 +212,7 @@ RULES: tuple[Rule, ...] = (
     Rule("SMTP session logic", file=r"^smtpd/(smtp_session|pony|listeners|auth|enqueue)\.py$|^common/submission\.py$"),
     Rule("MTA (relay client)", file=r"^smtpd/(mta\w*|smtp_client|relay_url|dns)\.py$"),
     Rule("expansion/ruleset/tables (lka)",
-         file=r"^smtpd/(lka|expand\w*|ruleset|forward|mda_variables|local_commands)\.py$|^smtpd/table/"),
+         file=r"^smtpd/(lka|expand\w*|ruleset|forward|mda_variables)\.py$|^smtpd/table/"),
     Rule("queue logic (commit, envelopes)", file=r"^smtpd/(queue|queue_bounce|bounce)\.py$|^common/(envelope|ids)\.py$"),
     Rule("files: writes/renames/unlinks",
          file=r"^smtpd/(queue_fs|maildir|mailbox|delivery_\w+)\.py$|^(pathlib|shutil|tempfile|os)\.py$"),

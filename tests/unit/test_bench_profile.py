@@ -26,7 +26,8 @@ SOURCES = {("smtpd/queue_fs.py", 238): "            if _syncfs(self._sync_fd) !=
            ("smtpd/queue_fs.py", 216): "            self.sync([self.incoming / name for name in staged])",
            ("smtpd/maildir.py", 408): "        os.fsync(fd)",
            ("smtpd/maildir.py", 388): "        os.write(fd, chunk)",
-           ("smtpd/local_delivery.py", 144): "        pid = os.fork()"}
+           ("smtpd/local_delivery.py", 144): "        pid = os.fork()",
+           ("smtpd/smtp_session.py", 120): '        text = line.replace("\\r", "")'}
 
 
 def source(file: str, line: int) -> str:
@@ -104,6 +105,8 @@ def test_titles_bench_mail_reports_cpu_under():
      "files: writes/renames/unlinks"),
     (("DeliveryPool.run (smtpd/local_delivery.py:300)", "_Worker.__init__ (smtpd/local_delivery.py:144)"),
      "fork/exec/spawn"),
+    # a string's replace() is no file operation: the session's own line
+    (("Session._serve (smtpd/smtp_session.py:300)", "Session._log (smtpd/smtp_session.py:120)"), "SMTP session logic"),
     # a line of queue_fs that is none of those: the file's own activity
     (("Spool.delete_envelope (smtpd/queue_fs.py:349)",), "files: writes/renames/unlinks"),
     # nearest known frame from the leaf: zmq under the session is IPC
