@@ -191,7 +191,7 @@ class Rule:
 _OURS = r"^(smtpd|common)/"
 RULES: tuple[Rule, ...] = (
     Rule(STARTUP, STACK, file=r"^<frozen importlib|^importlib/"),
-    Rule(STARTUP, STACK, file=r"^smtpd/", function=r"^(prepare|load_config|check_config|preload)$"),
+    Rule(STARTUP, STACK, file=r"^smtpd/", function=r"^(prepare|load_config|check_config|preload|build_argparser)$"),
     Rule("stats/trace", STACK,
          file=r"^common/(stat|trace)\.py$|^smtpd/(stat_backend|metrics|control_trace|queue_profile)\.py$"),
     Rule("logging", STACK, file=r"^logging/|^common/log\.py$"),
@@ -201,7 +201,7 @@ RULES: tuple[Rule, ...] = (
     Rule("files: writes/renames/unlinks", file=_OURS,
          code=r"\bos\.(rename|replace|unlink|remove|link|mkdir|makedirs|rmdir|write|pwrite|writev|"
               r"sendfile|ftruncate|fchmod|fchown)\(|\.(write_bytes|write_text|mkdir|unlink)\("),
-    Rule(STARTUP, file=r"^smtpd/(parse\w*|config\w*)\.py$"),
+    Rule(STARTUP, file=r"^smtpd/(parse\w*|config\w*)\.py$|^common/privsep\.py$|^(argparse|gettext)\.py$"),
     Rule("TLS", file=r"^ssl\.py$|^asyncio/sslproto\.py$|^smtpd/tls\.py$"),
     Rule("SMTP parsing", file=r"^smtpd/(smtp_proto|dsn_params|proxy_v2)\.py$"),
     Rule("IPC encode/decode", file=r"^common/messages\.py$|^msgspec/"),
