@@ -128,6 +128,8 @@ def process_label(processes: tuple[tuple[int, str], ...]) -> str:
     if len(processes) == 1:
         return "priv"
     cmdline = processes[-1][1]
+    if "smtpd.zygote" in cmdline:
+        return "zygote"                         # forks the children, which show its command line at first
     if (m := _EXE_NAME.search(cmdline)) is not None:
         return m.group(1)
     if cmdline.startswith(PARENT_TITLE):
@@ -142,7 +144,9 @@ def process_label(processes: tuple[tuple[int, str], ...]) -> str:
 
 def title_of(label: str) -> str:
     """The process title bench_mail reports CPU under (workers keep the parent's)."""
-    return PARENT_TITLE if label in ("priv", WORKER) else f"smtpd: {label}"
+    if label in ("priv", WORKER):
+        return PARENT_TITLE
+    return f"smtpd: {label}" if re.fullmatch(r"\w+", label) else label
 
 
 # --------------------------------------------------------------------------- activities
@@ -316,6 +320,8 @@ def summarise(stacks: list[Stack], bench: dict, source_line: Callable[[str, int]
         title = title_of(label)
         cpu = cpu_by_title.get(title)
         cpu_s = cpu * weight[label] / title_weight[title] if cpu is not None and title_weight[title] else None
+        if cpu_s is None and sched is not None and label in sched:
+            cpu_s = sched[label]["cpu"]         # no title of its own in bench_mail's figures (the zygote)
         ms = 1000 * cpu_s / accepted if cpu_s is not None and accepted else None
         own = (sched or {}).get(label)
         native = {kind: own[f"{kind}_cpu"] / own["cpu"] if own and own["cpu"] > 0 else 0.0
@@ -349,7 +355,7 @@ def summarise(stacks: list[Stack], bench: dict, source_line: Callable[[str, int]
                 if accepted and t.startswith("smtpd") and not title_samples.get(t)}}
 
 
-PROCESS_ORDER = ("priv", WORKER, "control", "lka", "queue", "scheduler", "pony")
+PROCESS_ORDER = ("priv", WORKER, "zygote", "control", "lka", "queue", "scheduler", "pony")
 
 
 def _ordered(labels: Iterable[str]) -> list[str]:

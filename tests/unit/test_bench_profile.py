@@ -83,6 +83,8 @@ def test_blank_and_malformed_lines_are_skipped():
     (((100, "python -m smtpd -d"), (102, "python -m smtpd -d")), "child seen before its exec"),
     (((100, "smtpd: [priv]"), (103, "smtpd: lka")), "lka"),
     (((100, "smtpd: [priv]"), (101, CHILD_CMD), (104, "/usr/bin/perl filter.pl")), "other: perl"),
+    (((100, "smtpd: [priv]"), (106, "python -I -c from smtpd.zygote import serve; serve() "
+                                   '{"children": [{"argv": ["-x", "lka"]}]} 7')), "zygote"),
     ((), "unknown"),
 ])
 def test_process_labels(processes, label):
@@ -92,6 +94,16 @@ def test_process_labels(processes, label):
 def test_titles_bench_mail_reports_cpu_under():
     assert bp.title_of("priv") == bp.title_of(bp.WORKER) == "smtpd: [priv]"
     assert bp.title_of("queue") == "smtpd: queue"
+    assert bp.title_of("other: perl") == "other: perl"
+
+
+def test_a_process_without_a_title_of_its_own_gets_its_cpu_from_schedstat():
+    raw = [f'{PARENT};process 106:"python -I -c from smtpd.zygote import serve";'
+           "_find_and_load (<frozen importlib._bootstrap>:1360) 20\n"]
+    sched = {"zygote": {"cpu": 0.4, "wait": 0.1, "zmq_cpu": 0.0, "libuv_cpu": 0.0}}
+    s = bp.summarise(bp.parse_raw(raw), {"accepted": 100, "cpu_seconds_by_process": {}}, source, sched)
+    assert s["processes"]["zygote"]["cpu_ms_per_message"] == pytest.approx(4.0)
+    assert s["processes"]["zygote"]["activities_ms_per_message"] == {bp.STARTUP: pytest.approx(4.0)}
 
 
 # --------------------------------------------------------------------------- classifier
