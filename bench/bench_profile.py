@@ -395,6 +395,11 @@ def markdown(summary: dict, meta: dict) -> str:
                    f"{_f(r['cpu_ms_per_message'])} | {'n/a' if zmq is None else f'{100 * zmq:.0f} %'} | "
                    f"{_f(r.get('runqueue_wait_ms_per_message'))} |")
     out.append(f"| **all** | {summary['samples']} | 100 % | **{total_ms:.2f}** | | |")
+    missed = summary.get("unprofiled_cpu_ms_per_message") or {}
+    if missed:
+        out.append("")
+        out.append("NOT SAMPLED by py-spy (CPU ms/msg, left out of both tables): "
+                   + ", ".join(f"{t} {ms:.2f}" for t, ms in sorted(missed.items())))
     totals = summary["activity_totals_ms_per_message"]
     startup = totals.get(STARTUP, 0.0) + totals.get(NO_FRAME, 0.0)
     out.append("")

@@ -228,6 +228,7 @@ def test_markdown_and_compare_show_the_figures():
     s = bp.summarise(bp.parse_raw(RAW), BENCH, source)
     text = bp.markdown(s, {"bench": {"mode": "maildir", "n": 1000}, "rate": 100})
     assert "| queue | 300 | 75.0 % | 3.00 |" in text
+    assert "NOT SAMPLED by py-spy (CPU ms/msg, left out of both tables): smtpd: control 0.10" in text
     assert "| fsync/syncfs | | 0.80 | 1.50 | **2.30** |" in text.replace("|  |", "| |")
     after = bp.summarise(bp.parse_raw(RAW[:3]), BENCH, source)
     table = bp.compare(s, after)
