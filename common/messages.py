@@ -773,6 +773,17 @@ class MtaHeloReply(Msg, **_m("mta_helo_reply")):
     name: str = ""
 
 
+# issue 12: mta -------------------------------------------------------------------------------
+
+class DeliveryResults(Msg, **_m("delivery_results")):
+    """pony -> queue: the MTA's delivery results of one turn of pony's event loop (what a
+    DeliveryResult each did; the queue handles each as it would alone).  Never "hold"."""
+    results: list[DeliveryResult]
+
+    def trace_ids(self) -> list[str]:
+        return [f"evpid={res.evpid:016x}" for res in self.results[:32]]
+
+
 Message = Union[
     RequestFailed, SetupDone, ConfEnd, CtlVerbose, MdaDone,
     SmtpMessageCreate, SmtpMessageCreateReply, SmtpExpandRcpt, SmtpExpandRcptReply,
@@ -800,6 +811,7 @@ Message = Union[
     CtlUpdateTable,
     LkaOpenForward, LkaOpenForwardReply,
     MtaLookupSource, MtaSourceReply, MtaLookupHelo, MtaHeloReply,
+    DeliveryResults,   # issue 12: mta
 ]
 
 _encoder = msgspec.msgpack.Encoder()
