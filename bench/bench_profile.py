@@ -20,6 +20,10 @@ waiting for one), so on an oversubscribed machine the points where a thread wake
 (the event loop, a syscall that just returned) gather extra samples; the run-queue
 wait per process (from /proc/PID/task/TID/schedstat) is reported beside to show how
 much.  py-spy itself costs CPU: throughput under the profiler is lower than without.
+The daemon runs with one exec per child (``PYSMTPD_SPAWN=exec``, unless set otherwise):
+py-spy cannot read a chrooted child's interpreter, and children forked by the zygote
+chroot before py-spy finds them; the code they run is the same, only start-up and
+memory differ.
 
 Needs py-spy (``pip install py-spy``, into the venv that runs the bench; not a
 dependency of pysmtpd or of its tests) and the right to ptrace the daemon (root, as
@@ -587,8 +591,12 @@ def run_profiled(args: argparse.Namespace, passthrough: list[str], out: Path) ->
     runq: dict = {}
     with open(out / "bench.out", "wb") as bench_out, open(out / "spy.log", "wb") as spy_log:
         try:
+            # one exec per child: py-spy reads a process's interpreter binary through
+            # /proc/PID/root, which a chrooted child no longer has; an exec'd child is
+            # found before its chroot, one forked by the zygote is not (same code runs)
+            env = dict(os.environ, PYSMTPD_SPAWN=os.environ.get("PYSMTPD_SPAWN", "exec"))
             bench = subprocess.Popen([sys.executable, str(args.tree / "bench" / "bench_mail.py"), *passthrough],
-                                     cwd=args.tree, stdout=bench_out, stderr=subprocess.STDOUT)
+                                     cwd=args.tree, stdout=bench_out, stderr=subprocess.STDOUT, env=env)
             deadline = time.monotonic() + BOOT_TIMEOUT
             daemon = None
             while daemon is None and bench.poll() is None and time.monotonic() < deadline:
