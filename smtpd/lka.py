@@ -32,7 +32,7 @@ import msgspec
 from common import privsep
 from common.ipc import PeerTimeout
 from common.messages import (
-    CtlReply, CtlRequest, CtlUpdateTable, LkaEnvelopeCommit, LkaEnvelopeSubmit, LkaOpenForward,
+    CtlReply, CtlRequest, CtlUpdateTable, LkaEnvelopesSubmit, LkaOpenForward,
     LkaOpenForwardReply, MdaLookupUserinfo, MdaLookupUserinfoReply, MtaCredentialsReply,
     MtaDnsLookup, MtaDnsReply, MtaHeloReply, MtaLookupCredentials, MtaLookupHelo,
     MtaLookupSource, MtaSourceReply, SmtpAuthenticate, SmtpAuthenticateReply,
@@ -232,10 +232,9 @@ class Process:
             code, text = result.error
             await send("pony", SmtpExpandRcptReply(reqid=req.reqid, code=code, text=text))
             return
-        for env in result.envelopes:
-            await send("queue", LkaEnvelopeSubmit(reqid=req.reqid, msgid=req.msgid, envelope=env))
-        await send("queue", LkaEnvelopeCommit(reqid=req.reqid, msgid=req.msgid,
-                                              count=len(result.envelopes)))
+        # every envelope and the end of the RCPT in one message (one wake-up of the queue)
+        await send("queue", LkaEnvelopesSubmit(reqid=req.reqid, msgid=req.msgid,
+                                               envelopes=result.envelopes))
 
     async def _userinfo(self, req: MdaLookupUserinfo) -> MdaLookupUserinfoReply:
         """lka_userinfo: a userbase table's ``uid:gid:home``, or the system's (getpwnam,

@@ -54,10 +54,12 @@ def test_trace_mproc_shows_the_whole_path_of_one_message(make_daemon, tmp_path):
         return hits[0]
 
     # pony -> queue -> scheduler -> queue -> pony, and the result back the same way.
+    # The queue announces a group commit's envelopes in one message, and the scheduler
+    # its orders of one pass in one message: their lines name every envelope they carry.
     create = find("pony", "queue", "smtp_message_commit", "msgid", msgid)
-    submit = find("queue", "scheduler", "queue_envelope_submit", "evpid", evpid, create)
-    commit = find("queue", "scheduler", "queue_message_commit", "msgid", msgid, submit)
-    order = find("scheduler", "queue", "sched_envelope_deliver", "evpid", evpid, commit)
+    commit = find("queue", "scheduler", "queue_commit_batch", "evpid", evpid, create)
+    assert lines[commit][4]["msgid"] == msgid
+    order = find("scheduler", "queue", "sched_orders", "evpid", evpid, commit)
     deliver = find("queue", "pony", "queue_deliver", "evpid", evpid, order)
     result = find("pony", "queue", "delivery_result", "evpid", evpid, deliver)
     find("queue", "scheduler", "queue_delivery_ok", "evpid", evpid, result)
@@ -160,10 +162,11 @@ def test_profile_imsg_and_queue(make_daemon, tmp_path):
     start = len(d.log())
     send(port, "a@remote.test", ["bob@example.test"])
     d.wait_log("result=Ok")
+    d.wait_log("profile-queue: queue_envelope_delete")    # the removal follows the result
     log = d.log()[start:]
     # profile-imsg: <process> <peer> <message> <size> <seconds.nanoseconds>
     assert re.search(r"^profile-imsg: queue pony smtp_message_commit \d+ \d+\.\d{9}$", log, re.M), log
-    assert re.search(r"^profile-imsg: scheduler queue queue_message_commit \d+ \d+\.\d{9}$", log, re.M)
+    assert re.search(r"^profile-imsg: scheduler queue queue_commit_batch \d+ \d+\.\d{9}$", log, re.M)
     for op in ("queue_message_create", "queue_envelope_create", "queue_message_commit",
                "queue_envelope_load", "queue_message_fd_r", "queue_envelope_delete"):
         assert re.search(rf"^profile-queue: {op} \d+\.\d{{9}}$", log, re.M), f"{op}:\n{log}"
