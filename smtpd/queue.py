@@ -111,30 +111,48 @@ class Committer:
 class Remover:
     """Removal of delivered (or failed, expired, removed) envelopes, off the event loop:
     a thread unlinks them in order (Spool.delete_envelope: the envelope, and the message
-    with its last envelope), as many as have come meanwhile in one go.  Unlinking
-    blocks for milliseconds when the file system's journal is busy with the group
-    commit's syncs, which the event loop must not wait for.
+    with its last envelope).  Unlinking blocks for milliseconds when the file system's
+    journal is busy with the group commit's syncs, which the event loop must not wait
+    for.  The removals asked within BATCH_DELAY go to the thread together: one wake-up
+    of it (and one hand-over of the GIL) per batch, not per envelope.
 
     A removal is not durable and need not be (a crash before it delivers again, as
     OpenSMTPD, docs/spool.md); ``flush`` waits for every removal asked so far
     (discover, uncorrupt, stop: they must see the spool as the scheduler does)."""
 
+    BATCH_DELAY = 0.01      # seconds; what a crash may deliver twice grows by this at most
+
     def __init__(self, spool: Spool) -> None:
         self.spool = spool
         self.pending: threadqueue.SimpleQueue = threadqueue.SimpleQueue()
+        self.batch: list[int] = []
         self.thread: threading.Thread | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def remove(self, evpid: int) -> None:
-        self._start()
-        self.pending.put(evpid)
+        if not self.batch:
+            self._start()
+            self.loop.call_later(self.BATCH_DELAY, self._hand_over)
+        self.batch.append(evpid)
+
+    def _hand_over(self) -> None:
+        if self.batch:
+            self.pending.put(self.batch)
+            self.batch = []
 
     async def flush(self) -> None:
         if self.thread is None:
             return
+        self._hand_over()
         marker = self.loop.create_future()
         self.pending.put(marker)
         await marker
+
+    def close(self) -> None:
+        """The thread ends once the removals asked before are done."""
+        if self.thread is not None:
+            self._hand_over()
+            self.pending.put(None)
 
     def _start(self) -> None:
         if self.thread is None:
@@ -145,16 +163,19 @@ class Remover:
     def _run(self) -> None:
         while True:
             item = self.pending.get()
+            if item is None:
+                return
             if isinstance(item, asyncio.Future):
                 try:
                     self.loop.call_soon_threadsafe(_resolve, item, None)
                 except RuntimeError:        # the loop is closed: the process is stopping
                     return
                 continue
-            try:
-                self.spool.delete_envelope(item)
-            except Exception:               # a bug: the envelope stays, and is said so
-                log.exception("warn: queue: cannot remove envelope %016x", item)
+            for evpid in item:
+                try:
+                    self.spool.delete_envelope(evpid)
+                except Exception:           # a bug: the envelope stays, and is said so
+                    log.exception("warn: queue: cannot remove envelope %016x", evpid)
 
 
 def _resolve(future: asyncio.Future, value) -> None:
@@ -202,6 +223,7 @@ class Process:
             await asyncio.wait_for(self.remover.flush(), 2)
         except TimeoutError:
             log.warning("warn: queue: removals still pending at stop (delivered again at start)")
+        self.remover.close()
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)

@@ -189,16 +189,22 @@ class Process:
     def _forget(self, evpid: int, result: str | None) -> None:
         """The envelope is gone (delivered, failed, looped: ``result``; or moved to
         corrupt/: None, not a delivery); the counters follow the state it was in."""
-        state = self.ramqueue.state_of(evpid)
+        rq = self.ramqueue
+        state = rq.state_of(evpid)
         if state is not None:
             if result:
                 stat.increment(f"scheduler.delivery.{result}")
             stat.decrement("scheduler.envelope")
             if state == "inflight":
                 stat.decrement("scheduler.envelope.inflight")
-        self.ramqueue.delivered(evpid)
+        limited = rq.inflight >= rq.max_inflight
+        rq.delivered(evpid)
         self._sync_gauges()
-        self.wake.set()
+        if limited or rq.removals:
+            # a try held back by max-inflight may start now; otherwise an envelope gone
+            # makes nothing due earlier, and the scheduler sleeps on (one pass saved
+            # per delivery)
+            self.wake.set()
 
     async def _control(self, peer: str, req: CtlRequest) -> None:
         rq = self.ramqueue
