@@ -810,6 +810,16 @@ class SchedOrders(Msg, **_m("sched_orders")):
         return [f"evpid={evpid:016x}" for _, evpid in self.orders[:TRACE_IDS_MAX]]
 
 
+class QueueDeliveredBatch(Msg, **_m("queue_delivered_batch")):
+    """queue -> scheduler: envelopes delivered (and removed) within a few milliseconds,
+    in one message (what a QueueDeliveryOk per envelope did); the scheduler forgets
+    each with the same trace and counters."""
+    evpids: list[int]
+
+    def trace_ids(self) -> list[str]:
+        return [f"evpid={evpid:016x}" for evpid in self.evpids[:TRACE_IDS_MAX]]
+
+
 TRACE_IDS_MAX = 32      # ids of a batch message shown in a trace line
 
 
@@ -840,7 +850,7 @@ Message = Union[
     CtlUpdateTable,
     LkaOpenForward, LkaOpenForwardReply,
     MtaLookupSource, MtaSourceReply, MtaLookupHelo, MtaHeloReply,
-    LkaEnvelopesSubmit, QueueCommitBatch, SchedOrders,   # issue 12: queue
+    LkaEnvelopesSubmit, QueueCommitBatch, SchedOrders, QueueDeliveredBatch,   # issue 12: queue
 ]
 
 _encoder = msgspec.msgpack.Encoder()

@@ -36,7 +36,7 @@ from common.messages import MtaHoldqRelease, QueueHoldqHold, QueueHoldqRelease  
 from common.messages import MdaMessageOpen, MdaMessageOpened  # bodies by descriptor
 from smtpd import fd_channel
 from common.messages import SchedEnvelopeWithdraw  # issue 10: withdrawn from the MTA
-from common.messages import LkaEnvelopesSubmit, QueueCommitBatch, SchedOrders  # issue 12: batches
+from common.messages import LkaEnvelopesSubmit, QueueCommitBatch, QueueDeliveredBatch, SchedOrders  # issue 12
 from smtpd import bounce
 from smtpd.queue_bounce import Bouncer
 from smtpd.queue_fs import Spool, SpoolError, close_quietly, is_disk_full
@@ -200,6 +200,7 @@ class Process:
         self.committing: set[int] = set()      # msgids in the committer's hands
         self.committer = Committer(self.spool, self._committed)
         self.remover = Remover(self.spool)
+        self.delivered: list[int] = []        # ok results the scheduler is told of next
         # the queue's end of the queue -> pony descriptor channel (smtpd/fd_channel.py)
         fd = getattr(ctx.opts, "queue_fd_channel", -1)
         self.delivery_fds = socket.socket(fileno=fd) if fd >= 0 else None
@@ -367,8 +368,7 @@ class Process:
                 await send("scheduler", QueueHoldqHold(evpid=evpid, holdq=holdq))
             case DeliveryResult(status="ok", evpid=evpid) if not self._wants_success_notice(msg):
                 # the common case, with nothing to await on disk: no task of its own
-                self.remover.remove(evpid)
-                await send("scheduler", QueueDeliveryOk(evpid=evpid))
+                self._delivered(evpid)
             case DeliveryResult():
                 self._spawn(self._delivery_result(msg))
             case MtaHoldqRelease(holdq=holdq, n=n):
@@ -379,6 +379,19 @@ class Process:
                 await self._admin(peer, msg)
             case _:
                 log.warning("warn: queue: unexpected %s from %s", type(msg).__name__, peer)
+
+    def _delivered(self, evpid: int) -> None:
+        """A delivery succeeded: the envelope goes, and the scheduler hears of every
+        success of the next few milliseconds in one message."""
+        self.remover.remove(evpid)
+        if not self.delivered:
+            asyncio.get_running_loop().call_later(Remover.BATCH_DELAY, self._report_delivered)
+        self.delivered.append(evpid)
+
+    def _report_delivered(self) -> None:
+        evpids, self.delivered = self.delivered, []
+        if evpids:
+            self._spawn(self.ctx.mesh.send("scheduler", QueueDeliveredBatch(evpids=evpids)))
 
     async def _order(self, kind: str, evpid: int) -> None:
         """One of the scheduler's orders (scheduler.c's IMSG_SCHED_ENVELOPE_*)."""

@@ -20,7 +20,7 @@ from common.messages import (
     QueueMessageCommit, QueueMessageRollback, SchedEnvelopeBounce, SchedEnvelopeWithdraw,
     SchedListReply,
 )
-from common.messages import QueueCommitBatch, SchedOrders  # issue 12: batches
+from common.messages import QueueCommitBatch, QueueDeliveredBatch, SchedOrders  # issue 12: batches
 from smtpd.scheduler_ram import RamQueue
 
 log = logging.getLogger("smtpd")
@@ -133,6 +133,11 @@ class Process:
                 if FLAGS.scheduler:
                     trace("scheduler: deleting evp:%016x (%s)", evpid, result)
                 self._forget(evpid, result)
+            case QueueDeliveredBatch(evpids=evpids):
+                for evpid in evpids:
+                    if FLAGS.scheduler:
+                        trace("scheduler: deleting evp:%016x (ok)", evpid)
+                    self._forget(evpid, "ok")
             case QueueDeliveryTempfail(entry=e):
                 if FLAGS.scheduler:
                     trace("scheduler: updating evp:%016x", e.evpid)

@@ -41,7 +41,7 @@ def test_trace_mproc_shows_the_whole_path_of_one_message(make_daemon, tmp_path):
     reply = send(port, "a@remote.test", ["bob@example.test"])
     msgid = reply.split()[1]
     wait_for(lambda: maildir_messages(tmp_path / "d", "bob"), 20, "delivery")
-    d.wait_log("queue_delivery_ok")
+    d.wait_log("queue_delivered_batch")
     lines = mproc_lines(d.log()[start:])
     evpid = re.search(r"smtp envelope evpid=([0-9a-f]{16})", d.log()[start:]).group(1)
     assert evpid[:8] == msgid
@@ -62,7 +62,7 @@ def test_trace_mproc_shows_the_whole_path_of_one_message(make_daemon, tmp_path):
     order = find("scheduler", "queue", "sched_orders", "evpid", evpid, commit)
     deliver = find("queue", "pony", "queue_deliver", "evpid", evpid, order)
     result = find("pony", "queue", "delivery_result", "evpid", evpid, deliver)
-    find("queue", "scheduler", "queue_delivery_ok", "evpid", evpid, result)
+    find("queue", "scheduler", "queue_delivered_batch", "evpid", evpid, result)
     # Every line names both ends and a size; pony's names the SMTP session it works for.
     assert all(s in PROCS and r in PROCS and s != r and size > 0 for s, r, size, _, _ in lines)
     session = lines[create][4]["session"]
@@ -210,7 +210,7 @@ def test_trace_lines_reach_syslog_at_debug_priority(ops_daemon, syslog_socket, t
     d.start(ready=lambda: any("ready:" in m for m in syslog_socket.messages()))
     assert d.smtpctl("trace", "mproc").stdout == "command succeeded\n"
     send(port, "a@remote.test", ["bob@example.test"])
-    syslog_socket.wait("queue_delivery_ok")
+    syslog_socket.wait("queue_delivered_batch")
     LOG_MAIL_DEBUG = 2 * 8 + 7
     traced = [(pri, msg) for pri, _, _, msg in syslog_socket.records() if msg.startswith("mproc: ")]
     assert traced and all(pri == LOG_MAIL_DEBUG for pri, _ in traced), traced[:3]
