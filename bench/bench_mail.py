@@ -8,9 +8,14 @@ SMTP sessions, and measures:
 * accepted msg/s: first connect -> last ``250`` to the end of DATA;
 * delivered msg/s: first connect -> last message seen by the relay sink
   (``--mode relay``) or in the Maildir's ``new/`` (``--mode maildir``);
-* peak RSS summed over every process of the daemon's process group (parent,
-  children and the short-lived delivery processes), sampled every 100 ms from
-  /proc/PID/status (VmRSS).
+* peak RSS and peak PSS summed over every process of the daemon's process group
+  (parent, children and the short-lived delivery processes), sampled every 100 ms
+  from /proc/PID/status (VmRSS) and /proc/PID/smaps_rollup (Pss: shared pages
+  divided among the processes that map them, so the sum is the memory the daemon
+  really holds; RSS counts the interpreter's shared pages once per process);
+* commit latency (asyncio client only): per message, from sending the final
+  ``.`` of DATA to reading its ``250`` (p50/p90/p99/max).  smtp-source does not
+  report it: with ``--client smtp-source`` it is not measured (null in the JSON).
 
 The load generator is a small asyncio SMTP client (``--client asyncio``, default:
 it pipelines MAIL/RCPT/DATA when PIPELINING is advertised) or Postfix's smtp-source
@@ -134,6 +139,32 @@ def vmrss_kib(pid: int) -> int:
     return 0
 
 
+def pss_kib(pid: int) -> int:
+    """Proportional set size (``Pss:`` of /proc/PID/smaps_rollup), 0 if unreadable."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def percentiles_ms(seconds: list[float]) -> dict[str, float | int] | None:
+    """count, p50, p90, p99 and max of durations given in seconds, in milliseconds
+    (nearest rank); None when there are none."""
+    if not seconds:
+        return None
+    ordered = sorted(seconds)
+    last = len(ordered) - 1
+
+    def rank(q: float) -> float:
+        return round(1000 * ordered[min(last, max(0, -(-len(ordered) * q // 100) - 1))], 2)
+    return {"count": len(ordered), "p50": rank(50), "p90": rank(90), "p99": rank(99),
+            "max": round(1000 * ordered[-1], 2)}
+
+
 def cpu_ticks(pid: int) -> int | None:
     """utime + stime of a process, in clock ticks (None once it is gone)."""
     try:
@@ -184,7 +215,7 @@ def stop_process_group(proc: subprocess.Popen | None, grace: float = 5.0) -> Non
 # --------------------------------------------------------------------------- RSS sampling
 
 class RssSampler(threading.Thread):
-    """Every ``interval`` seconds, sum VmRSS over the process group."""
+    """Every ``interval`` seconds, sum VmRSS and PSS over the process group."""
 
     def __init__(self, pgid: int, interval: float = 0.1) -> None:
         super().__init__(daemon=True, name="rss-sampler")
@@ -195,29 +226,40 @@ class RssSampler(threading.Thread):
         self.peak_procs = 0
         self.peak_by_title: dict[str, int] = {}
         self.last_kib = 0
+        self.peak_pss_kib = 0
+        self.peak_pss_by_title: dict[str, int] = {}
+        self.last_pss_kib = 0
         self.samples = 0
         self.max_procs = 0
         self.cpu_ticks: dict[int, tuple[str, int]] = {}   # pid -> (title, utime+stime last seen)
 
     def sample(self) -> int:
-        total = 0
+        total = total_pss = 0
         procs = pgrp_pids(self.pgid)
         by_title: dict[str, int] = {}
+        pss_by_title: dict[str, int] = {}
         for pid, title in procs:
             ticks = cpu_ticks(pid)
             if ticks is not None:
                 self.cpu_ticks[pid] = (title, ticks)
-            rss = vmrss_kib(pid)
+            rss, pss = vmrss_kib(pid), pss_kib(pid)
             total += rss
+            total_pss += pss
             by_title[title] = by_title.get(title, 0) + rss
+            pss_by_title[title] = pss_by_title.get(title, 0) + pss
         for title, rss in by_title.items():
             if rss > self.peak_by_title.get(title, 0):
                 self.peak_by_title[title] = rss
+        for title, pss in pss_by_title.items():
+            if pss > self.peak_pss_by_title.get(title, 0):
+                self.peak_pss_by_title[title] = pss
         if total > self.peak_kib:
             self.peak_kib = total
             self.peak_procs = len(procs)
+        self.peak_pss_kib = max(self.peak_pss_kib, total_pss)
         self.max_procs = max(self.max_procs, len(procs))
         self.last_kib = total
+        self.last_pss_kib = total_pss
         self.samples += 1
         return total
 
@@ -440,6 +482,8 @@ class LoadStats:
         self.failed = 0
         self.errors: dict[str, int] = {}
         self.connections = 0
+        self.commit_seconds: list[float] = []    # final "." of DATA -> its 250, per message
+        self.connect_seconds: list[float] = []   # connect -> the EHLO's 250, per connection
 
     def error(self, what: str) -> None:
         self.failed += 1
@@ -465,6 +509,86 @@ async def read_reply(reader: asyncio.StreamReader) -> tuple[int, list[bytes]]:
                 raise SmtpError(f"bad reply {line!r}") from None
 
 
+async def open_session(port: int, stats: LoadStats, host: str = "127.0.0.1"):
+    """Connect, read the banner, EHLO: (reader, writer, whether PIPELINING is
+    advertised); the time it took is appended to ``stats.connect_seconds``."""
+    t0 = time.monotonic()
+    if stats.first_connect is None:
+        stats.first_connect = t0
+    reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
+    stats.connections += 1
+    try:
+        code, lines = await read_reply(reader)
+        if code != 220:
+            raise SmtpError(f"banner {lines[-1].decode(errors='replace')}")
+        writer.write(b"EHLO client.bench.test\r\n")
+        code, lines = await read_reply(reader)
+        if code != 250:
+            raise SmtpError(f"EHLO {lines[-1].decode(errors='replace')}")
+    except BaseException:
+        await close_writer(writer)
+        raise
+    stats.connect_seconds.append(time.monotonic() - t0)
+    return reader, writer, any(l[4:].upper().startswith(b"PIPELINING") for l in lines)
+
+
+async def send_message(reader, writer, body: bytes, rcpt: str, pipelining: bool,
+                       stats: LoadStats) -> bool:
+    """One transaction (MAIL, RCPT, DATA, the body, the final ``.``); the commit (the
+    ``.`` to its reply) is timed into ``stats.commit_seconds``.  A refusal is counted
+    in ``stats`` and leaves the session ready for the next transaction."""
+    cmds = [f"MAIL FROM:<{SENDER}> SIZE={len(body)}\r\n".encode(),
+            f"RCPT TO:<{rcpt}>\r\n".encode(), b"DATA\r\n"]
+    if pipelining:
+        writer.write(b"".join(cmds))
+        replies = [await read_reply(reader) for _ in cmds]
+    else:
+        replies = []
+        for c in cmds:
+            writer.write(c)
+            replies.append(await read_reply(reader))
+            if replies[-1][0] >= 400:
+                break
+    codes = [r[0] for r in replies]
+    if codes[:2] != [250, 250] or len(codes) < 3 or codes[2] != 354:
+        stats.error(f"envelope refused: {[r[1][-1].decode(errors='replace') for r in replies]}")
+        if len(codes) == 3 and codes[2] == 354:
+            writer.write(b".\r\n")      # finish the transaction
+            await read_reply(reader)
+        writer.write(b"RSET\r\n")
+        await read_reply(reader)
+        return False
+    writer.write(body)
+    await writer.drain()
+    t0 = time.monotonic()
+    writer.write(b".\r\n")
+    code, lines = await read_reply(reader)
+    now = time.monotonic()
+    if code == 250:
+        stats.commit_seconds.append(now - t0)
+        stats.accepted += 1
+        stats.last_accept = now
+        return True
+    stats.error(f"DATA {lines[-1].decode(errors='replace')}")
+    return False
+
+
+async def quit_session(reader, writer) -> None:
+    writer.write(b"QUIT\r\n")
+    try:
+        await asyncio.wait_for(read_reply(reader), 10)
+    except (SmtpError, OSError, asyncio.TimeoutError):
+        pass
+
+
+async def close_writer(writer) -> None:
+    writer.close()
+    try:
+        await writer.wait_closed()
+    except OSError:
+        pass
+
+
 async def asyncio_load(port: int, n: int, sessions: int, size: int, rcpt: str,
                        per_session: int, pipelining: bool, stats: LoadStats) -> None:
     template = make_message(size, rcpt)
@@ -480,68 +604,21 @@ async def asyncio_load(port: int, n: int, sessions: int, size: int, rcpt: str,
     async def one_connection(first: int) -> int | None:
         """Sends up to ``per_session`` messages on one connection starting with message
         ``first``; returns the next message index to send, or None."""
-        if stats.first_connect is None:
-            stats.first_connect = time.monotonic()
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
-        stats.connections += 1
+        reader, writer, can_pipeline = await open_session(port, stats)
         i: int | None = first
         try:
-            code, _ = await read_reply(reader)
-            if code != 220:
-                raise SmtpError(f"banner {code}")
-            writer.write(b"EHLO client.bench.test\r\n")
-            code, lines = await read_reply(reader)
-            if code != 250:
-                raise SmtpError(f"EHLO {code}")
-            can_pipeline = pipelining and any(l[4:].upper().startswith(b"PIPELINING") for l in lines)
             sent_here = 0
             while i is not None:
-                body = numbered(template, i)
-                cmds = [f"MAIL FROM:<{SENDER}> SIZE={len(body)}\r\n".encode(),
-                        f"RCPT TO:<{rcpt}>\r\n".encode(), b"DATA\r\n"]
-                if can_pipeline:
-                    writer.write(b"".join(cmds))
-                    replies = [await read_reply(reader) for _ in cmds]
-                else:
-                    replies = []
-                    for c in cmds:
-                        writer.write(c)
-                        replies.append(await read_reply(reader))
-                        if replies[-1][0] >= 400:
-                            break
-                codes = [r[0] for r in replies]
-                if codes[:2] != [250, 250] or len(codes) < 3 or codes[2] != 354:
-                    stats.error(f"envelope refused: {[r[1][-1].decode(errors='replace') for r in replies]}")
-                    if len(codes) == 3 and codes[2] == 354:
-                        writer.write(b".\r\n")      # finish the transaction
-                        await read_reply(reader)
-                    writer.write(b"RSET\r\n")
-                    await read_reply(reader)
-                else:
-                    writer.write(body)
-                    writer.write(b".\r\n")
-                    code, lines = await read_reply(reader)
-                    if code == 250:
-                        stats.accepted += 1
-                        stats.last_accept = time.monotonic()
-                    else:
-                        stats.error(f"DATA {lines[-1].decode(errors='replace')}")
+                await send_message(reader, writer, numbered(template, i), rcpt,
+                                   pipelining and can_pipeline, stats)
                 sent_here += 1
                 i = take()
                 if sent_here >= per_session:
                     break
-            writer.write(b"QUIT\r\n")
-            try:
-                await asyncio.wait_for(read_reply(reader), 10)
-            except (SmtpError, asyncio.TimeoutError):
-                pass
+            await quit_session(reader, writer)
             return i
         finally:
-            writer.close()
-            try:
-                await writer.wait_closed()
-            except OSError:
-                pass
+            await close_writer(writer)
 
     async def worker() -> None:
         i = take()
@@ -643,8 +720,9 @@ def filter_lines(base: Path, kind: str) -> list[str]:
 
 
 def build_config(base: Path, port: int, mode: str, sink_port: int,
-                 filter_kind: str = "none") -> tuple[str, Path]:
-    """The configuration and the Maildir new/ directory that the run fills."""
+                 filter_kind: str = "none", extra: tuple[str, ...] = ()) -> tuple[str, Path]:
+    """The configuration and the Maildir new/ directory that the run fills; ``extra``:
+    more lines for its head (``smtp limit ...``)."""
     uid, gid = os.getuid(), os.getgid()
     if uid == 0:
         nobody = pwd.getpwnam("nobody")
@@ -657,6 +735,7 @@ def build_config(base: Path, port: int, mode: str, sink_port: int,
     filters = filter_lines(base, filter_kind)
     lines = [
         "# pysmtpd benchmark configuration (bench/bench_mail.py)",
+        *extra,
         *filters,
         f"listen on 127.0.0.1 port {port}" + (" filter bench" if filters else ""),
         f'table users {{ {MAILDIR_USER} = "{uid}:{gid}:{home}" }}',
@@ -666,6 +745,29 @@ def build_config(base: Path, port: int, mode: str, sink_port: int,
         'match from local for any action "outbound"',
     ]
     return "\n".join(lines) + "\n", home / "Maildir" / "new"
+
+
+class Destination:
+    """Where the run's mail goes and what counts it: the relay sink (``relay``), or a
+    watch on the Maildir's new/ (``maildir``)."""
+
+    def __init__(self, mode: str, tools: Path | None, base: Path, sink_port: int,
+                 new_dir: Path) -> None:
+        self.sink = self.watch = None
+        if mode == "relay":
+            self.sink = PostfixSink(tools, sink_port, base) if tools is not None \
+                else AiosmtpdSink(sink_port, base)
+            self.sink.start()
+            self.counter, self.name, self.rcpt = self.sink.counter, self.sink.name, RELAY_RCPT
+        else:
+            self.watch = MaildirWatch(new_dir)
+            self.watch.start()
+            self.counter, self.name, self.rcpt = self.watch.counter, "maildir new/", MAILDIR_RCPT
+
+    def stop(self) -> None:
+        for thing in (self.watch, self.sink):
+            if thing is not None:
+                thing.stop()
 
 
 class DaemonRun:
@@ -783,8 +885,7 @@ def run(args: argparse.Namespace) -> dict:
     agent = "mta" if args.mode == "relay" else "mda"
     t_resume: float | None = None
     daemon: DaemonRun | None = None
-    sink = None
-    watch: MaildirWatch | None = None
+    dest: Destination | None = None
     sampler: RssSampler | None = None
     stats = LoadStats()
     counter: Counter | None = None
@@ -796,23 +897,14 @@ def run(args: argparse.Namespace) -> dict:
             raise BenchError("Postfix tools required but bench/get-postfix-tools.sh failed")
         port, sink_port = free_port(), free_port()
         config_text, new_dir = build_config(base, port, args.mode, sink_port, args.filter)
-        if args.mode == "relay":
-            sink = PostfixSink(tools, sink_port, base) if tools is not None else AiosmtpdSink(sink_port, base)
-            sink.start()
-            counter = sink.counter
-            result["sink"] = sink.name
-            rcpt = RELAY_RCPT
-        else:
-            watch = MaildirWatch(new_dir)
-            watch.start()
-            counter = watch.counter
-            result["sink"] = "maildir new/"
-            rcpt = MAILDIR_RCPT
+        dest = Destination(args.mode, tools, base, sink_port, new_dir)
+        counter, rcpt, result["sink"] = dest.counter, dest.rcpt, dest.name
         daemon = DaemonRun(base, config_text)
         daemon.start(*(["-P", agent] if args.hold else []), *(a for w in args.trace for a in ("-T", w)))
         result["boot_seconds"] = round(time.monotonic() - t_start, 2)
         sampler = RssSampler(daemon.proc.pid)
         result["idle_rss_mib"] = round(sampler.sample() / 1024, 1)
+        result["idle_pss_mib"] = round(sampler.last_pss_kib / 1024, 1)
         result["processes"] = len(pgrp_pids(daemon.proc.pid))
         sampler.start()
         cpu_before = group_cpu_seconds(daemon.proc.pid)
@@ -855,26 +947,7 @@ def run(args: argparse.Namespace) -> dict:
     except BenchError as exc:
         result["error"] = str(exc)
     finally:
-        try:
-            if sampler is not None:
-                sampler.stop()
-            if watch is not None:
-                watch.stop()
-            if daemon is not None:
-                result["daemon_alive_at_end"] = daemon.alive()
-                log = daemon.log()
-                result["log_warnings"] = sum(1 for l in log.splitlines()
-                                             if "warn" in l.lower() or "error" in l.lower())
-                if result.get("error") or result.get("timed_out"):
-                    result["log_tail"] = daemon.log_tail(15)
-                daemon.stop()
-        finally:
-            if sink is not None:
-                sink.stop()
-            if args.keep:
-                result["kept"] = str(base)
-            else:
-                shutil.rmtree(base, ignore_errors=True)
+        stop_run(result, sampler, daemon, dest, base, args.keep)
         result["total_seconds"] = round(time.monotonic() - t_start, 2)
 
     t0 = stats.first_connect
@@ -883,22 +956,14 @@ def run(args: argparse.Namespace) -> dict:
         "errors": dict(sorted(stats.errors.items(), key=lambda kv: -kv[1])[:5]),
         "accept_seconds": round(stats.last_accept - t0, 3) if t0 and stats.last_accept else None,
         "accepted_per_s": _r(rate(stats.accepted, t0, stats.last_accept)),
+        # smtp-source reports no per-message timing: null, and said so in the summary
+        "commit_latency_ms": percentiles_ms(stats.commit_seconds),
+        "connect_latency_ms": percentiles_ms(stats.connect_seconds),
     })
     if counter is not None:
-        delivered = counter.count
-        last = counter.time_of(min(delivered, stats.accepted) or delivered) if delivered else None
-        result.update({
-            "delivered": delivered,
-            "duplicates": max(0, delivered - stats.accepted),
-            "deliver_seconds": round(last - (t_resume or t0), 3) if t0 and last else None,
-            "delivered_per_s": _r(rate(min(delivered, stats.accepted or delivered), t_resume or t0, last)),
-        })
+        result.update(delivery_results(counter, stats.accepted, t_resume or t0))
     if sampler is not None:
-        result["peak_rss_mib"] = round(sampler.peak_kib / 1024, 1)
-        result["peak_rss_processes"] = sampler.peak_procs
-        result["max_processes"] = sampler.max_procs
-        result["peak_rss_by_process_mib"] = {t: round(k / 1024, 1)
-                                            for t, k in sorted(sampler.peak_by_title.items())}
+        result.update(memory_results(sampler))
         # Where the CPU went (the daemon's processes, and this load generator itself).
         by_title = cpu_seconds_by_title(sampler.cpu_ticks)
         usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -910,8 +975,65 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def stop_run(result: dict, sampler: RssSampler | None, daemon: DaemonRun | None,
+             dest: Destination | None, base: Path, keep: bool) -> None:
+    """Stop what a run started (None: never was), noting in ``result`` how the daemon
+    ended and its warnings (the log's tail after a failure); remove ``base`` unless kept."""
+    try:
+        if sampler is not None:
+            sampler.stop()
+        if daemon is not None:
+            result["daemon_alive_at_end"] = daemon.alive()
+            log = daemon.log()
+            result["log_warnings"] = sum(1 for line in log.splitlines()
+                                         if "warn" in line.lower() or "error" in line.lower())
+            if result.get("error") or result.get("timed_out") or result.get("failed"):
+                result["log_tail"] = daemon.log_tail(15)
+            daemon.stop()
+    finally:
+        if dest is not None:
+            dest.stop()
+        if keep:
+            result["kept"] = str(base)
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def delivery_results(counter: Counter, accepted: int, t0: float | None) -> dict:
+    """What was delivered (counted by ``counter``) of ``accepted`` messages, from ``t0``."""
+    delivered = counter.count
+    last = counter.time_of(min(delivered, accepted) or delivered) if delivered else None
+    return {
+        "delivered": delivered,
+        "duplicates": max(0, delivered - accepted),
+        "deliver_seconds": round(last - t0, 3) if t0 and last else None,
+        "delivered_per_s": _r(rate(min(delivered, accepted or delivered), t0, last)),
+    }
+
+
+def memory_results(sampler: RssSampler) -> dict:
+    """Peak RSS and PSS of the daemon's processes, in all and per process title."""
+    return {
+        "peak_rss_mib": round(sampler.peak_kib / 1024, 1),
+        "peak_rss_processes": sampler.peak_procs,
+        "max_processes": sampler.max_procs,
+        "peak_rss_by_process_mib": {t: round(k / 1024, 1) for t, k in sorted(sampler.peak_by_title.items())},
+        "peak_pss_mib": round(sampler.peak_pss_kib / 1024, 1),
+        "peak_pss_by_process_mib": {t: round(k / 1024, 1)
+                                    for t, k in sorted(sampler.peak_pss_by_title.items())},
+    }
+
+
 def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 1)
+
+
+def latency_text(lat: dict | None, client: str = "asyncio") -> str:
+    if lat is None:
+        why = " (smtp-source does not report it)" if client == "smtp-source" else ""
+        return f"commit latency not measured{why}"
+    return (f"commit latency ms p50 {lat['p50']} p90 {lat['p90']} p99 {lat['p99']}"
+            f" max {lat['max']} (n={lat['count']})")
 
 
 def summary(r: dict) -> str:
@@ -921,9 +1043,16 @@ def summary(r: dict) -> str:
          f" sink={r.get('sink', '?')}: accepted {r['accepted']}/{r['n']} at {f(r['accepted_per_s'])} msg/s"
          f" ({f(r['accept_seconds'], ' s')}), delivered {r.get('delivered', 0)}"
          f" at {f(r.get('delivered_per_s'))} msg/s ({f(r.get('deliver_seconds'), ' s')}),"
-         f" peak RSS {f(r.get('peak_rss_mib'), ' MiB')}")
+         f" peak RSS {f(r.get('peak_rss_mib'), ' MiB')}, peak PSS {f(r.get('peak_pss_mib'), ' MiB')}"
+         f" (idle {f(r.get('idle_pss_mib'), ' MiB')}), {latency_text(r.get('commit_latency_ms'), r['client'])}")
     if r["failed"]:
         s += f", {r['failed']} failed"
+    return s + summary_alarms(r)
+
+
+def summary_alarms(r: dict) -> str:
+    """What must not go unnoticed at the end of a summary line."""
+    s = ""
     if r.get("duplicates"):
         s += f", {r['duplicates']} DUPLICATES"
     if r["timed_out"]:
@@ -933,26 +1062,31 @@ def summary(r: dict) -> str:
     return s
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-
+def run_and_print(run_fn, summary_fn, args, expected: int) -> int:
+    """Run a bench (stopping what it started on SIGTERM/SIGINT), print its summary and
+    its JSON line; 0 if every one of ``expected`` messages was accepted and delivered."""
     def interrupted(signum, frame):
         raise Interrupted(signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, interrupted)
     signal.signal(signal.SIGINT, interrupted)
     try:
-        result = run(args)
+        result = run_fn(args)
     except Interrupted as exc:
         print(f"bench: interrupted ({exc}); everything started was stopped", file=sys.stderr)
         return 130
-    print(summary(result), flush=True)
+    print(summary_fn(result), flush=True)
     print(json.dumps(result, sort_keys=False), flush=True)
-    if result["error"] and result.get("log_tail"):
+    if result.get("log_tail") and (result["error"] or result.get("failed")):
         print(result["log_tail"], file=sys.stderr)
-    ok = (not result["error"] and not result["timed_out"] and result["accepted"] == args.n
-          and result.get("delivered", 0) == args.n)
+    ok = (not result["error"] and not result["timed_out"] and not result.get("failed")
+          and result["accepted"] == expected and result.get("delivered", 0) == expected)
     return 0 if ok else 1
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return run_and_print(run, summary, args, args.n)
 
 
 if __name__ == "__main__":

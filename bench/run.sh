@@ -42,8 +42,8 @@ print(f"{r0['date'][:10]}, {r0['nproc']} cores (`nproc`), Python {r0['python']},
       f"S={r0['sessions']} concurrent sessions, {r0['per_session']} message(s) per connection, "
       f"client {r0['client']}.")
 print()
-print("| mode | delivery | accepted msg/s | delivered msg/s | accepted / delivered | peak RSS MiB (all processes) | idle RSS MiB |")
-print("|---|---|---:|---:|---:|---:|---:|")
+print("| mode | delivery | accepted msg/s | delivered msg/s | accepted / delivered | peak RSS MiB (all processes) | idle RSS MiB | peak PSS MiB | idle PSS MiB | commit latency p99 ms |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 def f(x):
     return "n/a" if x is None else f"{x:.1f}" if isinstance(x, float) else str(x)
 for r in rows:
@@ -52,6 +52,7 @@ for r in rows:
     how = "held during the load, then resumed (drain rate)" if r.get("hold") else "concurrent (end to end)"
     print(f"| {r['mode']} ({r.get('sink', '?')}) | {how} | {f(r.get('accepted_per_s'))} | "
           f"{f(r.get('delivered_per_s'))} | {r.get('accepted')} / {r.get('delivered')}{note} | "
-          f"{f(r.get('peak_rss_mib'))} | {f(r.get('idle_rss_mib'))} |")
+          f"{f(r.get('peak_rss_mib'))} | {f(r.get('idle_rss_mib'))} | {f(r.get('peak_pss_mib'))} | "
+          f"{f(r.get('idle_pss_mib'))} | {f((r.get('commit_latency_ms') or {}).get('p99'))} |")
 PY
 exit $status

@@ -26,13 +26,15 @@ import asyncio
 import ipaddress
 import logging
 import time
+from collections import deque
 
 from common import stat
 from common.durations import duration_to_text
 from common.envelope import Envelope
 from common.ipc import PeerTimeout
 from common.messages import (
-    CtlLinesReply, CtlMtaBlock, CtlReply, CtlRequest, DeliveryResult, MessageContent, MessageOpen,
+    CtlLinesReply, CtlMtaBlock, CtlReply, CtlRequest, DeliveryResult, DeliveryResults, MessageContent,
+    MessageOpen,
     MtaDnsLookup, MtaDnsReply, MtaHeloReply, MtaHoldqRelease, MtaLookupHelo, MtaLookupSource,
     MtaSourceReply,
 )
@@ -97,18 +99,24 @@ def limits_from_config(config) -> tuple[Limits, dict[str, Limits]]:
     """`mta limit` settings over mta_routes.Limits' defaults: the default limits, and
     those of each domain named (which start from the default ones)."""
     def build(*settings: dict[str, int]) -> Limits:
-        limits = Limits()
-        for s in settings:
-            for key, value in s.items():
-                setattr(limits, key.replace("-", "_"), value)
-        return limits
+        # the keys set are the Limits' explicit ones: applied exactly as OpenSMTPD does
+        return Limits(**{key.replace("-", "_"): value for s in settings for key, value in s.items()})
     base = config.mta_limits.get("", {})
     return build(base), {d: build(base, s) for d, s in config.mta_limits.items() if d}
 
 
 def message_id(message: bytes) -> str:
     """The Message-ID header of a message, unfolded, or "" if it has none."""
-    head = message[:MESSAGE_ID_SCAN].replace(b"\r\n", b"\n").split(b"\n\n", 1)[0]
+    head = message[:MESSAGE_ID_SCAN]
+    # the header ends at the first empty line (LF or CRLF ends); only the lines from
+    # the first one naming message-id on can hold it (per message: kept off the body)
+    ends = [i for i in (head.find(b"\n\n"), head.find(b"\n\r\n")) if i >= 0]
+    if ends:
+        head = head[:min(ends)]
+    at = head.lower().find(b"message-id")
+    if at < 0:
+        return ""
+    head = head[head.rfind(b"\n", 0, at) + 1:].replace(b"\r\n", b"\n")
     value = None
     for line in head.split(b"\n"):
         if value is not None and line[:1] in (b" ", b"\t"):
@@ -132,9 +140,11 @@ class Mta:
         self.failing: dict[str, FailingRelay] = {}
         self.holdq_ids = 0
         self.gathering: dict[RelayKey, int] = {}        # tasks being gathered, per relay
-        self.work: dict[RelayKey, asyncio.Event] = {}   # set when a relay gets a task
+        # the sessions of each relay waiting for a task: a new task wakes one of them
+        self.idle: dict[RelayKey, deque[asyncio.Future]] = {}
         self.timers: dict[RelayKey, asyncio.TimerHandle] = {}
         self.enable_timer: asyncio.TimerHandle | None = None
+        self.results: list[DeliveryResult] = []     # to the queue at the end of this loop turn
 
     @property
     def config(self):
@@ -213,14 +223,19 @@ class Mta:
             return
         relay.tasks.append(Task(envelopes, action))
         stat.increment("mta.task")
-        self._event(key).set()
+        self._wake_one(key)
         self._drain(relay)
 
-    def _event(self, key: RelayKey) -> asyncio.Event:
-        event = self.work.get(key)
-        if event is None:
-            event = self.work[key] = asyncio.Event()
-        return event
+    def _wake_one(self, key: RelayKey) -> None:
+        """One idle session of the relay, the last one to have gone idle, looks for a
+        task (not all of them: the others would only find none and wait again; and the
+        sessions woken least go idle long enough to end at session-keepalive)."""
+        waiters = self.idle.get(key)
+        while waiters:
+            waiter = waiters.pop()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     # -- opening sessions (mta_drain, mta_connect) ---------------------------------------------
 
@@ -329,7 +344,7 @@ class Mta:
             timer = self.timers.pop(relay.key, None)
             if timer is not None:
                 timer.cancel()
-            self.work.pop(relay.key, None)
+            self.idle.pop(relay.key, None)
             _RELAYS.discard(relay.key)
             _CONNECTORS.discard((relay.key, ""))
             _SOURCES.discard("")
@@ -368,6 +383,7 @@ class Mta:
         SESSION.set(session_id)
         port = relay.key.port or self.config.mta_mx_port
         ready = False
+        failed = True            # until the session ends cleanly
         penalize = True          # a failed first connection disables the route
         reason = ROUTE_DISABLED_NET
         stat.increment("mta.task.running")
@@ -408,7 +424,10 @@ class Mta:
                 return
             ready = True
             self.routing.ready(relay, route)
+            if relay.tasks:
+                self._drain(relay)       # a working route may take one more connection now
             messages = await self._serve(relay, conn, session_id, host.text())
+            failed = conn.failed
             if conn.usable:
                 await conn.close()
                 log.info("%016x mta disconnected reason=quit messages=%d", session_id, messages)
@@ -418,7 +437,7 @@ class Mta:
             log.exception("warn: mta: session %016x failed", session_id)
         finally:
             stat.decrement("mta.task.running")
-            delay = self.routing.closed(relay, route, ready, time.monotonic(), penalize, reason)
+            delay = self.routing.closed(relay, route, ready, time.monotonic(), penalize, reason, failed)
             if delay:
                 log.info("smtp-out: Disabling route %s for %ds", route.text(), delay)
                 self._schedule_enable()
@@ -430,7 +449,6 @@ class Mta:
         """Send the relay's tasks on ``conn`` until none comes for `session-keepalive`
         seconds, the session's quota is reached, or the connection fails."""
         limits = relay.limits
-        event = self._event(relay.key)
         messages = 0
         while messages < limits.session_mail_max and conn.usable:
             if _closed_by_peer(conn):
@@ -438,7 +456,7 @@ class Mta:
                 break
             task = self.routing.take_task(relay, time.monotonic())
             if task is None:
-                if not await self._wait_task(relay, event, limits.session_keepalive):
+                if not await self._wait_task(relay, limits.session_keepalive):
                     break
                 continue
             stat.decrement("mta.task")
@@ -448,9 +466,11 @@ class Mta:
             messages += 1
             if limits.session_transaction_delay:
                 await asyncio.sleep(limits.session_transaction_delay)
+        if relay.tasks:
+            self._wake_one(relay.key)    # this session may have been woken for a task it leaves
         return messages
 
-    async def _wait_task(self, relay: Relay, event: asyncio.Event, keepalive: float) -> bool:
+    async def _wait_task(self, relay: Relay, keepalive: float) -> bool:
         """Whether a task may be there for this session within ``keepalive`` seconds."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + keepalive
@@ -467,11 +487,16 @@ class Mta:
                     return False
                 await asyncio.sleep(wait)
                 continue
-            event.clear()
+            waiter = loop.create_future()
+            waiters = self.idle.setdefault(relay.key, deque())
+            waiters.append(waiter)
             try:
-                await asyncio.wait_for(event.wait(), remaining)
+                await asyncio.wait_for(waiter, remaining)
             except TimeoutError:
                 return False
+            finally:
+                if waiter in waiters:        # timed out (a woken one was taken out already)
+                    waiters.remove(waiter)
         return False
 
     async def _send_task(self, task: Task, relay: Relay, conn: Connection, session_id: int,
@@ -491,6 +516,7 @@ class Mta:
                                             len(message), dsn)
         except _NETWORK_ERRORS as exc:
             conn.usable = False
+            conn.failed = True
             text = failure_text(exc)
             log.info("%016x mta error reason=%s", session_id, log_text(text, COMMAND))
             await self._task_report(task, "tempfail", text, relay_text, session_id)
@@ -583,7 +609,7 @@ class Mta:
         new envelopes in a hold queue of its own, released by `task-release` when it is
         down to `task-lowat`."""
         waiting = relay.ntask + self.gathering.get(relay.key, 0)
-        if not relay.onhold and waiting >= relay.limits.task_hiwat:
+        if not relay.onhold and waiting >= self.routing.task_marks(relay)[0]:
             log.info("smtp-out: hiwat reached on %s: holding envelopes", relay.key.text())
             relay.onhold = True
         if not relay.onhold:
@@ -596,7 +622,7 @@ class Mta:
         return True
 
     def _task_taken(self, relay: Relay) -> None:
-        if relay.ntask == relay.limits.task_lowat:
+        if relay.ntask == self.routing.task_marks(relay)[1]:
             if relay.onhold:
                 log.info("smtp-out: back to lowat on %s: releasing", relay.key.text())
                 relay.onhold = False
@@ -722,10 +748,24 @@ class Mta:
                      'relay="%s" delay=%s result="%s" stat="%s"%s', session_id, env.id, env.sender,
                      env.dest, env.rcpt if env.rcpt != env.dest else "-", source, relay,
                      duration_to_text(now - env.ctime), word, log_text(detail, COMMAND), extra)
-            esc = _esc_code(detail)
-            await self.pony.mesh.send("queue", DeliveryResult(
+            self._result(DeliveryResult(
                 evpid=env.id, agent="mta", status=status if status in ("ok", "permfail") else "tempfail",
-                errorline=detail, esc_code=esc, dsn_notify=env.dsn_notify, remote_dsn=remote_dsn))
+                errorline=detail, esc_code=_esc_code(detail), dsn_notify=env.dsn_notify,
+                remote_dsn=remote_dsn))
+
+    def _result(self, result: DeliveryResult) -> None:
+        """Results go to the queue together at the end of this turn of the event loop:
+        the sessions whose replies came in the same wake-up share one message (and one
+        wake-up of the queue).  No delay is added; nothing waits on them here."""
+        if not self.results:
+            asyncio.get_running_loop().call_soon(self._send_results)
+        self.results.append(result)
+
+    def _send_results(self) -> None:
+        results, self.results = self.results, []
+        if results:
+            self.pony.spawn(self.pony.mesh.send(
+                "queue", results[0] if len(results) == 1 else DeliveryResults(results=results)))
 
 
 def _source_fields(src: str | None) -> dict[str, str]:

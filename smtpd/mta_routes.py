@@ -23,7 +23,11 @@ whose routes are disabled fails its tasks (temporary failure), as OpenSMTPD's
 
 Beyond OpenSMTPD: ``max-msg-rate`` (``mta limit for domain D max-msg-rate 10/min``)
 bounds how many messages are sent to a relay per period; tasks over the rate wait
-in the relay (nothing bounces, nothing is deferred).
+in the relay (nothing bounces, nothing is deferred).  And the connection delays
+left at their defaults are waived on a route that works (greeted, no failure since):
+its connections open as the backlog needs them, one at a time, up to the connection
+limits; a delay the configuration sets applies as in OpenSMTPD (docs/mta.md,
+"Connection policy").
 """
 from __future__ import annotations
 
@@ -69,10 +73,15 @@ FAILURE_TEXT = {
 }
 
 
-@dataclass
+@dataclass(init=False)
 class Limits:
     """`mta limit [for domain D] KEY VALUE ...`: OpenSMTPD's keys and defaults (limit.c),
-    plus ``max-msg-rate`` (messages, period in seconds; 0: no bound)."""
+    plus ``max-msg-rate`` (messages, period in seconds; 0: no bound).
+
+    ``explicit`` names the fields that were given (``Limits(conn_delay_route=5)``, or
+    set in the configuration): the connection delays of a key left at its default are
+    waived on a route that works (`Routing.connect`, docs/mta.md "Connection
+    policy"); a key the administrator set applies exactly as in OpenSMTPD."""
     max_conn_per_host: int = 10
     max_conn_per_route: int = 5
     max_conn_per_source: int = 100
@@ -96,12 +105,30 @@ class Limits:
     family: int = 0                    # 0, 4 (inet4) or 6 (inet6)
     max_msg_rate: int = 0
     max_msg_period: int = 60
+    explicit: frozenset[str] = frozenset()
+
+    def __init__(self, **settings: int) -> None:
+        for f in fields(self):
+            setattr(self, f.name, f.default)
+        for name, value in settings.items():
+            if name not in _LIMIT_FIELDS:
+                raise TypeError(f"Limits has no field {name!r}")
+            setattr(self, name, value)
+        self.explicit = frozenset(settings)
 
     @staticmethod
     def keys() -> list[str]:
         """The configuration keys (``max-conn-per-host``...), max-msg-rate and family aside."""
         return [f.name.replace("_", "-") for f in fields(Limits)
-                if f.name not in ("family", "max_msg_rate", "max_msg_period")]
+                if f.name not in ("family", "max_msg_rate", "max_msg_period", "explicit")]
+
+    def delay(self, name: str, waived: bool) -> int:
+        """The delay ``name`` (``conn_delay_route``...): 0 when ``waived`` (the route
+        works) unless the administrator set it."""
+        return 0 if waived and name not in self.explicit else getattr(self, name)
+
+
+_LIMIT_FIELDS = frozenset(f.name for f in fields(Limits)) - {"explicit"}
 
 
 @dataclass(eq=False)
@@ -139,6 +166,8 @@ class Route:
     dst: Host
     flags: int = ROUTE_NEW
     nconn: int = 0
+    nready: int = 0                    # its sessions that were greeted (nconn - nready: opening)
+    proven: bool = False               # greeted once, and no session on it failed since
     nerror: int = 0
     penalty: int = 0
     lastconn: float = 0
@@ -339,13 +368,22 @@ class Routing:
         c.flags.difference_update(LIMITS)
         if not self.wants_connection(relay):
             return Decision()
+        rate_wait = self.rate_wait(relay, now)
+        if rate_wait > 0:
+            # over max-msg-rate: a connection now would carry nothing (and, on a route
+            # whose delays are waived, be replaced at once by another)
+            c.flags.add("wait")
+            c.retry_at = now + rate_wait
+            return Decision(retry_at=c.retry_at)
         lim = relay.limits
         nextconn = now
-        for obj, delay, limit, flag in (
-                (relay.domain, lim.conn_delay_domain, lim.max_conn_per_domain, "limit_domain"),
-                (source, lim.conn_delay_source, lim.max_conn_per_source, "limit_source"),
-                (c, lim.conn_delay_connector, lim.max_conn_per_connector, "limit_conn"),
-                (relay, lim.conn_delay_relay, lim.max_conn_per_relay, "limit_relay")):
+        waived = self.works(relay, source)
+        for obj, delay_name, limit, flag in (
+                (relay.domain, "conn_delay_domain", lim.max_conn_per_domain, "limit_domain"),
+                (source, "conn_delay_source", lim.max_conn_per_source, "limit_source"),
+                (c, "conn_delay_connector", lim.max_conn_per_connector, "limit_conn"),
+                (relay, "conn_delay_relay", lim.max_conn_per_relay, "limit_relay")):
+            delay = lim.delay(delay_name, waived)
             if obj.lastconn and obj.lastconn + delay > nextconn:
                 nextconn = obj.lastconn + delay
             if obj.nconn >= limit:
@@ -364,6 +402,16 @@ class Routing:
             return Decision(retry_at=nextconn)
         c.flags.discard("new")
         return Decision(route=route, host_name=host_name)
+
+    def works(self, relay: Relay, source: Source) -> bool:
+        """Whether one of the relay's routes from ``source`` works: greeted, and no
+        session on it failed since.  Its default connection delays are then waived
+        (pysmtpd's connection policy, docs/mta.md)."""
+        for _, host in relay.mxs or ():
+            route = self.routes.get((source.address, host.address))
+            if route is not None and route.proven:
+                return True
+        return False
 
     def _find_route(self, relay: Relay, c: Connector, now: float, nextconn: float):
         lim = relay.limits
@@ -401,8 +449,13 @@ class Routing:
             if route.nconn >= lim.max_conn_per_route:
                 limit_route = True
                 continue
-            for since, delay in ((route.lastconn, lim.conn_delay_route),
-                                 (route.lastdisc, lim.reconn_delay_route)):
+            waived = route.proven
+            if waived and route.nconn > route.nready and not \
+                    lim.explicit.intersection(("conn_delay_route", "reconn_delay_route")):
+                limit_route = True          # slow start: one connection opening at a time
+                continue
+            for since, delay in ((route.lastconn, lim.delay("conn_delay_route", waived)),
+                                 (route.lastdisc, lim.delay("reconn_delay_route", waived))):
                 if since and since + delay > now:
                     tm = min(tm or since + delay, since + delay)
                     break
@@ -442,6 +495,8 @@ class Routing:
         """The session was greeted (mta_route_ok): the route is valid, and the
         connector's route errors are forgotten."""
         relay.nconn_ready += 1
+        route.nready += 1
+        route.proven = True
         route.flags |= ROUTE_KEEPALIVE
         if route.flags & ROUTE_NEW:
             route.flags &= ~ROUTE_NEW
@@ -450,14 +505,20 @@ class Routing:
                 ("error_route_net", "error_route_smtp"))
 
     def closed(self, relay: Relay, route: Route, was_ready: bool, now: float,
-               penalize: bool = True, reason: int = ROUTE_DISABLED_NET) -> int | None:
+               penalize: bool = True, reason: int = ROUTE_DISABLED_NET,
+               failed: bool | None = None) -> int | None:
         """A session ended (mta_route_collect).  A route whose first connection failed is
-        disabled: the delay in seconds is returned (the caller logs it)."""
+        disabled: the delay in seconds is returned (the caller logs it).  ``failed``: the
+        session ended on an error (default: it was never greeted); the route then no
+        longer counts as working until a session on it is greeted again."""
         c = self.connector(relay, route.src)
         for obj in (c, relay, relay.domain, route, route.src, route.dst):
             obj.nconn -= 1
         if was_ready:
             relay.nconn_ready -= 1
+            route.nready -= 1
+        if (not was_ready) if failed is None else failed:
+            route.proven = False
         route.lastdisc = now
         if route.nconn == 0:
             route.flags &= ~ROUTE_KEEPALIVE
@@ -468,6 +529,7 @@ class Routing:
 
     def disable(self, route: Route, penalty: int, reason: int, now: float) -> int:
         route.penalty += penalty
+        route.proven = False
         delay = min(DELAY_ROUTE_BASE * route.penalty * route.penalty, DELAY_ROUTE_MAX)
         route.flags |= reason & ROUTE_DISABLED
         route.flags |= ROUTE_RUNQ
@@ -542,6 +604,18 @@ class Routing:
         if len(relay.sent) < lim.max_msg_rate:
             return 0.0
         return relay.sent[0] + lim.max_msg_period - now
+
+    def task_marks(self, relay: Relay) -> tuple[int, int]:
+        """(task-hiwat, task-lowat) of the relay now.  OpenSMTPD's marks bound the tasks a
+        relay holds in memory; pysmtpd scales the default ones by the relay's ready
+        sessions, so a relay whose connections are taking its tasks does not push its
+        new envelopes back to the scheduler (a hold and a release each) while a stuck
+        one (no ready session) still holds them at 50.  Marks the configuration sets
+        apply as they are."""
+        lim = relay.limits
+        scale = 1 if "task_hiwat" in lim.explicit or "task_lowat" in lim.explicit \
+            else max(1, relay.nconn_ready)
+        return lim.task_hiwat * scale, lim.task_lowat * scale
 
     def take_task(self, relay: Relay, now: float):
         """The next task for a session of the relay, or None; counts it against the rate."""

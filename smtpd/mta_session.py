@@ -190,29 +190,33 @@ class Connection:
         self.client: SmtpClient | None = None
         self.extensions: dict[str, str] = {}
         self.usable = False          # greeted, and the last transaction ended cleanly
+        self.failed = False          # a transaction broke on a network or protocol error
         self.transactions = 0
         self.txn_replies = 0         # reads with data in the current transaction (0: no reply)
         self.tls_text = ""           # VERSION:CIPHER:BITS once TLS is on
 
     # -- pumping ---------------------------------------------------------------------------
 
-    async def _flush(self) -> None:
+    def _write(self) -> bool:
+        """Write what the dialogue has to send; True when the kernel did not take it
+        all (a slow peer): the caller then waits, bounded, for room."""
         out = self.client.data_to_send()
         if not out:
-            return
+            return False
         if FLAGS.mta:
             for line in _shown(out):
                 trace("mta: %016x: >>> %s", self.session, line)
         if FLAGS.io:
             trace("mta: %016x: IO_DATAOUT %d bytes", self.session, len(out))
         self.writer.write(out)
-        await asyncio.wait_for(self.writer.drain(), self.timeout)
+        return self.writer.transport.get_write_buffer_size() > 0
 
     async def _next(self):
         """The dialogue's next event, reading and writing as it needs."""
         for _ in range(MAX_EVENTS):
             event = self.client.next_event()
-            await self._flush()
+            if self._write():
+                await asyncio.wait_for(self.writer.drain(), self.timeout)
             if event is not NEED_DATA:
                 return event
             data = await asyncio.wait_for(self.reader.read(READ_SIZE), self.timeout)

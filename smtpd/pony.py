@@ -12,6 +12,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import resource
 import socket
 
 from common import privsep
@@ -21,7 +22,7 @@ from common.messages import (
     PonyEnqueue, PonyEnqueueReply, QueueDeliver,
     QueueEnvelopeSubmitReply, QueueTransfer, SmtpMessageCreateReply, SmtpMessageRollback,
 )
-from smtpd import enqueue, fdpass
+from smtpd import enqueue, fdpass, listeners
 from smtpd.mda import Mda
 from smtpd.mta import Mta
 from smtpd.smtp_session import Session
@@ -31,6 +32,19 @@ from smtpd import proxy_v2, tls
 log = logging.getLogger("smtpd")
 
 RDNS_TIMEOUT = 10.0
+# Descriptors kept from the SMTP sessions' share (the channels, the logs, TLS files).
+SESSION_FD_RESERVE = 32
+
+
+def sessions_descriptors_allow() -> int:
+    """The sessions pony's descriptor limit allows, as OpenSMTPD's smtp.c counts them:
+    half the descriptors (the other half for the MTA's connections and the files
+    delivery passes), less a reserve.  Past it a client is refused (421) rather than
+    left in the backlog while accept() fails with EMFILE."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30
+    return max(1, soft // 2 - SESSION_FD_RESERVE)
 
 
 class Listening:
@@ -94,6 +108,7 @@ class Process:
         self.sessions: dict[str, int] = {}      # client address -> open sessions
         self.filtered: dict[int, object] = {}  # session id -> its SessionFilters (smtpd/smtp_filters.py)
         self.sessions_open = 0
+        self.sessions_fd_limit = sessions_descriptors_allow()
         self.auth_failures: dict[str, int] = {}  # client address -> failed AUTH (smtp_session)
         self._tls_contexts: dict[int, object] = ctx.prepared.tls_contexts
         self._reload_tls_contexts: dict[int, object] = {}   # of the pending reload
@@ -144,7 +159,7 @@ class Process:
                 dup.close()
                 return
         entry.server = await loop.create_server(
-            lambda: Session(self, entry.listener), sock=dup, backlog=512, ssl=context)
+            lambda: Session(self, entry.listener), sock=dup, backlog=listeners.BACKLOG, ssl=context)
 
     async def _unlisten(self) -> None:
         for entry in self.listening:
@@ -224,8 +239,9 @@ class Process:
     def admit(self, session) -> str:
         """Count a new session in, or say why it is refused (the session limits)."""
         config, ip = self.config, session.peer_ip
-        if self.sessions_open >= config.smtp_max_sessions:
-            return f"session limit reached ({config.smtp_max_sessions})"
+        limit = min(config.smtp_max_sessions, self.sessions_fd_limit)
+        if self.sessions_open >= limit:
+            return f"session limit reached ({limit})"
         proxied = bool(getattr(session.listener, "proxy_v2", False))   # counted at its header
         if not proxied and self.sessions.get(ip, 0) >= config.smtp_max_sessions_per_address:
             return f"session limit per address reached ({config.smtp_max_sessions_per_address})"

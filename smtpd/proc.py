@@ -13,11 +13,14 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
+import resource
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import zmq
 from setproctitle import setproctitle
@@ -68,6 +71,26 @@ def preload() -> None:
     time.localtime()
 
 
+# Enough for tens of thousands of sessions; a hard limit of 2^30 (some containers)
+# would be inherited by every program the children start, some of which close every
+# descriptor up to the limit one by one.
+NOFILE_CAP = 1 << 16
+
+
+def raise_nofile() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit (at most NOFILE_CAP), as OpenSMTPD's
+    config_process() does in every child: under systemd the soft limit is 1024, and
+    pony needs a descriptor per SMTP session (1,000 concurrent sessions must not stall
+    on EMFILE)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = NOFILE_CAP if hard == resource.RLIM_INFINITY else min(hard, NOFILE_CAP)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("warn: cannot raise the descriptor limit from %d to %d: %s", soft, target, exc)
+
+
 def run_child(opts, config) -> int:
     name = opts.proc
     # The syslog socket is connected here, before the chroot, and kept (common/log.py).
@@ -79,6 +102,7 @@ def run_child(opts, config) -> int:
         log.error("fatal: %s: %s", name, exc)
         return 1
     setproctitle(f"smtpd: {name}")
+    raise_nofile()
     module = importlib.import_module(f"smtpd.{name}")
     preload()
     introspection.apply_command_line(opts)
@@ -97,6 +121,21 @@ def run_child(opts, config) -> int:
     # Where the channels the peers bind are seen from this process's root.
     rundir_view = Path("/") if root == opts.rundir else Path(opts.rundir)
     return aio.run(_serve(name, module, opts, config, prepared, mesh, rundir_view))
+
+
+def leave(code: int) -> NoReturn:
+    """End a child that has stopped serving, without the interpreter's teardown: it
+    would free every object, writing to (so copying) every page the child shares
+    with the others (docs/architecture.md, "Memory"), a peak of memory at each stop
+    for nothing.  The channels are closed by then; the log and the standard streams
+    are flushed here."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 async def _serve(name, module, opts, config, prepared, mesh: Mesh, rundir_view: Path) -> int:
@@ -120,7 +159,7 @@ async def _serve(name, module, opts, config, prepared, mesh: Mesh, rundir_view: 
 
     mesh.start(handle)
     await process.start()
-    await mesh.send("parent", SetupDone(proc=name, pid=__import__("os").getpid()))
+    await mesh.send("parent", SetupDone(proc=name, pid=os.getpid()))
     await ctx.stopping.wait()
     try:
         await asyncio.wait_for(process.stop(), 3)

@@ -45,9 +45,12 @@ What goes out (``encode_body``): the queued message's lines, however they end
 byte sequence in a body can end DATA early at the next hop; a line longer than
 998 octets is folded (docs/mta.md says why).
 
-PIPELINING (RFC 2920): when offered, MAIL and every RCPT go in one write and DATA
-follows once their replies are read (never pipelined: a server taking none of the
-recipients would otherwise be sent the message anyway by a careless one).
+PIPELINING (RFC 2920): when an SMTP server offers it, MAIL, every RCPT and DATA go
+in one write (as Postfix does); the message itself only after the 354, and only when
+a recipient was taken: a server that answers 354 although it took none (or after a
+refused MAIL) gets an empty message (the lone ``.``) and RSET (RFC 2920 3.1).  Each
+recipient's result is its RCPT reply, or the reply to the end of data.  LMTP sends
+DATA once the RCPT replies are read.
 """
 from __future__ import annotations
 
@@ -199,6 +202,22 @@ def encode_body(body: bytes) -> bytes:
     """The DATA payload of a queued message: CRLF line ends whatever the stored ones
     (a bare CR is a line end too), lines over 998 octets folded, dot-stuffing, and
     the final ``.CRLF``."""
+    if b"\r" not in body and max(map(len, body.split(b"\n"))) <= MAX_TEXT_LINE:
+        # The queue's own form (LF line ends, smtp_proto), no line to fold: the same
+        # bytes as line by line (tests/unit/test_smtp_client.py checks), at C speed.
+        out = body.replace(b"\n", b"\r\n")
+        if b"\n." in body:
+            out = out.replace(b"\r\n.", b"\r\n..")
+        if body[:1] == b".":
+            out = b"." + out
+        if body and body[-1:] != b"\n":
+            out += b"\r\n"
+        return out + b".\r\n"
+    return _encode_lines(body)
+
+
+def _encode_lines(body: bytes) -> bytes:
+    """encode_body, line by line: any line end, folding."""
     out: list[bytes] = []
     in_header = True
     for line in _split_lines(body):
@@ -215,6 +234,7 @@ def encode_body(body: bytes) -> bytes:
 _BANNER, _EHLO, _HELO, _STARTTLS, _AUTH_PLAIN, _AUTH_LOGIN, _AUTH_USER, _AUTH_PASS = (
     "banner", "ehlo", "helo", "starttls", "auth-plain", "auth-login", "auth-user", "auth-pass")
 _MAIL, _RCPT, _DATA, _BODY, _RSET, _QUIT = "mail", "rcpt", "data", "body", "rset", "quit"
+_NO_BODY = "no-body"        # the reply to the lone "." sent after an unwanted 354
 
 # States: the session's phase; replies are routed by what they answer, not by state.
 GREETING, TLS_HANDSHAKE, READY, TRANSACTION, QUITTING, CLOSED, FAILED = (
@@ -245,6 +265,7 @@ class SmtpClient:
         self._accepted: list[int] = []
         self._results: dict[int, RcptResult] = {}
         self._with_dsn = False
+        self._data_sent = False     # DATA went with MAIL and RCPT (PIPELINING)
 
     # -- I/O boundary ------------------------------------------------------------------------
 
@@ -256,6 +277,8 @@ class SmtpClient:
             self._inbuf += data
 
     def data_to_send(self) -> bytes:
+        if not self._out:
+            return b""
         out, self._out = bytes(self._out), bytearray()
         return out
 
@@ -304,9 +327,13 @@ class SmtpClient:
         if self._with_dsn and txn.mail_params:
             mail += f" {txn.mail_params}"
         self._command(mail, _MAIL)
+        self._data_sent = False
         if "PIPELINING" in self.extensions:
             for i in range(len(txn.rcpts)):
                 self._send_rcpt(i)
+            if not self.settings.lmtp:
+                self._data_sent = True
+                self._command("DATA", _DATA)
 
     def quit(self) -> None:
         if self.state in (CLOSED, QUITTING):
@@ -514,6 +541,8 @@ class SmtpClient:
             if "PIPELINING" not in self.extensions:
                 self._send_rcpt(i + 1)
             return
+        if self._data_sent:
+            return                      # DATA's reply comes next
         if self._mail_reply.status != "ok" or not self._accepted:
             self._command("RSET", _RSET)
             return
@@ -521,6 +550,15 @@ class SmtpClient:
 
     def _on_data(self, reply: Reply) -> None:
         txn = self._txn
+        if self._mail_reply.status != "ok" or not self._accepted:
+            # pipelined DATA, and nobody to send the message to: the results are
+            # MAIL's or RCPT's replies; a 354 is answered by an empty message
+            if reply.code == 354:
+                self._out += b".\r\n"
+                self._expect.append(_NO_BODY)
+            else:
+                self._command("RSET", _RSET)
+            return
         if reply.code != 354:
             status = reply.status if reply.status != "ok" else "tempfail"
             for i in self._accepted:
@@ -540,6 +578,9 @@ class SmtpClient:
             self._results[i] = RcptResult(txn.rcpts[i], reply.status, reply.text)
         if len(self._results) == len(txn.rcpts):
             self._finish(tuple(self._results[i] for i in range(len(txn.rcpts))), dsn=self._with_dsn)
+
+    def _on_no_body(self, reply: Reply) -> None:
+        self._command("RSET", _RSET)
 
     def _on_rset(self, reply: Reply) -> None:
         results = tuple(self._results[i] for i in range(len(self._txn.rcpts)))

@@ -145,3 +145,34 @@ def test_task_hiwat_holds_envelopes_in_the_scheduler(make_daemon):
                             r"timeout=\S+ wait=(connector)?(ONHOLD)?", relays[0]), relays
         assert len(d.queue_lines()) == 5 and len(sink.transactions) == 1
         assert "TempFail" not in log and "PermFail" not in log
+
+
+def relay_burst(make_daemon, sink: CountingSink, dns, port: int, mx_port: int, extra: str = ""):
+    """30 messages for one MX host queued while the MTA is paused, then let go at once."""
+    d = make_daemon(mx_config(port, dns.port, mx_port, extra)).start()
+    assert d.smtpctl("pause", "mta").stdout.strip() == "command succeeded"
+    send_many(port, [f"u{n}@burst.test" for n in range(30)])
+    wait_for(lambda: len(d.queue_lines()) == 30, 30, "the 30 messages queued")
+    assert d.smtpctl("resume", "mta").stdout.strip() == "command succeeded"
+    wait_for(lambda: len(sink.transactions) == 30, 60, "the 30 messages at the sink")
+    wait_for(lambda: d.queue_lines() == [], 30, "the queue to be empty")
+    assert "TempFail" not in d.log() and "PermFail" not in d.log()
+    return d
+
+
+def test_a_working_route_takes_more_connections_without_the_default_delays(make_daemon):
+    """pysmtpd's connection policy (docs/mta.md): once the first connection is greeted,
+    the backlog gets more connections at once (OpenSMTPD's default conn-delay-route
+    would allow one per 5 s)."""
+    port, mx_port = free_port(), free_port()
+    with DnsServer(zone("burst.test")) as dns, CountingSink(mx_port) as sink:
+        d = relay_burst(make_daemon, sink, dns, port, mx_port)
+        assert 2 <= sink.max_open <= 5, sink.max_open         # max-conn-per-route 5
+        assert d.log().count(" mta connecting ") >= 2
+
+
+def test_a_connection_delay_set_in_the_configuration_applies_as_in_opensmtpd(make_daemon):
+    port, mx_port = free_port(), free_port()
+    with DnsServer(zone("burst.test")) as dns, CountingSink(mx_port) as sink:
+        d = relay_burst(make_daemon, sink, dns, port, mx_port, "mta limit conn-delay-route 60")
+        assert sink.max_open == 1 and d.log().count(" mta connecting ") == 1

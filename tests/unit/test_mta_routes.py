@@ -245,3 +245,117 @@ def test_block_stops_only_the_connections_from_its_source():
     assert not r.is_blocked(r.source("127.0.0.3"), "example.org")
     assert not r.is_blocked(r.source(""), "example.org")       # no `src`: OpenSMTPD's NULL source
     assert not r.is_blocked(r.source("127.0.0.2"), "example.com")
+
+
+# -- pysmtpd's connection policy: default delays waived on a route that works -----------------
+
+def open_ready(r: Routing, relay, now: float, greet: bool = True):
+    d = r.connect(relay, r.source(), now)
+    assert d.route is not None, d
+    r.opened(relay, d.route, now, 0)
+    if greet:
+        r.ready(relay, d.route)
+    return d.route
+
+
+def test_a_working_route_opens_more_connections_at_once_as_the_backlog_needs():
+    r = Routing(rng=random.Random(1))                      # every limit at its default
+    relay = relay_with(r, [(10, "a", "10.0.0.1")], tasks=100)
+    route = open_ready(r, relay, 100.0, greet=False)
+    d = r.connect(relay, r.source(), 100.0)                 # a new route: OpenSMTPD's delays
+    assert d.route is None and d.retry_at == 102.0           # conn-delay-relay
+    assert r.connect(relay, r.source(), 102.0).route is None  # its first is still opening
+    assert "limit_route" in r.connector(relay, r.source()).flags
+    r.ready(relay, route)
+    for n in range(2, 6):                                   # no conn-delay-route nor -relay now
+        assert open_ready(r, relay, 100.0) is route and route.nconn == n
+    d = r.connect(relay, r.source(), 100.0)                 # max-conn-per-route (5) reached
+    assert d.route is None and d.retry_at == 100.0 + DELAY_CHECK_LIMIT
+
+
+def test_slow_start_opens_one_connection_at_a_time_on_a_working_route():
+    r = Routing(rng=random.Random(1))
+    relay = relay_with(r, [(10, "a", "10.0.0.1")], tasks=100)
+    route = open_ready(r, relay, 0.0)
+    open_ready(r, relay, 0.0, greet=False)                  # opening, not greeted yet
+    assert r.connect(relay, r.source(), 0.0).route is None
+    r.ready(relay, route)
+    assert r.connect(relay, r.source(), 0.0).route is route
+
+
+def test_a_session_that_ends_on_its_quota_is_replaced_without_waiting():
+    r = Routing(rng=random.Random(1))
+    relay = relay_with(r, [(10, "a", "10.0.0.1")], tasks=1)
+    route = open_ready(r, relay, 10.0)
+    r.closed(relay, route, True, 10.5, failed=False)        # session-mail-max reached, QUIT
+    assert open_ready(r, relay, 10.5) is route              # no reconn-delay-route (3 s)
+
+
+def test_the_delays_apply_again_after_a_session_on_the_route_failed():
+    r = Routing(rng=random.Random(1))
+    relay = relay_with(r, [(10, "a", "10.0.0.1")], tasks=100)
+    route = open_ready(r, relay, 10.0)
+    r.closed(relay, route, True, 11.0, failed=True)         # a network error mid-session
+    assert r.connect(relay, r.source(), 11.0).retry_at == 12.0   # conn-delay-relay 2 s from 10.0
+    assert r.connect(relay, r.source(), 12.0).retry_at == 15.0   # conn-delay-route 5 s
+    assert open_ready(r, relay, 15.0) is route              # greeted: working again
+    assert open_ready(r, relay, 15.0) is route
+
+
+def test_a_failed_connection_on_a_working_route_brings_the_delays_back():
+    r = Routing(rng=random.Random(1))
+    relay = relay_with(r, [(10, "a", "10.0.0.1")], tasks=100)
+    route = open_ready(r, relay, 10.0)
+    failing = open_ready(r, relay, 10.0, greet=False)
+    assert r.closed(relay, failing, False, 10.2) is None    # not a new route: not disabled
+    assert r.connect(relay, r.source(), 10.2).retry_at == 12.0   # conn-delay-relay
+    assert r.connect(relay, r.source(), 12.0).retry_at == 15.0   # conn-delay-route
+
+
+def test_delays_the_administrator_sets_apply_as_in_opensmtpd():
+    r = Routing(Limits(conn_delay_route=5), rng=random.Random(1))
+    relay = relay_with(r, [(10, "a", "10.0.0.1")], tasks=100)
+    route = open_ready(r, relay, 100.0)
+    d = r.connect(relay, r.source(), 101.0)
+    assert d.route is None and d.retry_at == 105.0
+    r.closed(relay, route, True, 110.0, failed=False)       # the default reconn delay is still waived
+    assert open_ready(r, relay, 110.0) is route
+    assert Limits(conn_delay_route=5).explicit == {"conn_delay_route"} and Limits().explicit == set()
+
+
+def test_configured_limit_keys_are_explicit(tmp_path):
+    from smtpd.mta import limits_from_config
+    config = parsed(tmp_path, "mta limit conn-delay-relay 2\nmta limit for domain a.test reconn-delay-route 3\n"
+                              'action "out" relay\nmatch from local for any action "out"\n')
+    default, per_domain = limits_from_config(config)
+    assert default.explicit == {"conn_delay_relay"} and default.conn_delay_relay == 2
+    assert per_domain["a.test"].explicit == {"conn_delay_relay", "reconn_delay_route"}
+    r = Routing(default, rng=random.Random(1))
+    relay = relay_with(r, [(10, "a", "10.0.0.1")], tasks=100)
+    open_ready(r, relay, 100.0)
+    assert r.connect(relay, r.source(), 100.0).retry_at == 102.0
+
+
+def test_no_connection_opens_while_the_message_rate_is_reached():
+    r = Routing(Limits(max_msg_rate=1, max_msg_period=60), rng=random.Random(1))
+    relay = relay_with(r, [(10, "a", "10.0.0.1")], tasks=3)
+    route = open_ready(r, relay, 0.0)
+    assert r.take_task(relay, 0.0) == 0
+    r.closed(relay, route, True, 1.0, failed=False)          # its session let go, over the rate
+    d = r.connect(relay, r.source(), 1.0)
+    assert d.route is None and d.retry_at == 60.0
+    assert r.connect(relay, r.source(), 60.0).route is route
+
+
+def test_default_task_marks_grow_with_the_ready_sessions_and_configured_ones_do_not():
+    r = Routing(rng=random.Random(1))
+    relay = relay_with(r, [(10, "a", "10.0.0.1")], tasks=100)
+    assert r.task_marks(relay) == (50, 30)                   # a stuck relay: OpenSMTPD's marks
+    for _ in range(3):
+        open_ready(r, relay, 0.0)
+    assert r.task_marks(relay) == (150, 90)
+    r = Routing(Limits(task_hiwat=2, task_lowat=1), rng=random.Random(1))
+    relay = relay_with(r, [(10, "a", "10.0.0.1")], tasks=100)
+    open_ready(r, relay, 0.0)
+    open_ready(r, relay, 0.0)
+    assert r.task_marks(relay) == (2, 1)

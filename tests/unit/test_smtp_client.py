@@ -85,29 +85,56 @@ def test_banner_refused_is_a_failure_and_quits():
     assert client.data_to_send() == b"QUIT\r\n"
 
 
-def test_pipelining_sends_mail_and_rcpts_at_once_and_data_after():
+def test_pipelining_sends_mail_rcpts_and_data_at_once_and_the_message_after_354():
     client = greeted(plain(), b"250-mx.test\r\n250-PIPELINING\r\n250 SIZE 1000\r\n")
     client.send_mail(Transaction("a@x.test", ("b@y.test", "c@y.test"), b"hi\n", size=3))
     assert client.data_to_send() == (b"MAIL FROM:<a@x.test> SIZE=3\r\nRCPT TO:<b@y.test>\r\n"
-                                     b"RCPT TO:<c@y.test>\r\n")
-    assert events(client, b"250 ok\r\n250 ok\r\n") == []
-    assert client.data_to_send() == b""          # DATA waits for every RCPT reply
-    events(client, b"250 ok\r\n")
-    assert client.data_to_send() == b"DATA\r\n"
+                                     b"RCPT TO:<c@y.test>\r\nDATA\r\n")
+    assert events(client, b"250 ok\r\n250 ok\r\n550 no\r\n") == []
+    assert client.data_to_send() == b""          # the message waits for the 354
     events(client, b"354 go\r\n")
     assert client.data_to_send() == b"hi\r\n.\r\n"
     (done,) = events(client, b"250 ok\r\n")
-    assert [r.status for r in done.results] == ["ok", "ok"]
+    assert [(r.status, r.reply) for r in done.results] == [("ok", "250 ok"), ("permfail", "550 no")]
 
 
-def test_pipelining_no_recipient_taken_means_rset_not_data():
+def pipelined(rcpts: tuple[str, ...], replies: bytes, body: bytes = b"hi\n") -> SmtpClient:
+    """A pipelined transaction (MAIL, RCPTs and DATA in one write) given ``replies``."""
     client = greeted(plain(), b"250-mx.test\r\n250 PIPELINING\r\n")
-    client.send_mail(Transaction("a@x.test", ("b@y.test",), b"hi\n"))
-    client.data_to_send()
-    events(client, b"250 ok\r\n550 no\r\n")
+    client.send_mail(Transaction("a@x.test", rcpts, body))
+    assert client.data_to_send().endswith(b"RCPT TO:<%s>\r\nDATA\r\n" % rcpts[-1].encode())
+    assert events(client, replies) == []
+    return client
+
+
+def results_after_rset(client: SmtpClient) -> list[tuple[str, str]]:
     assert client.data_to_send() == b"RSET\r\n"
     (done,) = events(client, b"250 ok\r\n")
-    assert done.results[0].status == "permfail" and done.reusable
+    assert done.reusable
+    return [(r.status, r.reply) for r in done.results]
+
+
+def test_pipelining_no_recipient_taken_means_no_message_then_rset():
+    client = pipelined(("b@y.test",), b"250 ok\r\n550 no\r\n554 no valid recipients\r\n")
+    assert results_after_rset(client) == [("permfail", "550 no")]
+
+
+def test_pipelining_a_354_after_no_recipient_gets_an_empty_message_not_the_body():
+    client = pipelined(("b@y.test", "c@y.test"), b"250 ok\r\n450 busy\r\n550 no\r\n354 go\r\n",
+                       body=b"secret\n")
+    assert client.data_to_send() == b".\r\n"
+    assert events(client, b"554 no recipients\r\n") == []
+    assert results_after_rset(client) == [("tempfail", "450 busy"), ("permfail", "550 no")]
+
+
+def test_pipelining_refused_mail_fails_every_recipient_with_its_reply():
+    client = pipelined(("b@y.test",), b"451 try later\r\n503 need mail\r\n503 need rcpt\r\n")
+    assert results_after_rset(client) == [("tempfail", "451 try later")]
+
+
+def test_pipelining_refused_data_fails_the_recipients_taken():
+    client = pipelined(("b@y.test", "c@y.test"), b"250 ok\r\n250 ok\r\n550 no\r\n452 no room\r\n")
+    assert results_after_rset(client) == [("tempfail", "452 no room"), ("permfail", "550 no")]
 
 
 def test_size_over_the_peer_limit_fails_before_mail():
@@ -380,3 +407,21 @@ def test_events_do_not_depend_on_how_replies_are_split():
         assert _run_split(cuts) == reference
 
     check()
+
+
+def test_the_fast_body_encoding_gives_the_bytes_of_the_line_by_line_one():
+    from hypothesis import given, settings, strategies as st
+    from smtpd.smtp_client import _encode_lines
+
+    pieces = st.sampled_from([b"a", b"\xc3\xa9", b".", b"..", b"\n", b"\n.", b"\r", b"\r\n", b" ",
+                              b"x" * 997, b"y" * 998, b"z" * 999, b":"])
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.lists(pieces, max_size=12))
+    def same(parts):
+        body = b"".join(parts)
+        assert encode_body(body) == _encode_lines(body)
+
+    same()
+    for body in (b"", b".", b"\n", b"a", b"a\n", b".a\n.b\n..c", b"\n\n.\n", b"x" * 998 + b"\n"):
+        assert encode_body(body) == _encode_lines(body), body
