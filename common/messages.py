@@ -773,6 +773,56 @@ class MtaHeloReply(Msg, **_m("mta_helo_reply")):
     name: str = ""
 
 
+# --- issue 12: queue (fewer messages per mail: batches where a wake-up serves several) -----
+
+class LkaEnvelopesSubmit(Msg, **_m("lka_envelopes_submit")):
+    """lka -> queue: every envelope one RCPT expanded to, and its end (what a
+    LkaEnvelopeSubmit per envelope and a LkaEnvelopeCommit did); the queue answers pony
+    as before: a QueueEnvelopeSubmitReply per envelope, then QueueEnvelopeCommitReply."""
+    reqid: int
+    msgid: int
+    envelopes: list[Envelope]
+
+    def trace_ids(self) -> list[str]:
+        return [f"evpid={env.id:016x}" for env in self.envelopes[:TRACE_IDS_MAX] if env.id]
+
+
+class QueueCommitBatch(Msg, **_m("queue_commit_batch")):
+    """queue -> scheduler: the envelopes of the messages one group commit made durable,
+    in message order (what a QueueEnvelopeSubmit per envelope and a QueueMessageCommit
+    per message did): the scheduler stages and commits each message in turn, with the
+    same traces and counters."""
+    entries: list[SchedEntry]
+
+    def trace_ids(self) -> list[str]:
+        msgids = dict.fromkeys(e.evpid >> 32 for e in self.entries[:TRACE_IDS_MAX])
+        return ([f"msgid={m:08x}" for m in msgids]
+                + [f"evpid={e.evpid:016x}" for e in self.entries[:TRACE_IDS_MAX]])
+
+
+class SchedOrders(Msg, **_m("sched_orders")):
+    """scheduler -> queue: the orders of one scheduling pass, in their order (what a
+    SchedEnvelopeDeliver/Transfer/Expire/Remove per envelope did): (kind, evpid) with
+    kind "deliver", "transfer", "expire" or "remove"."""
+    orders: list[tuple[str, int]]
+
+    def trace_ids(self) -> list[str]:
+        return [f"evpid={evpid:016x}" for _, evpid in self.orders[:TRACE_IDS_MAX]]
+
+
+class QueueDeliveredBatch(Msg, **_m("queue_delivered_batch")):
+    """queue -> scheduler: envelopes delivered (and removed) within a few milliseconds,
+    in one message (what a QueueDeliveryOk per envelope did); the scheduler forgets
+    each with the same trace and counters."""
+    evpids: list[int]
+
+    def trace_ids(self) -> list[str]:
+        return [f"evpid={evpid:016x}" for evpid in self.evpids[:TRACE_IDS_MAX]]
+
+
+TRACE_IDS_MAX = 32      # ids of a batch message shown in a trace line
+
+
 # issue 12: mta -------------------------------------------------------------------------------
 
 class DeliveryResults(Msg, **_m("delivery_results")):
@@ -811,6 +861,7 @@ Message = Union[
     CtlUpdateTable,
     LkaOpenForward, LkaOpenForwardReply,
     MtaLookupSource, MtaSourceReply, MtaLookupHelo, MtaHeloReply,
+    LkaEnvelopesSubmit, QueueCommitBatch, SchedOrders, QueueDeliveredBatch,   # issue 12: queue
     DeliveryResults,   # issue 12: mta
 ]
 
@@ -844,6 +895,8 @@ def ids_of(msg: Msg) -> str:
     entry = getattr(msg, "entry", None)
     if isinstance(entry, SchedEntry):
         parts.append(f"evpid={entry.evpid:016x}")
+    if hasattr(msg, "trace_ids"):      # a batch: the ids it carries (issue 12)
+        parts += msg.trace_ids()
     return " ".join(parts)
 
 
@@ -886,3 +939,4 @@ def encode_client(msg) -> bytes:
 
 def decode_client(data: bytes):
     return _client_decoder.decode(data)
+

@@ -32,7 +32,7 @@ import msgspec
 from common import privsep
 from common.ipc import PeerTimeout
 from common.messages import (
-    CtlReply, CtlRequest, CtlUpdateTable, LkaEnvelopeCommit, LkaEnvelopeSubmit, LkaOpenForward,
+    CtlReply, CtlRequest, CtlUpdateTable, LkaEnvelopesSubmit, LkaOpenForward,
     LkaOpenForwardReply, MdaLookupUserinfo, MdaLookupUserinfoReply, MtaCredentialsReply,
     MtaDnsLookup, MtaDnsReply, MtaHeloReply, MtaLookupCredentials, MtaLookupHelo,
     MtaLookupSource, MtaSourceReply, SmtpAuthenticate, SmtpAuthenticateReply,
@@ -44,7 +44,7 @@ from smtpd.dns import NullMx, Resolver
 from smtpd.expand import (
     TEMPFAIL, ExpandResult, Expansion, FileAnswer, MatchRule, ReadForward, ReadInclude, TableLookup,
 )
-from smtpd.ruleset import MatchContext, match_async
+from smtpd.ruleset import MatchContext, match, match_async
 from smtpd.table import TableSet, TableUnavailable
 from smtpd.table.services import parse_userinfo
 
@@ -232,10 +232,9 @@ class Process:
             code, text = result.error
             await send("pony", SmtpExpandRcptReply(reqid=req.reqid, code=code, text=text))
             return
-        for env in result.envelopes:
-            await send("queue", LkaEnvelopeSubmit(reqid=req.reqid, msgid=req.msgid, envelope=env))
-        await send("queue", LkaEnvelopeCommit(reqid=req.reqid, msgid=req.msgid,
-                                              count=len(result.envelopes)))
+        # every envelope and the end of the RCPT in one message (one wake-up of the queue)
+        await send("queue", LkaEnvelopesSubmit(reqid=req.reqid, msgid=req.msgid,
+                                               envelopes=result.envelopes))
 
     async def _userinfo(self, req: MdaLookupUserinfo) -> MdaLookupUserinfoReply:
         """lka_userinfo: a userbase table's ``uid:gid:home``, or the system's (getpwnam,
@@ -326,8 +325,9 @@ class _Nothing:
         return False
 
 async def lookup_table(tables: TableSet, table: str, service: str, key: str):
-    """The one place an expansion's lookups reach a table: the value, None, or
-    TEMPFAIL (awaited: a proc table's program may take its time)."""
+    """Where an expansion's lookups reach a table that must be awaited (a proc table's
+    program may take its time; ExpansionDriver.answer_now asks the others at once):
+    the value, None, or TEMPFAIL."""
     try:
         return await tables.get(table).lookup(service, key)
     except TableUnavailable:
@@ -341,6 +341,9 @@ def _unprivileged_user() -> str:
         return pwd.getpwuid(os.getuid()).pw_name
     except KeyError:
         return privsep.SMTPD_USER
+
+
+_AWAIT = object()        # ExpansionDriver.answer_now: this answer must be awaited
 
 
 class ExpansionDriver:
@@ -361,10 +364,31 @@ class ExpansionDriver:
             request = self.expansion.next_request()
             if request is None:
                 break
-            self.expansion.feed(await self.answer(request))
+            answer = self.answer_now(request)
+            if answer is _AWAIT:
+                answer = await self.answer(request)
+            self.expansion.feed(answer)
         if self.expansion.result is None:
             raise RuntimeError("expansion did not finish")
         return self.expansion.result
+
+    def answer_now(self, request):
+        """The answer of a rule match or table lookup whose tables all answer at once
+        (every backend but proc tables), without a coroutine per question; _AWAIT when
+        it must be awaited.  Same answers, same trace lines as ``answer``."""
+        try:
+            if isinstance(request, MatchRule):
+                if self.tables.blocking:
+                    return _AWAIT
+                return match(self.config, self.tables, self._context(request))
+            if isinstance(request, TableLookup):
+                table = self.tables.get(request.table)
+                if table.blocking:
+                    return _AWAIT
+                return table.lookup_now(request.service, request.key)
+        except TableUnavailable:
+            return TEMPFAIL
+        return _AWAIT
 
     async def answer(self, request):
         match request:
@@ -381,15 +405,17 @@ class ExpansionDriver:
                     reqid=self.lka.ctx.new_id(), kind="include", path=request.path))
         raise TypeError(f"unknown expansion request {request!r}")
 
-    async def _match(self, request: MatchRule):
+    def _context(self, request: MatchRule) -> MatchContext:
         base, req = self.req.envelope, self.req
-        context = MatchContext(
+        return MatchContext(
             source="local" if request.internal else base.sockaddr.strip("[]"), rdns=req.rdns or None,
             helo=base.helo, mail_from=base.sender, rcpt=request.address, tag=base.tag or None,
             auth_user=base.username or None, tls=req.tls,
             local_listener=request.internal or req.local_listener)
+
+    async def _match(self, request: MatchRule):
         try:
-            return await match_async(self.config, self.tables, context)
+            return await match_async(self.config, self.tables, self._context(request))
         except TableUnavailable:
             return TEMPFAIL
 

@@ -37,6 +37,7 @@ from common.messages import MdaMessageOpen, MdaMessageOpened  # bodies by descri
 from common.messages import DeliveryResults  # issue 12: the MTA's results, batched
 from smtpd import fd_channel
 from common.messages import SchedEnvelopeWithdraw  # issue 10: withdrawn from the MTA
+from common.messages import LkaEnvelopesSubmit, QueueCommitBatch, QueueDeliveredBatch, SchedOrders  # issue 12
 from smtpd import bounce
 from smtpd.queue_bounce import Bouncer
 from smtpd.queue_fs import Spool, SpoolError, close_quietly, is_disk_full
@@ -69,25 +70,25 @@ class Incoming:
 class Committer:
     """Group commit: one thread commits, together, every message whose DATA ended
     while the previous batch was being synced, so that concurrent messages share
-    the syncs (Spool.commit_batch).  Each caller awaits its own message's result:
-    nobody is answered before the batch holding its message is durable."""
+    the syncs (Spool.commit_batch).  The batch's outcome goes back to the event loop
+    in one call, ``done([(item, error or None)...])``: nobody is answered before the
+    batch holding its message is durable, and the batch is announced at once."""
 
     MAX_BATCH = 128
 
-    def __init__(self, spool: Spool) -> None:
+    def __init__(self, spool: Spool, done) -> None:
         self.spool = spool
+        self.done = done
         self.pending: threadqueue.SimpleQueue = threadqueue.SimpleQueue()
         self.thread: threading.Thread | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
-    def commit(self, msgid: int, body) -> asyncio.Future:
+    def commit(self, item, msgid: int, body) -> None:
         if self.thread is None:
             self.loop = asyncio.get_running_loop()
             self.thread = threading.Thread(target=self._run, name="committer", daemon=True)
             self.thread.start()
-        future = self.loop.create_future()
-        self.pending.put((msgid, body, future))
-        return future
+        self.pending.put((item, msgid, body))
 
     def _run(self) -> None:
         while True:
@@ -98,19 +99,97 @@ class Committer:
                 except threadqueue.Empty:
                     break
             try:
-                results = self.spool.commit_batch([(msgid, body) for msgid, body, _ in batch])
+                results = self.spool.commit_batch([(msgid, body) for _, msgid, body in batch])
             except Exception as exc:        # a bug: fail the batch, never acknowledge it
                 results = [exc] * len(batch)
-            for (_, _, future), result in zip(batch, results):
+            try:
+                self.loop.call_soon_threadsafe(self.done, [(item, result) for (item, _, _), result
+                                                           in zip(batch, results)])
+            except RuntimeError:            # the loop is closed: the process is stopping
+                return
+
+
+class Remover:
+    """Removal of delivered (or failed, expired, removed) envelopes, off the event loop:
+    a thread unlinks them in order (Spool.delete_envelope: the envelope, and the message
+    with its last envelope).  Unlinking blocks for milliseconds when the file system's
+    journal is busy with the group commit's syncs, which the event loop must not wait
+    for.  The removals asked within BATCH_DELAY go to the thread together: one wake-up
+    of it (and one hand-over of the GIL) per batch, not per envelope.
+
+    A removal is not durable and need not be (a crash before it delivers again, as
+    OpenSMTPD, docs/spool.md); ``flush`` waits for every removal asked so far
+    (discover, uncorrupt, stop: they must see the spool as the scheduler does)."""
+
+    BATCH_DELAY = 0.01      # seconds; what a crash may deliver twice grows by this at most
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self.pending: threadqueue.SimpleQueue = threadqueue.SimpleQueue()
+        self.batch: list[int] = []
+        self.thread: threading.Thread | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def remove(self, evpid: int) -> None:
+        if not self.batch:
+            self._start()
+            self.loop.call_later(self.BATCH_DELAY, self._hand_over)
+        self.batch.append(evpid)
+
+    def _hand_over(self) -> None:
+        if self.batch:
+            self.pending.put(self.batch)
+            self.batch = []
+
+    async def flush(self) -> None:
+        if self.thread is None:
+            return
+        self._hand_over()
+        marker = self.loop.create_future()
+        self.pending.put(marker)
+        await marker
+
+    def close(self) -> None:
+        """The thread ends once the removals asked before are done."""
+        if self.thread is not None:
+            self._hand_over()
+            self.pending.put(None)
+
+    def _start(self) -> None:
+        if self.thread is None:
+            self.loop = asyncio.get_running_loop()
+            self.thread = threading.Thread(target=self._run, name="remover", daemon=True)
+            self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.pending.get()
+            if item is None:
+                return
+            if isinstance(item, asyncio.Future):
                 try:
-                    self.loop.call_soon_threadsafe(_resolve, future, result)
+                    self.loop.call_soon_threadsafe(_resolve, item, None)
                 except RuntimeError:        # the loop is closed: the process is stopping
                     return
+                continue
+            for evpid in item:
+                try:
+                    self.spool.delete_envelope(evpid)
+                except Exception:           # a bug: the envelope stays, and is said so
+                    log.exception("warn: queue: cannot remove envelope %016x", evpid)
 
 
-def _resolve(future: asyncio.Future, error) -> None:
+def _resolve(future: asyncio.Future, value) -> None:
     if not future.done():
-        future.set_result(error)
+        future.set_result(value)
+
+
+class Committing:
+    """A message in the committer's hands: whom to answer, and what to announce."""
+    __slots__ = ("peer", "reqid", "msgid", "inc")
+
+    def __init__(self, peer: str, reqid: int, msgid: int, inc: Incoming) -> None:
+        self.peer, self.reqid, self.msgid, self.inc = peer, reqid, msgid, inc
 
 
 class Process:
@@ -120,7 +199,9 @@ class Process:
         self.config = ctx.config
         self.incoming: dict[int, Incoming] = {}
         self.committing: set[int] = set()      # msgids in the committer's hands
-        self.committer = Committer(self.spool)
+        self.committer = Committer(self.spool, self._committed)
+        self.remover = Remover(self.spool)
+        self.delivered: list[int] = []        # ok results the scheduler is told of next
         # the queue's end of the queue -> pony descriptor channel (smtpd/fd_channel.py)
         fd = getattr(ctx.opts, "queue_fd_channel", -1)
         self.delivery_fds = socket.socket(fileno=fd) if fd >= 0 else None
@@ -140,6 +221,11 @@ class Process:
     async def stop(self) -> None:
         for task in list(self.tasks):
             task.cancel()
+        try:        # removals asked for are done: a restart would deliver them again
+            await asyncio.wait_for(self.remover.flush(), 2)
+        except TimeoutError:
+            log.warning("warn: queue: removals still pending at stop (delivered again at start)")
+        self.remover.close()
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
@@ -238,26 +324,31 @@ class Process:
                 except (OSError, SpoolError) as exc:
                     log.error("warn: queue: cannot create message: %s", exc)
                     await send(peer, SmtpMessageCreateReply(reqid=reqid, ok=False))
+            case LkaEnvelopesSubmit(reqid=reqid, msgid=msgid, envelopes=envs):
+                for env in envs:
+                    await self._envelope_submit(reqid, msgid, env)
+                await self._envelope_commit(reqid, msgid)
             case LkaEnvelopeSubmit(reqid=reqid, msgid=msgid, envelope=env):
                 await self._envelope_submit(reqid, msgid, env)
             case LkaEnvelopeCommit(reqid=reqid, msgid=msgid):
-                inc = self.incoming.get(msgid)
-                ok = inc is not None and not inc.failed
-                await send("pony", QueueEnvelopeCommitReply(
-                    reqid=reqid, ok=ok, disk_full=inc is not None and inc.disk_full))
+                await self._envelope_commit(reqid, msgid)
             case SmtpMessageData(msgid=msgid, chunk=chunk):
                 self._append(msgid, chunk)
             case SmtpMessageCommit(reqid=reqid, msgid=msgid):
-                self._spawn(self._commit(peer, reqid, msgid))
+                self._commit(peer, reqid, msgid)
             case SmtpMessageRollback(msgid=msgid):
                 self._rollback(msgid)
-            case SchedEnvelopeDeliver(evpid=evpid) | SchedEnvelopeTransfer(evpid=evpid):
-                await self._dispatch(evpid, isinstance(msg, SchedEnvelopeTransfer))
+            case SchedOrders(orders=orders):
+                for kind, evpid in orders:
+                    await self._order(kind, evpid)
+            case SchedEnvelopeDeliver(evpid=evpid):
+                await self._order("deliver", evpid)
+            case SchedEnvelopeTransfer(evpid=evpid):
+                await self._order("transfer", evpid)
             case SchedEnvelopeRemove(evpid=evpid):
-                self._remove(evpid, "Remove", "Removed by administrator")
-                await send("scheduler", QueueEnvelopeAck(evpid=evpid))
+                await self._order("remove", evpid)
             case SchedEnvelopeExpire(evpid=evpid):
-                self._spawn(self._expire(evpid))
+                await self._order("expire", evpid)
             case SchedEnvelopeWithdraw():
                 await send("pony", msg)
             case SchedEnvelopeBounce(evpid=evpid, delay=delay):
@@ -276,6 +367,9 @@ class Process:
             case DeliveryResult(status="hold", evpid=evpid, holdq=holdq):
                 # nothing to write: no try is counted (docs/queue.md, hold queues)
                 await send("scheduler", QueueHoldqHold(evpid=evpid, holdq=holdq))
+            case DeliveryResult(status="ok", evpid=evpid) if not self._wants_success_notice(msg):
+                # the common case, with nothing to await on disk: no task of its own
+                self._delivered(evpid)
             case DeliveryResult():
                 self._spawn(self._delivery_result(msg))
             case DeliveryResults(results=results):
@@ -289,6 +383,31 @@ class Process:
                 await self._admin(peer, msg)
             case _:
                 log.warning("warn: queue: unexpected %s from %s", type(msg).__name__, peer)
+
+    def _delivered(self, evpid: int) -> None:
+        """A delivery succeeded: the envelope goes, and the scheduler hears of every
+        success of the next few milliseconds in one message."""
+        self.remover.remove(evpid)
+        if not self.delivered:
+            asyncio.get_running_loop().call_later(Remover.BATCH_DELAY, self._report_delivered)
+        self.delivered.append(evpid)
+
+    def _report_delivered(self) -> None:
+        evpids, self.delivered = self.delivered, []
+        if evpids:
+            self._spawn(self.ctx.mesh.send("scheduler", QueueDeliveredBatch(evpids=evpids)))
+
+    async def _order(self, kind: str, evpid: int) -> None:
+        """One of the scheduler's orders (scheduler.c's IMSG_SCHED_ENVELOPE_*)."""
+        if kind == "deliver" or kind == "transfer":
+            await self._dispatch(evpid, kind == "transfer")
+        elif kind == "remove":
+            self._remove(evpid, "Remove", "Removed by administrator")
+            await self.ctx.mesh.send("scheduler", QueueEnvelopeAck(evpid=evpid))
+        elif kind == "expire":
+            self._spawn(self._expire(evpid))
+        else:
+            log.warning("warn: queue: unknown order %r from the scheduler", kind)
 
     async def _open_for_delivery(self, peer: str, reqid: int, msgid: int) -> None:
         """A local delivery's body: the message opened read-only here (relative to the
@@ -329,6 +448,12 @@ class Process:
             log.error("warn: queue: cannot write envelope of %08x: %s", msgid, exc)
             await self.ctx.mesh.send("pony", QueueEnvelopeSubmitReply(reqid=reqid, ok=False))
 
+    async def _envelope_commit(self, reqid: int, msgid: int) -> None:
+        inc = self.incoming.get(msgid)
+        ok = inc is not None and not inc.failed
+        await self.ctx.mesh.send("pony", QueueEnvelopeCommitReply(
+            reqid=reqid, ok=ok, disk_full=inc is not None and inc.disk_full))
+
     def _append(self, msgid: int, chunk: bytes) -> None:
         inc = self.incoming.get(msgid)
         if inc is None or inc.failed:
@@ -342,37 +467,55 @@ class Process:
             inc.disk_full = is_disk_full(exc)
             log.error("warn: queue: cannot write message %08x: %s", msgid, exc)
 
-    async def _commit(self, peer: str, reqid: int, msgid: int) -> None:
-        send = self.ctx.mesh.send
+    def _commit(self, peer: str, reqid: int, msgid: int) -> None:
+        """End of DATA: the message goes to the committer (group commit); _committed
+        answers once its batch is durable."""
         inc = self.incoming.pop(msgid, None)
         error = "unknown message" if inc is None else inc.failed or ("no envelope" if not inc.entries else "")
         disk_full = inc is not None and inc.disk_full
         if not error:
-            self.committing.add(msgid)
             try:
                 if inc.body is None:
                     inc.body = self.spool.open_body(msgid)
-                failure = await self.committer.commit(msgid, inc.body)
             except OSError as exc:
-                failure = exc
-            finally:
-                self.committing.discard(msgid)
-            if failure is not None:
-                error = getattr(failure, "strerror", None) or str(failure)
-                disk_full = isinstance(failure, OSError) and is_disk_full(failure)
+                error, disk_full = exc.strerror or str(exc), is_disk_full(exc)
         if error:
-            log.error("warn: queue: commit of %08x failed: %s", msgid, error)
-            if inc is not None and inc.body is not None and not inc.body.closed:
-                close_quietly(inc.body)
-            await asyncio.to_thread(self.spool.rollback, msgid)
-            await send(peer, SmtpMessageCommitReply(
-                reqid=reqid, ok=False, code=452 if disk_full else 451,
-                text="4.3.1 Insufficient system storage" if disk_full else "4.3.0 Temporary failure"))
+            self._spawn(self._commit_failed(Committing(peer, reqid, msgid, inc), error, disk_full))
             return
-        for entry in inc.entries:
-            await send("scheduler", QueueEnvelopeSubmit(entry=entry))
-        await send("scheduler", QueueMessageCommit(msgid=msgid))
-        await send(peer, SmtpMessageCommitReply(reqid=reqid, ok=True))
+        self.committing.add(msgid)
+        self.committer.commit(Committing(peer, reqid, msgid, inc), msgid, inc.body)
+
+    def _committed(self, batch: list[tuple[Committing, BaseException | None]]) -> None:
+        """A group commit is over (called by the committer, on the event loop)."""
+        done = []
+        for item, failure in batch:
+            self.committing.discard(item.msgid)
+            if failure is None:
+                done.append(item)
+            else:
+                self._spawn(self._commit_failed(
+                    item, getattr(failure, "strerror", None) or str(failure),
+                    isinstance(failure, OSError) and is_disk_full(failure)))
+        if done:
+            self._spawn(self._announce(done))
+
+    async def _announce(self, done: list[Committing]) -> None:
+        """Durable messages: the scheduler learns of the whole batch in one message
+        (before any client is answered), then each client gets its 250."""
+        send = self.ctx.mesh.send
+        await send("scheduler", QueueCommitBatch(entries=[e for item in done for e in item.inc.entries]))
+        for item in done:
+            await send(item.peer, SmtpMessageCommitReply(reqid=item.reqid, ok=True))
+
+    async def _commit_failed(self, item: Committing, error: str, disk_full: bool) -> None:
+        inc = item.inc
+        log.error("warn: queue: commit of %08x failed: %s", item.msgid, error)
+        if inc is not None and inc.body is not None and not inc.body.closed:
+            close_quietly(inc.body)
+        await asyncio.to_thread(self.spool.rollback, item.msgid)
+        await self.ctx.mesh.send(item.peer, SmtpMessageCommitReply(
+            reqid=item.reqid, ok=False, code=452 if disk_full else 451,
+            text="4.3.1 Insufficient system storage" if disk_full else "4.3.0 Temporary failure"))
 
     def _rollback(self, msgid: int) -> None:
         if msgid in self.committing:
@@ -403,19 +546,25 @@ class Process:
         order = QueueTransfer(envelope=env) if transfer else QueueDeliver(envelope=env)
         await self.ctx.mesh.send("pony", order)
 
+    @staticmethod
+    def _wants_success_notice(res: DeliveryResult) -> bool:
+        """A DSN success notice is due (NOTIFY=SUCCESS), unless the relay's own server
+        promised to send it."""
+        return bool(res.dsn_notify & DSN_SUCCESS) and not (res.agent == "mta" and res.remote_dsn)
+
     async def _delivery_result(self, res: DeliveryResult) -> None:
         send = self.ctx.mesh.send
-        # Removal needs no fsync (a crash at worst redelivers): done inline, as a
-        # thread hop costs more CPU than the unlink itself.
+        # Removal needs no fsync (a crash at worst redelivers): the remover thread
+        # does it, after the scheduler has been told.
         if res.status == "ok":
-            if res.dsn_notify & DSN_SUCCESS and not (res.agent == "mta" and res.remote_dsn):
+            if self._wants_success_notice(res):
                 env = self._load_quiet(res.evpid)
                 if env is not None:
                     kind = bounce.RELAYED if res.agent == "mta" else bounce.DELIVERED
                     # mda's "Delivered" says nothing the Action does not; a relay's reply does
                     await self.bouncer.create(env, kind, esc_class=2, esc_code=0,
                                               errorline=res.errorline if res.agent == "mta" else "")
-            self.spool.delete_envelope(res.evpid)
+            self.remover.remove(res.evpid)
             await send("scheduler", QueueDeliveryOk(evpid=res.evpid))
             return
         if res.status in ("permfail", "loop"):
@@ -427,7 +576,7 @@ class Process:
                     errorline, esc_class, esc_code = res.errorline, 5, res.esc_code
                 await self.bouncer.create(env, bounce.FAILED, errorline=errorline,
                                           esc_class=esc_class, esc_code=esc_code)
-            self.spool.delete_envelope(res.evpid)
+            self.remover.remove(res.evpid)
             reply = QueueDeliveryLoop if res.status == "loop" else QueueDeliveryPermfail
             await send("scheduler", reply(evpid=res.evpid))
             return
@@ -485,7 +634,7 @@ class Process:
                      env.dest, env.rcpt or "-", delay, log_text(stat, COMMAND))
         except (OSError, EnvelopeError):
             pass
-        self.spool.delete_envelope(evpid)
+        self.remover.remove(evpid)
 
     # -- smtpctl show queue ------------------------------------------------------------------
 
@@ -534,6 +683,7 @@ class Process:
         to the scheduler, which ignores those it already knows.  The count is of envelopes
         loaded, as OpenSMTPD's; a message that cannot be read goes to corrupt/."""
         msgid = ident if ident <= MSGID_MAX else ident >> 32
+        await self.remover.flush()      # envelopes already removed are not found again
         try:
             evpids = self.spool.envelope_ids(msgid) if ident <= MSGID_MAX else [ident]
         except FileNotFoundError:
@@ -575,6 +725,7 @@ class Process:
         """corrupt/<msgid> back into queue/ (after the admin fixed it), then discovered."""
         if not 0 < msgid <= MSGID_MAX:
             return CtlReply(reqid=reqid, ok=False, text="not a message id")
+        await self.remover.flush()
         try:
             self.spool.uncorrupt(msgid)
         except SpoolError as exc:

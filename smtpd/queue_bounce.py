@@ -181,7 +181,7 @@ class Bouncer:
             if status == "permfail":
                 log.warning("warn: queue: bounce to <%s> refused, dropped: %s", group[0].sender, log_text(text, COMMAND))
             for env in group:
-                spool.delete_envelope(env.id)
+                self.queue.remover.remove(env.id)
                 reply = QueueDeliveryOk if status == "ok" else QueueDeliveryPermfail
                 await send("scheduler", reply(evpid=env.id))
             return

@@ -17,17 +17,15 @@ from common.messages import (
     CtlReply, CtlRequest, QueueDeliveryLoop, QueueDeliveryOk, QueueDeliveryPermfail,
     QueueDeliveryTempfail, QueueEnvelopeAck, QueueEnvelopeRemove, QueueEnvelopeSubmit,
     QueueEnvelopeSubmitBatch, QueueHoldqHold, QueueHoldqRelease, QueueListEntry,
-    QueueMessageCommit, QueueMessageRollback, SchedEnvelopeBounce, SchedEnvelopeDeliver,
-    SchedEnvelopeExpire, SchedEnvelopeRemove, SchedEnvelopeTransfer, SchedEnvelopeWithdraw,
+    QueueMessageCommit, QueueMessageRollback, SchedEnvelopeBounce, SchedEnvelopeWithdraw,
     SchedListReply,
 )
+from common.messages import QueueCommitBatch, QueueDeliveredBatch, SchedOrders  # issue 12: batches
 from smtpd.scheduler_ram import RamQueue
 
 log = logging.getLogger("smtpd")
 
 MAX_SCHEDULE = 100          # actions per batch (OpenSMTPD: 10; we batch ZeroMQ sends)
-_ORDERS = {"deliver": SchedEnvelopeDeliver, "transfer": SchedEnvelopeTransfer,
-           "expire": SchedEnvelopeExpire, "remove": SchedEnvelopeRemove}
 # Gauges of the model kept as OpenSMTPD's stats: held envelopes, hold queues.
 _GAUGES = (("scheduler.ramqueue.hold", lambda rq: len(rq.held_in)),
            ("scheduler.ramqueue.holdq", lambda rq: len(rq.holdqs)),
@@ -75,8 +73,10 @@ class Process:
             actions = self.ramqueue.next_batch(now(), MAX_SCHEDULE)
             for action in actions:
                 _count_order(action)
-                await self.ctx.mesh.send("queue", _ORDERS[action.kind](evpid=action.evpid))
             if actions:
+                # one message for the pass: the queue is woken once, not once per order
+                await self.ctx.mesh.send("queue", SchedOrders(
+                    orders=[(action.kind, action.evpid) for action in actions]))
                 self._sync_gauges()
                 await asyncio.sleep(0)
                 continue
@@ -102,10 +102,7 @@ class Process:
         rq = self.ramqueue
         match msg:
             case QueueEnvelopeSubmit(entry=e):
-                if FLAGS.scheduler:
-                    trace("scheduler: inserting evp:%016x", e.evpid)
-                stat.increment("scheduler.envelope.incoming")
-                rq.stage(e.evpid, e.type, e.ctime, e.expire, e.retry, e.last_bounce)
+                self._stage(e)
             case QueueEnvelopeSubmitBatch(entries=entries):
                 # the spool's content at start: whole messages, committed at once
                 for e in entries:
@@ -116,10 +113,15 @@ class Process:
                 stat.increment("scheduler.envelope", n)
                 self.wake.set()
             case QueueMessageCommit(msgid=msgid):
-                if FLAGS.scheduler:
-                    trace("scheduler: committing msg:%08x", msgid)
-                stat.decrement("scheduler.envelope.incoming", rq.staged_count(msgid))
-                stat.increment("scheduler.envelope", rq.commit(msgid, now()))
+                self._commit(msgid)
+                self.wake.set()
+            case QueueCommitBatch(entries=entries):
+                # a group commit's messages, each staged and committed as if its envelopes
+                # and its commit had come one message each (same traces, same counters)
+                for i, e in enumerate(entries):
+                    self._stage(e)
+                    if i + 1 == len(entries) or entries[i + 1].evpid >> 32 != e.evpid >> 32:
+                        self._commit(e.evpid >> 32)
                 self.wake.set()
             case QueueMessageRollback(msgid=msgid):
                 if FLAGS.scheduler:
@@ -131,6 +133,11 @@ class Process:
                 if FLAGS.scheduler:
                     trace("scheduler: deleting evp:%016x (%s)", evpid, result)
                 self._forget(evpid, result)
+            case QueueDeliveredBatch(evpids=evpids):
+                for evpid in evpids:
+                    if FLAGS.scheduler:
+                        trace("scheduler: deleting evp:%016x (ok)", evpid)
+                    self._forget(evpid, "ok")
             case QueueDeliveryTempfail(entry=e):
                 if FLAGS.scheduler:
                     trace("scheduler: updating evp:%016x", e.evpid)
@@ -171,19 +178,38 @@ class Process:
             case _:
                 log.warning("warn: scheduler: unexpected %s from %s", type(msg).__name__, peer)
 
+    def _stage(self, e) -> None:
+        if FLAGS.scheduler:
+            trace("scheduler: inserting evp:%016x", e.evpid)
+        stat.increment("scheduler.envelope.incoming")
+        self.ramqueue.stage(e.evpid, e.type, e.ctime, e.expire, e.retry, e.last_bounce)
+
+    def _commit(self, msgid: int) -> None:
+        rq = self.ramqueue
+        if FLAGS.scheduler:
+            trace("scheduler: committing msg:%08x", msgid)
+        stat.decrement("scheduler.envelope.incoming", rq.staged_count(msgid))
+        stat.increment("scheduler.envelope", rq.commit(msgid, now()))
+
     def _forget(self, evpid: int, result: str | None) -> None:
         """The envelope is gone (delivered, failed, looped: ``result``; or moved to
         corrupt/: None, not a delivery); the counters follow the state it was in."""
-        state = self.ramqueue.state_of(evpid)
+        rq = self.ramqueue
+        state = rq.state_of(evpid)
         if state is not None:
             if result:
                 stat.increment(f"scheduler.delivery.{result}")
             stat.decrement("scheduler.envelope")
             if state == "inflight":
                 stat.decrement("scheduler.envelope.inflight")
-        self.ramqueue.delivered(evpid)
+        limited = rq.inflight >= rq.max_inflight
+        rq.delivered(evpid)
         self._sync_gauges()
-        self.wake.set()
+        if limited or rq.removals:
+            # a try held back by max-inflight may start now; otherwise an envelope gone
+            # makes nothing due earlier, and the scheduler sleeps on (one pass saved
+            # per delivery)
+            self.wake.set()
 
     async def _control(self, peer: str, req: CtlRequest) -> None:
         rq = self.ramqueue

@@ -41,7 +41,7 @@ def test_trace_mproc_shows_the_whole_path_of_one_message(make_daemon, tmp_path):
     reply = send(port, "a@remote.test", ["bob@example.test"])
     msgid = reply.split()[1]
     wait_for(lambda: maildir_messages(tmp_path / "d", "bob"), 20, "delivery")
-    d.wait_log("queue_delivery_ok")
+    d.wait_log("queue_delivered_batch")
     lines = mproc_lines(d.log()[start:])
     evpid = re.search(r"smtp envelope evpid=([0-9a-f]{16})", d.log()[start:]).group(1)
     assert evpid[:8] == msgid
@@ -54,13 +54,15 @@ def test_trace_mproc_shows_the_whole_path_of_one_message(make_daemon, tmp_path):
         return hits[0]
 
     # pony -> queue -> scheduler -> queue -> pony, and the result back the same way.
+    # The queue announces a group commit's envelopes in one message, and the scheduler
+    # its orders of one pass in one message: their lines name every envelope they carry.
     create = find("pony", "queue", "smtp_message_commit", "msgid", msgid)
-    submit = find("queue", "scheduler", "queue_envelope_submit", "evpid", evpid, create)
-    commit = find("queue", "scheduler", "queue_message_commit", "msgid", msgid, submit)
-    order = find("scheduler", "queue", "sched_envelope_deliver", "evpid", evpid, commit)
+    commit = find("queue", "scheduler", "queue_commit_batch", "evpid", evpid, create)
+    assert lines[commit][4]["msgid"] == msgid
+    order = find("scheduler", "queue", "sched_orders", "evpid", evpid, commit)
     deliver = find("queue", "pony", "queue_deliver", "evpid", evpid, order)
     result = find("pony", "queue", "delivery_result", "evpid", evpid, deliver)
-    find("queue", "scheduler", "queue_delivery_ok", "evpid", evpid, result)
+    find("queue", "scheduler", "queue_delivered_batch", "evpid", evpid, result)
     # Every line names both ends and a size; pony's names the SMTP session it works for.
     assert all(s in PROCS and r in PROCS and s != r and size > 0 for s, r, size, _, _ in lines)
     session = lines[create][4]["session"]
@@ -160,10 +162,11 @@ def test_profile_imsg_and_queue(make_daemon, tmp_path):
     start = len(d.log())
     send(port, "a@remote.test", ["bob@example.test"])
     d.wait_log("result=Ok")
+    d.wait_log("profile-queue: queue_envelope_delete")    # the removal follows the result
     log = d.log()[start:]
     # profile-imsg: <process> <peer> <message> <size> <seconds.nanoseconds>
     assert re.search(r"^profile-imsg: queue pony smtp_message_commit \d+ \d+\.\d{9}$", log, re.M), log
-    assert re.search(r"^profile-imsg: scheduler queue queue_message_commit \d+ \d+\.\d{9}$", log, re.M)
+    assert re.search(r"^profile-imsg: scheduler queue queue_commit_batch \d+ \d+\.\d{9}$", log, re.M)
     for op in ("queue_message_create", "queue_envelope_create", "queue_message_commit",
                "queue_envelope_load", "queue_message_fd_r", "queue_envelope_delete"):
         assert re.search(rf"^profile-queue: {op} \d+\.\d{{9}}$", log, re.M), f"{op}:\n{log}"
@@ -207,7 +210,7 @@ def test_trace_lines_reach_syslog_at_debug_priority(ops_daemon, syslog_socket, t
     d.start(ready=lambda: any("ready:" in m for m in syslog_socket.messages()))
     assert d.smtpctl("trace", "mproc").stdout == "command succeeded\n"
     send(port, "a@remote.test", ["bob@example.test"])
-    syslog_socket.wait("queue_delivery_ok")
+    syslog_socket.wait("queue_delivered_batch")
     LOG_MAIL_DEBUG = 2 * 8 + 7
     traced = [(pri, msg) for pri, _, _, msg in syslog_socket.records() if msg.startswith("mproc: ")]
     assert traced and all(pri == LOG_MAIL_DEBUG for pri, _ in traced), traced[:3]
