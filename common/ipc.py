@@ -47,6 +47,12 @@ PAIRS = (
 
 DEFAULT_TIMEOUT = 30.0
 OUTBOX_RETRY = 0.005     # seconds between send retries while a peer cannot take more
+# Messages sent to one peer in one turn of the event loop leave in one ZeroMQ frame
+# (a msgpack array of the encoded messages): a frame costs a wake-up of the I/O
+# threads at both ends and of the receiver's loop, much more than its bytes.
+BATCH_BYTES = 256 * 1024  # a batch this large leaves at once (bounded memory, back-pressure)
+ALONE_BYTES = 64 * 1024   # a message this large travels in a frame of its own, not copied
+_split_batch = msgspec.msgpack.Decoder(list[msgspec.Raw]).decode
 
 
 class PeerTimeout(Exception):
@@ -94,7 +100,9 @@ class Mesh:
         self._handler: Callable[[str, Msg], Awaitable[None] | None] | None = None
         self._inbox: dict[str, deque[bytes]] = {}
         self._inbox_ready: dict[str, asyncio.Event] = {}
-        self._outbox: dict[str, deque[tuple[bytes, asyncio.Future]]] = {}
+        self._outbox: dict[str, deque[tuple[bytes, asyncio.Future | None]]] = {}
+        self._pending: dict[str, list[bytes]] = {}     # this turn's messages, per peer
+        self._pending_bytes: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def open(self) -> None:
@@ -134,28 +142,55 @@ class Mesh:
             self._inbox[peer] = deque()
             self._inbox_ready[peer] = asyncio.Event()
             self._outbox[peer] = deque()
+            self._pending[peer] = []
+            self._pending_bytes[peer] = 0
             loop.add_reader(sock.getsockopt(zmq.FD), self._on_events, peer)
             self._tasks.append(asyncio.create_task(self._consume(peer), name=f"recv-{peer}"))
             loop.call_soon(self._on_events, peer)     # anything that came before start()
 
     async def send(self, peer: str, msg: Msg) -> None:
+        """Queue ``msg`` for ``peer``; it leaves at the end of this turn of the event
+        loop, in one frame with the other messages sent to that peer meanwhile (in
+        order).  Awaits only while the peer cannot take more (back-pressure)."""
         data = messages.encode(msg)
         if FLAGS.mproc:
             _trace_mproc(self.me, peer, msg, len(data))
         outbox = self._outbox[peer]
-        if not outbox:
+        if outbox:
+            # The peer is not connected yet, or its pipe is full: wait our turn, in order.
+            done = self._loop.create_future()
+            outbox.append((data, done))
+            await done
+            return
+        pending = self._pending[peer]
+        pending.append(data)
+        size = self._pending_bytes[peer] + len(data)
+        self._pending_bytes[peer] = size
+        if size >= BATCH_BYTES:
+            self._send_pending(peer)
+        elif len(pending) == 1:
+            self._loop.call_soon(self._send_pending, peer)
+
+    def _send_pending(self, peer: str) -> None:
+        """Send the messages queued for ``peer`` in this turn, as few frames as can be."""
+        pending = self._pending.get(peer)
+        if not pending:
+            return
+        self._pending[peer] = []
+        self._pending_bytes[peer] = 0
+        sock, outbox = self.socks[peer], self._outbox[peer]
+        for frame in _frames(pending):
+            if outbox:
+                outbox.append((frame, None))
+                continue
             try:
-                self.socks[peer].send(data, zmq.NOBLOCK, copy=len(data) < 65536)
-                self._recheck(peer)
-                return
+                sock.send(frame, zmq.NOBLOCK, copy=len(frame) < ALONE_BYTES)
             except zmq.Again:
-                pass
-        # The peer is not connected yet, or its pipe is full: wait our turn, in order.
-        done = self._loop.create_future()
-        outbox.append((data, done))
-        if len(outbox) == 1:
-            self._loop.call_later(OUTBOX_RETRY, self._flush, peer)
-        await done
+                outbox.append((frame, None))
+                self._loop.call_later(OUTBOX_RETRY, self._flush, peer)
+            except zmq.ZMQError as exc:       # the socket is closed: we are stopping
+                log.warning("warn: %s: cannot send to %s: %s", self.me, peer, exc)
+        self._recheck(peer)
 
     def _flush(self, peer: str) -> None:
         sock, outbox = self.socks[peer], self._outbox[peer]
@@ -170,11 +205,13 @@ class Mesh:
                 break
             except zmq.ZMQError as exc:
                 outbox.popleft()
-                if not done.done():
+                if done is None:
+                    log.warning("warn: %s: cannot send to %s: %s", self.me, peer, exc)
+                elif not done.done():
                     done.set_exception(exc)
                 continue
             outbox.popleft()
-            if not done.done():
+            if done is not None and not done.done():
                 done.set_result(None)
         self._recheck(peer)
 
@@ -189,12 +226,13 @@ class Mesh:
             return
         inbox = self._inbox[peer]
         received = False
-        while True:
+        # EVENTS rather than recv until EAGAIN: an exception per wake-up costs more
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             try:
                 inbox.append(sock.recv(zmq.NOBLOCK, copy=True))
-                received = True
             except zmq.Again:
                 break
+            received = True
         if received:
             self._inbox_ready[peer].set()
         if self._outbox[peer] and sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
@@ -221,7 +259,17 @@ class Mesh:
             await ready.wait()
             ready.clear()
             while inbox:
-                await self._dispatch(peer, inbox.popleft())
+                frame = inbox.popleft()
+                if frame[0] & 0xF0 == 0x90 or frame[0] in (0xDC, 0xDD):    # a msgpack array: a batch
+                    try:
+                        parts = _split_batch(frame)
+                    except msgspec.DecodeError as exc:
+                        log.error("fatal: %s: bad batch from %s: %s", self.me, peer, exc)
+                        os._exit(1)
+                    for part in parts:
+                        await self._dispatch(peer, part)
+                else:
+                    await self._dispatch(peer, frame)
 
     async def _dispatch(self, peer: str, data: bytes) -> None:
         try:
@@ -273,6 +321,9 @@ class Mesh:
             stat.set(f"profiling.imsg.{self.me}.{peer}.{name}", elapsed_ns / 1e9)
 
     def close(self) -> None:
+        for peer in self._pending:          # what was sent in this last turn still leaves
+            if not self.socks[peer].closed:
+                self._send_pending(peer)
         for task in self._tasks:
             task.cancel()
         for peer, sock in self.socks.items():
@@ -283,6 +334,37 @@ class Mesh:
                     pass
             sock.close(linger=200)
         self.ctx.term()
+
+
+def _frames(pending: list[bytes]) -> list[bytes]:
+    """The frames that carry ``pending`` in order: a lone or large message as it is,
+    runs of small ones as a msgpack array of them (no message encodes to an array:
+    each is a map, so the receiver tells the two apart by the first byte)."""
+    if len(pending) == 1:
+        return pending
+    frames: list[bytes] = []
+    run: list[bytes] = []
+    size = 0
+    for data in pending:
+        if len(data) >= ALONE_BYTES or size + len(data) > BATCH_BYTES:
+            frames.extend(_batch(run))
+            run, size = [], 0
+            if len(data) >= ALONE_BYTES:
+                frames.append(data)
+                continue
+        run.append(data)
+        size += len(data)
+    frames.extend(_batch(run))
+    return frames
+
+
+def _batch(run: list[bytes]) -> list[bytes]:
+    if len(run) <= 1:
+        return run
+    n = len(run)
+    head = bytes((0x90 | n,)) if n < 16 else b"\xdc" + n.to_bytes(2, "big") if n < 65536 \
+        else b"\xdd" + n.to_bytes(4, "big")
+    return [head + b"".join(run)]
 
 
 def _ids(msg: Msg) -> str:
