@@ -85,38 +85,10 @@ def debian_filter(package: str, program: str) -> Path:
 
 
 def _fetch(package: str, root: Path) -> None:
-    if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
-        raise FilterUnavailable(f"{package}: apt-get/dpkg not found (a Debian-family system is needed)")
-    work = Path(tempfile.mkdtemp(prefix="fetch-", dir=root.parent))
     try:
-        deb = _download(package, work)
-        if deb is None and os.geteuid() == 0:
-            # a fresh machine has no package lists yet: read them once, then retry
-            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=300)
-            deb = _download(package, work)
-        if deb is None:
-            raise FilterUnavailable(f"apt-get download {package} failed (no Debian registry reachable?)")
-        subprocess.run(["dpkg", "-x", str(deb), str(work / "root")], check=True, timeout=120,
-                       capture_output=True)
-        (work / "root").chmod(0o755)
-        try:
-            os.rename(work / "root", root)
-        except OSError:
-            if not root.exists():          # not a concurrent run's copy: a real error
-                raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _download(package: str, directory: Path) -> Path | None:
-    # tests/oracle/opensmtpd.py's _download, for any package
-    try:
-        subprocess.run(["apt-get", "download", "-qq", package], cwd=directory,
-                       capture_output=True, timeout=300, check=True)
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
-        return None
-    debs = sorted(directory.glob(f"{package}_*.deb"))
-    return debs[-1] if debs else None
+        opensmtpd.unpack_package(package, root, ".")
+    except opensmtpd.Unavailable as exc:
+        raise FilterUnavailable(f"{package}: {exc}") from None
 
 
 def libopensmtpd_filter(name: str, source: str) -> Path:

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from tests.oracle import opensmtpd as oracle
@@ -124,29 +122,4 @@ EXTRAS = "opensmtpd-extras"
 def fetch_extras(cache: Path = oracle.CACHE) -> Path:
     """Debian's opensmtpd-extras unpacked (``apt-get download`` + ``dpkg -x``, never
     installed): its root directory.  Raises oracle.Unavailable with the reason."""
-    root = cache / "extras-root"
-    if (root / "usr/libexec/opensmtpd/table-passwd").exists():
-        return root
-    if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
-        raise oracle.Unavailable("apt-get/dpkg not found (a Debian-family system is needed)")
-    cache.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="fetch-extras-", dir=cache))
-    try:
-        for attempt in range(2):
-            res = subprocess.run(["apt-get", "download", "-qq", EXTRAS], cwd=work,
-                                 capture_output=True, timeout=300)
-            if res.returncode == 0 or attempt or os.geteuid() != 0:
-                break
-            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=300)
-        debs = sorted(work.glob(f"{EXTRAS}_*.deb"))
-        if not debs:
-            raise oracle.Unavailable(f"apt-get download {EXTRAS} failed (no Debian registry reachable?)")
-        subprocess.run(["dpkg", "-x", str(debs[-1]), str(work / "root")], check=True, timeout=120)
-        try:
-            os.rename(work / "root", root)
-        except OSError:
-            if not (root / "usr/libexec/opensmtpd/table-passwd").exists():
-                raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return root
+    return oracle.unpack_package(EXTRAS, cache / "extras-root", "usr/libexec/opensmtpd/table-passwd")

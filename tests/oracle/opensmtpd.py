@@ -65,44 +65,53 @@ def unavailable(reason: str):
 
 
 def fetch(cache: Path = CACHE) -> Path:
-    """The unpacked package's root directory (downloaded and unpacked once per cache).
+    """The unpacked package's root directory (downloaded and unpacked once per cache)."""
+    return unpack_package(PACKAGE, cache / "root", "usr/sbin/smtpd", keep_deb=True)
+
+
+def unpack_package(package: str, root: Path, ready: str, keep_deb: bool = False) -> Path:
+    """Debian's ``package`` unpacked at ``root`` (``apt-get download`` + ``dpkg -x``, never
+    installed), unless ``root/ready`` is already there; raises Unavailable with the reason.
 
     Several test runs may fetch at once (helpers share a machine): each downloads and unpacks
-    in a directory of its own, and the first to finish installs its copy by a rename."""
-    root = cache / "root"
-    if (root / "usr/sbin/smtpd").exists():
+    in a directory of its own, and the first to finish installs its copy by a rename.
+    ``keep_deb`` leaves the .deb beside ``root`` (version() reads its name)."""
+    if (root / ready).exists():
         return root
     if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
         raise Unavailable("apt-get/dpkg not found (a Debian-family system is needed)")
-    cache.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="fetch-", dir=cache))
+    root.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="fetch-", dir=root.parent))
     try:
-        deb = _download(work)
+        deb = _download(package, work)
         if deb is None and os.geteuid() == 0:
             # A fresh container has no package lists yet: read them once, then retry.
             subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=300)
-            deb = _download(work)
+            deb = _download(package, work)
         if deb is None:
-            raise Unavailable(f"apt-get download {PACKAGE} failed (no Debian registry reachable?)")
-        subprocess.run(["dpkg", "-x", str(deb), str(work / "root")], check=True, timeout=120)
-        os.replace(deb, cache / deb.name)
+            raise Unavailable(f"apt-get download {package} failed (no Debian registry reachable?)")
+        subprocess.run(["dpkg", "-x", str(deb), str(work / "root")], check=True, timeout=120,
+                       capture_output=True)
+        (work / "root").chmod(0o755)          # mkdtemp's 0700 would hide it from dropped users
+        if keep_deb:
+            os.replace(deb, root.parent / deb.name)
         try:
             os.rename(work / "root", root)
         except OSError:
-            if not (root / "usr/sbin/smtpd").exists():      # not another run's copy: a real error
+            if not (root / ready).exists():      # not another run's copy: a real error
                 raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return root
 
 
-def _download(directory: Path) -> Path | None:
+def _download(package: str, directory: Path) -> Path | None:
     try:
-        subprocess.run(["apt-get", "download", "-qq", PACKAGE], cwd=directory,
+        subprocess.run(["apt-get", "download", "-qq", package], cwd=directory,
                        capture_output=True, timeout=300, check=True)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
         return None
-    debs = sorted(directory.glob(f"{PACKAGE}_*.deb"))
+    debs = sorted(directory.glob(f"{package}_*.deb"))
     return debs[-1] if debs else None
 
 
