@@ -1,7 +1,9 @@
 #!/bin/sh
-# Fetch Postfix's smtp-source and smtp-sink without installing Postfix:
-# `apt-get download postfix` + `dpkg -x` into DIR (default bench/.postfix).
-# Only the Debian package registry is used.  Prints DIR on success.
+# Fetch Postfix without installing it: `apt-get download postfix` + `dpkg -x` into
+# DIR (default bench/.postfix).  Only the Debian package registry is used.  Prints DIR
+# on success.  The benchmarks use its smtp-source and smtp-sink, and
+# bench/bench_compare.py runs the whole tree as a private instance
+# (bench/postfix_instance.py: master, daemons, master.cf.dist, postfix-files).
 #
 #   LD_LIBRARY_PATH=DIR/usr/lib/postfix DIR/usr/sbin/smtp-source -s 10 -m 2000 -l 5120 ...
 #   LD_LIBRARY_PATH=DIR/usr/lib/postfix DIR/usr/sbin/smtp-sink -c 127.0.0.1:PORT 100
@@ -33,5 +35,7 @@ fi
 for deb in "$WORK"/postfix_*.deb; do
     dpkg -x "$deb" "$DIR"
 done
-[ -x "$DIR/usr/sbin/smtp-source" ] || { echo "get-postfix-tools: smtp-source not in the package" >&2; exit 1; }
+for f in usr/sbin/smtp-source usr/sbin/smtp-sink usr/lib/postfix/sbin/master; do
+    [ -x "$DIR/$f" ] || { echo "get-postfix-tools: $f not in the package" >&2; exit 1; }
+done
 echo "$DIR"

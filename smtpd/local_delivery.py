@@ -22,6 +22,7 @@ that is leaving.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -108,6 +109,11 @@ def _drop_to(uid: int, gid: int) -> None:
 
 
 def _worker(uid: int, gid: int, parent_pid: int, sock: socket.socket) -> int:
+    # What was inherited stays untouched: a collection would write to (and so copy)
+    # the parent's pages.  What the worker makes, a few objects per message, is freed
+    # by reference counting, and it lives for at most MAX_DELIVERIES messages.
+    gc.disable()
+    gc.freeze()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)       # a pipe to an mda that left: EPIPE
@@ -137,6 +143,11 @@ def _worker(uid: int, gid: int, parent_pid: int, sock: socket.socket) -> int:
 # -- the parent's side ------------------------------------------------------------------
 
 class _Worker:
+    """The parent's end of one worker.  Its socket stays registered with the loop for
+    the worker's life, and a reply completes the one request in flight: no reader
+    added and removed, no task or timeout context per message (the parent's CPU per
+    local delivery, docs/architecture.md "Memory")."""
+
     def __init__(self, key: tuple[int, int]) -> None:
         self.key = key
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -157,19 +168,47 @@ class _Worker:
         self.busy = False
         self.idle_timer: asyncio.TimerHandle | None = None
         self.closed = False
+        self.loop = asyncio.get_running_loop()
+        self.waiter: asyncio.Future | None = None
+        self.loop.add_reader(mine.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        try:
+            reply = self.sock.recv(MAX_FRAME)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            reply = b""
+        waiter, self.waiter = self.waiter, None
+        if not reply:                                   # the worker is gone
+            self._unregister()
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(_WorkerGone())
+        elif waiter is not None and not waiter.done():
+            waiter.set_result(reply)
+        # else: a reply nobody asked for (after a timeout): dropped with the worker
+
+    def _unregister(self) -> None:
+        if self.sock.fileno() != -1:                  # -1 once closed
+            self.loop.remove_reader(self.sock.fileno())
 
     async def deliver(self, req: _Request, fd: int) -> tuple[str, str]:
-        loop = asyncio.get_running_loop()
         data = msgspec.msgpack.encode(req)
         if len(data) > MAX_FRAME:
             return "permfail", "delivery request too large"
+        self.waiter = waiter = self.loop.create_future()
+        expiry = self.loop.call_later(DELIVERY_TIMEOUT, _expire, waiter)
         try:
-            reply = await asyncio.wait_for(self._exchange(loop, data, fd), DELIVERY_TIMEOUT)
+            await self._send(data, fd)
+            reply = await waiter
         except TimeoutError:
             self.kill()
             return "tempfail", "terminated; timeout"
         except _WorkerGone:
             return "tempfail", self.reap()
+        finally:
+            expiry.cancel()
+            self.waiter = None
         self.served += 1
         try:
             answer = msgspec.msgpack.decode(reply, type=_Reply)
@@ -178,26 +217,15 @@ class _Worker:
             return "tempfail", "unreadable answer from the delivery process"
         return answer.status, answer.error
 
-    async def _exchange(self, loop, frame: bytes, fd: int) -> bytes:
+    async def _send(self, frame: bytes, fd: int) -> None:
         while True:
             try:
                 socket.send_fds(self.sock, [frame], [fd])
-                break
-            except BlockingIOError:
-                await _wait_fd(loop, self.sock.fileno(), writable=True)
+                return
+            except BlockingIOError:                     # one request at a time: hardly ever
+                await _writable(self.loop, self.sock.fileno(), self.waiter)
             except OSError:
                 raise _WorkerGone from None
-        while True:
-            try:
-                reply = self.sock.recv(MAX_FRAME)
-            except BlockingIOError:
-                await _wait_fd(loop, self.sock.fileno(), writable=False)
-                continue
-            except OSError:
-                raise _WorkerGone from None
-            if not reply:
-                raise _WorkerGone
-            return reply
 
     def close(self) -> None:
         """Send the worker away: it exits when it reads the end of its pipe."""
@@ -206,6 +234,7 @@ class _Worker:
         self.closed = True
         if self.idle_timer is not None:
             self.idle_timer.cancel()
+        self._unregister()
         self.sock.close()
         _reap_later(self.pid)
 
@@ -223,6 +252,7 @@ class _Worker:
         except ChildProcessError:
             status = 0
         self.closed = True
+        self._unregister()
         self.sock.close()
         if os.WIFSIGNALED(status):
             return f"terminated; signal {os.WTERMSIG(status)}"
@@ -233,14 +263,24 @@ class _WorkerGone(Exception):
     pass
 
 
-async def _wait_fd(loop, fd: int, writable: bool) -> None:
+def _expire(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
+async def _writable(loop, fd: int, waiter: asyncio.Future | None) -> None:
+    """Until ``fd`` can be written to, or ``waiter`` (the request's) ends first."""
     fut = loop.create_future()
-    add, remove = (loop.add_writer, loop.remove_writer) if writable else (loop.add_reader, loop.remove_reader)
-    add(fd, lambda: fut.done() or fut.set_result(None))
+    loop.add_writer(fd, lambda: fut.done() or fut.set_result(None))
     try:
-        await fut
+        if waiter is None:
+            await fut
+        else:
+            await asyncio.wait({fut, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if waiter.done():
+                waiter.result()                         # raises the timeout or the worker's end
     finally:
-        remove(fd)
+        loop.remove_writer(fd)
 
 
 def _reap_later(pid: int) -> None:
@@ -268,6 +308,7 @@ class DeliveryPool:
     def __init__(self) -> None:
         self.workers: dict[tuple[int, int], list[_Worker]] = {}
         self.freed: dict[tuple[int, int], asyncio.Condition] = {}
+        self.waiting: dict[tuple[int, int], int] = {}
 
     async def run(self, msg: MdaDeliver, fd: int, mbox_spool: str) -> tuple[str, str]:
         """Deliver the message open on ``fd`` (closed here); returns (status, error)
@@ -294,26 +335,37 @@ class DeliveryPool:
         finally:
             os.close(fd)
 
+    def _idle_worker(self, key: tuple[int, int]) -> _Worker | None:
+        pool = self.workers.setdefault(key, [])
+        for worker in pool:
+            if not worker.busy and not worker.closed:
+                return worker
+        if len(pool) < WORKERS_PER_USER:
+            worker = _Worker(key)
+            pool.append(worker)
+            return worker
+        return None
+
     async def _acquire(self, key: tuple[int, int]) -> _Worker:
-        cond = self.freed.setdefault(key, asyncio.Condition())
-        async with cond:
-            while True:
-                pool = self.workers.setdefault(key, [])
-                for worker in pool:
-                    if not worker.busy and not worker.closed:
-                        break
-                else:
-                    worker = None
-                    if len(pool) < WORKERS_PER_USER:
-                        worker = _Worker(key)
-                        pool.append(worker)
-                if worker is not None:
-                    worker.busy = True
-                    if worker.idle_timer is not None:
-                        worker.idle_timer.cancel()
-                        worker.idle_timer = None
-                    return worker
-                await cond.wait()
+        # The condition (a lock and a queue of waiters) only when others already wait:
+        # they come first, in order.
+        worker = self._idle_worker(key) if not self.waiting.get(key) else None
+        if worker is None:
+            cond = self.freed.setdefault(key, asyncio.Condition())
+            self.waiting[key] = self.waiting.get(key, 0) + 1
+            try:
+                async with cond:
+                    while (worker := self._idle_worker(key)) is None:
+                        await cond.wait()
+            finally:
+                self.waiting[key] -= 1
+                if not self.waiting[key]:
+                    del self.waiting[key]
+        worker.busy = True
+        if worker.idle_timer is not None:
+            worker.idle_timer.cancel()
+            worker.idle_timer = None
+        return worker
 
     async def _release(self, key: tuple[int, int], worker: _Worker) -> None:
         worker.busy = False
@@ -322,9 +374,10 @@ class DeliveryPool:
         else:
             worker.idle_timer = asyncio.get_running_loop().call_later(
                 IDLE_SECONDS, self._drop, key, worker)
-        cond = self.freed[key]
-        async with cond:
-            cond.notify()
+        if self.waiting.get(key):
+            cond = self.freed[key]
+            async with cond:
+                cond.notify()
 
     def _drop(self, key: tuple[int, int], worker: _Worker) -> None:
         if worker.busy:

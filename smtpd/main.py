@@ -177,4 +177,4 @@ def main(argv: list[str] | None = None) -> None:
         from smtpd import parent
         raise SystemExit(parent.run(opts, argv, config))
     from smtpd import proc
-    raise SystemExit(proc.run_child(opts, config))
+    proc.leave(proc.run_child(opts, config))

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import socket
 import time
@@ -39,6 +38,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
+from smtpd.proc_usage import process_usage  # noqa: F401  (the parent reads it without prometheus-client)
 from smtpd.stat_backend import StatsUnavailable
 
 log = logging.getLogger("smtpd")
@@ -67,30 +67,6 @@ def bind(address: str, port: int) -> socket.socket:
 
 def metric_name(key: str) -> str:
     return "smtpd_" + _NOT_NAME.sub("_", key)
-
-
-def process_usage(pids: dict[str, int]) -> dict[str, dict[str, float]]:
-    """Name -> {cpu_seconds, resident_memory_bytes[, open_fds]} of each process that
-    still exists, from /proc/PID/stat (readable by anyone) and /proc/PID/fd (only
-    where ptrace's read access is allowed: left out elsewhere)."""
-    ticks, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
-    out: dict[str, dict[str, float]] = {}
-    for name, pid in pids.items():
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                # After the command name (which may hold spaces and parentheses):
-                # state is field 3 of proc(5), utime 14, stime 15, rss 24 (pages).
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        usage = {"cpu_seconds": (int(fields[11]) + int(fields[12])) / ticks,
-                 "resident_memory_bytes": float(int(fields[21]) * page)}
-        try:
-            usage["open_fds"] = float(len(os.listdir(f"/proc/{pid}/fd")))
-        except OSError:
-            pass
-        out[name] = usage
-    return out
 
 
 # process_usage key -> (metric family, type, HELP)

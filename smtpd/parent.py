@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from setproctitle import setproctitle
@@ -32,7 +33,7 @@ from common.messages import (
 )
 from smtpd import (
     auth, delivery_mbox, fd_channel, fdpass, filter_proc, forward, introspection, listeners, local_delivery,
-    metrics, offline, sdnotify, tls,
+    offline, proc_usage, sdnotify, spawn, tls,
 )
 from smtpd.config import ConfigError
 from smtpd.main import CHILDREN, EXIT_CONFIG, VERSION, load_config
@@ -41,6 +42,7 @@ from smtpd.reload import Reloader
 log = logging.getLogger("smtpd")
 
 SETUP_TIMEOUT = 30.0
+EXECUTOR_THREADS = 2
 STOP_GRACE = 3.0
 
 
@@ -84,29 +86,10 @@ def make_rundir() -> Path:
     return rundir
 
 
-# Where the parent's own packages were loaded from: the children import the same
-# code, and nothing else of what the current directory, $PYTHON* or the user site
-# could offer (python -I).  The directory goes on their path only when the
-# interpreter's site-packages does not already provide our packages from there
-# (a venv or /usr/lib/python3*/site-packages do; the RPM's private /usr/share/pysmtpd
-# or a checkout do not).
-PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
-CHILD_ENTRY = (
-    "import os, sys, importlib.util; root = {root!r}; "
-    "spec = importlib.util.find_spec('smtpd'); "
-    "ours = spec is not None and spec.origin is not None and "
-    "os.path.realpath(spec.origin) == os.path.join(root, 'smtpd', '__init__.py'); "
-    "ours or sys.path.insert(0, root); "
-    "from smtpd.main import main; main()")
-
-
-def child_argv(opts, name: str, rundir: Path, listen_fds: str, fd_channel: int = -1,
+def child_args(opts, name: str, rundir: Path, listen_fds: str, fd_channel: int = -1,
                filter_channel: int = -1, queue_fd_channel: int = -1) -> list[str]:
-    """``python -I -c ENTRY ARGS``: isolated from the working directory (which
-    ``python -m`` would put first on the path, and the children start as root),
-    from $PYTHONPATH and friends, and from the user site."""
-    argv = [sys.executable, "-I", "-c", CHILD_ENTRY.format(root=PACKAGE_ROOT),
-            "-f", opts.config, "--spool", opts.spool,
+    """The command line of a child (smtpd/spawn.py runs it in a fresh interpreter)."""
+    argv = ["-f", opts.config, "--spool", opts.spool,
             "--socket", opts.socket, "-x", name, "--rundir", str(rundir),
             "--parent-pid", str(os.getpid()), "--syslog-socket", opts.syslog_socket]
     for macro in opts.macros:
@@ -128,12 +111,6 @@ def child_argv(opts, name: str, rundir: Path, listen_fds: str, fd_channel: int =
     return argv
 
 
-def child_environment() -> dict[str, str]:
-    """The parent's environment without the interpreter's variables (ignored by
-    ``python -I`` anyway): nothing a child might run inherits them."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-
-
 class Parent:
     def __init__(self, opts, config, rundir: Path, bound: list[listeners.Bound],
                  notifier: sdnotify.Notifier) -> None:
@@ -153,7 +130,7 @@ class Parent:
         self.filters = filter_proc.Spawner(config, self.filter_channel)
         self.reloader = Reloader(self, load_config)
         self.tasks: set[asyncio.Task] = set()
-        self.children: dict[str, subprocess.Popen] = {}
+        self.children: dict[str, subprocess.Popen | spawn.Child] = {}
         self.ready: set[str] = set()
         self.all_ready = asyncio.Event()
         self.conf_done: set[str] = set()
@@ -168,21 +145,29 @@ class Parent:
         self.watchdog = sdnotify.Watchdog(notifier, CHILDREN, lambda name, deadline: self.mesh.request(
             name, StatGet(reqid=ping_id()), (StatReply,), timeout=deadline))
 
-    def spawn(self) -> None:
+    async def spawn(self) -> None:
         queue_end, pony_end = self.queue_pony_fds
         fds = [b.sock.fileno() for b in self.bound] + [self.pony_fd_channel.fileno(), pony_end.fileno()]
         listen_fds = ",".join(f"{b.sock.fileno()}:{b.index}" for b in self.bound)
-        loop = asyncio.get_running_loop()
+        specs = []
         for name in CHILDREN:
             end = {"pony": pony_end, "queue": queue_end}.get(name)
-            argv = child_argv(self.opts, name, self.rundir, listen_fds, self.pony_fd_channel.fileno(),
+            args = child_args(self.opts, name, self.rundir, listen_fds, self.pony_fd_channel.fileno(),
                               self.lka_filter_channel.fileno(), end.fileno() if end is not None else -1)
             passed = (fds if name == "pony" else [queue_end.fileno()] if name == "queue"
-                      else [self.lka_filter_channel.fileno()] if name == "lka" else ())
-            proc = subprocess.Popen(argv, pass_fds=passed, close_fds=True, env=child_environment())
-            self.children[name] = proc
+                      else [self.lka_filter_channel.fileno()] if name == "lka" else [])
+            specs.append(spawn.ChildSpec(name, args, passed))
+        if spawn.use_zygote():
+            # blocking for the zygote's start (its imports): in a thread, the channels stay served
+            self.children.update(await asyncio.to_thread(spawn.start_zygote, specs))
+        else:
+            self.children.update(spawn.start_exec(specs))
+        loop = asyncio.get_running_loop()
+        for name, proc in self.children.items():
             pidfd = os.pidfd_open(proc.pid)
             loop.add_reader(pidfd, self._child_exited, name, pidfd)
+            if self.stopping:           # SIGTERM came while they were being started
+                proc.send_signal(signal.SIGTERM)
         self.pony_fd_channel.close()          # pony has its end; a dead pony then reads as EOF
         self.lka_filter_channel.close()
         queue_end.close()
@@ -226,7 +211,7 @@ class Parent:
             self.done.set()
 
     async def handle(self, peer: str, msg: Msg) -> None:
-        if await introspection.handle(self.mesh, "parent", peer, msg, processes=lambda: metrics.process_usage(
+        if await introspection.handle(self.mesh, "parent", peer, msg, processes=lambda: proc_usage.process_usage(
                 {"parent": os.getpid(), **{name: proc.pid for name, proc in self.children.items()}})):
             return
         if isinstance(msg, SetupDone):
@@ -294,10 +279,12 @@ class Parent:
         """A user's .forward or an :include: file for lka's expansion: only root can
         read every home (smtpd/forward.py has the checks)."""
         try:
+            # run_in_executor: to_thread's copy of the context is not needed here
+            loop = asyncio.get_running_loop()
             if msg.kind == "forward":
-                status, text = await asyncio.to_thread(forward.read_forward, msg.user, msg.home, msg.uid)
+                status, text = await loop.run_in_executor(None, forward.read_forward, msg.user, msg.home, msg.uid)
             else:
-                status, text = await asyncio.to_thread(forward.read_include, msg.path)
+                status, text = await loop.run_in_executor(None, forward.read_include, msg.path)
         except Exception:
             log.exception("warn: smtpd: reading %s for lka failed", msg.path or f"{msg.home}/.forward")
             status, text = "tempfail", ""
@@ -319,13 +306,21 @@ class Parent:
 
     async def main(self) -> int:
         loop = asyncio.get_running_loop()
+        # The threads run the blocking reads of ~/.forward and :include: files and the
+        # system's password checks: two are plenty, and each costs a stack and a
+        # malloc arena (the default pool grew to six under load).
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=EXECUTOR_THREADS))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.shutdown, 0)
         loop.add_signal_handler(signal.SIGHUP, self._sighup)
         self.mesh.open()
         self.mesh.start(self.handle)
         self.notifier.status("starting processes")
-        self.spawn()
+        try:
+            await self.spawn()
+        except spawn.SpawnError as exc:
+            log.error("fatal: smtpd: %s", exc)
+            return 1
         ready_wait = asyncio.create_task(self.all_ready.wait())
         done_wait = asyncio.create_task(self.done.wait())
         finished, _ = await asyncio.wait({ready_wait, done_wait}, timeout=SETUP_TIMEOUT,

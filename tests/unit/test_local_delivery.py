@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,65 @@ def test_every_method_through_the_worker(mailroot):
         b"Delivered-To: x@example.test\nSubject: 4\n\nbody 4\nnobody x@example.test\n"
     if os.getuid() == 0:
         assert (mailroot / "nobody").stat().st_uid == 65534
+
+
+def test_a_stuck_worker_is_killed_at_the_deadline_and_replaced(mailroot, monkeypatch):
+    """A delivery that does not finish: the request ends as a tempfail at the deadline,
+    the worker is killed (and reaped), the next request gets a fresh worker."""
+    monkeypatch.setattr(local_delivery, "DELIVERY_TIMEOUT", 0.5)
+    pids = []
+    real = local_delivery._Worker.deliver
+
+    async def deliver(self, req, fd):
+        pids.append(self.pid)
+        return await real(self, req, fd)
+
+    monkeypatch.setattr(local_delivery._Worker, "deliver", deliver)
+
+    async def go():
+        pool = DeliveryPool()
+        real_one = local_delivery._deliver_one
+        try:
+            # the worker forked for the first request is stuck (killed, so nothing lingers)
+            monkeypatch.setattr(local_delivery, "_deliver_one", lambda req, fd: time.sleep(30))
+            first = await pool.run(*order(mailroot / "Maildir", 1))
+            monkeypatch.setattr(local_delivery, "_deliver_one", real_one)
+            second = await pool.run(*order(mailroot / "Maildir", 2))
+            await asyncio.sleep(0.3)                # the killed one is reaped meanwhile
+            return first, second
+        finally:
+            pool.close()
+
+    first, second = asyncio.run(go())
+    assert first == ("tempfail", "terminated; timeout")
+    assert second == ("ok", "")
+    assert len(pids) == 2 and pids[0] != pids[1]
+    assert not os.path.exists(f"/proc/{pids[0]}")
+
+
+def test_requests_beyond_the_workers_per_user_wait_their_turn(mailroot, monkeypatch):
+    """More requests at once than WORKERS_PER_USER: every one is delivered, by at most
+    that many workers, and none is lost while waiting."""
+    monkeypatch.setattr(local_delivery, "WORKERS_PER_USER", 2)
+    box = mailroot / "Maildir"
+
+    async def go():
+        pool = DeliveryPool()
+        pids = set()
+        real = local_delivery._Worker.deliver
+
+        async def deliver(self, req, fd):
+            pids.add(self.pid)
+            return await real(self, req, fd)
+
+        monkeypatch.setattr(local_delivery._Worker, "deliver", deliver)
+        try:
+            results = await asyncio.gather(*(pool.run(*order(box, n)) for n in range(9)))
+            return results, pids, dict(pool.waiting)
+        finally:
+            pool.close()
+
+    results, pids, waiting = asyncio.run(go())
+    assert results == [("ok", "")] * 9
+    assert len(pids) == 2 and waiting == {}
+    assert len(list((box / "new").iterdir())) == 9
