@@ -32,12 +32,38 @@ MAX_LINE = 8000
 SEND_TIMEOUT = 1.0
 
 
+# The pid and the last second's timestamp, computed once rather than per line
+# (getpid is a system call; a forked child learns its own pid at the fork).
+_pid = os.getpid()
+_stamp_second = -1
+_stamp = ""
+
+
+def _after_fork() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def _timestamp(now: float | None) -> str:
+    global _stamp_second, _stamp
+    if now is None:
+        now = time.time()
+    second = int(now)
+    if second != _stamp_second:
+        _stamp = time.strftime("%b %e %H:%M:%S", time.localtime(second))
+        _stamp_second = second
+    return _stamp
+
+
 def syslog_line(record_level: int, message: str, ident: str = "smtpd", pid: int | None = None,
                 now: float | None = None) -> bytes:
     """One datagram as glibc's syslog(3) builds it (``%h %e %T`` timestamp)."""
     pri = LOG_MAIL | PRIORITY.get(record_level, 6 if record_level < logging.WARNING else 3)
-    stamp = time.strftime("%b %e %H:%M:%S", time.localtime(now))
-    pid = os.getpid() if pid is None else pid
+    stamp = _timestamp(now)
+    pid = _pid if pid is None else pid
     data = f"<{pri}>{stamp} {ident}[{pid}]: {message}".encode("utf-8", "backslashreplace")
     return data[:MAX_LINE]
 
@@ -117,6 +143,11 @@ def setup(foreground: bool, verbose: bool = False, proc: str = "parent",
     """Log to stderr (``foreground``: smtpd -d) or to syslog at ``syslog_socket``.
     If no syslog daemon listens there, lines go to stderr rather than nowhere."""
     global _handler
+    # Our lines are "%(message)s" alone: no record needs its caller's file and line
+    # (a walk up the stack per line), thread, process or task names.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging.logAsyncioTasks = False
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)

@@ -38,6 +38,9 @@ log = logging.getLogger("smtpd")
 INPUT_HIGH_WATER = 512 * 1024    # unprocessed input above which the socket stops being read
 AUTH_FAIL_DELAY_MAX = 5.0        # seconds: a failed AUTH waits 1 s per failure of its client, up to this
 R_TOO_MANY = "421 4.7.0 Too many sessions, try again later"
+# Body bytes gathered before they go to the queue: a small message (and its Received
+# line) leaves in one SmtpMessageData, in the same frame as its commit (common/ipc.py).
+BODY_BATCH = 64 * 1024
 
 
 class Session(asyncio.Protocol):
@@ -56,6 +59,8 @@ class Session(asyncio.Protocol):
         self.envelopes: list[tuple[int, str]] = []   # (evpid, rcpt) of the transaction
         self.dsn = ("", "")                          # RET, ENVID of the transaction
         self.data_size = 0
+        self._body: list[bytes] = []                 # body bytes not yet sent to the queue
+        self._body_size = 0
         self.ssl_object = None
         self._wake = asyncio.Event()
         self._writable = asyncio.Event()
@@ -432,7 +437,8 @@ class Session(asyncio.Protocol):
             conn.accept()
             return
         self.data_size = len(received)
-        await self.pony.mesh.send("queue", SmtpMessageData(msgid=self.msgid, chunk=received))
+        self._body = [received]
+        self._body_size = len(received)
         conn.accept()
 
     async def _data_chunk(self, event: DataChunk) -> None:
@@ -441,8 +447,21 @@ class Session(asyncio.Protocol):
             return
         self.data_size += len(event.data)
         if self.msgid:
-            # awaits only when the queue's pipe is full: the client waits with us
-            await self.pony.mesh.send("queue", SmtpMessageData(msgid=self.msgid, chunk=event.data))
+            self._body.append(event.data)
+            self._body_size += len(event.data)
+            if self._body_size >= BODY_BATCH:
+                await self._send_body()
+
+    async def _send_body(self) -> None:
+        """What was gathered of the body goes to the queue; awaits only when the
+        queue's pipe is full (the client waits with us)."""
+        body = self._body
+        if not body:
+            return
+        chunk = body[0] if len(body) == 1 else b"".join(body)
+        self._body = []
+        self._body_size = 0
+        await self.pony.mesh.send("queue", SmtpMessageData(msgid=self.msgid, chunk=chunk))
 
     async def _data_end(self, conn: ServerConnection, event: DataEnd) -> None:
         if FLAGS.smtp:
@@ -462,6 +481,10 @@ class Session(asyncio.Protocol):
                     written = False
                 if not written:
                     raise FilterFailed(f"filter {self.filters.name}: data-line filter failed")
+        if event.error or not self.msgid:
+            self._body, self._body_size = [], 0
+        else:
+            await self._send_body()          # before the commit phase: a filter may reject
         if self.filters is not None and not event.error and self.msgid:
             if not await self._filter_phase(conn, event):
                 return
@@ -599,6 +622,7 @@ class Session(asyncio.Protocol):
             if not self._lost:
                 await self.filters.data(b"", last=True)     # end the filters' stream
         self.tx_junk = False
+        self._body, self._body_size = [], 0
         if self.msgid:
             msgid, self.msgid = self.msgid, 0
             self._report("tx-rollback", f"{msgid:08x}")

@@ -26,6 +26,25 @@ def test_syslog_line_is_glibc_syslog_format():
     assert len(syslog_line(logging.INFO, "x" * 20000, pid=1, now=now)) == 8000
 
 
+
+def test_syslog_line_pid_and_stamp_are_current_after_a_fork_and_a_second():
+    """The pid and the timestamp are cached (issue 12): a forked child still names
+    itself, and the next second gets its own stamp."""
+    now = time.mktime((2026, 3, 5, 9, 4, 7, 0, 0, -1))
+    assert b" smtpd[%d]: " % os.getpid() in syslog_line(logging.INFO, "x", now=now)
+    assert b"09:04:07" in syslog_line(logging.INFO, "x", now=now + 0.9)
+    assert b"09:04:08" in syslog_line(logging.INFO, "x", now=now + 1.0)
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.write(writer, syslog_line(logging.INFO, "x", now=now))
+        os._exit(0)
+    os.close(writer)
+    os.waitpid(child, 0)
+    line = os.read(reader, 200)
+    os.close(reader)
+    assert b" smtpd[%d]: " % child in line
+
 def test_vis_and_the_authentication_line(caplog):
     # strnvis(VIS_WHITE | VIS_SAFE), as smtp_session.c does for this line
     assert vis("a b\\c\t\xe9") == "a\\040b\\\\c\\^I\\M-C\\M-)"
