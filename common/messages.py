@@ -823,17 +823,6 @@ class QueueDeliveredBatch(Msg, **_m("queue_delivered_batch")):
 TRACE_IDS_MAX = 32      # ids of a batch message shown in a trace line
 
 
-# issue 12: mta -------------------------------------------------------------------------------
-
-class DeliveryResults(Msg, **_m("delivery_results")):
-    """pony -> queue: the MTA's delivery results of one turn of pony's event loop (what a
-    DeliveryResult each did; the queue handles each as it would alone).  Never "hold"."""
-    results: list[DeliveryResult]
-
-    def trace_ids(self) -> list[str]:
-        return [f"evpid={res.evpid:016x}" for res in self.results[:32]]
-
-
 Message = Union[
     RequestFailed, SetupDone, ConfEnd, CtlVerbose, MdaDone,
     SmtpMessageCreate, SmtpMessageCreateReply, SmtpExpandRcpt, SmtpExpandRcptReply,
@@ -862,7 +851,6 @@ Message = Union[
     LkaOpenForward, LkaOpenForwardReply,
     MtaLookupSource, MtaSourceReply, MtaLookupHelo, MtaHeloReply,
     LkaEnvelopesSubmit, QueueCommitBatch, SchedOrders, QueueDeliveredBatch,   # issue 12: queue
-    DeliveryResults,   # issue 12: mta
 ]
 
 _encoder = msgspec.msgpack.Encoder()

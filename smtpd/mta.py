@@ -33,7 +33,7 @@ from common.durations import duration_to_text
 from common.envelope import Envelope
 from common.ipc import PeerTimeout
 from common.messages import (
-    CtlLinesReply, CtlMtaBlock, CtlReply, DeliveryResult, DeliveryResults, MessageContent,
+    CtlLinesReply, CtlMtaBlock, CtlReply, DeliveryResult, MessageContent,
     MessageOpen,
     MtaDnsLookup, MtaDnsReply, MtaHeloReply, MtaHoldqRelease, MtaLookupHelo, MtaLookupSource,
     MtaSourceReply,
@@ -145,7 +145,6 @@ class Mta:
         self.idle: dict[RelayKey, deque[asyncio.Future]] = {}
         self.timers: dict[RelayKey, asyncio.TimerHandle] = {}
         self.enable_timer: asyncio.TimerHandle | None = None
-        self.results: list[DeliveryResult] = []     # to the queue at the end of this loop turn
 
     @property
     def config(self):
@@ -757,24 +756,11 @@ class Mta:
                      'relay="%s" delay=%s result="%s" stat="%s"%s', session_id, env.id, env.sender,
                      env.dest, env.rcpt if env.rcpt != env.dest else "-", source, relay,
                      duration_to_text(now - env.ctime), word, log_text(detail, COMMAND), extra)
-            self._result(DeliveryResult(
+            # the results of one loop turn leave in one frame (common/ipc.py batches them)
+            await self.pony.mesh.send("queue", DeliveryResult(
                 evpid=env.id, agent="mta", status=status if status in ("ok", "permfail") else "tempfail",
                 errorline=detail, esc_code=_esc_code(detail), dsn_notify=env.dsn_notify,
                 remote_dsn=remote_dsn))
-
-    def _result(self, result: DeliveryResult) -> None:
-        """Results go to the queue together at the end of this turn of the event loop:
-        the sessions whose replies came in the same wake-up share one message (and one
-        wake-up of the queue).  No delay is added; nothing waits on them here."""
-        if not self.results:
-            asyncio.get_running_loop().call_soon(self._send_results)
-        self.results.append(result)
-
-    def _send_results(self) -> None:
-        results, self.results = self.results, []
-        if results:
-            self.pony.spawn(self.pony.mesh.send(
-                "queue", results[0] if len(results) == 1 else DeliveryResults(results=results)))
 
 
 def _source_fields(src: str | None) -> dict[str, str]:

@@ -34,7 +34,6 @@ from common.messages import (
 )
 from common.messages import MtaHoldqRelease, QueueHoldqHold, QueueHoldqRelease  # hold queues
 from common.messages import MdaMessageOpen, MdaMessageOpened  # bodies by descriptor
-from common.messages import DeliveryResults  # issue 12: the MTA's results, batched
 from smtpd import fd_channel
 from common.messages import SchedEnvelopeWithdraw  # issue 10: withdrawn from the MTA
 from common.messages import LkaEnvelopesSubmit, QueueCommitBatch, QueueDeliveredBatch, SchedOrders  # issue 12
@@ -372,9 +371,6 @@ class Process:
                 self._delivered(evpid)
             case DeliveryResult():
                 self._spawn(self._delivery_result(msg))
-            case DeliveryResults(results=results):
-                for res in results:          # each as if it had come alone
-                    await self.handle(peer, res)
             case MtaHoldqRelease(holdq=holdq, n=n):
                 await send("scheduler", QueueHoldqRelease(holdq=holdq, n=n))
             case SchedListReply():
