@@ -141,19 +141,24 @@ class Spool:
 
     # -- receiving -----------------------------------------------------------------------------
 
-    def create_message(self) -> int:
+    def create_message(self, in_use=()) -> int:
+        """A fresh message id: used neither in queue/ nor in incoming/, nor among
+        ``in_use`` (the ids the queue has given out and not yet committed or rolled
+        back).  Nothing is written: ``incoming/<msgid>/`` is made with the message's
+        first envelope (write_incoming_envelope), so an id handed out ahead of need
+        (pony's reserve, smtpd/enqueue.py) costs nothing on disk."""
         for _ in range(100):
             msgid = random_msgid()
-            if os.path.exists(self._msgdir(msgid)):
-                continue
-            path = f"{self._incoming_str}/{msgid:08x}"
-            try:
-                if not self.pool.take_dir(path):
-                    os.mkdir(path, 0o700)
-            except FileExistsError:
+            if (msgid in in_use or os.path.exists(self._msgdir(msgid))
+                    or os.path.exists(f"{self._incoming_str}/{msgid:08x}")):
                 continue
             return msgid
         raise SpoolError("could not allocate a message id")
+
+    def _make_incoming(self, msgid: int) -> None:
+        path = f"{self._incoming_str}/{msgid:08x}"
+        if not self.pool.take_dir(path):
+            os.mkdir(path, 0o700)
 
     def open_body(self, msgid: int):
         fd = self._create(f"{self._temporary_str}/{msgid:08x}")
@@ -173,8 +178,13 @@ class Spool:
         for _ in range(20):
             env.id = random_evpid(msgid)
             data = data or envcodec.dump(env)
+            path = f"{self._incoming_str}/{msgid:08x}/{env.id:016x}"
             try:
-                fd = self._create(f"{self._incoming_str}/{msgid:08x}/{env.id:016x}")
+                try:
+                    fd = self._create(path)
+                except FileNotFoundError:           # the message's first envelope
+                    self._make_incoming(msgid)
+                    fd = self._create(path)
             except FileExistsError:
                 continue
             try:

@@ -120,7 +120,8 @@ class InodePool:
     def open_file(self, dst: str) -> int | None:
         """A pooled file renamed to ``dst`` and opened for writing (empty), as
         ``os.open(dst, O_WRONLY | O_CREAT | O_EXCL, 0o600)`` would give; None if the
-        pool had none that could be used.  FileExistsError if ``dst`` exists."""
+        pool had none that could be used.  FileExistsError if ``dst`` exists,
+        FileNotFoundError if its directory does not (the entry stays in the pool)."""
         while self.files:
             name = self.files.popleft()
             try:
@@ -128,6 +129,11 @@ class InodePool:
             except FileExistsError:
                 self.files.appendleft(name)
                 raise
+            except FileNotFoundError:
+                if os.path.lexists(name):           # dst's directory is missing: say so
+                    self.files.appendleft(name)
+                    raise
+                continue
             except OSError:
                 _remove_quietly(name, os.unlink)
                 continue

@@ -6,7 +6,7 @@ import stat
 import pytest
 
 from common.envelope import Envelope
-from smtpd import queue_recycle
+from smtpd import queue_fs, queue_recycle
 from smtpd.queue_fs import Spool
 from smtpd.queue_recycle import InodePool, rename_noreplace
 
@@ -146,3 +146,26 @@ def test_rename_noreplace(tmp_path):
         rename_noreplace(str(tmp_path / "a"), str(tmp_path / "b"))
     rename_noreplace(str(tmp_path / "a"), str(tmp_path / "c"))
     assert (tmp_path / "c").read_bytes() == b"a" and (tmp_path / "b").read_bytes() == b"b"
+
+
+def test_a_missing_destination_directory_keeps_the_entry(tmp_path):
+    pool = InodePool(str(tmp_path))
+    (tmp_path / "f").write_bytes(b"")
+    os.chmod(tmp_path / "f", 0o600)
+    assert pool.recycle_file(str(tmp_path / "f"))
+    with pytest.raises(FileNotFoundError):
+        pool.open_file(str(tmp_path / "no-such-dir" / "x"))
+    assert len(pool.files) == 1 and os.path.exists(pool.files[0])
+
+
+def test_an_id_handed_out_costs_nothing_on_disk_until_its_first_envelope(spool, monkeypatch):
+    msgid = spool.create_message()
+    assert os.listdir(spool.incoming) == []
+    # an id given out and not yet on disk is not given again
+    ids = iter([msgid, msgid, msgid ^ 1])
+    monkeypatch.setattr(queue_fs, "random_msgid", lambda: next(ids))
+    assert spool.create_message(in_use={msgid}) == msgid ^ 1
+    spool.write_incoming_envelope(msgid, Envelope(dispatcher="local", type="mda", rcpt="a@b.test", dest="a@b.test"))
+    assert os.listdir(spool.incoming) == [f"{msgid:08x}"]
+    spool.rollback(msgid)
+    assert os.listdir(spool.incoming) == []
