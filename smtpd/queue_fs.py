@@ -161,16 +161,19 @@ class Spool:
             os.mkdir(path, 0o700)
 
     def open_body(self, msgid: int):
-        fd = self._create(f"{self._temporary_str}/{msgid:08x}")
-        return os.fdopen(fd, "wb", buffering=256 * 1024)
+        fd, old_size = self._create(f"{self._temporary_str}/{msgid:08x}")
+        body = os.fdopen(fd, "wb", buffering=256 * 1024)
+        body.recycled_size = old_size       # cut to the new length at commit
+        return body
 
-    def _create(self, path: str) -> int:
-        """A new, empty file opened for writing: from the pool, else created (O_EXCL
-        either way: FileExistsError if ``path`` exists)."""
-        fd = self.pool.open_file(path)
-        if fd is None:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        return fd
+    def _create(self, path: str) -> tuple[int, int]:
+        """A new file opened for writing, and the size of what is in it already: from
+        the pool (the caller writes over it and cuts it to its own length), else
+        created empty.  O_EXCL either way: FileExistsError if ``path`` exists."""
+        taken = self.pool.open_file(path)
+        if taken is None:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), 0
+        return taken
 
     def write_incoming_envelope(self, msgid: int, env: Envelope) -> int:
         """Write a new envelope of an uncommitted message (fsync'd at commit)."""
@@ -181,14 +184,16 @@ class Spool:
             path = f"{self._incoming_str}/{msgid:08x}/{env.id:016x}"
             try:
                 try:
-                    fd = self._create(path)
+                    fd, old_size = self._create(path)
                 except FileNotFoundError:           # the message's first envelope
                     self._make_incoming(msgid)
-                    fd = self._create(path)
+                    fd, old_size = self._create(path)
             except FileExistsError:
                 continue
             try:
                 _write_all(fd, data)
+                if old_size > len(data):
+                    os.ftruncate(fd, len(data))
             finally:
                 os.close(fd)
             return env.id
@@ -213,6 +218,8 @@ class Spool:
             try:
                 try:
                     body.flush()
+                    if getattr(body, "recycled_size", 0) > body.tell():   # a recycled file's old tail
+                        os.ftruncate(body.fileno(), body.tell())
                 finally:
                     close_quietly(body)
                 os.rename(f"{temporary}/{name}", f"{incoming}/{name}/message")

@@ -41,10 +41,10 @@ def test_a_delivered_message_s_inodes_carry_the_next_message(spool):
     for evpid in evpids:
         spool.delete_envelope(evpid)
     assert not spool.message_dir(first).exists()
-    # what the pool holds is empty, and only in purge/
+    # the pool is in purge/: the emptied directory, and the files as they were
     pooled = [os.path.join(spool.purge, n) for n in os.listdir(spool.purge)]
     assert len(pooled) == 4
-    assert all(os.path.isdir(p) and os.listdir(p) == [] or os.path.getsize(p) == 0 for p in pooled)
+    assert sum(os.path.isdir(p) and os.listdir(p) == [] for p in pooled) == 1
     second, evpids2 = deliver_one(spool, ("e@f.test", "g@h.test"), body=b"Subject: y\n\nnew\n")
     assert inodes(spool, second) == used                    # no inode made, none freed
     assert spool.read_message(second) == b"Subject: y\n\nnew\n"
@@ -55,11 +55,28 @@ def test_a_delivered_message_s_inodes_carry_the_next_message(spool):
     assert all(stat.S_IMODE(os.stat(d / n).st_mode) == 0o600 for n in os.listdir(d))
 
 
-def test_a_longer_body_before_a_shorter_one_leaves_nothing_of_the_first(spool):
-    first, evpids = deliver_one(spool, body=b"Subject: long\n\n" + b"x" * 100_000 + b"\n")
+def test_a_longer_message_before_a_shorter_one_leaves_nothing_of_the_first(spool):
+    long_rcpt = "a-very-long-local-part-" + "x" * 200 + "@example.test"
+    first, evpids = deliver_one(spool, (long_rcpt,), body=b"Subject: long\n\n" + b"x" * 100_000 + b"\n")
     spool.delete_envelope(evpids[0])
-    second, _ = deliver_one(spool, body=b"Subject: short\n\nok\n")
+    assert sorted(size for _, size in spool.pool.files)[-1] > 100_000     # kept with its blocks
+    second, evpids2 = deliver_one(spool, ("b@c.test",), body=b"Subject: short\n\nok\n")
+    assert spool.pool.reused == 3
     assert spool.read_message(second) == b"Subject: short\n\nok\n"
+    assert spool.load_envelope(evpids2[0]).rcpt == "b@c.test"
+    assert spool.read_envelope_file(evpids2[0]).count(b"rcpt:") == 1
+    # and a longer one after a shorter one
+    spool.delete_envelope(evpids2[0])
+    third, evpids3 = deliver_one(spool, (long_rcpt,), body=b"Subject: long again\n\n" + b"y" * 50_000 + b"\n")
+    assert spool.read_message(third) == b"Subject: long again\n\n" + b"y" * 50_000 + b"\n"
+    assert spool.load_envelope(evpids3[0]).rcpt == long_rcpt
+
+
+def test_a_file_too_big_to_keep_is_unlinked(spool):
+    msgid, evpids = deliver_one(spool, body=b"Subject: big\n\n" + b"z" * (queue_recycle.MAX_SIZE + 1))
+    spool.delete_envelope(evpids[0])
+    assert [size for _, size in spool.pool.files] == [os.path.getsize(spool.pool.files[0][0])]
+    assert all(size <= queue_recycle.MAX_SIZE for _, size in spool.pool.files) and len(spool.pool.files) == 1
 
 
 def test_the_pool_is_emptied_with_purge_at_start(spool):
@@ -98,7 +115,7 @@ def test_files_not_made_by_the_queue_are_never_recycled(spool):
     # pool (the queue's own envelope did)
     assert (spool.root / "a-second-link").read_bytes() == b"Subject: x\n\nsecret\n"
     assert len(spool.pool.files) == 1 and len(spool.pool.dirs) == 1
-    assert os.stat(spool.pool.files[0]).st_ino not in foreign
+    assert os.stat(spool.pool.files[0][0]).st_ino not in foreign
 
 
 def test_a_directory_with_something_else_in_it_is_removed_not_recycled(spool):
@@ -124,8 +141,10 @@ def test_taking_a_name_that_exists_fails_as_o_excl_and_keeps_the_entry(tmp_path)
     with pytest.raises(FileExistsError):            # rename(2) would replace an empty directory
         pool.take_dir(str(tmp_path / "emptydir"))
     assert len(pool.dirs) == 1
-    fd = pool.open_file(str(tmp_path / "new"))
+    fd, size = pool.open_file(str(tmp_path / "new"))
+    assert size == 3                                # "old": the caller writes over it
     os.write(fd, b"n")
+    os.ftruncate(fd, 1)
     os.close(fd)
     assert (tmp_path / "new").read_bytes() == b"n" and not pool.files
 
@@ -135,7 +154,7 @@ def test_an_entry_gone_from_the_pool_falls_back_to_a_new_file(tmp_path):
     (tmp_path / "f").write_bytes(b"")
     os.chmod(tmp_path / "f", 0o600)
     assert pool.recycle_file(str(tmp_path / "f"))
-    os.unlink(pool.files[0])
+    os.unlink(pool.files[0][0])
     assert pool.open_file(str(tmp_path / "new")) is None and not pool.files
 
 
@@ -155,7 +174,7 @@ def test_a_missing_destination_directory_keeps_the_entry(tmp_path):
     assert pool.recycle_file(str(tmp_path / "f"))
     with pytest.raises(FileNotFoundError):
         pool.open_file(str(tmp_path / "no-such-dir" / "x"))
-    assert len(pool.files) == 1 and os.path.exists(pool.files[0])
+    assert len(pool.files) == 1 and os.path.exists(pool.files[0][0])
 
 
 def test_an_id_handed_out_costs_nothing_on_disk_until_its_first_envelope(spool, monkeypatch):
