@@ -29,7 +29,7 @@ import msgspec
 from common import envelope as envcodec
 from common.envelope import Envelope, EnvelopeError
 from common.ids import random_evpid, random_msgid
-from smtpd.queue_recycle import InodePool
+from smtpd.queue_recycle import InodePool, rename_exchange
 
 def _kernel_reports_syncfs_errors() -> bool:
     """syncfs(2) returns writeback errors only since Linux 5.8; before, it returned 0
@@ -341,18 +341,37 @@ class Spool:
         """Atomic, durable rewrite (blocking: run in a thread).  The new version is
         written in incoming/ (as OpenSMTPD's incoming/envelope.tmp; one name per writer,
         as several run at once), so a crash leaves nothing in the message's directory
-        and the purge at start removes it."""
-        path = self.envelope_path(env.id)
-        tmp = self.incoming / f"envelope.{env.id:016x}.{secrets.token_hex(4)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        and the purge at start removes it.  It takes the envelope's name by an atomic
+        exchange where the file system can (the old version, then at the temporary
+        name, goes to the pool of recycled inodes: a retry of many envelopes frees and
+        makes no inode), else by a rename over it."""
+        path = self.envelope_file(env.id)
+        tmp = f"{self._incoming_str}/envelope.{env.id:016x}.{secrets.token_hex(4)}.tmp"
+        data = envcodec.dump(env)
+        fd, old_size = self._create(tmp)
         try:
-            _write_all(fd, envcodec.dump(env))
+            _write_all(fd, data)
+            if old_size > len(data):
+                os.ftruncate(fd, len(data))
             os.fsync(fd)
-        finally:
+        except BaseException:
             os.close(fd)
-        os.rename(tmp, path)
+            _unlink_quietly(tmp)
+            raise
+        os.close(fd)
+        try:
+            exchanged = rename_exchange(tmp, path)
+        except FileNotFoundError:                # no old version: as a rename (as before)
+            exchanged = False
+        if exchanged:
+            try:
+                self._remove_file(tmp)           # the old version
+            except OSError:
+                pass                             # left for the purge at start
+        else:
+            os.rename(tmp, path)
         self._remember(env)
-        fsync_dir(path.parent)
+        fsync_dir(os.path.dirname(path))
 
     def add_envelope(self, env: Envelope) -> int:
         """A new envelope for a committed message (a bounce: it shares the message file),
@@ -516,6 +535,13 @@ def close_quietly(f) -> None:
     closed all the same, and the error was (or will be) reported by the caller."""
     try:
         f.close()
+    except OSError:
+        pass
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
     except OSError:
         pass
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import errno
 import itertools
 import os
 import stat
@@ -44,6 +45,7 @@ _libc = ctypes.CDLL(None, use_errno=True)     # loaded before any chroot
 _renameat2 = getattr(_libc, "renameat2", None)
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
 
 MAX_FILES = 2048      # files kept (a message uses 1 + one per recipient)
 MAX_DIRS = 1024       # empty directories kept (one per message)
@@ -55,6 +57,19 @@ def rename_noreplace(src: str, dst: str) -> None:
     if _renameat2(_AT_FDCWD, src.encode(), _AT_FDCWD, dst.encode(), _RENAME_NOREPLACE) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), dst)
+
+
+def rename_exchange(a: str, b: str) -> bool:
+    """Swap the names ``a`` and ``b`` atomically (renameat2 RENAME_EXCHANGE); False
+    where the file system or the C library cannot (the caller renames instead)."""
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, a.encode(), _AT_FDCWD, b.encode(), _RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            return False
+        raise OSError(err, os.strerror(err), b)
+    return True
 
 
 class InodePool:

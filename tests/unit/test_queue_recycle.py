@@ -188,3 +188,30 @@ def test_an_id_handed_out_costs_nothing_on_disk_until_its_first_envelope(spool, 
     assert os.listdir(spool.incoming) == [f"{msgid:08x}"]
     spool.rollback(msgid)
     assert os.listdir(spool.incoming) == []
+
+
+def test_an_envelope_update_swaps_in_the_new_version_and_recycles_the_old(spool):
+    msgid, evpids = deliver_one(spool)
+    path = spool.envelope_file(evpids[0])
+    old_inode = os.stat(path).st_ino
+    env = spool.load_envelope(evpids[0])
+    env.retry, env.errorline = 2, "421 4.0.0 try again later"
+    spool.update_envelope(env)
+    assert spool.load_envelope(evpids[0]).errorline == "421 4.0.0 try again later"
+    assert os.stat(path).st_ino != old_inode
+    assert [os.stat(name).st_ino for name, _ in spool.pool.files] == [old_inode]
+    assert os.listdir(spool.incoming) == []
+    # the next update takes the old version's inode from the pool: none made, none freed
+    env.retry = 3
+    spool.update_envelope(env)
+    assert os.stat(path).st_ino == old_inode and spool.load_envelope(evpids[0]).retry == 3
+    assert os.listdir(spool.incoming) == []
+
+
+def test_an_update_of_an_envelope_that_is_gone_writes_it_as_before(spool):
+    msgid, evpids = deliver_one(spool, ("a@b.test", "c@d.test"))
+    env = spool.load_envelope(evpids[0])
+    os.unlink(spool.envelope_file(evpids[0]))
+    env.retry = 5
+    spool.update_envelope(env)
+    assert spool.load_envelope(evpids[0]).retry == 5 and os.listdir(spool.incoming) == []
