@@ -10,13 +10,19 @@ message per connection).  Both daemons are measured by the same code:
 
 * accepted msg/s: smtp-source's start -> its last ``250`` to the end of DATA;
 * delivered msg/s: smtp-source's start -> the N-th message at the sink (smtp-sink's
-  counter) or in the Maildir's ``new/`` (files counted every 20 ms);
+  counter) or in the Maildir's ``new/`` (counted by inotify: bench/meters.py);
 * CPU per message: user + system time of every process of the daemon's session (the
   daemon is started in a session of its own; the children it reaped count through
   cutime/cstime), from just before the load to the moment its CPU settles after the
   last delivery, divided by the accepted messages;
-* peak PSS: Pss from /proc/PID/smaps_rollup summed over the session, sampled every
-  100 ms (peak RSS alongside).
+* peak PSS: Pss from /proc/PID/smaps_rollup summed over the session, read every second
+  and at each new high of the summed RSS, which is read every 200 ms (peak RSS
+  alongside);
+* pysmtpd's commit latency (end of DATA to its reply) as the daemon measures it:
+  ``smtpctl show stats`` (``smtp.commit.latency.*``; null where this pysmtpd does not
+  report it), under the table; with ``--latency``, also a run of pysmtpd under
+  bench_mail's asyncio client, which times every commit from the client's side;
+* this script's own CPU over the load, as a share of the machine (``bench_cpu_share``).
 
 Prints a markdown table (one row per daemon and mode; ``a-b`` ranges with ``-r 2`` or
 more; the ratio column is pysmtpd's delivered msg/s over Postfix's, per repeat), then
@@ -28,6 +34,7 @@ directories are removed unless ``--keep``.
 
     sudo .venv/bin/python bench/bench_compare.py            # N=2000 S=10 SIZE=5120
     sudo .venv/bin/python bench/bench_compare.py -r 2 --modes maildir
+    sudo .venv/bin/python bench/bench_compare.py --latency --daemons pysmtpd
 """
 from __future__ import annotations
 
@@ -55,7 +62,8 @@ from bench_mail import (  # noqa: E402
     MAILDIR_RCPT, MAILDIR_USER, RELAY_RCPT, BenchError, DaemonRun, Interrupted, LoadStats,
     MaildirWatch, PostfixSink, asyncio_load, build_config, daemon_commit_latency, free_port,
     get_postfix_tools, percentiles_ms, rate, smtp_source_load, wait_until)
-from meters import MemoryMeter, latency_line, settled, tree_ticks  # noqa: E402
+from meters import (  # noqa: E402
+    PSS_EVERY, RSS_INTERVAL, MemoryMeter, latency_line, settled, tree_ticks)
 from postfix_instance import (  # noqa: E402
     PostfixError, PostfixInstance, ensure_users, session_members, session_pids)
 
@@ -99,9 +107,9 @@ def session_titles(sid: int) -> list[tuple[int, str]]:
 
 class TreeMeter(MemoryMeter):
     """Peak PSS and RSS summed over the daemon's session (meters.MemoryMeter: RSS every
-    100 ms, PSS every 500 ms and at each new RSS high)."""
+    200 ms, PSS every second and at each new RSS high)."""
 
-    def __init__(self, sid: int, interval: float = 0.1, pss_every: int = 5) -> None:
+    def __init__(self, sid: int, interval: float = RSS_INTERVAL, pss_every: int = PSS_EVERY) -> None:
         super().__init__(lambda: session_titles(sid), interval, pss_every, name="tree-meter")
         self.sid = sid
 
@@ -163,7 +171,7 @@ def run_one(daemon: str, mode: str, args: argparse.Namespace, tools: Path, repea
             watch = MaildirWatch(new_dir)
             watch.start()
             counter = watch.counter
-        meter = TreeMeter(sid)
+        meter = TreeMeter(sid, pss_every=args.pss_every)
         meter.sample(pss=True)
         result["idle_pss_mib"] = round(meter.last_pss_kib / 1024, 1)
         meter.start()
@@ -239,9 +247,9 @@ def run_one(daemon: str, mode: str, args: argparse.Namespace, tools: Path, repea
     if meter is not None:
         result.update({
             "peak_pss_mib": round(meter.peak_pss_kib / 1024, 1),
-            "peak_rss_mib": round(meter.peak_rss_kib / 1024, 1),
+            "peak_rss_mib": round(meter.peak_kib / 1024, 1),
             "max_processes": meter.max_procs,
-            "pss_samples": meter.pss_samples,
+            "pss_samples": meter.pss_samples, "pss_samples_at_rss_highs": meter.pss_triggered,
             "peak_pss_by_process_mib": {t: round(k / 1024, 1)
                                         for t, k in sorted(meter.peak_pss_by_title.items())},
         })
@@ -402,12 +410,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="(default both; one alone gives no ratio)")
     p.add_argument("--timeout", type=float, default=600.0, help="bound of each run in seconds")
     p.add_argument("--keep", action="store_true", help="keep the temporary directories")
+    p.add_argument("--pss-every", type=int, default=PSS_EVERY, metavar="K",
+                   help=f"read PSS at every K-th reading of RSS ({RSS_INTERVAL} s apart) besides"
+                        f" each new RSS high (default {PSS_EVERY})")
     p.add_argument("--latency", action="store_true",
                    help="also run pysmtpd under bench_mail's asyncio client (same -n, -s, --size),"
                         " which times every commit (smtp-source does not): p50/p90/p99 under the table")
     args = p.parse_args(argv)
-    if args.n < 1 or args.s < 1 or args.size < 64 or args.repeats < 1:
-        p.error("-n, -s and -r must be >= 1, --size >= 64")
+    if args.n < 1 or args.s < 1 or args.size < 64 or args.repeats < 1 or args.pss_every < 1:
+        p.error("-n, -s, -r and --pss-every must be >= 1, --size >= 64")
     return args
 
 

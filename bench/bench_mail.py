@@ -9,10 +9,21 @@ SMTP sessions, and measures:
 * delivered msg/s: first connect -> last message seen by the relay sink
   (``--mode relay``) or in the Maildir's ``new/`` (``--mode maildir``);
 * peak RSS and peak PSS summed over every process of the daemon's process group
-  (parent, children and the short-lived delivery processes), sampled every 100 ms
-  from /proc/PID/status (VmRSS) and /proc/PID/smaps_rollup (Pss: shared pages
-  divided among the processes that map them, so the sum is the memory the daemon
-  really holds; RSS counts the interpreter's shared pages once per process);
+  (parent, children and the short-lived delivery processes): RSS from
+  /proc/PID/statm every 200 ms, PSS from /proc/PID/smaps_rollup every second and at
+  each new RSS high (Pss: shared pages divided among the processes that map them, so
+  the sum is the memory the daemon really holds; RSS counts the interpreter's shared
+  pages once per process; bench/meters.py says why this often and no more);
+* CPU per message (``cpu_ms_per_message``, per process title; ``daemon_cpu_ms_per_message``
+  summed): utime + stime of the process group, delivery workers included through
+  the cutime/cstime of the process that reaped them, from just before the load to
+  the moment the group's CPU settles after the last delivery, over the accepted
+  messages.  ``cpu_ms_per_message_with_startup`` is the older figure: each process's
+  whole life up to its last sample, start-up included.  The row "bench client (this
+  script)" is this process (the asyncio client, when it is the load, and the
+  meters); ``bench_cpu_share`` is its share of the machine's CPUs over the load;
+* the daemon's own commit latency (``smtpctl show stats``: ``smtp.commit.latency.*``,
+  null where this pysmtpd does not report it);
 * commit latency (asyncio client only): per message, from sending the final
   ``.`` of DATA to reading its ``250`` (p50/p90/p99/max).  smtp-source does not
   report it: with ``--client smtp-source`` it is not measured (null in the JSON).
@@ -58,7 +69,7 @@ REPO = BENCH.parent
 sys.path[:0] = [str(BENCH)] if str(BENCH) not in sys.path else []
 
 from meters import (  # noqa: E402  (bench/ is not a package)
-    Counter, MaildirWatch, MemoryMeter, cmdline_title, cpu_ticks_by_title, latency_line,
+    PSS_EVERY, RSS_INTERVAL, Counter, MaildirWatch, MemoryMeter, cmdline_title, cpu_ticks_by_title, latency_line,
     parse_stats, server_commit_latency, settled, stat_fields, ticks_spent)
 POSTFIX_DIR = BENCH / ".postfix"
 SENDER = "bench@local.test"
@@ -225,10 +236,10 @@ def stop_process_group(proc: subprocess.Popen | None, grace: float = 5.0) -> Non
 
 class RssSampler(MemoryMeter):
     """Peak RSS and PSS summed over the process group (meters.MemoryMeter: RSS every
-    100 ms, PSS every 500 ms and at each new RSS high), and the CPU ticks each process
+    200 ms, PSS every second and at each new RSS high), and the CPU ticks each process
     had when last seen (its whole life: ``cpu_seconds_by_title``)."""
 
-    def __init__(self, pgid: int, interval: float = 0.1, pss_every: int = 5) -> None:
+    def __init__(self, pgid: int, interval: float = RSS_INTERVAL, pss_every: int = PSS_EVERY) -> None:
         super().__init__(lambda: pgrp_pids(pgid), interval, pss_every, name="rss-sampler")
         self.pgid = pgid
         self.cpu_ticks: dict[int, tuple[str, int]] = {}   # pid -> (title, utime+stime last seen)
@@ -1008,6 +1019,7 @@ def memory_results(sampler: RssSampler) -> dict:
         "max_processes": sampler.max_procs,
         "peak_rss_by_process_mib": {t: round(k / 1024, 1) for t, k in sorted(sampler.peak_by_title.items())},
         "peak_pss_mib": round(sampler.peak_pss_kib / 1024, 1),
+        "pss_samples": sampler.pss_samples, "pss_samples_at_rss_highs": sampler.pss_triggered,
         "peak_pss_by_process_mib": {t: round(k / 1024, 1)
                                     for t, k in sorted(sampler.peak_pss_by_title.items())},
     }

@@ -9,10 +9,10 @@ measure, so what they read, and how often, is chosen for its cost (docs/performa
   20 ms (which walks the whole directory each time, under the lock the daemon's
   renames need); a listing remains the fallback (no inotify, a queue overflow, no
   event for half a second) and the final check;
-* memory: RSS (``/proc/PID/statm``, a few counters) every 100 ms; PSS
+* memory: RSS (``/proc/PID/statm``, a few counters) every 200 ms; PSS
   (``/proc/PID/smaps_rollup``, for which the kernel walks every page table of the
-  process) every 500 ms and at once whenever the summed RSS reaches a new high, which is
-  when the peak of PSS comes (more processes, more pages);
+  process: ~10 ms for pysmtpd's ten processes) every second and at once whenever the summed RSS
+  reaches a new high, which is when the peak of PSS comes (more processes, more pages);
 * CPU: utime + stime + cutime + cstime of a process tree by process title, read at the
   two ends of the load and not in between;
 * the daemon's ``smtpctl show stats`` (``key=value`` lines) for the server-side commit
@@ -121,7 +121,8 @@ def listed_names(directory: Path) -> set[str]:
 class MaildirWatch(threading.Thread):
     """Counts the files that arrive in a Maildir's new/ (``counter``), by inotify.
 
-    The count is the number of distinct names seen in new/ (messages are never taken
+    A message counts at the time its event is read (at most ``GATHER`` seconds plus
+    a wake-up late).  The count is the number of distinct names seen in new/ (messages are never taken
     out of it here): names from the events, united with a listing of new/ whenever one
     is made (right after the watch is set, after a queue overflow, after half a second
     without events, at the end), so no message is counted twice or missed.  new/ need
@@ -130,6 +131,8 @@ class MaildirWatch(threading.Thread):
 
     name_ = "maildir new/"
     IDLE_LISTING = 0.5            # seconds without an event before new/ is listed again
+    GATHER = 0.005                # after a wake-up, let events gather this long: a few
+                                  # per read instead of one wake-up per message
 
     def __init__(self, new_dir: Path, poll_interval: float = 0.02, use_inotify: bool = True) -> None:
         super().__init__(daemon=True, name="maildir-watch")
@@ -190,6 +193,7 @@ class MaildirWatch(threading.Thread):
             if not poller.poll(1000 * self.IDLE_LISTING):
                 self._list(time.monotonic())        # nothing for a while: make sure
                 continue
+            self.stop_event.wait(self.GATHER)
             buf = ino.read()
             now = time.monotonic()
             added = False
@@ -306,6 +310,10 @@ def settled(read: Callable[[], T], total: Callable[[T], int], deadline: float,
     return last
 
 
+RSS_INTERVAL = 0.2    # seconds between two readings of RSS (and of the tree's members)
+PSS_EVERY = 5         # PSS at every 5th reading (each second), and at each new RSS high
+
+
 class MemoryMeter(threading.Thread):
     """Peak RSS and PSS summed over a process tree (``members()``: (pid, title) of its
     live processes), and per title.
@@ -315,15 +323,15 @@ class MemoryMeter(threading.Thread):
     (a new process, a grown one): PSS never exceeds RSS and rises with it, so its peak
     is read when it comes, not up to ``pss_every`` ticks later."""
 
-    def __init__(self, members: Callable[[], list[tuple[int, str]]], interval: float = 0.1,
-                 pss_every: int = 5, margin_kib: int = 1024, name: str = "memory-meter") -> None:
+    def __init__(self, members: Callable[[], list[tuple[int, str]]], interval: float = RSS_INTERVAL,
+                 pss_every: int = PSS_EVERY, margin_kib: int = 1024, name: str = "memory-meter") -> None:
         super().__init__(daemon=True, name=name)
         self.members = members
         self.interval = interval
         self.pss_every = max(1, pss_every)
         self.margin_kib = margin_kib
         self.stop_event = threading.Event()
-        self.ticks = self.samples = self.pss_samples = 0
+        self.ticks = self.samples = self.pss_samples = self.pss_triggered = 0
         self.peak_kib = self.peak_procs = self.max_procs = 0
         self.peak_by_title: dict[str, int] = {}
         self.last_kib = self.last_pss_kib = 0
@@ -354,6 +362,8 @@ class MemoryMeter(threading.Thread):
         self.max_procs = max(self.max_procs, len(procs))
         self.last_kib = total
         if pss if pss is not None else self.wants_pss(total):
+            if pss is None and self.ticks % self.pss_every:
+                self.pss_triggered += 1
             self._sample_pss(procs)
             self._pss_trigger_kib = max(self._pss_trigger_kib, total + self.margin_kib)
         self.ticks += 1
