@@ -23,6 +23,7 @@ from common.messages import (
     QueueEnvelopeSubmitReply, QueueTransfer, SmtpMessageCreateReply, SmtpMessageRollback,
 )
 from smtpd import enqueue, fdpass, listeners
+from smtpd.rdns_cache import RdnsCache
 from smtpd.mda import Mda
 from smtpd.mta import Mta
 from smtpd.smtp_session import Session
@@ -110,6 +111,7 @@ class Process:
         self.sessions_open = 0
         self.sessions_fd_limit = sessions_descriptors_allow()
         self.auth_failures: dict[str, int] = {}  # client address -> failed AUTH (smtp_session)
+        self.rdns_cache = RdnsCache()           # client address -> its PTR name, for 30 s
         self._tls_contexts: dict[int, object] = ctx.prepared.tls_contexts
         self._reload_tls_contexts: dict[int, object] = {}   # of the pending reload
         self.client_tls: dict = ctx.prepared.client_tls     # smtpd/mta_session.py reads it
@@ -296,13 +298,20 @@ class Process:
     async def reverse_dns(self, ip: str) -> str:
         if ip == "local":
             return "localhost"
+        name = self.rdns_cache.get(ip)
+        if name is not None:
+            return name
         try:
             reply = await self.mesh.request(
                 "lka", MtaDnsLookup(reqid=self.ctx.new_id(), kind="ptr", name=ip), (MtaDnsReply,),
                 timeout=RDNS_TIMEOUT)
         except PeerTimeout:
             return "<unknown>"
-        return reply.hosts[0][1] if reply.status == "ok" and reply.hosts else "<unknown>"
+        if reply.status == "tempfail":
+            return "<unknown>"
+        name = reply.hosts[0][1] if reply.status == "ok" and reply.hosts else "<unknown>"
+        self.rdns_cache.put(ip, name)
+        return name
 
     async def _enqueue(self, peer: str, req: PonyEnqueue) -> None:
         """An internal injection (bounce, offline file): the steps of a local session."""

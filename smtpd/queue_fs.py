@@ -29,6 +29,7 @@ import msgspec
 from common import envelope as envcodec
 from common.envelope import Envelope, EnvelopeError
 from common.ids import random_evpid, random_msgid
+from smtpd.queue_recycle import InodePool
 
 def _kernel_reports_syncfs_errors() -> bool:
     """syncfs(2) returns writeback errors only since Linux 5.8; before, it returned 0
@@ -83,6 +84,8 @@ class Spool:
         self._queue_str = str(self.queue)
         self._incoming_str = str(self.incoming)
         self._temporary_str = str(self.temporary)
+        # delivered messages' files and directories, emptied, for new ones (queue_recycle.py)
+        self.pool = InodePool(str(self.purge))
         # evpid -> LISTED fields of the envelope as last read or written, packed: `show
         # queue` of 100,000 envelopes without reading and parsing 100,000 files (read +
         # parse is ~17 us each, the cache ~2 us). Filled by every load; kept exact by
@@ -120,6 +123,7 @@ class Spool:
             d = self.root / name
             for entry in os.listdir(d):
                 os.rename(d / entry, self.purge / f"{name}.{entry}.{secrets.token_hex(4)}")
+        self.pool.clear()
         for entry in self.purge.iterdir():
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
 
@@ -142,16 +146,26 @@ class Spool:
             msgid = random_msgid()
             if os.path.exists(self._msgdir(msgid)):
                 continue
+            path = f"{self._incoming_str}/{msgid:08x}"
             try:
-                os.mkdir(f"{self._incoming_str}/{msgid:08x}", 0o700)
+                if not self.pool.take_dir(path):
+                    os.mkdir(path, 0o700)
             except FileExistsError:
                 continue
             return msgid
         raise SpoolError("could not allocate a message id")
 
     def open_body(self, msgid: int):
-        fd = os.open(f"{self._temporary_str}/{msgid:08x}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = self._create(f"{self._temporary_str}/{msgid:08x}")
         return os.fdopen(fd, "wb", buffering=256 * 1024)
+
+    def _create(self, path: str) -> int:
+        """A new, empty file opened for writing: from the pool, else created (O_EXCL
+        either way: FileExistsError if ``path`` exists)."""
+        fd = self.pool.open_file(path)
+        if fd is None:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        return fd
 
     def write_incoming_envelope(self, msgid: int, env: Envelope) -> int:
         """Write a new envelope of an uncommitted message (fsync'd at commit)."""
@@ -160,8 +174,7 @@ class Spool:
             env.id = random_evpid(msgid)
             data = data or envcodec.dump(env)
             try:
-                fd = os.open(f"{self._incoming_str}/{msgid:08x}/{env.id:016x}",
-                             os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                fd = self._create(f"{self._incoming_str}/{msgid:08x}/{env.id:016x}")
             except FileExistsError:
                 continue
             try:
@@ -355,26 +368,50 @@ class Spool:
         return env.id
 
     def delete_envelope(self, evpid: int) -> None:
-        """Remove an envelope; the message goes with its last envelope."""
+        """Remove an envelope; the message goes with its last envelope.  Their files
+        and directory go to the pool of recycled inodes while it has room (emptied:
+        a removal all the same), else they are unlinked."""
         msgdir = self._msgdir(evpid >> 32)
         self.listing.pop(evpid, None)
         try:
-            os.unlink(f"{msgdir}/{evpid:016x}")
+            self._remove_file(f"{msgdir}/{evpid:016x}")
         except FileNotFoundError:
             pass
         try:
-            left = [n for n in os.listdir(msgdir) if len(n) == 16]      # envelopes
+            names = os.listdir(msgdir)
         except FileNotFoundError:
             return
-        if not left:
-            # the message file and its directory, without rmtree's directory walk
-            try:
-                os.unlink(f"{msgdir}/message")
+        if any(len(n) == 16 for n in names):           # envelopes left: the message stays
+            return
+        # the message file and its directory, without rmtree's directory walk; the
+        # directory is recycled only if nothing else (put there by hand) is in it
+        try:
+            if "message" in names:
+                self._remove_file(f"{msgdir}/message")
+            if names not in ([], ["message"]) or not self._recycle_dir(msgdir):
                 os.rmdir(msgdir)
-            except FileNotFoundError:
-                pass
-            except OSError:
-                shutil.rmtree(msgdir, ignore_errors=True)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            shutil.rmtree(msgdir, ignore_errors=True)
+
+    def _remove_file(self, path: str) -> None:
+        try:
+            recycled = self.pool.recycle_file(path)
+        except FileNotFoundError:
+            raise
+        except OSError:
+            recycled = False
+        if not recycled:
+            os.unlink(path)
+
+    def _recycle_dir(self, path: str) -> bool:
+        try:
+            return self.pool.recycle_dir(path)
+        except FileNotFoundError:
+            raise
+        except OSError:
+            return False
 
     def open_message(self, msgid: int) -> int:
         """A read-only descriptor of the message, for a local delivery (docs/delivery.md):

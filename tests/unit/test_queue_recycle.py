@@ -1,0 +1,148 @@
+"""The spool's pool of recycled inodes (smtpd/queue_recycle.py): delivered messages'
+files and directories, emptied, become the next messages' without new inodes."""
+import os
+import stat
+
+import pytest
+
+from common.envelope import Envelope
+from smtpd import queue_recycle
+from smtpd.queue_fs import Spool
+from smtpd.queue_recycle import InodePool, rename_noreplace
+
+
+@pytest.fixture
+def spool(tmp_path):
+    s = Spool(tmp_path / "spool")
+    s.setup(os.getuid(), os.getgid(), privileged=False)
+    s.purge_unfinished()
+    return s
+
+
+def deliver_one(spool, rcpts=("a@b.test",), body=b"Subject: x\n\nsecret\n"):
+    msgid = spool.create_message()
+    evpids = [spool.write_incoming_envelope(msgid, Envelope(dispatcher="local", type="mda", rcpt=r, dest=r))
+              for r in rcpts]
+    f = spool.open_body(msgid)
+    f.write(body)
+    spool.commit(msgid, f)
+    return msgid, evpids
+
+
+def inodes(spool, msgid):
+    d = spool.message_dir(msgid)
+    return {os.stat(d).st_ino} | {os.stat(d / n).st_ino for n in os.listdir(d)}
+
+
+def test_a_delivered_message_s_inodes_carry_the_next_message(spool):
+    first, evpids = deliver_one(spool, ("a@b.test", "c@d.test"))
+    used = inodes(spool, first)
+    assert len(used) == 4                                   # directory, message, two envelopes
+    for evpid in evpids:
+        spool.delete_envelope(evpid)
+    assert not spool.message_dir(first).exists()
+    # what the pool holds is empty, and only in purge/
+    pooled = [os.path.join(spool.purge, n) for n in os.listdir(spool.purge)]
+    assert len(pooled) == 4
+    assert all(os.path.isdir(p) and os.listdir(p) == [] or os.path.getsize(p) == 0 for p in pooled)
+    second, evpids2 = deliver_one(spool, ("e@f.test", "g@h.test"), body=b"Subject: y\n\nnew\n")
+    assert inodes(spool, second) == used                    # no inode made, none freed
+    assert spool.read_message(second) == b"Subject: y\n\nnew\n"
+    assert {spool.load_envelope(e).rcpt for e in evpids2} == {"e@f.test", "g@h.test"}
+    assert os.listdir(spool.purge) == [] and spool.pool.reused == 4
+    d = spool.message_dir(second)
+    assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+    assert all(stat.S_IMODE(os.stat(d / n).st_mode) == 0o600 for n in os.listdir(d))
+
+
+def test_a_longer_body_before_a_shorter_one_leaves_nothing_of_the_first(spool):
+    first, evpids = deliver_one(spool, body=b"Subject: long\n\n" + b"x" * 100_000 + b"\n")
+    spool.delete_envelope(evpids[0])
+    second, _ = deliver_one(spool, body=b"Subject: short\n\nok\n")
+    assert spool.read_message(second) == b"Subject: short\n\nok\n"
+
+
+def test_the_pool_is_emptied_with_purge_at_start(spool):
+    _, evpids = deliver_one(spool)
+    spool.delete_envelope(evpids[0])
+    assert os.listdir(spool.purge)
+    spool.purge_unfinished()
+    assert os.listdir(spool.purge) == [] and not spool.pool.files and not spool.pool.dirs
+    msgid, _ = deliver_one(spool)                            # created afresh
+    assert spool.pool.reused == 0 and spool.read_message(msgid)
+
+
+def test_a_full_pool_unlinks_as_before(spool, monkeypatch):
+    monkeypatch.setattr(queue_recycle, "MAX_FILES", 1)
+    monkeypatch.setattr(queue_recycle, "MAX_DIRS", 0)
+    msgid, evpids = deliver_one(spool, ("a@b.test", "c@d.test"))
+    for evpid in evpids:
+        spool.delete_envelope(evpid)
+    assert not spool.message_dir(msgid).exists()
+    assert len(os.listdir(spool.purge)) == 1 and len(spool.pool.files) == 1 and not spool.pool.dirs
+
+
+def test_files_not_made_by_the_queue_are_never_recycled(spool):
+    msgid, evpids = deliver_one(spool)
+    d = spool.message_dir(msgid)
+    # an admin's hand: a world-readable extra envelope, and a second link to the message
+    extra = (evpids[0] & ~0xFFFFFFFF) | 0x1234
+    (d / f"{extra:016x}").write_bytes(b"x")
+    os.chmod(d / f"{extra:016x}", 0o644)
+    os.link(d / "message", spool.root / "a-second-link")
+    foreign = {os.stat(d / "message").st_ino, os.stat(d / f"{extra:016x}").st_ino}
+    spool.delete_envelope(evpids[0])
+    spool.delete_envelope(extra)
+    assert not d.exists()
+    # the message kept its content for the other link and neither file went to the
+    # pool (the queue's own envelope did)
+    assert (spool.root / "a-second-link").read_bytes() == b"Subject: x\n\nsecret\n"
+    assert len(spool.pool.files) == 1 and len(spool.pool.dirs) == 1
+    assert os.stat(spool.pool.files[0]).st_ino not in foreign
+
+
+def test_a_directory_with_something_else_in_it_is_removed_not_recycled(spool):
+    msgid, evpids = deliver_one(spool)
+    d = spool.message_dir(msgid)
+    (d / "notes.txt").write_text("by hand")
+    spool.delete_envelope(evpids[0])
+    assert not d.exists() and not spool.pool.dirs
+
+
+def test_taking_a_name_that_exists_fails_as_o_excl_and_keeps_the_entry(tmp_path):
+    pool = InodePool(str(tmp_path))
+    (tmp_path / "f").write_bytes(b"old")
+    os.chmod(tmp_path / "f", 0o600)
+    assert pool.recycle_file(str(tmp_path / "f"))
+    (tmp_path / "taken").write_bytes(b"keep me")
+    with pytest.raises(FileExistsError):
+        pool.open_file(str(tmp_path / "taken"))
+    assert (tmp_path / "taken").read_bytes() == b"keep me" and len(pool.files) == 1
+    os.mkdir(tmp_path / "d", 0o700)
+    os.mkdir(tmp_path / "emptydir", 0o700)
+    assert pool.recycle_dir(str(tmp_path / "d"))
+    with pytest.raises(FileExistsError):            # rename(2) would replace an empty directory
+        pool.take_dir(str(tmp_path / "emptydir"))
+    assert len(pool.dirs) == 1
+    fd = pool.open_file(str(tmp_path / "new"))
+    os.write(fd, b"n")
+    os.close(fd)
+    assert (tmp_path / "new").read_bytes() == b"n" and not pool.files
+
+
+def test_an_entry_gone_from_the_pool_falls_back_to_a_new_file(tmp_path):
+    pool = InodePool(str(tmp_path))
+    (tmp_path / "f").write_bytes(b"")
+    os.chmod(tmp_path / "f", 0o600)
+    assert pool.recycle_file(str(tmp_path / "f"))
+    os.unlink(pool.files[0])
+    assert pool.open_file(str(tmp_path / "new")) is None and not pool.files
+
+
+def test_rename_noreplace(tmp_path):
+    (tmp_path / "a").write_bytes(b"a")
+    (tmp_path / "b").write_bytes(b"b")
+    with pytest.raises(FileExistsError):
+        rename_noreplace(str(tmp_path / "a"), str(tmp_path / "b"))
+    rename_noreplace(str(tmp_path / "a"), str(tmp_path / "c"))
+    assert (tmp_path / "c").read_bytes() == b"a" and (tmp_path / "b").read_bytes() == b"b"
