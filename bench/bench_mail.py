@@ -66,7 +66,8 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-sys.path[:0] = [str(BENCH)] if str(BENCH) not in sys.path else []
+if str(BENCH) not in sys.path:           # imported from elsewhere: meters.py is beside it
+    sys.path.insert(0, str(BENCH))
 
 from meters import (  # noqa: E402  (bench/ is not a package)
     PSS_EVERY, RSS_INTERVAL, Counter, MaildirWatch, MemoryMeter, cmdline_title, cpu_ticks_by_title, latency_line,
@@ -153,18 +154,6 @@ def vmrss_kib(pid: int) -> int:
         with open(f"/proc/{pid}/status", "rb") as f:
             for line in f:
                 if line.startswith(b"VmRSS:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-def pss_kib(pid: int) -> int:
-    """Proportional set size (``Pss:`` of /proc/PID/smaps_rollup), 0 if unreadable."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
-            for line in f:
-                if line.startswith(b"Pss:"):
                     return int(line.split()[1])
     except (OSError, ValueError, IndexError):
         pass
