@@ -373,8 +373,10 @@ def progress_line(r: dict) -> str:
     return (f"bench_compare: {r['daemon']} {r['mode']}{client} #{r['repeat'] + 1}: accepted"
             f" {r['accepted']} at {r['accepted_per_s']}/s, delivered {r['delivered']} at"
             f" {r['delivered_per_s']}/s, CPU {r.get('cpu_ms_per_message')} ms/msg,"
-            f" peak PSS {r.get('peak_pss_mib')} MB, this script {r.get('bench_cpu_share')}"
-            f" of the CPUs" + (f", commit p99 {lat['p99']} ms" if lat else "")
+            f" peak PSS {r.get('peak_pss_mib')} MB"
+            + (f", this script {100 * r['bench_cpu_share']:.1f} % of the CPUs"
+               if r.get("bench_cpu_share") is not None else "")
+            + (f", commit p99 {lat['p99']} ms" if lat else "")
             + (f", ERROR {r['error']}" if r["error"] else "")
             + (", TIMED OUT" if r["timed_out"] else ""))
 

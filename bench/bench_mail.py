@@ -70,8 +70,8 @@ if str(BENCH) not in sys.path:           # imported from elsewhere: meters.py is
     sys.path.insert(0, str(BENCH))
 
 from meters import (  # noqa: E402  (bench/ is not a package)
-    PSS_EVERY, RSS_INTERVAL, Counter, MaildirWatch, MemoryMeter, cmdline_title, cpu_ticks_by_title, latency_line,
-    parse_stats, server_commit_latency, settled, stat_fields, ticks_spent)
+    PSS_EVERY, RSS_INTERVAL, Counter, LoadCpu, MaildirWatch, MemoryMeter, cmdline_title,
+    cpu_ticks_by_title, latency_line, parse_stats, per_message, server_commit_latency, stat_fields)
 POSTFIX_DIR = BENCH / ".postfix"
 SENDER = "bench@local.test"
 RELAY_RCPT = "user@remote.test"
@@ -676,8 +676,7 @@ class Destination:
             self.watch = MaildirWatch(new_dir)
             self.watch.start()
             self.counter, self.name, self.rcpt = self.watch.counter, "maildir new/", MAILDIR_RCPT
-
-        self.check: dict = {}
+        self.check: dict = {}         # the watch's final check, once stopped
 
     def stop(self) -> None:
         for thing in (self.watch, self.sink):
@@ -831,7 +830,8 @@ def run(args: argparse.Namespace) -> dict:
         result["processes"] = len(pgrp_pids(daemon.proc.pid))
         sampler.start()
         cpu_before = group_cpu_seconds(daemon.proc.pid)
-        load_cpu = LoadCpu(daemon.proc.pid)
+        pgid = daemon.proc.pid
+        load_cpu = LoadCpu(lambda: cpu_ticks_by_title(pgrp_members(pgid)), BENCH_CLIENT)
 
         # Load.
         try:
@@ -908,49 +908,6 @@ def run(args: argparse.Namespace) -> dict:
 
 
 BENCH_CLIENT = "bench client (this script)"
-
-
-def per_message(seconds_by_title: dict[str, float], accepted: int) -> dict[str, float]:
-    return {t: round(1000 * v / accepted, 2) for t, v in seconds_by_title.items()}
-
-
-class LoadCpu:
-    """The CPU of the load alone: every process of the daemon's group (delivery workers
-    through the cutime/cstime of the process that reaped them, or their own line while
-    alive), per title, from just before the load to the moment the group's CPU settles
-    after the last delivery; and this script's own CPU over the same time (the asyncio
-    client, if it is the load, and the meters)."""
-
-    def __init__(self, pgid: int) -> None:
-        self.pgid = pgid
-        self.hz = os.sysconf("SC_CLK_TCK")
-        self.before = cpu_ticks_by_title(pgrp_members(pgid))
-        self.self_before = time.process_time()
-        self.t_before = time.monotonic()
-        self.by_title: dict[str, float] | None = None
-        self.seconds = 0.0
-
-    def finish(self, deadline: float) -> None:
-        after = settled(lambda: cpu_ticks_by_title(pgrp_members(self.pgid)),
-                        lambda d: sum(d.values()), deadline)
-        spent = ticks_spent(self.before, after)
-        self.by_title = {t: round(v / self.hz, 3) for t, v in spent.items()}
-        self.by_title[BENCH_CLIENT] = round(time.process_time() - self.self_before, 3)
-        self.seconds = time.monotonic() - self.t_before
-
-    def results(self, accepted: int) -> dict:
-        daemon = sum(v for t, v in self.by_title.items() if t != BENCH_CLIENT)
-        out = {"cpu_window_seconds": round(self.seconds, 2),
-               "cpu_seconds_by_process": self.by_title,
-               "daemon_cpu_seconds": round(daemon, 3),
-               # this script's share of the two cores over the window (the harness's cost)
-               "bench_cpu_share": round(self.by_title[BENCH_CLIENT]
-                                        / (self.seconds * (os.cpu_count() or 1)), 4)
-               if self.seconds else None}
-        if accepted:
-            out["cpu_ms_per_message"] = per_message(self.by_title, accepted)
-            out["daemon_cpu_ms_per_message"] = round(1000 * daemon / accepted, 2)
-        return out
 
 
 def daemon_commit_latency(daemon: "DaemonRun", result: dict) -> dict:

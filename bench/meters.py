@@ -310,6 +310,51 @@ def settled(read: Callable[[], T], total: Callable[[T], int], deadline: float,
     return last
 
 
+def per_message(seconds_by_title: dict[str, float], accepted: int) -> dict[str, float]:
+    """CPU seconds per title as ms per message."""
+    return {t: round(1000 * v / accepted, 2) for t, v in seconds_by_title.items()}
+
+
+class LoadCpu:
+    """The CPU of the load alone: a process tree's ticks per title (``read``:
+    ``cpu_ticks_by_title`` of its members, so delivery workers count through the
+    cutime/cstime of the process that reaped them, or by their own line while alive),
+    from its creation, just before the load, to the moment the tree's CPU settles after
+    the last delivery (``finish``); and this script's own CPU over the same time,
+    under ``self_title`` (the asyncio client, if it is the load, and the meters)."""
+
+    def __init__(self, read: Callable[[], dict[str, int]], self_title: str) -> None:
+        self.read = read
+        self.self_title = self_title
+        self.hz = os.sysconf("SC_CLK_TCK")
+        self.before = read()
+        self.self_before = time.process_time()
+        self.t_before = time.monotonic()
+        self.by_title: dict[str, float] | None = None
+        self.seconds = 0.0
+
+    def finish(self, deadline: float) -> None:
+        after = settled(self.read, lambda d: sum(d.values()), deadline)
+        spent = ticks_spent(self.before, after)
+        self.by_title = {t: round(v / self.hz, 3) for t, v in spent.items()}
+        self.by_title[self.self_title] = round(time.process_time() - self.self_before, 3)
+        self.seconds = time.monotonic() - self.t_before
+
+    def results(self, accepted: int) -> dict:
+        daemon = sum(v for t, v in self.by_title.items() if t != self.self_title)
+        out = {"cpu_window_seconds": round(self.seconds, 2),
+               "cpu_seconds_by_process": self.by_title,
+               "daemon_cpu_seconds": round(daemon, 3),
+               # this script's share of the machine's CPUs over the window: its cost
+               "bench_cpu_share": round(self.by_title[self.self_title]
+                                        / (self.seconds * (os.cpu_count() or 1)), 4)
+               if self.seconds else None}
+        if accepted:
+            out["cpu_ms_per_message"] = per_message(self.by_title, accepted)
+            out["daemon_cpu_ms_per_message"] = round(1000 * daemon / accepted, 2)
+        return out
+
+
 RSS_INTERVAL = 0.2    # seconds between two readings of RSS (and of the tree's members)
 PSS_EVERY = 5         # PSS at every 5th reading (each second), and at each new RSS high
 
