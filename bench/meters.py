@@ -2,7 +2,7 @@
 
 bench_mail.py and bench_compare.py share the machine's two cores with the daemon they
 measure, so what they read, and how often, is chosen for its cost (docs/performance.md,
-"What the harness itself costs"):
+"What the benchmark harness itself costs"):
 
 * deliveries into a Maildir are counted by inotify (``IN_CREATE``: Postfix's virtual(8)
   links tmp/ -> new/; ``IN_MOVED_TO``: pysmtpd renames), not by listing new/ every
@@ -11,8 +11,9 @@ measure, so what they read, and how often, is chosen for its cost (docs/performa
   event for half a second) and the final check;
 * memory: RSS (``/proc/PID/statm``, a few counters) every 200 ms; PSS
   (``/proc/PID/smaps_rollup``, for which the kernel walks every page table of the
-  process: ~10 ms for pysmtpd's ten processes) every second and at once whenever the summed RSS
-  reaches a new high, which is when the peak of PSS comes (more processes, more pages);
+  process: ~10 ms for pysmtpd's ten processes) every second and at once whenever the
+  summed RSS reaches a new high, which is when the peak of PSS comes (more processes,
+  more pages);
 * CPU: utime + stime + cutime + cstime of a process tree by process title, read at the
   two ends of the load and not in between;
 * the daemon's ``smtpctl show stats`` (``key=value`` lines) for the server-side commit
