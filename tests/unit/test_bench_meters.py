@@ -3,6 +3,7 @@ count of a Maildir's new/ against real files, the parsing of ``smtpctl show stat
 the per-title CPU arithmetic and the memory meter's PSS policy on this process."""
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import sys
@@ -174,22 +175,23 @@ def test_settled_waits_until_spending_stops_and_is_bounded():
 
 def test_memory_meter_reads_pss_periodically_and_at_rss_highs():
     me = [(os.getpid(), "pytest")]
-    meter = meters.MemoryMeter(lambda: me, pss_every=5, margin_kib=1024)
+    meter = meters.MemoryMeter(lambda: me, pss_every=5, margin_kib=4096)
     rss = meter.sample()                           # tick 0: a PSS reading
     assert rss > 0 and meter.pss_samples == 1 and meter.peak_pss_kib > 0
     assert meter.peak_pss_kib <= meter.peak_kib
     meter.sample()
     meter.sample()
     assert meter.pss_samples == 1                  # no new RSS high, not the 5th tick
-    ballast = b"x" * (16 << 20)                    # 16 MiB touched: a new RSS high
-    meter.sample()
-    assert meter.pss_samples == 2 and meter.pss_triggered == 1
-    assert meter.peak_pss_kib >= 16 << 10
-    meter.sample()                                 # tick 4: steady, still no PSS
-    meter.sample()                                 # tick 5: the periodic reading
+    # 32 MiB of fresh pages, touched (malloc could reuse pages already resident)
+    with mmap.mmap(-1, 32 << 20) as ballast:
+        ballast.write(b"x" * (32 << 20))
+        meter.sample()                             # a new RSS high: PSS at once
+        assert meter.pss_samples == 2 and meter.pss_triggered == 1
+        assert meter.peak_pss_kib >= 32 << 10
+        meter.sample()                             # tick 4: steady, no PSS
+        meter.sample()                             # tick 5: the periodic reading
     assert meter.pss_samples == 3 and meter.pss_triggered == 1
     assert meter.peak_by_title["pytest"] == meter.peak_kib
-    del ballast
 
 
 def test_load_cpu_of_a_process_group_counts_what_it_spent():
