@@ -360,7 +360,10 @@ class DeliveryPool:
             finally:
                 self.waiting[key] -= 1
                 if not self.waiting[key]:
+                    # the last waiter of this user: no condition kept per user ever seen
+                    # (a release tests `waiting` before it takes the condition)
                     del self.waiting[key]
+                    self.freed.pop(key, None)
         worker.busy = True
         if worker.idle_timer is not None:
             worker.idle_timer.cancel()

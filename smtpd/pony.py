@@ -112,6 +112,7 @@ class Process:
         self.sessions_fd_limit = sessions_descriptors_allow()
         self.auth_failures: dict[str, int] = {}  # client address -> failed AUTH (smtp_session)
         self.rdns_cache = RdnsCache()           # client address -> its PTR name, for 30 s
+        self.message_reserve = enqueue.MessageReserve(self)   # msgids ahead of MAIL FROM
         self._tls_contexts: dict[int, object] = ctx.prepared.tls_contexts
         self._reload_tls_contexts: dict[int, object] = {}   # of the pending reload
         self.client_tls: dict = ctx.prepared.client_tls     # smtpd/mta_session.py reads it

@@ -317,7 +317,7 @@ class Process:
         match msg:
             case SmtpMessageCreate(reqid=reqid):
                 try:
-                    msgid = self.spool.create_message()
+                    msgid = self.spool.create_message(self.incoming)
                     self.incoming[msgid] = Incoming()
                     await send(peer, SmtpMessageCreateReply(reqid=reqid, ok=True, msgid=msgid))
                 except (OSError, SpoolError) as exc:

@@ -29,7 +29,7 @@ import msgspec
 from common import envelope as envcodec
 from common.envelope import Envelope, EnvelopeError
 from common.ids import random_evpid, random_msgid
-from smtpd.queue_recycle import InodePool
+from smtpd.queue_recycle import InodePool, rename_exchange
 
 def _kernel_reports_syncfs_errors() -> bool:
     """syncfs(2) returns writeback errors only since Linux 5.8; before, it returned 0
@@ -141,31 +141,39 @@ class Spool:
 
     # -- receiving -----------------------------------------------------------------------------
 
-    def create_message(self) -> int:
+    def create_message(self, in_use=()) -> int:
+        """A fresh message id: used neither in queue/ nor in incoming/, nor among
+        ``in_use`` (the ids the queue has given out and not yet committed or rolled
+        back).  Nothing is written: ``incoming/<msgid>/`` is made with the message's
+        first envelope (write_incoming_envelope), so an id handed out ahead of need
+        (pony's reserve, smtpd/enqueue.py) costs nothing on disk."""
         for _ in range(100):
             msgid = random_msgid()
-            if os.path.exists(self._msgdir(msgid)):
-                continue
-            path = f"{self._incoming_str}/{msgid:08x}"
-            try:
-                if not self.pool.take_dir(path):
-                    os.mkdir(path, 0o700)
-            except FileExistsError:
+            if (msgid in in_use or os.path.exists(self._msgdir(msgid))
+                    or os.path.exists(f"{self._incoming_str}/{msgid:08x}")):
                 continue
             return msgid
         raise SpoolError("could not allocate a message id")
 
-    def open_body(self, msgid: int):
-        fd = self._create(f"{self._temporary_str}/{msgid:08x}")
-        return os.fdopen(fd, "wb", buffering=256 * 1024)
+    def _make_incoming(self, msgid: int) -> None:
+        path = f"{self._incoming_str}/{msgid:08x}"
+        if not self.pool.take_dir(path):
+            os.mkdir(path, 0o700)
 
-    def _create(self, path: str) -> int:
-        """A new, empty file opened for writing: from the pool, else created (O_EXCL
-        either way: FileExistsError if ``path`` exists)."""
-        fd = self.pool.open_file(path)
-        if fd is None:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        return fd
+    def open_body(self, msgid: int):
+        fd, old_size = self._create(f"{self._temporary_str}/{msgid:08x}")
+        body = os.fdopen(fd, "wb", buffering=256 * 1024)
+        body.recycled_size = old_size       # cut to the new length at commit
+        return body
+
+    def _create(self, path: str) -> tuple[int, int]:
+        """A new file opened for writing, and the size of what is in it already: from
+        the pool (the caller writes over it and cuts it to its own length), else
+        created empty.  O_EXCL either way: FileExistsError if ``path`` exists."""
+        taken = self.pool.open_file(path)
+        if taken is None:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), 0
+        return taken
 
     def write_incoming_envelope(self, msgid: int, env: Envelope) -> int:
         """Write a new envelope of an uncommitted message (fsync'd at commit)."""
@@ -173,12 +181,19 @@ class Spool:
         for _ in range(20):
             env.id = random_evpid(msgid)
             data = data or envcodec.dump(env)
+            path = f"{self._incoming_str}/{msgid:08x}/{env.id:016x}"
             try:
-                fd = self._create(f"{self._incoming_str}/{msgid:08x}/{env.id:016x}")
+                try:
+                    fd, old_size = self._create(path)
+                except FileNotFoundError:           # the message's first envelope
+                    self._make_incoming(msgid)
+                    fd, old_size = self._create(path)
             except FileExistsError:
                 continue
             try:
                 _write_all(fd, data)
+                if old_size > len(data):
+                    os.ftruncate(fd, len(data))
             finally:
                 os.close(fd)
             return env.id
@@ -203,6 +218,8 @@ class Spool:
             try:
                 try:
                     body.flush()
+                    if getattr(body, "recycled_size", 0) > body.tell():   # a recycled file's old tail
+                        os.ftruncate(body.fileno(), body.tell())
                 finally:
                     close_quietly(body)
                 os.rename(f"{temporary}/{name}", f"{incoming}/{name}/message")
@@ -324,18 +341,37 @@ class Spool:
         """Atomic, durable rewrite (blocking: run in a thread).  The new version is
         written in incoming/ (as OpenSMTPD's incoming/envelope.tmp; one name per writer,
         as several run at once), so a crash leaves nothing in the message's directory
-        and the purge at start removes it."""
-        path = self.envelope_path(env.id)
-        tmp = self.incoming / f"envelope.{env.id:016x}.{secrets.token_hex(4)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        and the purge at start removes it.  It takes the envelope's name by an atomic
+        exchange where the file system can (the old version, then at the temporary
+        name, goes to the pool of recycled inodes: a retry of many envelopes frees and
+        makes no inode), else by a rename over it."""
+        path = self.envelope_file(env.id)
+        tmp = f"{self._incoming_str}/envelope.{env.id:016x}.{secrets.token_hex(4)}.tmp"
+        data = envcodec.dump(env)
+        fd, old_size = self._create(tmp)
         try:
-            _write_all(fd, envcodec.dump(env))
+            _write_all(fd, data)
+            if old_size > len(data):
+                os.ftruncate(fd, len(data))
             os.fsync(fd)
-        finally:
+        except BaseException:
             os.close(fd)
-        os.rename(tmp, path)
+            _unlink_quietly(tmp)
+            raise
+        os.close(fd)
+        try:
+            exchanged = rename_exchange(tmp, path)
+        except FileNotFoundError:                # no old version: as a rename (as before)
+            exchanged = False
+        if exchanged:
+            try:
+                self._remove_file(tmp)           # the old version
+            except OSError:
+                pass                             # left for the purge at start
+        else:
+            os.rename(tmp, path)
         self._remember(env)
-        fsync_dir(path.parent)
+        fsync_dir(os.path.dirname(path))
 
     def add_envelope(self, env: Envelope) -> int:
         """A new envelope for a committed message (a bounce: it shares the message file),
@@ -499,6 +535,13 @@ def close_quietly(f) -> None:
     closed all the same, and the error was (or will be) reported by the caller."""
     try:
         f.close()
+    except OSError:
+        pass
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
     except OSError:
         pass
 

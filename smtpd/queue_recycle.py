@@ -1,25 +1,33 @@
-"""The spool's pool of recycled inodes: emptied files and directories of delivered
+"""The spool's pool of recycled inodes: the files and directories of delivered
 messages, kept in ``purge/`` and renamed into place for new messages instead of
 being unlinked and created again (a pysmtpd addition; docs/spool.md, "Recycled
 inodes").
 
 Why: a message costs the spool three inodes (its ``incoming/<msgid>`` directory,
 its body, one envelope per recipient) that are freed again once it is delivered.
-Freeing and allocating inodes is the expensive half of a spool's metadata work,
-and on ext4 without a journal it is far worse: the allocator skips every inode freed
-in the last 60 to 300 seconds (``recently_deleted`` in fs/ext4/ialloc.c), reading its
-inode table entry each time, so under a steady flow of mail each new file costs
-hundreds of microseconds of kernel time, for the spool and for every other writer
-in the same block groups (the Maildirs of local users).  A rename touches two
-directory entries and no inode.
+Freeing and allocating inodes and blocks is the expensive half of a spool's metadata
+work, and on ext4 without a journal it is far worse: the allocator skips every inode
+freed in the last 60 to 300 seconds (``recently_deleted`` in fs/ext4/ialloc.c),
+reading its inode table entry each time, so under a steady flow of mail each new
+file costs hundreds of microseconds of kernel time, for the spool and for every
+other writer in the same block groups (the Maildirs of local users).  A rename
+touches two directory entries and no inode.
 
-What the pool holds is empty: a file is truncated when it is recycled, a directory
-is recycled only once nothing is left in it, and only what the queue made itself
-is recycled (its owner, modes 0600 and 0700, one link): anything else is removed as
-before.  An entry that cannot be renamed into place is dropped and the caller
-creates a fresh one, so the pool can only save work, never refuse any.  A name is taken with ``renameat2(...,
-RENAME_NOREPLACE)``: like ``O_EXCL`` or ``mkdir``, it fails with EEXIST instead of
-replacing what is there.  ``purge/`` is emptied at start, pool and all.
+A recycled file keeps its blocks: the next message is written over them from the
+start and the file is cut to the new length (``open_file`` tells the caller the old
+one), so a steady flow of similar messages allocates and frees no block either
+(truncating to zero, then growing again, cost as much as the inode did, and an
+``O_TRUNC`` file is written back by ext4 when it is closed).  Until then the file
+holds the delivered message, in the queue's own ``purge/`` (mode 0700), as
+``queue/`` held it; files over MAX_SIZE are not kept.  A directory is recycled only
+once nothing is left in it, and only what the queue made itself is recycled (its
+owner, modes 0600 and 0700, one link): anything else is removed as before.
+
+An entry that cannot be renamed into place is dropped and the caller creates a fresh
+one, so the pool can only save work, never refuse any.  A name is taken with
+``renameat2(..., RENAME_NOREPLACE)``: like ``O_EXCL`` or ``mkdir``, it fails with
+EEXIST instead of replacing what is there.  ``purge/`` is emptied at start, pool and
+all.
 
 Thread-safe as the queue uses it: the remover thread recycles, the event loop takes
 (a deque's append and popleft are atomic; a name is unique per process).
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import errno
 import itertools
 import os
 import stat
@@ -36,9 +45,11 @@ _libc = ctypes.CDLL(None, use_errno=True)     # loaded before any chroot
 _renameat2 = getattr(_libc, "renameat2", None)
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
 
-MAX_FILES = 2048      # empty files kept (a message uses 1 + one per recipient)
+MAX_FILES = 2048      # files kept (a message uses 1 + one per recipient)
 MAX_DIRS = 1024       # empty directories kept (one per message)
+MAX_SIZE = 256 * 1024  # bytes: a bigger file is unlinked, not kept
 
 
 def rename_noreplace(src: str, dst: str) -> None:
@@ -48,10 +59,23 @@ def rename_noreplace(src: str, dst: str) -> None:
         raise OSError(err, os.strerror(err), dst)
 
 
+def rename_exchange(a: str, b: str) -> bool:
+    """Swap the names ``a`` and ``b`` atomically (renameat2 RENAME_EXCHANGE); False
+    where the file system or the C library cannot (the caller renames instead)."""
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, a.encode(), _AT_FDCWD, b.encode(), _RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            return False
+        raise OSError(err, os.strerror(err), b)
+    return True
+
+
 class InodePool:
     def __init__(self, purge: str) -> None:
         self.purge = purge
-        self.files: collections.deque[str] = collections.deque()
+        self.files: collections.deque[tuple[str, int]] = collections.deque()   # (name, size)
         self.dirs: collections.deque[str] = collections.deque()
         self._names = itertools.count()
         self._prefix = f"{purge}/free.{os.getpid()}."
@@ -67,23 +91,16 @@ class InodePool:
     # -- giving back (the remover thread) ------------------------------------------------------
 
     def recycle_file(self, path: str) -> bool:
-        """Truncate ``path`` and move it into the pool; False (nothing done) when the
-        pool is full or off, or the file is not one the queue made: the caller
-        unlinks it."""
+        """Move ``path`` into the pool; False (nothing done) when the pool is full or
+        off, or the file is too big or not one the queue made: the caller unlinks it."""
         if not self.enabled or len(self.files) >= MAX_FILES:
             return False
-        # emptied through a descriptor that cannot be a symbolic link's (nor block on
-        # a FIFO): what the pool keeps holds no mail
-        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            if not _ours(os.fstat(fd), stat.S_ISREG, 0o600):
-                return False
-            os.ftruncate(fd, 0)
-        finally:
-            os.close(fd)
+        st = os.lstat(path)
+        if st.st_size > MAX_SIZE or not _ours(st, stat.S_ISREG, 0o600):
+            return False
         name = f"{self._prefix}{next(self._names)}"
         os.rename(path, name)
-        self.files.append(name)
+        self.files.append((name, st.st_size))
         return True
 
     def recycle_dir(self, path: str) -> bool:
@@ -117,27 +134,36 @@ class InodePool:
             return True
         return False
 
-    def open_file(self, dst: str) -> int | None:
-        """A pooled file renamed to ``dst`` and opened for writing (empty), as
-        ``os.open(dst, O_WRONLY | O_CREAT | O_EXCL, 0o600)`` would give; None if the
-        pool had none that could be used.  FileExistsError if ``dst`` exists."""
+    def open_file(self, dst: str) -> tuple[int, int] | None:
+        """A pooled file renamed to ``dst`` and opened for writing at its start, and
+        its size: the caller writes its content over the old one, then cuts the file
+        to its length if it is shorter (``os.ftruncate``).  None if the pool had none
+        that could be used.  FileExistsError if ``dst`` exists, FileNotFoundError if
+        its directory does not (the entry stays in the pool), as
+        ``os.open(dst, O_WRONLY | O_CREAT | O_EXCL, 0o600)``."""
         while self.files:
-            name = self.files.popleft()
+            entry = self.files.popleft()
+            name, size = entry
             try:
                 rename_noreplace(name, dst)
             except FileExistsError:
-                self.files.appendleft(name)
+                self.files.appendleft(entry)
                 raise
+            except FileNotFoundError:
+                if os.path.lexists(name):           # dst's directory is missing: say so
+                    self.files.appendleft(entry)
+                    raise
+                continue
             except OSError:
                 _remove_quietly(name, os.unlink)
                 continue
             try:
-                fd = os.open(dst, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)
+                fd = os.open(dst, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             except OSError:
                 _remove_quietly(dst, os.unlink)
                 continue
             self.reused += 1
-            return fd
+            return fd, size
         return None
 
 

@@ -84,9 +84,10 @@ def test_control_bytes_never_reach_the_log_raw(make_daemon, tmp_path):
     assert line.endswith(r'command="MAIL FROM:<a\^[[31m\rx" result="553 5.1.0 Sender address syntax error"'), line
 
 
-def test_a_fault_of_a_peer_is_temporary_and_421_closes(make_daemon, tmp_path):
-    """The queue cannot create a message (its incoming/ is gone): 421 4.3.0 at once,
-    the cause in the log, and the connection closed."""
+def test_a_fault_of_the_queue_is_a_temporary_failure(make_daemon, tmp_path):
+    """The queue cannot write a recipient's envelope (its incoming/ is gone): 451 4.3.0
+    at once, the cause in the log, and the daemon goes on.  (MAIL FROM costs the spool
+    nothing: the message's directory is made with its first envelope, docs/spool.md.)"""
     port = free_port()
     d = make_daemon(config(tmp_path / "d", port)).start()
     spool_incoming = Path(d.spool) / "incoming"
@@ -97,20 +98,19 @@ def test_a_fault_of_a_peer_is_temporary_and_421_closes(make_daemon, tmp_path):
     spool_incoming.rename(aside)
     spool_incoming.write_text("not a directory\n")
     try:
+        assert c.cmd("MAIL FROM:<a@remote.test>")[0] == "250 2.0.0 Ok"
         started = time.monotonic()
-        assert c.cmd("MAIL FROM:<a@remote.test>")[0] == "421 4.3.0 Temporary failure"
+        assert c.cmd("RCPT TO:<alice@example.test>")[0] == "451 4.3.0 Temporary failure"
         assert time.monotonic() - started < 10
-        assert closed(c)
     finally:
         spool_incoming.unlink()
         aside.rename(spool_incoming)
-    log = d.wait_log("cannot create a message")
-    assert 'failed-command command="MAIL FROM:<a@remote.test>" result="421 4.3.0 Temporary failure"' in log
-    # the daemon goes on
-    c = Client(port)
-    c.reply()
-    c.cmd("EHLO client.test")
+    log = d.wait_log("cannot write envelope of")
+    assert 'failed-command command="RCPT TO:<alice@example.test>" result="451 4.3.0 Temporary failure"' in log
+    # the session and the daemon go on
+    assert c.cmd("RSET")[0] == "250 2.0.0 Reset state"
     assert c.cmd("MAIL FROM:<a@remote.test>")[0] == "250 2.0.0 Ok"
+    assert c.cmd("RCPT TO:<alice@example.test>")[0].startswith("250 ")
 
 
 def test_refused_data_resets_and_aborted_sessions_leave_no_file(make_daemon, tmp_path):

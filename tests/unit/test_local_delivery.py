@@ -185,11 +185,11 @@ def test_requests_beyond_the_workers_per_user_wait_their_turn(mailroot, monkeypa
         monkeypatch.setattr(local_delivery._Worker, "deliver", deliver)
         try:
             results = await asyncio.gather(*(pool.run(*order(box, n)) for n in range(9)))
-            return results, pids, dict(pool.waiting)
+            return results, pids, dict(pool.waiting), dict(pool.freed)
         finally:
             pool.close()
 
-    results, pids, waiting = asyncio.run(go())
+    results, pids, waiting, freed = asyncio.run(go())
     assert results == [("ok", "")] * 9
-    assert len(pids) == 2 and waiting == {}
+    assert len(pids) == 2 and waiting == {} and freed == {}     # nothing kept per user once idle
     assert len(list((box / "new").iterdir())) == 9
