@@ -50,7 +50,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -61,7 +60,7 @@ sys.path[:0] = [str(BENCH)]
 from bench_mail import (  # noqa: E402
     MAILDIR_RCPT, MAILDIR_USER, RELAY_RCPT, BenchError, DaemonRun, Interrupted, LoadStats,
     MaildirWatch, PostfixSink, asyncio_load, build_config, daemon_commit_latency, free_port,
-    get_postfix_tools, percentiles_ms, rate, smtp_source_load, wait_until)
+    get_postfix_tools, percentiles_ms, rate, run_dir, smtp_source_load, wait_until)
 from meters import (  # noqa: E402
     PSS_EVERY, RSS_INTERVAL, MemoryMeter, latency_line, settled, tree_ticks)
 from postfix_instance import (  # noqa: E402
@@ -74,6 +73,7 @@ ROW_NAMES = {("postfix", "relay"): "Postfix, relay to smtp-sink",
              ("postfix", "maildir"): "Postfix, local Maildir",
              ("pysmtpd", "maildir"): "pysmtpd, local Maildir"}
 PR_SET_CHILD_SUBREAPER = 36
+LEFT_FOR_THE_END: list[Path] = []     # the runs' directories, removed after the last run
 
 
 # --------------------------------------------------------------------------- /proc
@@ -138,8 +138,7 @@ def run_one(daemon: str, mode: str, args: argparse.Namespace, tools: Path, repea
     ``asyncio`` (bench_mail's client, which times each commit: ``--latency``)."""
     t_start = time.monotonic()
     deadline = t_start + args.timeout
-    base = Path(tempfile.mkdtemp(prefix=f"bench-compare-{daemon}-{mode}-"))
-    os.chmod(base, 0o711)              # the Maildir user and the daemons' users go through it
+    base = run_dir(f"bench-compare-{daemon}-{mode}-")
     nobody = pwd.getpwnam("nobody")
     result: dict = {"daemon": daemon, "mode": mode, "repeat": repeat, "n": args.n,
                     "sessions": args.s, "size": args.size, "client": client,
@@ -229,7 +228,9 @@ def run_one(daemon: str, mode: str, args: argparse.Namespace, tools: Path, repea
             if args.keep:
                 result["kept"] = str(base)
             else:
-                shutil.rmtree(base, ignore_errors=True)
+                # removed once every run is over: thousands of inodes freed now would
+                # slow the next run's file creation (run_dir in bench_mail.py)
+                LEFT_FOR_THE_END.append(base)
     t0 = stats.first_connect
     delivered = counter.count if counter is not None else 0
     last = counter.time_of(min(delivered, stats.accepted) or delivered) if delivered else None
@@ -463,6 +464,9 @@ def main(argv=None) -> int:
     except Interrupted as exc:
         print(f"bench_compare: interrupted ({exc}); everything started was stopped", file=sys.stderr)
         return 130
+    finally:
+        for base in LEFT_FOR_THE_END:
+            shutil.rmtree(base, ignore_errors=True)
     meta["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(heading(meta))
     print()
