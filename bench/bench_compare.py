@@ -10,13 +10,19 @@ message per connection).  Both daemons are measured by the same code:
 
 * accepted msg/s: smtp-source's start -> its last ``250`` to the end of DATA;
 * delivered msg/s: smtp-source's start -> the N-th message at the sink (smtp-sink's
-  counter) or in the Maildir's ``new/`` (files counted every 20 ms);
+  counter) or in the Maildir's ``new/`` (counted by inotify: bench/meters.py);
 * CPU per message: user + system time of every process of the daemon's session (the
   daemon is started in a session of its own; the children it reaped count through
   cutime/cstime), from just before the load to the moment its CPU settles after the
   last delivery, divided by the accepted messages;
-* peak PSS: Pss from /proc/PID/smaps_rollup summed over the session, sampled every
-  100 ms (peak RSS alongside).
+* peak PSS: Pss from /proc/PID/smaps_rollup summed over the session, read every second
+  and at each new high of the summed RSS, which is read every 200 ms (peak RSS
+  alongside);
+* pysmtpd's commit latency (end of DATA to its reply) as the daemon measures it:
+  ``smtpctl show stats`` (``smtp.commit.latency.*``; null where this pysmtpd does not
+  report it), under the table; with ``--latency``, also a run of pysmtpd under
+  bench_mail's asyncio client, which times every commit from the client's side;
+* this script's own CPU over the load, as a share of the machine (``bench_cpu_share``).
 
 Prints a markdown table (one row per daemon and mode; ``a-b`` ranges with ``-r 2`` or
 more; the ratio column is pysmtpd's delivered msg/s over Postfix's, per repeat), then
@@ -28,10 +34,12 @@ directories are removed unless ``--keep``.
 
     sudo .venv/bin/python bench/bench_compare.py            # N=2000 S=10 SIZE=5120
     sudo .venv/bin/python bench/bench_compare.py -r 2 --modes maildir
+    sudo .venv/bin/python bench/bench_compare.py --latency --daemons pysmtpd
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ctypes
 import datetime as _dt
 import json
@@ -42,8 +50,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -53,8 +59,10 @@ sys.path[:0] = [str(BENCH)]
 
 from bench_mail import (  # noqa: E402
     MAILDIR_RCPT, MAILDIR_USER, RELAY_RCPT, BenchError, DaemonRun, Interrupted, LoadStats,
-    MaildirWatch, PostfixSink, build_config, free_port, get_postfix_tools, rate,
-    smtp_source_load, wait_until)
+    MaildirWatch, PostfixSink, asyncio_load, build_config, daemon_commit_latency, free_port,
+    get_postfix_tools, percentiles_ms, rate, run_dir, smtp_source_load, wait_until)
+from meters import (  # noqa: E402
+    PSS_EVERY, RSS_INTERVAL, MemoryMeter, latency_line, settled, tree_ticks)
 from postfix_instance import (  # noqa: E402
     PostfixError, PostfixInstance, ensure_users, session_members, session_pids)
 
@@ -65,6 +73,7 @@ ROW_NAMES = {("postfix", "relay"): "Postfix, relay to smtp-sink",
              ("postfix", "maildir"): "Postfix, local Maildir",
              ("pysmtpd", "maildir"): "pysmtpd, local Maildir"}
 PR_SET_CHILD_SUBREAPER = 36
+LEFT_FOR_THE_END: list[Path] = []     # the runs' directories, removed after the last run
 
 
 # --------------------------------------------------------------------------- /proc
@@ -72,18 +81,7 @@ PR_SET_CHILD_SUBREAPER = 36
 def tree_cpu_ticks(members: list[tuple[int, list[bytes]]]) -> int:
     """utime + stime + cutime + cstime summed: every process of the session, and the
     children they have reaped (a child not yet reaped counts by its own line)."""
-    return sum(int(f[11]) + int(f[12]) + int(f[13]) + int(f[14]) for _, f in members)
-
-
-def pss_kib(smaps_rollup: str) -> tuple[int, int]:
-    """(Pss, Rss) in KiB from the text of /proc/PID/smaps_rollup."""
-    pss = rss = 0
-    for line in smaps_rollup.splitlines():
-        if line.startswith("Pss:"):
-            pss = int(line.split()[1])
-        elif line.startswith("Rss:"):
-            rss = int(line.split()[1])
-    return pss, rss
+    return sum(tree_ticks(f) for _, f in members)
 
 
 def process_title(pid: int) -> str | None:
@@ -97,62 +95,28 @@ def process_title(pid: int) -> str | None:
     return title or "(exiting)"
 
 
-class TreeMeter(threading.Thread):
-    """Every ``interval`` seconds, PSS and RSS summed over the daemon's session."""
+def session_titles(sid: int) -> list[tuple[int, str]]:
+    """(pid, title) of the live processes of session ``sid``."""
+    out = []
+    for pid in session_pids(sid):
+        title = process_title(pid)
+        if title is not None:
+            out.append((pid, title))
+    return out
 
-    def __init__(self, sid: int, interval: float = 0.1) -> None:
-        super().__init__(daemon=True, name="tree-meter")
+
+class TreeMeter(MemoryMeter):
+    """Peak PSS and RSS summed over the daemon's session (meters.MemoryMeter: RSS every
+    200 ms, PSS every second and at each new RSS high)."""
+
+    def __init__(self, sid: int, interval: float = RSS_INTERVAL, pss_every: int = PSS_EVERY) -> None:
+        super().__init__(lambda: session_titles(sid), interval, pss_every, name="tree-meter")
         self.sid = sid
-        self.interval = interval
-        self.stop_event = threading.Event()
-        self.peak_pss_kib = self.peak_rss_kib = self.max_procs = self.samples = 0
-        self.peak_pss_by_title: dict[str, int] = {}
-
-    def sample(self) -> int:
-        total_pss = total_rss = 0
-        by_title: dict[str, int] = {}
-        members = session_pids(self.sid)
-        for pid in members:
-            title = process_title(pid)
-            if title is None:
-                continue
-            try:
-                with open(f"/proc/{pid}/smaps_rollup") as f:
-                    pss, rss = pss_kib(f.read())
-            except OSError:
-                continue
-            total_pss += pss
-            total_rss += rss
-            by_title[title] = by_title.get(title, 0) + pss
-        self.peak_pss_kib = max(self.peak_pss_kib, total_pss)
-        self.peak_rss_kib = max(self.peak_rss_kib, total_rss)
-        self.max_procs = max(self.max_procs, len(members))
-        for title, kib in by_title.items():
-            self.peak_pss_by_title[title] = max(self.peak_pss_by_title.get(title, 0), kib)
-        self.samples += 1
-        return total_pss
-
-    def run(self) -> None:
-        while not self.stop_event.wait(self.interval):
-            self.sample()
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.join(2)
 
 
-def settled_cpu_ticks(sid: int, deadline: float, window: float = 0.5, slack: int = 2) -> int:
-    """The session's CPU ticks once it stops spending (at most ``slack`` ticks over
-    ``window`` seconds: the work that follows the last delivery, such as removing
-    queue files, is the message's), or at ``deadline``."""
-    last = tree_cpu_ticks(session_members(sid))
-    while time.monotonic() < deadline:
-        time.sleep(window)
-        now = tree_cpu_ticks(session_members(sid))
-        if now - last <= slack:
-            return now
-        last = now
-    return last
+def settled_cpu_ticks(sid: int, deadline: float) -> int:
+    """The session's CPU ticks once it stops spending (meters.settled), or at ``deadline``."""
+    return settled(lambda: tree_cpu_ticks(session_members(sid)), lambda t: t, deadline)
 
 
 def reap_orphans(sid: int) -> None:
@@ -168,14 +132,17 @@ def reap_orphans(sid: int) -> None:
 
 # --------------------------------------------------------------------------- one run
 
-def run_one(daemon: str, mode: str, args: argparse.Namespace, tools: Path, repeat: int) -> dict:
+def run_one(daemon: str, mode: str, args: argparse.Namespace, tools: Path, repeat: int,
+            client: str = "smtp-source") -> dict:
+    """One daemon in one mode under one load: ``smtp-source`` (the table's), or
+    ``asyncio`` (bench_mail's client, which times each commit: ``--latency``)."""
     t_start = time.monotonic()
     deadline = t_start + args.timeout
-    base = Path(tempfile.mkdtemp(prefix=f"bench-compare-{daemon}-{mode}-"))
-    os.chmod(base, 0o711)              # the Maildir user and the daemons' users go through it
+    base = run_dir(f"bench-compare-{daemon}-{mode}-")
     nobody = pwd.getpwnam("nobody")
     result: dict = {"daemon": daemon, "mode": mode, "repeat": repeat, "n": args.n,
-                    "sessions": args.s, "size": args.size, "timed_out": False, "error": None,
+                    "sessions": args.s, "size": args.size, "client": client,
+                    "timed_out": False, "error": None,
                     "loadavg_before": round(os.getloadavg()[0], 2)}
     stats = LoadStats()
     sink = watch = meter = server = None
@@ -203,13 +170,20 @@ def run_one(daemon: str, mode: str, args: argparse.Namespace, tools: Path, repea
             watch = MaildirWatch(new_dir)
             watch.start()
             counter = watch.counter
-        meter = TreeMeter(sid)
-        result["idle_pss_mib"] = round(meter.sample() / 1024, 1)
+        meter = TreeMeter(sid, pss_every=args.pss_every)
+        meter.sample(pss=True)
+        result["idle_pss_mib"] = round(meter.last_pss_kib / 1024, 1)
         meter.start()
         hz = os.sysconf("SC_CLK_TCK")
         cpu_before = tree_cpu_ticks(session_members(sid))
+        self_before, t_before = time.process_time(), time.monotonic()
         try:
-            smtp_source_load(tools, port, args.n, args.s, args.size, rcpt, 1, stats, deadline, base)
+            if client == "asyncio":
+                asyncio.run(asyncio.wait_for(
+                    asyncio_load(port, args.n, args.s, args.size, rcpt, 1, True, stats),
+                    max(1.0, deadline - time.monotonic())))
+            else:
+                smtp_source_load(tools, port, args.n, args.s, args.size, rcpt, 1, stats, deadline, base)
         except TimeoutError:
             result["timed_out"] = True
         target = stats.accepted
@@ -222,7 +196,14 @@ def run_one(daemon: str, mode: str, args: argparse.Namespace, tools: Path, repea
                     result["timed_out"] = True
         cpu_after = settled_cpu_ticks(sid, min(deadline, time.monotonic() + 5))
         result["cpu_seconds"] = round((cpu_after - cpu_before) / hz, 3)
+        # This script's own CPU over the same time, as a share of the machine: the
+        # meters' cost (and the asyncio client's, when it is the load).
+        result["bench_cpu_seconds"] = round(time.process_time() - self_before, 3)
+        result["bench_cpu_share"] = round(result["bench_cpu_seconds"]
+                                          / ((time.monotonic() - t_before) * (os.cpu_count() or 1)), 4)
         time.sleep(0.3)                # duplicates would show as more than accepted
+        if daemon == "pysmtpd":
+            result["server_commit_latency_ms"] = daemon_commit_latency(server, result)
     except (BenchError, PostfixError, OSError) as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
     finally:
@@ -231,6 +212,7 @@ def run_one(daemon: str, mode: str, args: argparse.Namespace, tools: Path, repea
                 meter.stop()
             if watch is not None:
                 watch.stop()
+                result.update(watch.final_check())
             if server is not None:
                 result["daemon_alive_at_end"] = server.alive()
                 result["log_warnings"] = log_warnings(server.log())
@@ -246,7 +228,9 @@ def run_one(daemon: str, mode: str, args: argparse.Namespace, tools: Path, repea
             if args.keep:
                 result["kept"] = str(base)
             else:
-                shutil.rmtree(base, ignore_errors=True)
+                # removed once every run is over: thousands of inodes freed now would
+                # slow the next run's file creation (run_dir in bench_mail.py)
+                LEFT_FOR_THE_END.append(base)
     t0 = stats.first_connect
     delivered = counter.count if counter is not None else 0
     last = counter.time_of(min(delivered, stats.accepted) or delivered) if delivered else None
@@ -257,14 +241,16 @@ def run_one(daemon: str, mode: str, args: argparse.Namespace, tools: Path, repea
         "accepted_per_s": _r(rate(stats.accepted, t0, stats.last_accept)),
         "delivered_per_s": _r(rate(min(delivered, stats.accepted or delivered), t0, last)),
         "total_seconds": round(time.monotonic() - t_start, 2),
+        "commit_latency_ms": percentiles_ms(stats.commit_seconds),   # the asyncio client's
     })
     if stats.accepted and "cpu_seconds" in result:
         result["cpu_ms_per_message"] = round(1000 * result["cpu_seconds"] / stats.accepted, 2)
     if meter is not None:
         result.update({
             "peak_pss_mib": round(meter.peak_pss_kib / 1024, 1),
-            "peak_rss_mib": round(meter.peak_rss_kib / 1024, 1),
+            "peak_rss_mib": round(meter.peak_kib / 1024, 1),
             "max_processes": meter.max_procs,
+            "pss_samples": meter.pss_samples, "pss_samples_at_rss_highs": meter.pss_triggered,
             "peak_pss_by_process_mib": {t: round(k / 1024, 1)
                                         for t, k in sorted(meter.peak_pss_by_title.items())},
         })
@@ -302,7 +288,7 @@ def spread(values: list[float | None], digits: int = 0) -> str:
 
 def ratios(runs: list[dict], mode: str) -> list[float]:
     """pysmtpd's delivered msg/s over Postfix's, per repeat that has both."""
-    by = {(r["daemon"], r["repeat"]): r for r in runs if r["mode"] == mode}
+    by = {(r["daemon"], r["repeat"]): r for r in table_runs(runs) if r["mode"] == mode}
     out = []
     for (daemon, repeat), r in sorted(by.items()):
         pf = by.get(("postfix", repeat))
@@ -311,7 +297,39 @@ def ratios(runs: list[dict], mode: str) -> list[float]:
     return out
 
 
+def table_runs(runs: list[dict]) -> list[dict]:
+    """The runs of the table: smtp-source's load (not ``--latency``'s)."""
+    return [r for r in runs if r.get("client", "smtp-source") == "smtp-source"]
+
+
+def latency_lines(runs: list[dict]) -> list[str]:
+    """pysmtpd's commit latency (end of DATA to 250), per mode: the daemon's own figures
+    (``smtpctl show stats``) under smtp-source, and with ``--latency`` the asyncio
+    client's, with the daemon's own for that run."""
+    out = []
+    for mode in MODES:
+        for r in runs:
+            if r["daemon"] != "pysmtpd" or r["mode"] != mode:
+                continue
+            head = f"pysmtpd {mode}, run {r['repeat'] + 1}, commit latency"
+            if r.get("client") == "asyncio":
+                out.append(f"{head} under bench_mail's asyncio client (pipelining; {r['n']} messages,"
+                           f" {r['sessions']} sessions): client side "
+                           f"{latency_line(client_latency(r.get('commit_latency_ms')))},"
+                           f" server side {latency_line(r.get('server_commit_latency_ms'))}")
+            else:
+                out.append(f"{head} under smtp-source, server side (smtpctl show stats):"
+                           f" {latency_line(r.get('server_commit_latency_ms'))}")
+    return out
+
+
+def client_latency(lat: dict | None) -> dict | None:
+    """bench_mail's percentiles (count, p50...) in the shape latency_line prints."""
+    return lat and {k: lat.get(k) for k in ("count", "p50", "p90", "p99", "max")}
+
+
 def table(runs: list[dict]) -> str:
+    runs = table_runs(runs)
     lines = ["| | accepted msg/s | delivered msg/s | CPU per message (whole daemon) | peak PSS"
              " | delivered: pysmtpd / Postfix |",
              "|---|---:|---:|---:|---:|---:|"]
@@ -350,6 +368,20 @@ def heading(meta: dict) -> str:
 
 # --------------------------------------------------------------------------- main
 
+def progress_line(r: dict) -> str:
+    client = " (asyncio client)" if r.get("client") == "asyncio" else ""
+    lat = r.get("commit_latency_ms")
+    return (f"bench_compare: {r['daemon']} {r['mode']}{client} #{r['repeat'] + 1}: accepted"
+            f" {r['accepted']} at {r['accepted_per_s']}/s, delivered {r['delivered']} at"
+            f" {r['delivered_per_s']}/s, CPU {r.get('cpu_ms_per_message')} ms/msg,"
+            f" peak PSS {r.get('peak_pss_mib')} MB"
+            + (f", this script {100 * r['bench_cpu_share']:.1f} % of the CPUs"
+               if r.get("bench_cpu_share") is not None else "")
+            + (f", commit p99 {lat['p99']} ms" if lat else "")
+            + (f", ERROR {r['error']}" if r["error"] else "")
+            + (", TIMED OUT" if r["timed_out"] else ""))
+
+
 def postfix_version(tools: Path) -> str:
     try:
         res = subprocess.run([str(tools / "usr/sbin/postconf"), "-d", "-h", "mail_version"],
@@ -381,9 +413,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="(default both; one alone gives no ratio)")
     p.add_argument("--timeout", type=float, default=600.0, help="bound of each run in seconds")
     p.add_argument("--keep", action="store_true", help="keep the temporary directories")
+    p.add_argument("--pss-every", type=int, default=PSS_EVERY, metavar="K",
+                   help=f"read PSS at every K-th reading of RSS ({RSS_INTERVAL} s apart) besides"
+                        f" each new RSS high (default {PSS_EVERY})")
+    p.add_argument("--latency", action="store_true",
+                   help="also run pysmtpd under bench_mail's asyncio client (same -n, -s, --size),"
+                        " which times every commit (smtp-source does not): p50/p90/p99 under the table")
     args = p.parse_args(argv)
-    if args.n < 1 or args.s < 1 or args.size < 64 or args.repeats < 1:
-        p.error("-n, -s and -r must be >= 1, --size >= 64")
+    if args.n < 1 or args.s < 1 or args.size < 64 or args.repeats < 1 or args.pss_every < 1:
+        p.error("-n, -s, -r and --pss-every must be >= 1, --size >= 64")
     return args
 
 
@@ -416,22 +454,27 @@ def main(argv=None) -> int:
                 "loadavg_start": " ".join(f"{x:.2f}" for x in os.getloadavg())}
         for repeat in range(args.repeats):
             for mode in args.modes:
-                for daemon in args.daemons:
-                    r = run_one(daemon, mode, args, tools, repeat)
+                plan = [(daemon, "smtp-source") for daemon in args.daemons]
+                if args.latency and "pysmtpd" in args.daemons:
+                    plan.append(("pysmtpd", "asyncio"))
+                for daemon, client in plan:
+                    r = run_one(daemon, mode, args, tools, repeat, client)
                     runs.append(r)
-                    print(f"bench_compare: {daemon} {mode} #{repeat + 1}: accepted {r['accepted']}"
-                          f" at {r['accepted_per_s']}/s, delivered {r['delivered']} at"
-                          f" {r['delivered_per_s']}/s, CPU {r.get('cpu_ms_per_message')} ms/msg,"
-                          f" peak PSS {r.get('peak_pss_mib')} MB"
-                          + (f", ERROR {r['error']}" if r["error"] else "")
-                          + (", TIMED OUT" if r["timed_out"] else ""), file=sys.stderr, flush=True)
+                    print(progress_line(r), file=sys.stderr, flush=True)
     except Interrupted as exc:
         print(f"bench_compare: interrupted ({exc}); everything started was stopped", file=sys.stderr)
         return 130
+    finally:
+        for base in LEFT_FOR_THE_END:
+            shutil.rmtree(base, ignore_errors=True)
     meta["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(heading(meta))
     print()
     print(table(runs))
+    lines = latency_lines(runs)
+    if lines:
+        print()
+        print("\n".join(lines))
     meta["ratio_delivered"] = {mode: ratios(runs, mode) for mode in args.modes}
     print(json.dumps({**meta, "runs": runs}), flush=True)
     return 0 if runs and all(complete(r) for r in runs) else 1

@@ -9,10 +9,21 @@ SMTP sessions, and measures:
 * delivered msg/s: first connect -> last message seen by the relay sink
   (``--mode relay``) or in the Maildir's ``new/`` (``--mode maildir``);
 * peak RSS and peak PSS summed over every process of the daemon's process group
-  (parent, children and the short-lived delivery processes), sampled every 100 ms
-  from /proc/PID/status (VmRSS) and /proc/PID/smaps_rollup (Pss: shared pages
-  divided among the processes that map them, so the sum is the memory the daemon
-  really holds; RSS counts the interpreter's shared pages once per process);
+  (parent, children and the short-lived delivery processes): RSS from
+  /proc/PID/statm every 200 ms, PSS from /proc/PID/smaps_rollup every second and at
+  each new RSS high (Pss: shared pages divided among the processes that map them, so
+  the sum is the memory the daemon really holds; RSS counts the interpreter's shared
+  pages once per process; bench/meters.py says why this often and no more);
+* CPU per message (``cpu_ms_per_message``, per process title; ``daemon_cpu_ms_per_message``
+  summed): utime + stime of the process group, delivery workers included through
+  the cutime/cstime of the process that reaped them, from just before the load to
+  the moment the group's CPU settles after the last delivery, over the accepted
+  messages.  ``cpu_ms_per_message_with_startup`` is the older figure: each process's
+  whole life up to its last sample, start-up included.  The row "bench client (this
+  script)" is this process (the asyncio client, when it is the load, and the
+  meters); ``bench_cpu_share`` is its share of the machine's CPUs over the load;
+* the daemon's own commit latency (``smtpctl show stats``: ``smtp.commit.latency.*``,
+  null where this pysmtpd does not report it);
 * commit latency (asyncio client only): per message, from sending the final
   ``.`` of DATA to reading its ``250`` (p50/p90/p99/max).  smtp-source does not
   report it: with ``--client smtp-source`` it is not measured (null in the JSON).
@@ -55,6 +66,12 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
+if str(BENCH) not in sys.path:           # imported from elsewhere: meters.py is beside it
+    sys.path.insert(0, str(BENCH))
+
+from meters import (  # noqa: E402  (bench/ is not a package)
+    PSS_EVERY, RSS_INTERVAL, Counter, LoadCpu, MaildirWatch, MemoryMeter, cmdline_title,
+    cpu_ticks_by_title, latency_line, parse_stats, per_message, server_commit_latency, stat_fields)
 POSTFIX_DIR = BENCH / ".postfix"
 SENDER = "bench@local.test"
 RELAY_RCPT = "user@remote.test"
@@ -87,24 +104,28 @@ def wait_until(predicate, deadline: float, interval: float = 0.05) -> bool:
     return bool(predicate())
 
 
-def pgrp_pids(pgid: int) -> list[tuple[int, str]]:
-    """(pid, title) of every live process whose process group is ``pgid``."""
+def pgrp_members(pgid: int) -> list[tuple[int, str, list[bytes]]]:
+    """(pid, title, stat fields) of every process whose process group is ``pgid``,
+    zombies included (their title is "")."""
     out = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
+        fields = stat_fields(int(entry.name))
         try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                stat = f.read()
-            fields = stat.rsplit(b")", 1)[1].split()
-            if int(fields[2]) != pgid or fields[0] == b"Z":
+            if fields is None or int(fields[2]) != pgid:
                 continue
-            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                title = f.read().split(b"\0")[0].decode(errors="replace")
-        except (OSError, ValueError, IndexError):
+        except (ValueError, IndexError):
             continue
-        out.append((int(entry.name), title))
+        title = "" if fields[0] == b"Z" else cmdline_title(int(entry.name))
+        if title is not None:
+            out.append((int(entry.name), title, fields))
     return out
+
+
+def pgrp_pids(pgid: int) -> list[tuple[int, str]]:
+    """(pid, title) of every live process whose process group is ``pgid``."""
+    return [(pid, title) for pid, title, fields in pgrp_members(pgid) if fields[0] != b"Z"]
 
 
 def group_cpu_seconds(pgid: int, reaped: bool = False) -> float:
@@ -133,18 +154,6 @@ def vmrss_kib(pid: int) -> int:
         with open(f"/proc/{pid}/status", "rb") as f:
             for line in f:
                 if line.startswith(b"VmRSS:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-def pss_kib(pid: int) -> int:
-    """Proportional set size (``Pss:`` of /proc/PID/smaps_rollup), 0 if unreadable."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
-            for line in f:
-                if line.startswith(b"Pss:"):
                     return int(line.split()[1])
     except (OSError, ValueError, IndexError):
         pass
@@ -214,91 +223,24 @@ def stop_process_group(proc: subprocess.Popen | None, grace: float = 5.0) -> Non
 
 # --------------------------------------------------------------------------- RSS sampling
 
-class RssSampler(threading.Thread):
-    """Every ``interval`` seconds, sum VmRSS and PSS over the process group."""
+class RssSampler(MemoryMeter):
+    """Peak RSS and PSS summed over the process group (meters.MemoryMeter: RSS every
+    200 ms, PSS every second and at each new RSS high), and the CPU ticks each process
+    had when last seen (its whole life: ``cpu_seconds_by_title``)."""
 
-    def __init__(self, pgid: int, interval: float = 0.1) -> None:
-        super().__init__(daemon=True, name="rss-sampler")
+    def __init__(self, pgid: int, interval: float = RSS_INTERVAL, pss_every: int = PSS_EVERY) -> None:
+        super().__init__(lambda: pgrp_pids(pgid), interval, pss_every, name="rss-sampler")
         self.pgid = pgid
-        self.interval = interval
-        self.stop_event = threading.Event()
-        self.peak_kib = 0
-        self.peak_procs = 0
-        self.peak_by_title: dict[str, int] = {}
-        self.last_kib = 0
-        self.peak_pss_kib = 0
-        self.peak_pss_by_title: dict[str, int] = {}
-        self.last_pss_kib = 0
-        self.samples = 0
-        self.max_procs = 0
         self.cpu_ticks: dict[int, tuple[str, int]] = {}   # pid -> (title, utime+stime last seen)
 
-    def sample(self) -> int:
-        total = total_pss = 0
-        procs = pgrp_pids(self.pgid)
-        by_title: dict[str, int] = {}
-        pss_by_title: dict[str, int] = {}
+    def observe(self, procs: list[tuple[int, str]]) -> None:
         for pid, title in procs:
             ticks = cpu_ticks(pid)
             if ticks is not None:
                 self.cpu_ticks[pid] = (title, ticks)
-            rss, pss = vmrss_kib(pid), pss_kib(pid)
-            total += rss
-            total_pss += pss
-            by_title[title] = by_title.get(title, 0) + rss
-            pss_by_title[title] = pss_by_title.get(title, 0) + pss
-        for title, rss in by_title.items():
-            if rss > self.peak_by_title.get(title, 0):
-                self.peak_by_title[title] = rss
-        for title, pss in pss_by_title.items():
-            if pss > self.peak_pss_by_title.get(title, 0):
-                self.peak_pss_by_title[title] = pss
-        if total > self.peak_kib:
-            self.peak_kib = total
-            self.peak_procs = len(procs)
-        self.peak_pss_kib = max(self.peak_pss_kib, total_pss)
-        self.max_procs = max(self.max_procs, len(procs))
-        self.last_kib = total
-        self.last_pss_kib = total_pss
-        self.samples += 1
-        return total
-
-    def run(self) -> None:
-        while not self.stop_event.is_set():
-            self.sample()
-            self.stop_event.wait(self.interval)
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.join(2)
 
 
 # --------------------------------------------------------------------------- sinks
-
-class Counter:
-    """A count of delivered messages and the monotonic time of its last increase."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.count = 0
-        self.first_at: float | None = None
-        self.last_at: float | None = None
-        self.times: list[float] = []
-
-    def set(self, count: int, at: float) -> None:
-        with self.lock:
-            if count > self.count:
-                if self.first_at is None:
-                    self.first_at = at
-                self.times.extend([at] * (count - self.count))
-                self.count = count
-                self.last_at = at
-
-    def time_of(self, n: int) -> float | None:
-        """When the n-th message (1-based) was seen."""
-        with self.lock:
-            return self.times[n - 1] if 0 < n <= len(self.times) else None
-
 
 class PostfixSink:
     """Postfix's smtp-sink; its ``-c`` counters (``... mesg=N\\r``) are read as they come."""
@@ -420,35 +362,6 @@ class AiosmtpdSink:
     def stop(self) -> None:
         stop_process_group(self.proc, grace=2)
         self.errlog.close()
-
-
-class MaildirWatch(threading.Thread):
-    """Counts the files in a Maildir's new/ every 20 ms."""
-
-    name_ = "maildir new/"
-
-    def __init__(self, new_dir: Path, interval: float = 0.02) -> None:
-        super().__init__(daemon=True, name="maildir-watch")
-        self.new_dir = new_dir
-        self.interval = interval
-        self.counter = Counter()
-        self.stop_event = threading.Event()
-
-    def count(self) -> int:
-        try:
-            with os.scandir(self.new_dir) as it:
-                return sum(1 for _ in it)
-        except OSError:
-            return 0
-
-    def run(self) -> None:
-        while not self.stop_event.is_set():
-            self.counter.set(self.count(), time.monotonic())
-            self.stop_event.wait(self.interval)
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.join(2)
 
 
 # --------------------------------------------------------------------------- load
@@ -763,11 +676,14 @@ class Destination:
             self.watch = MaildirWatch(new_dir)
             self.watch.start()
             self.counter, self.name, self.rcpt = self.watch.counter, "maildir new/", MAILDIR_RCPT
+        self.check: dict = {}         # the watch's final check, once stopped
 
     def stop(self) -> None:
         for thing in (self.watch, self.sink):
             if thing is not None:
                 thing.stop()
+        if self.watch is not None:
+            self.check = self.watch.final_check()   # before the Maildir is removed
 
 
 class DaemonRun:
@@ -803,11 +719,16 @@ class DaemonRun:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def smtpctl(self, *args: str) -> None:
+    def smtpctl(self, *args: str) -> str:
         res = subprocess.run([sys.executable, "-m", "smtpctl", "--socket", str(self.socket), *args],
                              cwd=REPO, capture_output=True, text=True, timeout=60)
         if res.returncode != 0:
             raise BenchError(f"smtpctl {' '.join(args)}: {res.stdout}{res.stderr}")
+        return res.stdout
+
+    def show_stats(self) -> dict[str, str]:
+        """``smtpctl show stats`` of this daemon, key -> value."""
+        return parse_stats(self.smtpctl("show", "stats"))
 
     def stop(self) -> None:
         stop_process_group(self.proc, grace=5)
@@ -868,11 +789,36 @@ def rate(count: int, start: float | None, end: float | None) -> float | None:
     return count / (end - start)
 
 
+RUNS_DIR = "pysmtpd-bench-runs"
+
+
+def run_dir(prefix: str) -> Path:
+    """A fresh directory for one run (config, spool, Maildir, logs), mode 0711 (as
+    root, the daemon's users and the Maildir user go through it).
+
+    Runs are made inside one parent marked as a top of a directory hierarchy
+    (``chattr +T``, best effort): on ext4 each run's directory is then placed, like a
+    top-level one, in a block group of its own choosing (the Orlov allocator) instead
+    of next to the previous runs'.  Without it, a run inherits the inodes the previous
+    run freed (its cleanup, Postfix's queue), and on ext4 without a journal every file
+    it creates pays for them (the allocator skips inodes freed in the last 60-300 s:
+    docs/spool.md, "Recycled inodes"), so the second daemon of a pair was measured on
+    a file system made slower by the first."""
+    parent = Path(tempfile.gettempdir()) / RUNS_DIR
+    if not parent.is_dir():
+        parent.mkdir(mode=0o711, exist_ok=True)
+        subprocess.run(["chattr", "+T", str(parent)], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, check=False)
+    os.chmod(parent, 0o711)
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(base, 0o711)
+    return base
+
+
 def run(args: argparse.Namespace) -> dict:
     t_start = time.monotonic()
     deadline = t_start + args.timeout
-    base = Path(tempfile.mkdtemp(prefix="pysmtpd-bench-"))
-    os.chmod(base, 0o711)        # as root, the daemon's users and the Maildir user go through it
+    base = run_dir("pysmtpd-bench-")
     result: dict = {
         "bench": "mail", "mode": args.mode, "n": args.n, "sessions": args.s, "size": args.size,
         "per_session": args.per_session, "client": args.client, "label": args.label,
@@ -889,6 +835,7 @@ def run(args: argparse.Namespace) -> dict:
     sampler: RssSampler | None = None
     stats = LoadStats()
     counter: Counter | None = None
+    load_cpu: LoadCpu | None = None
     try:
         need_postfix = args.client == "smtp-source" or (args.mode == "relay" and args.sink != "aiosmtpd")
         tools = get_postfix_tools(quiet=args.sink == "auto" and args.client == "asyncio") \
@@ -903,11 +850,13 @@ def run(args: argparse.Namespace) -> dict:
         daemon.start(*(["-P", agent] if args.hold else []), *(a for w in args.trace for a in ("-T", w)))
         result["boot_seconds"] = round(time.monotonic() - t_start, 2)
         sampler = RssSampler(daemon.proc.pid)
-        result["idle_rss_mib"] = round(sampler.sample() / 1024, 1)
+        result["idle_rss_mib"] = round(sampler.sample(pss=True) / 1024, 1)
         result["idle_pss_mib"] = round(sampler.last_pss_kib / 1024, 1)
         result["processes"] = len(pgrp_pids(daemon.proc.pid))
         sampler.start()
         cpu_before = group_cpu_seconds(daemon.proc.pid)
+        pgid = daemon.proc.pid
+        load_cpu = LoadCpu(lambda: cpu_ticks_by_title(pgrp_members(pgid)), BENCH_CLIENT)
 
         # Load.
         try:
@@ -942,8 +891,12 @@ def run(args: argparse.Namespace) -> dict:
                 spent = group_cpu_seconds(daemon.proc.pid, reaped=True) - cpu_resume
                 result["cpu_seconds_delivery"] = round(spent, 3)
                 result["cpu_ms_per_delivery"] = round(1000 * spent / counter.count, 2)
+        # The load's CPU: until the daemon's CPU settles after the last delivery.
+        load_cpu.finish(min(deadline, time.monotonic() + 5))
+        if target:
             # Duplicates show up as more than accepted: look a moment longer.
-            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        result["server_commit_latency_ms"] = daemon_commit_latency(daemon, result)
     except BenchError as exc:
         result["error"] = str(exc)
     finally:
@@ -962,17 +915,35 @@ def run(args: argparse.Namespace) -> dict:
     })
     if counter is not None:
         result.update(delivery_results(counter, stats.accepted, t_resume or t0))
+    if dest is not None:
+        result.update(dest.check)
     if sampler is not None:
         result.update(memory_results(sampler))
-        # Where the CPU went (the daemon's processes, and this load generator itself).
+        # The old figure: each process's whole life (start-up included) up to its last
+        # sample, and this script's since it started.
         by_title = cpu_seconds_by_title(sampler.cpu_ticks)
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        by_title["bench client (this script)"] = round(usage.ru_utime + usage.ru_stime, 2)
-        result["cpu_seconds_by_process"] = by_title
+        by_title[BENCH_CLIENT] = round(usage.ru_utime + usage.ru_stime, 2)
+        result["cpu_seconds_by_process_with_startup"] = by_title
         if stats.accepted:
-            result["cpu_ms_per_message"] = {t: round(1000 * v / stats.accepted, 2)
-                                            for t, v in by_title.items()}
+            result["cpu_ms_per_message_with_startup"] = per_message(by_title, stats.accepted)
+    if load_cpu is not None and load_cpu.by_title is not None:
+        result.update(load_cpu.results(stats.accepted))
     return result
+
+
+BENCH_CLIENT = "bench client (this script)"
+
+
+def daemon_commit_latency(daemon: "DaemonRun", result: dict) -> dict:
+    """The daemon's own commit latency from its ``smtpctl show stats`` (each figure
+    None when this pysmtpd does not report it); an smtpctl failure is noted, not fatal."""
+    try:
+        stats = daemon.show_stats()
+    except (BenchError, OSError, subprocess.TimeoutExpired) as exc:
+        result["show_stats_error"] = str(exc)[:200]
+        stats = {}
+    return server_commit_latency(stats)
 
 
 def stop_run(result: dict, sampler: RssSampler | None, daemon: DaemonRun | None,
@@ -1019,6 +990,7 @@ def memory_results(sampler: RssSampler) -> dict:
         "max_processes": sampler.max_procs,
         "peak_rss_by_process_mib": {t: round(k / 1024, 1) for t, k in sorted(sampler.peak_by_title.items())},
         "peak_pss_mib": round(sampler.peak_pss_kib / 1024, 1),
+        "pss_samples": sampler.pss_samples, "pss_samples_at_rss_highs": sampler.pss_triggered,
         "peak_pss_by_process_mib": {t: round(k / 1024, 1)
                                     for t, k in sorted(sampler.peak_pss_by_title.items())},
     }
@@ -1026,6 +998,17 @@ def memory_results(sampler: RssSampler) -> dict:
 
 def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 1)
+
+
+def _total(ms_by_title: dict | None) -> float | None:
+    """The daemon's part of a per-title figure (this script's own row left out)."""
+    if not ms_by_title:
+        return None
+    return round(sum(v for t, v in ms_by_title.items() if t != BENCH_CLIENT), 2)
+
+
+def _pct(share: float | None) -> float | None:
+    return None if share is None else round(100 * share, 1)
 
 
 def latency_text(lat: dict | None, client: str = "asyncio") -> str:
@@ -1044,7 +1027,11 @@ def summary(r: dict) -> str:
          f" ({f(r['accept_seconds'], ' s')}), delivered {r.get('delivered', 0)}"
          f" at {f(r.get('delivered_per_s'))} msg/s ({f(r.get('deliver_seconds'), ' s')}),"
          f" peak RSS {f(r.get('peak_rss_mib'), ' MiB')}, peak PSS {f(r.get('peak_pss_mib'), ' MiB')}"
-         f" (idle {f(r.get('idle_pss_mib'), ' MiB')}), {latency_text(r.get('commit_latency_ms'), r['client'])}")
+         f" (idle {f(r.get('idle_pss_mib'), ' MiB')}), {latency_text(r.get('commit_latency_ms'), r['client'])}"
+         f"; server-side commit latency {latency_line(r.get('server_commit_latency_ms'))};"
+         f" daemon CPU {f(r.get('daemon_cpu_ms_per_message'), ' ms')} per message (load alone;"
+         f" {f(_total(r.get('cpu_ms_per_message_with_startup')), ' ms')} with start-up),"
+         f" this script {f(_pct(r.get('bench_cpu_share')), ' %')} of the CPUs")
     if r["failed"]:
         s += f", {r['failed']} failed"
     return s + summary_alarms(r)

@@ -12,8 +12,10 @@ subprocesses), stops py-spy when the bench ends, and writes into ``--out``:
 * ``summary.md`` and ``summary.json``: per process, samples, share and CPU ms per
   message; per activity (the ``RULES`` table below) and process, CPU ms per message.
 
-The CPU of a process is measured, not sampled: bench_mail's ``cpu_seconds_by_process``
-(utime + stime from /proc).  py-spy's samples only say how that CPU divides between
+The CPU of a process is measured, not sampled: bench_mail's
+``cpu_seconds_by_process_with_startup`` (utime + stime from /proc over each process's
+life, as py-spy samples it from the start; ``cpu_seconds_by_process`` from a tree
+older than that key).  py-spy's samples only say how that CPU divides between
 activities: a process's CPU is split in proportion to its samples per activity.
 py-spy samples a thread while the kernel shows it runnable (state R: on a CPU, or
 waiting for one), so on an oversubscribed machine the points where a thread wakes up
@@ -278,8 +280,9 @@ def summarise(stacks: list[Stack], bench: dict, source_line: Callable[[str, int]
               sched: dict[str, dict[str, float]] | None = None, top: int = 8,
               pid_labels: dict[int, str] | None = None) -> dict:
     """Samples per process and activity, scaled to CPU ms per message by the CPU each
-    process title used (bench_mail's ``cpu_seconds_by_process``); processes of one
-    title (the parent and its delivery workers) share it by their samples.
+    process title used (bench_mail's ``cpu_seconds_by_process_with_startup``: whole
+    lives, as py-spy samples them; ``cpu_seconds_by_process`` in an older tree's JSON);
+    processes of one title (the parent and its delivery workers) share it by their samples.
 
     ``sched`` (``sched_totals``: per process label, seconds of ``cpu``, run-queue
     ``wait``, and the CPU of the native threads py-spy cannot sample, ``zmq_cpu`` and
@@ -305,7 +308,8 @@ def summarise(stacks: list[Stack], bench: dict, source_line: Callable[[str, int]
         where = f"{leaf.function} ({leaf.file}:{leaf.line})" if leaf.file else leaf.function
         leaves[label][(where, activity)] += s.count
     accepted = bench.get("accepted") or 0
-    cpu_by_title = bench.get("cpu_seconds_by_process") or {}
+    cpu_by_title = (bench.get("cpu_seconds_by_process_with_startup")
+                    or bench.get("cpu_seconds_by_process") or {})
     # How the CPU of one title divides between its processes (the parent and its
     # workers): by their measured CPU where schedstat saw them all, else by samples.
     weight: dict[str, float] = {}

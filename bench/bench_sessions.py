@@ -49,9 +49,10 @@ from bench_mail import (  # noqa: E402  (bench/ is not a package)
     BenchError, DaemonRun, Destination, LoadStats, RssSampler, SmtpError, build_config,
     close_writer, cpu_seconds_by_title, delivery_results, free_port, get_postfix_tools,
     latency_text, make_message, memory_results, numbered, open_session, percentiles_ms,
-    pgrp_pids, pss_kib, quit_session, run_and_print, send_message, stop_run, summary_alarms,
+    pgrp_pids, quit_session, run_and_print, send_message, stop_run, summary_alarms,
     vmrss_kib, wait_until,
 )
+from meters import rollup_pss_kib  # noqa: E402
 
 
 def raise_nofile(needed: int) -> int:
@@ -72,7 +73,7 @@ def process_memory_kib(pgid: int, title: str) -> tuple[int, int]:
     for pid, t in pgrp_pids(pgid):
         if t == title:
             rss += vmrss_kib(pid)
-            pss += pss_kib(pid)
+            pss += rollup_pss_kib(pid)
     return rss, pss
 
 

@@ -105,13 +105,6 @@ $command_directory/postdrop:f:root:$setgid_group:2755:u
     ]
 
 
-def test_pss_and_rss_from_smaps_rollup():
-    text = ("55d0c0a5e000-7ffd8a1f5000 ---p 00000000 00:00 0    [rollup]\n"
-            "Rss:               23456 kB\nPss:               12345 kB\n"
-            "Pss_Anon:           8000 kB\nPss_File:           4345 kB\n")
-    assert bc.pss_kib(text) == (12345, 23456)
-
-
 def test_tree_cpu_counts_live_processes_and_what_they_reaped():
     def fields(state: str, utime: int, stime: int, cutime: int, cstime: int) -> list[bytes]:
         f = [state.encode(), b"1", b"1", b"1"] + [b"0"] * 7
@@ -129,7 +122,7 @@ def test_session_members_finds_this_process():
 
 
 def _run(daemon, mode, repeat, delivered_per_s, **kw):
-    r = {"daemon": daemon, "mode": mode, "repeat": repeat, "n": 100, "accepted": 100,
+    r = {"daemon": daemon, "mode": mode, "repeat": repeat, "n": 100, "sessions": 10, "accepted": 100,
          "delivered": 100, "accepted_per_s": delivered_per_s + 10, "delivered_per_s": delivered_per_s,
          "cpu_ms_per_message": 2.0, "peak_pss_mib": 40.0, "timed_out": False, "error": None}
     r.update(kw)
@@ -177,3 +170,32 @@ def test_log_warnings():
     log = ("postfix/smtpd[1]: connect from localhost\n"
            "postfix/smtp[2]: warning: no route\nsmtpd: ERROR something\n")
     assert bc.log_warnings(log) == 2
+
+
+def test_asyncio_runs_stay_out_of_the_table_and_ratios():
+    lat = {"count": 100, "p50": 11.5, "p90": 17.7, "p99": 25.3, "max": 40.0}
+    runs = [_run("postfix", "relay", 0, 400.0), _run("pysmtpd", "relay", 0, 200.0),
+            _run("pysmtpd", "relay", 0, 150.0, client="asyncio", commit_latency_ms=lat)]
+    assert bc.ratios(runs, "relay") == [0.5]
+    rows = [l for l in bc.table(runs).splitlines() if l.startswith("| pysmtpd")]
+    assert len(rows) == 1 and "| 200 |" in rows[0]
+
+
+def test_latency_lines_server_side_and_client_side():
+    server = {"count": 100, "p50": 3.1, "p90": 6.0, "p99": 18.2, "max": 30.5}
+    client = {"count": 100, "p50": 11.5, "p90": 17.7, "p99": 25.3, "max": 40.0}
+    nothing = {"count": None, "p50": None, "p90": None, "p99": None, "max": None}
+    runs = [_run("postfix", "maildir", 0, 400.0),
+            _run("pysmtpd", "maildir", 0, 200.0, server_commit_latency_ms=server),
+            _run("pysmtpd", "maildir", 0, 150.0, client="asyncio", commit_latency_ms=client,
+                 server_commit_latency_ms=nothing),
+            _run("pysmtpd", "relay", 0, 300.0, server_commit_latency_ms=nothing)]
+    assert bc.latency_lines(runs) == [
+        "pysmtpd relay, run 1, commit latency under smtp-source, server side (smtpctl show stats):"
+        " not reported",
+        "pysmtpd maildir, run 1, commit latency under smtp-source, server side (smtpctl show stats):"
+        " p50 3.1 p90 6.0 p99 18.2 max 30.5 ms (n=100)",
+        "pysmtpd maildir, run 1, commit latency under bench_mail's asyncio client (pipelining;"
+        " 100 messages, 10 sessions): client side p50 11.5 p90 17.7 p99 25.3 max 40.0 ms (n=100),"
+        " server side not reported",
+    ]

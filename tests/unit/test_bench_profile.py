@@ -246,3 +246,13 @@ def test_labels_seen_in_proc_correct_a_command_line_py_spy_saw_before_the_exec()
     assert set(s["processes"]) == {"priv", "queue"}
     assert s["processes"]["queue"]["cpu_ms_per_message"] == pytest.approx(30.0)
     assert s["processes"]["queue"]["activities_ms_per_message"] == {"fsync/syncfs": pytest.approx(30.0)}
+
+
+def test_whole_life_cpu_is_preferred_to_the_load_alone():
+    """py-spy samples each process from its start: its samples are scaled by bench_mail's
+    whole-life figure, not by the load's (``cpu_seconds_by_process`` in today's JSON)."""
+    stacks = [f'{PARENT};process 105:"smtpd: queue";Spool.sync (smtpd/queue_fs.py:238) 30\n']
+    bench = {"accepted": 10, "cpu_seconds_by_process": {"smtpd: queue": 0.2},
+             "cpu_seconds_by_process_with_startup": {"smtpd: queue": 0.3}}
+    s = bp.summarise(bp.parse_raw(stacks), bench, source)
+    assert s["processes"]["queue"]["cpu_ms_per_message"] == pytest.approx(30.0)
