@@ -154,9 +154,7 @@ class Mesh:
         """Queue ``msg`` for ``peer``; it leaves at the end of this turn of the event
         loop, in one frame with the other messages sent to that peer meanwhile (in
         order).  Awaits only while the peer cannot take more (back-pressure)."""
-        data = messages.encode(msg)
-        if FLAGS.mproc:
-            _trace_mproc(self.me, peer, msg, len(data))
+        data = self._encode(peer, msg)
         outbox = self._outbox[peer]
         if outbox:
             # The peer is not connected yet, or its pipe is full: wait our turn, in order.
@@ -164,6 +162,30 @@ class Mesh:
             outbox.append((data, done))
             await done
             return
+        self._add_pending(peer, data)
+
+    def send_nowait(self, peer: str, msg: Msg) -> None:
+        """``send`` for a caller that does not wait: while the peer cannot take more,
+        the message joins the others waiting for it, in order, and leaves when it can."""
+        data = self._encode(peer, msg)
+        outbox = self._outbox[peer]
+        if outbox:
+            outbox.append((data, None))
+            return
+        self._add_pending(peer, data)
+
+    def send_pending(self, peer: str) -> None:
+        """What this turn sent to ``peer`` leaves now, not at the end of the turn: for
+        replies that someone is waiting for when the turn has more work to do."""
+        self._send_pending(peer)
+
+    def _encode(self, peer: str, msg: Msg) -> bytes:
+        data = messages.encode(msg)
+        if FLAGS.mproc:
+            _trace_mproc(self.me, peer, msg, len(data))
+        return data
+
+    def _add_pending(self, peer: str, data: bytes) -> None:
         pending = self._pending[peer]
         pending.append(data)
         size = self._pending_bytes[peer] + len(data)

@@ -2,9 +2,9 @@
 
 It creates messages for pony, stores the envelopes lka expands, commits them
 durably, feeds the scheduler, hands envelopes and bodies to pony for delivery,
-and applies delivery results to disk.  Blocking disk work that matters for
-latency (the fsyncs of a commit, envelope rewrites) runs in worker threads so
-that several messages are committed at once.
+and applies delivery results to disk.  The group commit runs on the event loop
+(Committer: why, there); other blocking disk work (envelope rewrites, removals)
+runs in worker threads.
 """
 from __future__ import annotations
 
@@ -67,45 +67,42 @@ class Incoming:
 
 
 class Committer:
-    """Group commit: one thread commits, together, every message whose DATA ended
-    while the previous batch was being synced, so that concurrent messages share
-    the syncs (Spool.commit_batch).  The batch's outcome goes back to the event loop
-    in one call, ``done([(item, error or None)...])``: nobody is answered before the
-    batch holding its message is durable, and the batch is announced at once."""
+    """Group commit: every message whose DATA ended in one turn of the event loop is
+    committed together at the start of the next turn (Spool.commit_batch), so that
+    concurrent messages share the syncs; those whose end of DATA comes while a batch
+    is being synced wait in their channel and make the next batch.  The batch's
+    outcome goes out in one call, ``done([(item, error or None)...])``, as soon as
+    the batch is durable: nobody is answered before.
+
+    On the event loop, not in a thread: the batch blocks the loop for its two
+    syncfs (about 1-2 ms; the messages that come meanwhile are the next batch).  A
+    committer thread did the same work in 2-3 times as long under load (issue 12,
+    docs/performance.md): each of a batch's system calls (per message a flush, a
+    close, two renames; then the syncs) gave up the GIL, and taking it back from a
+    busy event loop costs up to the 5 ms switch interval, plus the thread's own
+    wake-up; the commit latency's p99 was twice what it is without."""
 
     MAX_BATCH = 128
 
     def __init__(self, spool: Spool, done) -> None:
         self.spool = spool
         self.done = done
-        self.pending: threadqueue.SimpleQueue = threadqueue.SimpleQueue()
-        self.thread: threading.Thread | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
+        self.pending: list[tuple[object, int, object]] = []
 
     def commit(self, item, msgid: int, body) -> None:
-        if self.thread is None:
-            self.loop = asyncio.get_running_loop()
-            self.thread = threading.Thread(target=self._run, name="committer", daemon=True)
-            self.thread.start()
-        self.pending.put((item, msgid, body))
+        if not self.pending:
+            asyncio.get_running_loop().call_soon(self._run)
+        self.pending.append((item, msgid, body))
 
     def _run(self) -> None:
-        while True:
-            batch = [self.pending.get()]
-            while len(batch) < self.MAX_BATCH:
-                try:
-                    batch.append(self.pending.get_nowait())
-                except threadqueue.Empty:
-                    break
-            try:
-                results = self.spool.commit_batch([(msgid, body) for _, msgid, body in batch])
-            except Exception as exc:        # a bug: fail the batch, never acknowledge it
-                results = [exc] * len(batch)
-            try:
-                self.loop.call_soon_threadsafe(self.done, [(item, result) for (item, _, _), result
-                                                           in zip(batch, results)])
-            except RuntimeError:            # the loop is closed: the process is stopping
-                return
+        batch, self.pending = self.pending[:self.MAX_BATCH], self.pending[self.MAX_BATCH:]
+        if self.pending:                    # more than a batch: the rest in the next turn
+            asyncio.get_running_loop().call_soon(self._run)
+        try:
+            results = self.spool.commit_batch([(msgid, body) for _, msgid, body in batch])
+        except Exception as exc:            # a bug: fail the batch, never acknowledge it
+            results = [exc] * len(batch)
+        self.done([(item, result) for (item, _, _), result in zip(batch, results)])
 
 
 class Remover:
@@ -493,15 +490,22 @@ class Process:
                     item, getattr(failure, "strerror", None) or str(failure),
                     isinstance(failure, OSError) and is_disk_full(failure)))
         if done:
-            self._spawn(self._announce(done))
+            self._announce(done)
 
-    async def _announce(self, done: list[Committing]) -> None:
+    def _announce(self, done: list[Committing]) -> None:
         """Durable messages: the scheduler learns of the whole batch in one message
-        (before any client is answered), then each client gets its 250."""
-        send = self.ctx.mesh.send
-        await send("scheduler", QueueCommitBatch(entries=[e for item in done for e in item.inc.entries]))
+        (before any client is answered), then each client gets its 250.  They leave
+        now rather than at the end of this turn of the loop (a turn that may go on
+        with other work): each message waits for its reply."""
+        mesh = self.ctx.mesh
+        mesh.send_nowait("scheduler", QueueCommitBatch(entries=[e for item in done for e in item.inc.entries]))
+        mesh.send_pending("scheduler")
+        peers = set()
         for item in done:
-            await send(item.peer, SmtpMessageCommitReply(reqid=item.reqid, ok=True))
+            mesh.send_nowait(item.peer, SmtpMessageCommitReply(reqid=item.reqid, ok=True))
+            peers.add(item.peer)
+        for peer in peers:
+            mesh.send_pending(peer)
 
     async def _commit_failed(self, item: Committing, error: str, disk_full: bool) -> None:
         inc = item.inc

@@ -22,6 +22,8 @@ import urllib.request
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
+import smtplib
+
 import pytest
 import typer
 from prometheus_client.parser import text_string_to_metric_families
@@ -32,7 +34,7 @@ from smtpctl import main as smtpctl_main
 from tests.conftest import REPO, free_port, wait_for
 from tests.e2e.helpers import config, maildir_messages, send
 
-STAT_LINE = re.compile(r"^[a-z0-9.\-]+=-?\d+(\.\d+)?$")
+STAT_LINE = re.compile(r"^[a-z0-9._\-]+=-?\d+(\.\d+)?$")
 
 
 def stats_of(text: str) -> dict[str, str]:
@@ -361,3 +363,44 @@ def test_control_connections_per_user_are_limited(make_daemon, tmp_path):
         for s in held:
             s.close()
     wait_for(lambda: d.smtpctl("show", "status", check=False).returncode == 0, 10, "control to accept again")
+
+
+def _timed_data(s: smtplib.SMTP, body: bytes) -> tuple[int, float]:
+    """DATA, then the body and its final dot: the reply's code and the seconds from
+    sending the dot to reading the reply."""
+    code, _ = s.docmd("DATA")
+    assert code == 354, code
+    started = time.monotonic()
+    s.send(body + b".\r\n")
+    code, _ = s.getreply()
+    return code, time.monotonic() - started
+
+
+def test_commit_latency_keys(make_daemon, tmp_path):
+    """smtp.commit.latency.* (a pysmtpd addition): pony's histogram of the time from
+    the final dot to the reply written, 250 or a refusal alike."""
+    port = free_port()
+    d = make_daemon(config(tmp_path / "d", port, extra="smtp max-message-size 2000")).start()
+    assert "smtp.commit.latency" not in d.smtpctl("show", "stats").stdout    # nothing measured yet
+    client_seconds = []
+    codes = []
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+        s.ehlo("client.test")
+        for body in [b"Subject: t\r\n\r\nhello\r\n"] * 3 + [b"Subject: big\r\n\r\n" + b"x" * 3000 + b"\r\n"]:
+            assert s.mail("a@remote.test")[0] == 250
+            assert s.rcpt("bob@example.test")[0] == 250
+            code, seconds = _timed_data(s, body)
+            codes.append(code)
+            client_seconds.append(seconds)
+    assert codes == [250, 250, 250, 554]          # the last one too big (R_TOO_BIG)
+    wait_for(lambda: len(maildir_messages(tmp_path / "d", "bob")) == 3, 20, "deliveries")
+    stats = stats_of(d.smtpctl("show", "stats").stdout)
+    latency = {k.removeprefix("smtp.commit.latency."): float(v) for k, v in stats.items()
+               if k.startswith("smtp.commit.latency.")}
+    assert set(latency) == {"count", "p50_ms", "p90_ms", "p99_ms", "max_ms"}
+    assert latency["count"] == 4 and stats["smtp.commit.latency.count"] == "4"
+    # the server's interval lies within the client's (the dot sent .. the reply read)
+    assert 0 < latency["max_ms"] <= max(client_seconds) * 1000 + 0.05, (latency, client_seconds)
+    # percentiles are bucket bounds: ordered, and the p99 of 4 is the bucket of the maximum
+    assert 0 < latency["p50_ms"] <= latency["p90_ms"] <= latency["p99_ms"]
+    assert latency["max_ms"] <= latency["p99_ms"] <= latency["max_ms"] + 1, latency

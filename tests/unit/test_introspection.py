@@ -22,6 +22,7 @@ from smtpd.queue_fs import Spool
 from smtpd.queue_profile import Observed
 from smtpd.stat_backend import Gathered
 from smtpctl import monitor
+from smtpctl.format import format_stats
 
 
 @pytest.fixture(autouse=True)
@@ -95,13 +96,54 @@ def test_population_counts_distinct_live_objects():
     assert stat.snapshot() == {"mta.host": 1}
 
 
+def test_histogram_percentiles_are_bucket_bounds():
+    latency = stat.histogram("smtp.commit.latency")
+    assert stat.histogram("smtp.commit.latency") is latency     # one per key and process
+    assert stat.snapshot() == {}                        # no key until something is measured
+    # 100 durations: 50 of 11.5 ms, 40 of 17.7 ms, 9 of 25.3 ms, one of 0.3 s
+    for seconds, n in ((0.0115, 50), (0.0177, 40), (0.0253, 9), (0.3, 1)):
+        for _ in range(n):
+            latency.observe(seconds)
+    # nearest rank: the 50th, 90th and 99th durations, each as the bound of its bucket
+    assert stat.snapshot() == {"smtp.commit.latency.count": 100, "smtp.commit.latency.p50_ms": 12.0,
+                               "smtp.commit.latency.p90_ms": 18.0, "smtp.commit.latency.p99_ms": 26.0,
+                               "smtp.commit.latency.max_ms": 300.0}
+    latency.observe(0.3001)                             # the 99th of 101 is now 0.3 s
+    assert latency.values()["smtp.commit.latency.p99_ms"] == 300.0
+    stat.reset()
+    assert stat.snapshot() == {} and latency.count == 0
+
+
+def test_histogram_buckets():
+    h = stat.Histogram("t")
+    bounds = stat.LATENCY_BOUNDS_MS
+    assert bounds == tuple(sorted(bounds)) and bounds[0] == 0.1 and bounds[-1] == 10000.0
+    # a millisecond apart from 1 to 50 ms: a p99 near 20 ms reads to the millisecond
+    assert [b for b in bounds if 1 <= b <= 50] == [float(v) for v in range(1, 51)]
+    # one decimal at most: show stats prints floats as seconds.microseconds
+    assert all(round(b, 1) == b for b in bounds)
+    h.observe(0.012)                   # exactly on a bound: in the bucket it closes
+    h.observe(0.00005)                 # below the first bound
+    assert h.percentiles(0.5, 1.0) == [0.1, 12.0]
+    h.observe(12.5)                    # past the last bound: the maximum, to 0.1 ms
+    assert h.percentiles(0.99) == [12500.0] and h.values()["t.max_ms"] == 12500.0
+    one = stat.Histogram("one")
+    one.observe(0.0203)
+    assert one.values() == {"one.count": 1, "one.p50_ms": 21.0, "one.p90_ms": 21.0,
+                            "one.p99_ms": 21.0, "one.max_ms": 20.3}
+    assert format_stats({"one.max_ms": 20.3, "one.p50_ms": 0.3}) == [
+        "one.max_ms=20.300000", "one.p50_ms=0.300000"]
+
+
 def test_stat_trace_lines(caplog):
     trace.FLAGS.set_tracing(trace.TRACE_STAT)
     with caplog.at_level(logging.DEBUG, logger="smtpd.trace"):
         stat.increment("mda.user")
         stat.decrement("mda.user")
+        stat.Histogram("smtp.commit.latency").observe(0.0125)
     assert [r.getMessage() for r in caplog.records] == [
-        "stat: increment: mda.user: 0 -> 1", "stat: decrement: mda.user: 1 -> 0"]
+        "stat: increment: mda.user: 0 -> 1", "stat: decrement: mda.user: 1 -> 0",
+        "stat: observe: smtp.commit.latency: 12.500 ms"]
 
 
 def test_digest_from_gathered_counters():

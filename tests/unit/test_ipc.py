@@ -171,3 +171,43 @@ def test_frames_groups_small_messages_and_keeps_large_ones_apart():
     assert ipc._frames([small]) == [small]
     many = ipc._frames([small] * 20)
     assert len(many) == 1 and many[0][:3] == b"\xdc\x00\x14" and [decode(part) for part in ipc._split_batch(many[0])] == [QueueMessageCommit(msgid=1)] * 20
+
+
+def test_send_nowait_keeps_the_order_and_send_pending_sends_within_the_turn(tmp_path):
+    """send_nowait queues like send without waiting: behind what waits for a peer
+    that cannot take it yet, in order.  send_pending sends this turn's messages
+    without waiting for the turn to end (a commit's reply)."""
+    rundir = rundir_for(tmp_path)
+
+    async def main():
+        got: list[int] = []
+        done = asyncio.Event()
+
+        def on_message(peer, msg):
+            got.append(msg.msgid)
+            if len(got) == 4:
+                done.set()
+
+        queue = Mesh("queue", rundir)           # binds queue-scheduler; nobody connected yet
+        queue.open()
+        queue.start(lambda peer, msg: None)
+        queue.send_nowait("scheduler", QueueMessageCommit(msgid=1))
+        queue.send_pending("scheduler")         # cannot leave: kept, first in line
+        waiting = asyncio.create_task(queue.send("scheduler", QueueMessageCommit(msgid=2)))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        queue.send_nowait("scheduler", QueueMessageCommit(msgid=3))    # behind 2, not waiting
+        scheduler = Mesh("scheduler", rundir)
+        scheduler.open()
+        await waiting                           # connected: the outbox drains
+        queue.send_nowait("scheduler", QueueMessageCommit(msgid=4))
+        queue.send_pending("scheduler")
+        # already on its way, although this turn of the loop has not ended
+        assert scheduler.socks["queue"].poll(5000)
+        scheduler.start(on_message)
+        await asyncio.wait_for(done.wait(), 10)
+        queue.close()
+        scheduler.close()
+        return got
+
+    assert run(main()) == [1, 2, 3, 4]
