@@ -207,7 +207,7 @@ class Spool:
 
     def commit_batch(self, batch) -> list[OSError | None]:
         """Make fully received messages durable and visible, sharing the syncs between
-        them (blocking: the queue's committer thread).  ``batch`` is [(msgid, body)];
+        them (blocking: called on the queue's event loop, docs/spool.md).  ``batch`` is [(msgid, body)];
         the result has, for each, None (committed: it may be acknowledged) or the
         error (nothing of it is in queue/; the caller rolls it back)."""
         results: list[OSError | None] = [None] * len(batch)
