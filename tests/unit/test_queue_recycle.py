@@ -5,26 +5,13 @@ import stat
 
 import pytest
 
-from common.envelope import Envelope
 from smtpd import queue_fs, queue_recycle
-from smtpd.queue_fs import Spool
 from smtpd.queue_recycle import InodePool, rename_noreplace
-
-
-@pytest.fixture
-def spool(tmp_path):
-    s = Spool(tmp_path / "spool")
-    s.setup(os.getuid(), os.getgid(), privileged=False)
-    s.purge_unfinished()
-    return s
+from tests.unit.test_queue_fs import receive, spool  # noqa: F401 (spool: the fixture)
 
 
 def deliver_one(spool, rcpts=("a@b.test",), body=b"Subject: x\n\nsecret\n"):
-    msgid = spool.create_message()
-    evpids = [spool.write_incoming_envelope(msgid, Envelope(dispatcher="local", type="mda", rcpt=r, dest=r))
-              for r in rcpts]
-    f = spool.open_body(msgid)
-    f.write(body)
+    msgid, evpids, f = receive(spool, rcpts, body)
     spool.commit(msgid, f)
     return msgid, evpids
 
