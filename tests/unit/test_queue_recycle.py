@@ -1,10 +1,11 @@
 """The spool's pool of recycled inodes (smtpd/queue_recycle.py): delivered messages'
-files and directories, emptied, become the next messages' without new inodes."""
+files and directories become the next messages' without new inodes."""
 import os
 import stat
 
 import pytest
 
+from common.envelope import Envelope
 from smtpd import queue_fs, queue_recycle
 from smtpd.queue_recycle import InodePool, rename_noreplace
 from tests.unit.test_queue_fs import receive, spool  # noqa: F401 (spool: the fixture)
