@@ -30,12 +30,14 @@ from smtpd import fd_channel
 from smtpd.delivery_body import read_head
 from smtpd.maildir import has_delivered_to_loop, prepend_delivery_headers
 from smtpd.mda_variables import FormatError, expand_format
+from smtpd.ttl_cache import TtlCache
 
 log = logging.getLogger("smtpd")
 
 MAX_SESSIONS = 50
 DEFAULT_MAILDIR = "~/Maildir"
 FD_WAIT = 10.0          # a descriptor comes just before its message; this is a safety bound
+USER_CACHE_TTL = 5.0    # seconds a user's lookup (uid, gid, home) is kept (docs/delivery.md)
 
 # OpenSMTPD's mda.* stats: envelopes in the MDA, waiting for a delivery slot
 # (pending) or being delivered (running), and the users they are for.
@@ -47,6 +49,10 @@ class Mda:
         self.pony = pony
         self.config = pony.config          # replaced at a reload (smtpd/reload.py)
         self.slots = asyncio.Semaphore(MAX_SESSIONS)
+        # (table, user) -> lka's answer, for a burst of mail to one mailbox; forgotten
+        # when the configuration changes (a reload may change the tables)
+        self.users = TtlCache(USER_CACHE_TTL)
+        self.users_config = self.config
         fd = getattr(pony.ctx.opts, "queue_fd_channel", -1)
         self.message_fds = fd_channel.FdReceiver(socket.socket(fileno=fd)) if fd >= 0 else None
 
@@ -134,6 +140,19 @@ class Mda:
             command = expand(wrapper, mda=command)
         return "mda", command
 
+    async def _userinfo(self, table: str, username: str) -> MdaLookupUserinfoReply:
+        """lka's answer for the user (kept USER_CACHE_TTL seconds when found)."""
+        if self.users_config is not self.config:
+            self.users.clear()
+            self.users_config = self.config
+        user = self.users.get((table, username))
+        if user is None:
+            user = await self.pony.mesh.request("lka", MdaLookupUserinfo(
+                reqid=self.pony.ctx.new_id(), table=table, user=username), (MdaLookupUserinfoReply,))
+            if user.status == "ok":
+                self.users.put((table, username), user)
+        return user
+
     async def _deliver(self, env: Envelope) -> tuple[str, str]:
         action = self.config.actions.get(env.dispatcher)
         if action is None:
@@ -142,13 +161,11 @@ class Mda:
             return "tempfail", "no descriptor channel from the queue"
         mesh, new_id = self.pony.mesh, self.pony.ctx.new_id
         username = action.user or env.mda_user
-        user = await mesh.request("lka", MdaLookupUserinfo(
-            reqid=new_id(), table=action.userbase or "", user=username), (MdaLookupUserinfoReply,))
+        user = await self._userinfo(action.userbase or "", username)
         if user.status == "notfound" and env.mda_method in ("exec", "file") and action.userbase:
             # an alias's |command or /file runs as smtpd's own user (docs/expansion.md),
             # a system account a userbase table does not list
-            user = await mesh.request("lka", MdaLookupUserinfo(
-                reqid=new_id(), table="", user=username), (MdaLookupUserinfoReply,))
+            user = await self._userinfo("", username)
         if user.status == "notfound":
             return "permfail", "Permanent failure in user lookup"
         if user.status != "ok":

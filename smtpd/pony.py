@@ -23,7 +23,7 @@ from common.messages import (
     QueueEnvelopeSubmitReply, QueueTransfer, SmtpMessageCreateReply, SmtpMessageRollback,
 )
 from smtpd import enqueue, fdpass, listeners
-from smtpd.rdns_cache import RdnsCache
+from smtpd.ttl_cache import TtlCache
 from smtpd.mda import Mda
 from smtpd.mta import Mta
 from smtpd.smtp_session import Session
@@ -33,6 +33,7 @@ from smtpd import proxy_v2, tls
 log = logging.getLogger("smtpd")
 
 RDNS_TIMEOUT = 10.0
+RDNS_CACHE_TTL = 30.0     # seconds a client's PTR name is kept (docs/smtp.md)
 # Descriptors kept from the SMTP sessions' share (the channels, the logs, TLS files).
 SESSION_FD_RESERVE = 32
 
@@ -111,7 +112,7 @@ class Process:
         self.sessions_open = 0
         self.sessions_fd_limit = sessions_descriptors_allow()
         self.auth_failures: dict[str, int] = {}  # client address -> failed AUTH (smtp_session)
-        self.rdns_cache = RdnsCache()           # client address -> its PTR name, for 30 s
+        self.rdns_cache = TtlCache(RDNS_CACHE_TTL)   # client address -> its PTR name
         self.message_reserve = enqueue.MessageReserve(self)   # msgids ahead of MAIL FROM
         self._tls_contexts: dict[int, object] = ctx.prepared.tls_contexts
         self._reload_tls_contexts: dict[int, object] = {}   # of the pending reload
