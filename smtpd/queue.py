@@ -12,8 +12,6 @@ import asyncio
 import logging
 import os
 import socket
-import queue as threadqueue
-import threading
 import time
 
 from common.vis import COMMAND, log_text
@@ -106,78 +104,42 @@ class Committer:
 
 
 class Remover:
-    """Removal of delivered (or failed, expired, removed) envelopes, off the event loop:
-    a thread unlinks them in order (Spool.delete_envelope: the envelope, and the message
-    with its last envelope).  Unlinking blocks for milliseconds when the file system's
-    journal is busy with the group commit's syncs, which the event loop must not wait
-    for.  The removals asked within BATCH_DELAY go to the thread together: one wake-up
-    of it (and one hand-over of the GIL) per batch, not per envelope.
+    """Removal of delivered (or failed, expired, removed) envelopes, in order
+    (Spool.delete_envelope: the envelope, and the message with its last envelope), on
+    the event loop, the removals asked within BATCH_DELAY together.  A removal is
+    renames into the pool of recycled inodes (smtpd/queue_recycle.py), work of the
+    size of the group commit's, which runs on the loop too; it ran on a thread of its
+    own when it was unlinks, and waking that thread (and handing it the GIL) for each
+    batch cost more than the renames (issue 12).
 
     A removal is not durable and need not be (a crash before it delivers again, as
-    OpenSMTPD, docs/spool.md); ``flush`` waits for every removal asked so far
-    (discover, uncorrupt, stop: they must see the spool as the scheduler does)."""
+    OpenSMTPD, docs/spool.md); ``run`` does every removal asked so far (discover,
+    uncorrupt, stop: they must see the spool as the scheduler does)."""
 
     BATCH_DELAY = 0.01      # seconds; what a crash may deliver twice grows by this at most
 
     def __init__(self, spool: Spool) -> None:
         self.spool = spool
-        self.pending: threadqueue.SimpleQueue = threadqueue.SimpleQueue()
         self.batch: list[int] = []
-        self.thread: threading.Thread | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
+        self.timer: asyncio.TimerHandle | None = None
 
     def remove(self, evpid: int) -> None:
-        if not self.batch:
-            self._start()
-            self.loop.call_later(self.BATCH_DELAY, self._hand_over)
+        if self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(self.BATCH_DELAY, self.run)
         self.batch.append(evpid)
 
-    def _hand_over(self) -> None:
-        if self.batch:
-            self.pending.put(self.batch)
-            self.batch = []
+    def run(self) -> None:
+        """The removals asked so far, now."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        batch, self.batch = self.batch, []
+        for evpid in batch:
+            try:
+                self.spool.delete_envelope(evpid)
+            except Exception:           # a bug: the envelope stays, and is said so
+                log.exception("warn: queue: cannot remove envelope %016x", evpid)
 
-    async def flush(self) -> None:
-        if self.thread is None:
-            return
-        self._hand_over()
-        marker = self.loop.create_future()
-        self.pending.put(marker)
-        await marker
-
-    def close(self) -> None:
-        """The thread ends once the removals asked before are done."""
-        if self.thread is not None:
-            self._hand_over()
-            self.pending.put(None)
-
-    def _start(self) -> None:
-        if self.thread is None:
-            self.loop = asyncio.get_running_loop()
-            self.thread = threading.Thread(target=self._run, name="remover", daemon=True)
-            self.thread.start()
-
-    def _run(self) -> None:
-        while True:
-            item = self.pending.get()
-            if item is None:
-                return
-            if isinstance(item, asyncio.Future):
-                try:
-                    self.loop.call_soon_threadsafe(_resolve, item, None)
-                except RuntimeError:        # the loop is closed: the process is stopping
-                    return
-                continue
-            for evpid in item:
-                try:
-                    self.spool.delete_envelope(evpid)
-                except Exception:           # a bug: the envelope stays, and is said so
-                    log.exception("warn: queue: cannot remove envelope %016x", evpid)
-
-
-def _resolve(future: asyncio.Future, value) -> None:
-    if not future.done():
-        future.set_result(value)
 
 
 class Committing:
@@ -217,11 +179,8 @@ class Process:
     async def stop(self) -> None:
         for task in list(self.tasks):
             task.cancel()
-        try:        # removals asked for are done: a restart would deliver them again
-            await asyncio.wait_for(self.remover.flush(), 2)
-        except TimeoutError:
-            log.warning("warn: queue: removals still pending at stop (delivered again at start)")
-        self.remover.close()
+        # removals asked for are done: a restart would deliver them again
+        self._flush_removals()
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
@@ -380,15 +339,22 @@ class Process:
     def _delivered(self, evpid: int) -> None:
         """A delivery succeeded: the envelope goes, and the scheduler hears of every
         success of the next few milliseconds in one message."""
-        self.remover.remove(evpid)
         if not self.delivered:
             asyncio.get_running_loop().call_later(Remover.BATCH_DELAY, self._report_delivered)
         self.delivered.append(evpid)
 
     def _report_delivered(self) -> None:
+        """The scheduler is told first (its message queued), then the envelopes go."""
         evpids, self.delivered = self.delivered, []
         if evpids:
-            self._spawn(self.ctx.mesh.send("scheduler", QueueDeliveredBatch(evpids=evpids)))
+            self.ctx.mesh.send_nowait("scheduler", QueueDeliveredBatch(evpids=evpids))
+            self.remover.batch.extend(evpids)
+            self.remover.run()
+
+    def _flush_removals(self) -> None:
+        """Every removal asked so far, now (discover, uncorrupt, stop)."""
+        self._report_delivered()
+        self.remover.run()
 
     async def _order(self, kind: str, evpid: int) -> None:
         """One of the scheduler's orders (scheduler.c's IMSG_SCHED_ENVELOPE_*)."""
@@ -683,7 +649,7 @@ class Process:
         to the scheduler, which ignores those it already knows.  The count is of envelopes
         loaded, as OpenSMTPD's; a message that cannot be read goes to corrupt/."""
         msgid = ident if ident <= MSGID_MAX else ident >> 32
-        await self.remover.flush()      # envelopes already removed are not found again
+        self._flush_removals()      # envelopes already removed are not found again
         try:
             evpids = self.spool.envelope_ids(msgid) if ident <= MSGID_MAX else [ident]
         except FileNotFoundError:
@@ -725,7 +691,7 @@ class Process:
         """corrupt/<msgid> back into queue/ (after the admin fixed it), then discovered."""
         if not 0 < msgid <= MSGID_MAX:
             return CtlReply(reqid=reqid, ok=False, text="not a message id")
-        await self.remover.flush()
+        self._flush_removals()
         try:
             self.spool.uncorrupt(msgid)
         except SpoolError as exc:

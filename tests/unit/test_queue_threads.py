@@ -1,6 +1,6 @@
-"""The queue's group committer and worker threads over a real spool: the committer
-reports a whole batch in one call, the remover unlinks in order off the event loop
-and ``flush`` waits for every removal asked before it."""
+"""The queue's group committer and remover over a real spool: the committer reports
+a whole batch in one call, the remover removes in order, in batches, on the event
+loop, and ``run`` does every removal asked before it."""
 import asyncio
 import os
 
@@ -28,24 +28,24 @@ def test_remover_removes_in_order_and_the_message_goes_with_its_last_envelope(sp
         remover = Remover(spool)
         remover.remove(one_evpids[0])
         remover.remove(two_evpids[0])
-        await asyncio.wait_for(remover.flush(), 10)
+        assert spool.message_dir(two).exists()          # batched: not before BATCH_DELAY
+        await asyncio.sleep(Remover.BATCH_DELAY * 5)
         # the first message keeps its body for its other envelope; the second is gone
         assert sorted(os.listdir(spool.message_dir(one))) == sorted(["message", f"{one_evpids[1]:016x}"])
         assert not spool.message_dir(two).exists()
         remover.remove(one_evpids[1])
         remover.remove(one_evpids[1])       # twice (removed while in flight): harmless
-        await asyncio.wait_for(remover.flush(), 10)
-        assert not spool.message_dir(one).exists()
+        remover.run()                                   # at once (discover, stop)
+        assert not spool.message_dir(one).exists() and remover.timer is None
         assert list(spool.walk()) == []
-        remover.close()
-        await asyncio.to_thread(remover.thread.join, 10)
-        assert not remover.thread.is_alive()
 
     asyncio.run(go())
 
 
-def test_remover_flush_without_any_removal_returns_at_once(spool):
-    asyncio.run(asyncio.wait_for(Remover(spool).flush(), 1))
+def test_remover_run_without_any_removal_does_nothing(spool):
+    remover = Remover(spool)
+    remover.run()
+    assert remover.batch == [] and remover.timer is None
 
 
 def test_committer_answers_a_batch_in_one_call(spool):
