@@ -24,7 +24,7 @@ from common.messages import (
     LkaEnvelopeSubmit, MessageContent,
     MessageOpen, QueueDeliver, QueueDeliveryLoop, QueueDeliveryOk, QueueDeliveryPermfail,
     QueueDeliveryTempfail, QueueEnvelopeAck, QueueEnvelopeCommitReply, QueueEnvelopeSubmit,
-    QueueEnvelopeRemove, QueueEnvelopeSubmitBatch, QueueEnvelopeSubmitReply, QueueMessageCommit, QueueMessageRollback,
+    QueueEnvelopeRemove, QueueEnvelopeSubmitBatch, QueueEnvelopeSubmitReply, QueueMessageCommit,
     QueueTransfer,
     SchedEntry, SchedEnvelopeBounce, SchedEnvelopeDeliver, SchedEnvelopeExpire, SchedEnvelopeRemove,
     SchedEnvelopeTransfer, SchedListReply, SmtpMessageCommit, SmtpMessageCommitReply,
@@ -114,12 +114,15 @@ class Remover:
 
     A removal is not durable and need not be (a crash before it delivers again, as
     OpenSMTPD, docs/spool.md); ``run`` does every removal asked so far (discover,
-    uncorrupt, stop: they must see the spool as the scheduler does)."""
+    uncorrupt, stop: they must see the spool as the scheduler does).  ``before`` runs
+    first in each batch: the queue tells the scheduler of the batch's deliveries there,
+    so that it hears before their envelopes go."""
 
     BATCH_DELAY = 0.01      # seconds; what a crash may deliver twice grows by this at most
 
-    def __init__(self, spool: Spool) -> None:
+    def __init__(self, spool: Spool, before=lambda: None) -> None:
         self.spool = spool
+        self.before = before
         self.batch: list[int] = []
         self.timer: asyncio.TimerHandle | None = None
 
@@ -133,13 +136,13 @@ class Remover:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        self.before()
         batch, self.batch = self.batch, []
         for evpid in batch:
             try:
                 self.spool.delete_envelope(evpid)
             except Exception:           # a bug: the envelope stays, and is said so
                 log.exception("warn: queue: cannot remove envelope %016x", evpid)
-
 
 
 class Committing:
@@ -158,8 +161,8 @@ class Process:
         self.incoming: dict[int, Incoming] = {}
         self.committing: set[int] = set()      # msgids in the committer's hands
         self.committer = Committer(self.spool, self._committed)
-        self.remover = Remover(self.spool)
         self.delivered: list[int] = []        # ok results the scheduler is told of next
+        self.remover = Remover(self.spool, before=self._report_delivered)
         # the queue's end of the queue -> pony descriptor channel (smtpd/fd_channel.py)
         fd = getattr(ctx.opts, "queue_fd_channel", -1)
         self.delivery_fds = socket.socket(fileno=fd) if fd >= 0 else None
@@ -180,7 +183,7 @@ class Process:
         for task in list(self.tasks):
             task.cancel()
         # removals asked for are done: a restart would deliver them again
-        self._flush_removals()
+        self.remover.run()
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
@@ -338,23 +341,16 @@ class Process:
 
     def _delivered(self, evpid: int) -> None:
         """A delivery succeeded: the envelope goes, and the scheduler hears of every
-        success of the next few milliseconds in one message."""
-        if not self.delivered:
-            asyncio.get_running_loop().call_later(Remover.BATCH_DELAY, self._report_delivered)
+        success of the remover's batch in one message, first."""
         self.delivered.append(evpid)
+        self.remover.remove(evpid)
 
     def _report_delivered(self) -> None:
-        """The scheduler is told first (its message queued), then the envelopes go."""
+        """The remover's ``before``: the scheduler's message is queued before the
+        batch's envelopes go."""
         evpids, self.delivered = self.delivered, []
         if evpids:
             self.ctx.mesh.send_nowait("scheduler", QueueDeliveredBatch(evpids=evpids))
-            self.remover.batch.extend(evpids)
-            self.remover.run()
-
-    def _flush_removals(self) -> None:
-        """Every removal asked so far, now (discover, uncorrupt, stop)."""
-        self._report_delivered()
-        self.remover.run()
 
     async def _order(self, kind: str, evpid: int) -> None:
         """One of the scheduler's orders (scheduler.c's IMSG_SCHED_ENVELOPE_*)."""
@@ -520,8 +516,8 @@ class Process:
 
     async def _delivery_result(self, res: DeliveryResult) -> None:
         send = self.ctx.mesh.send
-        # Removal needs no fsync (a crash at worst redelivers): the remover thread
-        # does it, after the scheduler has been told.
+        # Removal needs no fsync (a crash at worst redelivers): the remover does it,
+        # in a batch, after the scheduler has been told.
         if res.status == "ok":
             if self._wants_success_notice(res):
                 env = self._load_quiet(res.evpid)
@@ -649,7 +645,7 @@ class Process:
         to the scheduler, which ignores those it already knows.  The count is of envelopes
         loaded, as OpenSMTPD's; a message that cannot be read goes to corrupt/."""
         msgid = ident if ident <= MSGID_MAX else ident >> 32
-        self._flush_removals()      # envelopes already removed are not found again
+        self.remover.run()      # envelopes already removed are not found again
         try:
             evpids = self.spool.envelope_ids(msgid) if ident <= MSGID_MAX else [ident]
         except FileNotFoundError:
@@ -691,7 +687,7 @@ class Process:
         """corrupt/<msgid> back into queue/ (after the admin fixed it), then discovered."""
         if not 0 < msgid <= MSGID_MAX:
             return CtlReply(reqid=reqid, ok=False, text="not a message id")
-        self._flush_removals()
+        self.remover.run()
         try:
             self.spool.uncorrupt(msgid)
         except SpoolError as exc:

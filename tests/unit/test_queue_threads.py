@@ -25,18 +25,21 @@ def test_remover_removes_in_order_and_the_message_goes_with_its_last_envelope(sp
     spool.commit(two, f)
 
     async def go():
-        remover = Remover(spool)
+        # ``before`` runs first in each batch (the scheduler's notice), files still there
+        seen_before = []
+        remover = Remover(spool, before=lambda: seen_before.append(spool.message_dir(two).exists()))
         remover.remove(one_evpids[0])
         remover.remove(two_evpids[0])
         assert spool.message_dir(two).exists()          # batched: not before BATCH_DELAY
         await asyncio.sleep(Remover.BATCH_DELAY * 5)
         # the first message keeps its body for its other envelope; the second is gone
         assert sorted(os.listdir(spool.message_dir(one))) == sorted(["message", f"{one_evpids[1]:016x}"])
-        assert not spool.message_dir(two).exists()
+        assert not spool.message_dir(two).exists() and seen_before == [True]
         remover.remove(one_evpids[1])
         remover.remove(one_evpids[1])       # twice (removed while in flight): harmless
         remover.run()                                   # at once (discover, stop)
         assert not spool.message_dir(one).exists() and remover.timer is None
+        assert len(seen_before) == 2
         assert list(spool.walk()) == []
 
     asyncio.run(go())
