@@ -29,7 +29,7 @@ import msgspec
 from common import envelope as envcodec
 from common.envelope import Envelope, EnvelopeError
 from common.ids import random_evpid, random_msgid
-from smtpd.queue_recycle import InodePool, rename_exchange
+from smtpd.queue_recycle import InodePool, remove_quietly, rename_exchange
 
 def _kernel_reports_syncfs_errors() -> bool:
     """syncfs(2) returns writeback errors only since Linux 5.8; before, it returned 0
@@ -84,7 +84,7 @@ class Spool:
         self._queue_str = str(self.queue)
         self._incoming_str = str(self.incoming)
         self._temporary_str = str(self.temporary)
-        # delivered messages' files and directories, emptied, for new ones (queue_recycle.py)
+        # delivered messages' files and directories, for new ones (queue_recycle.py)
         self.pool = InodePool(str(self.purge))
         # evpid -> LISTED fields of the envelope as last read or written, packed: `show
         # queue` of 100,000 envelopes without reading and parsing 100,000 files (read +
@@ -191,9 +191,7 @@ class Spool:
             except FileExistsError:
                 continue
             try:
-                _write_all(fd, data)
-                if old_size > len(data):
-                    os.ftruncate(fd, len(data))
+                _write_over(fd, data, old_size)
             finally:
                 os.close(fd)
             return env.id
@@ -350,13 +348,11 @@ class Spool:
         data = envcodec.dump(env)
         fd, old_size = self._create(tmp)
         try:
-            _write_all(fd, data)
-            if old_size > len(data):
-                os.ftruncate(fd, len(data))
+            _write_over(fd, data, old_size)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
-            _unlink_quietly(tmp)
+            remove_quietly(tmp)
             raise
         os.close(fd)
         try:
@@ -405,8 +401,8 @@ class Spool:
 
     def delete_envelope(self, evpid: int) -> None:
         """Remove an envelope; the message goes with its last envelope.  Their files
-        and directory go to the pool of recycled inodes while it has room (emptied:
-        a removal all the same), else they are unlinked."""
+        and directory go to the pool of recycled inodes while it has room (out of
+        queue/: a removal all the same), else they are unlinked."""
         msgdir = self._msgdir(evpid >> 32)
         self.listing.pop(evpid, None)
         try:
@@ -539,11 +535,12 @@ def close_quietly(f) -> None:
         pass
 
 
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+def _write_over(fd: int, data: bytes, old_size: int) -> None:
+    """``data`` from the start of a file ``_create`` gave, cut to its length when the
+    file (a recycled one) held more."""
+    _write_all(fd, data)
+    if old_size > len(data):
+        os.ftruncate(fd, len(data))
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -29,8 +29,9 @@ one, so the pool can only save work, never refuse any.  A name is taken with
 EEXIST instead of replacing what is there.  ``purge/`` is emptied at start, pool and
 all.
 
-Thread-safe as the queue uses it: the remover thread recycles, the event loop takes
-(a deque's append and popleft are atomic; a name is unique per process).
+Thread-safe as the queue uses it: its event loop recycles (removals) and takes (new
+messages), and so does update_envelope on its threads (a deque's append and popleft
+are atomic; a name is unique per process).
 """
 from __future__ import annotations
 
@@ -52,10 +53,17 @@ MAX_DIRS = 1024       # empty directories kept (one per message)
 MAX_SIZE = 256 * 1024  # bytes: a bigger file is unlinked, not kept
 
 
+def _renameat2_call(src: str, dst: str, flags: int) -> int:
+    """renameat2(2): 0, or the errno."""
+    if _renameat2(_AT_FDCWD, src.encode(), _AT_FDCWD, dst.encode(), flags) != 0:
+        return ctypes.get_errno()
+    return 0
+
+
 def rename_noreplace(src: str, dst: str) -> None:
     """rename(2) that fails with FileExistsError when ``dst`` exists."""
-    if _renameat2(_AT_FDCWD, src.encode(), _AT_FDCWD, dst.encode(), _RENAME_NOREPLACE) != 0:
-        err = ctypes.get_errno()
+    err = _renameat2_call(src, dst, _RENAME_NOREPLACE)
+    if err:
         raise OSError(err, os.strerror(err), dst)
 
 
@@ -64,17 +72,16 @@ def rename_exchange(a: str, b: str) -> bool:
     where the file system or the C library cannot (the caller renames instead)."""
     if _renameat2 is None:
         return False
-    if _renameat2(_AT_FDCWD, a.encode(), _AT_FDCWD, b.encode(), _RENAME_EXCHANGE) != 0:
-        err = ctypes.get_errno()
-        if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-            return False
+    err = _renameat2_call(a, b, _RENAME_EXCHANGE)
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    if err:
         raise OSError(err, os.strerror(err), b)
     return True
 
 
 class InodePool:
     def __init__(self, purge: str) -> None:
-        self.purge = purge
         self.files: collections.deque[tuple[str, int]] = collections.deque()   # (name, size)
         self.dirs: collections.deque[str] = collections.deque()
         self._names = itertools.count()
@@ -88,7 +95,7 @@ class InodePool:
         self.files.clear()
         self.dirs.clear()
 
-    # -- giving back (the remover thread) ------------------------------------------------------
+    # -- giving back (the queue's remover; update_envelope's thread) -------------------------------
 
     def recycle_file(self, path: str) -> bool:
         """Move ``path`` into the pool; False (nothing done) when the pool is full or
@@ -98,9 +105,7 @@ class InodePool:
         st = os.lstat(path)
         if st.st_size > MAX_SIZE or not _ours(st, stat.S_ISREG, 0o600):
             return False
-        name = f"{self._prefix}{next(self._names)}"
-        os.rename(path, name)
-        self.files.append((name, st.st_size))
+        self.files.append((self._park(path), st.st_size))
         return True
 
     def recycle_dir(self, path: str) -> bool:
@@ -109,12 +114,16 @@ class InodePool:
         emptied itself: a rename does not check that."""
         if not self.enabled or len(self.dirs) >= MAX_DIRS or not _ours(os.lstat(path), stat.S_ISDIR, 0o700):
             return False
-        name = f"{self._prefix}{next(self._names)}"
-        os.rename(path, name)
-        self.dirs.append(name)
+        self.dirs.append(self._park(path))
         return True
 
-    # -- taking (the event loop) ---------------------------------------------------------------
+    def _park(self, path: str) -> str:
+        """Rename ``path`` to a fresh name in the pool; that name."""
+        name = f"{self._prefix}{next(self._names)}"
+        os.rename(path, name)
+        return name
+
+    # -- taking (the event loop; update_envelope's thread) ------------------------------------------
 
     def take_dir(self, dst: str) -> bool:
         """Rename a pooled directory to ``dst``: True if done; False if the pool had
@@ -128,7 +137,7 @@ class InodePool:
                 self.dirs.appendleft(name)
                 raise
             except OSError:
-                _remove_quietly(name, os.rmdir)
+                remove_quietly(name, os.rmdir)
                 continue
             self.reused += 1
             return True
@@ -155,12 +164,12 @@ class InodePool:
                     raise
                 continue
             except OSError:
-                _remove_quietly(name, os.unlink)
+                remove_quietly(name, os.unlink)
                 continue
             try:
                 fd = os.open(dst, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             except OSError:
-                _remove_quietly(dst, os.unlink)
+                remove_quietly(dst, os.unlink)
                 continue
             self.reused += 1
             return fd, size
@@ -174,7 +183,7 @@ def _ours(st: os.stat_result, is_type, mode: int) -> bool:
             and (st.st_nlink == 1 or not stat.S_ISREG(st.st_mode)))
 
 
-def _remove_quietly(path: str, remove) -> None:
+def remove_quietly(path: str, remove=os.unlink) -> None:
     try:
         remove(path)
     except OSError:
