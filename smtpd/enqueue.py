@@ -58,14 +58,14 @@ async def ask_message(pony) -> int:
 
 
 class MessageReserve:
-    """A few messages created at the queue before a transaction needs one, so that
-    MAIL FROM is answered without waiting for the queue: under load that round trip
-    was milliseconds of each message's way.  Each is what SmtpMessageCreate always
-    made (an ``incoming/<msgid>/`` directory, nothing else); one still held when
-    the daemon stops is purged with the rest of incoming/ at the next start.  The
-    reserve fills only once used (an idle daemon holds none) and pauses for
-    RESERVE_PAUSE after the queue refused one (a full disk: the session's own
-    request then says so, as before)."""
+    """A few message ids taken from the queue before a transaction needs one, so
+    that MAIL FROM is answered without waiting for the queue: under load that round
+    trip was milliseconds of each message's way.  An id costs nothing on disk (the
+    queue makes ``incoming/<msgid>/`` with the message's first envelope) and only an
+    entry in the queue's memory; one still held when the daemon stops leaves
+    nothing behind.  The reserve fills only once used (an idle daemon holds none)
+    and pauses for RESERVE_PAUSE after the queue refused one (the session's own
+    request then says why, as before)."""
 
     def __init__(self, pony, clock=time.monotonic) -> None:
         self.pony = pony

@@ -50,9 +50,8 @@ class Mda:
         self.config = pony.config          # replaced at a reload (smtpd/reload.py)
         self.slots = asyncio.Semaphore(MAX_SESSIONS)
         # (table, user) -> lka's answer, for a burst of mail to one mailbox; forgotten
-        # when the configuration changes (a reload may change the tables)
+        # at a reload, which may change the tables (Process.apply_config)
         self.users = TtlCache(USER_CACHE_TTL)
-        self.users_config = self.config
         fd = getattr(pony.ctx.opts, "queue_fd_channel", -1)
         self.message_fds = fd_channel.FdReceiver(socket.socket(fileno=fd)) if fd >= 0 else None
 
@@ -142,9 +141,6 @@ class Mda:
 
     async def _userinfo(self, table: str, username: str) -> MdaLookupUserinfoReply:
         """lka's answer for the user (kept USER_CACHE_TTL seconds when found)."""
-        if self.users_config is not self.config:
-            self.users.clear()
-            self.users_config = self.config
         user = self.users.get((table, username))
         if user is None:
             user = await self.pony.mesh.request("lka", MdaLookupUserinfo(

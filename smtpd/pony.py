@@ -200,6 +200,7 @@ class Process:
         smtps listeners that stay get a new server (an asyncio server keeps the
         context it was made with; the socket and its backlog are kept)."""
         self.config = self.mta.config = self.mda.config = config
+        self.mda.users.clear()                  # users looked up under the old tables
         previous, contexts = self._tls_contexts, self._reload_tls_contexts
         self._tls_contexts, self._reload_tls_contexts = contexts, {}
         self.client_tls, self._reload_client_tls = self._reload_client_tls, {}
