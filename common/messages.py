@@ -48,13 +48,6 @@ class CtlVerbose(Msg, **_m("ctl_verbose")):
     reqid: int = 0
 
 
-class MdaDone(Msg, **_m("mda_done")):
-    """parent -> pony: the outcome of an MdaDeliver."""
-    reqid: int
-    status: str          # "ok" | "tempfail" | "permfail"
-    error: str = ""
-
-
 # --- inbound SMTP: pony <-> queue, pony <-> lka, lka -> queue -----------------------------
 
 class SmtpMessageCreate(Msg, **_m("smtp_message_create")):
@@ -531,32 +524,6 @@ class MdaMessageOpened(Msg, **_m("mda_message_opened")):
     error: str = ""
 
 
-class MdaDeliver(Msg, **_m("mda_deliver")):
-    """pony -> parent: deliver one message locally as a user; answered by MdaDone.
-    The message's descriptor came first over the pony -> parent fd channel under
-    ``reqid``; the parent hands it to the user's delivery worker and never reads it.
-    ``prefix``: the Return-Path/Delivered-To lines written before the message.
-    ``target``: maildir path, mda command, lmtp destination or /file path, expanded by
-    pony (an mbox path is the parent's to make: ``action`` names the action).
-    The address fields are for the mda's environment and the mbox From_ line."""
-    reqid: int
-    evpid: int
-    action: str
-    method: str          # "maildir" | "mbox" | "mda" | "lmtp" | "file"
-    target: str
-    junk: bool
-    uid: int
-    gid: int
-    home: str
-    username: str
-    prefix: bytes
-    sender: str
-    rcpt: str
-    dest: str
-    subaddress: str = ""
-    lmtp_rcpt: str = ""  # lmtp: the address of RCPT TO (dest, or rcpt with `rcpt-to`)
-
-
 # --- issue 11: sendmail(8) through the running daemon -------------------------------------
 
 class CtlEnqueue(Msg, **_m("ctl_enqueue")):
@@ -823,8 +790,61 @@ class QueueDeliveredBatch(Msg, **_m("queue_delivered_batch")):
 TRACE_IDS_MAX = 32      # ids of a batch message shown in a trace line
 
 
+# --- issue 12: local delivery workers, pony <-> parent (docs/delivery.md) ------------------
+
+class MdaWorkerSpawn(Msg, **_m("mda_worker_spawn")):
+    """pony -> parent: fork a delivery worker that runs as (uid, gid) and serves the
+    socket that came first over the pony -> parent fd channel under ``reqid`` (pony
+    keeps the other end and sends its requests there).  Answered by MdaWorkerSpawned."""
+    reqid: int
+    uid: int
+    gid: int
+
+
+class MdaWorkerSpawned(Msg, **_m("mda_worker_spawned")):
+    reqid: int
+    status: str          # "ok" | "tempfail" | "permfail" (uid 0)
+    error: str = ""
+    pid: int = 0
+
+
+class MdaWorkerKill(Msg, **_m("mda_worker_kill")):
+    """pony -> parent: a worker past its delivery deadline; the parent kills it if it
+    is one of its own."""
+    pid: int
+
+
+class MdaWorkerExit(Msg, **_m("mda_worker_exit")):
+    """pony -> parent: how did this worker end (it closed its socket mid-delivery)?"""
+    reqid: int
+    pid: int
+
+
+class MdaWorkerExitReply(Msg, **_m("mda_worker_exit_reply")):
+    reqid: int
+    text: str            # "terminated; signal 9", "delivery process exited with status 1"...
+
+
+class MdaMboxPrepare(Msg, **_m("mda_mbox_prepare")):
+    """pony -> parent: make ``<spool>/<username>`` for (uid, gid) when missing, the
+    spool taken from ``action`` in the parent's own configuration (root creates the
+    file: pony never names its path).  Answered by MdaMboxPrepared with the path."""
+    reqid: int
+    action: str
+    username: str
+    uid: int
+    gid: int
+
+
+class MdaMboxPrepared(Msg, **_m("mda_mbox_prepared")):
+    reqid: int
+    status: str          # "ok" | "tempfail" | "permfail"
+    error: str = ""
+    path: str = ""
+
+
 Message = Union[
-    RequestFailed, SetupDone, ConfEnd, CtlVerbose, MdaDone,
+    RequestFailed, SetupDone, ConfEnd, CtlVerbose,
     SmtpMessageCreate, SmtpMessageCreateReply, SmtpExpandRcpt, SmtpExpandRcptReply,
     SmtpAuthenticate, SmtpAuthenticateReply, SmtpCheckSender, SmtpCheckSenderReply,
     LkaEnvelopeSubmit, LkaEnvelopeCommit, QueueEnvelopeSubmitReply, QueueEnvelopeCommitReply,
@@ -841,7 +861,7 @@ Message = Union[
     CtlContentReply, QueueEnvelopeRemove,
     PonyEnqueue, PonyEnqueueReply,
     QueueEnvelopeSubmitBatch,
-    MdaMessageOpen, MdaMessageOpened, MdaDeliver,
+    MdaMessageOpen, MdaMessageOpened,
     CtlEnqueue,
     MtaLookupCredentials, MtaCredentialsReply,
     CtlLinesReply, CtlMtaBlock, SchedEnvelopeWithdraw,
@@ -851,6 +871,8 @@ Message = Union[
     LkaOpenForward, LkaOpenForwardReply,
     MtaLookupSource, MtaSourceReply, MtaLookupHelo, MtaHeloReply,
     LkaEnvelopesSubmit, QueueCommitBatch, SchedOrders, QueueDeliveredBatch,   # issue 12: queue
+    MdaWorkerSpawn, MdaWorkerSpawned, MdaWorkerKill, MdaWorkerExit, MdaWorkerExitReply,
+    MdaMboxPrepare, MdaMboxPrepared,                                          # issue 12: mda
 ]
 
 _encoder = msgspec.msgpack.Encoder()

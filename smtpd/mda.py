@@ -4,10 +4,10 @@ dispatcher's part of OpenSMTPD's mda.c).
 pony prepares everything that needs no privilege: the user's home from lka, the
 message as a descriptor from the queue (MdaMessageOpen; smtpd/fd_channel.py), the
 loop check on its header block, the delivery header lines, the expanded Maildir
-path or mda command.  It then passes the descriptor on to the parent and asks it
-(MdaDeliver) to deliver as the user; the worker reads the message, pony and the
-parent never read more than the headers (pony) or nothing (parent).
-docs/delivery.md.
+path or mda command.  It then sends the request and the descriptor to a delivery
+worker that runs as the user (smtpd/mda_workers.py: the parent forks workers at
+pony's request, and is not on the path of a message); the worker reads the message,
+pony never reads more than the headers.  docs/delivery.md.
 """
 from __future__ import annotations
 
@@ -23,11 +23,14 @@ from common.durations import duration_to_text
 from common.envelope import Envelope
 from common.ipc import PeerTimeout
 from common.messages import (
-    DeliveryResult, MdaDeliver, MdaDone, MdaLookupUserinfo, MdaLookupUserinfoReply,
-    MdaMessageOpen, MdaMessageOpened,
+    DeliveryResult, MdaLookupUserinfo, MdaLookupUserinfoReply, MdaMboxPrepare, MdaMboxPrepared,
+    MdaMessageOpen, MdaMessageOpened, MdaWorkerExit, MdaWorkerExitReply, MdaWorkerKill,
+    MdaWorkerSpawn, MdaWorkerSpawned,
 )
 from smtpd import fd_channel
 from smtpd.delivery_body import read_head
+from smtpd.local_delivery import Request
+from smtpd.mda_workers import DeliveryPool
 from smtpd.maildir import has_delivered_to_loop, prepend_delivery_headers
 from smtpd.mda_variables import FormatError, expand_format
 from smtpd.ttl_cache import TtlCache
@@ -54,12 +57,14 @@ class Mda:
         self.users = TtlCache(USER_CACHE_TTL)
         fd = getattr(pony.ctx.opts, "queue_fd_channel", -1)
         self.message_fds = fd_channel.FdReceiver(socket.socket(fileno=fd)) if fd >= 0 else None
+        self.workers = DeliveryPool(ParentSpawner(pony))
 
     def start(self) -> None:
         if self.message_fds is not None:
             self.message_fds.start()
 
     def stop(self) -> None:
+        self.workers.close()
         if self.message_fds is not None:
             self.message_fds.stop()
 
@@ -186,15 +191,43 @@ class Mda:
                 prefix = prepend_delivery_headers(head, sender=env.sender, dest=env.dest)[:-len(head) or None]
             except ValueError as exc:
                 return "permfail", f"Bad address: {exc}"
-            key = new_id()
-            await fd_channel.send_fd(self.pony.ctx.prepared.fd_channel, key, fd)
+            if method == "mbox":
+                prepared = await mesh.request("parent", MdaMboxPrepare(
+                    reqid=new_id(), action=env.dispatcher, username=username, uid=user.uid, gid=user.gid),
+                    (MdaMboxPrepared,))
+                if prepared.status != "ok":
+                    return prepared.status, prepared.error
+                target = prepared.path
+            request = Request(method, target, action.junk, prefix, env.sender, env.rcpt, env.dest,
+                              username, user.home, env.mda_subaddress,
+                              (env.rcpt or env.dest) if action.lmtp_rcpt_to else env.dest)
+            status, error = await self.workers.run(request, user.uid, user.gid, fd)
         finally:
             os.close(fd)
-        done = await mesh.request("parent", MdaDeliver(
-            reqid=key, evpid=env.id, action=env.dispatcher, method=method, target=target,
-            junk=action.junk, uid=user.uid, gid=user.gid, home=user.home, username=username,
-            prefix=prefix, sender=env.sender, rcpt=env.rcpt, dest=env.dest,
-            subaddress=env.mda_subaddress,
-            lmtp_rcpt=(env.rcpt or env.dest) if action.lmtp_rcpt_to else env.dest),
-            (MdaDone,), timeout=350)
-        return done.status, "Delivered" if done.status == "ok" else done.error
+        return status, "Delivered" if status == "ok" else error
+
+
+class ParentSpawner:
+    """The pool's way to the parent, which alone can fork a process that runs as a
+    user (smtpd/mda_workers.py Spawner)."""
+
+    def __init__(self, pony) -> None:
+        self.pony = pony
+
+    async def spawn(self, uid: int, gid: int, sock: socket.socket) -> tuple[str, str, int]:
+        channel = self.pony.ctx.prepared.fd_channel
+        if channel is None:
+            return "tempfail", "no descriptor channel to the parent", 0
+        key = self.pony.ctx.new_id()
+        await fd_channel.send_fd(channel, key, sock.fileno())
+        reply = await self.pony.mesh.request("parent", MdaWorkerSpawn(reqid=key, uid=uid, gid=gid),
+                                              (MdaWorkerSpawned,))
+        return reply.status, reply.error, reply.pid
+
+    async def kill(self, pid: int) -> None:
+        await self.pony.mesh.send("parent", MdaWorkerKill(pid=pid))
+
+    async def exit_text(self, pid: int) -> str:
+        reply = await self.pony.mesh.request("parent", MdaWorkerExit(reqid=self.pony.ctx.new_id(), pid=pid),
+                                             (MdaWorkerExitReply,))
+        return reply.text

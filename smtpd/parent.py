@@ -28,7 +28,8 @@ from common.ids import UidGenerator
 from common.ipc import Mesh
 from common.messages import (
     ConfEnd, ConfEndDone, CtlEnqueue, CtlReply, CtlRequest, FilterProcFork, FilterProcKill, LkaOpenForward,
-    LkaOpenForwardReply, MdaDeliver, MdaDone, Msg, SetupDone, SmtpAuthenticate, SmtpAuthenticateReply,
+    LkaOpenForwardReply, MdaMboxPrepare, MdaMboxPrepared, MdaWorkerExit, MdaWorkerExitReply,
+    MdaWorkerKill, MdaWorkerSpawn, MdaWorkerSpawned, Msg, SetupDone, SmtpAuthenticate, SmtpAuthenticateReply,
     StatGet, StatReply, PonyEnqueueReply,
 )
 from smtpd import (
@@ -38,11 +39,13 @@ from smtpd import (
 from smtpd.config import ConfigError
 from smtpd.main import CHILDREN, EXIT_CONFIG, VERSION, load_config
 from smtpd.reload import Reloader
+from smtpd.ttl_cache import TtlCache
 
 log = logging.getLogger("smtpd")
 
 SETUP_TIMEOUT = 30.0
 EXECUTOR_THREADS = 2
+LOCAL_HOME_SECONDS = 60.0     # a home's file system type is checked again after this
 STOP_GRACE = 3.0
 
 
@@ -139,8 +142,9 @@ class Parent:
         self.exit_code = 0
         self.stopping = False
         self.mesh = Mesh("parent", rundir)
-        self.deliveries: set[asyncio.Task] = set()
-        self.delivery = local_delivery.DeliveryPool()
+        self.workers = local_delivery.WorkerProcesses()     # pony's delivery workers
+        # homes found on a local disk file system: their .forward is read on the loop
+        self.local_homes = TtlCache(LOCAL_HOME_SECONDS)
         ping_id = UidGenerator()
         self.watchdog = sdnotify.Watchdog(notifier, CHILDREN, lambda name, deadline: self.mesh.request(
             name, StatGet(reqid=ping_id()), (StatReply,), timeout=deadline))
@@ -229,11 +233,20 @@ class Parent:
         elif isinstance(msg, FilterProcKill) and peer == "lka":
             self.filters.kill(msg)
         elif isinstance(msg, LkaOpenForward) and peer == "lka":
-            self.spawn_task(self._open_forward(msg))
-        elif isinstance(msg, MdaDeliver) and peer == "pony":
-            task = asyncio.create_task(self._deliver(msg))
-            self.deliveries.add(task)
-            task.add_done_callback(self.deliveries.discard)
+            if msg.kind == "forward" and self.local_homes.get(msg.home):
+                # a home on a local disk: read here, no thread (smtpd/forward.py)
+                status, text = self._read_forward_here(msg)
+                await self.mesh.send("lka", LkaOpenForwardReply(reqid=msg.reqid, status=status, content=text))
+            else:
+                self.spawn_task(self._open_forward(msg))
+        elif isinstance(msg, MdaWorkerSpawn) and peer == "pony":
+            self.spawn_task(self._spawn_worker(msg))
+        elif isinstance(msg, MdaWorkerKill) and peer == "pony":
+            await self.workers.kill(msg.pid)
+        elif isinstance(msg, MdaWorkerExit) and peer == "pony":
+            self.spawn_task(self._worker_exit(msg))
+        elif isinstance(msg, MdaMboxPrepare) and peer == "pony":
+            await self.mesh.send("pony", self._prepare_mbox(msg))
         elif isinstance(msg, CtlRequest) and msg.command == "stop":
             await self.mesh.send(peer, CtlReply(reqid=msg.reqid, ok=True))
             log.info("smtpd: stop requested by control")
@@ -277,12 +290,17 @@ class Parent:
 
     async def _open_forward(self, msg: LkaOpenForward) -> None:
         """A user's .forward or an :include: file for lka's expansion: only root can
-        read every home (smtpd/forward.py has the checks)."""
+        read every home (smtpd/forward.py has the checks).  In a thread: the home
+        may be on NFS; the thread also learns whether it is on a local disk, where
+        the next reads are done on the loop (``local_homes``)."""
         try:
             # run_in_executor: to_thread's copy of the context is not needed here
             loop = asyncio.get_running_loop()
             if msg.kind == "forward":
-                status, text = await loop.run_in_executor(None, forward.read_forward, msg.user, msg.home, msg.uid)
+                status, text, local = await loop.run_in_executor(
+                    None, forward.read_forward_learning_fs, msg.user, msg.home, msg.uid)
+                if local:
+                    self.local_homes.put(msg.home, True)
             else:
                 status, text = await loop.run_in_executor(None, forward.read_include, msg.path)
         except Exception:
@@ -290,19 +308,49 @@ class Parent:
             status, text = "tempfail", ""
         await self.mesh.send("lka", LkaOpenForwardReply(reqid=msg.reqid, status=status, content=text))
 
-    async def _deliver(self, msg: MdaDeliver) -> None:
-        """A local delivery: the message's descriptor, which pony sent just before,
-        goes to the user's worker unread (docs/delivery.md)."""
+    def _read_forward_here(self, msg: LkaOpenForward) -> tuple[str, str]:
+        try:
+            return forward.read_forward(msg.user, msg.home, msg.uid)
+        except Exception:
+            log.exception("warn: smtpd: reading %s/.forward for lka failed", msg.home)
+            return "tempfail", ""
+
+    async def _spawn_worker(self, msg: MdaWorkerSpawn) -> None:
+        """A delivery worker for pony: it serves the socket pony sent just before and
+        runs as the user (smtpd/local_delivery.py; docs/delivery.md)."""
         try:
             fd = await self.message_fds.take(msg.reqid, timeout=10.0)
         except TimeoutError:
-            status, error = "tempfail", "the message descriptor did not arrive"
+            status, error, pid = "tempfail", "the worker's socket did not arrive", 0
         else:
-            action = self.config.actions.get(msg.action)
-            spool = (action.target if action is not None and action.method == "mbox" and action.target
-                     else delivery_mbox.MBOX_SPOOL)
-            status, error = await self.delivery.run(msg, fd, spool)
-        await self.mesh.send("pony", MdaDone(reqid=msg.reqid, status=status, error=error))
+            sock = socket.socket(fileno=fd)
+            try:
+                status, error, pid = await self.workers.spawn(msg.uid, msg.gid, sock)
+            except OSError as exc:              # fork or pidfd_open: out of processes
+                log.warning("warn: smtpd: cannot start a delivery process: %s", exc)
+                status, error, pid = "tempfail", f"cannot start a delivery process: {exc.strerror}", 0
+            finally:
+                sock.close()
+        await self.mesh.send("pony", MdaWorkerSpawned(reqid=msg.reqid, status=status, error=error, pid=pid))
+
+    async def _worker_exit(self, msg: MdaWorkerExit) -> None:
+        text = await self.workers.exit_text(msg.pid)
+        await self.mesh.send("pony", MdaWorkerExitReply(reqid=msg.reqid, text=text))
+
+    def _prepare_mbox(self, msg: MdaMboxPrepare) -> MdaMboxPrepared:
+        """``<spool>/<user>`` made as root when missing, the spool from the action in
+        the parent's own configuration: pony never names a file root creates."""
+        if privsep.privileged() and msg.uid == 0:
+            return MdaMboxPrepared(reqid=msg.reqid, status="permfail", error="MDA not allowed to deliver to root")
+        action = self.config.actions.get(msg.action)
+        spool = (action.target if action is not None and action.method == "mbox" and action.target
+                 else delivery_mbox.MBOX_SPOOL)
+        try:
+            delivery_mbox.prepare_mailbox(spool, msg.username, msg.uid, msg.gid)
+        except delivery_mbox.DeliveryFailure as exc:
+            return MdaMboxPrepared(reqid=msg.reqid, status="tempfail" if exc.temporary else "permfail",
+                                   error=exc.text)
+        return MdaMboxPrepared(reqid=msg.reqid, status="ok", path=os.path.join(spool, msg.username))
 
     async def main(self) -> int:
         loop = asyncio.get_running_loop()
@@ -333,7 +381,7 @@ class Parent:
             await self._configure(done_wait)
         ready_wait.cancel()
         await done_wait
-        self.delivery.close()
+        self.workers.close()
         self.message_fds.stop()
         await self._reap()
         return self.exit_code
@@ -372,7 +420,7 @@ class Parent:
                 log.error("warn: smtpd: %s did not stop in %ss, killing it", name, STOP_GRACE)
                 proc.kill()
                 proc.wait()
-        for task in list(self.deliveries) + list(self.tasks):
+        for task in list(self.tasks):
             task.cancel()
 
 

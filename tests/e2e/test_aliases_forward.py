@@ -140,6 +140,12 @@ def test_aliases_includes_commands_files_errors_and_forward_files(make_daemon, t
         wait_for(lambda u=user, c=count: len(maildir_messages(base, u)) == c, 30, f"{user}'s mail")
     assert maildir_messages(base, "dave") == [] and maildir_messages(base, "eve") == []
 
+    # The same recipients again: the parent read each home's .forward in a thread the
+    # first time, found the home on a local disk, and now reads it on its own loop
+    # (smtpd/forward.py on_local_fs): the same answers, the same checks.
+    assert _rcpt_replies(port, list(replies)) == replies
+    assert d.log_since_start().count("eve/.forward: insecure file") == 2
+
 
 def test_hostile_recipients_are_refused_before_any_envelope(make_daemon, tmp_path):
     port = free_port()
