@@ -15,7 +15,7 @@ and a status the expansion maps to its replies (smtpd/expand.py):
 
 Blocking file system calls (a home on NFS): the parent runs these in a thread,
 unless the home is on a local disk file system (``on_local_fs``, by statfs's type:
-ext4, xfs, btrfs, tmpfs...), where the calls take microseconds and a thread's
+ext4, xfs, btrfs, tmpfs, overlayfs...), where the calls take microseconds and a thread's
 wake-ups cost more than the read (issue 12: about 0.2 ms of the parent's CPU per
 local message).  The parent learns that of a home in the thread, the first time,
 and keeps it a minute (smtpd/parent.py).
@@ -47,6 +47,7 @@ LOCAL_FS_TYPES = frozenset({
     0xF2F52010,     # f2fs
     0x3153464A,     # jfs
     0x52654973,     # reiserfs
+    0x794C7630,     # overlayfs (a container's root: its upper layer is a local disk)
 })
 
 

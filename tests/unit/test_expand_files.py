@@ -140,3 +140,17 @@ def test_an_include_file_is_read_with_the_same_checks(tmp_path):
     assert forward.read_include("relative/list")[0] == "permfail"
     (tmp_path / "link").symlink_to(path)
     assert forward.read_include(str(tmp_path / "link"))[0] == "permfail"
+
+
+def test_a_home_on_a_local_disk_is_told_from_one_that_may_wait_on_a_network(tmp_path):
+    """The parent reads a .forward on its loop only for a home on_local_fs says is on a
+    local disk: statfs's type of the path, as stat(1) reports it, is in the list;
+    /proc (not a disk) and a path that does not exist are not."""
+    import subprocess
+    kind = int(subprocess.run(["stat", "-f", "-c", "%t", str(tmp_path)], capture_output=True,
+                              text=True, check=True).stdout, 16)
+    assert forward.on_local_fs(str(tmp_path)) == (kind in forward.LOCAL_FS_TYPES)
+    assert forward.on_local_fs("/proc") is False
+    assert forward.on_local_fs(str(tmp_path / "missing")) is False
+    status, text, local = forward.read_forward_learning_fs("u", str(tmp_path), os.getuid())
+    assert (status, text, local) == ("absent", "", kind in forward.LOCAL_FS_TYPES)

@@ -8,6 +8,8 @@ import asyncio
 import os
 import shutil
 import signal
+import socket
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -211,3 +213,90 @@ def test_requests_beyond_the_workers_per_user_wait_their_turn(mailroot, monkeypa
     assert results == [("ok", "")] * 9
     assert len(pids) == 2 and waiting == {} and freed == {}     # nothing kept per user once idle
     assert len(list((box / "new").iterdir())) == 9
+
+
+async def spawn_with_pair(parent: WorkerProcesses, uid: int, gid: int, kind: int) -> tuple[str, str, int]:
+    a, b = socket.socketpair(socket.AF_UNIX, kind)
+    try:
+        return await parent.spawn(uid, gid, b)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_the_parent_forks_no_worker_for_root_nor_for_a_socket_of_another_kind(monkeypatch):
+    """What the parent checks of pony's MdaWorkerSpawn: uid 0 is refused (as root), only
+    an AF_UNIX seqpacket socket goes to a process that runs as a mail user, and the
+    number of workers is bounded."""
+    monkeypatch.setattr(local_delivery, "MAX_WORKERS", 1)
+
+    async def go():
+        parent = WorkerProcesses()
+        try:
+            root = None
+            if os.getuid() == 0:
+                root = await spawn_with_pair(parent, 0, 0, socket.SOCK_SEQPACKET)
+            stream = await spawn_with_pair(parent, UID, GID, socket.SOCK_STREAM)
+            a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            first = await parent.spawn(UID, GID, b)
+            second = await spawn_with_pair(parent, UID, GID, socket.SOCK_SEQPACKET)
+            b.close()
+            a.close()                               # the worker reads the end and exits
+            ended = await parent.exit_text(first[2])
+            return root, stream, first, second, ended, dict(parent.running)
+        finally:
+            parent.close()
+
+    root, stream, first, second, ended, running = asyncio.run(go())
+    if os.getuid() == 0:
+        assert root == ("permfail", "MDA not allowed to deliver to root", 0)
+    assert stream == ("tempfail", "not a delivery socket", 0)
+    assert first[:2] == ("ok", "") and first[2] > 0
+    assert second == ("tempfail", "too many delivery processes", 0)
+    assert ended == "delivery process exited with status 0" and running == {}
+
+
+def test_the_parent_kills_only_a_worker_of_its_own():
+    """MdaWorkerKill with a pid the parent did not fork does nothing."""
+    other = subprocess.Popen(["sleep", "30"])
+
+    async def go():
+        parent = WorkerProcesses()
+        try:
+            await parent.kill(other.pid)
+            await asyncio.sleep(0.1)
+            return other.poll()
+        finally:
+            parent.close()
+    try:
+        assert asyncio.run(go()) is None
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_past_the_pool_bound_the_idle_worker_used_longest_ago_makes_room(mailroot, monkeypatch):
+    """Three users, a pool bound of two workers: the third user's worker is started
+    after the first user's, idle the longest, is sent away (and exits)."""
+    monkeypatch.setattr(mda_workers, "MAX_WORKERS", 2)
+    ids = [(65534 - n, 65534 - n) for n in range(3)] if os.getuid() == 0 else [(UID, GID + n) for n in range(3)]
+
+    async def go():
+        pool, parent = new_pool()
+        try:
+            results, pids = [], []
+            for n, (uid, gid) in enumerate(ids):
+                req, _, _, fd = order(mailroot / f"user{n}" / "Maildir", n)
+                results.append(await run_one(pool, req, uid, gid, fd))
+                pids.append(pool.workers[(uid, gid)][0].pid)
+            keys = sorted(pool.workers)
+            first_ended = await parent.exit_text(pids[0])
+            return results, keys, first_ended, pids[1] in parent.running, pids[2] in parent.running
+        finally:
+            pool.close()
+            parent.close()
+
+    results, keys, first_ended, second_alive, third_alive = asyncio.run(go())
+    assert results == [("ok", "")] * 3
+    assert keys == sorted(ids[1:])
+    assert first_ended == "delivery process exited with status 0" and second_alive and third_alive
