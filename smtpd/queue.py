@@ -505,8 +505,36 @@ class Process:
             self.bouncer.add(env)
             return
         env.last_try = int(time.time())
-        order = QueueTransfer(envelope=env) if transfer else QueueDeliver(envelope=env)
+        if transfer:
+            order = QueueTransfer(envelope=env)
+        else:
+            order = QueueDeliver(envelope=env, fd_key=await self._push_message(env) if env.type == "mda" else 0)
         await self.ctx.mesh.send("pony", order)
+
+    async def _push_message(self, env) -> int:
+        """A local delivery's message, opened and sent to pony ahead of its order (no
+        MdaMessageOpen round trip, issue 12): the key it went under, or 0 if it could
+        not go (pony then asks for it, and meets the same failure, as before).  Never
+        waits for a full channel: the order goes without it (docs/delivery.md)."""
+        channel = self.delivery_fds
+        if channel is None:
+            return 0
+        try:
+            fd = self.spool.open_message(env.msgid)
+        except OSError as exc:
+            if self.spool.message_dir(env.msgid).is_dir():
+                await self._corrupt(env.msgid, f"message: {exc.strerror or exc}")
+            return 0
+        key = fd_channel.pushed_key(self.ctx.new_id())
+        try:
+            fd_channel.send_fd_now(channel, key, fd)
+        except OSError as exc:
+            if not isinstance(exc, BlockingIOError):
+                log.warning("warn: queue: cannot pass message %08x to pony: %s", env.msgid, exc)
+            return 0
+        finally:
+            os.close(fd)
+        return key
 
     @staticmethod
     def _wants_success_notice(res: DeliveryResult) -> bool:
