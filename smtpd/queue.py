@@ -373,10 +373,8 @@ class Process:
             await self.ctx.mesh.send(peer, MdaMessageOpened(reqid=reqid, ok=False, error="no descriptor channel"))
             return
         try:
-            fd = self.spool.open_message(msgid)
+            fd = await self._open_message(msgid)
         except OSError as exc:
-            if self.spool.message_dir(msgid).is_dir():
-                await self._corrupt(msgid, f"message: {exc.strerror or exc}")
             await self.ctx.mesh.send(peer, MdaMessageOpened(reqid=reqid, ok=False, error=str(exc)))
             return
         try:
@@ -387,6 +385,16 @@ class Process:
         finally:
             os.close(fd)
         await self.ctx.mesh.send(peer, MdaMessageOpened(reqid=reqid, ok=True))
+
+    async def _open_message(self, msgid: int) -> int:
+        """The message opened read-only for a local delivery; OSError if it cannot be,
+        and then a queued message whose body is missing or unreadable goes to corrupt/."""
+        try:
+            return self.spool.open_message(msgid)
+        except OSError as exc:
+            if self.spool.message_dir(msgid).is_dir():
+                await self._corrupt(msgid, f"message: {exc.strerror or exc}")
+            raise
 
     async def _envelope_submit(self, reqid: int, msgid: int, env) -> None:
         inc = self.incoming.get(msgid)
@@ -508,7 +516,8 @@ class Process:
         if transfer:
             order = QueueTransfer(envelope=env)
         else:
-            order = QueueDeliver(envelope=env, fd_key=await self._push_message(env) if env.type == "mda" else 0)
+            key = await self._push_message(env) if env.type == "mda" else 0
+            order = QueueDeliver(envelope=env, fd_key=key)
         await self.ctx.mesh.send("pony", order)
 
     async def _push_message(self, env) -> int:
@@ -520,10 +529,8 @@ class Process:
         if channel is None:
             return 0
         try:
-            fd = self.spool.open_message(env.msgid)
-        except OSError as exc:
-            if self.spool.message_dir(env.msgid).is_dir():
-                await self._corrupt(env.msgid, f"message: {exc.strerror or exc}")
+            fd = await self._open_message(env.msgid)
+        except OSError:
             return 0
         key = fd_channel.pushed_key(self.ctx.new_id())
         try:
