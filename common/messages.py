@@ -226,8 +226,11 @@ class QueueEnvelopeAck(Msg, **_m("queue_envelope_ack")):
 # --- queue <-> pony: delivery ------------------------------------------------------------
 
 class QueueDeliver(Msg, **_m("queue_deliver")):
-    """queue -> pony: deliver this envelope locally (MDA)."""
+    """queue -> pony: deliver this envelope locally (MDA).  ``fd_key``: when not 0,
+    the message's descriptor was sent just before over the queue -> pony fd channel
+    under this key (smtpd/fd_channel.py pushed_key); 0: pony asks (MdaMessageOpen)."""
     envelope: Envelope
+    fd_key: int = 0
 
 
 class QueueTransfer(Msg, **_m("queue_transfer")):

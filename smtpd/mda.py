@@ -2,7 +2,7 @@
 dispatcher's part of OpenSMTPD's mda.c).
 
 pony prepares everything that needs no privilege: the user's home from lka, the
-message as a descriptor from the queue (MdaMessageOpen; smtpd/fd_channel.py), the
+message as a descriptor from the queue (with the order, or MdaMessageOpen), the
 loop check on its header block, the delivery header lines, the expanded Maildir
 path or mda command.  It then sends the request and the descriptor to a delivery
 worker that runs as the user (smtpd/mda_workers.py: the parent forks workers at
@@ -40,6 +40,9 @@ log = logging.getLogger("smtpd")
 MAX_SESSIONS = 50
 DEFAULT_MAILDIR = "~/Maildir"
 FD_WAIT = 10.0          # a descriptor comes just before its message; this is a safety bound
+# Pushed descriptors (QueueDeliver.fd_key) kept for envelopes waiting for a slot; past
+# it one is closed at once and its delivery asks for the message when its turn comes.
+MAX_PUSHED = 2 * MAX_SESSIONS
 USER_CACHE_TTL = 5.0    # seconds a user's lookup (uid, gid, home) is kept (docs/delivery.md)
 
 # OpenSMTPD's mda.* stats: envelopes in the MDA, waiting for a delivery slot
@@ -55,6 +58,9 @@ class Mda:
         # (table, user) -> lka's answer, for a burst of mail to one mailbox; forgotten
         # at a reload, which may change the tables (Process.apply_config)
         self.users = TtlCache(USER_CACHE_TTL)
+        # evpid -> the message's descriptor the queue pushed with the order, until the
+        # delivery takes it (_message_fd) or ends (_run): at most MAX_PUSHED
+        self.pushed: dict[int, int] = {}
         fd = getattr(pony.ctx.opts, "queue_fd_channel", -1)
         self.message_fds = fd_channel.FdReceiver(socket.socket(fileno=fd)) if fd >= 0 else None
         self.workers = DeliveryPool(ParentSpawner(pony))
@@ -67,17 +73,40 @@ class Mda:
         self.workers.close()
         if self.message_fds is not None:
             self.message_fds.stop()
+        for fd in self.pushed.values():
+            fd_channel.close_fd(fd)
+        self.pushed.clear()
 
-    def add(self, env: Envelope) -> None:
+    def add(self, env: Envelope, fd_key: int = 0) -> None:
+        if fd_key:
+            self._keep_pushed(env.id, fd_key)
         stat.increment("mda.envelope")
         stat.increment("mda.pending")
         _USERS.add(env.mda_user)
         self.pony.spawn(self._run(env))
 
+    def _keep_pushed(self, evpid: int, fd_key: int) -> None:
+        """Take the descriptor pushed with the order out of the channel now (it came
+        before the order, or was dropped: nothing to wait for), and keep it for the
+        delivery if fewer than MAX_PUSHED are kept."""
+        fd = self.message_fds.take_now(fd_key) if self.message_fds is not None else None
+        if fd is None:
+            return
+        old = self.pushed.pop(evpid, None)
+        if old is not None:             # the same envelope twice: one descriptor is enough
+            fd_channel.close_fd(old)
+        if len(self.pushed) >= MAX_PUSHED:
+            fd_channel.close_fd(fd)
+        else:
+            self.pushed[evpid] = fd
+
     async def _run(self, env: Envelope) -> None:
         try:
             status, detail = await self._run_slot(env)
         finally:
+            fd = self.pushed.pop(env.id, None)      # not taken: an early failure, a cancel
+            if fd is not None:
+                fd_channel.close_fd(fd)
             stat.decrement("mda.envelope")
             _USERS.discard(env.mda_user)
         await self._report(env, status, detail)
@@ -154,6 +183,23 @@ class Mda:
                 self.users.put((table, username), user)
         return user
 
+    async def _message_fd(self, env: Envelope) -> int | str:
+        """The message's descriptor, now the caller's to close: the one the queue pushed
+        with the order, else asked for (MdaMessageOpen, the way before issue 12, kept
+        for a push that failed or was dropped); or why there is none."""
+        fd = self.pushed.pop(env.id, None)
+        if fd is not None:
+            return fd
+        reqid = fd_channel.request_key(self.pony.ctx.new_id())
+        opened = await self.pony.mesh.request("queue", MdaMessageOpen(reqid=reqid, msgid=env.msgid),
+                                              (MdaMessageOpened,))
+        if not opened.ok:
+            return f"Cannot read message: {opened.error}"
+        try:
+            return await self.message_fds.take(reqid, FD_WAIT)
+        except TimeoutError:
+            return "Cannot get the message descriptor"
+
     async def _deliver(self, env: Envelope) -> tuple[str, str]:
         action = self.config.actions.get(env.dispatcher)
         if action is None:
@@ -175,14 +221,9 @@ class Mda:
             method, target = self._plan(env, action, user.home, username)
         except FormatError as exc:
             return "permfail", f"Bad {action.method} template: {exc}"
-        reqid = new_id()
-        opened = await mesh.request("queue", MdaMessageOpen(reqid=reqid, msgid=env.msgid), (MdaMessageOpened,))
-        if not opened.ok:
-            return "tempfail", f"Cannot read message: {opened.error}"
-        try:
-            fd = await self.message_fds.take(reqid, FD_WAIT)
-        except TimeoutError:
-            return "tempfail", "Cannot get the message descriptor"
+        fd = await self._message_fd(env)
+        if isinstance(fd, str):
+            return "tempfail", fd
         try:
             head = read_head(fd)
             if has_delivered_to_loop(head, env.dest):

@@ -340,8 +340,8 @@ class Process:
                 pass
             case QueueTransfer(envelope=env):
                 self.mta.add(env)
-            case QueueDeliver(envelope=env):
-                self.mda.add(env)
+            case QueueDeliver(envelope=env, fd_key=fd_key):
+                self.mda.add(env, fd_key)
             case PonyEnqueue():
                 self.spawn(self._enqueue(peer, msg))
             case FilterSmtpDataOut():

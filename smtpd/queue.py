@@ -373,10 +373,8 @@ class Process:
             await self.ctx.mesh.send(peer, MdaMessageOpened(reqid=reqid, ok=False, error="no descriptor channel"))
             return
         try:
-            fd = self.spool.open_message(msgid)
+            fd = await self._open_message(msgid)
         except OSError as exc:
-            if self.spool.message_dir(msgid).is_dir():
-                await self._corrupt(msgid, f"message: {exc.strerror or exc}")
             await self.ctx.mesh.send(peer, MdaMessageOpened(reqid=reqid, ok=False, error=str(exc)))
             return
         try:
@@ -387,6 +385,16 @@ class Process:
         finally:
             os.close(fd)
         await self.ctx.mesh.send(peer, MdaMessageOpened(reqid=reqid, ok=True))
+
+    async def _open_message(self, msgid: int) -> int:
+        """The message opened read-only for a local delivery; OSError if it cannot be,
+        and then a queued message whose body is missing or unreadable goes to corrupt/."""
+        try:
+            return self.spool.open_message(msgid)
+        except OSError as exc:
+            if self.spool.message_dir(msgid).is_dir():
+                await self._corrupt(msgid, f"message: {exc.strerror or exc}")
+            raise
 
     async def _envelope_submit(self, reqid: int, msgid: int, env) -> None:
         inc = self.incoming.get(msgid)
@@ -505,8 +513,35 @@ class Process:
             self.bouncer.add(env)
             return
         env.last_try = int(time.time())
-        order = QueueTransfer(envelope=env) if transfer else QueueDeliver(envelope=env)
+        if transfer:
+            order = QueueTransfer(envelope=env)
+        else:
+            key = await self._push_message(env) if env.type == "mda" else 0
+            order = QueueDeliver(envelope=env, fd_key=key)
         await self.ctx.mesh.send("pony", order)
+
+    async def _push_message(self, env) -> int:
+        """A local delivery's message, opened and sent to pony ahead of its order (no
+        MdaMessageOpen round trip, issue 12): the key it went under, or 0 if it could
+        not go (pony then asks for it, and meets the same failure, as before).  Never
+        waits for a full channel: the order goes without it (docs/delivery.md)."""
+        channel = self.delivery_fds
+        if channel is None:
+            return 0
+        try:
+            fd = await self._open_message(env.msgid)
+        except OSError:
+            return 0
+        key = fd_channel.pushed_key(self.ctx.new_id())
+        try:
+            fd_channel.send_fd_now(channel, key, fd)
+        except OSError as exc:
+            if not isinstance(exc, BlockingIOError):
+                log.warning("warn: queue: cannot pass message %08x to pony: %s", env.msgid, exc)
+            return 0
+        finally:
+            os.close(fd)
+        return key
 
     @staticmethod
     def _wants_success_notice(res: DeliveryResult) -> bool:
