@@ -47,10 +47,12 @@ from smtpd.expand import (
 from smtpd.ruleset import MatchContext, match, match_async
 from smtpd.table import TableSet, TableUnavailable
 from smtpd.table.services import parse_userinfo
+from smtpd.ttl_cache import TtlCache
 
 log = logging.getLogger("smtpd")
 
 FILE_TIMEOUT = 60.0      # a .forward on a hung NFS home: the RCPT fails temporarily
+FORWARD_CACHE_TTL = 5.0  # seconds a user's .forward (its text, or that it has none) is kept
 
 
 def prepare(opts, config) -> None:
@@ -70,6 +72,10 @@ class Process:
         channel = socket.socket(fileno=fd) if fd is not None and fd >= 0 else None
         self.filters = filter_proc.Runtime(ctx, channel, self._builtin_filter())
         self.smtpd_user = _unprivileged_user()
+        # (user, home, uid, gid) -> the parent's answer for that .forward, "ok" or
+        # "absent" only: a burst of mail to one user asks the parent once, not once a
+        # recipient (docs/expansion.md); forgotten at a reload
+        self.forwards = TtlCache(FORWARD_CACHE_TTL)
 
     def _builtin_filter(self):
         """smtpd/filter_builtin.py's matches(spec, phase, facts, tables, param): whether a
@@ -106,6 +112,7 @@ class Process:
     async def apply_config(self, config, tables: TableSet) -> None:
         old, self.config, self.tables = self.tables, config, tables
         self.resolver = Resolver(config.mta_resolver, config.mta_resolver_port)
+        self.forwards.clear()
         await old.close()
 
     async def abort_config(self, tables: TableSet) -> None:
@@ -346,6 +353,10 @@ def _unprivileged_user() -> str:
 _AWAIT = object()        # ExpansionDriver.answer_now: this answer must be awaited
 
 
+def _forward_key(request: ReadForward) -> tuple[str, str, int, int]:
+    return request.user, request.home, request.uid, request.gid
+
+
 class ExpansionDriver:
     """Runs one recipient's Expansion: answers its requests from the configuration,
     the tables and the parent, until it has a result."""
@@ -374,13 +385,16 @@ class ExpansionDriver:
 
     def answer_now(self, request):
         """The answer of a rule match or table lookup whose tables all answer at once
-        (every backend but proc tables), without a coroutine per question; _AWAIT when
-        it must be awaited.  Same answers, same trace lines as ``answer``."""
+        (every backend but proc tables), or of a .forward lka has kept, without a
+        coroutine per question; _AWAIT when it must be awaited.  Same answers, same
+        trace lines as ``answer``."""
         try:
             if isinstance(request, MatchRule):
                 if self.tables.blocking:
                     return _AWAIT
                 return match(self.config, self.tables, self._context(request))
+            if isinstance(request, ReadForward):
+                return self.lka.forwards.get(_forward_key(request)) or _AWAIT
             if isinstance(request, TableLookup):
                 table = self.tables.get(request.table)
                 if table.blocking:
@@ -397,9 +411,13 @@ class ExpansionDriver:
             case TableLookup():
                 return await lookup_table(self.tables, request.table, request.service, request.key)
             case ReadForward():
-                return await self._read_file(LkaOpenForward(
+                answer = await self._read_file(LkaOpenForward(
                     reqid=self.lka.ctx.new_id(), kind="forward", user=request.user,
                     home=request.home, uid=request.uid, gid=request.gid))
+                if answer.status in ("ok", "absent"):
+                    # not a failure: the parent logs each of those, and a tempfail is retried
+                    self.lka.forwards.put(_forward_key(request), answer)
+                return answer
             case ReadInclude():
                 return await self._read_file(LkaOpenForward(
                     reqid=self.lka.ctx.new_id(), kind="include", path=request.path))

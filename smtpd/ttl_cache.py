@@ -1,5 +1,6 @@
-"""pony's short memory of lka's answers (a pysmtpd addition): the reverse DNS
-names of its recent clients, and the users it delivers to.
+"""A short memory of answers between processes (a pysmtpd addition): pony's of the
+reverse DNS names of its recent clients and of the users it delivers to, lka's of
+users' .forward files, the parent's of which homes are on a local disk.
 
 Every SMTP session starts with the client's PTR lookup, and every local delivery
 with the user's lookup (uid, gid, home), which pony asks of lka: a round trip

@@ -12,7 +12,10 @@ import pwd
 import shutil
 import smtplib
 import tempfile
+import time
 from pathlib import Path
+
+from smtpd.lka import FORWARD_CACHE_TTL
 
 from tests.conftest import free_port, wait_for
 from tests.e2e.helpers import maildir_messages, userbase
@@ -145,6 +148,15 @@ def test_aliases_includes_commands_files_errors_and_forward_files(make_daemon, t
     # (smtpd/forward.py on_local_fs): the same answers, the same checks.
     assert _rcpt_replies(port, list(replies)) == replies
     assert d.log_since_start().count("eve/.forward: insecure file") == 2
+
+    # lka keeps a .forward it was given for FORWARD_CACHE_TTL seconds (a refused one,
+    # as eve's above, is asked again each time): bob's, made insecure now, is still
+    # used until then, and refused after.
+    os.chmod(base / "home" / "bob" / ".forward", 0o666)
+    assert _rcpt_replies(port, ["bob@example.test"])["bob@example.test"][0] == 250
+    time.sleep(FORWARD_CACHE_TTL + 0.5)
+    assert _rcpt_replies(port, ["bob@example.test"])["bob@example.test"] == (
+        524, "5.2.4 Mailing list expansion problem: <bob@example.test>")
 
 
 def test_hostile_recipients_are_refused_before_any_envelope(make_daemon, tmp_path):
