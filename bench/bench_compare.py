@@ -2,11 +2,15 @@
 """pysmtpd beside a private Postfix in one run: the side-by-side table of issue 12.
 
 For each mode (``relay``: to Postfix's smtp-sink on loopback; ``maildir``: local
-delivery to a Maildir), first a private Postfix (bench/postfix_instance.py, from the
-distribution's package unpacked by bench/get-postfix-tools.sh), then pysmtpd (as root,
+delivery to a Maildir), a private Postfix (bench/postfix_instance.py, from the
+distribution's package unpacked by bench/get-postfix-tools.sh) and pysmtpd (as root,
 privilege separation on; bench/bench_mail.py's configuration), each fed by Postfix's
 smtp-source with the same arguments (N messages of SIZE bytes over S sessions, one
-message per connection).  Both daemons are measured by the same code:
+message per connection).  Postfix goes first in the first repeat, pysmtpd in the
+second, and so on (``run_plan``): where creating a file slows after recent deletions
+(ext4 without a journal, as on the machine of issue 12: docs/spool.md, "Recycled
+inodes"), the daemon measured second pays for the first one's deleted queue files,
+and taking turns shares that out.  Both daemons are measured by the same code:
 
 * accepted msg/s: smtp-source's start -> its last ``250`` to the end of DATA;
 * delivered msg/s: smtp-source's start -> the N-th message at the sink (smtp-sink's
@@ -425,6 +429,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def run_plan(daemons, repeat: int, latency: bool) -> list[tuple[str, str]]:
+    """(daemon, client) of one repeat of one mode, in order: the daemons take turns at
+    going first (module docstring), and pysmtpd's asyncio-client run comes last."""
+    order = list(daemons) if repeat % 2 == 0 else list(reversed(daemons))
+    plan = [(daemon, "smtp-source") for daemon in order]
+    if latency and "pysmtpd" in daemons:
+        plan.append(("pysmtpd", "asyncio"))
+    return plan
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if os.geteuid() != 0:
@@ -454,10 +468,7 @@ def main(argv=None) -> int:
                 "loadavg_start": " ".join(f"{x:.2f}" for x in os.getloadavg())}
         for repeat in range(args.repeats):
             for mode in args.modes:
-                plan = [(daemon, "smtp-source") for daemon in args.daemons]
-                if args.latency and "pysmtpd" in args.daemons:
-                    plan.append(("pysmtpd", "asyncio"))
-                for daemon, client in plan:
+                for daemon, client in run_plan(args.daemons, repeat, args.latency):
                     r = run_one(daemon, mode, args, tools, repeat, client)
                     runs.append(r)
                     print(progress_line(r), file=sys.stderr, flush=True)

@@ -199,3 +199,14 @@ def test_latency_lines_server_side_and_client_side():
         " 100 messages, 10 sessions): client side p50 11.5 p90 17.7 p99 25.3 max 40.0 ms (n=100),"
         " server side not reported",
     ]
+
+
+def test_the_daemons_take_turns_at_going_first():
+    """Repeat 0: Postfix then pysmtpd; repeat 1: pysmtpd then Postfix; the asyncio
+    client's run of pysmtpd last in each, and only when asked for and pysmtpd runs."""
+    both = ["postfix", "pysmtpd"]
+    assert bc.run_plan(both, 0, False) == [("postfix", "smtp-source"), ("pysmtpd", "smtp-source")]
+    assert bc.run_plan(both, 1, True) == [("pysmtpd", "smtp-source"), ("postfix", "smtp-source"),
+                                          ("pysmtpd", "asyncio")]
+    assert bc.run_plan(both, 2, True)[0] == ("postfix", "smtp-source")
+    assert bc.run_plan(["postfix"], 1, True) == [("postfix", "smtp-source")]
