@@ -140,6 +140,9 @@ def run_one(daemon: str, mode: str, args: argparse.Namespace, tools: Path, repea
             client: str = "smtp-source") -> dict:
     """One daemon in one mode under one load: ``smtp-source`` (the table's), or
     ``asyncio`` (bench_mail's client, which times each commit: ``--latency``)."""
+    # The previous run's dirty pages (its deleted queue files' metadata above all) are
+    # written now, not during this run by the first fsync or syncfs of this daemon.
+    os.sync()
     t_start = time.monotonic()
     deadline = t_start + args.timeout
     base = run_dir(f"bench-compare-{daemon}-{mode}-")
