@@ -164,6 +164,11 @@ def exit_text(status: int) -> str:
     return f"delivery process exited with status {os.WEXITSTATUS(status)}"
 
 
+def root_refused(uid: int) -> str:
+    """Why nothing is delivered as ``uid`` (uid 0 as root, as OpenSMTPD), or ""."""
+    return "MDA not allowed to deliver to root" if privsep.privileged() and uid == 0 else ""
+
+
 class WorkerProcesses:
     """The parent's part in local delivery: it forks a worker for a socket pony
     made (pony keeps the other end and talks to the worker itself: smtpd/mda_workers.py),
@@ -176,8 +181,9 @@ class WorkerProcesses:
 
     async def spawn(self, uid: int, gid: int, sock: socket.socket) -> tuple[str, str, int]:
         """(status, error, pid) of a new worker for (uid, gid) serving ``sock``."""
-        if privsep.privileged() and uid == 0:
-            return "permfail", "MDA not allowed to deliver to root", 0
+        refused = root_refused(uid)
+        if refused:
+            return "permfail", refused, 0
         if len(self.running) >= MAX_WORKERS:
             return "tempfail", "too many delivery processes", 0
         try:

@@ -323,15 +323,23 @@ class Parent:
         except TimeoutError:
             status, error, pid = "tempfail", "the worker's socket did not arrive", 0
         else:
-            sock = socket.socket(fileno=fd)
-            try:
-                status, error, pid = await self.workers.spawn(msg.uid, msg.gid, sock)
-            except OSError as exc:              # fork or pidfd_open: out of processes
-                log.warning("warn: smtpd: cannot start a delivery process: %s", exc)
-                status, error, pid = "tempfail", f"cannot start a delivery process: {exc.strerror}", 0
-            finally:
-                sock.close()
+            status, error, pid = await self._spawn_serving(fd, msg.uid, msg.gid)
         await self.mesh.send("pony", MdaWorkerSpawned(reqid=msg.reqid, status=status, error=error, pid=pid))
+
+    async def _spawn_serving(self, fd: int, uid: int, gid: int) -> tuple[str, str, int]:
+        """WorkerProcesses.spawn on the descriptor pony sent, which is closed here."""
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:                         # not even a socket
+            os.close(fd)
+            return "tempfail", "not a delivery socket", 0
+        try:
+            return await self.workers.spawn(uid, gid, sock)
+        except OSError as exc:                  # fork or pidfd_open: out of processes
+            log.warning("warn: smtpd: cannot start a delivery process: %s", exc)
+            return "tempfail", f"cannot start a delivery process: {exc.strerror}", 0
+        finally:
+            sock.close()
 
     async def _worker_exit(self, msg: MdaWorkerExit) -> None:
         text = await self.workers.exit_text(msg.pid)
@@ -340,8 +348,9 @@ class Parent:
     def _prepare_mbox(self, msg: MdaMboxPrepare) -> MdaMboxPrepared:
         """``<spool>/<user>`` made as root when missing, the spool from the action in
         the parent's own configuration: pony never names a file root creates."""
-        if privsep.privileged() and msg.uid == 0:
-            return MdaMboxPrepared(reqid=msg.reqid, status="permfail", error="MDA not allowed to deliver to root")
+        refused = local_delivery.root_refused(msg.uid)
+        if refused:
+            return MdaMboxPrepared(reqid=msg.reqid, status="permfail", error=refused)
         action = self.config.actions.get(msg.action)
         spool = (action.target if action is not None and action.method == "mbox" and action.target
                  else delivery_mbox.MBOX_SPOOL)

@@ -11,6 +11,7 @@ import smtplib
 from smtpd.mda import MAX_PUSHED, MAX_SESSIONS
 from tests.conftest import free_port, wait_for
 from tests.e2e.helpers import config, maildir_messages, userbase
+from tests.e2e.test_trace import mproc_lines
 
 BURST = 200
 
@@ -29,9 +30,7 @@ def send_many(port: int, count: int, rcpt: str = "alice@example.test") -> None:
 
 def mproc_count(text: str, sender: str, receiver: str, name: str) -> int:
     """`trace mproc` lines of messages ``name`` from ``sender`` to ``receiver``."""
-    head = f"mproc: {sender} -> {receiver} : "
-    return sum(1 for line in text.splitlines()
-               if line.startswith(head) and line[len(head):].split()[1:2] == [name])
+    return sum(1 for src, dst, _, kind, _ in mproc_lines(text) if (src, dst, kind) == (sender, receiver, name))
 
 
 def pony_fds(d) -> int:

@@ -12,8 +12,9 @@ from tests.conftest import free_port, wait_for
 from tests.e2e.helpers import send, userbase
 
 
-def _processes() -> list[tuple[int, int, int, str]]:
-    """(pid, ppid, pgid, argv as text) of every live process."""
+def _processes() -> list[tuple[int, int, str]]:
+    """(pid, ppid, argv as text) of every live process (an mda runs in a session of
+    its own, out of the daemon's process group that Daemon.children reads)."""
     out = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -25,7 +26,7 @@ def _processes() -> list[tuple[int, int, int, str]]:
             argv = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except (OSError, IndexError):
             continue
-        out.append((int(entry.name), int(fields[1]), int(fields[2]), argv.strip()))
+        out.append((int(entry.name), int(fields[1]), argv.strip()))
     return out
 
 
@@ -49,9 +50,9 @@ def test_a_worker_killed_mid_delivery_is_a_tempfail_with_its_signal(make_daemon,
 
         def stuck_worker() -> int | None:
             procs = _processes()
-            workers = [pid for pid, ppid, _, argv in procs if ppid == parent and argv.startswith("smtpd: [priv]")]
+            workers = [pid for pid, ppid, argv in procs if ppid == parent and argv.startswith("smtpd: [priv]")]
             for worker in workers:
-                mine = [pid for pid, ppid, _, argv in procs if ppid == worker and "sleep 29.25" in argv]
+                mine = [pid for pid, ppid, argv in procs if ppid == worker and "sleep 29.25" in argv]
                 if mine:
                     sleepers.extend(mine)
                     return worker
