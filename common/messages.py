@@ -51,13 +51,18 @@ class CtlVerbose(Msg, **_m("ctl_verbose")):
 # --- inbound SMTP: pony <-> queue, pony <-> lka, lka -> queue -----------------------------
 
 class SmtpMessageCreate(Msg, **_m("smtp_message_create")):
+    """pony -> queue: ``count`` new message ids (pony's reserve asks for several in
+    one round trip; the queue gives at most MAX_CREATE)."""
     reqid: int
+    count: int = 1
 
 
 class SmtpMessageCreateReply(Msg, **_m("smtp_message_create_reply")):
+    """queue -> pony: ``msgid``, and the further ids of a ``count`` > 1 in ``more``."""
     reqid: int
     ok: bool
     msgid: int = 0
+    more: list[int] = []
 
 
 class SmtpExpandRcpt(Msg, **_m("smtp_expand_rcpt")):
@@ -116,27 +121,12 @@ class SmtpCheckSenderReply(Msg, **_m("smtp_check_sender_reply")):
     result: str = ""     # "ok" | "permfail" | "tempfail" (the table could not answer)
 
 
-class LkaEnvelopeSubmit(Msg, **_m("lka_envelope_submit")):
-    reqid: int
-    msgid: int
-    envelope: Envelope
-
-
-class LkaEnvelopeCommit(Msg, **_m("lka_envelope_commit")):
-    reqid: int
-    msgid: int
-    count: int
-
-
-class QueueEnvelopeSubmitReply(Msg, **_m("queue_envelope_submit_reply")):
-    reqid: int
-    ok: bool
-    evpid: int = 0
-
-
 class QueueEnvelopeCommitReply(Msg, **_m("queue_envelope_commit_reply")):
+    """queue -> pony: the envelopes of one RCPT (LkaEnvelopesSubmit) are written, or
+    not; ``evpids`` are theirs, in order, when ``ok``."""
     reqid: int
     ok: bool
+    evpids: list[int] = []
     disk_full: bool = False     # not ok because the spool is full: 452 4.3.1 to the client
 
 
@@ -746,9 +736,8 @@ class MtaHeloReply(Msg, **_m("mta_helo_reply")):
 # --- issue 12: queue (fewer messages per mail: batches where a wake-up serves several) -----
 
 class LkaEnvelopesSubmit(Msg, **_m("lka_envelopes_submit")):
-    """lka -> queue: every envelope one RCPT expanded to, and its end (what a
-    LkaEnvelopeSubmit per envelope and a LkaEnvelopeCommit did); the queue answers pony
-    as before: a QueueEnvelopeSubmitReply per envelope, then QueueEnvelopeCommitReply."""
+    """lka -> queue: every envelope one RCPT expanded to, in one message; the queue
+    answers pony with one QueueEnvelopeCommitReply that carries their evpids."""
     reqid: int
     msgid: int
     envelopes: list[Envelope]
@@ -850,7 +839,7 @@ Message = Union[
     RequestFailed, SetupDone, ConfEnd, CtlVerbose,
     SmtpMessageCreate, SmtpMessageCreateReply, SmtpExpandRcpt, SmtpExpandRcptReply,
     SmtpAuthenticate, SmtpAuthenticateReply, SmtpCheckSender, SmtpCheckSenderReply,
-    LkaEnvelopeSubmit, LkaEnvelopeCommit, QueueEnvelopeSubmitReply, QueueEnvelopeCommitReply,
+    QueueEnvelopeCommitReply,
     SmtpMessageData, SmtpMessageCommit, SmtpMessageCommitReply, SmtpMessageRollback,
     QueueEnvelopeSubmit, QueueMessageCommit, QueueMessageRollback,
     SchedEnvelopeDeliver, SchedEnvelopeTransfer, SchedEnvelopeRemove, SchedEnvelopeExpire,

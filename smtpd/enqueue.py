@@ -32,7 +32,7 @@ LOOP_REPLY = "500 5.4.6 Routing loop detected: Loop detected"
 TEMPFAIL_REPLY = "451 4.3.0 Temporary failure"
 
 
-RESERVE = 4                  # message ids pony holds ahead of MAIL FROM
+RESERVE = 8                  # message ids pony holds ahead of MAIL FROM
 RESERVE_PAUSE = 1.0          # seconds without refills after the queue refused one
 
 
@@ -40,29 +40,36 @@ async def create_message(pony) -> int:
     """A new message at the queue: its msgid, 0 when the queue cannot take one (the
     cause is logged).  Taken from pony's reserve when it has one (MessageReserve)."""
     msgid = pony.message_reserve.take()
-    return msgid if msgid else await ask_message(pony)
+    if msgid:
+        return msgid
+    msgids = await ask_messages(pony, 1)
+    return msgids[0] if msgids else 0
 
 
-async def ask_message(pony) -> int:
-    """One SmtpMessageCreate round trip.  A reply that comes after we gave up is
+async def ask_messages(pony, count: int) -> list[int]:
+    """One SmtpMessageCreate round trip for ``count`` ids: those the queue gave (it
+    may give fewer), none when it refused.  A reply that comes after we gave up is
     rolled back by pony."""
     try:
         reply = await pony.mesh.request(
-            "queue", SmtpMessageCreate(reqid=pony.ctx.new_id()), (SmtpMessageCreateReply,))
+            "queue", SmtpMessageCreate(reqid=pony.ctx.new_id(), count=count), (SmtpMessageCreateReply,))
     except PeerTimeout as exc:
         log.warning("warn: smtp: cannot create a message: %s", exc)
-        return 0
+        return []
     if not reply.ok:
         log.warning("warn: smtp: cannot create a message: the queue refused it")
-    return reply.msgid if reply.ok else 0
+        return []
+    return [reply.msgid, *reply.more]
 
 
 class MessageReserve:
     """A few message ids taken from the queue before a transaction needs one, so
     that MAIL FROM is answered without waiting for the queue: under load that round
-    trip was milliseconds of each message's way.  An id costs nothing on disk (the
-    queue makes ``incoming/<msgid>/`` with the message's first envelope) and only an
-    entry in the queue's memory; one still held when the daemon stops leaves
+    trip was milliseconds of each message's way.  The ids come several at a time
+    (one round trip once the reserve is down to half), so the reserve costs about
+    one request and reply per RESERVE / 2 messages.  An id costs nothing on disk
+    (the queue makes ``incoming/<msgid>/`` with the message's first envelope) and
+    only an entry in the queue's memory; one still held when the daemon stops leaves
     nothing behind.  The reserve fills only once used (an idle daemon holds none)
     and pauses for RESERVE_PAUSE after the queue refused one (the session's own
     request then says why, as before)."""
@@ -71,26 +78,26 @@ class MessageReserve:
         self.pony = pony
         self.clock = clock
         self.ids: collections.deque[int] = collections.deque()
-        self.asked = 0
+        self.asked = 0               # ids asked for and not answered yet
         self.paused_until = 0.0
 
     def take(self) -> int:
         """A reserved msgid, or 0 (none left: the caller asks the queue itself)."""
         msgid = self.ids.popleft() if self.ids else 0
-        if self.clock() >= self.paused_until:
-            while len(self.ids) + self.asked < RESERVE:
-                self.asked += 1
-                self.pony.spawn(self._fill())
+        held = len(self.ids) + self.asked
+        if held <= RESERVE // 2 and self.clock() >= self.paused_until:
+            count = RESERVE - held
+            self.asked += count
+            self.pony.spawn(self._fill(count))
         return msgid
 
-    async def _fill(self) -> None:
+    async def _fill(self, count: int) -> None:
         try:
-            msgid = await ask_message(self.pony)
+            msgids = await ask_messages(self.pony, count)
         finally:
-            self.asked -= 1
-        if msgid:
-            self.ids.append(msgid)
-        else:
+            self.asked -= count
+        self.ids.extend(msgids)
+        if not msgids:
             self.paused_until = self.clock() + RESERVE_PAUSE
 
 
@@ -98,27 +105,23 @@ async def expand_rcpt(pony, msgid: int, env: Envelope, *, rdns: str,
                       local_listener: bool, tls: bool = False, auth_user: str = "") -> tuple[str, list[int]]:
     """Match and expand one recipient; lka submits its envelopes to the queue.
     ("", evpids) when accepted, else (the SMTP reply to give, [])."""
-    reqid = pony.ctx.new_id()
-    pony.evpids[reqid] = []
     # the authenticated user, for `match auth` rules (a field of issue 8's contract)
     extra = {"auth_user": auth_user} if auth_user else {}
     try:
         reply = await pony.mesh.request(
-            "lka", SmtpExpandRcpt(reqid=reqid, msgid=msgid, envelope=env, rdns=rdns,
+            "lka", SmtpExpandRcpt(reqid=pony.ctx.new_id(), msgid=msgid, envelope=env, rdns=rdns,
                                   local_listener=local_listener, tls=tls, **extra),
             (SmtpExpandRcptReply, QueueEnvelopeCommitReply))
     except PeerTimeout as exc:
         log.warning("warn: smtp: recipient expansion failed: %s", exc)
         reply = None
-    finally:
-        evpids = pony.evpids.pop(reqid, [])
     if isinstance(reply, SmtpExpandRcptReply):
         return f"{reply.code} {reply.text}", []
     if reply is not None and not reply.ok and reply.disk_full:
         return "452 4.3.1 Insufficient system storage", []
     if reply is None or not reply.ok:
         return TEMPFAIL_REPLY, []
-    return "", evpids
+    return "", list(reply.evpids)
 
 
 async def store_message(pony, msgid: int, data: bytes) -> str:

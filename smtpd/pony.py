@@ -20,7 +20,7 @@ from common.ipc import PeerTimeout
 from common.messages import (
     CtlMtaBlock, CtlReply, CtlRequest, FilterSmtpDataOut, SchedEnvelopeWithdraw, MtaDnsLookup, MtaDnsReply,
     PonyEnqueue, PonyEnqueueReply, QueueDeliver,
-    QueueEnvelopeSubmitReply, QueueTransfer, SmtpMessageCreateReply, SmtpMessageRollback,
+    QueueTransfer, SmtpMessageCreateReply, SmtpMessageRollback,
 )
 from smtpd import enqueue, fdpass, listeners
 from smtpd.ttl_cache import TtlCache
@@ -106,7 +106,6 @@ class Process:
         self.mta = Mta(self)
         self.mda = Mda(self)
         self.tasks: set[asyncio.Task] = set()
-        self.evpids: dict[int, list[int]] = {}   # RCPT reqid -> evpids the queue wrote
         self.sessions: dict[str, int] = {}      # client address -> open sessions
         self.filtered: dict[int, object] = {}  # session id -> its SessionFilters (smtpd/smtp_filters.py)
         self.sessions_open = 0
@@ -329,13 +328,11 @@ class Process:
 
     async def handle(self, peer: str, msg) -> None:
         match msg:
-            case QueueEnvelopeSubmitReply(reqid=reqid, evpid=evpid):
-                if reqid in self.evpids and msg.ok:
-                    self.evpids[reqid].append(evpid)
-            case SmtpMessageCreateReply(ok=True, msgid=msgid):
+            case SmtpMessageCreateReply(ok=True, msgid=msgid, more=more):
                 # nobody waits for it any more (the session gave up): no orphan in incoming/
-                log.info("smtp: late message %08x from the queue, rolled back", msgid)
-                await self.mesh.send("queue", SmtpMessageRollback(msgid=msgid))
+                for late in (msgid, *more):
+                    log.info("smtp: late message %08x from the queue, rolled back", late)
+                    await self.mesh.send("queue", SmtpMessageRollback(msgid=late))
             case SmtpMessageCreateReply():
                 pass
             case QueueTransfer(envelope=env):

@@ -20,11 +20,10 @@ from common.durations import duration_to_text
 from common.envelope import DSN_SUCCESS, EnvelopeError
 from common.ids import MSGID_MAX
 from common.messages import (
-    CtlContentReply, CtlListReply, CtlReply, CtlRequest, DeliveryResult, LkaEnvelopeCommit,
-    LkaEnvelopeSubmit, MessageContent,
+    CtlContentReply, CtlListReply, CtlReply, CtlRequest, DeliveryResult, MessageContent,
     MessageOpen, QueueDeliver, QueueDeliveryLoop, QueueDeliveryOk, QueueDeliveryPermfail,
     QueueDeliveryTempfail, QueueEnvelopeAck, QueueEnvelopeCommitReply, QueueEnvelopeSubmit,
-    QueueEnvelopeRemove, QueueEnvelopeSubmitBatch, QueueEnvelopeSubmitReply, QueueMessageCommit,
+    QueueEnvelopeRemove, QueueEnvelopeSubmitBatch, QueueMessageCommit,
     QueueTransfer,
     SchedEntry, SchedEnvelopeBounce, SchedEnvelopeDeliver, SchedEnvelopeExpire, SchedEnvelopeRemove,
     SchedEnvelopeTransfer, SchedListReply, SmtpMessageCommit, SmtpMessageCommitReply,
@@ -40,6 +39,8 @@ from smtpd.queue_bounce import Bouncer
 from smtpd.queue_fs import Spool, SpoolError, close_quietly, is_disk_full
 
 log = logging.getLogger("smtpd")
+
+MAX_CREATE = 64        # message ids one SmtpMessageCreate can ask for (pony's reserve)
 
 
 def prepare(opts, config) -> Spool:
@@ -274,22 +275,22 @@ class Process:
     async def handle(self, peer: str, msg) -> None:
         send = self.ctx.mesh.send
         match msg:
-            case SmtpMessageCreate(reqid=reqid):
+            case SmtpMessageCreate(reqid=reqid, count=count):
+                msgids = []
                 try:
-                    msgid = self.spool.create_message(self.incoming)
-                    self.incoming[msgid] = Incoming()
-                    await send(peer, SmtpMessageCreateReply(reqid=reqid, ok=True, msgid=msgid))
+                    for _ in range(max(1, min(count, MAX_CREATE))):
+                        msgid = self.spool.create_message(self.incoming)
+                        self.incoming[msgid] = Incoming()
+                        msgids.append(msgid)
                 except (OSError, SpoolError) as exc:
                     log.error("warn: queue: cannot create message: %s", exc)
+                if msgids:
+                    await send(peer, SmtpMessageCreateReply(reqid=reqid, ok=True, msgid=msgids[0],
+                                                            more=msgids[1:]))
+                else:
                     await send(peer, SmtpMessageCreateReply(reqid=reqid, ok=False))
             case LkaEnvelopesSubmit(reqid=reqid, msgid=msgid, envelopes=envs):
-                for env in envs:
-                    await self._envelope_submit(reqid, msgid, env)
-                await self._envelope_commit(reqid, msgid)
-            case LkaEnvelopeSubmit(reqid=reqid, msgid=msgid, envelope=env):
-                await self._envelope_submit(reqid, msgid, env)
-            case LkaEnvelopeCommit(reqid=reqid, msgid=msgid):
-                await self._envelope_commit(reqid, msgid)
+                self._envelopes_submit(reqid, msgid, envs)
             case SmtpMessageData(msgid=msgid, chunk=chunk):
                 self._append(msgid, chunk)
             case SmtpMessageCommit(reqid=reqid, msgid=msgid):
@@ -396,26 +397,25 @@ class Process:
                 await self._corrupt(msgid, f"message: {exc.strerror or exc}")
             raise
 
-    async def _envelope_submit(self, reqid: int, msgid: int, env) -> None:
+    def _envelopes_submit(self, reqid: int, msgid: int, envs) -> None:
+        """One RCPT's envelopes written to incoming/; pony hears once, with their ids.
+        A failure fails the whole message (its commit answers 451 or 452)."""
         inc = self.incoming.get(msgid)
-        if inc is None:
-            await self.ctx.mesh.send("pony", QueueEnvelopeSubmitReply(reqid=reqid, ok=False))
-            return
-        try:
-            evpid = self.spool.write_incoming_envelope(msgid, env)
-            inc.entries.append(self.entry_of(env))
-            await self.ctx.mesh.send("pony", QueueEnvelopeSubmitReply(reqid=reqid, ok=True, evpid=evpid))
-        except (OSError, SpoolError) as exc:
-            inc.failed = str(exc)
-            inc.disk_full = isinstance(exc, OSError) and is_disk_full(exc)
-            log.error("warn: queue: cannot write envelope of %08x: %s", msgid, exc)
-            await self.ctx.mesh.send("pony", QueueEnvelopeSubmitReply(reqid=reqid, ok=False))
-
-    async def _envelope_commit(self, reqid: int, msgid: int) -> None:
-        inc = self.incoming.get(msgid)
+        evpids = []
+        if inc is not None and not inc.failed:
+            for env in envs:
+                try:
+                    evpids.append(self.spool.write_incoming_envelope(msgid, env))
+                except (OSError, SpoolError) as exc:
+                    inc.failed = str(exc)
+                    inc.disk_full = isinstance(exc, OSError) and is_disk_full(exc)
+                    log.error("warn: queue: cannot write envelope of %08x: %s", msgid, exc)
+                    break
+                inc.entries.append(self.entry_of(env))
         ok = inc is not None and not inc.failed
-        await self.ctx.mesh.send("pony", QueueEnvelopeCommitReply(
-            reqid=reqid, ok=ok, disk_full=inc is not None and inc.disk_full))
+        self.ctx.mesh.send_nowait("pony", QueueEnvelopeCommitReply(
+            reqid=reqid, ok=ok, evpids=evpids if ok else [],
+            disk_full=inc is not None and inc.disk_full))
 
     def _append(self, msgid: int, chunk: bytes) -> None:
         inc = self.incoming.get(msgid)
