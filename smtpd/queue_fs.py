@@ -166,11 +166,12 @@ class Spool:
         body.recycled_size = old_size       # cut to the new length at commit
         return body
 
-    def _create(self, path: str) -> tuple[int, int]:
+    def _create(self, path: str, size: int | None = None) -> tuple[int, int]:
         """A new file opened for writing, and the size of what is in it already: from
-        the pool (the caller writes over it and cuts it to its own length), else
-        created empty.  O_EXCL either way: FileExistsError if ``path`` exists."""
-        taken = self.pool.open_file(path)
+        the pool (the caller writes over it and cuts it to its own length; ``size``,
+        what it will write, picks a file of about that size), else created empty.
+        O_EXCL either way: FileExistsError if ``path`` exists."""
+        taken = self.pool.open_file(path, size)
         if taken is None:
             return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), 0
         return taken
@@ -184,10 +185,10 @@ class Spool:
             path = f"{self._incoming_str}/{msgid:08x}/{env.id:016x}"
             try:
                 try:
-                    fd, old_size = self._create(path)
+                    fd, old_size = self._create(path, len(data))
                 except FileNotFoundError:           # the message's first envelope
                     self._make_incoming(msgid)
-                    fd, old_size = self._create(path)
+                    fd, old_size = self._create(path, len(data))
             except FileExistsError:
                 continue
             try:
@@ -346,7 +347,7 @@ class Spool:
         path = self.envelope_file(env.id)
         tmp = f"{self._incoming_str}/envelope.{env.id:016x}.{secrets.token_hex(4)}.tmp"
         data = envcodec.dump(env)
-        fd, old_size = self._create(tmp)
+        fd, old_size = self._create(tmp, len(data))
         try:
             _write_over(fd, data, old_size)
             os.fsync(fd)

@@ -51,6 +51,7 @@ _RENAME_EXCHANGE = 2
 MAX_FILES = 2048      # files kept (a message uses 1 + one per recipient)
 MAX_DIRS = 1024       # empty directories kept (one per message)
 MAX_SIZE = 256 * 1024  # bytes: a bigger file is unlinked, not kept
+SMALL = 4096           # bytes: one block; envelopes are smaller, most bodies bigger
 
 
 def _renameat2_call(src: str, dst: str, flags: int) -> int:
@@ -82,7 +83,12 @@ def rename_exchange(a: str, b: str) -> bool:
 
 class InodePool:
     def __init__(self, purge: str) -> None:
-        self.files: collections.deque[tuple[str, int]] = collections.deque()   # (name, size)
+        # (name, size), by size: one block or less (envelopes), more (bodies).  An
+        # envelope written over a body's file would free its blocks when cut to
+        # length, and a body over an envelope's allocate them: each file goes back
+        # to the kind it came from whenever the pool has one.
+        self.small: collections.deque[tuple[str, int]] = collections.deque()
+        self.large: collections.deque[tuple[str, int]] = collections.deque()
         self.dirs: collections.deque[str] = collections.deque()
         self._names = itertools.count()
         self._prefix = f"{purge}/free.{os.getpid()}."
@@ -90,9 +96,15 @@ class InodePool:
         self.enabled = _renameat2 is not None
         self.reused = 0        # for the tests and `smtpd -v` debugging
 
+    @property
+    def files(self) -> list[tuple[str, int]]:
+        """Every pooled file, (name, size)."""
+        return [*self.small, *self.large]
+
     def clear(self) -> None:
         """Forget the pool (``purge/`` is being emptied)."""
-        self.files.clear()
+        self.small.clear()
+        self.large.clear()
         self.dirs.clear()
 
     # -- giving back (the queue's remover; update_envelope's thread) -------------------------------
@@ -100,12 +112,12 @@ class InodePool:
     def recycle_file(self, path: str) -> bool:
         """Move ``path`` into the pool; False (nothing done) when the pool is full or
         off, or the file is too big or not one the queue made: the caller unlinks it."""
-        if not self.enabled or len(self.files) >= MAX_FILES:
+        if not self.enabled or len(self.small) + len(self.large) >= MAX_FILES:
             return False
         st = os.lstat(path)
         if st.st_size > MAX_SIZE or not _ours(st, stat.S_ISREG, 0o600):
             return False
-        self.files.append((self._park(path), st.st_size))
+        (self.small if st.st_size <= SMALL else self.large).append((self._park(path), st.st_size))
         return True
 
     def recycle_dir(self, path: str) -> bool:
@@ -143,24 +155,29 @@ class InodePool:
             return True
         return False
 
-    def open_file(self, dst: str) -> tuple[int, int] | None:
+    def open_file(self, dst: str, size: int | None = None) -> tuple[int, int] | None:
         """A pooled file renamed to ``dst`` and opened for writing at its start, and
         its size: the caller writes its content over the old one, then cuts the file
-        to its length if it is shorter (``os.ftruncate``).  None if the pool had none
-        that could be used.  FileExistsError if ``dst`` exists, FileNotFoundError if
-        its directory does not (the entry stays in the pool), as
+        to its length if it is shorter (``os.ftruncate``).  ``size``: what the caller
+        will write, None when it does not know yet (a message body: a large file is
+        taken first).  None if the pool had none that could be used.
+        FileExistsError if ``dst`` exists, FileNotFoundError if its directory does
+        not (the entry stays in the pool), as
         ``os.open(dst, O_WRONLY | O_CREAT | O_EXCL, 0o600)``."""
-        while self.files:
-            entry = self.files.popleft()
-            name, size = entry
+        first, second = ((self.small, self.large) if size is not None and size <= SMALL
+                         else (self.large, self.small))
+        while first or second:
+            files = first or second
+            entry = files.popleft()
+            name, old_size = entry
             try:
                 rename_noreplace(name, dst)
             except FileExistsError:
-                self.files.appendleft(entry)
+                files.appendleft(entry)
                 raise
             except FileNotFoundError:
                 if os.path.lexists(name):           # dst's directory is missing: say so
-                    self.files.appendleft(entry)
+                    files.appendleft(entry)
                     raise
                 continue
             except OSError:
@@ -172,7 +189,7 @@ class InodePool:
                 remove_quietly(dst, os.unlink)
                 continue
             self.reused += 1
-            return fd, size
+            return fd, old_size
         return None
 
 

@@ -203,3 +203,30 @@ def test_an_update_of_an_envelope_that_is_gone_writes_it_as_before(spool):
     env.retry = 5
     spool.update_envelope(env)
     assert spool.load_envelope(evpids[0]).retry == 5 and os.listdir(spool.incoming) == []
+
+
+def taken_size(pool, dst, size):
+    fd, old_size = pool.open_file(str(dst), size)
+    os.close(fd)
+    return old_size
+
+
+def test_an_envelope_takes_a_small_file_and_a_body_a_large_one(tmp_path):
+    """Each file goes back to its kind: an envelope written over a body's file would
+    free blocks when cut to length, a body over an envelope's allocate them."""
+    pool = InodePool(str(tmp_path))
+    for name, size in (("body1", 6000), ("env1", 700), ("body2", 9000), ("env2", 650)):
+        (tmp_path / name).write_bytes(b"x" * size)
+        os.chmod(tmp_path / name, 0o600)
+        assert pool.recycle_file(str(tmp_path / name))
+    assert [s for _, s in pool.small] == [700, 650] and [s for _, s in pool.large] == [6000, 9000]
+    assert taken_size(pool, tmp_path / "e1", 800) == 700
+    assert taken_size(pool, tmp_path / "b1", None) == 6000          # size unknown: a body
+    assert taken_size(pool, tmp_path / "b2", 5000) == 9000
+    assert taken_size(pool, tmp_path / "e2", 800) == 650
+    # one kind used up: the other serves rather than a new inode
+    (tmp_path / "body3").write_bytes(b"x" * 7000)
+    os.chmod(tmp_path / "body3", 0o600)
+    assert pool.recycle_file(str(tmp_path / "body3"))
+    assert taken_size(pool, tmp_path / "e3", 800) == 7000
+    assert pool.open_file(str(tmp_path / "e4"), 800) is None and not pool.files
