@@ -42,6 +42,11 @@ import tempfile
 import time
 from pathlib import Path
 
+try:
+    import uvloop         # pysmtpd's own event loop, installed with it
+except ImportError:       # pragma: no cover - a dependency of pysmtpd on Linux
+    uvloop = None
+
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
@@ -243,8 +248,9 @@ def run(args: argparse.Namespace) -> dict:
 
         async def go() -> None:
             await asyncio.wait_for(client.run(on_all_open), max(1.0, deadline - time.monotonic()))
+        result["client_loop"] = "uvloop" if uvloop is not None else "asyncio"
         try:
-            asyncio.run(go())
+            client_run(go())
         except asyncio.TimeoutError:
             result["timed_out"] = True
         accepted = client.stats.accepted
@@ -285,12 +291,20 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def client_run(coro):
+    """The client's loop: uvloop when it can be had.  Opening 1,000 sessions at once
+    is a burst for the client as much as for the daemon: on asyncio's default loop
+    the client's own work for the burst put about 70 ms into every connect latency
+    (p99 229 ms, against 158 on uvloop, 2026-12-03, same daemon)."""
+    return uvloop.run(coro) if uvloop is not None else asyncio.run(coro)
+
+
 def summary(r: dict) -> str:
     def f(x, unit=""):
         return "n/a" if x is None else f"{x}{unit}"
     con = r.get("connect_latency_ms") or {}
     s = (f"{r['sessions']} sessions x {r['per_session']} ({r['mode']}, spread {r['spread_seconds']:g} s,"
-         f" limits {r['limits']}): opened {r.get('opened', 0)} (max {r.get('max_open_at_once', 0)} at once,"
+         f" limits {r['limits']}, client on {r.get('client_loop', 'asyncio')}): opened {r.get('opened', 0)} (max {r.get('max_open_at_once', 0)} at once,"
          f" connect ms p50 {f(con.get('p50'))} p99 {f(con.get('p99'))} max {f(con.get('max'))}),"
          f" accepted {r.get('accepted', 0)}/{r['messages']}, {r.get('failed', 0)} failed"
          f" ({r.get('timeouts', 0)} timeouts), delivered {r.get('delivered', 0)};"

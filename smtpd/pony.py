@@ -112,6 +112,7 @@ class Process:
         self.sessions_fd_limit = sessions_descriptors_allow()
         self.auth_failures: dict[str, int] = {}  # client address -> failed AUTH (smtp_session)
         self.rdns_cache = TtlCache(RDNS_CACHE_TTL)   # client address -> its PTR name
+        self.rdns_lookups: dict[str, asyncio.Task] = {}   # client address -> its lookup under way
         self.message_reserve = enqueue.MessageReserve(self)   # msgids ahead of MAIL FROM
         self._tls_contexts: dict[int, object] = ctx.prepared.tls_contexts
         self._reload_tls_contexts: dict[int, object] = {}   # of the pending reload
@@ -303,6 +304,16 @@ class Process:
         name = self.rdns_cache.get(ip)
         if name is not None:
             return name
+        # Sessions from one address that open while its lookup is out share it: a
+        # burst of connections asks lka (and the resolver) once, not once each.
+        lookup = self.rdns_lookups.get(ip)
+        if lookup is None:
+            lookup = self.spawn(self._lookup_ptr(ip))
+            self.rdns_lookups[ip] = lookup
+            lookup.add_done_callback(lambda _task, ip=ip: self.rdns_lookups.pop(ip, None))
+        return await asyncio.shield(lookup)
+
+    async def _lookup_ptr(self, ip: str) -> str:
         try:
             reply = await self.mesh.request(
                 "lka", MtaDnsLookup(reqid=self.ctx.new_id(), kind="ptr", name=ip), (MtaDnsReply,),

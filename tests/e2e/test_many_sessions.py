@@ -51,6 +51,7 @@ def test_300_concurrent_sessions_all_delivered_with_a_low_soft_descriptor_limit(
     d = start(tmp_path, port, "256:4096",
               extra=f"smtp limit max-sessions {sessions} max-sessions-per-address {sessions}")
     try:
+        assert d.smtpctl("trace", "mproc").stdout == "command succeeded\n"
         client = Client(port, sessions, 1, 2048, "alice@example.test", spread=1.0, op_timeout=30)
         run_client(client, 60)
         assert client.stats.errors == {} and client.stats.failed == 0
@@ -64,6 +65,12 @@ def test_300_concurrent_sessions_all_delivered_with_a_low_soft_descriptor_limit(
         wait_for(lambda: not d.queue_lines(), 10, "the queue to empty")
         assert "warn" not in d.log_since_start()
         assert d.log_since_start().count("smtp disconnected reason=quit") == sessions
+        # the sessions opened together from one address shared one PTR lookup (the
+        # next ones found its answer in pony's cache)
+        lookups = [line for line in d.log_since_start().splitlines()
+                   if line.startswith("mproc: pony -> lka") and " mta_dns_lookup " in line]
+        assert len(lookups) == 1, lookups[:5]
+        assert d.log_since_start().count("smtp connected address=127.0.0.1 host=localhost") == sessions
     finally:
         stop(d)
 
