@@ -229,6 +229,30 @@ class MaildirWatch(threading.Thread):
 # --------------------------------------------------------------------------- /proc
 
 
+def machine_cpu_ticks(text: str | None = None) -> tuple[int, int]:
+    """(steal, total) clock ticks of the whole machine since boot, from /proc/stat's
+    ``cpu`` line (``text``: that file's content, for the tests).  Steal is the time a
+    virtual CPU was ready to run while the hypervisor ran something else: on a shared
+    VM it comes and goes, and a run that loses 10 % of its CPU to it is slower for
+    that alone."""
+    if text is None:
+        with open("/proc/stat") as f:
+            text = f.readline()
+    fields = text.split("\n", 1)[0].split()
+    if not fields or fields[0] != "cpu":
+        raise ValueError("no cpu line")
+    # user nice system idle iowait irq softirq steal [guest guest_nice: inside user]
+    ticks = [int(x) for x in fields[1:9]]
+    ticks += [0] * (8 - len(ticks))
+    return ticks[7], sum(ticks)
+
+
+def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """The share of the machine's CPU time stolen between two machine_cpu_ticks()."""
+    total = after[1] - before[1]
+    return round((after[0] - before[0]) / total, 3) if total > 0 else None
+
+
 def stat_fields(pid: int) -> list[bytes] | None:
     """The fields of /proc/PID/stat after the command name (state is [0], ppid [1],
     process group [2], session [3], utime..cstime [11:15])."""

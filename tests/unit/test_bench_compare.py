@@ -210,3 +210,20 @@ def test_the_daemons_take_turns_at_going_first():
                                           ("pysmtpd", "asyncio")]
     assert bc.run_plan(both, 2, True)[0] == ("postfix", "smtp-source")
     assert bc.run_plan(["postfix"], 1, True) == [("postfix", "smtp-source")]
+
+
+def test_stolen_cpu_from_proc_stat_and_the_runs_it_points_out():
+    import meters
+    before = meters.machine_cpu_ticks("cpu  100 0 50 800 10 0 5 35 0 0\ncpu0 1 2 3\n")
+    assert before == (35, 1000)
+    after = meters.machine_cpu_ticks("cpu  200 0 100 900 10 0 10 80 7 0\n")
+    assert after == (80, 1300)                   # guest time is inside user: not added
+    assert meters.steal_share(before, after) == 0.15
+    assert meters.steal_share(after, after) is None
+    with pytest.raises(ValueError):
+        meters.machine_cpu_ticks("intr 1 2 3\n")
+    runs = [{"daemon": "pysmtpd", "mode": "maildir", "repeat": 0, "steal_share": 0.12},
+            {"daemon": "postfix", "mode": "maildir", "repeat": 0, "steal_share": 0.01},
+            {"daemon": "pysmtpd", "mode": "maildir", "repeat": 0, "client": "asyncio", "steal_share": 0.2}]
+    assert bc.steal_lines(runs) == [
+        "pysmtpd maildir, run 1: 12 % of the CPU time stolen by the hypervisor during the load"]
