@@ -406,7 +406,7 @@ def progress_line(r: dict) -> str:
             + (f", this script {100 * r['bench_cpu_share']:.1f} % of the CPUs"
                if r.get("bench_cpu_share") is not None else "")
             + (f", commit p99 {lat['p99']} ms" if lat else "")
-            + (f", {100 * r['steal_share']:.0f} % of the CPU stolen" if r.get("steal_share") else "")
+            + (f", {100 * r['steal_share']:.1f} % of the CPU stolen" if r.get("steal_share") is not None else "")
             + (f", ERROR {r['error']}" if r["error"] else "")
             + (", TIMED OUT" if r["timed_out"] else ""))
 
