@@ -27,7 +27,7 @@ from pathlib import Path
 import msgspec
 
 from common import envelope as envcodec
-from common.envelope import Envelope, EnvelopeError
+from common.envelope import Envelope
 from common.ids import random_evpid, random_msgid
 from smtpd.queue_recycle import InodePool, remove_quietly, rename_exchange
 
