@@ -21,7 +21,9 @@ SMTP sessions, and measures:
   messages.  ``cpu_ms_per_message_with_startup`` is the older figure: each process's
   whole life up to its last sample, start-up included.  The row "bench client (this
   script)" is this process (the asyncio client, when it is the load, and the
-  meters); ``bench_cpu_share`` is its share of the machine's CPUs over the load;
+  meters); ``bench_cpu_share`` is its share of the machine's CPUs over the load,
+  ``steal_share`` the share of the machine's CPU time a hypervisor took meanwhile
+  (/proc/stat: on a shared VM, a run that lost some is slower for that alone);
 * the daemon's own commit latency (``smtpctl show stats``: ``smtp.commit.latency.*``,
   null where this pysmtpd does not report it);
 * commit latency (asyncio client only): per message, from sending the final
@@ -1031,7 +1033,8 @@ def summary(r: dict) -> str:
          f"; server-side commit latency {latency_line(r.get('server_commit_latency_ms'))};"
          f" daemon CPU {f(r.get('daemon_cpu_ms_per_message'), ' ms')} per message (load alone;"
          f" {f(_total(r.get('cpu_ms_per_message_with_startup')), ' ms')} with start-up),"
-         f" this script {f(_pct(r.get('bench_cpu_share')), ' %')} of the CPUs")
+         f" this script {f(_pct(r.get('bench_cpu_share')), ' %')} of the CPUs,"
+         f" {f(_pct(r.get('steal_share')), ' %')} stolen by the hypervisor")
     if r["failed"]:
         s += f", {r['failed']} failed"
     return s + summary_alarms(r)

@@ -355,8 +355,10 @@ class LoadCpu:
         self.before = read()
         self.self_before = time.process_time()
         self.t_before = time.monotonic()
+        self.machine_before = machine_cpu_ticks()
         self.by_title: dict[str, float] | None = None
         self.seconds = 0.0
+        self.steal: float | None = None
 
     def finish(self, deadline: float) -> None:
         after = settled(self.read, lambda d: sum(d.values()), deadline)
@@ -364,6 +366,7 @@ class LoadCpu:
         self.by_title = {t: round(v / self.hz, 3) for t, v in spent.items()}
         self.by_title[self.self_title] = round(time.process_time() - self.self_before, 3)
         self.seconds = time.monotonic() - self.t_before
+        self.steal = steal_share(self.machine_before, machine_cpu_ticks())
 
     def results(self, accepted: int) -> dict:
         daemon = sum(v for t, v in self.by_title.items() if t != self.self_title)
@@ -373,7 +376,9 @@ class LoadCpu:
                # this script's share of the machine's CPUs over the window: its cost
                "bench_cpu_share": round(self.by_title[self.self_title]
                                         / (self.seconds * (os.cpu_count() or 1)), 4)
-               if self.seconds else None}
+               if self.seconds else None,
+               # the machine's CPU time the hypervisor took over the window (a VM's noise)
+               "steal_share": self.steal}
         if accepted:
             out["cpu_ms_per_message"] = per_message(self.by_title, accepted)
             out["daemon_cpu_ms_per_message"] = round(1000 * daemon / accepted, 2)

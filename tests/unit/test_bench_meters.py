@@ -209,3 +209,4 @@ def test_load_cpu_of_a_process_group_counts_what_it_spent():
     assert res["daemon_cpu_seconds"] >= 0.2
     assert res["cpu_ms_per_message"][mine] == pytest.approx(1000 * load.by_title[mine] / 100, abs=0.01)
     assert 0 < res["bench_cpu_share"] <= 1
+    assert 0 <= res["steal_share"] < 1             # the machine's, from /proc/stat
