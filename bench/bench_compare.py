@@ -29,8 +29,8 @@ and taking turns shares that out.  Both daemons are measured by the same code:
 * this script's own CPU over the load, as a share of the machine (``bench_cpu_share``);
 * the share of the machine's CPU time the hypervisor stole during the load
   (``steal_share``, /proc/stat): a run that lost more than 3 % is named under the
-  table.  On the shared 2-core VM of issue 12 the slow repeats were the ones with
-  10-13 % stolen (2026-12-03), not the ones after a given daemon.
+  table.  On the shared 2-core VM of issue 12, the slowest repeats measured since
+  were the ones with 10-13 % stolen (2026-12-03).
 
 Prints a markdown table (one row per daemon and mode; ``a-b`` ranges with ``-r 2`` or
 more; the ratio column is pysmtpd's delivered msg/s over Postfix's, per repeat), then

@@ -114,6 +114,13 @@ def child_args(opts, name: str, rundir: Path, listen_fds: str, fd_channel: int =
     return argv
 
 
+def _read_failed(msg: LkaOpenForward) -> tuple[str, str]:
+    """A .forward or :include: read that raised (called in its except clause): logged
+    with its traceback, a temporary failure for lka."""
+    log.exception("warn: smtpd: reading %s for lka failed", msg.path or f"{msg.home}/.forward")
+    return "tempfail", ""
+
+
 class Parent:
     def __init__(self, opts, config, rundir: Path, bound: list[listeners.Bound],
                  notifier: sdnotify.Notifier) -> None:
@@ -304,16 +311,14 @@ class Parent:
             else:
                 status, text = await loop.run_in_executor(None, forward.read_include, msg.path)
         except Exception:
-            log.exception("warn: smtpd: reading %s for lka failed", msg.path or f"{msg.home}/.forward")
-            status, text = "tempfail", ""
+            status, text = _read_failed(msg)
         await self.mesh.send("lka", LkaOpenForwardReply(reqid=msg.reqid, status=status, content=text))
 
     def _read_forward_here(self, msg: LkaOpenForward) -> tuple[str, str]:
         try:
             return forward.read_forward(msg.user, msg.home, msg.uid)
         except Exception:
-            log.exception("warn: smtpd: reading %s/.forward for lka failed", msg.home)
-            return "tempfail", ""
+            return _read_failed(msg)
 
     async def _spawn_worker(self, msg: MdaWorkerSpawn) -> None:
         """A delivery worker for pony: it serves the socket pony sent just before and

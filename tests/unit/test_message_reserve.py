@@ -6,6 +6,7 @@ import asyncio
 
 from common.messages import SmtpMessageCreate, SmtpMessageCreateReply
 from smtpd import enqueue
+from tests.unit.test_ttl_cache import Clock
 
 
 class FakeQueue:
@@ -51,14 +52,6 @@ class FakePony:
     async def settle(self) -> None:
         while self.tasks:
             await self.tasks.pop()
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_reserve_takes_several_ids_per_request():
